@@ -1,4 +1,4 @@
-"""Model subcommands: init-checkpoint, convert-checkpoint, inspect (and demo until the pipeline exists)."""
+"""Model subcommands: init-checkpoint, convert-checkpoint, inspect, train."""
 from __future__ import annotations
 
 import json
@@ -32,6 +32,10 @@ def register(sub) -> None:
                    help="checkpoint to inspect (default: the shipped default model)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_inspect)
+
+    from .train_cli import register as register_train
+
+    register_train(sub)
 
 
 def _check_output(out: Path) -> None:

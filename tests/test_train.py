@@ -1,0 +1,121 @@
+"""Trainer tests on a tiny generated photo folder (cnum 4, 64x64 crops; a few seconds in all)."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from models import load_generator
+from models.gmcnn import build_generator
+from models.train import confidence_weights, gaussian_taps, reconstruction_loss, sample_batch, train
+from models.train_cli import TrainConfig
+from runtime_py.cli import main as cli_main
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    """Four 96x128 'photos': smooth gradients with a few coloured shapes, so crops differ."""
+    d = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(123)
+    for i, name in enumerate(["a.jpg", "b.png", "c.jpg", "val.jpg"]):
+        yy, xx = np.mgrid[0:96, 0:128]
+        img = np.stack([(xx * 2 + i * 40) % 256, (yy * 2) % 256, np.full_like(xx, 60 * i)], -1).astype(np.uint8)
+        for _ in range(4):
+            c = tuple(int(v) for v in rng.integers(0, 256, 3))
+            cv2.circle(img, (int(rng.integers(0, 128)), int(rng.integers(0, 96))), int(rng.integers(5, 25)), c, -1)
+        cv2.imwrite(str(d / name), img)
+    return d
+
+
+def small_config(photo_dir, out, **kw):
+    base = dict(photos=str(photo_dir), out=str(out), cnum=4, crop=64, batch_size=2, lr=1e-3, max_minutes=5,
+                val_photos=["val.jpg"], val_crops_per_photo=2, log_every=1, cache_short_side=96, max_scale=1.5,
+                seed=3, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_gaussian_taps_match_the_reference_kernel_shape():
+    taps = gaussian_taps(65, 1 / 40)
+    kernel = np.outer(taps, taps)
+    assert taps.shape == (65,) and np.isclose(kernel.sum(), 1.0)
+    # sigma 1/40 of a unit normal over +-0.53: nearly flat, peaked at the centre and symmetric
+    assert taps.argmax() == 32 and np.allclose(taps, taps[::-1])
+    assert 1.0 < taps.max() / taps.min() < 1.2
+
+
+def test_confidence_weights_are_in_unit_interval_zero_outside_and_largest_at_the_boundary():
+    # The kernel is 65 px wide, so the decay shows on holes wider than it (at 64 px everything is ~1).
+    mask = torch.zeros(1, 1, 256, 256)
+    mask[..., 48:208, 48:208] = 1
+    conf = confidence_weights(mask)
+    hole = mask.bool()
+    assert conf[~hole].abs().max() == 0
+    assert conf[hole].min() > 0 and conf[hole].max() <= 1
+    edge, centre = conf[0, 0, 48, 128], conf[0, 0, 128, 128]
+    assert edge > 0.3 and centre < 0.5 * edge
+    # monotone decay from the boundary towards the centre along a row
+    row = conf[0, 0, 128, 48:129]
+    assert torch.all(row[:-1] >= row[1:])
+
+
+def test_loss_is_finite_and_decreases_when_fitting_one_batch(photo_dir):
+    from models.train import list_photos, load_photo
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    photos = [load_photo(p, 96) for p in list_photos(photo_dir)]
+    images, masks = sample_batch(np.random.default_rng(0), photos, 2, 64, 1.5)
+    gen = build_generator("tf", 4, seed=0).train()
+    opt = torch.optim.Adam(gen.parameters(), lr=2e-3, betas=(0.5, 0.9))
+    losses = []
+    for _ in range(40):
+        loss, parts = reconstruction_loss(gen(images, masks), images, masks)
+        assert torch.isfinite(loss) and parts["rec"] >= 0 and parts["ae"] >= 0
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+
+
+def test_resumed_run_continues_the_same_stream(photo_dir, tmp_path):
+    straight = train(small_config(photo_dir, tmp_path / "straight", max_steps=4), progress=False)
+    train(small_config(photo_dir, tmp_path / "split", max_steps=2), progress=False)
+    resumed = train(small_config(photo_dir, tmp_path / "split", max_steps=4), resume=True, progress=False)
+    assert straight["step"] == resumed["step"] == 4
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    assert a["rng"] == b["rng"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # the split run logged steps 1-2 once and 3-4 once, like the straight run
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "split" / "log.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_best_checkpoint_loads_in_the_project_format(photo_dir, tmp_path):
+    train(small_config(photo_dir, tmp_path / "run", max_steps=3), progress=False)
+    gen = load_generator(tmp_path / "run" / "best.safetensors")
+    assert gen.meta.variant == "tf" and gen.meta.cnum == 4
+    assert gen.meta.channel_order == "rgb" and tuple(gen.meta.train_size) == (64, 64)
+    assert "val.jpg" in gen.meta.description
+    out = gen(torch.zeros(1, 3, 64, 64), torch.ones(1, 1, 64, 64))
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    vals = [r for r in log if r["kind"] == "val"]
+    assert len(vals) == 2 and all(np.isfinite(r["val_hole_psnr"]) for r in vals)
+
+
+def test_cli_refuses_bad_input_with_one_line(photo_dir, tmp_path, capsys):
+    rc = cli_main(["train", "--photos", str(photo_dir), "--out", str(tmp_path / "r"), "--val-photos", "nope.jpg",
+                   "--cnum", "4", "--crop", "64"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "nope.jpg" in err[0]
+    rc = cli_main(["train", "--photos", str(photo_dir), "--out", str(tmp_path / "r2"), "--resume"])
+    assert rc == 2 and "last.pt" in capsys.readouterr().err
+    rc = cli_main(["train", "--photos", str(tmp_path / "missing"), "--out", str(tmp_path / "r3")])
+    assert rc == 2
