@@ -1,0 +1,59 @@
+"""``gmcnn-mobile bench``: model latency and memory, pipeline cost and quality, written as a report.
+
+Outputs in ``--out``: results.json, latency.csv, pipeline.csv, quality.csv,
+quality_summary.csv, report.md and PNG plots (see benchmarks/report.py).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+SECTIONS = ("latency", "pipeline", "quality")
+
+
+def register(sub) -> None:
+    from runtime_py.cli import HelpFormatter
+
+    p = sub.add_parser(
+        "bench", formatter_class=HelpFormatter,
+        help="benchmark exported artifacts: latency/memory, pipeline cost, quality (JSON, CSV, Markdown, plots)",
+        description=__doc__ + "\nEvery latency/memory measurement and every pipeline-cost run is its own process.")
+    p.add_argument("--artifacts", type=Path, default=Path("artifacts"),
+                   help="export directory with manifest.json (from 'gmcnn-mobile export --out DIR')")
+    p.add_argument("--photos", type=Path, action="append", default=None, metavar="DIR",
+                   help="photo folder or file (repeatable); default: the bundled demo photo and "
+                        "../shared/data/photos beside the repository when present")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
+    p.add_argument("--quick", action="store_true",
+                   help="small run (< 10 min here): smallest shape, tensor I/O, 2 timed runs, 2 threads, "
+                        "one photo for pipeline cost, 3 quality cases")
+    p.add_argument("--threads", default="auto", help="comma-separated thread counts; auto = 1,2 (2 with --quick)")
+    p.add_argument("--runs", default="auto", help="timed runs per measurement; auto = 10 (2 with --quick)")
+    p.add_argument("--warmup", default="auto", help="warm-up runs before the timed ones; auto = 2 (1 with --quick)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="which parts to run (comma-separated)")
+    p.add_argument("--shapes", default="all", help="artifact shapes to time, e.g. 512x680 (all = every shape)")
+    p.add_argument("--precisions", default="all", help="artifact precisions to time, e.g. fp32,int8")
+    p.add_argument("--io", default="auto", help="I/O signatures to time: tensor,image (auto = both; tensor with --quick)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="checkpoint for the PyTorch and ONNX Runtime references (default: the manifest's source "
+                        "checkpoint, else the shipped default model)")
+    p.add_argument("--no-xnnpack-off", action="store_true", help="skip the fp32 TFLite run with XNNPACK turned off")
+    p.add_argument("--pipeline-precision", default="fp32", help="TFLite precision the pipeline-cost runs use")
+    p.add_argument("--pipeline-threads", type=int, default=None, help="threads for pipeline and quality (default: the most of --threads)")
+    p.add_argument("--quality-per-cell", type=int, default=1, help="quality cases per mask kind x size cell")
+    p.add_argument("--quality-modes", default="auto",
+                   help="pipeline modes scored: auto = all four (baseline,shrink with --quick)")
+    p.add_argument("--no-patchmatch", action="store_true", help="leave PatchMatch out even when pypatchmatch is installed")
+    p.add_argument("--sgemm-n", type=int, default=None, help="SGEMM side for the fp32 peak (default 3072, 1024 with --quick)")
+    p.add_argument("--update-readme", type=Path, nargs="?", const=Path("README.md"), default=None, metavar="README",
+                   help="also rewrite the benchmark section of README between <!-- bench:start --> and <!-- bench:end -->")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from .run import BenchConfig, run_bench
+
+    cfg = BenchConfig.from_args(args)
+    files = run_bench(cfg)
+    print(f"wrote {len(files)} files to {cfg.out}: " + ", ".join(sorted(p.name for p in files.values())))
+    return 0

@@ -1,0 +1,430 @@
+"""Writing a benchmark run: results.json, CSV tables, PNG plots and report.md, all atomically.
+
+Plots use matplotlib's Agg backend (no display needed). Every file is written to a
+temporary name in the output directory and renamed into place.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from .quality import SCORE_KEYS, summarize as summarize_quality
+
+MODE_ORDER = ("baseline", "shrink", "two-step", "two-step+shrink")
+PRECISION_ORDER = ("fp32", "fp16", "int8-dynamic", "int8")
+
+
+def write_atomic(path: Path, data) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if isinstance(data, str):
+        tmp.write_text(data)
+    else:
+        tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_csv(path: Path, rows: Sequence[dict]) -> None:
+    keys: List[str] = []
+    for r in rows:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys or ["empty"], extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _csv_value(r.get(k)) for k in keys})
+    write_atomic(path, buf.getvalue())
+
+
+def _csv_value(v):
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (dict, list)):
+        return json.dumps(v)
+    return "" if v is None else v
+
+
+def fmt(v, digits: int = 2, unit: str = "") -> str:
+    if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf"
+        return f"{v:.{digits}f}{unit}"
+    return f"{v}{unit}"
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(str(c) for c in r) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- plots
+
+def _save_fig(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    write_atomic(path, buf.getvalue())
+
+
+def plot_latency(rows: List[dict], path: Path) -> bool:
+    ok = [r for r in rows if "median_s" in r]
+    if not ok:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({r["shape"] for r in ok}, key=lambda s: int(s.split("x")[0]))
+    fig, axes = plt.subplots(2, len(shapes), figsize=(5.5 * len(shapes), 7), squeeze=False)
+    for j, shape in enumerate(shapes):
+        sub = [r for r in ok if r["shape"] == shape]
+        labels = sorted({(r["engine"], r["precision"], r["io"]) for r in sub},
+                        key=lambda e: (e[0] != "pytorch-eager", e[0] != "onnxruntime", e[2] != "tensor", e[0],
+                                       PRECISION_ORDER.index(e[1]) if e[1] in PRECISION_ORDER else 9))
+        threads = sorted({r["threads"] for r in sub})
+        width = 0.8 / max(len(threads), 1)
+        for metric, ax, unit in (("median_s", axes[0][j], "median latency (s)"),
+                                 ("peak_rss_mib", axes[1][j], "peak RSS (MiB)")):
+            for k, t in enumerate(threads):
+                vals = []
+                for lab in labels:
+                    match = [r for r in sub if (r["engine"], r["precision"], r["io"]) == lab and r["threads"] == t]
+                    vals.append(match[0][metric] if match else 0.0)
+                xs = [i + k * width for i in range(len(labels))]
+                ax.bar(xs, vals, width=width, label=f"{t} thread{'s' if t > 1 else ''}")
+            ax.set_xticks([i + width * (len(threads) - 1) / 2 for i in range(len(labels))])
+            ax.set_xticklabels([f"{e.replace('pytorch-eager', 'torch').replace('tflite-no-xnnpack', 'tflite no-xnn')}\n{p} {io}"
+                                for e, p, io in labels], rotation=60, ha="right", fontsize=7)
+            ax.set_ylabel(unit)
+            ax.set_title(f"{shape}")
+            ax.grid(axis="y", alpha=0.3)
+        axes[0][j].legend(fontsize=7)
+    fig.suptitle("Model latency and memory (each bar: its own process)")
+    _save_fig(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_pipeline(rows: List[dict], path: Path) -> bool:
+    ok = [r for r in rows if "stage_seconds" in r]
+    if not ok:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = []
+    for r in ok:
+        for k in r["stage_seconds"]:
+            if k not in stages:
+                stages.append(k)
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(ok) + 2), 4.5))
+    bottoms = [0.0] * len(ok)
+    for st in stages:
+        vals = [r["stage_seconds"].get(st, 0.0) for r in ok]
+        ax.bar(range(len(ok)), vals, bottom=bottoms, label=st)
+        bottoms = [b + v for b, v in zip(bottoms, vals)]
+    ax.set_xticks(range(len(ok)))
+    ax.set_xticklabels([f"{r['photo']} {r['megapixels']:.1f}MP\n{r['mode']} tiles={r['tiles']}" for r in ok],
+                       rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("seconds")
+    ax.set_title("Pipeline end-to-end time by stage")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    _save_fig(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_quality(summary_by_method_kind: List[dict], path: Path) -> bool:
+    ok = [r for r in summary_by_method_kind if r["n"] > 0]
+    if not ok:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = []
+    for r in ok:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    kinds = sorted({r["kind"] for r in ok})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(len(methods), 1)
+    for ax, key, label in ((axes[0], "hole_psnr", "hole PSNR (dB)"), (axes[1], "band_psnr", "boundary-band PSNR (dB)")):
+        for i, m in enumerate(methods):
+            vals = []
+            for k in kinds:
+                match = [r for r in ok if r["method"] == m and r["kind"] == k]
+                v = match[0][key] if match else float("nan")
+                vals.append(v if math.isfinite(v) else 0.0)
+            ax.bar([x + i * width for x in range(len(kinds))], vals, width=width, label=m)
+        ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(kinds))])
+        ax.set_xticklabels(kinds)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Quality by method and mask kind (mean over sizes and photos; higher is better)")
+    _save_fig(fig, path)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------------- markdown
+
+def headline_tables(results: dict) -> str:
+    """Latency and memory per precision at each shape (the most threads measured), and quality per mode."""
+    parts = []
+    lat = [r for r in results.get("latency", {}).get("rows", []) if "median_s" in r]
+    if lat:
+        tmax = max(r["threads"] for r in lat)
+        sel = [r for r in lat if r["threads"] == tmax and r["io"] == "tensor"]
+        shapes = sorted({r["shape"] for r in sel}, key=lambda s: int(s.split("x")[0]))
+        engines = []
+        for r in sorted(sel, key=lambda r: (r["engine"] != "pytorch-eager", r["engine"] != "onnxruntime",
+                                            r["engine"], PRECISION_ORDER.index(r["precision"]) if r["precision"] in PRECISION_ORDER else 9)):
+            e = (r["engine"], r["precision"])
+            if e not in engines:
+                engines.append(e)
+        header = ["engine", "precision"]
+        for s in shapes:
+            header += [f"{s} median (s)", f"{s} peak RSS (MiB)"]
+        header.append("file (MiB, largest shape)")
+        rows = []
+        for e in engines:
+            row = [e[0], e[1]]
+            size = ""
+            for s in shapes:
+                m = [r for r in sel if (r["engine"], r["precision"]) == e and r["shape"] == s]
+                row += [fmt(m[0]["median_s"]) if m else "–", fmt(m[0]["peak_rss_mib"], 0) if m else "–"]
+                if m and m[0].get("bytes"):
+                    size = fmt(float(m[0]["bytes"]) / 2 ** 20, 1)
+            row.append(size or "–")
+            rows.append(row)
+        parts.append(f"Model latency and peak RSS, {tmax} thread{'s' if tmax > 1 else ''}, tensor I/O:\n\n" + md_table(header, rows))
+    q = results.get("quality", {}).get("rows", [])
+    if q:
+        summ = summarize_quality([r for r in q if r["group"] in ("mode", "classical")], by=("method",))
+        rows = [[s["method"], s["n"], fmt(s["hole_psnr"]), fmt(s["hole_ssim"], 3), fmt(s["band_psnr"]),
+                 fmt(s["band_ssim"], 3), fmt(s["seconds"], 1)] for s in _order_methods(summ)]
+        parts.append("Quality per mode (mean over photos and mask kinds/sizes):\n\n" +
+                     md_table(["method", "cases", "hole PSNR", "hole SSIM", "band PSNR", "band SSIM", "s/case"], rows))
+    return "\n\n".join(parts)
+
+
+def _order_methods(summ: List[dict]) -> List[dict]:
+    def key(s):
+        m = s.get("mode") or ""
+        p = s.get("precision") or ""
+        return (s.get("group") != "mode", s.get("group") != "precision",
+                MODE_ORDER.index(m) if m in MODE_ORDER else 9,
+                PRECISION_ORDER.index(p) if p in PRECISION_ORDER else 9, s["method"])
+
+    return sorted(summ, key=key)
+
+
+def render_markdown(results: dict, plots: Dict[str, str]) -> str:
+    meta = results["meta"]
+    out = [f"# gmcnn-mobile benchmark report\n",
+           f"Generated by `{meta['command']}` on {meta['started']} (took {fmt(meta.get('wall_s'), 0)} s).\n",
+           "## Machine and setup\n",
+           f"- CPU: {meta['cpu']} ({meta['cpu_count']} logical cores visible); load average at start "
+           f"{fmt(meta['load_avg_start'], 2)}, at end {fmt(meta.get('load_avg_end'), 2)}.",
+           f"- {meta['contention_note']}",
+           f"- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+           f"- Artifacts: `{meta['artifacts']}`; checkpoint: `{meta.get('checkpoint') or 'none found'}`"
+           + (f" ({meta['checkpoint_meta']})" if meta.get("checkpoint_meta") else ""),
+           f"- Timed runs per measurement: {meta['runs']} after {meta['warmup']} warm-up run(s); threads: {meta['threads']}.",
+           ""]
+    if meta.get("notes"):
+        out += ["Notes:\n"] + [f"- {n}" for n in meta["notes"]] + [""]
+    head = headline_tables(results)
+    if head:
+        out += ["## Headline\n", head, ""]
+
+    lat = results.get("latency")
+    if lat:
+        out += ["## Model latency and memory\n",
+                "Each row is its own process: `idle RSS` is the resident set of the loaded-but-idle engine "
+                "(after load and tensor allocation), `added` is the peak RSS minus that (what inference adds). "
+                "`init` is load + allocate, `first` the first inference (kept apart from the timed runs, as are "
+                "the warm-up runs). GMAC/s counts convolution MACs of the checkpoint at that shape over the median; "
+                "`% peak` compares it with the SGEMM peak measured in this run at the same thread count.\n"]
+        peaks = lat.get("sgemm_peak_gmac_per_s", {})
+        if peaks:
+            out.append("fp32 peak (numpy/OpenBLAS SGEMM, n = {}): ".format(meta.get("sgemm_n")) +
+                       ", ".join(f"{t} thread(s): {fmt(v, 1)} GMAC/s" for t, v in peaks.items()) + "\n")
+        if meta.get("macs"):
+            out.append("Convolution MACs per inference: " +
+                       ", ".join(f"{s}: {v / 1e9:.1f} G" for s, v in meta["macs"].items()) + "\n")
+        header = ["engine", "prec.", "io", "shape", "thr", "init s", "first s", "min s", "median s", "p90 s",
+                  "idle RSS MiB", "peak RSS MiB", "added MiB", "x vs torch", "GMAC/s", "% peak"]
+        rows = []
+        for r in lat["rows"]:
+            if "error" in r:
+                rows.append([r["engine"], r["precision"], r["io"], r["shape"], r["threads"], "failed: " + r["error"][:80]]
+                            + [""] * (len(header) - 6))
+                continue
+            rows.append([r["engine"], r["precision"], r["io"], r["shape"], r["threads"], fmt(r["init_s"]),
+                         fmt(r["first_s"]), fmt(r["min_s"], 3), fmt(r["median_s"], 3), fmt(r["p90_s"], 3),
+                         fmt(r["rss_idle_mib"], 0), fmt(r["peak_rss_mib"], 0), fmt(r["peak_added_over_idle_mib"], 0),
+                         fmt(r.get("speedup_vs_torch")), fmt(r.get("gmac_per_s"), 1),
+                         fmt(100 * r["fraction_of_sgemm_peak"], 0) if r.get("fraction_of_sgemm_peak") else "–"])
+        out += [md_table(header, rows), ""]
+        if "latency" in plots:
+            out += [f"![latency and memory]({plots['latency']})\n"]
+        xnn = [r for r in lat["rows"] if r["engine"] in ("tflite", "tflite-no-xnnpack") and r["precision"] == "fp32"
+               and r["io"] == "tensor" and "median_s" in r]
+        if xnn:
+            out += ["### XNNPACK on vs off (fp32 TFLite)\n"]
+            rows = []
+            for r in xnn:
+                rows.append([r["shape"], r["threads"], "on" if r["engine"] == "tflite" else "off",
+                             fmt(r["median_s"], 3), fmt(r["peak_rss_mib"], 0), r.get("xnnpack_partitions", "–"),
+                             r.get("nodes_outside_xnnpack", "–"), r.get("ops_outside_xnnpack") or "none"])
+            out += [md_table(["shape", "threads", "XNNPACK", "median s", "peak RSS MiB", "partitions",
+                              "nodes outside XNNPACK", "ops outside XNNPACK"], rows), ""]
+            out.append("Ops outside XNNPACK are read from the interpreter's node list: nodes not covered by any "
+                       "XNNPACK partition run on the interpreter's built-in kernels.\n")
+            other = [r for r in lat["rows"] if r["engine"] == "tflite" and r.get("ops_outside_xnnpack")
+                     and not (r["precision"] == "fp32" and r["io"] == "tensor")]
+            if other:
+                seen = {}
+                for r in other:
+                    seen.setdefault((r["precision"], r["io"], r["shape"]), r["ops_outside_xnnpack"])
+                out += ["Other artifacts with ops outside XNNPACK:\n",
+                        md_table(["precision", "io", "shape", "ops outside XNNPACK"],
+                                 [[p, i, s, o] for (p, i, s), o in seen.items()]), ""]
+    android = results.get("android")
+    if android:
+        pushes = []
+        for c in android:
+            if c["push"] not in pushes:
+                pushes.append(c["push"])
+        out += ["## Android: the same measurements with `benchmark_model`\n",
+                "Push LiteRT's `benchmark_model` binary and the artifacts to the phone, then run one line per "
+                "configuration measured above (threads, warm-up and timed runs, XNNPACK on/off, peak memory "
+                "footprint); add `--enable_op_profiling=true` for a per-op breakdown:\n",
+                "```sh", "adb push benchmark_model /data/local/tmp/ && adb shell chmod +x /data/local/tmp/benchmark_model"]
+        out += pushes + [f"adb shell {c['shell']}" for c in android] + ["```", ""]
+
+    pipe = results.get("pipeline")
+    if pipe and pipe.get("rows"):
+        out += ["## Pipeline cost\n",
+                f"Mask: {pipe['mask']['kind']} / {pipe['mask']['size']}, seed {pipe['mask']['seed']}; engine "
+                f"TFLite {pipe['precision']}, {pipe['threads']} thread(s); each row its own process. "
+                "`open` (engine creation) is excluded from end-to-end time. The non-model share is "
+                "end-to-end minus model time, over end-to-end.\n"]
+        for note in pipe.get("notes", []):
+            out.append(f"- {note}")
+        rows = []
+        stage_names = []
+        for r in pipe["rows"]:
+            for k in r.get("stage_seconds", {}):
+                if k not in stage_names:
+                    stage_names.append(k)
+        for r in pipe["rows"]:
+            if "error" in r:
+                rows.append([r["photo"], r["mode"], r["tiles"], "failed: " + r["error"][:80]] + [""] * (7 + len(stage_names)))
+                continue
+            rows.append([r["photo"] + (f" (upscaled from {r['upscaled_from']})" if r.get("upscaled_from") else ""),
+                         f"{r['megapixels']:.1f}", r["mode"], r["tiles"], fmt(r["end_to_end_s"]), fmt(r["model_s"]),
+                         fmt(100 * r["non_model_share"], 0) + " %", r["model_runs"], f"{r['tiles_run']}/{r['tiles_skipped']}",
+                         fmt(r["peak_rss_mib"], 0)] + [fmt(r["stage_seconds"].get(k), 2) for k in stage_names])
+        out += ["", md_table(["photo", "MP", "mode", "tiles", "end-to-end s", "model s", "non-model", "model runs",
+                              "tiles run/skipped", "peak RSS MiB"] + [f"{k} s" for k in stage_names], rows), ""]
+        if "pipeline" in plots:
+            out.append(f"![pipeline stages]({plots['pipeline']})\n")
+
+    q = results.get("quality")
+    if q and q.get("rows"):
+        out += ["## Quality\n",
+                f"{q['cases']} cases: real photos x masks from recorded seeds (`runtime_py.masks.make_mask(kind, H, W, seed, size)`, "
+                f"seeds in quality.csv), scored against the original photo at full resolution with "
+                f"`runtime_py.metrics.region_scores` (hole; band = {q['band_px']} px each side of the hole boundary). "
+                "PSNR in dB, SSIM in [0, 1]; higher is better.\n"]
+        for note in q.get("notes", []):
+            out.append(f"- {note}")
+        out.append("")
+        rows_all = q["rows"]
+        by_method = _order_methods(summarize_quality(rows_all, by=("method",)))
+        out += ["### Overall\n", md_table(["method", "group", "cases", "errors", "hole PSNR", "hole SSIM", "band PSNR",
+                                          "band SSIM", "whole PSNR", "s/case"],
+                                         [[s["method"], s["group"], s["n"], s["errors"], fmt(s["hole_psnr"]),
+                                           fmt(s["hole_ssim"], 3), fmt(s["band_psnr"]), fmt(s["band_ssim"], 3),
+                                           fmt(s["psnr"]), fmt(s["seconds"], 1)] for s in by_method]), ""]
+        cells = summarize_quality(rows_all, by=("method", "kind", "size"))
+        kinds = [k for k in ("strokes", "blob", "rect") if any(c["kind"] == k for c in cells)]
+        sizes = [s for s in ("small", "medium", "large") if any(c["size"] == s for c in cells)]
+        for metric, label, digits in (("hole_psnr", "hole PSNR (dB)", 2), ("band_psnr", "boundary-band PSNR (dB)", 2),
+                                      ("hole_ssim", "hole SSIM", 3)):
+            header = ["method"] + [f"{k} {s}" for k in kinds for s in sizes]
+            rows = []
+            for m in by_method:
+                row = [m["method"]]
+                for k in kinds:
+                    for s in sizes:
+                        c = [x for x in cells if x["method"] == m["method"] and x["kind"] == k and x["size"] == s]
+                        row.append(fmt(c[0][metric], digits) if c else "–")
+                rows.append(row)
+            out += [f"### {label} by method x mask kind x size\n", md_table(header, rows), ""]
+        if "quality" in plots:
+            out.append(f"![quality]({plots['quality']})\n")
+    skipped = meta.get("skipped") or []
+    if skipped:
+        out += ["## Not measured in this run\n"] + [f"- {s}" for s in skipped] + [""]
+    out += ["## Files\n", "`results.json` (everything, raw per-run timings included), `latency.csv`, `pipeline.csv`, "
+            "`quality.csv` (one row per case and method, with seeds), `quality_summary.csv`, the PNG plots, "
+            "`logs/` (each worker's stderr).\n"]
+    return "\n".join(out)
+
+
+def write_report(out_dir: Path, results: dict) -> Dict[str, Path]:
+    """Write every output file; returns name -> path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    plots = {}
+    lat_rows = results.get("latency", {}).get("rows", [])
+    pipe_rows = results.get("pipeline", {}).get("rows", [])
+    q_rows = results.get("quality", {}).get("rows", [])
+    if plot_latency(lat_rows, out_dir / "latency.png"):
+        plots["latency"] = "latency.png"
+    if plot_pipeline(pipe_rows, out_dir / "pipeline.png"):
+        plots["pipeline"] = "pipeline.png"
+    q_by_kind = summarize_quality(q_rows, by=("method", "kind")) if q_rows else []
+    if plot_quality(q_by_kind, out_dir / "quality.png"):
+        plots["quality"] = "quality.png"
+    for name, rel in plots.items():
+        files[f"{name}.png"] = out_dir / rel
+    write_csv(out_dir / "latency.csv", lat_rows)
+    write_csv(out_dir / "pipeline.csv", [{k: v for k, v in r.items() if k != "runs"} for r in pipe_rows])
+    write_csv(out_dir / "quality.csv", q_rows)
+    write_csv(out_dir / "quality_summary.csv", summarize_quality(q_rows) if q_rows else [])
+    for n in ("latency.csv", "pipeline.csv", "quality.csv", "quality_summary.csv"):
+        files[n] = out_dir / n
+    write_atomic(out_dir / "results.json", json.dumps(results, indent=1, default=_json_default))
+    files["results.json"] = out_dir / "results.json"
+    write_atomic(out_dir / "report.md", render_markdown(results, plots))
+    files["report.md"] = out_dir / "report.md"
+    return files
+
+
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)

@@ -1,0 +1,374 @@
+"""The benchmark run: configuration from the CLI, the three sections, the report."""
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from runtime_py.errors import UserError
+
+from .cli import SECTIONS
+
+CONTENTION_NOTE = ("The CPU is shared: other jobs (builds, tests and a model training run) ran on the same cores "
+                   "during this benchmark, so absolute times are inflated and noisier than on an idle machine; "
+                   "each measurement records the 1-minute load average before and after it.")
+ALL_MODES = ("baseline", "shrink", "two-step", "two-step+shrink")
+
+
+def _int_list(text: str, what: str) -> List[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--{what} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise UserError(f"--{what} needs positive integers, got {text!r}")
+    return values
+
+
+def _auto_int(text: str, auto: int, what: str, minimum: int) -> int:
+    if str(text) == "auto":
+        return auto
+    try:
+        v = int(text)
+    except ValueError:
+        raise UserError(f"--{what} must be an integer or auto, got {text!r}") from None
+    if v < minimum:
+        raise UserError(f"--{what} must be at least {minimum}, got {v}")
+    return v
+
+
+def _names(text: str) -> Optional[List[str]]:
+    return None if text in ("all", "auto", "") else [t.strip() for t in text.split(",") if t.strip()]
+
+
+@dataclass
+class BenchConfig:
+    artifacts: Path
+    out: Path
+    photos: List[Path]
+    photo_sources: List[str]
+    quick: bool
+    threads: List[int]
+    runs: int
+    warmup: int
+    sections: List[str]
+    shapes: Optional[List[str]]
+    precisions: Optional[List[str]]
+    ios: Optional[List[str]]
+    checkpoint: Optional[Path]
+    xnnpack_off: bool
+    pipeline_precision: str
+    pipeline_threads: int
+    quality_per_cell: int
+    quality_modes: List[str]
+    patchmatch: bool
+    sgemm_n: int
+    update_readme: Optional[Path]
+    command: str = ""
+    notes: List[str] = field(default_factory=list)
+
+    @classmethod
+    def from_args(cls, args) -> "BenchConfig":
+        from .photos import default_photo_dirs, find_photos
+
+        quick = bool(args.quick)
+        artifacts = Path(args.artifacts)
+        if not (artifacts / "manifest.json").is_file():
+            raise UserError(f"{artifacts}: no export manifest here (run 'gmcnn-mobile export --out {artifacts}' first)")
+        sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+        unknown = [s for s in sections if s not in SECTIONS]
+        if unknown or not sections:
+            raise UserError(f"--sections takes {','.join(SECTIONS)}, got {args.sections!r}")
+        threads = _int_list("2" if (args.threads == "auto" and quick) else ("1,2" if args.threads == "auto" else args.threads), "threads")
+        modes = list(ALL_MODES) if args.quality_modes == "auto" and not quick else (
+            ["baseline", "shrink"] if args.quality_modes == "auto" else _names(args.quality_modes) or [])
+        bad = [m for m in modes if m not in ALL_MODES]
+        if bad:
+            raise UserError(f"--quality-modes: unknown mode(s) {bad}; choose from {', '.join(ALL_MODES)}")
+        sources = [str(p) for p in args.photos] if args.photos else [str(d) for d in default_photo_dirs()]
+        for s in args.photos or []:
+            if not Path(s).exists():
+                raise UserError(f"{s}: photo folder or file not found")
+        photos = find_photos(sources)
+        if ("pipeline" in sections or "quality" in sections) and not photos:
+            raise UserError("no photos found for the pipeline and quality sections"
+                            + (f" in {', '.join(sources)}" if sources else "")
+                            + "; pass --photos DIR or --sections latency")
+        if args.quality_per_cell < 1:
+            raise UserError("--quality-per-cell must be at least 1")
+        return cls(
+            artifacts=artifacts, out=Path(args.out), photos=photos, photo_sources=sources, quick=quick,
+            threads=threads, runs=_auto_int(args.runs, 2 if quick else 10, "runs", 1),
+            warmup=_auto_int(args.warmup, 1 if quick else 2, "warmup", 0), sections=sections,
+            shapes=_names(args.shapes), precisions=_names(args.precisions),
+            ios=["tensor"] if (args.io == "auto" and quick) else _names(args.io),
+            checkpoint=args.checkpoint, xnnpack_off=not args.no_xnnpack_off,
+            pipeline_precision=args.pipeline_precision,
+            pipeline_threads=args.pipeline_threads or max(threads), quality_per_cell=args.quality_per_cell,
+            quality_modes=modes, patchmatch=not args.no_patchmatch,
+            sgemm_n=args.sgemm_n or (1024 if quick else 3072), update_readme=args.update_readme,
+            command="gmcnn-mobile " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"]
+            else "gmcnn-mobile bench" + _args_text(args))
+
+
+def _args_text(args) -> str:
+    parts = []
+    for flag in ("artifacts", "out"):
+        parts.append(f" --{flag} {getattr(args, flag)}")
+    if args.quick:
+        parts.append(" --quick")
+    return "".join(parts)
+
+
+# ----------------------------------------------------------------------------- meta
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def machine_meta(cfg: BenchConfig) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "command": cfg.command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu, "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()[0],
+        "platform": platform.platform(), "python": platform.python_version(),
+        "versions": {d: _version(d) for d in ("ai-edge-litert", "onnxruntime", "torch", "numpy", "opencv-python",
+                                              "pypatchmatch")},
+        "contention_note": CONTENTION_NOTE, "artifacts": str(cfg.artifacts), "threads": cfg.threads,
+        "runs": cfg.runs, "warmup": cfg.warmup, "quick": cfg.quick, "sections": cfg.sections,
+        "sgemm_n": cfg.sgemm_n, "photo_sources": cfg.photo_sources, "notes": list(cfg.notes), "skipped": [],
+    }
+
+
+# ----------------------------------------------------------------------------- sections
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True, leave=True)
+
+
+def run_latency(cfg: BenchConfig, manifest, meta: dict, cache: Path, logs: Path) -> dict:
+    from .latency import android_commands, derive, plan_latency
+    from .references import export_onnx, model_macs, resolve_checkpoint
+    from .spawn import run_in_subprocess
+
+    checkpoint = resolve_checkpoint(manifest, cfg.artifacts, cfg.checkpoint)
+    if cfg.checkpoint is not None and checkpoint is None:
+        raise UserError(f"{cfg.checkpoint}: checkpoint not found")
+    tfl = [a for a in manifest.artifacts if a.format == "tflite"]
+    shapes = sorted({f"{a.height}x{a.width}" for a in tfl}, key=lambda s: int(s.split("x")[0]))
+    if cfg.shapes:
+        shapes = [s for s in shapes if s in cfg.shapes]
+    elif cfg.quick and shapes:
+        shapes = shapes[:1]
+    onnx_files: Dict[str, Path] = {}
+    macs: Dict[str, int] = {}
+    if checkpoint is None:
+        meta["skipped"].append("PyTorch and ONNX Runtime references: no checkpoint found (pass --checkpoint)")
+    else:
+        meta["checkpoint"] = str(checkpoint)
+        from models.checkpoint import read_project_metadata
+
+        try:
+            m = read_project_metadata(checkpoint)
+            meta["checkpoint_meta"] = f"variant {m.get('variant')}, cnum {m.get('cnum')}"
+        except Exception:
+            pass
+        for s in shapes:
+            h, w = (int(v) for v in s.split("x"))
+            macs[s] = model_macs(checkpoint, (h, w))
+            try:
+                onnx_files[s] = export_onnx(checkpoint, (h, w), cache)
+            except Exception as exc:
+                meta["skipped"].append(f"ONNX Runtime at {s}: ONNX export failed ({type(exc).__name__}: {exc})")
+    meta["macs"] = macs
+    specs = plan_latency(manifest, cfg.artifacts, cfg.threads, cfg.warmup, cfg.runs, checkpoint, onnx_files,
+                         cfg.sgemm_n, shapes=shapes, precisions=cfg.precisions, ios=cfg.ios,
+                         xnnpack_off=cfg.xnnpack_off)
+    results = []
+    bar = _progress(len(specs), "latency")
+    for spec in specs:
+        bar.set_postfix_str(spec["label"])
+        results.append(run_in_subprocess(spec, logs))
+        bar.update(1)
+    bar.close()
+    out = derive(results, macs)
+    out["raw"] = results
+    failed = [r["spec"]["label"] for r in results if not r.get("ok")]
+    if failed:
+        meta["notes"].append(f"{len(failed)} latency measurement(s) failed: {', '.join(failed)} (see logs/)")
+    coreml = [a for a in manifest.artifacts if a.format == "coreml"]
+    if coreml:
+        meta["skipped"].append(f"{len(coreml)} Core ML artifact(s): Core ML runs only on macOS/iOS, not on this Linux host")
+    return out, android_commands(specs)
+
+
+def pipeline_photos(cfg: BenchConfig, cache: Path):
+    from .photos import describe, ensure_large_photo
+
+    infos = describe(cfg.photos)
+    if cfg.quick:
+        return infos[:1], []
+    notes = []
+    big = sorted([p for p in infos if p.megapixels >= 4.0], key=lambda p: -p.megapixels)
+    chosen = big[:1] if big else sorted(infos, key=lambda p: -p.megapixels)[:1]
+    if not big:
+        notes.append(f"no photo of 4 MP or more among the inputs; used the largest, {chosen[0].path.name} "
+                     f"({chosen[0].megapixels:.1f} MP)")
+    large = ensure_large_photo(infos, cache)
+    if large is not None and large.path not in [c.path for c in chosen]:
+        if large.upscaled_from:
+            notes.append(f"no photo of 12 MP or more was available: {large.path.name} ({large.megapixels:.1f} MP) is "
+                         f"a bicubic upscale of the real photo {large.upscaled_from}")
+        chosen.append(large)
+    return chosen, notes
+
+
+def run_pipeline(cfg: BenchConfig, meta: dict, cache: Path, logs: Path) -> dict:
+    from .pipeline_cost import CONFIGS, PIPELINE_MASK, plan_pipeline
+    from .spawn import run_in_subprocess
+
+    photos, notes = pipeline_photos(cfg, cache)
+    configs = CONFIGS if not cfg.quick else [c for c in CONFIGS if c in (("baseline", "auto"), ("shrink", "auto"),
+                                                                         ("two-step", "off"), ("two-step", "on"))]
+    specs = plan_pipeline(photos, cfg.artifacts, cfg.pipeline_threads, cfg.pipeline_precision, configs)
+    rows = []
+    bar = _progress(len(specs), "pipeline")
+    for spec in specs:
+        bar.set_postfix_str(spec["label"])
+        r = run_in_subprocess(spec, logs)
+        row = {"photo": Path(spec["photo"]).name, "megapixels": spec["photo_mp"], "upscaled_from": spec["upscaled_from"],
+               "mode": spec["mode"], "tiles": spec["tiles"], "threads": spec["threads"], "precision": spec["precision"]}
+        if r.get("ok"):
+            row.update({k: v for k, v in r.items() if k not in ("spec", "ok", "pid")})
+            row["peak_rss_mib"] = r["peak_rss"] / 2 ** 20
+        else:
+            row["error"] = r.get("error", "failed")
+        rows.append(row)
+        bar.update(1)
+    bar.close()
+    return {"rows": rows, "mask": dict(PIPELINE_MASK), "threads": cfg.pipeline_threads,
+            "precision": cfg.pipeline_precision, "notes": notes}
+
+
+def run_quality(cfg: BenchConfig, manifest, meta: dict) -> dict:
+    import functools
+
+    from runtime_py.engines import open_engines
+    from runtime_py.pipeline import Pipeline, PipelineConfig
+
+    from .classical import classical_methods, patchmatch
+    from .photos import describe, read_rgb
+    from .quality import KINDS, SIZES, BAND_PX, MethodSpec, evaluate, make_cases, resize_method
+
+    notes = []
+    tensor_tfl = [a for a in manifest.artifacts if a.format == "tflite" and a.io == "tensor"]
+    if not tensor_tfl:
+        raise UserError(f"{cfg.artifacts}: the manifest has no TFLite tensor artifacts to score")
+    base = min({tuple(a.shape) for a in tensor_tfl}, key=lambda s: s[0] * s[1])
+    base_precisions = [p for p in ("fp32", "fp16", "int8-dynamic", "int8")
+                       if any(tuple(a.shape) == base and a.precision == p for a in tensor_tfl)]
+    mode_precision = "fp32" if "fp32" in base_precisions else base_precisions[0]
+    engine_sets = {}
+
+    def engines_for(precision):
+        if precision not in engine_sets:
+            engine_sets[precision] = open_engines("tflite", artifacts=cfg.artifacts, threads=cfg.pipeline_threads,
+                                                  precision=precision)
+        return engine_sets[precision]
+
+    def model_method(mode, precision):
+        def run(image, mask):
+            return Pipeline(engines_for(precision), PipelineConfig(mode=mode)).run(image, mask > 0).image
+        return run
+
+    methods = [MethodSpec(f"{m} {mode_precision}", "mode", model_method(m, mode_precision), mode=m,
+                          precision=mode_precision) for m in cfg.quality_modes]
+    methods += [MethodSpec(f"baseline {p}", "precision", model_method("baseline", p), mode="baseline", precision=p)
+                for p in base_precisions if p != mode_precision]
+    classical = classical_methods(include_patchmatch=cfg.patchmatch)
+    pm_pixels = base[0] * base[1]
+    for name, fn in classical.items():
+        if name == "patchmatch":
+            fn = resize_method(patchmatch, pm_pixels)
+            notes.append(f"PatchMatch (pypatchmatch {meta['versions'].get('pypatchmatch')}, patch 5, seed 0) runs at "
+                         f"the model's pass-1 resolution ({base[0]}x{base[1]} pixels' worth) and its result is upscaled "
+                         f"bicubically into the hole: at full resolution it took 30-115 s per 4 MP photo here.")
+        methods.append(MethodSpec(name, "classical", fn))
+    if cfg.patchmatch and "patchmatch" not in classical:
+        meta["skipped"].append("PatchMatch: pypatchmatch is not installed (pip install pypatchmatch)")
+    notes.append(f"OpenCV Telea and Navier-Stokes run at full resolution (radius 5 px).")
+
+    real = [p for p in describe(cfg.photos)]
+    photo_paths = [str(p.path) for p in real]
+    if cfg.quick:
+        cases = make_cases(photo_paths, kinds=KINDS, sizes=("medium",), per_cell=1)
+    else:
+        cases = make_cases(photo_paths, kinds=KINDS, sizes=SIZES, per_cell=cfg.quality_per_cell)
+    load = functools.lru_cache(maxsize=2)(read_rgb)
+    bar = _progress(len(cases) * len(methods), "quality")
+
+    def progress(text):
+        bar.set_postfix_str(text)
+        bar.update(1)
+
+    try:
+        rows = evaluate(cases, methods, load, progress=progress)
+    finally:
+        bar.close()
+        for e in engine_sets.values():
+            e.close()
+    errors = [r for r in rows if "error" in r]
+    if errors:
+        notes.append(f"{len(errors)} quality run(s) failed, first: {errors[0]['method']}: {errors[0]['error']}")
+    return {"rows": rows, "cases": len(cases), "band_px": BAND_PX, "model_shape": list(base),
+            "threads": cfg.pipeline_threads, "notes": notes}
+
+
+def run_bench(cfg: BenchConfig) -> Dict[str, Path]:
+    from runtime_py.manifest import load_manifest
+
+    from .report import write_report
+
+    manifest = load_manifest(cfg.artifacts)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    cache, logs = cfg.out / "cache", cfg.out / "logs"
+    cache.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    meta = machine_meta(cfg)
+    results = {"meta": meta}
+    if "latency" in cfg.sections:
+        results["latency"], results["android"] = run_latency(cfg, manifest, meta, cache, logs)
+    if "pipeline" in cfg.sections:
+        results["pipeline"] = run_pipeline(cfg, meta, cache, logs)
+    if "quality" in cfg.sections:
+        results["quality"] = run_quality(cfg, manifest, meta)
+    meta["wall_s"] = time.perf_counter() - t0
+    meta["load_avg_end"] = os.getloadavg()[0]
+    files = write_report(cfg.out, results)
+    if cfg.update_readme is not None:
+        from .readme import update_readme
+
+        update_readme(cfg.update_readme, results)
+        files["README"] = Path(cfg.update_readme)
+    return files

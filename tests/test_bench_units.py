@@ -1,0 +1,193 @@
+"""Unit tests of the benchmark harness on small synthetic inputs (no artifacts, no ../shared)."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import android, quality, readme, report, stats, xnnpack
+from benchmarks.spawn import run_in_subprocess
+
+
+def test_summarize_percentiles():
+    s = stats.summarize([0.5, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0])
+    assert s["n"] == 10 and s["min_s"] == 0.1 and s["max_s"] == 1.0
+    assert s["median_s"] == pytest.approx(0.55)
+    assert s["p90_s"] == pytest.approx(0.91)
+    with pytest.raises(ValueError):
+        stats.summarize([])
+
+
+def test_rss_readings_grow_with_allocation():
+    before = stats.rss_bytes()
+    block = np.ones(64 << 20, np.uint8)  # 64 MiB, touched
+    after = stats.rss_bytes()
+    assert after - before > 48 << 20
+    assert stats.peak_rss_bytes() >= after
+    del block
+
+
+def _op(index, name, inputs, outputs):
+    return {"index": index, "op_name": name, "inputs": np.array(inputs), "outputs": np.array(outputs)}
+
+
+def test_nodes_outside_delegates_walks_partitions():
+    # 0 conv -> 1 elu -> 2 mirror_pad -> 3 conv -> 4 resize_nn -> 5 conv ; constants 100..
+    ops = [_op(0, "CONV_2D", [0, 100, 101], [10]), _op(1, "ELU", [10], [11]),
+           _op(2, "MIRROR_PAD", [11, 102], [12]), _op(3, "CONV_2D", [12, 103, 101], [13]),
+           _op(4, "RESIZE_NEAREST_NEIGHBOR", [13, 104], [14]), _op(5, "CONV_2D", [14, 105, 101], [15]),
+           # partitions as LiteRT lists them: inputs = boundary tensors (incl. constants), outputs
+           _op(6, "DELEGATE", [0, 100, 101], [11]), _op(7, "DELEGATE", [12, 103, 101], [13]),
+           _op(8, "DELEGATE", [14, 105, 101], [15])]
+    outside = xnnpack.nodes_outside_delegates(ops)
+    assert [o["op_name"] for o in outside] == ["MIRROR_PAD", "RESIZE_NEAREST_NEIGHBOR"]
+    summary = xnnpack.delegation_summary(ops)
+    assert summary["partitions"] == 3 and summary["nodes"] == 6 and summary["nodes_outside"] == 2
+    assert summary["ops_outside"] == {"MIRROR_PAD": 1, "RESIZE_NEAREST_NEIGHBOR": 1}
+    # no delegate at all: everything is outside
+    assert len(xnnpack.nodes_outside_delegates(ops[:6])) == 6
+
+
+def test_benchmark_model_command_flags():
+    args = android.benchmark_model_args("out/gmcnn_512x680_int8.tflite", threads=2, warmup=3, runs=10, xnnpack=False)
+    assert args[0] == "/data/local/tmp/benchmark_model"
+    assert "--graph=/data/local/tmp/gmcnn_512x680_int8.tflite" in args
+    for flag in ("--num_threads=2", "--warmup_runs=3", "--num_runs=10", "--use_xnnpack=false",
+                 "--report_peak_memory_footprint=true"):
+        assert flag in args
+    cmd = android.benchmark_model_command("a/b.tflite", 1, 1, 5)
+    assert cmd.startswith("adb push b.tflite /data/local/tmp/ && adb shell ") and "--use_xnnpack=true" in cmd
+
+
+def test_sgemm_worker_in_subprocess(tmp_path):
+    r = run_in_subprocess({"kind": "sgemm", "label": "sgemm", "n": 256, "threads": 1, "runs": 3}, tmp_path)
+    assert r["ok"], r.get("error")
+    assert r["gmac_per_s"] > 0.1 and r["blas_threads_env"] == "1" and len(r["runs_s"]) == 3
+    assert (tmp_path / "sgemm.log").exists()
+
+
+def test_failing_worker_reports_error(tmp_path):
+    r = run_in_subprocess({"kind": "tflite", "label": "missing", "path": str(tmp_path / "nope.tflite"),
+                           "threads": 1}, tmp_path)
+    assert r["ok"] is False and "nope.tflite" in r["error"]
+
+
+def _photo(rows=96, cols=128, seed=0):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    base = np.stack([128 + 80 * np.sin(x / 9), 128 + 70 * np.cos(y / 7), 255 * x / cols], axis=2)
+    return np.clip(base + rng.normal(0, 4, base.shape), 0, 255).astype(np.uint8)
+
+
+def test_make_cases_records_seeds_and_cycles_photos():
+    cases = quality.make_cases(["a.jpg", "b.jpg"], per_cell=1)
+    assert len(cases) == 9 and len({c.seed for c in cases}) == 9
+    assert {c.photo for c in cases} == {"a.jpg", "b.jpg"}
+    assert {(c.kind, c.size) for c in cases} == {(k, s) for k in quality.KINDS for s in quality.SIZES}
+    assert quality.make_cases([], per_cell=1) == []
+
+
+def test_evaluate_scores_methods_and_catches_errors():
+    from benchmarks.classical import navier_stokes, telea
+
+    img = _photo()
+    identity = quality.MethodSpec("copy-original", "test", lambda im, m: im.copy())
+    grey = quality.MethodSpec("grey-fill", "test", lambda im, m: np.where(m[..., None] > 0, 128, im).astype(np.uint8))
+    broken = quality.MethodSpec("broken", "test", lambda im, m: 1 / 0)
+    methods = [identity, grey, broken, quality.MethodSpec("opencv-telea", "classical", telea),
+               quality.MethodSpec("opencv-ns", "classical", navier_stokes)]
+    cases = quality.make_cases(["p"], kinds=("rect", "blob"), sizes=("medium",))
+    rows = quality.evaluate(cases, methods, lambda p: img)
+    assert len(rows) == 2 * len(methods)
+    by = {(r["method"], r["kind"]): r for r in rows}
+    assert by[("copy-original", "rect")]["hole_psnr"] == float("inf")
+    assert "ZeroDivisionError" in by[("broken", "rect")]["error"]
+    # a smooth photo: diffusion fills beat a flat grey fill inside the hole
+    assert by[("opencv-telea", "blob")]["hole_psnr"] > by[("grey-fill", "blob")]["hole_psnr"]
+    assert all(by[(m, "rect")]["unmasked_identical"] for m in ("grey-fill", "opencv-telea", "opencv-ns"))
+    summary = quality.summarize(rows, by=("method",))
+    s = {x["method"]: x for x in summary}
+    assert s["broken"]["n"] == 0 and s["broken"]["errors"] == 2
+    assert s["grey-fill"]["n"] == 2 and np.isfinite(s["grey-fill"]["hole_psnr"])
+
+
+def test_resize_method_runs_small_and_composites():
+    img = _photo(200, 300)
+    mask = np.zeros((200, 300), np.uint8)
+    mask[50:120, 100:200] = 1
+    seen = {}
+
+    def fill(im, m):
+        seen["shape"] = im.shape
+        out = im.copy()
+        out[m > 0] = 0
+        return out
+
+    out = quality.resize_method(fill, 100 * 150)(img, mask)
+    assert seen["shape"][0] * seen["shape"][1] <= 100 * 150
+    assert out.shape == img.shape
+    assert (out[60:110, 110:190] == 0).all()  # hole interior (its border mixes in bicubic-upscaled context)
+    assert np.array_equal(out[mask == 0], img[mask == 0])
+
+
+def _fake_results():
+    lat_rows = []
+    for eng, prec in (("pytorch-eager", "fp32"), ("tflite", "fp32"), ("tflite", "int8")):
+        for shape in ("64x88", "128x176"):
+            lat_rows.append({"label": f"{eng} {prec} {shape}", "engine": eng, "precision": prec, "io": "tensor",
+                             "shape": shape, "threads": 2, "init_s": 0.1, "first_s": 0.2, "min_s": 0.1,
+                             "median_s": 0.12, "p90_s": 0.15, "rss_idle_mib": 50.0, "rss_after_first_mib": 60.0,
+                             "peak_rss_mib": 70.0, "peak_added_over_idle_mib": 20.0, "speedup_vs_torch": 2.0,
+                             "gmac_per_s": 3.0, "fraction_of_sgemm_peak": 0.5, "bytes": 1 << 20})
+    q_rows = []
+    for method, group, mode in (("baseline fp32", "mode", "baseline"), ("shrink fp32", "mode", "shrink"),
+                                ("opencv-telea", "classical", "")):
+        for kind in ("strokes", "rect"):
+            q_rows.append({"photo": "p.jpg", "kind": kind, "size": "medium", "seed": 1, "method": method,
+                           "group": group, "mode": mode, "precision": "fp32" if mode else "", "seconds": 1.0,
+                           **{k: 20.0 for k in quality.SCORE_KEYS}})
+    return {
+        "meta": {"command": "gmcnn-mobile bench --quick", "started": "2026-11-25T00:00:00+00:00", "wall_s": 1.0,
+                 "cpu": "test cpu", "cpu_count": 2, "load_avg_start": 1.0, "load_avg_end": 1.0,
+                 "contention_note": "shared.", "versions": {"ai-edge-litert": "2.1.0"}, "artifacts": "a",
+                 "runs": 2, "warmup": 1, "threads": [2], "sgemm_n": 256, "notes": [], "skipped": ["Core ML: macOS only"]},
+        "latency": {"rows": lat_rows, "sgemm_peak_gmac_per_s": {"2": 6.0}},
+        "android": [{"label": "x", "file": "f.tflite", "push": "adb push f.tflite /data/local/tmp/",
+                     "shell": "/data/local/tmp/benchmark_model --graph=/data/local/tmp/f.tflite"}],
+        "pipeline": {"rows": [{"photo": "p.jpg", "megapixels": 4.1, "mode": "baseline", "tiles": "auto",
+                               "end_to_end_s": 2.0, "model_s": 1.5, "non_model_share": 0.25, "model_runs": 1,
+                               "tiles_run": 0, "tiles_skipped": 0, "peak_rss_mib": 300.0,
+                               "stage_seconds": {"decode": 0.2, "model": 1.5, "encode": 0.3}}],
+                     "mask": {"kind": "blob", "size": "medium", "seed": 1}, "threads": 2, "precision": "fp32"},
+        "quality": {"rows": q_rows, "cases": 2, "band_px": 8},
+    }
+
+
+def test_write_report_writes_every_file(tmp_path):
+    files = report.write_report(tmp_path, _fake_results())
+    for name in ("results.json", "latency.csv", "pipeline.csv", "quality.csv", "quality_summary.csv", "report.md",
+                 "latency.png", "pipeline.png", "quality.png"):
+        assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
+        assert name in files
+    for png in tmp_path.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "report.md").read_text()
+    assert "## Headline" in md and "| tflite | int8 |" in md and "benchmark_model" in md
+    assert "### hole PSNR (dB) by method x mask kind x size" in md and "Core ML: macOS only" in md
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["latency"]["rows"][0]["median_s"] == 0.12
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_readme_section_replaced_between_markers(tmp_path):
+    res = _fake_results()
+    path = tmp_path / "README.md"
+    path.write_text("# x\n\nintro\n\n<!-- bench:start -->\nold table\n<!-- bench:end -->\n\n## Later\n")
+    readme.update_readme(path, res)
+    text = path.read_text()
+    assert "old table" not in text and text.count(readme.START) == 1 and text.endswith("## Later\n")
+    assert "gmcnn-mobile bench --quick" in text and "| tflite | int8 |" in text
+    path2 = tmp_path / "R2.md"
+    path2.write_text("# y\n")
+    readme.update_readme(path2, res)
+    assert path2.read_text().startswith("# y\n\n" + readme.START)
