@@ -1,0 +1,196 @@
+"""The engine interface: one fixed-shape inpainting model behind a Polygraphy-style runner.
+
+Life cycle: ``activate()`` opens the model (lazily, on first use), ``infer(feed)``
+checks the feed against the declared inputs and calls ``infer_impl``, ``deactivate()``
+releases it. Each engine knows its fixed input shape, layout (NHWC / NCHW) and I/O
+signature (``tensor`` or ``image``) and hides them behind :meth:`Engine.inpaint`, the only
+call the pipeline makes:
+
+    pred = engine.inpaint(image, hole)
+      image: (rows, cols, 3) uint8 RGB at the engine's shape
+      hole:  (rows, cols) bool, True = hole
+      pred:  (rows, cols, 3) float32 RGB in [0, 255]; only hole pixels are meaningful
+             (tensor engines return the raw generator output there, image engines the
+             model's own composite, which equals the prediction inside the hole).
+
+Signatures (match the export manifest, docs/MANIFEST.md):
+  tensor: image float32 RGB in [-1, 1] = u8 / 127.5 - 1; mask float32 {0, 1}, 1 = hole;
+          output float32 RGB in [-1, 1], decoded as (y + 1) * 127.5.
+  image:  image uint8 RGB; mask uint8, 255 = hole; output uint8 RGB composite.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import UserError
+
+Shape = Tuple[int, int]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A declared input or output: name, full shape (batch included), numpy dtype name,
+    role (image | mask | output) and quantization (scale, zero_point) or None."""
+
+    name: str
+    shape: Tuple[int, ...]
+    dtype: str
+    role: str
+    quantization: Optional[Tuple[float, int]] = None
+
+
+def layout_of(shape: Sequence[int]) -> str:
+    """NHWC when the channel count (1 or 3) is last, else NCHW."""
+    return "NHWC" if int(shape[-1]) in (1, 3) and int(shape[1]) not in (1, 3) else "NCHW"
+
+
+def role_of(name: str, index: int) -> str:
+    n = name.lower()
+    if "mask" in n:
+        return "mask"
+    if "image" in n or "img" in n or "input" in n:
+        return "image"
+    return "image" if index == 0 else "mask"
+
+
+class Engine:
+    """Base class. Subclasses set ``name`` and implement ``activate_impl``, ``infer_impl``,
+    ``input_specs`` / ``output_specs`` (after activation) and ``deactivate_impl``."""
+
+    name = "engine"
+
+    def __init__(self, shape: Shape, io: str = "tensor"):
+        if io not in ("tensor", "image"):
+            raise ValueError(f"io must be 'tensor' or 'image', got {io!r}")
+        self.shape: Shape = (int(shape[0]), int(shape[1]))
+        self.io = io
+        self.is_active = False
+        self.inference_times: List[float] = []  # seconds, one per infer()
+
+    # ------------------------------------------------------------------ life cycle
+    def activate(self) -> "Engine":
+        if not self.is_active:
+            self.activate_impl()
+            self.is_active = True
+            self._check_declared_shape()
+        return self
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self.deactivate_impl()
+            self.is_active = False
+
+    def __enter__(self):
+        return self.activate()
+
+    def __exit__(self, *exc):
+        self.deactivate()
+
+    def activate_impl(self) -> None:
+        raise NotImplementedError
+
+    def deactivate_impl(self) -> None:
+        pass
+
+    # --------------------------------------------------------------- declarations
+    def input_specs(self) -> List[TensorSpec]:
+        raise NotImplementedError
+
+    def output_specs(self) -> List[TensorSpec]:
+        raise NotImplementedError
+
+    @property
+    def layout(self) -> str:
+        return layout_of(self._spec("image").shape)
+
+    def describe(self) -> str:
+        return f"{self.name} {self.io} {self.shape[0]}x{self.shape[1]}"
+
+    def _spec(self, role: str) -> TensorSpec:
+        self.activate()
+        for s in self.input_specs():
+            if s.role == role:
+                return s
+        raise UserError(f"{self.describe()}: no {role} input among {[s.name for s in self.input_specs()]}")
+
+    def _check_declared_shape(self) -> None:
+        spec = self._spec("image").shape
+        hw = tuple(spec[1:3]) if layout_of(spec) == "NHWC" else tuple(spec[2:4])
+        if tuple(int(v) for v in hw) != self.shape:
+            raise UserError(f"{self.describe()}: the model's image input is {hw[0]}x{hw[1]}, "
+                            f"not the {self.shape[0]}x{self.shape[1]} the manifest says")
+
+    # -------------------------------------------------------------------- running
+    def infer(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Check ``feed`` against the declared inputs (names, shapes, dtypes), run, time it."""
+        self.activate()
+        specs = {s.name: s for s in self.input_specs()}
+        if set(feed) != set(specs):
+            raise UserError(f"{self.describe()}: feed names {sorted(feed)} != model inputs {sorted(specs)}")
+        for name, arr in feed.items():
+            s = specs[name]
+            if tuple(arr.shape) != tuple(s.shape):
+                raise UserError(f"{self.describe()}: input {name!r} has shape {tuple(arr.shape)}, expected {s.shape}")
+            if arr.dtype != np.dtype(s.dtype):
+                raise UserError(f"{self.describe()}: input {name!r} has dtype {arr.dtype}, expected {s.dtype}")
+        t0 = time.perf_counter()
+        out = self.infer_impl(feed)
+        self.inference_times.append(time.perf_counter() - t0)
+        return out
+
+    def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- the pipeline's call
+    def inpaint(self, image: np.ndarray, hole: np.ndarray) -> np.ndarray:
+        """See the module docstring: (rows,cols,3) uint8 RGB + (rows,cols) bool -> (rows,cols,3) float32 [0,255]."""
+        if image.shape != (*self.shape, 3) or image.dtype != np.uint8:
+            raise ValueError(f"{self.describe()}: inpaint wants ({self.shape[0]},{self.shape[1]},3) uint8, "
+                             f"got {image.shape} {image.dtype}")
+        if hole.shape != self.shape:
+            raise ValueError(f"{self.describe()}: mask shape {hole.shape} != {self.shape}")
+        out = self.infer(self.make_feed(image, hole))
+        return self.decode_output(out)
+
+    def make_feed(self, image: np.ndarray, hole: np.ndarray) -> Dict[str, np.ndarray]:
+        feed = {}
+        for s in self.input_specs():
+            if s.role == "image":
+                x = image.astype(np.float32) / 127.5 - 1.0 if self.io == "tensor" else image
+            else:
+                x = hole.astype(np.float32)[:, :, None] if self.io == "tensor" else (hole.astype(np.uint8) * 255)[:, :, None]
+            if layout_of(s.shape) == "NCHW":
+                x = x.transpose(2, 0, 1)
+            x = x[None]
+            feed[s.name] = _to_dtype(np.ascontiguousarray(x), s)
+        return feed
+
+    def decode_output(self, out: Dict[str, np.ndarray]) -> np.ndarray:
+        spec = self.output_specs()[0]
+        y = np.asarray(out[spec.name])
+        if spec.quantization:
+            scale, zero = spec.quantization
+            y = (y.astype(np.float32) - zero) * scale
+        y = y[0]
+        if y.shape[-1] != 3 and y.shape[0] == 3:  # CHW -> HWC
+            y = y.transpose(1, 2, 0)
+        y = y.astype(np.float32)
+        if self.io == "tensor":
+            y = (y + 1.0) * 127.5
+        return np.clip(y, 0.0, 255.0)
+
+
+def _to_dtype(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Cast to the declared dtype, quantizing with (scale, zero_point) for integer inputs."""
+    dt = np.dtype(spec.dtype)
+    if x.dtype == dt:
+        return x
+    if spec.quantization and np.issubdtype(dt, np.integer) and x.dtype.kind == "f":
+        scale, zero = spec.quantization
+        info = np.iinfo(dt)
+        return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(dt)
+    return x.astype(dt)

@@ -1,0 +1,94 @@
+"""Core ML engine for ``.mlpackage`` artifacts.
+
+On macOS it runs real Core ML through ``coremltools`` (imported lazily). Elsewhere
+Core ML cannot predict; a reference executor (a Python re-implementation of the
+Core ML program) can be plugged in with :func:`register_reference_executor`, and is
+used when present. Without one, activating the engine raises a UserError saying so.
+
+Tensor I/O: inputs NCHW float32 (``image`` (1,3,H,W) [-1,1], ``mask`` (1,1,H,W));
+image I/O: Core ML images (RGB image, grey mask 255 = hole) -> RGB image.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from ..errors import MissingDependencyError, UserError
+from .base import Engine, TensorSpec, role_of
+
+#: factory(path) -> object with ``predict(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]``
+_reference_executor: Optional[Callable] = None
+
+
+def register_reference_executor(factory: Optional[Callable]) -> None:
+    """Plug in (or, with None, remove) the off-macOS Core ML executor."""
+    global _reference_executor
+    _reference_executor = factory
+
+
+class CoreMLEngine(Engine):
+    name = "coreml"
+
+    def __init__(self, path: os.PathLike, artifact=None, shape=None, io: str = "tensor"):
+        self.path = str(path)
+        self.artifact = artifact
+        if artifact is not None:
+            shape, io = (artifact.height, artifact.width), artifact.io
+        if shape is None:
+            raise UserError(f"{self.path}: the Core ML engine needs the artifact's manifest entry (use --artifacts DIR)")
+        super().__init__(shape, io=io)
+
+    def activate_impl(self) -> None:
+        if not os.path.exists(self.path):
+            raise UserError(f"{self.path}: Core ML package not found")
+        if platform.system() == "Darwin":
+            try:
+                import coremltools as ct
+            except ImportError:
+                raise MissingDependencyError("coremltools", "export", "the coreml engine") from None
+            self.model = ct.models.MLModel(self.path)
+            self._predict = self._predict_coreml
+        elif _reference_executor is not None:
+            self.model = _reference_executor(self.path)
+            self._predict = self.model.predict
+        else:
+            raise UserError("Core ML prediction needs macOS, and no Core ML reference executor is "
+                            "installed on this platform; use --engine tflite or onnxruntime here")
+        h, w = self.shape
+        if self.artifact is not None:
+            self._inputs = [TensorSpec(t.name, tuple(t.shape), t.dtype, t.role or role_of(t.name, i))
+                            for i, t in enumerate(self.artifact.inputs)]
+            self._outputs = [TensorSpec(t.name, tuple(t.shape), t.dtype, "output") for t in self.artifact.outputs]
+        else:
+            self._inputs = [TensorSpec("image", (1, 3, h, w), "float32", "image"),
+                            TensorSpec("mask", (1, 1, h, w), "float32", "mask")]
+            self._outputs = [TensorSpec("output", (1, 3, h, w), "float32", "output")]
+
+    def _predict_coreml(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        if self.io == "image":
+            from PIL import Image
+
+            roles = {s.name: s.role for s in self._inputs}
+            pil = {k: Image.fromarray(v[0] if v.shape[-1] == 3 else v[0, :, :, 0],
+                                      "RGB" if roles[k] == "image" else "L") for k, v in feed.items()}
+            out = self.model.predict(pil)
+            return {k: np.asarray(v)[None] for k, v in out.items()}
+        return {k: np.asarray(v) for k, v in self.model.predict(feed).items()}
+
+    def deactivate_impl(self) -> None:
+        self.model = None
+
+    def input_specs(self) -> List[TensorSpec]:
+        return self._inputs
+
+    def output_specs(self) -> List[TensorSpec]:
+        return self._outputs
+
+    def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        return self._predict(feed)
+
+    def describe(self) -> str:
+        return f"coreml {self.shape[0]}x{self.shape[1]} ({os.path.basename(self.path)})"

@@ -1,0 +1,102 @@
+"""TFLite engine on the LiteRT interpreter (``ai_edge_litert``), XNNPACK on by default.
+
+The artifact's manifest entry (runtime_py.manifest.Artifact) names each input and
+its role; interpreter tensors are matched to it by name (exact, else the manifest
+name inside the interpreter's name, e.g. ``serving_default_image:0``), never by index.
+Without a manifest entry, roles come from the tensor names (``mask`` -> mask).
+NHWC 'tensor' signature: image (1,H,W,3) float32 [-1,1] RGB, mask (1,H,W,1) float32
+{0,1} -> (1,H,W,3) float32 [-1,1]. 'image' signature: uint8 RGB image, uint8 mask
+255 = hole -> uint8 RGB composite. Quantized int8 I/O uses each tensor's own
+(scale, zero_point).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ..errors import MissingDependencyError, UserError
+from .base import Engine, TensorSpec, role_of
+
+
+def match_name(wanted: str, candidates: List[str]) -> Optional[str]:
+    """The candidate equal to ``wanted``, else the only one containing it, else None."""
+    if wanted in candidates:
+        return wanted
+    hits = [c for c in candidates if wanted in c]
+    return hits[0] if len(hits) == 1 else None
+
+
+class TFLiteEngine(Engine):
+    name = "tflite"
+
+    def __init__(self, path: os.PathLike, shape=None, io: str = "tensor", threads: Optional[int] = None,
+                 xnnpack: bool = True, artifact=None):
+        self.path = str(path)
+        self.threads = threads
+        self.xnnpack = xnnpack
+        self.artifact = artifact
+        if artifact is not None:
+            shape, io = (artifact.height, artifact.width), artifact.io
+        super().__init__(shape or (0, 0), io=io)
+        self._shape_from_model = shape is None
+
+    def activate_impl(self) -> None:
+        try:
+            from ai_edge_litert.interpreter import Interpreter, OpResolverType
+        except ImportError:
+            raise MissingDependencyError("ai_edge_litert", "runtime", "the tflite engine") from None
+        if not os.path.isfile(self.path):
+            raise UserError(f"{self.path}: TFLite file not found")
+        resolver = OpResolverType.AUTO if self.xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        try:
+            self.interpreter = Interpreter(model_path=self.path, num_threads=int(self.threads or 1),
+                                           experimental_op_resolver_type=resolver)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise UserError(f"{self.path}: LiteRT cannot load it ({str(exc).splitlines()[0]})") from None
+        details = self.interpreter.get_input_details()
+        self._index = {d["name"]: d["index"] for d in details}
+        self._inputs = [self._spec(d, self._role(d["name"], i, details)) for i, d in enumerate(details)]
+        outs = self.interpreter.get_output_details()
+        self._out_index = {d["name"]: d["index"] for d in outs}
+        self._outputs = [self._spec(d, "output") for d in outs]
+        if self._shape_from_model:
+            s = next(s for s in self._inputs if s.role == "image").shape
+            self.shape = (int(s[1]), int(s[2])) if s[-1] == 3 else (int(s[2]), int(s[3]))
+
+    def _role(self, name: str, index: int, details) -> str:
+        if self.artifact is not None:
+            names = [d["name"] for d in details]
+            for t in self.artifact.inputs:
+                if match_name(t.name, names) == name:
+                    return t.role or role_of(t.name, index)
+            raise UserError(f"{self.path}: interpreter input {name!r} matches no input of the manifest "
+                            f"({[t.name for t in self.artifact.inputs]})")
+        return role_of(name, index)
+
+    @staticmethod
+    def _spec(d, role: str) -> TensorSpec:
+        scale, zero = d.get("quantization", (0.0, 0))
+        quant = (float(scale), int(zero)) if scale else None
+        return TensorSpec(d["name"], tuple(int(v) for v in d["shape"]), np.dtype(d["dtype"]).name, role, quant)
+
+    def deactivate_impl(self) -> None:
+        self.interpreter = None
+
+    def input_specs(self) -> List[TensorSpec]:
+        return self._inputs
+
+    def output_specs(self) -> List[TensorSpec]:
+        return self._outputs
+
+    def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        for name, arr in feed.items():
+            self.interpreter.set_tensor(self._index[name], arr)
+        self.interpreter.invoke()
+        return {s.name: self.interpreter.get_tensor(self._out_index[s.name]) for s in self._outputs}
+
+    def describe(self) -> str:
+        xnn = "xnnpack" if self.xnnpack else "no xnnpack"
+        return f"tflite {self.shape[0]}x{self.shape[1]} ({os.path.basename(self.path)}, {xnn}, {self.threads or 1} threads)"

@@ -1,0 +1,172 @@
+"""Resizes, morphology, orientation and the context-crop window: the pipeline's exact pixel rules.
+
+Every rule here is specified in docs/PIPELINE.md; change both together.
+
+Arrays: images are (H,W,3) uint8 RGB, masks (H,W) bool (True = hole), shapes are
+(rows, cols) tuples.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import cv2
+import numpy as np
+
+Shape = Tuple[int, int]
+
+
+def _interpolation(src_shape: Shape, dst_shape: Shape, upscale_method: int) -> int:
+    """INTER_AREA when neither side grows, else ``upscale_method``."""
+    if dst_shape[0] <= src_shape[0] and dst_shape[1] <= src_shape[1]:
+        return cv2.INTER_AREA
+    return upscale_method
+
+
+def round_to_u8(x: np.ndarray) -> np.ndarray:
+    """float -> uint8 by floor(x + 0.5) after clipping to [0, 255] (round half up)."""
+    return np.floor(np.clip(x, 0.0, 255.0) + 0.5).astype(np.uint8)
+
+
+def resize_image(img: np.ndarray, shape: Shape) -> np.ndarray:
+    """Resize an (h,w,3) uint8 RGB image to ``shape`` = (rows, cols).
+
+    Computed in float32 with OpenCV: pixel-area averaging (INTER_AREA) when no side
+    grows, else bicubic (INTER_CUBIC: Keys a = -0.75, half-pixel centres, edge pixels
+    replicated); then rounded half up and clipped to uint8. Same shape: a copy.
+    """
+    rows, cols = int(shape[0]), int(shape[1])
+    if img.shape[:2] == (rows, cols):
+        return img.copy()
+    method = _interpolation(img.shape[:2], (rows, cols), cv2.INTER_CUBIC)
+    out = cv2.resize(img.astype(np.float32), (cols, rows), interpolation=method)
+    return round_to_u8(out)
+
+
+def resize_mask(mask: np.ndarray, shape: Shape) -> np.ndarray:
+    """Resize an (h,w) bool hole mask to ``shape``: conservative, so no hole pixel is lost.
+
+    The mask as float32 {0,1} is resized with INTER_AREA (no side grows) or bilinear
+    INTER_LINEAR (a side grows); every pixel with coverage > 0 is a hole. A model pixel
+    that overlaps any hole pixel must be predicted, otherwise the object being removed
+    would bleed back in when the prediction is upscaled.
+    """
+    rows, cols = int(shape[0]), int(shape[1])
+    if mask.shape[:2] == (rows, cols):
+        return mask.copy()
+    method = _interpolation(mask.shape[:2], (rows, cols), cv2.INTER_LINEAR)
+    cover = cv2.resize(mask.astype(np.float32), (cols, rows), interpolation=method)
+    return cover > 0.0
+
+
+def ellipse_kernel(radius: int) -> np.ndarray:
+    """OpenCV MORPH_ELLIPSE structuring element of size (2r+1) x (2r+1)."""
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+
+
+def erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Erode a bool mask with the (2r+1)^2 ellipse; outside the image counts as hole
+    (OpenCV's default erosion border), so holes touching the edge shrink only inwards."""
+    if radius <= 0:
+        return mask.copy()
+    return cv2.erode(mask.astype(np.uint8), ellipse_kernel(radius)).astype(bool)
+
+
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Dilate a bool mask with the (2r+1)^2 ellipse; outside the image counts as not-hole."""
+    if radius <= 0:
+        return mask.copy()
+    return cv2.dilate(mask.astype(np.uint8), ellipse_kernel(radius)).astype(bool)
+
+
+def scaled_radius(px_at_reference: float, rows: int, reference_rows: int) -> int:
+    """A radius given in pixels at ``reference_rows`` rescaled to a pass with ``rows`` rows:
+    floor(px * rows / reference_rows + 0.5), at least 1."""
+    return max(1, int(math.floor(px_at_reference * rows / reference_rows + 0.5)))
+
+
+# ------------------------------------------------------------------------- orientation
+
+def needs_rotation(image_shape: Shape, model_shape: Shape) -> bool:
+    """True when the image and the model disagree on portrait/landscape (square never rotates)."""
+    h, w = image_shape[:2]
+    rows, cols = model_shape
+    if h == w or rows == cols:
+        return False
+    return (h > w) != (rows > cols)
+
+
+def rotate_in(a: np.ndarray) -> np.ndarray:
+    """Portrait -> landscape: 90 degrees clockwise."""
+    return np.ascontiguousarray(np.rot90(a, -1))
+
+
+def rotate_out(a: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`rotate_in`: 90 degrees counter-clockwise."""
+    return np.ascontiguousarray(np.rot90(a, 1))
+
+
+# -------------------------------------------------------------------------- crop window
+
+@dataclass(frozen=True)
+class Window:
+    """Rows [top, bottom) x cols [left, right) of the image."""
+
+    top: int
+    left: int
+    bottom: int
+    right: int
+
+    @property
+    def shape(self) -> Shape:
+        return (self.bottom - self.top, self.right - self.left)
+
+    @property
+    def slices(self):
+        return (slice(self.top, self.bottom), slice(self.left, self.right))
+
+    def as_list(self):
+        return [self.top, self.left, self.bottom, self.right]
+
+
+def mask_bbox(mask: np.ndarray) -> Optional[Window]:
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return Window(int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
+
+
+def context_window(mask: np.ndarray, model_shape: Shape, margin_frac: float = 0.5, min_margin: int = 32) -> Window:
+    """The crop around the mask's bounding box that the model sees (docs/PIPELINE.md, "Context crop").
+
+    1. bbox of the hole pixels, bh x bw; margin m = max(min_margin, ceil(margin_frac * max(bh, bw))).
+    2. (bh + 2m) x (bw + 2m) grown along one side to the model aspect rows:cols
+       (ceil), then grown to at least the model shape (never upscale a crop).
+    3. Each side clamped to the image side; centred on the bbox centre
+       (start = (b0 + b1 - size) // 2), then shifted to lie inside the image.
+    """
+    H, W = mask.shape[:2]
+    rows, cols = model_shape
+    box = mask_bbox(mask)
+    if box is None:
+        return Window(0, 0, H, W)
+    bh, bw = box.shape
+    m = max(int(min_margin), int(math.ceil(margin_frac * max(bh, bw))))
+    h, w = bh + 2 * m, bw + 2 * m
+    if h * cols < w * rows:  # too wide for the model aspect: grow the height
+        h = int(math.ceil(w * rows / cols))
+    else:
+        w = int(math.ceil(h * cols / rows))
+    if h < rows:
+        h, w = rows, cols
+    h, w = min(h, H), min(w, W)
+
+    def place(b0: int, b1: int, size: int, limit: int) -> int:
+        start = (b0 + b1 - size) // 2
+        return min(max(start, 0), limit - size)
+
+    top = place(box.top, box.bottom, h, H)
+    left = place(box.left, box.right, w, W)
+    return Window(top, left, top + h, left + w)
