@@ -105,12 +105,12 @@ class Engine:
 
     @property
     def layout(self) -> str:
-        return layout_of(self._spec("image").shape)
+        return layout_of(self.spec_of_role("image").shape)
 
     def describe(self) -> str:
         return f"{self.name} {self.io} {self.shape[0]}x{self.shape[1]}"
 
-    def _spec(self, role: str) -> TensorSpec:
+    def spec_of_role(self, role: str) -> TensorSpec:
         self.activate()
         for s in self.input_specs():
             if s.role == role:
@@ -118,7 +118,7 @@ class Engine:
         raise UserError(f"{self.describe()}: no {role} input among {[s.name for s in self.input_specs()]}")
 
     def _check_declared_shape(self) -> None:
-        spec = self._spec("image").shape
+        spec = self.spec_of_role("image").shape
         hw = tuple(spec[1:3]) if layout_of(spec) == "NHWC" else tuple(spec[2:4])
         if tuple(int(v) for v in hw) != self.shape:
             raise UserError(f"{self.describe()}: the model's image input is {hw[0]}x{hw[1]}, "

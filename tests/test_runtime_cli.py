@@ -1,0 +1,114 @@
+"""``gmcnn-mobile inpaint`` end to end with the tiny model: outputs, bad inputs, determinism."""
+from __future__ import annotations
+
+import json
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from _runtime_fixtures import blob_hole, make_checkpoint, photo
+from runtime_py.cli import main
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    cv2.imwrite(str(d / "photo.png"), photo()[:, :, ::-1])
+    cv2.imwrite(str(d / "photo.jpg"), photo()[:, :, ::-1])
+    cv2.imwrite(str(d / "mask.png"), blob_hole().astype(np.uint8) * 255)
+    cv2.imwrite(str(d / "small_mask.png"), np.full((100, 100), 255, np.uint8))
+    cv2.imwrite(str(d / "empty_mask.png"), np.zeros((300, 420), np.uint8))
+    (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg" * 10)
+    (d / "zero.png").write_bytes(b"")
+    make_checkpoint(d / "tiny.safetensors")
+    return d
+
+
+def inpaint(files, out, *extra, image="photo.png", mask="mask.png"):
+    args = ["inpaint", str(files / image), str(files / mask), "-o", str(out),
+            "--checkpoint", str(files / "tiny.safetensors"), "--model-shape", "64x88", "--threads", "1", *extra]
+    return main(args)
+
+
+@pytest.mark.parametrize("mode", ["baseline", "two-step+shrink"])
+def test_inpaint_writes_result_and_summary(files, tmp_path, capsys, mode):
+    out = tmp_path / "out.png"
+    assert inpaint(files, out, "--mode", mode, "--tiles", "on", "--summary-json", str(tmp_path / "s.json")) == 0
+    res = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)[:, :, ::-1]
+    hole = blob_hole()
+    assert res.shape == (300, 420, 3) and np.array_equal(res[~hole], photo()[~hole])
+    captured = capsys.readouterr()
+    assert "model run 1:" in captured.err
+    assert "model runs" in captured.out and "tiles" in captured.out and "time" in captured.out
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["model_runs"] == len(s["runs"]) >= 1 and s["mode"] == mode
+    assert "model" in s["stage_seconds"] and "write" in s["stage_seconds"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png", "s.json"]  # no temp files left
+
+
+def test_two_runs_give_identical_bytes(files, tmp_path):
+    a, b = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    assert inpaint(files, a, "--mode", "two-step", "--tiles", "on", "--quiet", image="photo.jpg") == 0
+    assert inpaint(files, b, "--mode", "two-step", "--tiles", "on", "--quiet", image="photo.jpg") == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_empty_mask_copies_image_and_runs_nothing(files, tmp_path, capsys):
+    out = tmp_path / "o.png"
+    assert inpaint(files, out, mask="empty_mask.png") == 0
+    assert np.array_equal(cv2.imread(str(out)), cv2.imread(str(files / "photo.png")))
+    cap = capsys.readouterr()
+    assert "model runs   0" in cap.out and "mask is empty" in cap.err
+
+
+def test_trace_dir(files, tmp_path):
+    assert inpaint(files, tmp_path / "o.png", "--trace", str(tmp_path / "tr"), "--quiet") == 0
+    index = json.loads((tmp_path / "tr" / "index.json").read_text())
+    assert index["stages"][0]["name"] == "input" and (tmp_path / "tr" / index["stages"][-1]["png"]).exists()
+
+
+@pytest.mark.parametrize("case,match", [
+    (dict(image="corrupt.jpg"), "cannot decode the image"),
+    (dict(image="missing.jpg"), "image file not found"),
+    (dict(mask="zero.png"), "mask file is empty"),
+    (dict(mask="small_mask.png"), "must be the same size"),
+    (dict(out="photo.png"), "would overwrite the input"),
+    (dict(out="mask.png"), "would overwrite the input"),
+    (dict(out="result.gif"), "unsupported output format"),
+    (dict(ckpt="nope.safetensors"), "nope.safetensors"),
+])
+def test_bad_input_one_error_line_no_output(files, tmp_path, capsys, case, match):
+    out = files / case["out"] if "out" in case else tmp_path / "o.png"
+    before = {p.name: p.stat().st_mtime_ns for p in files.iterdir()}
+    args = ["inpaint", str(files / case.get("image", "photo.png")), str(files / case.get("mask", "mask.png")),
+            "-o", str(out), "--checkpoint", str(files / case.get("ckpt", "tiny.safetensors")), "--model-shape", "64x88"]
+    rc = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith("gmcnn-mobile inpaint: error: ") and match in err[-1]
+    assert list(tmp_path.iterdir()) == []
+    assert {p.name: p.stat().st_mtime_ns for p in files.iterdir()} == before  # inputs untouched
+
+
+def test_missing_backend_is_a_clear_error(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    rc = main(["inpaint", str(files / "photo.png"), str(files / "mask.png"), "-o", str(tmp_path / "o.png"),
+               "--engine", "onnxruntime", "--artifacts", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "onnxruntime is not installed" in err and "gmcnn-mobile[runtime]" in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_missing_default_checkpoint(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GMCNN_CHECKPOINT", str(tmp_path / "absent.safetensors"))
+    rc = main(["inpaint", str(files / "photo.png"), str(files / "mask.png"), "-o", str(tmp_path / "o.png")])
+    assert rc == 2 and "absent.safetensors" in capsys.readouterr().err and not (tmp_path / "o.png").exists()
+
+
+def test_engine_source_mismatch(files, tmp_path, capsys):
+    rc = main(["inpaint", str(files / "photo.png"), str(files / "mask.png"), "-o", str(tmp_path / "o.png"),
+               "--engine", "tflite"])
+    assert rc == 2 and "needs --artifacts" in capsys.readouterr().err
