@@ -1,4 +1,4 @@
-"""Model subcommands: init-checkpoint, convert-checkpoint, inspect, train."""
+"""Model subcommands: init-checkpoint, convert-checkpoint, inspect, train, evaluate."""
 from __future__ import annotations
 
 import json
@@ -33,9 +33,10 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_inspect)
 
-    from .train_cli import register as register_train
+    from .train_cli import register as register_train, register_evaluate
 
     register_train(sub)
+    register_evaluate(sub)
 
 
 def _check_output(out: Path) -> None:

@@ -88,3 +88,32 @@ def cmd_train(args) -> int:
     summary = train(cfg, resume=args.resume)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def register_evaluate(sub) -> None:
+    from runtime_py.cli import HelpFormatter
+
+    p = sub.add_parser(
+        "evaluate", formatter_class=HelpFormatter,
+        help="hole PSNR/SSIM of a checkpoint vs OpenCV Telea on held-out photos with seeded masks",
+        description="Each photo is centre-cropped and resized to every --sizes entry; each seeded mask "
+                    "(kind x size class) is filled by the model (composited) and by cv2 INPAINT_TELEA (radius 5); "
+                    "both are scored over the hole against the original. Prints a Markdown table.")
+    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to score (default: the shipped model)")
+    p.add_argument("--photos", type=Path, required=True, help="photo folder")
+    p.add_argument("--names", nargs="+", default=["Kite.jpg", "Path.jpg"], metavar="NAME",
+                   help="photos to evaluate on (use the held-out ones)")
+    p.add_argument("--sizes", nargs="+", default=["256x256", "512x680"], metavar="HxW", help="evaluation sizes")
+    p.add_argument("--kinds", nargs="+", default=["strokes", "rect", "blob"], choices=["strokes", "rect", "blob"],
+                   help="mask kinds")
+    p.add_argument("--size-classes", nargs="+", default=["small", "medium", "large"],
+                   choices=["small", "medium", "large"], help="mask size classes")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--out", type=Path, default=None, help="also write every case and the summary as JSON here")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluate import cmd_evaluate
+
+    return cmd_evaluate(args)
