@@ -80,6 +80,9 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--photo", type=Path, default=DEMO_PHOTO)
     ap.add_argument("--mask", type=Path, default=DEMO_MASK, help="PNG, 255 = hole")
     ap.add_argument("--out", type=Path, default=Path("docs/demo_before_after.jpg"))
+    ap.add_argument("--model-result", type=Path, default=None,
+                    help="use this already inpainted photo (e.g. from 'gmcnn-mobile demo') as the model panel "
+                         "instead of the built-in downscale-fill-upscale baseline")
     ap.add_argument("--quality", type=int, default=85, help="JPEG quality of the figure")
     args = ap.parse_args(argv)
 
@@ -93,8 +96,12 @@ def main(argv: Optional[list] = None) -> int:
     mask = cv2.imread(str(args.mask), cv2.IMREAD_GRAYSCALE)
     if mask is None or mask.shape != rgb.shape[:2]:
         raise SystemExit(f"{args.mask}: missing or not the photo's size")
-    gen = load_generator(args.checkpoint)
-    model_out = inpaint_downscaled(gen, rgb, mask)
+    if args.model_result is not None:
+        model_out = read_rgb(args.model_result)
+        if model_out.shape != rgb.shape:
+            raise SystemExit(f"{args.model_result}: not the photo's size")
+    else:
+        model_out = inpaint_downscaled(load_generator(args.checkpoint), rgb, mask)
     telea_out = telea(rgb, mask)
     fig = figure(rgb, mask, model_out, telea_out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
