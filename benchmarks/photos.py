@@ -20,14 +20,21 @@ def default_photo_dirs() -> List[Path]:
     return [d for d in dirs if d.is_dir()]
 
 
+def is_mask_file(path: Path) -> bool:
+    """Mask images shipped beside photos (e.g. ``kite_mask.png``) are not photos."""
+    return "mask" in path.stem.lower()
+
+
 def find_photos(paths: Sequence[os.PathLike]) -> List[Path]:
-    """Image files in ``paths`` (folders, searched non-recursively, or files), sorted, de-duplicated."""
+    """Image files in ``paths`` (folders, searched non-recursively, or files), sorted, de-duplicated;
+    files in a folder whose name says ``mask`` are left out."""
     found = []
     for p in map(Path, paths):
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
             found.append(p.resolve())
         elif p.is_dir():
-            found += sorted(f.resolve() for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            found += sorted(f.resolve() for f in p.iterdir()
+                            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not is_mask_file(f))
     seen, out = set(), []
     for f in found:
         if f not in seen:

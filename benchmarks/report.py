@@ -116,6 +116,19 @@ def plot_latency(rows: List[dict], path: Path) -> bool:
     return True
 
 
+STAGE_ORDER = ("decode", "orientation", "resize", "morphology", "model", "composite", "other", "encode")
+
+
+def ordered_stages(rows: List[dict]) -> List[str]:
+    """Stage names in pipeline order, unknown ones after."""
+    names = []
+    for r in rows:
+        for k in r.get("stage_seconds", {}):
+            if k not in names:
+                names.append(k)
+    return sorted(names, key=lambda n: (STAGE_ORDER.index(n) if n in STAGE_ORDER else len(STAGE_ORDER), n))
+
+
 def plot_pipeline(rows: List[dict], path: Path) -> bool:
     ok = [r for r in rows if "stage_seconds" in r]
     if not ok:
@@ -125,11 +138,7 @@ def plot_pipeline(rows: List[dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = []
-    for r in ok:
-        for k in r["stage_seconds"]:
-            if k not in stages:
-                stages.append(k)
+    stages = ordered_stages(ok)
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(ok) + 2), 4.5))
     bottoms = [0.0] * len(ok)
     for st in stages:
@@ -331,11 +340,7 @@ def render_markdown(results: dict, plots: Dict[str, str]) -> str:
         for note in pipe.get("notes", []):
             out.append(f"- {note}")
         rows = []
-        stage_names = []
-        for r in pipe["rows"]:
-            for k in r.get("stage_seconds", {}):
-                if k not in stage_names:
-                    stage_names.append(k)
+        stage_names = ordered_stages(pipe["rows"])
         for r in pipe["rows"]:
             if "error" in r:
                 rows.append([r["photo"], r["mode"], r["tiles"], "failed: " + r["error"][:80]] + [""] * (7 + len(stage_names)))

@@ -244,13 +244,22 @@ def pipeline_photos(cfg: BenchConfig, cache: Path):
     return chosen, notes
 
 
-def run_pipeline(cfg: BenchConfig, meta: dict, cache: Path, logs: Path) -> dict:
+def run_pipeline(cfg: BenchConfig, manifest, meta: dict, cache: Path, logs: Path) -> dict:
     from .pipeline_cost import CONFIGS, PIPELINE_MASK, plan_pipeline
     from .spawn import run_in_subprocess
 
     photos, notes = pipeline_photos(cfg, cache)
     configs = CONFIGS if not cfg.quick else [c for c in CONFIGS if c in (("baseline", "auto"), ("shrink", "auto"),
                                                                          ("two-step", "off"), ("two-step", "on"))]
+    tfl = [a for a in manifest.artifacts if a.format == "tflite" and a.io == "tensor"
+           and a.precision == cfg.pipeline_precision]
+    if not tfl:
+        raise UserError(f"{cfg.artifacts}: no TFLite {cfg.pipeline_precision} tensor artifact for the pipeline runs "
+                        "(--pipeline-precision)")
+    base = min((tuple(a.shape) for a in tfl), key=lambda s: s[0] * s[1])
+    if (2 * base[0], 2 * base[1]) not in {tuple(a.shape) for a in tfl}:
+        configs = [c for c in configs if c[1] != "off"]
+        notes.append(f"no {2 * base[0]}x{2 * base[1]} artifact: the two-step high-res pass runs tiled only")
     specs = plan_pipeline(photos, cfg.artifacts, cfg.pipeline_threads, cfg.pipeline_precision, configs)
     rows = []
     bar = _progress(len(specs), "pipeline")
@@ -360,7 +369,7 @@ def run_bench(cfg: BenchConfig) -> Dict[str, Path]:
     if "latency" in cfg.sections:
         results["latency"], results["android"] = run_latency(cfg, manifest, meta, cache, logs)
     if "pipeline" in cfg.sections:
-        results["pipeline"] = run_pipeline(cfg, meta, cache, logs)
+        results["pipeline"] = run_pipeline(cfg, manifest, meta, cache, logs)
     if "quality" in cfg.sections:
         results["quality"] = run_quality(cfg, manifest, meta)
     meta["wall_s"] = time.perf_counter() - t0

@@ -191,3 +191,47 @@ def test_readme_section_replaced_between_markers(tmp_path):
     path2.write_text("# y\n")
     readme.update_readme(path2, res)
     assert path2.read_text().startswith("# y\n\n" + readme.START)
+
+
+def test_plan_latency_covers_every_artifact_thread_count_and_reference():
+    from types import SimpleNamespace as NS
+
+    from benchmarks.latency import plan_latency
+
+    arts = [NS(format=f, shape=list(sh), height=sh[0], width=sh[1], precision=p, io=io, file=f"{p}_{io}_{sh[0]}.x",
+               bytes=10)
+            for f in ("tflite", "coreml") for sh in ((64, 88), (128, 176)) for p in ("fp32", "int8") for io in ("tensor", "image")]
+    manifest = NS(artifacts=arts)
+    specs = plan_latency(manifest, __import__("pathlib").Path("/a"), [1, 2], warmup=1, runs=3, checkpoint="ck",
+                         onnx_files={"64x88": "m.onnx"}, sgemm_n=64)
+    labels = [s["label"] for s in specs]
+    assert labels[:2] == ["sgemm n=64 1t", "sgemm n=64 2t"]
+    tfl = [s for s in specs if s["kind"] == "tflite"]
+    # 2 shapes x 2 precisions x 2 io x 2 threads, plus XNNPACK off for fp32 tensor per shape and thread count
+    assert len(tfl) == 16 + 4 and all(s["path"].startswith("/a/") for s in tfl)
+    assert sum(1 for s in tfl if s["xnnpack"] is False) == 4
+    assert sum(1 for s in specs if s["kind"] == "torch") == 4
+    assert sum(1 for s in specs if s["kind"] == "onnxruntime") == 2  # only where an ONNX file exists
+    assert not any("coreml" in s["label"] for s in specs)
+    only = plan_latency(manifest, __import__("pathlib").Path("/a"), [2], 1, 3, None, {}, 64,
+                        shapes=["64x88"], precisions=["int8"], ios=["image"])
+    assert [s["label"] for s in only] == ["sgemm n=64 2t", "tflite int8 image 64x88 2t"]
+
+
+def test_find_photos_skips_masks_and_upscales_when_nothing_is_large(tmp_path):
+    import cv2
+
+    from benchmarks.photos import describe, ensure_large_photo, find_photos
+
+    cv2.imwrite(str(tmp_path / "b.png"), _photo(60, 80))
+    cv2.imwrite(str(tmp_path / "a.jpg"), _photo(90, 120))
+    cv2.imwrite(str(tmp_path / "a_mask.png"), np.zeros((90, 120), np.uint8))
+    (tmp_path / "notes.txt").write_text("x")
+    found = find_photos([tmp_path, tmp_path / "a.jpg"])
+    assert [p.name for p in found] == ["a.jpg", "b.png"]
+    infos = describe(found)
+    assert (infos[0].rows, infos[0].cols) == (90, 120)
+    big = ensure_large_photo(infos, tmp_path / "work", min_pixels=40_000)
+    assert big.upscaled_from == "a.jpg" and big.rows * big.cols >= 40_000 and big.path.is_file()
+    assert cv2.imread(str(big.path)).shape[:2] == (big.rows, big.cols)
+    assert ensure_large_photo(infos, tmp_path / "work", min_pixels=10_000).path.name == "a.jpg"
