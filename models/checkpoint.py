@@ -22,7 +22,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from runtime_py.errors import UserError
+from runtime_py.errors import MissingDependencyError, UserError
 
 from .gmcnn import GeneratorMeta, GMCNNGenerator, tf_layer_specs, tf_variable_scope
 
@@ -44,9 +44,12 @@ def sha256_file(path: os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def sha256_path(path: os.PathLike) -> str:
-    """sha256 of a file, or of a TF checkpoint's files (index + data shards, in name order)."""
+    """sha256 of a file, or of a TF checkpoint's files (index + data shards, in name order).
+
+    A TF checkpoint hashes the same whether given as directory, prefix, ``.index`` or data shard.
+    """
     p = Path(path)
-    if p.is_file():
+    if p.is_file() and p.suffix != ".index" and ".data-" not in p.name:
         return sha256_file(p)
     prefix = resolve_tf_prefix(p)
     h = hashlib.sha256()
@@ -55,6 +58,11 @@ def sha256_path(path: os.PathLike) -> str:
             h.update(f.name.encode())
             h.update(sha256_file(f).encode())
     return h.hexdigest()
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
 
 
 # --------------------------------------------------------------------------- detection
@@ -70,9 +78,12 @@ def detect_format(path: os.PathLike) -> str:
         if Path(str(p) + ".index").is_file():
             return "tf"
         raise CheckpointError(f"{p}: no such checkpoint")
-    with open(p, "rb") as f:
-        head = f.read(16)
-    if p.suffix == ".index":
+    try:
+        with open(p, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise CheckpointError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    if p.suffix == ".index" or ".data-" in p.name:
         return "tf"
     if head[:2] == b"PK" or head[:1] == b"\x80":
         return "pth"  # zip-based torch.save, or a legacy pickle
@@ -119,13 +130,28 @@ def read_project_metadata(path: os.PathLike) -> dict:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     if raw is None:
         raise CheckpointError(f"{path}: safetensors file without '{METADATA_KEY}' metadata: not a gmcnn-mobile checkpoint")
-    return json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: the '{METADATA_KEY}' metadata is not a JSON object")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version!r} is newer than this gmcnn-mobile reads ({FORMAT_VERSION})"
+        )
+    return meta
 
 
 def _load_project(path: Path) -> Tuple[GeneratorMeta, Dict[str, np.ndarray]]:
     from safetensors.numpy import load_file
 
-    meta = GeneratorMeta.from_dict(read_project_metadata(path))
+    raw_meta = read_project_metadata(path)
+    try:
+        meta = GeneratorMeta.from_dict(raw_meta)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: incomplete or invalid '{METADATA_KEY}' metadata ({exc})") from None
     try:
         tensors = load_file(str(path))
     except Exception as exc:
@@ -136,20 +162,34 @@ def _load_project(path: Path) -> Tuple[GeneratorMeta, Dict[str, np.ndarray]]:
 # --------------------------------------------------------------------------- TF import
 
 def resolve_tf_prefix(path: os.PathLike) -> str:
+    """The checkpoint prefix (``DIR/snap-0``) of a TF checkpoint directory, prefix or ``.index`` file.
+
+    The ``checkpoint`` state file often records an absolute path from the machine
+    that trained the model; the files in the directory the user gave win over it.
+    """
     p = Path(path)
     if p.is_dir():
         state = p / "checkpoint"
         if state.is_file():
-            m = re.search(r'model_checkpoint_path:\s*"([^"]+)"', state.read_text())
+            m = re.search(r'model_checkpoint_path:\s*"([^"]+)"', state.read_text(errors="replace"))
             if m:
-                prefix = Path(m.group(1))
-                return str(prefix if prefix.is_absolute() else p / prefix)
+                recorded = Path(m.group(1))
+                local = p / recorded.name
+                if Path(str(local) + ".index").is_file():
+                    return str(local)
+                if recorded.is_absolute() and Path(str(recorded) + ".index").is_file():
+                    return str(recorded)
+                if not recorded.is_absolute():
+                    return str(p / recorded)
         indexes = sorted(p.glob("*.index"))
         if not indexes:
             raise CheckpointError(f"{p}: no TensorFlow checkpoint in this directory")
-        return str(indexes[-1])[: -len(".index")]
+        latest = max(indexes, key=lambda f: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", f.name)])
+        return str(latest)[: -len(".index")]
     if p.suffix == ".index":
         return str(p)[: -len(".index")]
+    if ".data-" in p.name:
+        return str(p.parent / p.name[: p.name.index(".data-")])
     return str(p)
 
 
@@ -157,14 +197,13 @@ def _load_tf(path: Path) -> Tuple[GeneratorMeta, Dict[str, np.ndarray]]:
     try:
         import tensorflow as tf
     except ImportError:
-        raise CheckpointError("reading a TensorFlow checkpoint needs TensorFlow: pip install 'gmcnn-mobile[export]'") from None
+        raise MissingDependencyError("tensorflow", "export", "reading TensorFlow checkpoints") from None
     prefix = resolve_tf_prefix(path)
     try:
         reader = tf.train.load_checkpoint(prefix)
         shapes = reader.get_variable_to_shape_map()
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: unreadable TensorFlow checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: unreadable TensorFlow checkpoint ({_first_line(exc)})") from None
     gen_vars = {k: v for k, v in shapes.items() if k.startswith(TF_SCOPE + "/") and "/Adam" not in k}
     if not gen_vars:
         raise CheckpointError(f"{path}: no '{TF_SCOPE}/' generator variables: not a GMCNN TF checkpoint")
@@ -204,20 +243,23 @@ def _load_tf(path: Path) -> Tuple[GeneratorMeta, Dict[str, np.ndarray]]:
 
 def _load_pth(path: Path) -> Tuple[GeneratorMeta, Dict[str, np.ndarray]]:
     import pickle
-    import zipfile
 
     import torch
 
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "disallowed content"
+        text = str(exc)
+        if "Weights only load failed" not in text:  # e.g. "pickle data was truncated"
+            raise CheckpointError(f"{path}: damaged or truncated PyTorch checkpoint ({_first_line(exc)})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f"it calls {found.group(1)}" if found else "it holds objects other than tensors"
         raise CheckpointError(
-            f"{path}: refused: this .pth holds objects beyond plain tensors and would run code when unpickled ({reason[:160]})"
+            f"{path}: refused: {what}, which would run code when unpickled; "
+            "only plain state dicts of tensors are loaded (weights_only=True)"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: damaged or truncated PyTorch checkpoint ({first[:200]})") from None
+    except Exception as exc:  # zip, EOF, storage and stream errors of damaged files
+        raise CheckpointError(f"{path}: damaged or truncated PyTorch checkpoint ({_first_line(exc)})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -255,7 +297,10 @@ def read_checkpoint(path: os.PathLike) -> Tuple[GeneratorMeta, Dict[str, np.ndar
 def generator_from_weights(meta: GeneratorMeta, tensors: Dict[str, np.ndarray], origin: str = "") -> GMCNNGenerator:
     import torch
 
-    gen = GMCNNGenerator(meta)
+    try:
+        gen = GMCNNGenerator(meta)
+    except ValueError as exc:
+        raise CheckpointError(f"{origin}: {exc}") from None
     expected = gen.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -7,11 +7,25 @@ from pathlib import Path
 INSPECT_SHAPES = ((512, 680), (1024, 1360))
 
 
-def register(sub) -> None:
+def _formatter():
     from runtime_py.cli import HelpFormatter
 
+    class Formatter(HelpFormatter):
+        """Shows defaults, except ``None`` ones, whose help text says what happens instead."""
+
+        def _get_help_string(self, action):
+            if action.default is None:
+                return action.help
+            return super()._get_help_string(action)
+
+    return Formatter
+
+
+def register(sub) -> None:
+    formatter = _formatter()
+
     p = sub.add_parser("init-checkpoint", help="write a randomly initialised checkpoint (tests, smoke runs)",
-                       formatter_class=HelpFormatter)
+                       formatter_class=formatter)
     p.add_argument("out", type=Path, help="output .safetensors path")
     p.add_argument("--variant", choices=["tf", "torch"], default="tf", help="GMCNN variant")
     p.add_argument("--cnum", type=int, default=32, help="base channel width (32 = the published models)")
@@ -20,14 +34,14 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("convert-checkpoint", help="convert an official TF checkpoint or PyTorch .pth to the project format",
-                       formatter_class=HelpFormatter)
+                       formatter_class=formatter)
     p.add_argument("src", type=Path, help="TF checkpoint directory or prefix (snap-0), or a .pth generator state dict")
     p.add_argument("out", type=Path, help="output .safetensors path")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored weight dtype")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("inspect", help="print a checkpoint's variant, width, parameter count and GMACs",
-                       formatter_class=HelpFormatter)
+                       formatter_class=formatter)
     p.add_argument("checkpoint", type=Path, nargs="?", default=None,
                    help="checkpoint to inspect (default: the shipped default model)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -48,6 +62,16 @@ def _check_output(out: Path) -> None:
         raise UserError(f"{out}: is a directory")
 
 
+def _write(action, out: Path):
+    """Run a checkpoint-writing ``action``; file-system failures become one-line user errors."""
+    from runtime_py.errors import UserError
+
+    try:
+        return action()
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write ({exc.strerror or exc})") from None
+
+
 def cmd_init(args) -> int:
     from runtime_py.errors import UserError
 
@@ -60,7 +84,7 @@ def cmd_init(args) -> int:
                               description=f"random initialisation, seed {args.seed}: fills holes with noise")
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    save_checkpoint(gen, args.out, dtype=args.dtype)
+    _write(lambda: save_checkpoint(gen, args.out, dtype=args.dtype), args.out)
     print(f"wrote {args.out} ({args.variant}, cnum {args.cnum}, seed {args.seed})")
     return 0
 
@@ -73,7 +97,7 @@ def cmd_convert(args) -> int:
         from runtime_py.errors import UserError
 
         raise UserError("output path equals the source checkpoint; choose another")
-    out = convert_checkpoint(args.src, args.out, dtype=args.dtype)
+    out = _write(lambda: convert_checkpoint(args.src, args.out, dtype=args.dtype), args.out)
     print(f"wrote {out}")
     return 0
 
@@ -84,8 +108,8 @@ def describe(path=None) -> dict:
     from .checkpoint import sha256_path
     from .gmcnn import count_macs, count_parameters
 
+    gen = load_generator(path)  # None: the default model, with its own error when missing
     p = Path(path) if path is not None else default_checkpoint()
-    gen = load_generator(p)
     return {
         "checkpoint": str(p),
         "sha256": sha256_path(p),
@@ -104,10 +128,30 @@ def cmd_inspect(args) -> int:
     print(f"checkpoint   {info['checkpoint']}")
     print(f"sha256       {info['sha256']}")
     print(f"variant      {meta['variant']}  (cnum {meta['cnum']}, channel order {meta['channel_order']}, "
-          f"trained at {meta['train_size'][0]}x{meta['train_size'][1]})")
+          f"training size {meta['train_size'][0]}x{meta['train_size'][1]})")
     if meta.get("description"):
         print(f"description  {meta['description']}")
     print(f"parameters   {info['parameters']:,}")
     for shape, g in info["gmacs"].items():
         print(f"GMAC @ {shape:<10}{g:,.1f}")
     return 0
+
+
+def cmd_demo(args) -> int:
+    from . import default_checkpoint
+    from .checkpoint import save_checkpoint
+    from .gmcnn import build_generator
+
+    print("gmcnn-mobile demo: the inpainting pipeline and phone export are not built yet; "
+          "showing the model they will use.")
+    checkpoint = args.checkpoint if args.checkpoint is not None else default_checkpoint()
+    if args.checkpoint is None and not checkpoint.exists():
+        stand_in = args.out_dir / "random_tf_c32.safetensors"
+        print(f"The trained default model ({checkpoint}) is not shipped yet: inspecting a randomly initialised "
+              f"stand-in instead, {stand_in} (it would fill holes with noise).")
+        if not stand_in.exists():
+            gen = build_generator("tf", 32, seed=0, description="random initialisation, seed 0: fills holes with noise")
+            save_checkpoint(gen, stand_in)
+        checkpoint = stand_in
+    print()
+    return cmd_inspect(argparse.Namespace(checkpoint=checkpoint, json=False))

@@ -76,10 +76,11 @@ def min_side(variant: str) -> int:
     """Smallest image side (pixels) the variant accepts.
 
     The ``torch`` variant reflection-pads by 48 at quarter resolution, and a
-    reflection pad must be smaller than the padded side, so sides need 4*49 = 196,
-    rounded up to the next multiple of 4 that leaves margin: 200.
+    reflection pad must be smaller than the padded side, so quarter sides need
+    at least 49 px: 196 px at full resolution (192 fails inside PyTorch).
+    The ``tf`` variant zero-pads and works down to 8 px (2 px at quarter resolution).
     """
-    return 200 if variant == "torch" else 8
+    return 196 if variant == "torch" else 8
 
 
 def check_shape(variant: str, height: int, width: int) -> None:
@@ -328,7 +329,7 @@ class GMCNNGenerator(nn.Module):
       * returns the raw generator output (N,3,H,W) float32, RGB, in [-1, 1]
         (not composited: known pixels are the network's reconstruction).
 
-    H and W must be multiples of 4 (and at least 200 for the ``torch`` variant).
+    H and W must be multiples of 4 (and at least 196 for the ``torch`` variant); see :func:`check_shape`.
     The variant's own input channels are built here, and BGR-trained weights
     get their channels flipped on the way in and out.
     """
@@ -365,13 +366,21 @@ class GMCNNGenerator(nn.Module):
 
 
 def build_generator(variant: str = "tf", cnum: int = 32, seed: Optional[int] = None, **meta_kwargs) -> GMCNNGenerator:
-    """A freshly initialised generator (reference init: N(0, 0.02) weights, zero biases)."""
+    """A freshly initialised generator in eval mode, initialised as its reference does.
+
+    ``tf``: Glorot-uniform kernels (the ``tf.layers.conv2d`` default the reference
+    relies on); ``torch``: N(0, 0.02) weights (the reference ``init_weights``).
+    Biases are zero in both. The same ``seed`` gives the same weights.
+    """
     gen = GMCNNGenerator(GeneratorMeta(variant=variant, cnum=cnum, **meta_kwargs))
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     with torch.no_grad():
         for m in gen.modules():
             if isinstance(m, nn.Conv2d):
-                m.weight.normal_(0.0, 0.02, generator=g)
+                if variant == "tf":
+                    nn.init.xavier_uniform_(m.weight, generator=g)
+                else:
+                    m.weight.normal_(0.0, 0.02, generator=g)
                 m.bias.zero_()
     return gen.eval()
 
@@ -392,7 +401,8 @@ def count_macs(gen: GMCNNGenerator, height: int, width: int) -> int:
         k = mod.kernel_size[0] * mod.kernel_size[1]
         total += out.shape[1] * out.shape[2] * out.shape[3] * (mod.in_channels // mod.groups) * k
 
-    meta_gen = GMCNNGenerator(gen.meta).to("meta")
+    with torch.device("meta"):
+        meta_gen = GMCNNGenerator(gen.meta)
     handles = [m.register_forward_hook(hook) for m in meta_gen.modules() if isinstance(m, nn.Conv2d)]
     try:
         with torch.no_grad():

@@ -1,0 +1,50 @@
+"""runtime_py is the on-device reference pipeline: importing it must not pull in the export stack."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "tensorflow", "coremltools", "onnx2tf", "keras", "tf_keras")
+
+PROBE = """
+import importlib, json, pkgutil, sys
+import runtime_py
+names = ["runtime_py"]
+failed = {}
+for info in pkgutil.walk_packages(runtime_py.__path__, "runtime_py."):
+    try:
+        importlib.import_module(info.name)
+        names.append(info.name)
+    except Exception as exc:  # reported, not hidden
+        failed[info.name] = f"{type(exc).__name__}: {exc}"
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)
+# Building the CLI (what `gmcnn-mobile --help` does) registers every subcommand module.
+from runtime_py.cli import build_parser
+build_parser()
+heavy_cli = sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)
+print(json.dumps({"imported": names, "failed": failed, "heavy": heavy, "heavy_cli": heavy_cli}))
+"""
+
+
+def test_runtime_py_imports_without_heavy_frameworks():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    code = f"HEAVY = {HEAVY!r}\n{PROBE}"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"runtime_py.cli", "runtime_py.errors", "runtime_py.manifest"} <= set(report["imported"])
+    assert report["failed"] == {}, report["failed"]
+    assert report["heavy"] == [], f"importing runtime_py loaded {report['heavy']}"
+    assert report["heavy_cli"] == [], f"building the CLI parser loaded {report['heavy_cli']}"
+
+
+def test_probe_detects_a_heavy_import():
+    """Control: the same probe does notice torch when something imports it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    code = f"HEAVY = {HEAVY!r}\nimport torch\n{PROBE}"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+    assert "torch" in json.loads(proc.stdout.strip().splitlines()[-1])["heavy"]
