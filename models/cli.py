@@ -136,22 +136,3 @@ def cmd_inspect(args) -> int:
         print(f"GMAC @ {shape:<10}{g:,.1f}")
     return 0
 
-
-def cmd_demo(args) -> int:
-    from . import default_checkpoint
-    from .checkpoint import save_checkpoint
-    from .gmcnn import build_generator
-
-    print("gmcnn-mobile demo: the inpainting pipeline and phone export are not built yet; "
-          "showing the model they will use.")
-    checkpoint = args.checkpoint if args.checkpoint is not None else default_checkpoint()
-    if args.checkpoint is None and not checkpoint.exists():
-        stand_in = args.out_dir / "random_tf_c32.safetensors"
-        print(f"The trained default model ({checkpoint}) is not shipped yet: inspecting a randomly initialised "
-              f"stand-in instead, {stand_in} (it would fill holes with noise).")
-        if not stand_in.exists():
-            gen = build_generator("tf", 32, seed=0, description="random initialisation, seed 0: fills holes with noise")
-            save_checkpoint(gen, stand_in)
-        checkpoint = stand_in
-    print()
-    return cmd_inspect(argparse.Namespace(checkpoint=checkpoint, json=False))

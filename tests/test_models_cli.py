@@ -43,7 +43,7 @@ def subcommands():
 
 def test_model_subcommands_registered():
     _, commands = subcommands()
-    assert {"init-checkpoint", "convert-checkpoint", "inspect", "demo"} <= set(commands)
+    assert {"init-checkpoint", "convert-checkpoint", "inspect"} <= set(commands)
 
 
 def test_every_subcommand_help_shows_defaults():
@@ -162,21 +162,3 @@ def test_inspect_missing_default(tmp_path, monkeypatch):
     monkeypatch.setenv("GMCNN_CHECKPOINT", str(tmp_path / "none.safetensors"))
     rc, out, err = cli("inspect")
     assert rc == 2 and out == "" and "init-checkpoint" in err and err.count("\n") == 1
-
-
-def test_demo_stand_in_without_default_model(tmp_path, monkeypatch):
-    """Until the trained default model and the pipeline exist, `make demo` inspects what there is and says so."""
-    monkeypatch.setenv("GMCNN_CHECKPOINT", str(tmp_path / "none.safetensors"))
-    small = tmp_path / "small.safetensors"
-    assert cli("init-checkpoint", small, "--cnum", 2)[0] == 0
-    rc, out, _ = cli("demo", "--checkpoint", small)
-    assert rc == 0 and "not built yet" in out and "parameters" in out and str(small) in out
-
-
-def test_demo_writes_labelled_stand_in(tmp_path, monkeypatch):
-    monkeypatch.setenv("GMCNN_CHECKPOINT", str(tmp_path / "none.safetensors"))
-    rc, out, _ = cli("demo", "--out-dir", tmp_path / "demo")
-    assert rc == 0 and "not shipped yet" in out and "noise" in out
-    stand_in = tmp_path / "demo" / "random_tf_c32.safetensors"
-    assert read_project_metadata(stand_in)["cnum"] == 32
-    assert "12,429,107" in out
