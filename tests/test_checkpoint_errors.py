@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,6 @@ from models.checkpoint import CheckpointError, detect_format
 
 from gmcnn_reference import random_tf_weights, reference_torch_gmcnn, write_tf_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*argv):
@@ -30,14 +27,6 @@ def _cli(*argv):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main([str(a) for a in argv])
     return rc, out.getvalue(), err.getvalue()
-
-
-def _cli_subprocess(*argv):
-    """The console entry point in a fresh interpreter, as a user runs it."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "runtime_py.cli", *map(str, argv)], capture_output=True, text=True,
-                          env=env, cwd=ROOT)
-    return proc.returncode, proc.stdout, proc.stderr
 
 
 def _one_error_line(stderr: str, command: str) -> str:
@@ -246,6 +235,6 @@ def test_cli_convert_bad_input_exit_2_and_nothing_written(good_project, tmp_path
 def test_cli_inspect_bad_input(tmp_path):
     path = tmp_path / "bad.pth"
     path.write_bytes(b"PK\x03\x04 not really a zip")
-    rc, stdout, stderr = _cli_subprocess("inspect", path)
+    rc, stdout, stderr = _cli("inspect", path)
     assert rc == 2 and stdout == ""
     assert "damaged or truncated" in _one_error_line(stderr, "inspect")
