@@ -277,6 +277,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
 
     try:
         check_shape(cfg.variant, cfg.crop, cfg.crop)
+        check_shape(cfg.variant, cfg.val_crop, cfg.val_crop)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if cfg.batch_size < 1 or cfg.lr <= 0 or cfg.max_minutes <= 0:
@@ -298,17 +299,24 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
     if resume:
         state = torch.load(last_path, map_location="cpu", weights_only=True)
         saved = TrainConfig(**state["config"])
-        # The run's identity comes from its folder; only budgets/intervals may change on resume.
-        for key in ("variant", "cnum", "crop", "batch_size", "seed", "val_photos", "cache_short_side", "max_scale",
-                    "val_crops_per_photo"):
+        # The run's identity (network, data, validation set) comes from its folder. Budgets, intervals,
+        # learning rate, batch size and crop size may change on resume (e.g. small crops first, then full size).
+        for key in ("variant", "cnum", "seed", "val_photos", "cache_short_side", "max_scale",
+                    "val_crops_per_photo", "val_crop"):
             setattr(cfg, key, getattr(saved, key))
     train_paths, val_paths = split_photos(list_photos(Path(cfg.photos)), cfg.val_photos)
     atomic_write_text(out / "config.json", json.dumps({**asdict(cfg),
                                                        "train_photos": [p.name for p in train_paths],
                                                        "val_photo_files": [p.name for p in val_paths]}, indent=2))
 
+    # phases: [{"crop", "batch_size", "lr", "from_step"}, ...], one per change of those settings
+    phases = list(state.get("phases", [])) if state is not None else []
+    current = {"crop": cfg.crop, "batch_size": cfg.batch_size, "lr": cfg.lr}
+    if not phases or any(phases[-1][k] != v for k, v in current.items()):
+        phases.append({**current, "from_step": int(state["step"]) if state is not None else 0})
+    crops_text = " then ".join(f"{p['crop']}x{p['crop']} from step {p['from_step']}" for p in phases)
     description = (f"GMCNN {cfg.variant} cnum {cfg.cnum}, first-stage (reconstruction-loss) training on "
-                   f"{len(train_paths)} photos at {cfg.crop}x{cfg.crop}; held out: {', '.join(cfg.val_photos)}")
+                   f"{len(train_paths)} photos, crops {crops_text}; held out: {', '.join(cfg.val_photos)}")
     gen = build_generator(cfg.variant, cfg.cnum, seed=cfg.seed, channel_order="rgb",
                           train_size=(cfg.crop, cfg.crop), description=description).to(device)
     opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=ADAM_BETAS)
@@ -325,7 +333,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
 
     photos = [load_photo(p, cfg.cache_short_side) for p in tqdm(train_paths, desc="decode", disable=not progress)]
     val_photos = [load_photo(p, cfg.cache_short_side) for p in val_paths]
-    val_crops, val_masks = validation_set(val_photos, cfg.crop, cfg.val_crops_per_photo, cfg.seed, cfg.max_scale)
+    val_crops, val_masks = validation_set(val_photos, cfg.val_crop, cfg.val_crops_per_photo, cfg.seed, cfg.max_scale)
 
     log = (out / "log.jsonl").open("a")
 
@@ -335,7 +343,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
 
     def save_last() -> None:
         atomic_torch_save({"model": gen.state_dict(), "optimizer": opt.state_dict(), "rng": rng.bit_generator.state,
-                           "step": step, "trained_s": trained_s, "best": best, "config": asdict(cfg)}, last_path)
+                           "step": step, "trained_s": trained_s, "best": best, "config": asdict(cfg),
+                           "phases": phases}, last_path)
 
     def run_validation() -> dict:
         nonlocal best
@@ -353,6 +362,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     start = time.monotonic()
     last_ckpt = last_val = start
+    if state is None or phases[-1]["from_step"] == step:
+        record({"kind": "phase", "step": step, **phases[-1]})
     if state is None:
         run_validation()  # the untrained baseline, so the log shows what training bought
     bar = tqdm(total=cfg.max_steps or None, initial=step, desc="train", unit="step", disable=not progress,

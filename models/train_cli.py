@@ -23,6 +23,7 @@ class TrainConfig:
     max_steps: int = 0
     val_photos: List[str] = field(default_factory=lambda: ["Kite.jpg", "Path.jpg"])
     val_crops_per_photo: int = 4
+    val_crop: int = 256
     val_every_minutes: float = 10.0
     checkpoint_every_minutes: float = 3.0
     log_every: int = 10
@@ -50,7 +51,8 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log.jsonl, config.json)")
     p.add_argument("--variant", choices=["tf", "torch"], default=d.variant, help="GMCNN variant")
     p.add_argument("--cnum", type=int, default=d.cnum, help="base channel width")
-    p.add_argument("--crop", type=int, default=d.crop, help="training crop side in pixels (multiple of 4)")
+    p.add_argument("--crop", type=int, default=d.crop,
+                   help="training crop side in pixels (multiple of 4); may change on --resume (a new phase)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="crops per step")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (betas 0.5, 0.9 as the reference)")
     p.add_argument("--max-minutes", type=float, default=d.max_minutes,
@@ -60,6 +62,7 @@ def register(sub) -> None:
                    help="file names in --photos held out for validation")
     p.add_argument("--val-crops-per-photo", type=int, default=d.val_crops_per_photo,
                    help="fixed validation crops per held-out photo")
+    p.add_argument("--val-crop", type=int, default=d.val_crop, help="side of the fixed validation crops")
     p.add_argument("--val-every-minutes", type=float, default=d.val_every_minutes, help="validation interval")
     p.add_argument("--checkpoint-every-minutes", type=float, default=d.checkpoint_every_minutes,
                    help="interval of the resumable RUN_DIR/last.pt")
@@ -79,7 +82,7 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(photos=str(args.photos), out=str(args.out), variant=args.variant, cnum=args.cnum,
                       crop=args.crop, batch_size=args.batch_size, lr=args.lr, max_minutes=args.max_minutes,
                       max_steps=args.max_steps, val_photos=list(args.val_photos),
-                      val_crops_per_photo=args.val_crops_per_photo, val_every_minutes=args.val_every_minutes,
+                      val_crops_per_photo=args.val_crops_per_photo, val_crop=args.val_crop, val_every_minutes=args.val_every_minutes,
                       checkpoint_every_minutes=args.checkpoint_every_minutes, log_every=args.log_every,
                       cache_short_side=args.cache_short_side, max_scale=args.max_scale, seed=args.seed,
                       device=args.device, threads=args.threads)

@@ -30,7 +30,7 @@ def photo_dir(tmp_path_factory):
 
 def small_config(photo_dir, out, **kw):
     base = dict(photos=str(photo_dir), out=str(out), cnum=4, crop=64, batch_size=2, lr=1e-3, max_minutes=5,
-                val_photos=["val.jpg"], val_crops_per_photo=2, log_every=1, cache_short_side=96, max_scale=1.5,
+                val_photos=["val.jpg"], val_crops_per_photo=2, val_crop=64, log_every=1, cache_short_side=96, max_scale=1.5,
                 seed=3, threads=1)
     base.update(kw)
     return TrainConfig(**base)
@@ -119,3 +119,15 @@ def test_cli_refuses_bad_input_with_one_line(photo_dir, tmp_path, capsys):
     assert rc == 2 and "last.pt" in capsys.readouterr().err
     rc = cli_main(["train", "--photos", str(tmp_path / "missing"), "--out", str(tmp_path / "r3")])
     assert rc == 2
+
+
+def test_resume_may_change_the_crop_size_as_a_new_phase(photo_dir, tmp_path):
+    train(small_config(photo_dir, tmp_path / "run", crop=32, max_steps=2), progress=False)
+    train(small_config(photo_dir, tmp_path / "run", crop=64, max_steps=3), resume=True, progress=False)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert [(p["crop"], p["from_step"]) for p in state["phases"]] == [(32, 0), (64, 2)]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["crop"] for r in log if r["kind"] == "phase"] == [32, 64]
+    # validation crops keep their own fixed size, so scores stay comparable across phases
+    gen = load_generator(tmp_path / "run" / "best.safetensors")
+    assert gen.meta.cnum == 4
