@@ -45,6 +45,9 @@ def register(sub) -> None:
                    help="pipeline modes scored: auto = all four (baseline,shrink with --quick)")
     p.add_argument("--no-patchmatch", action="store_true", help="leave PatchMatch out even when pypatchmatch is installed")
     p.add_argument("--sgemm-n", type=int, default=None, help="SGEMM side for the fp32 peak (default 3072, 1024 with --quick)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the sections and rows of an earlier run in --out/results.json that this run does not "
+                        "measure again (rows with the same key are replaced); the report covers both")
     p.add_argument("--update-readme", type=Path, nargs="?", const=Path("README.md"), default=None, metavar="README",
                    help="also rewrite the benchmark section of README between <!-- bench:start --> and <!-- bench:end -->")
     p.set_defaults(func=cmd_bench)

@@ -245,6 +245,14 @@ def _order_methods(summ: List[dict]) -> List[dict]:
     return sorted(summ, key=key)
 
 
+def _source_line(section: dict) -> List[str]:
+    src = section.get("source") if isinstance(section, dict) else None
+    if not src:
+        return []
+    return [f"Measured by `{src.get('command')}` ({src.get('started')}), artifacts `{src.get('artifacts')}`, "
+            f"checkpoint `{src.get('checkpoint') or 'from the manifest'}`.\n"]
+
+
 def render_markdown(results: dict, plots: Dict[str, str]) -> str:
     meta = results["meta"]
     out = [f"# gmcnn-mobile benchmark report\n",
@@ -258,6 +266,9 @@ def render_markdown(results: dict, plots: Dict[str, str]) -> str:
            + (f" ({meta['checkpoint_meta']})" if meta.get("checkpoint_meta") else ""),
            f"- Timed runs per measurement: {meta['runs']} after {meta['warmup']} warm-up run(s); threads: {meta['threads']}.",
            ""]
+    if meta.get("merged_from"):
+        out += ["This report merges earlier runs into the latest one (see each section's source line): "
+                + "; ".join(f"`{m['command']}` ({m['started']})" for m in meta["merged_from"]) + ".\n"]
     if meta.get("notes"):
         out += ["Notes:\n"] + [f"- {n}" for n in meta["notes"]] + [""]
     head = headline_tables(results)
@@ -266,7 +277,7 @@ def render_markdown(results: dict, plots: Dict[str, str]) -> str:
 
     lat = results.get("latency")
     if lat:
-        out += ["## Model latency and memory\n",
+        out += ["## Model latency and memory\n"] + _source_line(lat) + [
                 "Each row is its own process: `idle RSS` is the resident set of the loaded-but-idle engine "
                 "(after load and tensor allocation), `added` is the peak RSS minus that (what inference adds). "
                 "`init` is load + allocate, `first` the first inference (kept apart from the timed runs, as are "
@@ -332,7 +343,7 @@ def render_markdown(results: dict, plots: Dict[str, str]) -> str:
 
     pipe = results.get("pipeline")
     if pipe and pipe.get("rows"):
-        out += ["## Pipeline cost\n",
+        out += ["## Pipeline cost\n"] + _source_line(pipe) + [
                 f"Mask: {pipe['mask']['kind']} / {pipe['mask']['size']}, seed {pipe['mask']['seed']}; engine "
                 f"TFLite {pipe['precision']}, {pipe['threads']} thread(s); each row its own process. "
                 "`open` (engine creation) is excluded from end-to-end time. The non-model share is "
@@ -356,7 +367,7 @@ def render_markdown(results: dict, plots: Dict[str, str]) -> str:
 
     q = results.get("quality")
     if q and q.get("rows"):
-        out += ["## Quality\n",
+        out += ["## Quality\n"] + _source_line(q) + [
                 f"{q['cases']} cases: real photos x masks from recorded seeds (`runtime_py.masks.make_mask(kind, H, W, seed, size)`, "
                 f"seeds in quality.csv), scored against the original photo at full resolution with "
                 f"`runtime_py.metrics.region_scores` (hole; band = {q['band_px']} px each side of the hole boundary). "

@@ -70,6 +70,7 @@ class BenchConfig:
     patchmatch: bool
     sgemm_n: int
     update_readme: Optional[Path]
+    merge: bool = False
     command: str = ""
     notes: List[str] = field(default_factory=list)
 
@@ -113,6 +114,7 @@ class BenchConfig:
             pipeline_threads=args.pipeline_threads or max(threads), quality_per_cell=args.quality_per_cell,
             quality_modes=modes, patchmatch=not args.no_patchmatch,
             sgemm_n=args.sgemm_n or (1024 if quick else 3072), update_readme=args.update_readme,
+            merge=bool(getattr(args, "merge", False)),
             command="gmcnn-mobile " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"]
             else "gmcnn-mobile bench" + _args_text(args))
 
@@ -374,6 +376,19 @@ def run_bench(cfg: BenchConfig) -> Dict[str, Path]:
         results["quality"] = run_quality(cfg, manifest, meta)
     meta["wall_s"] = time.perf_counter() - t0
     meta["load_avg_end"] = os.getloadavg()[0]
+    source = {"artifacts": str(cfg.artifacts), "checkpoint": meta.get("checkpoint"), "command": cfg.command,
+              "started": meta["started"]}
+    for section in cfg.sections:
+        if isinstance(results.get(section), dict):
+            results[section]["source"] = dict(source)
+    previous = cfg.out / "results.json"
+    if cfg.merge and previous.is_file():
+        import json
+
+        from .latency import derive
+        from .merge import merge_results
+
+        results = merge_results(json.loads(previous.read_text()), results, derive)
     files = write_report(cfg.out, results)
     if cfg.update_readme is not None:
         from .readme import update_readme

@@ -235,3 +235,28 @@ def test_find_photos_skips_masks_and_upscales_when_nothing_is_large(tmp_path):
     assert big.upscaled_from == "a.jpg" and big.rows * big.cols >= 40_000 and big.path.is_file()
     assert cv2.imread(str(big.path)).shape[:2] == (big.rows, big.cols)
     assert ensure_large_photo(infos, tmp_path / "work", min_pixels=10_000).path.name == "a.jpg"
+
+
+def test_merge_keeps_old_sections_and_replaces_same_rows(tmp_path):
+    from benchmarks.latency import derive
+    from benchmarks.merge import merge_results
+
+    def lat(label, median, shape="64x88"):
+        return {"spec": {"kind": "tflite", "label": label, "engine": "tflite", "precision": "fp32", "io": "tensor",
+                         "shape_key": shape, "threads": 2, "warmup": 1, "runs": 2},
+                "ok": True, "init_s": 0.1, "first_s": 0.1, "warmup_s": [0.1], "runs_s": [median] * 2,
+                "stats": {"min_s": median, "median_s": median, "p90_s": median}, "rss_after_init": 1 << 20,
+                "rss_after_first": 2 << 20, "peak_rss": 3 << 20, "peak_added_over_idle": 2 << 20}
+
+    old = _fake_results()
+    old["latency"] = {"raw": [lat("a", 1.0), lat("b", 2.0)], "rows": []}
+    new = {"meta": dict(old["meta"], command="second", macs={"64x88": 10 ** 9}),
+           "latency": {"raw": [lat("b", 5.0), lat("c", 3.0, "128x176")], "rows": []}}
+    merged = merge_results(old, new, derive)
+    rows = {r["label"]: r for r in merged["latency"]["rows"]}
+    assert set(rows) == {"a", "b", "c"} and rows["b"]["median_s"] == 5.0
+    assert rows["a"]["gmac_per_s"] == 1.0  # re-derived with the merged MAC table
+    assert merged["quality"] == old["quality"] and merged["pipeline"] == old["pipeline"]
+    assert merged["meta"]["merged_from"][0]["command"] == "gmcnn-mobile bench --quick"
+    report.write_report(tmp_path, merged)
+    assert "merges earlier runs" in (tmp_path / "report.md").read_text()
