@@ -40,6 +40,9 @@ def register(sub) -> None:
     p.add_argument("--no-xnnpack-off", action="store_true", help="skip the fp32 TFLite run with XNNPACK turned off")
     p.add_argument("--pipeline-precision", default="fp32", help="TFLite precision the pipeline-cost runs use")
     p.add_argument("--pipeline-threads", type=int, default=None, help="threads for pipeline and quality (default: the most of --threads)")
+    p.add_argument("--quality-photos", default="all",
+                   help="comma-separated file names of the photos quality is scored on (e.g. photos the model "
+                        "was not trained on); all = every photo found")
     p.add_argument("--quality-per-cell", type=int, default=1, help="quality cases per mask kind x size cell")
     p.add_argument("--quality-modes", default="auto",
                    help="pipeline modes scored: auto = all four (baseline,shrink with --quick)")

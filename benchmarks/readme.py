@@ -35,3 +35,24 @@ def update_readme(path: Path, results: dict, report_link: str = "docs/benchmarks
     path = Path(path)
     text = path.read_text() if path.exists() else ""
     write_atomic(path, replace_section(text, readme_section(results, report_link)))
+
+
+def main(argv=None) -> int:
+    """``python -m benchmarks.readme RESULTS.json [README.md] [REPORT_LINK]``: rewrite the README's
+    benchmark section from a finished run without measuring again."""
+    import json
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    results = json.loads(Path(argv[0]).read_text())
+    readme = Path(argv[1]) if len(argv) > 1 else Path("README.md")
+    update_readme(readme, results, argv[2] if len(argv) > 2 else "docs/benchmarks/report.md")
+    print(f"updated {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

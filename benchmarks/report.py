@@ -347,7 +347,11 @@ def render_markdown(results: dict, plots: Dict[str, str]) -> str:
                 f"Mask: {pipe['mask']['kind']} / {pipe['mask']['size']}, seed {pipe['mask']['seed']}; engine "
                 f"TFLite {pipe['precision']}, {pipe['threads']} thread(s); each row its own process. "
                 "`open` (engine creation) is excluded from end-to-end time. The non-model share is "
-                "end-to-end minus model time, over end-to-end.\n"]
+                "end-to-end minus model time, over end-to-end. Stages: `decode` (file to pixels, EXIF applied), "
+                "`orientation` (portrait rotation), `resize` (every resize to and from model shapes), `morphology` "
+                "(mask erosions of shrink and the two-step ring), `model` (inference incl. feeding), `composite` "
+                "(stitching predictions into the image, tile blending), `other` (pipeline time outside its named "
+                "stages: cropping, tile bookkeeping), `encode` (JPEG q95 in memory).\n"]
         for note in pipe.get("notes", []):
             out.append(f"- {note}")
         rows = []

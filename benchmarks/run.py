@@ -66,6 +66,7 @@ class BenchConfig:
     pipeline_precision: str
     pipeline_threads: int
     quality_per_cell: int
+    quality_photos: Optional[List[str]]
     quality_modes: List[str]
     patchmatch: bool
     sgemm_n: int
@@ -112,6 +113,7 @@ class BenchConfig:
             checkpoint=args.checkpoint, xnnpack_off=not args.no_xnnpack_off,
             pipeline_precision=args.pipeline_precision,
             pipeline_threads=args.pipeline_threads or max(threads), quality_per_cell=args.quality_per_cell,
+            quality_photos=_names(getattr(args, "quality_photos", "all")),
             quality_modes=modes, patchmatch=not args.no_patchmatch,
             sgemm_n=args.sgemm_n or (1024 if quick else 3072), update_readme=args.update_readme,
             merge=bool(getattr(args, "merge", False)),
@@ -330,8 +332,14 @@ def run_quality(cfg: BenchConfig, manifest, meta: dict) -> dict:
         meta["skipped"].append("PatchMatch: pypatchmatch is not installed (pip install pypatchmatch)")
     notes.append(f"OpenCV Telea and Navier-Stokes run at full resolution (radius 5 px).")
 
-    real = [p for p in describe(cfg.photos)]
-    photo_paths = [str(p.path) for p in real]
+    chosen = cfg.photos
+    if cfg.quality_photos:
+        chosen = [p for p in cfg.photos if p.name in cfg.quality_photos]
+        missing = sorted(set(cfg.quality_photos) - {p.name for p in chosen})
+        if missing or not chosen:
+            raise UserError(f"--quality-photos: {', '.join(missing) or 'none'} not among the photos found")
+        notes.append(f"Scored on {', '.join(sorted({p.name for p in chosen}))} only (--quality-photos).")
+    photo_paths = [str(p) for p in chosen]
     if cfg.quick:
         cases = make_cases(photo_paths, kinds=KINDS, sizes=("medium",), per_cell=1)
     else:
