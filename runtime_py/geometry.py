@@ -144,7 +144,9 @@ def context_window(mask: np.ndarray, model_shape: Shape, margin_frac: float = 0.
     1. bbox of the hole pixels, bh x bw; margin m = max(min_margin, ceil(margin_frac * max(bh, bw))).
     2. (bh + 2m) x (bw + 2m) grown along one side to the model aspect rows:cols
        (ceil), then grown to at least the model shape (never upscale a crop).
-    3. Each side clamped to the image side; centred on the bbox centre
+    3. A side longer than the image becomes the image side, and the other side is re-fitted
+       to the aspect (ceil), kept >= bbox + 2m and <= the image side.
+    4. Centred on the bbox centre
        (start = (b0 + b1 - size) // 2), then shifted to lie inside the image.
     """
     H, W = mask.shape[:2]
@@ -161,6 +163,12 @@ def context_window(mask: np.ndarray, model_shape: Shape, margin_frac: float = 0.
         w = int(math.ceil(h * cols / rows))
     if h < rows:
         h, w = rows, cols
+    # A side longer than the image is cut to the image; the other side is then re-fitted to
+    # the aspect, but never below the bbox plus margins nor above the image.
+    if h > H:
+        h, w = H, max(bw + 2 * m, int(math.ceil(H * cols / rows)))
+    if w > W:
+        w, h = W, max(bh + 2 * m, int(math.ceil(W * rows / cols)))
     h, w = min(h, H), min(w, W)
 
     def place(b0: int, b1: int, size: int, limit: int) -> int:

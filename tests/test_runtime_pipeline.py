@@ -280,3 +280,11 @@ def test_trace_writes_every_stage(tmp_path):
         assert list(a.shape) == s["shape"]
     assert index["summary"]["model_runs"] == len(calls)
     assert np.array_equal(np.load(tmp_path / index["stages"][-1]["npy"])[~hole], img[~hole])
+
+
+def test_crop_window_keeps_model_aspect_when_cut_by_the_image():
+    hole = np.zeros((1600, 2560), bool)
+    hole[0:672, 838:1842] = True  # touches the top edge; bbox + margins is taller than the image
+    w = context_window(hole, (512, 680), 0.5, 32)
+    assert w.shape == (1600, 2125)  # rows cut to the image, cols re-fitted: ceil(1600 * 680 / 512)
+    assert w.left <= 838 - 502 and w.right >= 1842 + 502  # bbox + margins (m = ceil(0.5 * 1004)) inside
