@@ -212,7 +212,7 @@ class Pipeline:
         self.stats.tiles_run += ran
         self.stats.tiles_skipped += len(plan) - ran
         info.update(tiled=True, tile_shape=list(s1), overlap=overlap, tiles=len(plan), runs=ran,
-                    tile_grid=[[t.top, t.left, t.has_hole] for t in plan])
+                    tile_grid=[{"top": t.top, "left": t.left, "core": list(t.core), "ran": t.has_hole} for t in plan])
         self.trace.add("pass2_tiles_blended", out, f"{ran} of {len(plan)} tiles ran, feathered blend")
         return out
 

@@ -112,3 +112,30 @@ def test_engine_source_mismatch(files, tmp_path, capsys):
     rc = main(["inpaint", str(files / "photo.png"), str(files / "mask.png"), "-o", str(tmp_path / "o.png"),
                "--engine", "tflite"])
     assert rc == 2 and "needs --artifacts" in capsys.readouterr().err
+
+
+def test_demo_writes_result_and_side_by_side(files, tmp_path, capsys, monkeypatch):
+    from runtime_py import inpaint_cli
+
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    cv2.imwrite(str(demo / "photo.jpg"), photo()[:, :, ::-1])
+    cv2.imwrite(str(demo / "photo_mask.png"), blob_hole().astype(np.uint8) * 255)
+    (demo / "LICENSE.md").write_text("test")
+    monkeypatch.setattr(inpaint_cli, "DEMO_DIR", demo)
+    monkeypatch.setenv("GMCNN_CHECKPOINT", str(files / "tiny.safetensors"))
+    out = tmp_path / "out"
+    assert main(["demo", "--out-dir", str(out), "--model-shape", "64x88", "--threads", "1", "--quiet"]) == 0
+    res = cv2.imread(str(out / "demo_result.jpg"))
+    assert res.shape == (300, 420, 3)
+    sbs = cv2.imread(str(out / "demo_side_by_side.jpg"))
+    assert sbs.shape[0] == 480 and sbs.shape[1] > 3 * 480
+    assert "demo_side_by_side.jpg" in capsys.readouterr().out
+
+
+def test_demo_without_demo_files_says_so(tmp_path, capsys, monkeypatch):
+    from runtime_py import inpaint_cli
+
+    monkeypatch.setattr(inpaint_cli, "DEMO_DIR", tmp_path / "nothing")
+    assert main(["demo", "--out-dir", str(tmp_path / "out")]) == 2
+    assert "demo photo is not shipped" in capsys.readouterr().err
