@@ -42,7 +42,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="context crop around the mask (auto: when the window is smaller than the image)")
     p.add_argument("--trace", type=Path, default=None, metavar="DIR",
                    help="write every stage as PNG + .npy with index.json here")
-    p.add_argument("--threads", type=int, default=None, help="inference threads (default: the engine's own default)")
+    p.add_argument("--threads", type=int, default=None, help="inference threads (unset: torch's and onnxruntime's own default, every core for tflite)")
     p.add_argument("--mask-threshold", type=int, default=DEFAULT_MASK_THRESHOLD,
                    help="mask pixels with 8-bit intensity >= T are holes")
     p.add_argument("--dilate", type=int, default=0, metavar="PX", help="grow the mask by PX pixels (ellipse)")

@@ -109,10 +109,13 @@ def _artifact_set(kind, artifacts, threads, model_shape, precision, io, xnnpack)
         shape = probe.shape
         return EngineSet(kind, shape, lambda s: probe, [shape], str(path))
 
-    if not (path / MANIFEST_NAME).exists() and kind == "onnxruntime":
-        files = sorted(path.glob("*.onnx"))
+    def manifest_has_onnx() -> bool:
+        return (path / MANIFEST_NAME).exists() and any(a.format == "onnx" for a in load_manifest(path).artifacts)
+
+    if kind == "onnxruntime" and not manifest_has_onnx():  # the export keeps its .onnx files beside the manifest
+        files = sorted(f for f in path.glob("*.onnx") if not f.name.endswith(".raw.onnx"))
         if not files:
-            raise UserError(f"{path}: no manifest.json and no .onnx files")
+            raise UserError(f"{path}: no onnx artifacts in a manifest and no .onnx files")
         engines = {}
         for f in files:
             e = single(None, str(f))

@@ -51,7 +51,7 @@ class TFLiteEngine(Engine):
             raise UserError(f"{self.path}: TFLite file not found")
         resolver = OpResolverType.AUTO if self.xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            self.interpreter = Interpreter(model_path=self.path, num_threads=int(self.threads or 1),
+            self.interpreter = Interpreter(model_path=self.path, num_threads=self.num_threads,
                                            experimental_op_resolver_type=resolver)
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
@@ -65,6 +65,11 @@ class TFLiteEngine(Engine):
         if self._shape_from_model:
             s = next(s for s in self._inputs if s.role == "image").shape
             self.shape = (int(s[1]), int(s[2])) if s[-1] == 3 else (int(s[2]), int(s[3]))
+
+    @property
+    def num_threads(self) -> int:
+        """LiteRT defaults to 1 thread; unless told otherwise use every core (as the app does)."""
+        return int(self.threads or os.cpu_count() or 1)
 
     def _role(self, name: str, index: int, details) -> str:
         if self.artifact is not None:
@@ -99,4 +104,4 @@ class TFLiteEngine(Engine):
 
     def describe(self) -> str:
         xnn = "xnnpack" if self.xnnpack else "no xnnpack"
-        return f"tflite {self.shape[0]}x{self.shape[1]} ({os.path.basename(self.path)}, {xnn}, {self.threads or 1} threads)"
+        return f"tflite {self.shape[0]}x{self.shape[1]} ({os.path.basename(self.path)}, {xnn}, {self.num_threads} threads)"
