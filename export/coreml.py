@@ -1,0 +1,254 @@
+"""Core ML export: one ML program (``.mlpackage``) per shape x precision x I/O signature.
+
+Precisions (all compute in fp16 -- Core ML's GPU and Neural Engine are fp16 machines):
+
+* ``fp16``       -- fp16 weights (``compute_precision=FLOAT16``);
+* ``w8``         -- int8 weights, linear symmetric per output channel
+  (``constexpr_affine_dequantize``), decompressed to fp16 at load time;
+* ``palettized`` -- 6-bit palettized weights (64-entry lookup table per tensor, 1-D k-means
+  computed here with NumPy: coremltools' own k-means needs scikit-learn).
+
+Deployment target iOS 16 / macOS 13: the first with ImageType outputs in ML programs, fp16
+I/O-free casts and the iOS16 weight-compression ops. The I/O signatures are described in
+:mod:`export.coreml_io`.
+
+Entry point for the export command: :func:`convert`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+from runtime_py.errors import MissingDependencyError, UserError
+
+from .coreml_io import IOS, coreml_types, example_inputs, tensor_infos, wrap
+
+PRECISIONS = ("fp16", "w8", "palettized")
+DEFAULT_PRECISIONS = ("fp16", "w8")
+# Tensors smaller than this stay fp16 (biases; compressing them saves nothing worth an op).
+WEIGHT_THRESHOLD = 512
+PALETTE_BITS = 6
+AUTHOR = "gmcnn-mobile"
+LICENSE = "MIT (code); weights: see the checkpoint's licence"
+
+__all__ = ["PRECISIONS", "IOS", "convert", "artifact_name", "tensor_infos", "predict_samples"]
+
+
+def _ct():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import coremltools as ct
+    except ImportError as exc:
+        raise MissingDependencyError("coremltools", "export", "Core ML export") from exc
+    return ct
+
+
+def artifact_name(shape: Tuple[int, int], precision: str, io: str) -> str:
+    return f"gmcnn_{shape[0]}x{shape[1]}_{precision}_{io}.mlpackage"
+
+
+# ---------------------------------------------------------------------- weight compression
+
+def kmeans_1d(values: np.ndarray, nbits: int, iterations: int = 30) -> Tuple[np.ndarray, np.ndarray]:
+    """Lloyd's k-means on scalars: (lut (2**nbits,), indices (len(values),) uint8).
+
+    Deterministic: centres start at evenly spaced quantiles; on sorted data each cluster is a
+    contiguous run, so assignment is a searchsorted against the midpoints between centres.
+    """
+    k = 1 << nbits
+    flat = np.asarray(values, np.float64).ravel()
+    order = np.sort(flat)
+    centres = np.quantile(order, (np.arange(k) + 0.5) / k)
+    for _ in range(iterations):
+        bounds = np.searchsorted(order, (centres[1:] + centres[:-1]) / 2)
+        edges = np.concatenate([[0], bounds, [order.size]])
+        sums = np.add.reduceat(np.concatenate([order, [0.0]]), edges[:-1])
+        counts = np.diff(edges)
+        updated = np.where(counts > 0, sums / np.maximum(counts, 1), centres)
+        if np.allclose(updated, centres):
+            break
+        centres = np.sort(updated)
+    idx = np.searchsorted((centres[1:] + centres[:-1]) / 2, flat)
+    return centres, idx.astype(np.uint8)
+
+
+def _palette_lut(weight: np.ndarray):
+    lut, idx = kmeans_1d(weight, PALETTE_BITS)
+    return lut.astype(weight.dtype), idx
+
+
+def compress(mlmodel, precision: str):
+    """Apply the weight compression of ``precision`` to a converted fp16 ML program."""
+    if precision == "fp16":
+        return mlmodel
+    ct = _ct()
+    import coremltools.optimize.coreml as cto
+
+    if precision == "w8":
+        op_cfg = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
+                                             granularity="per_channel", weight_threshold=WEIGHT_THRESHOLD)
+        return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=op_cfg))
+    if precision == "palettized":
+        op_cfg = cto.OpPalettizerConfig(mode="custom", lut_function=_palette_lut, weight_threshold=WEIGHT_THRESHOLD)
+        return cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=op_cfg))
+    del ct
+    raise UserError(f"unknown Core ML precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+
+
+# ---------------------------------------------------------------------- metadata
+
+def _metadata(generator, shape, precision: str, io: str, checkpoint_sha256: str) -> Dict[str, str]:
+    meta = generator.meta
+    return {
+        "gmcnn_mobile.variant": meta.variant,
+        "gmcnn_mobile.cnum": str(meta.cnum),
+        "gmcnn_mobile.shape": f"{shape[0]}x{shape[1]}",
+        "gmcnn_mobile.precision": precision,
+        "gmcnn_mobile.io": io,
+        "gmcnn_mobile.checkpoint_sha256": checkpoint_sha256,
+        "gmcnn_mobile.channel_order": "RGB",
+        "gmcnn_mobile.weights_channel_order": meta.channel_order,
+        "gmcnn_mobile.layout": "NCHW" if io == "tensor" else "image",
+        "gmcnn_mobile.mask_polarity": "1=hole" if io == "tensor" else "255=hole (>=128 counts as hole)",
+        "gmcnn_mobile.value_range": "[-1,1]" if io == "tensor" else "[0,255]",
+    }
+
+
+def describe(mlmodel, generator, shape, precision: str, io: str, checkpoint_sha256: str) -> None:
+    """Fill in the model's description: author, licence, summary, per-feature text, user metadata."""
+    h, w = shape
+    m = generator.meta
+    mlmodel.author = AUTHOR
+    mlmodel.license = str(m.extra.get("license", LICENSE)) if isinstance(m.extra, dict) else LICENSE
+    mlmodel.short_description = (
+        f"GMCNN image inpainting ({m.variant} variant, cnum {m.cnum}) at {h}x{w}, {precision} weights, "
+        f"fp16 compute, {io} I/O: fills the masked hole of a photo."
+    )
+    mlmodel.version = "1"
+    if io == "tensor":
+        text = {
+            "image": f"(1,3,{h},{w}) float32 NCHW, RGB, values in [-1,1] (x/127.5 - 1)",
+            "mask": f"(1,1,{h},{w}) float32 NCHW, 1 = hole, 0 = known",
+            "output": f"(1,3,{h},{w}) float32 NCHW, RGB in [-1,1]; raw prediction everywhere (composite it yourself)",
+        }
+    else:
+        text = {
+            "image": f"{w}x{h} RGB image (8-bit); normalised to [-1,1] inside",
+            "mask": f"{w}x{h} 8-bit grayscale mask, 255 = hole (values >= 128 count as hole)",
+            "output": f"{w}x{h} RGB image: prediction inside the hole, input pixels elsewhere",
+        }
+    for name, desc in text.items():
+        if name in mlmodel.input_description or name in mlmodel.output_description:
+            target = mlmodel.input_description if name != "output" else mlmodel.output_description
+            target[name] = desc
+    mlmodel.user_defined_metadata.update(_metadata(generator, shape, precision, io, checkpoint_sha256))
+
+
+# ---------------------------------------------------------------------- conversion
+
+def _trace(generator, shape, io: str):
+    import torch
+
+    module = wrap(generator, io)
+    with torch.no_grad():
+        return torch.jit.trace(module, example_inputs(shape, io), check_trace=False)
+
+
+def save_atomically(mlmodel, final: Path) -> Path:
+    """Save an .mlpackage under a temporary name in the same folder, then rename it into place.
+
+    A package is a directory, and rename() cannot replace a non-empty one, so an existing
+    package is first renamed aside and deleted only after the new one is in place.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final.stem}.", suffix=".partial", dir=final.parent))
+    tmp = tmp_dir / final.name
+    try:
+        mlmodel.save(str(tmp))
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return final
+
+
+def convert(generator, shape: Tuple[int, int], precision: str, io: str, workdir, *,
+            checkpoint_sha256: str = "", name: Optional[str] = None,
+            progress: Optional[Callable[[str], None]] = None) -> Path:
+    """Convert ``generator`` to a Core ML ML program and save it atomically in ``workdir``.
+
+    generator: a models.gmcnn.GMCNNGenerator (eval mode); shape: (rows, cols), multiples of 4.
+    Returns the path of the written ``.mlpackage`` (``name`` or :func:`artifact_name`).
+    Raises UserError for an unknown precision / I/O signature or an unusable shape.
+    """
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown Core ML precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if io not in IOS:
+        raise UserError(f"unknown I/O signature {io!r}; expected one of {', '.join(IOS)}")
+    from models.gmcnn import check_shape
+
+    h, w = int(shape[0]), int(shape[1])
+    try:
+        check_shape(generator.meta.variant, h, w)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    ct = _ct()
+    say = progress or (lambda _msg: None)
+    say(f"coreml {h}x{w} {precision} {io}: tracing")
+    traced = _trace(generator, (h, w), io)
+    inputs, outputs = coreml_types((h, w), io)
+    say(f"coreml {h}x{w} {precision} {io}: converting")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mlmodel = ct.convert(
+            traced, inputs=inputs, outputs=outputs, convert_to="mlprogram",
+            compute_precision=ct.precision.FLOAT16, minimum_deployment_target=ct.target.iOS16,
+            skip_model_load=True,
+        )
+        if precision != "fp16":
+            say(f"coreml {h}x{w} {precision} {io}: compressing weights")
+            mlmodel = compress(mlmodel, precision)
+    describe(mlmodel, generator, (h, w), precision, io, checkpoint_sha256)
+    return save_atomically(mlmodel, Path(workdir) / (name or artifact_name((h, w), precision, io)))
+
+
+# ---------------------------------------------------------------------- running (parity gate)
+
+def predict_samples(path, io: str, images: np.ndarray, masks: np.ndarray, *, executor=None) -> np.ndarray:
+    """Run an exported package on a batch, one sample at a time.
+
+    images: (N,H,W,3) uint8 RGB; masks: (N,H,W,1) or (N,H,W) uint8, 255 = hole.
+    Returns (N,H,W,3): float32 RGB in [-1,1] (raw prediction) for ``tensor`` I/O, uint8 RGB
+    composite for ``image`` I/O. ``executor`` defaults to the reference executor
+    (:func:`runtime_py.mil_executor.load_mlpackage`); pass ``coremltools.models.MLModel(path)``'s
+    ``predict`` wrapper on macOS for real Core ML.
+    """
+    if executor is None:
+        from runtime_py.mil_executor import load_mlpackage
+
+        executor = load_mlpackage(path)
+    masks = masks.reshape(masks.shape[0], masks.shape[1], masks.shape[2])
+    out = []
+    for img, m in zip(images, masks):
+        if io == "tensor":
+            feed = {
+                "image": (img.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None],
+                "mask": (m >= 128).astype(np.float32)[None, None],
+            }
+            out.append(np.asarray(executor(feed)["output"], np.float32)[0].transpose(1, 2, 0))
+        else:
+            out.append(np.asarray(executor({"image": img, "mask": m})["output"], np.uint8))
+    return np.stack(out)

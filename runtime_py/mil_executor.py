@@ -1,0 +1,264 @@
+"""A NumPy reference executor for Core ML ML programs (``.mlpackage``), for machines without Core ML.
+
+Core ML's ``predict`` runs only on macOS, and coremltools has no executor of its own, so on
+Linux this module is what runs an exported Core ML artifact: it reads the package's ML
+program with coremltools' milproto loader (weights included) and executes it op by op with
+the implementations in :mod:`runtime_py.mil_ops`, computing in the dtypes the program
+declares (fp16 where the program computes in fp16). After every op the result's dtype and
+shape are checked against what the program declares, so a wrong op semantic shows up as an
+error at the op that has it instead of as a vague output difference.
+
+Usage::
+
+    run = load_mlpackage("model.mlpackage")      # needs coremltools (loading only)
+    outputs = run({"image": ..., "mask": ...})   # dict name -> numpy array
+
+Feeds and results follow what Core ML's Python ``predict`` takes and returns:
+
+* tensor inputs/outputs: arrays of the declared shape (our exports: NCHW float32);
+* image inputs: uint8 arrays, (H, W, 3) RGB for colour images, (H, W) or (H, W, 1) for
+  grayscale; the program itself holds the scale/bias pre-processing Core ML applies;
+* image outputs: uint8 (H, W, 3) RGB arrays (values clipped to [0, 255] and rounded).
+
+Only :func:`load_mlpackage` / :func:`load_program` import coremltools; executing a loaded
+program needs NumPy alone.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from .errors import MissingDependencyError, UserError
+from .mil_ops import OPS
+
+EXECUTOR_NAME = "coreml-reference-executor"
+
+# Ops that only compute constants; the executor evaluates them once, at load time, as Core ML does.
+CONSTEXPR_PREFIX = "constexpr_"
+
+
+class UnsupportedOpError(UserError):
+    """The program contains an op the reference executor does not implement."""
+
+
+@dataclass
+class Step:
+    op_type: str
+    name: str
+    inputs: Dict[str, Union[str, Tuple[str, ...]]]  # input name -> var name, or tuple of var names
+    outputs: List[Tuple[str, np.dtype, Optional[Tuple[int, ...]]]]  # (var name, dtype, static shape)
+
+
+@dataclass
+class TensorSpec:
+    """One program input/output as the model description declares it."""
+
+    name: str
+    dtype: np.dtype
+    shape: Tuple[int, ...]
+    kind: str = "tensor"  # tensor | image
+    color: str = ""  # RGB | BGR | GRAYSCALE for images
+
+
+@dataclass
+class MILProgram:
+    """A loaded ML program: constants evaluated, ops in execution order, I/O declarations."""
+
+    inputs: List[TensorSpec]
+    outputs: List[TensorSpec]
+    steps: List[Step]
+    constants: Dict[str, object]
+    op_counts: Dict[str, int]
+    spec_version: int = 0
+    metadata: Dict[str, str] = field(default_factory=dict)
+    check: bool = True  # verify each op's output dtype/shape against the program
+
+    # -- feeds
+
+    def _prepare(self, spec: TensorSpec, value) -> np.ndarray:
+        if spec.kind == "image":
+            return image_to_tensor(value, spec)
+        arr = np.asarray(value)
+        if tuple(arr.shape) != tuple(spec.shape):
+            raise UserError(f"input {spec.name!r}: shape {arr.shape} does not match the model's {spec.shape}")
+        return arr.astype(spec.dtype, copy=False)
+
+    def __call__(self, feed: Dict[str, object], *, timings: Optional[Dict[str, float]] = None) -> Dict[str, np.ndarray]:
+        """Run the program. ``feed`` maps input names to arrays (see module docstring for layouts)."""
+        missing = [s.name for s in self.inputs if s.name not in feed]
+        if missing:
+            raise UserError(f"missing model input(s) {missing}; the model takes {[s.name for s in self.inputs]}")
+        env: Dict[str, object] = dict(self.constants)
+        for spec in self.inputs:
+            env[spec.name] = self._prepare(spec, feed[spec.name])
+        for step in self.steps:
+            kwargs = {
+                k: (tuple(env[n] for n in v) if isinstance(v, tuple) else env[v]) for k, v in step.inputs.items()
+            }
+            t0 = time.perf_counter() if timings is not None else 0.0
+            result = OPS[step.op_type](**kwargs)
+            if timings is not None:
+                timings[step.op_type] = timings.get(step.op_type, 0.0) + time.perf_counter() - t0
+            name, dtype, shape = step.outputs[0]
+            if self.check:
+                _check_result(step, result, dtype, shape)
+            env[name] = result
+        out = {}
+        for spec in self.outputs:
+            value = np.asarray(env[spec.name])
+            out[spec.name] = tensor_to_image(value, spec) if spec.kind == "image" else value.astype(spec.dtype, copy=False)
+        return out
+
+
+def _check_result(step: Step, result, dtype, shape) -> None:
+    if not isinstance(result, np.ndarray) or result.dtype != dtype:
+        got = getattr(result, "dtype", type(result).__name__)
+        raise RuntimeError(f"op {step.name!r} ({step.op_type}) produced {got}, the program declares {dtype}")
+    if shape is not None and tuple(result.shape) != tuple(shape):
+        raise RuntimeError(f"op {step.name!r} ({step.op_type}) produced shape {result.shape}, the program declares {shape}")
+
+
+# ------------------------------------------------------------------------ image I/O
+
+def image_to_tensor(value, spec: TensorSpec) -> np.ndarray:
+    """uint8 image (H,W,3) RGB or (H,W)/(H,W,1) gray -> float (1,C,H,W) in [0,255], the way Core ML feeds an image input."""
+    arr = np.asarray(value)
+    if arr.dtype != np.uint8:
+        raise UserError(f"image input {spec.name!r} must be uint8, got {arr.dtype}")
+    _, c, h, w = spec.shape
+    if spec.color == "GRAYSCALE":
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        if arr.shape != (h, w):
+            raise UserError(f"grayscale image input {spec.name!r} must be ({h}, {w}), got {arr.shape}")
+        chw = arr[None]
+    else:
+        if arr.shape != (h, w, 3):
+            raise UserError(f"RGB image input {spec.name!r} must be ({h}, {w}, 3), got {arr.shape}")
+        chw = arr.transpose(2, 0, 1)
+        if spec.color == "BGR":
+            chw = chw[::-1]
+    return np.ascontiguousarray(chw[None]).astype(spec.dtype)
+
+
+def tensor_to_image(value: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """float (1,C,H,W) -> uint8 (H,W,3) RGB or (H,W) gray, clipped to [0,255] and rounded."""
+    chw = np.asarray(value, np.float32)[0]
+    if spec.color == "BGR":
+        chw = chw[::-1]
+    u8 = np.clip(np.rint(chw), 0, 255).astype(np.uint8)
+    return u8[0] if spec.color == "GRAYSCALE" else np.ascontiguousarray(u8.transpose(1, 2, 0))
+
+
+# ------------------------------------------------------------------------ loading
+
+def _import_coremltools():
+    try:
+        import coremltools  # noqa: F401
+        from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+        from coremltools.converters.mil.mil import types
+    except ImportError as exc:
+        raise MissingDependencyError("coremltools", "export", "reading .mlpackage files") from exc
+    return coremltools, milproto_load, types
+
+
+def _description_specs(description, role: str) -> Dict[str, Tuple[str, str]]:
+    """name -> (kind, color) from the model description's inputs or outputs."""
+    out = {}
+    for feature in getattr(description, role):
+        which = feature.type.WhichOneof("Type")
+        if which == "imageType":
+            from coremltools.proto import FeatureTypes_pb2
+
+            color = FeatureTypes_pb2.ImageFeatureType.ColorSpace.Name(feature.type.imageType.colorSpace)
+            out[feature.name] = ("image", color)
+        else:
+            out[feature.name] = ("tensor", "")
+    return out
+
+
+def load_program(path: Union[str, Path], function: str = "main") -> MILProgram:
+    """Read an .mlpackage's ML program and prepare it for execution.
+
+    Raises UserError for a missing/unreadable package or a non-ML-program model, and
+    UnsupportedOpError naming every op type the executor does not implement.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such Core ML package")
+    ct, milproto_load, types = _import_coremltools()
+    try:
+        model = ct.models.MLModel(str(path), skip_model_load=True)
+        spec = model.get_spec()
+    except Exception as exc:  # coremltools raises assorted types for corrupt packages
+        raise UserError(f"{path}: not a readable Core ML package ({type(exc).__name__}: {exc})") from None
+    if spec.WhichOneof("Type") != "mlProgram":
+        raise UserError(f"{path}: model type {spec.WhichOneof('Type')!r} is not an ML program")
+    program = milproto_load(spec, spec.specificationVersion, file_weights_dir=model.weights_dir)
+    if function not in program.functions:
+        raise UserError(f"{path}: the ML program has no function {function!r}")
+    func = program.functions[function]
+
+    ops = list(func.operations)
+    if any(op.blocks for op in ops):
+        raise UnsupportedOpError(f"{path}: control-flow ops with nested blocks are not supported")
+    counts = Counter(op.op_type for op in ops)
+    unknown = sorted(t for t in counts if t != "const" and t not in OPS)
+    if unknown:
+        raise UnsupportedOpError(
+            f"{path}: the reference executor does not implement op(s) {', '.join(unknown)}"
+        )
+
+    def np_dtype(var) -> np.dtype:
+        return np.dtype(types.nptype_from_builtin(var.dtype))
+
+    def static_shape(var):
+        shape = var.shape
+        return tuple(int(s) for s in shape) if all(isinstance(s, (int, np.integer)) for s in shape) else None
+
+    in_kinds = _description_specs(spec.description, "input")
+    out_kinds = _description_specs(spec.description, "output")
+    inputs = [
+        TensorSpec(name, np_dtype(var), static_shape(var), *in_kinds.get(name, ("tensor", "")))
+        for name, var in func.inputs.items()
+    ]
+    outputs = [TensorSpec(v.name, np_dtype(v), static_shape(v), *out_kinds.get(v.name, ("tensor", ""))) for v in func.outputs]
+
+    constants: Dict[str, object] = {}
+    steps: List[Step] = []
+    for op in ops:
+        if len(op.outputs) != 1:
+            raise UnsupportedOpError(f"{path}: op {op.name!r} ({op.op_type}) has {len(op.outputs)} outputs")
+        out = op.outputs[0]
+        if op.op_type == "const":
+            val = out.val
+            constants[out.name] = val if isinstance(val, (str, bool)) else np.asarray(val)
+            continue
+        step_inputs = {}
+        for key, var in op.inputs.items():
+            step_inputs[key] = tuple(v.name for v in var) if isinstance(var, (list, tuple)) else var.name
+        step = Step(op.op_type, op.name, step_inputs, [(out.name, np_dtype(out), static_shape(out))])
+        if op.op_type.startswith(CONSTEXPR_PREFIX):
+            kwargs = {k: (tuple(constants[n] for n in v) if isinstance(v, tuple) else constants[v]) for k, v in step_inputs.items()}
+            value = OPS[op.op_type](**kwargs)
+            _check_result(step, value, *step.outputs[0][1:])
+            constants[out.name] = value
+        else:
+            steps.append(step)
+    metadata = dict(spec.description.metadata.userDefined)
+    return MILProgram(inputs, outputs, steps, constants, dict(counts), spec.specificationVersion, metadata)
+
+
+def load_mlpackage(path: Union[str, Path]) -> Callable[[Dict[str, object]], Dict[str, np.ndarray]]:
+    """The runtime's Core ML engine off macOS: a callable ``feed dict -> output dict`` (see module docstring)."""
+    return load_program(path)
+
+
+def op_inventory(path: Union[str, Path]) -> Dict[str, int]:
+    """Count of each op type in the package's main function (const included)."""
+    return dict(sorted(load_program(path).op_counts.items()))
