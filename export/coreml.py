@@ -12,7 +12,9 @@ Deployment target iOS 16 / macOS 13: the first with ImageType outputs in ML prog
 I/O-free casts and the iOS16 weight-compression ops. The I/O signatures are described in
 :mod:`export.coreml_io`.
 
-Entry point for the export command: :func:`convert`.
+This module is the ``coreml`` format backend of the export command (the interface is described
+in :mod:`export.backends`: ``convert(job)``, ``describe``, ``inventory``, ``run``);
+:func:`convert_generator` is the same conversion with plain arguments.
 """
 from __future__ import annotations
 
@@ -34,10 +36,23 @@ DEFAULT_PRECISIONS = ("fp16", "w8")
 # Tensors smaller than this stay fp16 (biases; compressing them saves nothing worth an op).
 WEIGHT_THRESHOLD = 512
 PALETTE_BITS = 6
+# Reference executor vs PyTorch fp32, per precision: max abs error of the raw output in [-1,1]
+# (tensor I/O), max difference in 8-bit levels of the composite (image I/O), and the least
+# 8-bit PSNR over the hole. Measured numbers behind each entry: docs/COREML.md.
+EXECUTOR_TOLERANCES = {
+    "fp16": {"max_abs": 1e-2, "max_abs_u8": 2, "hole_psnr_db": 50.0},
+    "w8": {"max_abs": 6e-2, "max_abs_u8": 8, "hole_psnr_db": 38.0},
+    "palettized": {"max_abs": 0.25, "max_abs_u8": 32, "hole_psnr_db": 28.0},
+}
 AUTHOR = "gmcnn-mobile"
 LICENSE = "MIT (code); weights: see the checkpoint's licence"
 
-__all__ = ["PRECISIONS", "IOS", "convert", "artifact_name", "tensor_infos", "predict_samples"]
+NAME = "coreml"
+SUFFIX = ".mlpackage"
+EXTRA = "export"
+
+__all__ = ["NAME", "SUFFIX", "EXTRA", "PRECISIONS", "IOS", "check_available", "convert", "convert_generator",
+           "describe", "inventory", "run", "artifact_name", "tensor_infos", "predict_samples"]
 
 
 def _ct():
@@ -121,7 +136,7 @@ def _metadata(generator, shape, precision: str, io: str, checkpoint_sha256: str)
     }
 
 
-def describe(mlmodel, generator, shape, precision: str, io: str, checkpoint_sha256: str) -> None:
+def fill_description(mlmodel, generator, shape, precision: str, io: str, checkpoint_sha256: str) -> None:
     """Fill in the model's description: author, licence, summary, per-feature text, user metadata."""
     h, w = shape
     m = generator.meta
@@ -185,13 +200,15 @@ def save_atomically(mlmodel, final: Path) -> Path:
     return final
 
 
-def convert(generator, shape: Tuple[int, int], precision: str, io: str, workdir, *,
+def convert_generator(generator, shape: Tuple[int, int], precision: str, io: str, workdir, *,
             checkpoint_sha256: str = "", name: Optional[str] = None,
-            progress: Optional[Callable[[str], None]] = None) -> Path:
+            progress: Optional[Callable[[str], None]] = None, compute: str = "fp16") -> Path:
     """Convert ``generator`` to a Core ML ML program and save it atomically in ``workdir``.
 
     generator: a models.gmcnn.GMCNNGenerator (eval mode); shape: (rows, cols), multiples of 4.
     Returns the path of the written ``.mlpackage`` (``name`` or :func:`artifact_name`).
+    ``compute="fp32"`` builds an fp32 program instead: not a shipped precision, it exists so
+    tests can check the reference executor's op semantics without fp16 rounding in the way.
     Raises UserError for an unknown precision / I/O signature or an unusable shape.
     """
     if precision not in PRECISIONS:
@@ -215,14 +232,44 @@ def convert(generator, shape: Tuple[int, int], precision: str, io: str, workdir,
         warnings.simplefilter("ignore")
         mlmodel = ct.convert(
             traced, inputs=inputs, outputs=outputs, convert_to="mlprogram",
-            compute_precision=ct.precision.FLOAT16, minimum_deployment_target=ct.target.iOS16,
+            compute_precision=ct.precision.FLOAT32 if compute == "fp32" else ct.precision.FLOAT16, minimum_deployment_target=ct.target.iOS16,
             skip_model_load=True,
         )
         if precision != "fp16":
             say(f"coreml {h}x{w} {precision} {io}: compressing weights")
             mlmodel = compress(mlmodel, precision)
-    describe(mlmodel, generator, (h, w), precision, io, checkpoint_sha256)
+    fill_description(mlmodel, generator, (h, w), precision, io, checkpoint_sha256)
     return save_atomically(mlmodel, Path(workdir) / (name or artifact_name((h, w), precision, io)))
+
+
+# ---------------------------------------------------------------------- manifest entries
+
+def package_sha256(path) -> str:
+    """sha256 over an .mlpackage directory: each file's relative path and content, in path order."""
+    import hashlib
+
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def package_bytes(path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def manifest_artifact(path, shape: Tuple[int, int], precision: str, io: str, *, relative_to=None, parity=None):
+    """A runtime_py.manifest.Artifact describing a written package (op inventory from the program itself)."""
+    from runtime_py.manifest import Artifact
+
+    path = Path(path)
+    inputs, outputs = tensor_infos(shape, io)
+    file = path.relative_to(relative_to).as_posix() if relative_to else path.name
+    return Artifact(file=file, format="coreml", shape=[int(shape[0]), int(shape[1])], precision=precision, io=io,
+                    sha256=package_sha256(path), bytes=package_bytes(path), inputs=inputs, outputs=outputs,
+                    op_inventory=inventory(path), parity=parity)
 
 
 # ---------------------------------------------------------------------- running (parity gate)
@@ -252,3 +299,80 @@ def predict_samples(path, io: str, images: np.ndarray, masks: np.ndarray, *, exe
         else:
             out.append(np.asarray(executor({"image": img, "mask": m})["output"], np.uint8))
     return np.stack(out)
+
+
+# ---------------------------------------------------------------------- export backend interface
+
+def check_available() -> None:
+    """Raise MissingDependencyError (naming the extra) when coremltools is not installed."""
+    _ct()
+
+
+def convert(job) -> Path:
+    """Backend entry (export.backends.ConvertJob): write the package at ``job.out`` and return it."""
+    meta = dict(job.options.get("metadata") or {})
+    out = Path(job.out)
+    return convert_generator(job.generator, tuple(job.shape), job.precision, job.io, out.parent, name=out.name,
+                             checkpoint_sha256=str(meta.get("checkpoint_sha256", "")))
+
+
+def describe(path, io: str, shape=None):
+    """(inputs, outputs) TensorInfo lists for the manifest."""
+    if shape is None:
+        from runtime_py.mil_executor import load_program
+
+        shape = load_program(path).inputs[0].shape[-2:]
+    return tensor_infos(tuple(int(v) for v in shape), io)
+
+
+def inventory(path, threads: int = 1, details: Optional[dict] = None) -> Dict[str, object]:
+    """Op inventory of the package's ML program: count per op type, weight-decompression ops, dtypes."""
+    from runtime_py.mil_executor import load_program
+
+    program = load_program(path)
+    counts = dict(sorted(program.op_counts.items()))
+    conv_dtypes = sorted({str(dt) for s in program.steps if s.op_type == "conv" for _, dt, _ in s.outputs})
+    return {
+        "ops": counts,
+        "compute_dtype": "/".join(conv_dtypes),
+        "weight_decompression_ops": sum(v for k, v in counts.items() if k.startswith("constexpr_")),
+        "deployment_target": "iOS16 / macOS13",
+        "spec_version": program.spec_version,
+        "unsupported_by_reference_executor": [],
+    }
+
+
+def executor_name() -> str:
+    import platform
+
+    if platform.system() == "Darwin":
+        return f"coreml {_ct().__version__} (macOS predict, compute units ALL)"
+    from runtime_py.mil_executor import EXECUTOR_NAME
+
+    return f"{EXECUTOR_NAME} (numpy, program dtypes: fp16 ops in fp16, fp32-accumulated conv)"
+
+
+def run(path, io: str, samples, threads: int = 2):
+    """Execute on export.samples.Samples: ((N,H,W,3) outputs, executor). Real Core ML on macOS, else the reference executor."""
+    import platform
+
+    executor = None
+    if platform.system() == "Darwin":
+        executor = _coreml_predict(path, io)
+    outputs = predict_samples(path, io, samples.images, samples.masks, executor=executor)
+    return outputs, executor_name()
+
+
+def _coreml_predict(path, io: str):
+    ct = _ct()
+    model = ct.models.MLModel(str(path))
+
+    def predict(feed):
+        if io == "tensor":
+            return model.predict(feed)
+        from PIL import Image
+
+        out = model.predict({"image": Image.fromarray(feed["image"], "RGB"), "mask": Image.fromarray(feed["mask"], "L")})
+        return {"output": np.asarray(out["output"].convert("RGB"))}
+
+    return predict

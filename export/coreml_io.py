@@ -106,8 +106,9 @@ def tensor_infos(shape: Tuple[int, int], io: str) -> Tuple[List[TensorInfo], Lis
              TensorInfo("mask", [1, 1, h, w], "float32", "NCHW", [0.0, 1.0], "mask", "1=hole", role="mask")],
             [TensorInfo("output", [1, 3, h, w], "float32", "NCHW", [-1.0, 1.0], "RGB", role="output")],
         )
+    # Core ML sees w x h images (CVPixelBuffer / PIL); runtime_py feeds them as batch-of-one NHWC arrays.
     return (
-        [TensorInfo("image", [h, w, 3], "uint8", "HWC", [0, 255], "RGB", role="image"),
-         TensorInfo("mask", [h, w, 1], "uint8", "HWC", [0, 255], "mask", "255=hole", role="mask")],
-        [TensorInfo("output", [h, w, 3], "uint8", "HWC", [0, 255], "RGB", role="output")],
+        [TensorInfo("image", [1, h, w, 3], "uint8", "NHWC", [0, 255], "RGB", role="image"),
+         TensorInfo("mask", [1, h, w, 1], "uint8", "NHWC", [0, 255], "mask", "255=hole", role="mask")],
+        [TensorInfo("output", [1, h, w, 3], "uint8", "NHWC", [0, 255], "RGB", role="output")],
     )

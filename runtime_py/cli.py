@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "export.cli",
     "runtime_py.inpaint_cli",
     "benchmarks.cli",
+    "runtime_py.golden_cli",
 ]
 
 

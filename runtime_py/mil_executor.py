@@ -20,6 +20,10 @@ Feeds and results follow what Core ML's Python ``predict`` takes and returns:
   grayscale; the program itself holds the scale/bias pre-processing Core ML applies;
 * image outputs: uint8 (H, W, 3) RGB arrays (values clipped to [0, 255] and rounded).
 
+:meth:`MILProgram.predict` is the same with the runtime engines' batch-of-one convention:
+image inputs may carry a leading batch axis of 1 ((1,H,W,3), (1,H,W,1)) and image outputs
+come back as (1,H,W,3).
+
 Only :func:`load_mlpackage` / :func:`load_program` import coremltools; executing a loaded
 program needs NumPy alone.
 """
@@ -113,6 +117,18 @@ class MILProgram:
             value = np.asarray(env[spec.name])
             out[spec.name] = tensor_to_image(value, spec) if spec.kind == "image" else value.astype(spec.dtype, copy=False)
         return out
+
+
+    def predict(self, feed: Dict[str, object]) -> Dict[str, np.ndarray]:
+        """``__call__`` with batch-of-one image arrays in and out (runtime_py.engines convention)."""
+        out = self({k: _drop_batch(v) for k, v in feed.items()})
+        kinds = {s.name: s.kind for s in self.outputs}
+        return {k: (v[None] if kinds[k] == "image" else v) for k, v in out.items()}
+
+
+def _drop_batch(value):
+    arr = np.asarray(value)
+    return arr[0] if arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[0] == 1 else arr
 
 
 def _check_result(step: Step, result, dtype, shape) -> None:

@@ -29,6 +29,13 @@ def register_reference_executor(factory: Optional[Callable]) -> None:
     _reference_executor = factory
 
 
+def _default_reference_executor() -> Callable:
+    """The NumPy reference executor for ML programs (runtime_py.mil_executor); loading needs coremltools."""
+    from ..mil_executor import load_mlpackage
+
+    return load_mlpackage
+
+
 class CoreMLEngine(Engine):
     name = "coreml"
 
@@ -51,12 +58,10 @@ class CoreMLEngine(Engine):
                 raise MissingDependencyError("coremltools", "export", "the coreml engine") from None
             self.model = ct.models.MLModel(self.path)
             self._predict = self._predict_coreml
-        elif _reference_executor is not None:
-            self.model = _reference_executor(self.path)
-            self._predict = self.model.predict
         else:
-            raise UserError("Core ML prediction needs macOS, and no Core ML reference executor is "
-                            "installed on this platform; use --engine tflite or onnxruntime here")
+            factory = _reference_executor or _default_reference_executor()
+            self.model = factory(self.path)
+            self._predict = self.model.predict
         h, w = self.shape
         if self.artifact is not None:
             self._inputs = [TensorSpec(t.name, tuple(t.shape), t.dtype, t.role or role_of(t.name, i))

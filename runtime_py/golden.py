@@ -1,0 +1,395 @@
+"""Golden bundles: inputs and expected outputs of exported artifacts, for app developers' unit tests.
+
+``write_bundle(artifacts_dir, out)`` runs every artifact of an export directory on the host
+(TFLite in LiteRT, Core ML in the reference executor off macOS) on fixed sample inputs and
+writes, in a form an iOS or Android test reads without Python::
+
+    BUNDLE/index.json                         what everything is (schema below)
+    BUNDLE/<artifact>/case<k>/inputs/<name>.png|.bin
+    BUNDLE/<artifact>/case<k>/expected/<name>.png|.bin
+    BUNDLE/pipeline/<NN>_<stage>.png|.bin     every stage of one sample pipeline run
+
+Encoding: uint8 tensors whose layout is an image (N=1, H, W, C in {1, 3}) are PNG (lossless;
+grayscale for C=1, RGB for C=3, batch axis dropped); everything else is a raw little-endian
+buffer (``.bin``) of the listed dtype and shape, C order. Each tensor entry in index.json has
+``name, role, file, encoding, dtype, shape, layout, value_range`` and, for expected outputs,
+``tolerance = {max_abs, min_psnr_db, psnr_peak}``.
+
+``compare_bundle(bundle, device_dir)`` reads outputs produced elsewhere -- written to the
+same relative paths as the bundle's expected files, under ``device_dir`` -- and reports per
+output: max abs difference, PSNR, pass/fail, and the tolerance that would have passed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import UserError
+
+BUNDLE_SCHEMA = 1
+INDEX_NAME = "index.json"
+MASK_KINDS = ("blob", "strokes", "rect")
+
+# Host run vs device run of the same artifact, per precision: max abs difference in the
+# output's own units ([-1,1] floats, or 8-bit levels for uint8 images) and least PSNR over the
+# whole output. Device kernels (GPU / Neural Engine / NNAPI) round and accumulate in other
+# orders than the host runtimes; these bounds are the parity gate's per-precision error budget
+# (docs/COREML.md, docs/EXPORT.md), which is what a conforming device must stay within.
+DEVICE_TOLERANCES = {
+    "fp32": {"max_abs": 1e-3, "max_abs_u8": 1, "min_psnr_db": 60.0},
+    "fp16": {"max_abs": 1e-2, "max_abs_u8": 3, "min_psnr_db": 45.0},
+    "w8": {"max_abs": 6e-2, "max_abs_u8": 8, "min_psnr_db": 38.0},
+    "int8-dynamic": {"max_abs": 6e-2, "max_abs_u8": 8, "min_psnr_db": 35.0},
+    "int8": {"max_abs": 0.25, "max_abs_u8": 32, "min_psnr_db": 28.0},
+    "palettized": {"max_abs": 0.25, "max_abs_u8": 32, "min_psnr_db": 28.0},
+}
+
+
+# ------------------------------------------------------------------------ encoding
+
+def _is_image_tensor(arr: np.ndarray) -> bool:
+    return arr.dtype == np.uint8 and arr.ndim in (3, 4) and arr.shape[-1] in (1, 3) and (arr.ndim == 3 or arr.shape[0] == 1)
+
+
+def write_tensor(directory: Path, name: str, arr: np.ndarray) -> Tuple[str, str]:
+    """Write ``arr`` as PNG (uint8 HWC / NHWC images) or a raw little-endian buffer; returns (file name, encoding)."""
+    import cv2
+
+    arr = np.asarray(arr)
+    directory.mkdir(parents=True, exist_ok=True)
+    if _is_image_tensor(arr):
+        hwc = arr[0] if arr.ndim == 4 else arr
+        png = hwc[:, :, 0] if hwc.shape[2] == 1 else cv2.cvtColor(np.ascontiguousarray(hwc), cv2.COLOR_RGB2BGR)
+        ok, data = cv2.imencode(".png", np.ascontiguousarray(png))
+        if not ok:
+            raise RuntimeError(f"PNG encoding of {name} failed")
+        (directory / f"{name}.png").write_bytes(data.tobytes())
+        return f"{name}.png", "png"
+    le = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    (directory / f"{name}.bin").write_bytes(np.ascontiguousarray(le).tobytes())
+    return f"{name}.bin", "raw"
+
+
+def read_tensor(path: Path, entry: dict) -> np.ndarray:
+    """Read a tensor written by :func:`write_tensor` (or by a device) as the index entry describes it."""
+    import cv2
+
+    shape = tuple(int(s) for s in entry["shape"])
+    dtype = np.dtype(entry["dtype"]).newbyteorder("<")
+    if not path.is_file():
+        raise FileNotFoundError(str(path))
+    if entry["encoding"] == "png":
+        img = cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise UserError(f"{path}: not a readable PNG")
+        if img.ndim == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB if img.shape[2] == 3 else cv2.COLOR_BGRA2RGB)
+        else:
+            img = img[:, :, None]
+        if img.size != int(np.prod(shape)):
+            raise UserError(f"{path}: image is {img.shape[1]}x{img.shape[0]}x{img.shape[2]}, expected shape {list(shape)}")
+        return img.reshape(shape)
+    data = path.read_bytes()
+    want = int(np.prod(shape)) * dtype.itemsize
+    if len(data) != want:
+        raise UserError(f"{path}: {len(data)} bytes, expected {want} ({entry['dtype']} {list(shape)}, little-endian)")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+# ------------------------------------------------------------------------ sample inputs
+
+def synthetic_photo(height: int, width: int, seed: int) -> np.ndarray:
+    """A deterministic photo-like (H,W,3) uint8 RGB image: smooth colour fields, edges and texture."""
+    import cv2
+
+    r = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([128 + 90 * np.sin(xx / (9 + 7 * c) + yy / (13 + 5 * c) + seed) for c in range(3)], -1)
+    for _ in range(6):  # a few flat shapes give the model edges to continue
+        cy, cx = r.integers(0, height), r.integers(0, width)
+        rad = int(r.integers(max(2, min(height, width) // 12), max(3, min(height, width) // 4)))
+        cv2.circle(img, (int(cx), int(cy)), rad, tuple(float(v) for v in r.integers(0, 256, 3)), -1)
+    img += r.normal(0, 6, img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def sample_case(shape: Tuple[int, int], k: int, seed: int, photos: Sequence[Path] = ()) -> Tuple[np.ndarray, np.ndarray, str]:
+    """Case ``k`` at ``shape``: (image (H,W,3) uint8 RGB, hole (H,W) bool, source description)."""
+    import cv2
+
+    from .masks import make_mask
+
+    h, w = shape
+    if photos:
+        src = photos[k % len(photos)]
+        data = np.fromfile(str(src), np.uint8)
+        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+        if bgr is None:
+            raise UserError(f"{src}: not a readable image")
+        shrinking = bgr.shape[0] * bgr.shape[1] >= h * w
+        bgr = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
+        image, origin = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), src.name
+    else:
+        image, origin = synthetic_photo(h, w, seed + k), f"synthetic seed {seed + k}"
+    kind = MASK_KINDS[k % len(MASK_KINDS)]
+    hole = make_mask(kind, h, w, seed + k) > 0
+    return image, hole, f"{origin}; {kind} mask seed {seed + k}"
+
+
+# ------------------------------------------------------------------------ running artifacts
+
+def open_artifact_engine(directory: Path, art, threads: Optional[int] = None):
+    """An activated runtime engine for one manifest artifact (Core ML off macOS: the reference executor)."""
+    file = str(directory / art.file)
+    if art.format == "tflite":
+        from .engines.tflite_engine import TFLiteEngine
+
+        return TFLiteEngine(file, threads=threads, artifact=art).activate()
+    if art.format == "coreml":
+        from .engines.coreml_engine import CoreMLEngine
+
+        return CoreMLEngine(file, artifact=art).activate()
+    if art.format == "onnx":
+        from .engines.onnxruntime_engine import OnnxRuntimeEngine
+
+        roles = {t.name: t.role for t in art.inputs if t.role}
+        return OnnxRuntimeEngine(file, shape=tuple(art.shape), io=art.io, threads=threads, roles=roles).activate()
+    raise UserError(f"{file}: artifact format {art.format!r} has no host runtime")
+
+
+def _value_range(arr: np.ndarray, declared) -> List[float]:
+    if declared:
+        return [float(v) for v in declared]
+    return [0.0, 255.0] if arr.dtype == np.uint8 else [float(arr.min()), float(arr.max())]
+
+
+def _tolerance(precision: str, arr: np.ndarray) -> dict:
+    t = DEVICE_TOLERANCES.get(precision, DEVICE_TOLERANCES["int8"])
+    if arr.dtype == np.uint8:
+        return {"max_abs": float(t["max_abs_u8"]), "min_psnr_db": t["min_psnr_db"], "psnr_peak": 255.0}
+    return {"max_abs": t["max_abs"], "min_psnr_db": t["min_psnr_db"], "psnr_peak": 2.0}
+
+
+def _entry(role: str, name: str, arr: np.ndarray, rel_dir: str, file: str, encoding: str, info=None) -> dict:
+    return {
+        "name": name, "role": role, "file": f"{rel_dir}/{file}", "encoding": encoding,
+        "dtype": str(arr.dtype), "shape": list(arr.shape),
+        "layout": getattr(info, "layout", "") or ("NHWC" if arr.ndim == 4 and arr.shape[-1] in (1, 3) else "NCHW"),
+        "value_range": _value_range(arr, getattr(info, "value_range", None)),
+        "channel_order": getattr(info, "channel_order", ""), "mask_polarity": getattr(info, "mask_polarity", ""),
+    }
+
+
+def _artifact_cases(directory: Path, art, root: Path, cases: int, seed: int, photos, threads) -> dict:
+    engine = open_artifact_engine(directory, art, threads)
+    stem = Path(art.file).name.split(".")[0]
+    infos = {t.name: t for t in list(art.inputs) + list(art.outputs)}
+    out_cases = []
+    try:
+        for k in range(cases):
+            image, hole, origin = sample_case(tuple(art.shape), k, seed, photos)
+            feed = engine.make_feed(image, hole)
+            outputs = engine.infer(feed)
+            rel = f"{stem}/case{k}"
+            case = {"name": f"case{k}", "source": origin, "inputs": [], "expected": []}
+            for name, arr in feed.items():
+                file, enc = write_tensor(root / rel / "inputs", name, arr)
+                role = next((s.role for s in engine.input_specs() if s.name == name), "")
+                case["inputs"].append(_entry(role, name, arr, f"{rel}/inputs", file, enc, infos.get(name)))
+            for name, arr in outputs.items():
+                arr = np.asarray(arr)
+                file, enc = write_tensor(root / rel / "expected", name, arr)
+                e = _entry("output", name, arr, f"{rel}/expected", file, enc, infos.get(name))
+                e["tolerance"] = _tolerance(art.precision, arr)
+                case["expected"].append(e)
+            out_cases.append(case)
+    finally:
+        engine.deactivate()
+    executor = engine.describe()
+    if art.format == "coreml" and not _on_macos():
+        from .mil_executor import EXECUTOR_NAME
+
+        executor = f"{EXECUTOR_NAME} ({executor})"
+    return {"artifact": art.file, "sha256": art.sha256, "format": art.format, "precision": art.precision,
+            "io": art.io, "shape": list(art.shape), "expected_from": executor, "cases": out_cases}
+
+
+def _on_macos() -> bool:
+    import platform
+
+    return platform.system() == "Darwin"
+
+
+def _pipeline_stages(directory: Path, manifest, root: Path, seed: int, photos) -> Optional[dict]:
+    """Every stage of one baseline pipeline run over the export's preferred artifact, or None if no engine fits."""
+    try:
+        from .engines import open_engines
+        from .pipeline import Pipeline, PipelineConfig
+        from .trace import Trace
+    except ImportError:
+        return None
+    kinds = [k for k, fmt in (("tflite", "tflite"), ("coreml", "coreml"), ("onnxruntime", "onnx"))
+             if any(a.format == fmt and a.io == "tensor" for a in manifest.artifacts)]
+    if not kinds:
+        return None
+    engines = open_engines(kinds[0], artifacts=directory)
+    base = engines.base_shape
+    image, hole, origin = sample_case((base[0] * 5 // 4, base[1] * 5 // 4), 0, seed + 100, photos)
+    with tempfile.TemporaryDirectory(prefix="golden-trace-") as tmp:
+        trace = Trace(tmp)
+        try:
+            result = Pipeline(engines, PipelineConfig(mode="baseline"), trace=trace).run(image, hole)
+        finally:
+            engines.close()
+        trace.finish()
+        stages = []
+        for st in trace.entries:
+            arr = np.load(Path(tmp) / st["npy"])
+            if arr.dtype == bool:
+                arr = arr.astype(np.uint8) * 255
+            file, enc = write_tensor(root / "pipeline", f"{st['index']:02d}_{st['name']}", arr)
+            stages.append({"index": st["index"], "name": st["name"], "file": f"pipeline/{file}", "encoding": enc,
+                           "dtype": str(arr.dtype), "shape": list(arr.shape), "note": st.get("note", ""),
+                           "layout": "HWC" if arr.ndim == 3 else "HW"})
+    file, enc = write_tensor(root / "pipeline", "result", result.image)
+    return {"engine": engines.describe(), "mode": "baseline", "source": origin, "stages": stages,
+            "result": {"file": f"pipeline/{file}", "encoding": enc, "dtype": "uint8", "shape": list(result.image.shape)},
+            "note": "masks are stored as 0/255 uint8 (255 = hole); float stages are raw little-endian float32"}
+
+
+def write_bundle(artifacts_dir, out, *, cases: int = 1, seed: int = 0, photos_dir=None, pipeline: bool = True,
+                 threads: Optional[int] = None, progress: bool = True) -> Path:
+    """Write a golden bundle for every artifact in ``artifacts_dir`` (an export directory) to ``out``.
+
+    The bundle is assembled in a temporary folder next to ``out`` and renamed into place.
+    """
+    from .manifest import load_manifest
+
+    directory = Path(artifacts_dir)
+    manifest = load_manifest(directory)
+    if not manifest.artifacts:
+        raise UserError(f"{directory}: the manifest lists no artifacts")
+    photos: List[Path] = []
+    if photos_dir is not None:
+        photos = sorted(p for p in Path(photos_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp"))
+        if not photos:
+            raise UserError(f"{photos_dir}: no photos here")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        index = {"schema": BUNDLE_SCHEMA, "manifest_sha256": hashlib.sha256((directory / "manifest.json").read_bytes()).hexdigest(),
+                 "checkpoint_sha256": manifest.checkpoint.get("sha256", ""),
+                 "encoding": "png: lossless 8-bit RGB or grayscale, no batch axis; raw: little-endian, C order, shape as listed",
+                 "artifacts": [], "pipeline": None}
+        arts = manifest.artifacts
+        bar = _progress(len(arts), progress)
+        for art in arts:
+            bar(f"{art.format} {art.precision} {art.io} {art.shape[0]}x{art.shape[1]}")
+            index["artifacts"].append(_artifact_cases(directory, art, tmp, cases, seed, photos, threads))
+        if pipeline:
+            bar("pipeline stages")
+            index["pipeline"] = _pipeline_stages(directory, manifest, tmp, seed, photos)
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return lambda _msg: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total + 1, desc="golden", unit="step", file=__import__("sys").stderr, leave=False)
+
+    def step(msg):
+        bar.set_postfix_str(msg)
+        bar.update(1)
+
+    return step
+
+
+# ------------------------------------------------------------------------ comparing
+
+@dataclass
+class CompareRow:
+    artifact: str
+    case: str
+    output: str
+    max_abs: Optional[float]
+    psnr_db: Optional[float]
+    tolerance: dict
+    passed: bool
+    note: str = ""
+
+
+def compare_bundle(bundle, device_dir) -> List[CompareRow]:
+    """Compare device outputs with the bundle's expected outputs, one row per expected output."""
+    bundle, device_dir = Path(bundle), Path(device_dir)
+    index_path = bundle / INDEX_NAME
+    if not index_path.is_file():
+        raise UserError(f"{bundle}: not a golden bundle (no {INDEX_NAME})")
+    try:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{index_path}: not valid JSON ({exc})") from None
+    if index.get("schema") != BUNDLE_SCHEMA:
+        raise UserError(f"{index_path}: bundle schema {index.get('schema')!r} is not supported (expected {BUNDLE_SCHEMA})")
+    if not device_dir.is_dir():
+        raise UserError(f"{device_dir}: device output folder does not exist")
+    rows = []
+    for art in index["artifacts"]:
+        for case in art["cases"]:
+            for e in case["expected"]:
+                tol = e["tolerance"]
+                try:
+                    got = read_tensor(device_dir / e["file"], e)
+                except FileNotFoundError:
+                    rows.append(CompareRow(art["artifact"], case["name"], e["name"], None, None, tol, False,
+                                           f"missing: {e['file']}"))
+                    continue
+                except UserError as exc:
+                    rows.append(CompareRow(art["artifact"], case["name"], e["name"], None, None, tol, False, str(exc)))
+                    continue
+                want = read_tensor(bundle / e["file"], e)
+                diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+                max_abs = float(diff.max()) if diff.size else 0.0
+                mse = float(np.mean(diff ** 2)) if diff.size else 0.0
+                psnr = math.inf if mse == 0 else 10 * math.log10(tol["psnr_peak"] ** 2 / mse)
+                ok = max_abs <= tol["max_abs"] and psnr >= tol["min_psnr_db"]
+                rows.append(CompareRow(art["artifact"], case["name"], e["name"], max_abs, psnr, tol, ok))
+    return rows
+
+
+def format_table(rows: List[CompareRow]) -> str:
+    """timm-style fixed-width table: artifact, case, output, max abs, PSNR, result, the tolerance that would pass."""
+    head = ["artifact", "case", "output", "max_abs", "psnr_db", "result", "tolerance", "would_pass_at"]
+    lines = []
+    for r in rows:
+        tol = f"max_abs<={r.tolerance['max_abs']:g}, psnr>={r.tolerance['min_psnr_db']:g}"
+        if r.max_abs is None:
+            lines.append([r.artifact, r.case, r.output, "-", "-", "FAIL", tol, r.note])
+            continue
+        psnr = "inf" if math.isinf(r.psnr_db) else f"{r.psnr_db:.2f}"
+        would = f"max_abs<={r.max_abs:.4g}, psnr>={'inf' if math.isinf(r.psnr_db) else f'{math.floor(r.psnr_db * 100) / 100:.2f}'}"
+        lines.append([r.artifact, r.case, r.output, f"{r.max_abs:.4g}", psnr, "pass" if r.passed else "FAIL", tol, would])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head)] + [fmt.format(*map(str, ln)) for ln in lines])

@@ -1,0 +1,73 @@
+"""``gmcnn-mobile golden`` and ``gmcnn-mobile compare``: golden bundles for checking device outputs."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> None:
+    from .cli import HelpFormatter
+
+    g = subparsers.add_parser(
+        "golden", formatter_class=HelpFormatter,
+        help="write inputs + expected outputs of every exported artifact for device unit tests",
+        description="Run every artifact of an export directory on this machine (TFLite in LiteRT, Core ML in "
+                    "real Core ML on macOS or the reference executor elsewhere) on fixed sample inputs, and "
+                    "write a bundle an iOS/Android test can load without Python: PNG for 8-bit images, raw "
+                    "little-endian buffers otherwise, index.json with shapes, dtypes, layouts and tolerances.",
+    )
+    g.add_argument("--artifacts", required=True, metavar="DIR", help="export directory (with manifest.json)")
+    g.add_argument("--out", required=True, metavar="BUNDLE", help="bundle folder to write (replaced atomically)")
+    g.add_argument("--cases", type=int, default=1, help="input cases per artifact")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sample masks (and synthetic photos)")
+    g.add_argument("--photos", metavar="DIR", default=None,
+                   help="photos to use as inputs (resized to each artifact's shape); default: synthetic photo-like images")
+    g.add_argument("--no-pipeline", action="store_true", help="skip the sample pipeline run's stages")
+    g.add_argument("--threads", type=int, default=None, help="runtime threads (TFLite/ONNX Runtime)")
+    g.set_defaults(func=_golden)
+
+    c = subparsers.add_parser(
+        "compare", formatter_class=HelpFormatter,
+        help="check device outputs against a golden bundle",
+        description="Compare outputs produced elsewhere (a phone, a Mac) with a golden bundle. DEVICE_OUTPUTS "
+                    "holds each output at the same relative path as the bundle's expected file "
+                    "(e.g. <artifact>/case0/expected/output.png), in the same encoding. Prints one row per "
+                    "output: max abs difference, PSNR, pass/fail, the tolerance, and the tolerance that would "
+                    "have passed. Exits 1 if any output fails or is missing.",
+    )
+    c.add_argument("bundle", metavar="BUNDLE")
+    c.add_argument("device_outputs", metavar="DEVICE_OUTPUTS")
+    c.add_argument("--json", dest="json_out", metavar="FILE", default=None, help="also write the rows as JSON")
+    c.set_defaults(func=_compare)
+
+
+def _golden(args: argparse.Namespace) -> int:
+    from .errors import UserError
+    from .golden import write_bundle
+
+    if args.cases < 1:
+        raise UserError("--cases must be at least 1")
+    out = write_bundle(args.artifacts, args.out, cases=args.cases, seed=args.seed, photos_dir=args.photos,
+                       pipeline=not args.no_pipeline, threads=args.threads)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"golden bundle: {out} ({size / 1e6:.2f} MB)")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from .golden import compare_bundle, format_table
+
+    rows = compare_bundle(args.bundle, args.device_outputs)
+    print(format_table(rows))
+    failed = [r for r in rows if not r.passed]
+    print(f"{len(rows) - len(failed)}/{len(rows)} outputs pass")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=2, default=str)
+    if failed:
+        print(f"gmcnn-mobile compare: {len(failed)} output(s) failed", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,213 @@
+"""Core ML export: tiny GMCNN programs converted, checked structurally, and executed by the
+reference executor against PyTorch within the tolerance table (export.coreml.EXECUTOR_TOLERANCES)."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("coremltools")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from coreml_fixtures import (TINY_TF_SHAPE, TINY_TORCH_SHAPE, composite_u8, sample_inputs,  # noqa: E402
+                             scaled_generator, tiny_artifact, torch_reference)
+from export.coreml import EXECUTOR_TOLERANCES, convert_generator, kmeans_1d, predict_samples  # noqa: E402
+from runtime_py.errors import UserError  # noqa: E402
+from runtime_py.metrics import psnr  # noqa: E402
+from runtime_py.mil_executor import load_program  # noqa: E402
+
+
+def _to_u8(x):
+    return np.round(np.clip((x.astype(np.float64) + 1) * 127.5, 0, 255)).astype(np.uint8)
+
+
+def _compare(precision, io, variant="tf", compute="fp16"):
+    path = tiny_artifact(precision, io, variant, compute)
+    shape = TINY_TF_SHAPE if variant == "tf" else TINY_TORCH_SHAPE
+    images, masks = sample_inputs(shape, n=1)
+    raw = torch_reference(scaled_generator(variant), images, masks)
+    out = predict_samples(path, io, images, masks)
+    hole = masks[..., 0] >= 128
+    if io == "tensor":
+        return path, out, raw, np.abs(out - raw), psnr(_to_u8(out), _to_u8(raw), hole)
+    ref = composite_u8(images, masks, raw)
+    return path, out, (images, masks), np.abs(out.astype(np.float64) - ref), psnr(out, ref, hole)
+
+
+def test_fp32_program_matches_pytorch_exactly():
+    """With fp16 out of the way the executor's op semantics must reproduce PyTorch to float32 noise."""
+    _, _, _, diff, _ = _compare("fp16", "tensor", compute="fp32")
+    assert diff.max() < 2e-5
+
+
+@pytest.mark.parametrize("precision", ["fp16", "w8", "palettized"])
+def test_tensor_io_within_tolerance(precision):
+    path, out, _, diff, hole_psnr = _compare(precision, "tensor")
+    tol = EXECUTOR_TOLERANCES[precision]
+    assert out.dtype == np.float32 and out.shape == (1, *TINY_TF_SHAPE, 3)
+    assert diff.max() <= tol["max_abs"], diff.max()
+    assert hole_psnr >= tol["hole_psnr_db"], hole_psnr
+    if precision == "fp16":
+        assert diff.max() > 0  # fp16 arithmetic did happen: an fp32 run would be (near) exact
+
+
+def test_program_computes_in_fp16_and_has_expected_ops():
+    program = load_program(tiny_artifact("w8", "tensor"))
+    conv_dtypes = {dt for s in program.steps if s.op_type == "conv" for _, dt, _ in s.outputs}
+    assert conv_dtypes == {np.dtype(np.float16)}
+    assert [s.dtype for s in program.inputs] == [np.float32, np.float32]
+    assert {"conv", "elu", "upsample_bilinear", "upsample_nearest_neighbor", "concat", "clip", "cast"} <= set(program.op_counts)
+    assert program.op_counts["constexpr_affine_dequantize"] > 0
+    assert program.op_counts["conv"] == 44
+
+
+def test_image_io_composite_and_known_pixels():
+    path, out, (images, masks), diff, hole_psnr = _compare("w8", "image")
+    known = masks[..., 0] < 128
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out[known], images[known])  # compositing and de-normalisation inside the model
+    tol = EXECUTOR_TOLERANCES["w8"]
+    assert diff.max() <= tol["max_abs_u8"] and hole_psnr >= tol["hole_psnr_db"]
+    program = load_program(path)
+    assert [(s.kind, s.color) for s in program.inputs] == [("image", "RGB"), ("image", "GRAYSCALE")]
+    assert (program.outputs[0].kind, program.outputs[0].color) == ("image", "RGB")
+
+
+def test_image_io_mask_threshold_at_128(tmp_path):
+    """Values >= 128 are hole; soft masks binarise exactly like the TFLite image signature."""
+    program = load_program(tiny_artifact("w8", "image"))
+    images, _ = sample_inputs(TINY_TF_SHAPE, n=1)
+    hard = np.zeros(TINY_TF_SHAPE, np.uint8)
+    hard[10:30, 20:50] = 255
+    soft = np.where(hard > 0, 128, 127).astype(np.uint8)
+    a = program({"image": images[0], "mask": hard})["output"]
+    b = program({"image": images[0], "mask": soft})["output"]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_palettized_and_w8_weights_decompress_like_coremltools():
+    """Our decompression of the stored weights equals coremltools' own value inference of the same ops."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+
+    for precision, op_type in (("w8", "constexpr_affine_dequantize"), ("palettized", "constexpr_lut_to_dense")):
+        path = tiny_artifact(precision, "tensor")
+        model = ct.models.MLModel(str(path), skip_model_load=True)
+        spec = model.get_spec()
+        prog = milproto_load(spec, spec.specificationVersion, file_weights_dir=model.weights_dir)
+        ours = load_program(path).constants
+        ops = [op for op in prog.functions["main"].operations if op.op_type == op_type]
+        assert ops
+        for op in ops:
+            np.testing.assert_array_equal(ours[op.outputs[0].name], op.materialized_val_inference())
+
+
+def test_torch_variant_reflect_pads():
+    path, _, _, diff, hole_psnr = _compare("fp16", "tensor", variant="torch")
+    assert load_program(path).op_counts["pad"] == 44
+    tol = EXECUTOR_TOLERANCES["fp16"]
+    assert diff.max() <= tol["max_abs"] and hole_psnr >= tol["hole_psnr_db"]
+
+
+def test_metadata_filled_in():
+    import coremltools as ct
+
+    model = ct.models.MLModel(str(tiny_artifact("w8", "image")), skip_model_load=True)
+    meta = model.user_defined_metadata
+    assert meta["gmcnn_mobile.variant"] == "tf" and meta["gmcnn_mobile.cnum"] == "4"
+    assert meta["gmcnn_mobile.shape"] == "64x96" and meta["gmcnn_mobile.precision"] == "w8"
+    assert meta["gmcnn_mobile.io"] == "image" and meta["gmcnn_mobile.checkpoint_sha256"] == "0" * 64
+    assert meta["gmcnn_mobile.mask_polarity"].startswith("255=hole")
+    assert model.author and model.license and "GMCNN" in model.short_description
+    assert "255 = hole" in model.input_description["mask"]
+    assert "prediction inside the hole" in model.output_description["output"]
+
+
+def test_bad_requests_are_user_errors(tmp_path):
+    gen = scaled_generator("tf")
+    with pytest.raises(UserError, match="not a multiple of 4"):
+        convert_generator(gen, (62, 96), "fp16", "tensor", tmp_path)
+    with pytest.raises(UserError, match="unknown Core ML precision"):
+        convert_generator(gen, (64, 96), "int4", "tensor", tmp_path)
+    with pytest.raises(UserError, match="unknown I/O signature"):
+        convert_generator(gen, (64, 96), "fp16", "rgb", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_save_leaves_nothing_and_replacement_is_atomic(tmp_path, monkeypatch):
+    from export import coreml
+
+    src = tiny_artifact("fp16", "tensor")
+    model_dir = tmp_path / "out"
+
+    class Model:
+        def __init__(self, fail):
+            self.fail = fail
+
+        def save(self, path):
+            import shutil
+
+            shutil.copytree(src, path)
+            if self.fail:
+                raise OSError("disk full")
+
+    final = coreml.save_atomically(Model(False), model_dir / "a.mlpackage")
+    first = sorted(p.relative_to(final) for p in final.rglob("*"))
+    with pytest.raises(OSError):
+        coreml.save_atomically(Model(True), model_dir / "a.mlpackage")
+    with pytest.raises(OSError):
+        coreml.save_atomically(Model(True), model_dir / "b.mlpackage")
+    assert sorted(p.name for p in model_dir.iterdir()) == ["a.mlpackage"]  # no temp dirs, no partial b
+    assert sorted(p.relative_to(final) for p in final.rglob("*")) == first
+    coreml.save_atomically(Model(False), model_dir / "a.mlpackage")  # replace an existing package
+    assert sorted(p.name for p in model_dir.iterdir()) == ["a.mlpackage"]
+
+
+def test_kmeans_palette():
+    r = np.random.default_rng(0)
+    w = np.concatenate([r.normal(-1, 0.01, 500), r.normal(2, 0.01, 300)])
+    lut, idx = kmeans_1d(w, 1)
+    np.testing.assert_allclose(sorted(lut), [-1, 2], atol=0.01)
+    assert idx.dtype == np.uint8 and np.all(lut[idx] - w < 0.05)
+    lut6, idx6 = kmeans_1d(r.standard_normal(5000), 6)
+    assert lut6.shape == (64,) and idx6.max() < 64
+
+
+@pytest.mark.skipif(platform.system() != "Darwin", reason="Core ML predict runs only on macOS")
+@pytest.mark.parametrize("precision,io", [("fp16", "tensor"), ("w8", "tensor"), ("w8", "image")])
+def test_reference_executor_matches_real_coreml(precision, io):
+    import coremltools as ct
+    from PIL import Image
+
+    path = tiny_artifact(precision, io)
+    model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY)
+    images, masks = sample_inputs(TINY_TF_SHAPE, n=1)
+    ours = predict_samples(path, io, images, masks)
+    if io == "tensor":
+        real = predict_samples(path, io, images, masks, executor=lambda feed: model.predict(feed))
+        assert np.abs(ours - real).max() <= EXECUTOR_TOLERANCES[precision]["max_abs"]
+    else:
+        def predict(feed):
+            out = model.predict({"image": Image.fromarray(feed["image"], "RGB"), "mask": Image.fromarray(feed["mask"], "L")})
+            return {"output": np.asarray(out["output"].convert("RGB"))}
+
+        real = predict_samples(path, io, images, masks, executor=predict)
+        assert np.abs(ours.astype(int) - real.astype(int)).max() <= EXECUTOR_TOLERANCES[precision]["max_abs_u8"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp16", "w8"])
+def test_full_size_cnum32_matches_pytorch(tmp_path, precision):
+    gen = scaled_generator("tf", 32)
+    shape = (512, 680)
+    path = convert_generator(gen, shape, precision, "tensor", tmp_path)
+    images, masks = sample_inputs(shape, n=1)
+    out = predict_samples(path, "tensor", images, masks)
+    raw = torch_reference(gen, images, masks)
+    tol = EXECUTOR_TOLERANCES[precision]
+    assert np.abs(out - raw).max() <= tol["max_abs"]
+    assert psnr(_to_u8(out), _to_u8(raw), masks[..., 0] >= 128) >= tol["hole_psnr_db"]
