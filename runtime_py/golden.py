@@ -57,7 +57,10 @@ DEVICE_TOLERANCES = {
 # ------------------------------------------------------------------------ encoding
 
 def _is_image_tensor(arr: np.ndarray) -> bool:
-    return arr.dtype == np.uint8 and arr.ndim in (3, 4) and arr.shape[-1] in (1, 3) and (arr.ndim == 3 or arr.shape[0] == 1)
+    """uint8 (H,W), (H,W,C) or (1,H,W,C) with C in {1, 3}: stored as PNG."""
+    if arr.dtype != np.uint8:
+        return False
+    return arr.ndim == 2 or (arr.ndim in (3, 4) and arr.shape[-1] in (1, 3) and (arr.ndim == 3 or arr.shape[0] == 1))
 
 
 def write_tensor(directory: Path, name: str, arr: np.ndarray) -> Tuple[str, str]:
@@ -67,7 +70,7 @@ def write_tensor(directory: Path, name: str, arr: np.ndarray) -> Tuple[str, str]
     arr = np.asarray(arr)
     directory.mkdir(parents=True, exist_ok=True)
     if _is_image_tensor(arr):
-        hwc = arr[0] if arr.ndim == 4 else arr
+        hwc = arr[0] if arr.ndim == 4 else (arr[:, :, None] if arr.ndim == 2 else arr)
         png = hwc[:, :, 0] if hwc.shape[2] == 1 else cv2.cvtColor(np.ascontiguousarray(hwc), cv2.COLOR_RGB2BGR)
         ok, data = cv2.imencode(".png", np.ascontiguousarray(png))
         if not ok:

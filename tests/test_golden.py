@@ -18,8 +18,9 @@ from runtime_py.cli import main  # noqa: E402
 # ------------------------------------------------------------------ encoding (no coremltools needed)
 
 @pytest.mark.parametrize("arr", [
-    np.arange(2 * 3 * 4 * 3, dtype=np.uint8).reshape(1, 3, 4, 3) * 3,   # NHWC RGB -> PNG
+    np.arange(3 * 4 * 3, dtype=np.uint8).reshape(1, 3, 4, 3) * 3,   # NHWC RGB -> PNG
     np.arange(12, dtype=np.uint8).reshape(1, 3, 4, 1) * 20,            # NHWC gray -> PNG
+    np.arange(12, dtype=np.uint8).reshape(3, 4) * 20,                  # HW mask -> PNG
     np.linspace(-1, 1, 24, dtype=np.float32).reshape(1, 2, 3, 4),      # float -> raw
     np.arange(-6, 6, dtype=np.int8).reshape(1, 3, 4),                  # int8 -> raw
 ])
