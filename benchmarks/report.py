@@ -86,7 +86,7 @@ def plot_latency(rows: List[dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     shapes = sorted({r["shape"] for r in ok}, key=lambda s: int(s.split("x")[0]))
-    fig, axes = plt.subplots(2, len(shapes), figsize=(5.5 * len(shapes), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(shapes), figsize=(5.5 * len(shapes), 7.5), squeeze=False, sharex="col")
     for j, shape in enumerate(shapes):
         sub = [r for r in ok if r["shape"] == shape]
         labels = sorted({(r["engine"], r["precision"], r["io"]) for r in sub},
@@ -107,7 +107,7 @@ def plot_latency(rows: List[dict], path: Path) -> bool:
             ax.set_xticklabels([f"{e.replace('pytorch-eager', 'torch').replace('tflite-no-xnnpack', 'tflite no-xnn')}\n{p} {io}"
                                 for e, p, io in labels], rotation=60, ha="right", fontsize=7)
             ax.set_ylabel(unit)
-            ax.set_title(f"{shape}")
+            ax.set_title(f"{shape}: {unit.split(' (')[0]}", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
         axes[0][j].legend(fontsize=7)
     fig.suptitle("Model latency and memory (each bar: its own process)")
@@ -157,36 +157,43 @@ def plot_pipeline(rows: List[dict], path: Path) -> bool:
     return True
 
 
-def plot_quality(summary_by_method_kind: List[dict], path: Path) -> bool:
-    ok = [r for r in summary_by_method_kind if r["n"] > 0]
-    if not ok:
+def plot_quality(rows: List[dict], path: Path) -> bool:
+    """2x2 bars: hole / band PSNR by mask kind, hole PSNR / hole SSIM by size class; one bar per method."""
+    ok_rows = [r for r in rows if "error" not in r]
+    if not ok_rows:
         return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = []
-    for r in ok:
-        if r["method"] not in methods:
-            methods.append(r["method"])
-    kinds = sorted({r["kind"] for r in ok})
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    methods = [s["method"] for s in _order_methods(summarize_quality(ok_rows, by=("method",)))]
+    by_kind = summarize_quality(ok_rows, by=("method", "kind"))
+    by_size = summarize_quality(ok_rows, by=("method", "size"))
+    kinds = [k for k in ("strokes", "blob", "rect") if any(r["kind"] == k for r in by_kind)]
+    sizes = [z for z in ("small", "medium", "large") if any(r["size"] == z for r in by_size)]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     width = 0.8 / max(len(methods), 1)
-    for ax, key, label in ((axes[0], "hole_psnr", "hole PSNR (dB)"), (axes[1], "band_psnr", "boundary-band PSNR (dB)")):
+    panels = ((axes[0][0], by_kind, "kind", kinds, "hole_psnr", "hole PSNR (dB) by mask kind"),
+              (axes[0][1], by_kind, "kind", kinds, "band_psnr", "boundary-band PSNR (dB) by mask kind"),
+              (axes[1][0], by_size, "size", sizes, "hole_psnr", "hole PSNR (dB) by hole size"),
+              (axes[1][1], by_size, "size", sizes, "hole_ssim", "hole SSIM by hole size"))
+    for ax, summary, field, groups, key, title in panels:
         for i, m in enumerate(methods):
             vals = []
-            for k in kinds:
-                match = [r for r in ok if r["method"] == m and r["kind"] == k]
+            for g in groups:
+                match = [r for r in summary if r["method"] == m and r[field] == g]
                 v = match[0][key] if match else float("nan")
                 vals.append(v if math.isfinite(v) else 0.0)
-            ax.bar([x + i * width for x in range(len(kinds))], vals, width=width, label=m)
-        ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(kinds))])
-        ax.set_xticklabels(kinds)
-        ax.set_ylabel(label)
+            ax.bar([x + i * width for x in range(len(groups))], vals, width=width, label=m)
+        ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(groups))])
+        ax.set_xticklabels(groups)
+        ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Quality by method and mask kind (mean over sizes and photos; higher is better)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(methods)), fontsize=8)
+    fig.suptitle("Quality by method (mean over photos and cases; higher is better)")
+    fig.subplots_adjust(bottom=0.12, hspace=0.3)
     _save_fig(fig, path)
     plt.close(fig)
     return True
@@ -424,8 +431,7 @@ def write_report(out_dir: Path, results: dict) -> Dict[str, Path]:
         plots["latency"] = "latency.png"
     if plot_pipeline(pipe_rows, out_dir / "pipeline.png"):
         plots["pipeline"] = "pipeline.png"
-    q_by_kind = summarize_quality(q_rows, by=("method", "kind")) if q_rows else []
-    if plot_quality(q_by_kind, out_dir / "quality.png"):
+    if plot_quality(q_rows, out_dir / "quality.png"):
         plots["quality"] = "quality.png"
     for name, rel in plots.items():
         files[f"{name}.png"] = out_dir / rel
