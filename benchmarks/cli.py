@@ -48,6 +48,9 @@ def register(sub) -> None:
                    help="pipeline modes scored: auto = all four (baseline,shrink with --quick)")
     p.add_argument("--no-patchmatch", action="store_true", help="leave PatchMatch out even when pypatchmatch is installed")
     p.add_argument("--sgemm-n", type=int, default=None, help="SGEMM side for the fp32 peak (default 3072, 1024 with --quick)")
+    p.add_argument("--time-budget", type=float, default=0.0, metavar="MIN",
+                   help="start no new measurement after this many minutes (0 = no limit); what was left out is "
+                        "listed in the report")
     p.add_argument("--merge", action="store_true",
                    help="keep the sections and rows of an earlier run in --out/results.json that this run does not "
                         "measure again (rows with the same key are replaced); the report covers both")

@@ -60,15 +60,19 @@ class MethodSpec:
 
 
 def evaluate(cases: Iterable[Case], methods: Sequence[MethodSpec], load_image: Callable[[str], np.ndarray],
-             progress: Optional[Callable[[str], None]] = None, band: int = BAND_PX) -> List[dict]:
+             progress: Optional[Callable[[str], None]] = None, band: int = BAND_PX,
+             should_stop: Optional[Callable[[], bool]] = None) -> List[dict]:
     """Every method on every case; one row per (case, method) with scores and seconds.
 
-    A method that raises gets a row with ``error`` instead of scores."""
+    A method that raises gets a row with ``error`` instead of scores. ``should_stop`` is asked
+    before each case; when it says True the remaining cases are left out."""
     from runtime_py.masks import make_mask
     from runtime_py.metrics import region_scores
 
     rows = []
     for case in cases:
+        if should_stop is not None and should_stop():
+            break
         image = load_image(case.photo)
         mask = make_mask(case.kind, image.shape[0], image.shape[1], seed=case.seed, size=case.size)
         for m in methods:

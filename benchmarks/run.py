@@ -72,6 +72,8 @@ class BenchConfig:
     sgemm_n: int
     update_readme: Optional[Path]
     merge: bool = False
+    time_budget_min: float = 0.0
+    deadline: Optional[float] = None  # time.monotonic() after which no new measurement starts
     command: str = ""
     notes: List[str] = field(default_factory=list)
 
@@ -116,7 +118,7 @@ class BenchConfig:
             quality_photos=_names(getattr(args, "quality_photos", "all")),
             quality_modes=modes, patchmatch=not args.no_patchmatch,
             sgemm_n=args.sgemm_n or (1024 if quick else 3072), update_readme=args.update_readme,
-            merge=bool(getattr(args, "merge", False)),
+            merge=bool(getattr(args, "merge", False)), time_budget_min=float(getattr(args, "time_budget", 0) or 0),
             command="gmcnn-mobile " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"]
             else "gmcnn-mobile bench" + _args_text(args))
 
@@ -164,6 +166,17 @@ def machine_meta(cfg: BenchConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- sections
+
+def out_of_time(cfg: BenchConfig) -> bool:
+    return cfg.deadline is not None and time.monotonic() > cfg.deadline
+
+
+def worker_timeout(cfg: BenchConfig) -> float:
+    """Per-worker limit: 30 min, or the budget left plus 2 min of grace."""
+    if cfg.deadline is None:
+        return 1800.0
+    return max(60.0, min(1800.0, cfg.deadline - time.monotonic() + 120.0))
+
 
 def _progress(total: int, desc: str):
     from tqdm import tqdm
@@ -213,7 +226,10 @@ def run_latency(cfg: BenchConfig, manifest, meta: dict, cache: Path, logs: Path)
     bar = _progress(len(specs), "latency")
     for spec in specs:
         bar.set_postfix_str(spec["label"])
-        results.append(run_in_subprocess(spec, logs))
+        if out_of_time(cfg):
+            meta["skipped"].append(f"latency {spec['label']}: --time-budget spent before it started")
+        else:
+            results.append(run_in_subprocess(spec, logs, timeout_s=worker_timeout(cfg)))
         bar.update(1)
     bar.close()
     out = derive(results, macs)
@@ -269,7 +285,11 @@ def run_pipeline(cfg: BenchConfig, manifest, meta: dict, cache: Path, logs: Path
     bar = _progress(len(specs), "pipeline")
     for spec in specs:
         bar.set_postfix_str(spec["label"])
-        r = run_in_subprocess(spec, logs)
+        if out_of_time(cfg):
+            meta["skipped"].append(f"{spec['label']}: --time-budget spent before it started")
+            bar.update(1)
+            continue
+        r = run_in_subprocess(spec, logs, timeout_s=worker_timeout(cfg))
         row = {"photo": Path(spec["photo"]).name, "megapixels": spec["photo_mp"], "upscaled_from": spec["upscaled_from"],
                "mode": spec["mode"], "tiles": spec["tiles"], "threads": spec["threads"], "precision": spec["precision"]}
         if r.get("ok"):
@@ -352,15 +372,18 @@ def run_quality(cfg: BenchConfig, manifest, meta: dict) -> dict:
         bar.update(1)
 
     try:
-        rows = evaluate(cases, methods, load, progress=progress)
+        rows = evaluate(cases, methods, load, progress=progress, should_stop=lambda: out_of_time(cfg))
     finally:
         bar.close()
         for e in engine_sets.values():
             e.close()
+    done = {(r["photo"], r["kind"], r["size"], r["seed"]) for r in rows}
+    if len(done) < len(cases):
+        meta["skipped"].append(f"quality: {len(cases) - len(done)} of {len(cases)} cases (--time-budget spent)")
     errors = [r for r in rows if "error" in r]
     if errors:
         notes.append(f"{len(errors)} quality run(s) failed, first: {errors[0]['method']}: {errors[0]['error']}")
-    return {"rows": rows, "cases": len(cases), "band_px": BAND_PX, "model_shape": list(base),
+    return {"rows": rows, "cases": len(done), "band_px": BAND_PX, "model_shape": list(base),
             "threads": cfg.pipeline_threads, "notes": notes}
 
 
@@ -374,6 +397,8 @@ def run_bench(cfg: BenchConfig) -> Dict[str, Path]:
     cache, logs = cfg.out / "cache", cfg.out / "logs"
     cache.mkdir(exist_ok=True)
     t0 = time.perf_counter()
+    if cfg.time_budget_min > 0:
+        cfg.deadline = time.monotonic() + 60.0 * cfg.time_budget_min
     meta = machine_meta(cfg)
     results = {"meta": meta}
     if "latency" in cfg.sections:

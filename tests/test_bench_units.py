@@ -260,3 +260,12 @@ def test_merge_keeps_old_sections_and_replaces_same_rows(tmp_path):
     assert merged["meta"]["merged_from"][0]["command"] == "gmcnn-mobile bench --quick"
     report.write_report(tmp_path, merged)
     assert "merges earlier runs" in (tmp_path / "report.md").read_text()
+
+
+def test_evaluate_stops_when_told():
+    img = _photo()
+    calls = []
+    m = quality.MethodSpec("copy", "test", lambda im, mk: im.copy())
+    cases = quality.make_cases(["p"], kinds=("rect", "blob", "strokes"), sizes=("small",))
+    rows = quality.evaluate(cases, [m], lambda p: img, should_stop=lambda: calls.append(1) or len(calls) > 2)
+    assert len(rows) == 2 and len(calls) == 3
