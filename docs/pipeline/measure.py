@@ -33,10 +33,13 @@ def main():
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--crop", default="off")
+    ap.add_argument("--only", default=None, help="comma-separated mode_tiles tags to run, e.g. two-step_on")
     a = ap.parse_args()
     a.out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for mode, tiles in RUNS:
+        if a.only and f"{mode}_{tiles}" not in a.only.split(","):
+            continue
         tag = f"{mode}_{'tiled' if tiles == 'on' else 'whole'}"
         summary = a.out_dir / f"{tag}.json"
         cmd = [sys.executable, "-m", "runtime_py.cli", "inpaint", a.image, a.mask, "-o", str(a.out_dir / f"{tag}.jpg"),
@@ -51,18 +54,18 @@ def main():
         s = json.loads(summary.read_text())
         row = {"mode": mode, "tiles": tiles, "model_runs": s["model_runs"], "tiles_run": s["tiles_run"],
                "tiles_skipped": s["tiles_skipped"], "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
-               "wall_s": round(wall, 2), "stage_seconds": s["stage_seconds"], "runs": s["runs"],
+               "wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "stage_seconds": s["stage_seconds"], "runs": s["runs"],
                "crop_window": s["crop_window"], "load_avg_1min": os.getloadavg()[0]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     (a.out_dir / "measurements.json").write_text(json.dumps(rows, indent=2))
-    print("\n| mode | pass 2 | model runs | tiles run/skipped | model s | resize s | total s | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| mode | pass 2 | model runs | tiles run/skipped | model s | resize s | total s | process CPU s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         st = r["stage_seconds"]
         p2 = "-" if not r["mode"].startswith("two-step") else ("tiles" if r["tiles"] == "on" else "whole")
         print(f"| {r['mode']} | {p2} | {r['model_runs']} | {r['tiles_run']}/{r['tiles_skipped']} | "
-              f"{st.get('model', 0):.1f} | {st.get('resize', 0):.2f} | {st['total']:.1f} | {r['peak_rss_mib']:.0f} |")
+              f"{st.get('model', 0):.1f} | {st.get('resize', 0):.2f} | {st['total']:.1f} | {r['cpu_s']:.0f} | {r['peak_rss_mib']:.0f} |")
 
 
 if __name__ == "__main__":

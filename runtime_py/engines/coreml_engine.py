@@ -63,7 +63,15 @@ class CoreMLEngine(Engine):
             self.model = factory(self.path)
             self._predict = self.model.predict
         h, w = self.shape
-        if self.artifact is not None:
+        if self.artifact is not None and self.io == "image":
+            # Core ML images are fed as arrays here: (1,H,W,3) RGB and (1,H,W,1) mask, uint8
+            def image_spec(t, i):
+                role = t.role or role_of(t.name, i)
+                return TensorSpec(t.name, (1, h, w, 3 if role == "image" else 1), "uint8", role)
+
+            self._inputs = [image_spec(t, i) for i, t in enumerate(self.artifact.inputs)]
+            self._outputs = [TensorSpec(t.name, (1, h, w, 3), "uint8", "output") for t in self.artifact.outputs]
+        elif self.artifact is not None:
             self._inputs = [TensorSpec(t.name, tuple(t.shape), t.dtype, t.role or role_of(t.name, i))
                             for i, t in enumerate(self.artifact.inputs)]
             self._outputs = [TensorSpec(t.name, tuple(t.shape), t.dtype, "output") for t in self.artifact.outputs]
