@@ -65,7 +65,7 @@ def main(trace: Path, out: Path) -> None:
                 ax[3].add_patch(Rectangle((l0, t0), r0 - l0, b0 - t0, fill=False, ec="lime" if tile["ran"] else "0.6",
                                           lw=1.5, ls="-" if tile["ran"] else "--"))
         tiles = f", tile cores: {p2['runs']} of {p2['tiles']} ran" if p2.get("tiled") else ", whole"
-        ax[3].set_title(f"pass 2 {p2['shape'][0]}x{p2['shape'][1]}: stitched + ring (red){tiles}")
+        ax[3].set_title(f"pass 2 {p2['shape'][0]}x{p2['shape'][1]} stitched, ring (red){tiles}", fontsize=10)
         last2 = "pass2_tiles_blended" if "pass2_tiles_blended" in a else [n for n in a if n.startswith("pass2") and n.endswith("_composite")][-1]
         ax[4].imshow(a[last2])
         ax[4].set_title("pass 2 composite")
