@@ -139,3 +139,30 @@ def test_demo_without_demo_files_says_so(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(inpaint_cli, "DEMO_DIR", tmp_path / "nothing")
     assert main(["demo", "--out-dir", str(tmp_path / "out")]) == 2
     assert "demo photo is not shipped" in capsys.readouterr().err
+
+
+def test_exif_rotated_portrait_photo_end_to_end(files, tmp_path):
+    """A landscape JPEG stored with EXIF orientation 6 is a portrait photo: the mask is drawn on
+    the portrait, the pipeline rotates it to landscape for the model and back, and the output
+    is written upright."""
+    from PIL import Image
+
+    stored = photo(300, 420)
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "portrait.jpg", exif=exif, quality=95)
+    upright = cv2.imread(str(tmp_path / "portrait.jpg"), cv2.IMREAD_COLOR)  # OpenCV applies the EXIF rotation
+    assert upright.shape == (420, 300, 3)
+    hole = np.zeros((420, 300), np.uint8)
+    hole[200:260, 100:180] = 255
+    cv2.imwrite(str(tmp_path / "portrait_mask.png"), hole)
+    out = tmp_path / "out.png"
+    summary = tmp_path / "s.json"
+    rc = main(["inpaint", str(tmp_path / "portrait.jpg"), str(tmp_path / "portrait_mask.png"), "-o", str(out),
+               "--checkpoint", str(files / "tiny.safetensors"), "--model-shape", "64x88", "--threads", "1",
+               "--crop", "off", "--summary-json", str(summary), "--quiet"])
+    assert rc == 0 and json.loads(summary.read_text())["rotated"] is True
+    res = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
+    assert res.shape == (420, 300, 3)
+    assert np.array_equal(res[hole == 0], upright[hole == 0])
