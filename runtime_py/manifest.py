@@ -52,6 +52,7 @@ class ParityResult:
     tolerance: Dict[str, float] = field(default_factory=dict)
     passed: bool = False
     note: str = ""
+    details: Dict[str, object] = field(default_factory=dict)  # per-sample PSNRs, known pixels changed, ...
 
 
 @dataclass
@@ -69,6 +70,8 @@ class Artifact:
     outputs: List[TensorInfo]
     op_inventory: Dict[str, object] = field(default_factory=dict)
     parity: Optional[ParityResult] = None
+    build: Dict[str, object] = field(default_factory=dict)  # pad_mode, calibration, conversion seconds, ...
+    cache_key: str = ""  # content hash of everything the file depends on; equal key -> file reused
 
     @property
     def height(self) -> int:
@@ -82,10 +85,11 @@ class Artifact:
 @dataclass
 class Manifest:
     schema_version: int
-    checkpoint: Dict[str, object]  # path, sha256, meta (GeneratorMeta as dict)
+    checkpoint: Dict[str, object]  # path, sha256, meta (GeneratorMeta as dict), parameters
     tools: Dict[str, str]
     artifacts: List[Artifact] = field(default_factory=list)
     created: str = ""
+    export: Dict[str, object] = field(default_factory=dict)  # options and timing of the run that wrote it
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)

@@ -1,0 +1,466 @@
+"""Python API of the export: make phone artifacts, gate them on parity, write the manifest.
+
+::
+
+    from export.api import export_artifacts
+
+    manifest = export_artifacts(
+        checkpoint,            # path to any supported checkpoint, None (shipped default model),
+                               # or a models.gmcnn.GMCNNGenerator object
+        out_dir,               # folder for the artifacts and manifest.json (created if missing)
+        shapes=[(512, 680)],   # (rows, cols) pairs, multiples of 4; torch variant: sides >= 200
+        formats=("tflite",),   # default: every format whose backend is installed
+        precisions=None,       # default: all the format makes (tflite: fp32 fp16 int8-dynamic int8)
+        ios=("tensor", "image"),
+        calibration=None,      # folder of photos for int8 calibration (default: bundled photos)
+        holdout=None,          # folder of photos for the parity gate (default: bundled holdout photos)
+        threads=2,             # LiteRT threads for the parity runs
+        progress=True,         # stage lines and a bar on stderr
+    )
+    manifest.find("tflite", (512, 680), "int8", "image").file   # -> file name inside out_dir
+
+Returns a :class:`runtime_py.manifest.Manifest` (also written to ``out_dir/manifest.json``).
+Raises :class:`runtime_py.errors.UserError` with a one-line message for bad input, and
+:class:`ExportFailed` (a UserError) after writing everything that passed when some
+artifact failed conversion or parity; failed artifacts never appear under their final name.
+
+Tests and benchmarks make tiny artifacts fast with a small generator and shape, e.g.
+``export_artifacts(build_generator("tf", 4, seed=0), tmp, shapes=[(64, 96)],
+precisions=["fp32"], ios=["tensor"])`` (about 20 s here, most of it TensorFlow start-up).
+
+Re-running with unchanged inputs reuses the files (content-hash cache key per artifact,
+stored in the manifest) without starting TensorFlow. Files appear only complete: each is
+written under a ``.partial-*`` name in ``out_dir`` and renamed after passing the gate.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from runtime_py.errors import UserError
+from runtime_py.manifest import MANIFEST_NAME, SCHEMA_VERSION, Artifact, Manifest, ParityResult, load_manifest
+
+from . import backends, parity
+from .samples import CALIBRATION_DIR, HOLDOUT_DIR, Samples, load_samples, photo_dir_digest
+
+DEFAULT_SHAPES: Tuple[Tuple[int, int], ...] = ((512, 680), (1024, 1360))
+IOS = ("tensor", "image")
+PARTIAL_PREFIX = ".partial-"
+WORK_DIR_NAME = ".work"
+CALIBRATION_MASKS_PER_PHOTO = 3
+HOLDOUT_MASKS_PER_PHOTO = 2
+TOOL_DISTRIBUTIONS = {
+    "torch": "torch", "onnx": "onnx", "onnxsim": "onnxsim", "onnx2tf": "onnx2tf", "tensorflow": "tensorflow",
+    "tf_keras": "tf_keras", "litert": "ai-edge-litert", "coremltools": "coremltools", "onnxruntime": "onnxruntime",
+    "numpy": "numpy", "flatbuffers": "flatbuffers",
+}
+
+
+class ExportFailed(UserError):
+    """Some artifacts failed; ``failures`` maps artifact file name -> reason."""
+
+    def __init__(self, failures: Dict[str, str]):
+        self.failures = failures
+        parts = [f"{name}: {why}" for name, why in failures.items()]
+        super().__init__(f"{len(failures)} artifact(s) failed and were not written: " + " | ".join(parts))
+
+
+@dataclass
+class _Planned:
+    fmt: str
+    shape: Tuple[int, int]
+    precision: str
+    io: str
+    file: str
+    key: str
+    tolerance: Dict[str, float]
+    options: Dict[str, object] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def parse_shape(text: str) -> Tuple[int, int]:
+    """``"512x680"`` -> (512, 680) (rows x cols)."""
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"shape {text!r} is not ROWSxCOLS (e.g. 512x680)") from None
+    return rows, cols
+
+
+def tool_versions() -> Dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for label, dist in TOOL_DISTRIBUTIONS.items():
+        try:
+            out[label] = version(dist)
+        except PackageNotFoundError:
+            out[label] = "not installed"
+    from .onnx_export import OPSET
+
+    out["onnx_opset"] = str(OPSET)
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+def _code_digest() -> str:
+    """Hash of the code that shapes the artifacts (the export package and the network definition)."""
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for p in sorted(here.glob("*.py")) + [here.parent / "models" / "gmcnn.py"]:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _generator_digest(gen) -> str:
+    h = hashlib.sha256(json.dumps(gen.meta.to_dict(), sort_keys=True, default=str).encode())
+    for k, v in sorted(gen.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _resolve_checkpoint(checkpoint) -> Tuple[object, Dict[str, object]]:
+    """(generator, manifest checkpoint entry) for a path, None (default model) or a generator."""
+    from models.gmcnn import GMCNNGenerator, count_parameters
+
+    if isinstance(checkpoint, GMCNNGenerator):
+        gen = checkpoint.eval()
+        info = {"path": "", "sha256": "", "weights_sha256": _generator_digest(gen)}
+    else:
+        from models import default_checkpoint, load_generator
+        from models.checkpoint import sha256_path
+
+        path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+        gen = load_generator(path)  # CheckpointError (a UserError) for anything unusable
+        info = {"path": str(path), "sha256": sha256_path(path), "weights_sha256": _generator_digest(gen)}
+    info["meta"] = gen.meta.to_dict()
+    info["parameters"] = count_parameters(gen)
+    return gen, info
+
+
+def artifact_name(variant: str, cnum: int, fmt: str, shape, io: str, precision: str, suffix: str) -> str:
+    return f"gmcnn_{variant}_c{cnum}_{shape[0]}x{shape[1]}_{io}_{precision}{suffix}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> Tuple[str, int]:
+    """sha256 and size of a file, or of a directory's files (name order) for .mlpackage bundles."""
+    h = hashlib.sha256()
+    size = 0
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+                size += len(block)
+    return h.hexdigest(), size
+
+
+class _Progress:
+    """Stage lines with elapsed time on stderr (tqdm-safe), or nothing."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.t0 = time.time()
+        self.bar = None
+        self.enabled = enabled
+        if enabled and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="artifacts", unit="file", file=sys.stderr, leave=False)
+
+    def __call__(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        line = f"[{time.time() - self.t0:7.1f}s] {msg}"
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ------------------------------------------------------------------------------ API
+
+def export_artifacts(
+    checkpoint=None,
+    out_dir: Union[str, os.PathLike] = "artifacts",
+    shapes: Sequence[Tuple[int, int]] = DEFAULT_SHAPES,
+    formats: Optional[Sequence[str]] = None,
+    precisions: Optional[Sequence[str]] = None,
+    ios: Sequence[str] = IOS,
+    calibration: Optional[Union[str, os.PathLike]] = None,
+    holdout: Optional[Union[str, os.PathLike]] = None,
+    threads: int = 2,
+    pad_mode: str = "auto",
+    int8_tail: bool = True,
+    tolerances: Optional[Dict] = None,
+    use_cache: bool = True,
+    keep_work: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    """Export, gate and describe artifacts; see the module docstring.
+
+    pad_mode: ``auto`` (``slices`` for the torch variant: reflection pads as slices and
+        concatenations that XNNPACK runs), ``slices`` or ``mirror_pad`` (one MIRROR_PAD op).
+    int8_tail: also move the float resize/concatenation tail of int8 files into int8.
+    tolerances: overrides of :data:`export.parity.TOLERANCES`, keyed by precision or
+        (precision, io) (tests use it to force a failure).
+    keep_work: keep ``out_dir/.work`` (ONNX files, saved_models, logs) after success.
+    """
+    t_start = time.time()
+    out = Path(out_dir)
+    shapes = [tuple(int(v) for v in s) for s in shapes]
+    ios = list(dict.fromkeys(ios))
+    for io in ios:
+        if io not in IOS:
+            raise UserError(f"unknown I/O signature {io!r}; choose from {', '.join(IOS)}")
+    if not shapes:
+        raise UserError("no shapes given")
+    if threads < 1:
+        raise UserError(f"threads must be >= 1, got {threads}")
+
+    # formats and their backends first: a missing tool should fail before any work
+    fmt_list = list(dict.fromkeys(formats)) if formats else list(backends.available_formats())
+    mods = {fmt: backends.get_backend(fmt) for fmt in fmt_list}
+    for mod in mods.values():
+        mod.check_available()
+    per_format: Dict[str, List[str]] = {}
+    for fmt, mod in mods.items():
+        wanted = list(mod.PRECISIONS) if precisions is None else [p for p in precisions if p in mod.PRECISIONS]
+        per_format[fmt] = wanted
+    if precisions is not None:
+        known = {p for mod in mods.values() for p in mod.PRECISIONS}
+        unknown = [p for p in precisions if p not in known]
+        if unknown:
+            raise UserError(f"unknown precision(s) {', '.join(unknown)} for {', '.join(fmt_list)}; "
+                            f"choose from {', '.join(sorted(known))}")
+
+    gen, ckpt_info = _resolve_checkpoint(checkpoint)
+    variant, cnum = gen.meta.variant, gen.meta.cnum
+    from models.gmcnn import check_shape
+
+    for rows, cols in shapes:
+        try:
+            check_shape(variant, rows, cols)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    if pad_mode == "auto":
+        pad_mode = "slices" if variant == "torch" else "mirror_pad"
+    from .wrappers import PAD_MODES
+
+    if pad_mode not in PAD_MODES:
+        raise UserError(f"unknown pad mode {pad_mode!r}; choose from auto, {', '.join(PAD_MODES)}")
+
+    calib_dir = Path(calibration) if calibration is not None else CALIBRATION_DIR
+    holdout_dir = Path(holdout) if holdout is not None else HOLDOUT_DIR
+    calib_digest, holdout_digest = photo_dir_digest(calib_dir), photo_dir_digest(holdout_dir)
+    tools = tool_versions()
+    code = _code_digest()
+
+    # ----- plan every artifact and its cache key
+    plan: List[_Planned] = []
+    for fmt in fmt_list:
+        for shape in shapes:
+            for io in ios:
+                for precision in per_format[fmt]:
+                    tol = parity.tolerance_for(precision, io, tolerances)
+                    options = {"pad_mode": pad_mode, "int8_tail": bool(int8_tail)}
+                    key_src = {
+                        "format": fmt, "shape": list(shape), "precision": precision, "io": io,
+                        "weights": ckpt_info["weights_sha256"], "options": options, "tolerance": tol,
+                        "holdout": holdout_digest, "calibration": calib_digest if precision not in ("fp32", "fp16") else "",
+                        "tools": tools, "code": code,
+                    }
+                    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()
+                    name = artifact_name(variant, cnum, fmt, shape, io, precision, mods[fmt].SUFFIX)
+                    plan.append(_Planned(fmt, shape, precision, io, name, key, tol, options))
+    if not plan:
+        raise UserError("nothing to export: no requested precision is made by the requested formats")
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(PARTIAL_PREFIX + "*"):  # left by an interrupted run
+        _remove(stale)
+
+    reused: Dict[str, Artifact] = {}
+    if use_cache and (out / MANIFEST_NAME).is_file():
+        try:
+            old = {a.cache_key: a for a in load_manifest(out).artifacts if a.cache_key}
+        except UserError:
+            old = {}
+        for p in plan:
+            a = old.get(p.key)
+            if a is not None and a.file == p.file and (out / a.file).exists() and _sha256(out / a.file)[0] == a.sha256:
+                reused[p.key] = a
+    todo = [p for p in plan if p.key not in reused]
+
+    show = _Progress(progress, len(todo))
+    show(f"export: {len(plan)} artifact(s), {len(reused)} up to date, {len(todo)} to make "
+         f"({variant} cnum {cnum}, {', '.join(f'{r}x{c}' for r, c in shapes)})")
+    for p in plan:
+        if p.key in reused:
+            show(f"{p.file}: up to date (cache)")
+
+    failures: Dict[str, str] = {}
+    made: Dict[str, Artifact] = {}
+    work_root = out / WORK_DIR_NAME
+    temps: List[Path] = []
+    try:
+        if todo:
+            made, failures = _make(todo, gen, ckpt_info, mods, out, work_root, calib_dir, holdout_dir, threads, temps,
+                                   show, calib_digest)
+    finally:
+        for t in temps:  # anything not renamed to its final name is removed, whatever happened
+            if t.exists():
+                _remove(t)
+        show.close()
+
+    artifacts = [reused.get(p.key) or made.get(p.key) for p in plan]
+    artifacts = [a for a in artifacts if a is not None]
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        checkpoint=ckpt_info,
+        tools=tools,
+        artifacts=artifacts,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        export={
+            "shapes": [list(s) for s in shapes], "formats": fmt_list, "precisions": precisions or "all", "ios": ios,
+            "pad_mode": pad_mode, "int8_tail": bool(int8_tail),
+            "calibration": {"folder": str(calib_dir), "sha256": calib_digest,
+                            "masks_per_photo": CALIBRATION_MASKS_PER_PHOTO},
+            "holdout": {"folder": str(holdout_dir), "sha256": holdout_digest, "masks_per_photo": HOLDOUT_MASKS_PER_PHOTO},
+            "threads": threads, "seconds": round(time.time() - t_start, 2),
+            "reused": len(reused), "made": len(made), "failed": sorted(failures),
+        },
+    )
+    write_manifest(manifest, out)
+    if not failures and not keep_work and work_root.exists():
+        shutil.rmtree(work_root, ignore_errors=True)
+    show(f"export: done in {time.time() - t_start:.1f}s ({len(made)} made, {len(reused)} reused, "
+         f"{len(failures)} failed) -> {out / MANIFEST_NAME}")
+    if failures:
+        raise ExportFailed(failures)
+    return manifest
+
+
+def write_manifest(manifest: Manifest, out: Path) -> Path:
+    """Write ``out/manifest.json`` atomically (temp name in the same folder, then rename)."""
+    target = out / MANIFEST_NAME
+    tmp = out / f"{PARTIAL_PREFIX}{os.getpid()}-{MANIFEST_NAME}"
+    tmp.write_text(manifest.to_json() + "\n")
+    os.replace(tmp, target)
+    return target
+
+
+def _make(todo, gen, ckpt_info, mods, out, work_root, calib_dir, holdout_dir, threads, temps, show, calib_digest):
+    """Convert, gate and move into place every planned artifact; returns (made, failures)."""
+    from models.gmcnn import count_macs
+
+    made: Dict[str, Artifact] = {}
+    failures: Dict[str, str] = {}
+    calib: Dict[Tuple[int, int], Samples] = {}
+    hold: Dict[Tuple[int, int], Samples] = {}
+    refs: Dict[Tuple[int, int], object] = {}
+    gmacs: Dict[Tuple[int, int], float] = {}
+    for p in todo:
+        if p.shape not in calib:
+            show(f"samples {p.shape[0]}x{p.shape[1]}: calibration from {calib_dir}, holdout from {holdout_dir}")
+            calib[p.shape] = load_samples(calib_dir, p.shape, CALIBRATION_MASKS_PER_PHOTO, seed=1)
+            hold[p.shape] = load_samples(holdout_dir, p.shape, HOLDOUT_MASKS_PER_PHOTO, seed=2)
+
+    for fmt in dict.fromkeys(p.fmt for p in todo):
+        mod = mods[fmt]
+        jobs = []
+        by_key = {}
+        for p in (q for q in todo if q.fmt == fmt):
+            tmp = out / f"{PARTIAL_PREFIX}{os.getpid()}-{p.file}"
+            temps.append(tmp)
+            workdir = work_root / f"{fmt}_{p.shape[0]}x{p.shape[1]}_{p.io}_{p.options['pad_mode']}"
+            meta = {
+                "generator": "GMCNN", "variant": gen.meta.variant, "cnum": gen.meta.cnum, "shape": list(p.shape),
+                "io": p.io, "precision": p.precision, "layout": "NHWC",
+                "normalization": "x/127.5-1" if p.io == "tensor" else "uint8 pixels",
+                "mask_polarity": "1=hole" if p.io == "tensor" else "255=hole",
+                "checkpoint_sha256": ckpt_info.get("sha256") or ckpt_info["weights_sha256"],
+            }
+            jobs.append(backends.ConvertJob(key=p.key, generator=gen, shape=p.shape, precision=p.precision, io=p.io,
+                                            calibration=calib[p.shape], workdir=workdir, out=tmp,
+                                            options=dict(p.options, metadata=meta)))
+            by_key[p.key] = p
+        results = backends.convert_all(mod, jobs, progress=show)
+
+        for job in jobs:
+            p = by_key[job.key]
+            res = results[job.key]
+            if res.path is None:
+                failures[p.file] = res.error or "conversion failed"
+                show(f"{p.file}: FAILED ({failures[p.file]})")
+                show.step()
+                continue
+            if p.shape not in refs:
+                show(f"parity {p.shape[0]}x{p.shape[1]}: PyTorch fp32 reference on {len(hold[p.shape])} holdout samples")
+                refs[p.shape] = parity.reference_outputs(gen, hold[p.shape])
+            outputs, executor = mod.run(res.path, p.io, hold[p.shape], threads)
+            if outputs is None:
+                result = ParityResult(executor="structural-only", samples=0, tolerance=p.tolerance, passed=True,
+                                      note=executor)
+            else:
+                m = parity.compare(refs[p.shape], outputs, hold[p.shape], p.io)
+                ok, why = parity.judge(m, p.tolerance)
+                result = ParityResult(executor=executor, samples=len(hold[p.shape]), max_abs=m["max_abs"],
+                                      mean_abs=m["mean_abs"], hole_psnr_db=m["hole_psnr_db"],
+                                      composite_psnr_db=m["composite_psnr_db"], tolerance=p.tolerance, passed=ok,
+                                      note=why, details=m["details"])
+            if not result.passed:
+                failures[p.file] = f"parity: {result.note}"
+                show(f"{p.file}: FAILED parity ({result.note})")
+                _remove(res.path)
+                show.step()
+                continue
+            if p.shape not in gmacs:
+                gmacs[p.shape] = round(count_macs(gen, *p.shape) / 1e9, 4)
+            inputs, outputs_info = mod.describe(res.path, p.io, p.shape)
+            inv = mod.inventory(res.path, threads, res.details)
+            final = out / p.file
+            sha, size = _sha256(res.path)
+            if final.exists() or final.is_symlink():
+                _remove(final)
+            os.replace(res.path, final)
+            made[p.key] = Artifact(
+                file=p.file, format=p.fmt, shape=list(p.shape), precision=p.precision, io=p.io, sha256=sha, bytes=size,
+                inputs=inputs, outputs=outputs_info, op_inventory=inv, parity=result, cache_key=p.key,
+                build={"pad_mode": p.options["pad_mode"], "int8_tail": p.options["int8_tail"],
+                       "convert_seconds": round(res.seconds, 2),
+                       "calibration_samples": len(calib[p.shape]) if p.precision not in ("fp32", "fp16") else 0,
+                       "gmacs": gmacs[p.shape]},
+            )
+            hole = f"{result.hole_psnr_db:.1f} dB" if result.hole_psnr_db is not None else "n/a"
+            show(f"{p.file}: ok (max abs {result.max_abs if result.max_abs is not None else float('nan'):.2g}, "
+                 f"hole PSNR {hole}, {size / 1e6:.2f} MB)")
+            show.step()
+    return made, failures

@@ -1,0 +1,118 @@
+"""Format backends: what the export orchestration (:mod:`export.api`) needs from a format.
+
+A backend is a module exposing:
+
+``NAME``, ``SUFFIX``, ``PRECISIONS`` (all it can make), ``EXTRA`` (the pip extra that brings
+its tools), and
+
+* ``check_available() -> None`` -- raise :class:`runtime_py.errors.MissingDependencyError`
+  naming the extra when a tool is missing.
+* ``convert(job: ConvertJob) -> Path`` -- write the artifact at ``job.out`` (a temporary
+  name chosen by the orchestration; the backend never writes final names) and return it.
+  A backend may also define ``convert_many(jobs, progress) -> Dict[str, ConvertResult]``
+  to share work between jobs (TFLite converts every precision of one shape and I/O
+  signature from one saved_model); otherwise ``convert`` is called per job.
+* ``describe(path, io, shape) -> (inputs, outputs)`` -- lists of
+  :class:`runtime_py.manifest.TensorInfo`.
+* ``inventory(path, threads) -> dict`` -- op inventory for the manifest (format specific
+  keys; the TFLite one is documented in docs/MANIFEST.md).
+* ``run(path, io, samples, threads) -> (outputs, executor)`` -- execute the artifact on
+  :class:`export.samples.Samples`: ``outputs`` is (N, H, W, 3) float32 in [-1, 1] for the
+  ``tensor`` signature or uint8 0..255 for ``image``; ``executor`` says what ran it
+  (e.g. ``litert-2.1.0 xnnpack 2 threads``). Return ``(None, reason)`` where the artifact
+  cannot be executed here (Core ML on Linux before its reference executor exists): the
+  parity gate then records a structural-only check.
+
+Formats are looked up lazily so a missing backend module (Core ML until it lands) gives
+a clear error only when that format is asked for.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Dict, Optional, Tuple
+
+from runtime_py.errors import UserError
+
+FORMAT_MODULES = {"tflite": "export.tflite", "coreml": "export.coreml"}
+
+
+@dataclass
+class ConvertJob:
+    """One artifact to make.
+
+    generator: a ``models.gmcnn.GMCNNGenerator`` in eval mode (PyTorch fp32 reference).
+    shape: (rows, cols) of the fixed model input.
+    calibration: :class:`export.samples.Samples` at ``shape`` (int8 calibration; other
+        precisions may ignore it or use one sample where a tool needs an example input).
+    workdir: scratch folder shared by jobs of the same format, shape and I/O signature.
+    out: where to write the artifact (a temporary name inside the output folder).
+    options: backend options, e.g. ``pad_mode``, ``int8_tail``, ``metadata`` (a dict of
+        facts the backend may embed in the file).
+    """
+
+    key: str
+    generator: object
+    shape: Tuple[int, int]
+    precision: str
+    io: str
+    calibration: object
+    workdir: Path
+    out: Path
+    options: Dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class ConvertResult:
+    path: Optional[Path]
+    seconds: float = 0.0
+    details: Dict[str, object] = field(default_factory=dict)  # e.g. converter inventory, post-pass report
+    error: str = ""
+    log: str = ""
+
+
+def get_backend(fmt: str) -> ModuleType:
+    """The backend module of ``fmt``; UserError if unknown or not built yet."""
+    if fmt not in FORMAT_MODULES:
+        raise UserError(f"unknown format {fmt!r}; choose from {', '.join(FORMAT_MODULES)}")
+    name = FORMAT_MODULES[fmt]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            raise UserError(f"the {fmt} format is not available yet in this version of gmcnn-mobile "
+                            f"(its backend {name} has not landed)") from None
+        raise
+
+
+def available_formats() -> Tuple[str, ...]:
+    """Formats whose backend module exists (tools may still be missing: see check_available)."""
+    out = []
+    for fmt, name in FORMAT_MODULES.items():
+        if importlib.util.find_spec(name) is not None:
+            out.append(fmt)
+    return tuple(out)
+
+
+def convert_all(backend: ModuleType, jobs, progress=None) -> Dict[str, ConvertResult]:
+    """Run ``jobs`` through ``backend`` (its ``convert_many`` when it has one)."""
+    if hasattr(backend, "convert_many"):
+        return backend.convert_many(jobs, progress=progress)
+    import time
+
+    results = {}
+    for job in jobs:
+        t0 = time.time()
+        if progress:
+            progress(f"{backend.NAME} {job.shape[0]}x{job.shape[1]} {job.io} {job.precision}: converting")
+        try:
+            path = backend.convert(job)
+            results[job.key] = ConvertResult(Path(path), time.time() - t0)
+        except UserError:
+            raise
+        except Exception as exc:  # one artifact failing must not stop the others
+            results[job.key] = ConvertResult(None, time.time() - t0, error=f"{type(exc).__name__}: {exc}")
+    return results

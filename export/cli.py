@@ -1,0 +1,89 @@
+"""``gmcnn-mobile export``: phone artifacts, each gated on parity with PyTorch, plus DIR/manifest.json."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_SHAPES = "512x680,1024x1360"
+DEFAULT_FORMATS = "tflite,coreml"
+DEFAULT_IOS = "tensor,image"
+
+
+def _csv(text: str):
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def register(sub) -> None:
+    from runtime_py.cli import HelpFormatter
+
+    p = sub.add_parser(
+        "export",
+        help="export TFLite (and Core ML) artifacts, check each against PyTorch, write DIR/manifest.json",
+        formatter_class=HelpFormatter,
+        description=(
+            "Convert a GMCNN checkpoint to fixed-shape phone artifacts. Every artifact runs on held-out "
+            "photos against PyTorch fp32 and is written only if it passes the tolerance of its precision "
+            "(docs/TOLERANCES.md). Re-running with unchanged inputs reuses the files."
+        ),
+    )
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="checkpoint (.safetensors, TF checkpoint, .pth); default: the shipped default model")
+    p.add_argument("--out", type=Path, required=True, help="output folder (artifacts + manifest.json)")
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated ROWSxCOLS model shapes")
+    p.add_argument("--formats", default=DEFAULT_FORMATS,
+                   help="comma-separated formats; with the default, formats whose backend is not available are skipped")
+    p.add_argument("--precisions", default="all",
+                   help="comma-separated precisions, or 'all' (tflite: fp32,fp16,int8-dynamic,int8; coreml: fp16,w8,...)")
+    p.add_argument("--io", default=DEFAULT_IOS, help="comma-separated I/O signatures: tensor, image")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="folder of photos for int8 calibration (default: the bundled export/photos/calibration)")
+    p.add_argument("--holdout", type=Path, default=None,
+                   help="folder of photos for the parity gate (default: the bundled export/photos/holdout)")
+    p.add_argument("--threads", type=int, default=_default_threads(), help="LiteRT threads for the parity runs")
+    p.add_argument("--pad-mode", choices=["auto", "slices", "mirror_pad"], default="auto",
+                   help="torch variant reflection pads: slices (XNNPACK runs them) or one MIRROR_PAD op; auto = slices")
+    p.add_argument("--no-int8-tail", action="store_true",
+                   help="leave the float resize/concatenation tail of int8 files in float")
+    p.add_argument("--no-cache", action="store_true", help="reconvert even when an up-to-date artifact exists")
+    p.add_argument("--keep-work", action="store_true", help="keep DIR/.work (ONNX, saved_model, logs)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from runtime_py.errors import UserError
+
+    from . import backends
+    from .api import export_artifacts, parse_shape
+
+    shapes = [parse_shape(s) for s in _csv(args.shapes)]
+    formats = _csv(args.formats)
+    skipped = []
+    if args.formats == DEFAULT_FORMATS:
+        available = set(backends.available_formats())
+        skipped = [f for f in formats if f not in available]
+        formats = [f for f in formats if f in available]
+        if not formats:
+            raise UserError("no export format is available")
+    precisions = None if args.precisions == "all" else _csv(args.precisions)
+    manifest = export_artifacts(
+        args.checkpoint, args.out, shapes=shapes, formats=formats, precisions=precisions, ios=_csv(args.io),
+        calibration=args.calibration, holdout=args.holdout, threads=args.threads, pad_mode=args.pad_mode,
+        int8_tail=not args.no_int8_tail, use_cache=not args.no_cache, keep_work=args.keep_work,
+        progress=not args.quiet,
+    )
+    print(f"{'file':<52} {'MB':>7} {'max abs':>9} {'hole dB':>8}  executor")
+    for a in manifest.artifacts:
+        p = a.parity
+        max_abs = f"{p.max_abs:.2g}" if p and p.max_abs is not None else "-"
+        hole = f"{p.hole_psnr_db:.1f}" if p and p.hole_psnr_db is not None else "-"
+        print(f"{a.file:<52} {a.bytes / 1e6:7.2f} {max_abs:>9} {hole:>8}  {p.executor if p else '-'}")
+    print(f"wrote {Path(args.out) / 'manifest.json'} ({len(manifest.artifacts)} artifacts, "
+          f"{manifest.export.get('seconds', 0):.1f}s)")
+    if skipped:
+        print(f"skipped format(s) {', '.join(skipped)}: backend not available yet")
+    return 0

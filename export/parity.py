@@ -1,0 +1,125 @@
+"""The parity gate: every artifact against PyTorch fp32 at the same shape, on held-out photos.
+
+Metrics (per artifact, over the held-out samples; see docs/TOLERANCES.md):
+
+* ``max_abs`` / ``mean_abs``: absolute error of the artifact's output in [-1, 1] units
+  against the PyTorch fp32 generator. ``tensor`` signature: raw outputs. ``image``
+  signature: uint8 composites against the PyTorch composite rounded the same way
+  (half to even), divided by 127.5 -- so one 8-bit level is 0.00784.
+* ``hole_psnr_db``: 8-bit PSNR between the artifact's and PyTorch's composites over the
+  hole pixels, worst sample. ``composite_psnr_db``: the same over the whole composite.
+  Identical 8-bit results are reported as :data:`PSNR_IDENTICAL` dB.
+* ``details.known_pixels_changed`` (``image`` signature): known pixels whose output differs
+  from the input (compositing happens inside the graph and must keep them).
+
+A :data:`TOLERANCES` row decides pass or fail per precision and signature.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+PSNR_IDENTICAL = 100.0
+ONE_LEVEL = 1.0 / 127.5  # one 8-bit step in [-1, 1] units
+
+# (precision, io) -> limits. Keys: max_abs (<=), min_hole_psnr_db (>=), max_known_pixels_changed (<=).
+# Measured and justified in docs/TOLERANCES.md.
+TOLERANCES: Dict[Tuple[str, str], Dict[str, float]] = {
+    ("fp32", "tensor"): {"max_abs": 1e-4},
+    ("fp32", "image"): {"max_abs": ONE_LEVEL + 1e-9, "max_known_pixels_changed": 0},
+    ("fp16", "tensor"): {"min_hole_psnr_db": 45.0},
+    ("fp16", "image"): {"min_hole_psnr_db": 45.0, "max_known_pixels_changed": 0},
+    ("int8-dynamic", "tensor"): {"min_hole_psnr_db": 30.0},
+    ("int8-dynamic", "image"): {"min_hole_psnr_db": 30.0, "max_known_pixels_changed": 0},
+    ("int8", "tensor"): {"min_hole_psnr_db": 30.0},
+    ("int8", "image"): {"min_hole_psnr_db": 30.0, "max_known_pixels_changed": 0},
+}
+
+
+def tolerance_for(precision: str, io: str, overrides: Optional[Dict] = None) -> Dict[str, float]:
+    """The tolerance row of (precision, io); ``overrides`` maps precision or (precision, io) to a row."""
+    overrides = overrides or {}
+    for key in ((precision, io), precision):
+        if key in overrides:
+            return dict(overrides[key])
+    # precisions of other formats (Core ML w8, palettized) start from the int8 row
+    return dict(TOLERANCES.get((precision, io), TOLERANCES[("int8", io)]))
+
+
+def reference_outputs(generator, samples, batch: int = 1) -> np.ndarray:
+    """PyTorch fp32 raw outputs (N, H, W, 3) float32 in [-1, 1] for ``samples``."""
+    import torch
+
+    image = torch.from_numpy(samples.tensor_image()).permute(0, 3, 1, 2)
+    mask = torch.from_numpy(samples.tensor_mask()).permute(0, 3, 1, 2)
+    outs = []
+    with torch.no_grad():
+        for i in range(0, image.shape[0], batch):
+            outs.append(generator(image[i : i + batch], mask[i : i + batch]).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(outs).astype(np.float32)
+
+
+def to_pixels(x: np.ndarray) -> np.ndarray:
+    """[-1, 1] float -> uint8 pixels, rounding half to even (as TFLite ROUND does)."""
+    return np.rint(np.clip((x.astype(np.float32) + 1.0) * 127.5, 0.0, 255.0)).astype(np.uint8)
+
+
+def composite_pixels(raw: np.ndarray, samples) -> np.ndarray:
+    """uint8 composite of a raw [-1, 1] prediction: prediction in the hole, input elsewhere,
+    computed as the ``image`` graph does (0..255 scale, then rounded)."""
+    pixels = samples.images.astype(np.float32)
+    hole = samples.tensor_mask()
+    predicted = (raw.astype(np.float32) + 1.0) * np.float32(127.5)
+    return np.rint(np.clip(pixels + hole * (predicted - pixels), 0.0, 255.0)).astype(np.uint8)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)) if a.size else 0.0
+    if mse == 0.0:
+        return PSNR_IDENTICAL
+    return min(PSNR_IDENTICAL, 10.0 * math.log10(255.0 ** 2 / mse))
+
+
+def compare(reference: np.ndarray, output: np.ndarray, samples, io: str) -> Dict[str, object]:
+    """Parity metrics of one artifact's outputs against the PyTorch reference."""
+    hole = samples.tensor_mask()[..., 0] > 0.5  # (N, H, W)
+    ref_comp = composite_pixels(reference, samples)
+    details: Dict[str, object] = {}
+    if io == "tensor":
+        out = output.astype(np.float32)
+        err = np.abs(out - reference)
+        art_comp = composite_pixels(out, samples)
+    else:
+        art_comp = output.astype(np.uint8)
+        err = np.abs(art_comp.astype(np.float32) - ref_comp.astype(np.float32)) / 127.5
+        known = ~hole
+        changed = np.any(art_comp != samples.images, axis=-1) & known
+        details["known_pixels_changed"] = int(changed.sum())
+    hole_psnrs = [psnr(ref_comp[i][hole[i]], art_comp[i][hole[i]]) for i in range(len(samples))]
+    comp_psnrs = [psnr(ref_comp[i], art_comp[i]) for i in range(len(samples))]
+    details["hole_psnr_db_per_sample"] = [round(v, 3) for v in hole_psnrs]
+    details["max_abs_8bit_levels"] = int(np.max(np.abs(ref_comp.astype(np.int16) - art_comp.astype(np.int16))))
+    return {
+        "max_abs": float(err.max()),
+        "mean_abs": float(err.mean()),
+        "hole_psnr_db": round(float(min(hole_psnrs)), 3),
+        "composite_psnr_db": round(float(min(comp_psnrs)), 3),
+        "details": details,
+    }
+
+
+def judge(metrics: Dict[str, object], tolerance: Dict[str, float]) -> Tuple[bool, str]:
+    """(passed, reason): the reason names each violated limit and by how much."""
+    problems = []
+    if "max_abs" in tolerance and metrics["max_abs"] > tolerance["max_abs"]:
+        problems.append(f"max abs error {metrics['max_abs']:.3g} > {tolerance['max_abs']:.3g} "
+                        f"(by {metrics['max_abs'] - tolerance['max_abs']:.3g})")
+    if "min_hole_psnr_db" in tolerance and metrics["hole_psnr_db"] < tolerance["min_hole_psnr_db"]:
+        problems.append(f"hole PSNR {metrics['hole_psnr_db']:.2f} dB < {tolerance['min_hole_psnr_db']:.2f} dB "
+                        f"(short by {tolerance['min_hole_psnr_db'] - metrics['hole_psnr_db']:.2f} dB)")
+    changed = metrics.get("details", {}).get("known_pixels_changed")
+    if "max_known_pixels_changed" in tolerance and changed is not None and changed > tolerance["max_known_pixels_changed"]:
+        problems.append(f"{changed} known pixels changed (allowed {int(tolerance['max_known_pixels_changed'])})")
+    return (not problems), "; ".join(problems)

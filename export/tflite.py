@@ -1,0 +1,365 @@
+"""TFLite backend: PyTorch -> ONNX (opset 17) -> onnxsim -> onnx2tf saved_model -> TFLite converter.
+
+Precisions (from one saved_model per shape and I/O signature):
+
+* ``fp32``          float32 weights and activations.
+* ``fp16``          float16 weights (dequantized to float32 at load), float32 compute.
+* ``int8-dynamic``  dynamic-range: int8 weights, activations quantized on the fly.
+* ``int8``          full integer: int8 weights and activations, calibrated on real photos
+  with realistic masks; then the post-pass of :func:`export.tflite_graph.integerize`
+  makes ELU and the resize/concatenation tail int8 too.
+
+I/O of the files (NHWC, batch 1; names ``image``, ``mask``, ``output``):
+
+* ``tensor``: float32 image (1,H,W,3) RGB [-1,1], mask (1,H,W,1) {0,1} 1 = hole ->
+  output (1,H,W,3) float32 RGB [-1,1], raw generator output.
+* ``image``: uint8 image (1,H,W,3) RGB, uint8 mask (1,H,W,1) 255 = hole -> uint8 RGB
+  composite (1,H,W,3).
+
+The TensorFlow side runs in a child process (:mod:`export.tflite_worker`); this module
+imports neither TensorFlow nor onnx2tf, and its ``run``/``describe``/``inventory`` need
+only LiteRT.
+"""
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from runtime_py.errors import MissingDependencyError, UserError
+
+from .backends import ConvertJob, ConvertResult
+
+NAME = "tflite"
+SUFFIX = ".tflite"
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
+EXTRA = "export"
+METADATA_NAME = "gmcnn_mobile"
+# Tools the conversion needs (module name -> what for).
+CONVERT_TOOLS = {
+    "torch": "the PyTorch model",
+    "onnx": "ONNX export",
+    "onnxsim": "ONNX simplification",
+    "onnx2tf": "ONNX to TensorFlow conversion",
+    "tensorflow": "the TFLite converter",
+    "tf_keras": "onnx2tf's saved_model",
+    "flatbuffers": "TFLite post-passes",
+}
+
+
+def check_available() -> None:
+    for module, purpose in list(CONVERT_TOOLS.items()) + [("ai_edge_litert", "the LiteRT interpreter")]:
+        if importlib.util.find_spec(module) is None:
+            extra = "runtime" if module == "ai_edge_litert" else EXTRA
+            raise MissingDependencyError(module, extra, purpose)
+
+
+# ----------------------------------------------------------------------- post-pass
+
+def postprocess(raw: bytes, precision: str, io: str, int8_tail: bool = True,
+                metadata: Optional[dict] = None) -> Tuple[bytes, Dict[str, object]]:
+    """Flatbuffer post-passes applied to every converted file; returns (bytes, report)."""
+    from . import tflite_graph as g
+
+    model = g.read(raw)
+    report: Dict[str, object] = {"output_transposes_removed": g.nhwc_outputs(model)}
+    report["io_tensors_named"] = g.set_io_names(model)
+    if io == "image" and precision != "int8":
+        report["uint8_io_casts"] = g.uint8_io(model)
+    if precision == "int8":
+        report["elu_chains_to_int8"] = g.integerize(model, through=())
+        report["inventory_after_elu_pass"] = g.inventory(g.write(model))
+        if int8_tail:
+            report["float_regions_to_int8"] = g.integerize(model, through=g.DATA_MOVEMENT_OPS)
+    if metadata:
+        g.add_metadata(model, METADATA_NAME, metadata)
+    return g.write(model), report
+
+
+# ---------------------------------------------------------------------- conversion
+
+def _progress(progress, msg: str) -> None:
+    if progress:
+        progress(msg)
+
+
+def _export_sources(job: ConvertJob) -> Tuple[Path, Dict[str, str]]:
+    """ONNX file and onnx2tf sample inputs of a job's (shape, io, pad mode), made once per workdir."""
+    from .onnx_export import export_onnx
+    from .wrappers import pad_mode, wrap
+
+    work = Path(job.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    onnx_path = work / "model.onnx"
+    cind = {"image": str(work / "cind_image.npy"), "mask": str(work / "cind_mask.npy")}
+    if not onnx_path.exists():
+        with pad_mode(job.options.get("pad_mode", "mirror_pad")):
+            export_onnx(wrap(job.generator, job.io), job.io, job.shape, onnx_path)
+        image, mask = network_feed(job.calibration, job.io)
+        np.save(cind["image"], image[:1])
+        np.save(cind["mask"], mask[:1])
+    return onnx_path, cind
+
+
+def network_feed(samples, io: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(image, mask) NHWC float32 arrays as the saved_model takes them: [-1,1]/{0,1} for ``tensor``,
+    0..255 values for ``image`` (the uint8 boundary is added after conversion)."""
+    if io == "tensor":
+        return samples.tensor_image(), samples.tensor_mask()
+    return samples.images.astype(np.float32), samples.masks.astype(np.float32)
+
+
+def convert_many(jobs: Sequence[ConvertJob], progress=None) -> Dict[str, ConvertResult]:
+    """Convert all jobs with one TensorFlow process; jobs sharing a workdir share one saved_model."""
+    check_available()
+    groups: Dict[Path, List[ConvertJob]] = collections.OrderedDict()
+    for job in jobs:
+        groups.setdefault(Path(job.workdir), []).append(job)
+    results: Dict[str, ConvertResult] = {}
+    plan = {"jobs": []}
+    by_out: Dict[str, ConvertJob] = {}
+    for work, group in groups.items():
+        first = group[0]
+        _progress(progress, f"tflite {first.shape[0]}x{first.shape[1]} {first.io}: PyTorch -> ONNX (opset 17) + onnxsim")
+        t0 = time.time()
+        try:
+            onnx_path, cind = _export_sources(first)
+        except Exception as exc:
+            for job in group:
+                results[job.key] = ConvertResult(None, error=f"ONNX export failed: {type(exc).__name__}: {exc}")
+            continue
+        _progress(progress, f"tflite {first.shape[0]}x{first.shape[1]} {first.io}: ONNX ready ({time.time() - t0:.1f}s)")
+        arts = []
+        for job in group:
+            calib = None
+            if job.precision == "int8":
+                calib = {"image": str(work / "calib_image.npy"), "mask": str(work / "calib_mask.npy")}
+                if not Path(calib["image"]).exists():
+                    image, mask = network_feed(job.calibration, job.io)
+                    np.save(calib["image"], image)
+                    np.save(calib["mask"], mask)
+            arts.append({"precision": job.precision, "io": job.io, "out": str(job.out), "calibration": calib,
+                         "int8_tail": bool(job.options.get("int8_tail", True)),
+                         "metadata": job.options.get("metadata")})
+            by_out[str(job.out)] = job
+        plan["jobs"].append({"name": f"{first.shape[0]}x{first.shape[1]} {first.io}", "onnx": str(onnx_path),
+                             "saved_model": str(work / "saved_model"), "log": str(work / "tflite_worker.log"),
+                             "cind": cind, "artifacts": arts})
+    if plan["jobs"]:
+        results.update(_run_worker(plan, by_out, progress))
+    for job in jobs:
+        results.setdefault(job.key, ConvertResult(None, error="the conversion produced no file"))
+    return results
+
+
+def _run_worker(plan: dict, by_out: Dict[str, ConvertJob], progress) -> Dict[str, ConvertResult]:
+    from .tflite_worker import EVENT_PREFIX
+
+    work = Path(plan["jobs"][0]["saved_model"]).parent
+    plan_path = work / "tflite_plan.json"
+    plan_path.write_text(json.dumps(plan, indent=1))
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    results: Dict[str, ConvertResult] = {}
+    failed_jobs = {}
+    stderr_path = work / "tflite_worker.stderr.log"
+    with open(stderr_path, "wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "export.tflite_worker", str(plan_path)], stdout=subprocess.PIPE,
+                                stderr=stderr, env=env, cwd=str(root))
+        try:
+            for raw in proc.stdout:
+                line = raw.decode(errors="replace").rstrip("\n")
+                if not line.startswith(EVENT_PREFIX):
+                    continue
+                ev = json.loads(line[len(EVENT_PREFIX):])
+                kind = ev.get("event")
+                if kind == "stage":
+                    _progress(progress, f"tflite {ev['job']}: {ev['stage']}")
+                elif kind == "stage_done":
+                    label = f"tflite {ev['job']}: " if ev.get("job") else "tflite: "
+                    _progress(progress, f"{label}{ev['stage']} done ({ev['seconds']:.1f}s)")
+                elif kind == "artifact":
+                    job = by_out[ev["out"]]
+                    details = {"inventory_converter": ev["inventory_converter"], "postpass": ev["postpass"],
+                               "analyzer": ev["analyzer"]}
+                    results[job.key] = ConvertResult(Path(ev["out"]), ev["seconds"], details)
+                    _progress(progress, f"tflite {ev['job']} {job.precision}: converted ({ev['seconds']:.1f}s)")
+                elif kind == "error":
+                    msg = f"{ev['stage']} failed: {ev['message']} (log: {ev['log']})"
+                    if ev.get("out"):
+                        job = by_out[ev["out"]]
+                        results[job.key] = ConvertResult(None, error=msg, log=ev["log"])
+                    else:
+                        failed_jobs[ev["job"]] = (msg, ev["log"])
+            proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    for spec in plan["jobs"]:
+        for art in spec["artifacts"]:
+            job = by_out[art["out"]]
+            if job.key in results:
+                continue
+            if spec["name"] in failed_jobs:
+                msg, log = failed_jobs[spec["name"]]
+                results[job.key] = ConvertResult(None, error=msg, log=log)
+            else:
+                results[job.key] = ConvertResult(
+                    None, error=f"the TensorFlow worker stopped (exit {proc.returncode}); log: {stderr_path}",
+                    log=str(stderr_path))
+    return results
+
+
+def convert(job: ConvertJob) -> Path:
+    """One artifact (see :func:`convert_many`, which batches)."""
+    res = convert_many([job])[job.key]
+    if res.path is None:
+        raise RuntimeError(res.error)
+    return res.path
+
+
+# ------------------------------------------------------------------- LiteRT side
+
+def litert_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("ai-edge-litert")
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def interpreter(path: Path, threads: int):
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        raise MissingDependencyError("ai_edge_litert", "runtime", "the LiteRT interpreter") from None
+    it = Interpreter(model_path=str(path), num_threads=int(threads))
+    it.allocate_tensors()
+    return it
+
+
+def _by_name(details: List[dict]) -> Dict[str, dict]:
+    return {d["name"]: d for d in details}
+
+
+def run(path: Path, io: str, samples, threads: int = 2):
+    """Execute the file on ``samples``; returns (outputs (N,H,W,3), executor).
+
+    ``tensor``: float32 in [-1, 1]; ``image``: uint8. Inputs are fed by tensor name.
+    """
+    it = interpreter(path, threads)
+    ins = _by_name(it.get_input_details())
+    out_detail = it.get_output_details()[0]
+    if io == "tensor":
+        feeds = {"image": samples.tensor_image(), "mask": samples.tensor_mask()}
+    else:
+        feeds = {"image": samples.images, "mask": samples.masks}
+    outputs = []
+    for i in range(len(samples)):
+        for name, arr in feeds.items():
+            d = ins[name]
+            x = arr[i : i + 1]
+            if d["dtype"] != x.dtype:
+                raise UserError(f"{path.name}: input {name} is {np.dtype(d['dtype']).name}, expected {x.dtype}")
+            it.set_tensor(d["index"], x)
+        it.invoke()
+        outputs.append(it.get_tensor(out_detail["index"]).copy())
+    return np.concatenate(outputs), f"litert-{litert_version()} xnnpack {threads} threads"
+
+
+def _tensor_info(detail: dict, io: str):
+    from runtime_py.manifest import TensorInfo
+
+    name = detail["name"]
+    dtype = np.dtype(detail["dtype"]).name
+    role = {"image": "image", "mask": "mask"}.get(name, "output")
+    scale, zero = detail.get("quantization", (0.0, 0))
+    quant = {"scale": float(scale), "zero_point": int(zero)} if scale else {}
+    if io == "image":
+        vrange = [0.0, 255.0]
+        polarity = "255=hole (>=128)" if role == "mask" else ""
+    else:
+        vrange = [0.0, 1.0] if role == "mask" else [-1.0, 1.0]
+        polarity = "1=hole" if role == "mask" else ""
+    return TensorInfo(name=name, shape=[int(s) for s in detail["shape"]], dtype=dtype, layout="NHWC",
+                      value_range=vrange, channel_order="mask" if role == "mask" else "RGB",
+                      mask_polarity=polarity, quantization=quant, role=role)
+
+
+def describe(path: Path, io: str, shape=None):
+    """(inputs, outputs) as TensorInfo, read from the file through LiteRT."""
+    it = interpreter(path, 1)
+    order = {"image": 0, "mask": 1}
+    ins = sorted(it.get_input_details(), key=lambda d: order.get(d["name"], 9))
+    return [_tensor_info(d, io) for d in ins], [_tensor_info(d, io) for d in it.get_output_details()]
+
+
+def xnnpack_fallback_ops(path: Path, threads: int = 1) -> Dict[str, int]:
+    """Op types (with counts) that LiteRT's default XNNPACK delegate leaves to the built-in kernels.
+
+    Measured, not looked up: each DELEGATE node's partition is found by walking back from
+    its outputs to its inputs; original nodes outside every partition run undelegated.
+    """
+    it = interpreter(path, threads)
+    nodes = it._get_ops_details()  # original nodes, then one DELEGATE node per partition
+    originals = [n for n in nodes if n["op_name"] != "DELEGATE"]
+    producer = {}
+    for n in originals:
+        for t in n["outputs"]:
+            producer[int(t)] = n["index"]
+    by_index = {n["index"]: n for n in originals}
+    delegated = set()
+    for d in (n for n in nodes if n["op_name"] == "DELEGATE"):
+        boundary = {int(t) for t in d["inputs"]}
+        stack = [int(t) for t in d["outputs"]]
+        while stack:
+            t = stack.pop()
+            if t in boundary or t not in producer:
+                continue
+            idx = producer[t]
+            if idx in delegated:
+                continue
+            delegated.add(idx)
+            stack.extend(int(u) for u in by_index[idx]["inputs"] if u >= 0)
+    left = collections.Counter(n["op_name"] for n in originals if n["index"] not in delegated)
+    return dict(sorted(left.items()))
+
+
+def gpu_verdict(analyzer_text: str) -> Dict[str, object]:
+    """The GPU-compatibility lines of the TFLite analyzer report."""
+    lines = [l.strip() for l in (analyzer_text or "").splitlines()]
+    warnings = [l for l in lines if "GPU COMPATIBILITY WARNING" in l.upper() or "not supported by" in l.lower()]
+    compatible = any("looks compatible with GPU delegate" in l for l in lines)
+    verdict = next((l for l in lines if "GPU delegate" in l), "no verdict in the analyzer report")
+    return {"compatible": bool(compatible and not warnings), "verdict": verdict, "warnings": warnings[:50]}
+
+
+def inventory(path: Path, threads: int = 1, details: Optional[dict] = None) -> Dict[str, object]:
+    """Manifest op inventory: counts per op type, QUANTIZE/DEQUANTIZE counts, ops XNNPACK
+    does not take (measured), GPU verdict, and -- for int8 -- the converter's inventory
+    before the post-pass."""
+    from . import tflite_graph
+
+    data = Path(path).read_bytes()
+    inv = tflite_graph.inventory(data)
+    inv["xnnpack_fallback_ops"] = xnnpack_fallback_ops(path, threads)
+    details = details or {}
+    if details.get("analyzer"):
+        inv["gpu_compatibility"] = gpu_verdict(details["analyzer"])
+    if details.get("inventory_converter") is not None:
+        inv["before_postpass"] = details["inventory_converter"]
+    if details.get("postpass"):
+        inv["postpass"] = details["postpass"]
+    return inv

@@ -1,0 +1,466 @@
+"""Read, inspect and rewrite .tflite flatbuffers (the ``tflite`` schema's object API).
+
+Needs only ``flatbuffers`` and the schema module that LiteRT ships
+(``ai_edge_litert.schema_py_generated``; TensorFlow's copy is the fallback), so the
+runtime side can inspect files without TensorFlow.
+
+Rewrites (each returns how many places it changed; none changes what the graph computes
+beyond the rounding noted):
+
+* :func:`set_io_names` -- name the I/O tensors after the signature keys and order the
+  inputs ``image``, ``mask``.
+* :func:`integerize` -- int8 files: turn ``DEQUANTIZE -> ELU -> QUANTIZE`` chains into one
+  ELU on int8 tensors (bit-identical: LiteRT's int8 ELU is a lookup table of the same
+  dequantize/ELU/quantize), and, with ``through`` ops, pull float regions made of
+  data-movement ops (resize, concatenation, pads, slices) into int8 at the scale of the
+  QUANTIZE that ends them (resizes then round in int8: a small, measured change).
+* :func:`uint8_io` -- float files of the ``image`` signature: uint8 inputs cast to float,
+  and the float output rounded (half to even) and cast to uint8.
+* :func:`add_metadata` -- a JSON metadata entry (Qualcomm-AI-Hub-style facts next to
+  the weights).
+"""
+from __future__ import annotations
+
+import collections
+import json
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+try:
+    from ai_edge_litert import schema_py_generated as schema
+except ImportError:  # pragma: no cover - TensorFlow's copy of the same schema
+    from tensorflow.lite.python import schema_py_generated as schema
+
+FILE_IDENTIFIER = b"TFL3"
+OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+DTYPE_NAMES = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+OP = schema.BuiltinOperator
+T = schema.TensorType
+
+# Ops that only move or resample data: in int8 they keep one scale in and out.
+DATA_MOVEMENT_OPS = (
+    "CONCATENATION",
+    "RESIZE_BILINEAR",
+    "RESIZE_NEAREST_NEIGHBOR",
+    "MIRROR_PAD",
+    "PAD",
+    "SLICE",
+    "STRIDED_SLICE",
+    "RESHAPE",
+)
+
+
+# ---------------------------------------------------------------------------- I/O
+
+def read(data: bytes):
+    """A mutable ``ModelT`` of a .tflite file's bytes."""
+    return schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
+
+
+def write(model) -> bytes:
+    import flatbuffers
+
+    builder = flatbuffers.Builder(1 << 20)
+    builder.Finish(model.Pack(builder), file_identifier=FILE_IDENTIFIER)
+    return bytes(builder.Output())
+
+
+def op_name(model, op) -> str:
+    code = model.operatorCodes[op.opcodeIndex]
+    builtin = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
+    if builtin == OP.CUSTOM:
+        name = code.customCode
+        return f"CUSTOM:{name.decode() if isinstance(name, bytes) else name}"
+    return OP_NAMES.get(builtin, f"OP{builtin}")
+
+
+def tensor_name(tensor) -> str:
+    n = tensor.name
+    return n.decode() if isinstance(n, bytes) else (n or "")
+
+
+def _ids(seq) -> List[int]:
+    return [] if seq is None else [int(i) for i in seq]
+
+
+def _quant(tensor) -> Tuple[Optional[float], Optional[int]]:
+    q = tensor.quantization
+    if q is None or q.scale is None or len(q.scale) != 1:
+        return None, None
+    return float(q.scale[0]), int(q.zeroPoint[0])
+
+
+def _set_quant(tensor, scale: float, zero_point: int) -> None:
+    q = schema.QuantizationParametersT()
+    q.scale = [float(scale)]
+    q.zeroPoint = [int(zero_point)]
+    q.quantizedDimension = 0
+    tensor.quantization = q
+
+
+# ---------------------------------------------------------------------- inventory
+
+def op_counts(model) -> Dict[str, int]:
+    counts = collections.Counter(op_name(model, op) for sg in model.subgraphs for op in sg.operators)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def float_ops_between_quantized(model) -> int:
+    """Ops that compute in float32 inside a quantized graph (any op with a float activation input
+    whose graph also has int8 activations)."""
+    sg = model.subgraphs[0]
+    has_int8 = any(t.type == T.INT8 and not _is_constant(model, t) for t in sg.tensors)
+    if not has_int8:
+        return 0
+    n = 0
+    for op in sg.operators:
+        name = op_name(model, op)
+        if name in ("QUANTIZE", "DEQUANTIZE", "CAST"):
+            continue
+        ins = [sg.tensors[i] for i in _ids(op.inputs) if i >= 0]
+        if any(t.type == T.FLOAT32 and not _is_constant(model, t) for t in ins):
+            n += 1
+    return n
+
+
+def _is_constant(model, tensor) -> bool:
+    buf = model.buffers[tensor.buffer] if tensor.buffer < len(model.buffers) else None
+    return buf is not None and buf.data is not None and len(buf.data) > 0
+
+
+def inventory(data: bytes) -> Dict[str, object]:
+    """Static facts about a .tflite file: op counts and quantization boundaries."""
+    model = read(data)
+    counts = op_counts(model)
+    return {
+        "ops": counts,
+        "op_total": int(sum(counts.values())),
+        "quantize": int(counts.get("QUANTIZE", 0)),
+        "dequantize": int(counts.get("DEQUANTIZE", 0)),
+        "float_compute_ops_in_int8_graph": float_ops_between_quantized(model),
+    }
+
+
+# --------------------------------------------------------------------- graph index
+
+class _Index:
+    """Producer/consumer maps of subgraph 0 (rebuilt after each structural change)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.sg = model.subgraphs[0]
+        self.producer: Dict[int, int] = {}
+        self.consumers: Dict[int, List[int]] = collections.defaultdict(list)
+        for i, op in enumerate(self.sg.operators):
+            for t in _ids(op.outputs):
+                self.producer[t] = i
+            for t in _ids(op.inputs):
+                if t >= 0:
+                    self.consumers[t].append(i)
+        self.graph_outputs = set(_ids(self.sg.outputs))
+
+    def name(self, op_index: int) -> str:
+        return op_name(self.model, self.sg.operators[op_index])
+
+    def only_consumer(self, tensor: int, op_index: int) -> bool:
+        return self.consumers.get(tensor, []) == [op_index] and tensor not in self.graph_outputs
+
+
+def _remove_ops(model, drop: Iterable[int]) -> None:
+    drop = set(drop)
+    sg = model.subgraphs[0]
+    sg.operators = [op for i, op in enumerate(sg.operators) if i not in drop]
+    _prune_tensors(model)
+
+
+def _prune_tensors(model) -> None:
+    """Drop tensors nothing refers to any more and renumber the rest."""
+    sg = model.subgraphs[0]
+    used = set(_ids(sg.inputs)) | set(_ids(sg.outputs))
+    for op in sg.operators:
+        used |= {t for t in _ids(op.inputs) if t >= 0}
+        used |= set(_ids(op.outputs))
+        used |= set(_ids(op.intermediates))
+    for sig in model.signatureDefs or []:
+        used |= {m.tensorIndex for m in (sig.inputs or []) + (sig.outputs or [])}
+    keep = sorted(used)
+    remap = {old: new for new, old in enumerate(keep)}
+    dropped_buffers = {sg.tensors[i].buffer for i in range(len(sg.tensors)) if i not in used}
+    kept_buffers = {sg.tensors[i].buffer for i in keep}
+    for b in dropped_buffers - kept_buffers:
+        if b:  # buffer 0 is the shared empty buffer
+            model.buffers[b].data = None
+    sg.tensors = [sg.tensors[i] for i in keep]
+    sg.inputs = [remap[t] for t in _ids(sg.inputs)]
+    sg.outputs = [remap[t] for t in _ids(sg.outputs)]
+    for op in sg.operators:
+        op.inputs = [remap[t] if t >= 0 else t for t in _ids(op.inputs)]
+        op.outputs = [remap[t] for t in _ids(op.outputs)]
+        if op.intermediates is not None:
+            op.intermediates = [remap[t] for t in _ids(op.intermediates)]
+    for sig in model.signatureDefs or []:
+        for m in (sig.inputs or []) + (sig.outputs or []):
+            m.tensorIndex = remap[m.tensorIndex]
+
+
+def _opcode_index(model, builtin: int, version: int = 1) -> int:
+    for i, code in enumerate(model.operatorCodes):
+        if max(int(code.builtinCode), int(code.deprecatedBuiltinCode)) == builtin and code.version == version:
+            return i
+    code = schema.OperatorCodeT()
+    code.builtinCode = builtin
+    code.deprecatedBuiltinCode = min(builtin, 127)
+    code.version = version
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
+
+
+def _new_tensor(model, like, dtype: int, name: str) -> int:
+    sg = model.subgraphs[0]
+    t = schema.TensorT()
+    t.shape = list(_ids(like.shape))
+    t.shapeSignature = None
+    t.type = dtype
+    t.buffer = 0
+    t.name = name
+    t.quantization = None
+    sg.tensors.append(t)
+    return len(sg.tensors) - 1
+
+
+def _new_op(model, builtin: int, inputs: Sequence[int], outputs: Sequence[int], options=None, options_type: int = 0):
+    op = schema.OperatorT()
+    op.opcodeIndex = _opcode_index(model, builtin)
+    op.inputs = list(inputs)
+    op.outputs = list(outputs)
+    op.builtinOptionsType = options_type
+    op.builtinOptions = options
+    return op
+
+
+# ------------------------------------------------------------------------ rewrites
+
+def signature_io(model) -> Tuple[Dict[str, int], Dict[str, int]]:
+    """(inputs, outputs) of the first signature as {key: tensor index}."""
+    sig = model.signatureDefs[0]
+    key = lambda m: m.name.decode() if isinstance(m.name, bytes) else m.name  # noqa: E731
+    return ({key(m): m.tensorIndex for m in sig.inputs}, {key(m): m.tensorIndex for m in sig.outputs})
+
+
+def set_io_names(model, input_order: Sequence[str] = ("image", "mask")) -> int:
+    """Name I/O tensors after their signature keys; order subgraph inputs as ``input_order``."""
+    sg = model.subgraphs[0]
+    ins, outs = signature_io(model)
+    for key, t in list(ins.items()) + list(outs.items()):
+        sg.tensors[t].name = key
+    order = [ins[k] for k in input_order if k in ins] + [t for k, t in ins.items() if k not in input_order]
+    sg.inputs = order
+    sig = model.signatureDefs[0]
+    sig.inputs = sorted(sig.inputs, key=lambda m: order.index(m.tensorIndex))
+    return len(ins) + len(outs)
+
+
+ELEMENTWISE_UNARY = ("QUANTIZE", "DEQUANTIZE", "CAST")
+
+
+def nhwc_outputs(model) -> int:
+    """Drop a TRANSPOSE to NCHW (perm 0,3,1,2) that ends the graph, so outputs stay NHWC.
+
+    onnx2tf keeps most outputs channels-last but sometimes transposes one back to the ONNX
+    layout; elementwise ops (QUANTIZE, DEQUANTIZE, CAST) between it and the output are kept,
+    with their tensors' shapes permuted back.
+    """
+    changed = 0
+    idx = _Index(model)
+    sg = idx.sg
+    drop = []
+    for out in _ids(sg.outputs):
+        chain, t = [], out
+        while t in idx.producer and idx.name(idx.producer[t]) in ELEMENTWISE_UNARY:
+            chain.append(t)
+            t = _ids(sg.operators[idx.producer[t]].inputs)[0]
+        p = idx.producer.get(t)
+        if p is None or idx.name(p) != "TRANSPOSE":
+            continue
+        op = sg.operators[p]
+        src, perm_t = _ids(op.inputs)
+        perm = np.frombuffer(bytes(model.buffers[sg.tensors[perm_t].buffer].data), dtype=np.int32)
+        if list(perm) != [0, 3, 1, 2] or idx.consumers.get(src) != [p]:
+            continue
+        # the transpose's consumers (or the graph output) read its input instead
+        for c in idx.consumers.get(t, []):
+            sg.operators[c].inputs = [src if i == t else i for i in _ids(sg.operators[c].inputs)]
+        if t == out:
+            sg.outputs = [src if i == out else i for i in _ids(sg.outputs)]
+            for sig in model.signatureDefs or []:
+                for m in sig.outputs or []:
+                    if m.tensorIndex == out:
+                        m.tensorIndex = src
+        for c in chain:
+            n, c_, h, w = _ids(sg.tensors[c].shape)
+            sg.tensors[c].shape = [n, h, w, c_]
+            if sg.tensors[c].shapeSignature is not None:
+                sg.tensors[c].shapeSignature = [n, h, w, c_]
+        drop.append(p)
+        changed += 1
+    if drop:
+        _remove_ops(model, drop)
+    return changed
+
+
+def integerize(model, through: Sequence[str] = ()) -> int:
+    """Move float regions that end in a QUANTIZE into int8; returns how many regions moved.
+
+    A region is the float subgraph feeding one QUANTIZE, made only of ``through`` ops
+    (data movement, one scale in and out) and bounded by ``DEQUANTIZE -> ELU`` pairs or
+    bare DEQUANTIZEs. With ``through=()`` only ``DEQUANTIZE -> ELU -> QUANTIZE`` chains move.
+    Every tensor of the region takes the QUANTIZE's scale and zero point; each boundary ELU
+    reads the int8 tensor its DEQUANTIZE read; a bare DEQUANTIZE becomes a requantizing
+    QUANTIZE (int8 -> int8). Regions whose float tensors are also used elsewhere stay float.
+    """
+    changed = 0
+    while True:
+        idx = _Index(model)
+        plan = None
+        for qi, op in enumerate(idx.sg.operators):
+            if idx.name(qi) != "QUANTIZE":
+                continue
+            src, dst = _ids(op.inputs)[0], _ids(op.outputs)[0]
+            if idx.sg.tensors[src].type != T.FLOAT32 or idx.sg.tensors[dst].type != T.INT8:
+                continue
+            plan = _plan_region(idx, qi, set(through))
+            if plan is not None:
+                break
+        if plan is None:
+            return changed
+        _apply_region(model, idx, plan)
+        changed += 1
+
+
+def _plan_region(idx: _Index, quantize_op: int, through: set):
+    sg = idx.sg
+    start = _ids(sg.operators[quantize_op].inputs)[0]
+    region_ops, elus, dequants, float_tensors = [], [], [], []
+    stack = [(start, quantize_op)]
+    seen = set()
+    while stack:
+        tensor, consumer = stack.pop()
+        if tensor in seen:
+            return None  # a float tensor read twice inside the region: keep it simple, stay float
+        seen.add(tensor)
+        if not idx.only_consumer(tensor, consumer) or tensor not in idx.producer:
+            return None
+        float_tensors.append(tensor)
+        p = idx.producer[tensor]
+        kind = idx.name(p)
+        inputs = [t for t in _ids(sg.operators[p].inputs) if t >= 0]
+        if kind == "ELU":
+            d = idx.producer.get(inputs[0])
+            if d is None or idx.name(d) != "DEQUANTIZE" or not idx.only_consumer(inputs[0], p):
+                return None
+            if sg.tensors[_ids(sg.operators[d].inputs)[0]].type != T.INT8:
+                return None
+            elus.append((p, d))
+        elif kind == "DEQUANTIZE":
+            if sg.tensors[inputs[0]].type != T.INT8:
+                return None
+            dequants.append(p)
+        elif kind in through:
+            region_ops.append(p)
+            activations = [t for t in inputs if not _is_constant(idx.model, sg.tensors[t])]
+            for t in activations:
+                if sg.tensors[t].type != T.FLOAT32:
+                    return None
+                stack.append((t, p))
+        else:
+            return None
+    return {"quantize": quantize_op, "region_ops": region_ops, "elus": elus, "dequants": dequants,
+            "float_tensors": float_tensors}
+
+
+def _apply_region(model, idx: _Index, plan) -> None:
+    sg = idx.sg
+    q_op = sg.operators[plan["quantize"]]
+    q_out = _ids(q_op.outputs)[0]
+    scale, zero_point = _quant(sg.tensors[q_out])
+    for t in plan["float_tensors"]:
+        sg.tensors[t].type = T.INT8
+        _set_quant(sg.tensors[t], scale, zero_point)
+    drop = {plan["quantize"]}
+    for elu, dq in plan["elus"]:
+        sg.operators[elu].inputs = [_ids(sg.operators[dq].inputs)[0]]
+        drop.add(dq)
+    for dq in plan["dequants"]:
+        op = sg.operators[dq]
+        src = _ids(op.inputs)[0]
+        if _quant(sg.tensors[src]) == (scale, zero_point):
+            # same scale: consumers read the int8 tensor directly
+            out = _ids(op.outputs)[0]
+            for c in idx.consumers.get(out, []):
+                sg.operators[c].inputs = [src if t == out else t for t in _ids(sg.operators[c].inputs)]
+            drop.add(dq)
+        else:
+            op.opcodeIndex = _opcode_index(model, OP.QUANTIZE)
+            op.builtinOptionsType, op.builtinOptions = 0, None
+    # the region's last op now writes the QUANTIZE's output tensor
+    last = idx.producer[plan["float_tensors"][0]]
+    sg.operators[last].outputs = [q_out if t == plan["float_tensors"][0] else t for t in _ids(sg.operators[last].outputs)]
+    _remove_ops(model, drop)
+
+
+def uint8_io(model) -> int:
+    """Float ``image`` files: uint8 inputs (cast to float) and a uint8 output (round half to even, cast)."""
+    sg = model.subgraphs[0]
+    ins, outs = signature_io(model)
+    new_ops = []
+    for key, t in ins.items():
+        tensor = sg.tensors[t]
+        if tensor.type != T.FLOAT32:
+            continue
+        as_float = _new_tensor(model, tensor, T.FLOAT32, f"{key}_as_float")
+        for op in sg.operators:
+            op.inputs = [as_float if i == t else i for i in _ids(op.inputs)]
+        tensor.type = T.UINT8
+        options = schema.CastOptionsT()
+        options.inDataType, options.outDataType = T.UINT8, T.FLOAT32
+        new_ops.append(_new_op(model, OP.CAST, [t], [as_float], options, schema.BuiltinOptions.CastOptions))
+    sg.operators = new_ops + list(sg.operators)
+    tail = []
+    for key, t in outs.items():
+        tensor = sg.tensors[t]
+        if tensor.type != T.FLOAT32:
+            continue
+        unrounded = _new_tensor(model, tensor, T.FLOAT32, f"{key}_unrounded")
+        rounded = _new_tensor(model, tensor, T.FLOAT32, f"{key}_rounded")
+        for op in sg.operators:
+            op.outputs = [unrounded if i == t else i for i in _ids(op.outputs)]
+        tensor.type = T.UINT8
+        options = schema.CastOptionsT()
+        options.inDataType, options.outDataType = T.FLOAT32, T.UINT8
+        tail.append(_new_op(model, OP.ROUND, [unrounded], [rounded]))
+        tail.append(_new_op(model, OP.CAST, [rounded], [t], options, schema.BuiltinOptions.CastOptions))
+    sg.operators = list(sg.operators) + tail
+    return len(new_ops) + len(tail) // 2
+
+
+def add_metadata(model, name: str, payload: dict) -> None:
+    """Attach ``payload`` as JSON under ``name`` in the file's metadata table (replacing an old one)."""
+    data = json.dumps(payload, sort_keys=True).encode()
+    buf = schema.BufferT()
+    buf.data = np.frombuffer(data, dtype=np.uint8).copy()
+    model.buffers.append(buf)
+    entries = [m for m in (model.metadata or []) if (m.name.decode() if isinstance(m.name, bytes) else m.name) != name]
+    meta = schema.MetadataT()
+    meta.name = name
+    meta.buffer = len(model.buffers) - 1
+    model.metadata = entries + [meta]
+
+
+def read_metadata(data: bytes, name: str) -> Optional[dict]:
+    model = read(data)
+    for m in model.metadata or []:
+        key = m.name.decode() if isinstance(m.name, bytes) else m.name
+        if key == name:
+            return json.loads(bytes(model.buffers[m.buffer].data).decode())
+    return None

@@ -1,0 +1,244 @@
+"""TFLite export end to end on a tiny generator: every precision x I/O signature converts,
+passes the parity gate, is described in a valid manifest, is cached, and fails atomically."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export_helpers import lively_generator
+
+SHAPE = (64, 96)
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
+IOS = ("tensor", "image")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """One export of every TFLite precision x I/O at 64x96, cnum 4, shared by this module."""
+    from export.api import export_artifacts
+
+    out = tmp_path_factory.mktemp("tiny_export")
+    gen = lively_generator("tf", 4, seed=0)
+    t0 = time.time()
+    manifest = export_artifacts(gen, out, shapes=[SHAPE], formats=["tflite"], precisions=PRECISIONS, ios=IOS,
+                                threads=2, keep_work=True, progress=False)
+    return {"out": out, "gen": gen, "manifest": manifest, "seconds": time.time() - t0}
+
+
+def test_every_precision_and_io_passes_the_gate(tiny):
+    m = tiny["manifest"]
+    got = {(a.precision, a.io) for a in m.artifacts}
+    assert got == {(p, io) for p in PRECISIONS for io in IOS}
+    for a in m.artifacts:
+        assert a.parity.passed, (a.file, a.parity)
+        assert a.parity.executor.startswith("litert-") and "2 threads" in a.parity.executor
+        assert a.parity.samples >= 4
+        f = tiny["out"] / a.file
+        assert f.is_file() and f.stat().st_size == a.bytes
+    fp32 = m.find("tflite", SHAPE, "fp32", "tensor").parity
+    assert fp32.max_abs <= 1e-4
+    # a lively model: int8 error is visible but within the int8 row
+    int8 = m.find("tflite", SHAPE, "int8", "tensor").parity
+    assert 0 < int8.max_abs and 30.0 <= int8.hole_psnr_db < 100.0
+
+
+def test_io_signatures_are_nhwc_with_documented_dtypes(tiny):
+    m = tiny["manifest"]
+    rows, cols = SHAPE
+    for a in m.artifacts:
+        names = [t.name for t in a.inputs]
+        assert names == ["image", "mask"], names
+        img, mask = a.inputs
+        out = a.outputs[0]
+        assert img.shape == [1, rows, cols, 3] and mask.shape == [1, rows, cols, 1] and out.shape == [1, rows, cols, 3]
+        assert {img.layout, mask.layout, out.layout} == {"NHWC"}
+        if a.io == "image":
+            assert (img.dtype, mask.dtype, out.dtype) == ("uint8", "uint8", "uint8")
+            assert mask.mask_polarity.startswith("255=hole")
+            assert a.parity.details["known_pixels_changed"] == 0
+        else:
+            assert (img.dtype, mask.dtype, out.dtype) == ("float32", "float32", "float32")
+            assert img.value_range == [-1.0, 1.0] and mask.mask_polarity == "1=hole"
+
+
+def test_image_signature_keeps_known_pixels_and_composites(tiny):
+    """Run the fp32 image file directly: known pixels are the input's, hole pixels the model's."""
+    from export import tflite
+    from export.parity import composite_pixels, reference_outputs
+    from export.samples import HOLDOUT_DIR, load_samples
+
+    a = tiny["manifest"].find("tflite", SHAPE, "fp32", "image")
+    samples = load_samples(HOLDOUT_DIR, SHAPE, 1, seed=7)
+    out, _ = tflite.run(tiny["out"] / a.file, "image", samples, threads=1)
+    assert out.dtype == np.uint8 and out.shape == samples.images.shape
+    known = samples.masks[..., 0] < 128
+    assert np.array_equal(out[known], samples.images[known])
+    expected = composite_pixels(reference_outputs(tiny["gen"], samples), samples)
+    assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_int8_file_is_integer_end_to_end(tiny):
+    a = tiny["manifest"].find("tflite", SHAPE, "int8", "tensor")
+    inv = a.op_inventory
+    before = inv["before_postpass"]
+    # the converter leaves every ELU in float between DEQUANTIZE and QUANTIZE
+    assert before["ops"]["ELU"] == 43 and before["dequantize"] >= 43
+    # after the post-pass: one QUANTIZE per float input, one DEQUANTIZE for the float output
+    assert inv["ops"]["ELU"] == 43
+    assert inv["quantize"] == 2 and inv["dequantize"] == 1
+    assert inv["float_compute_ops_in_int8_graph"] == 0
+    assert inv["postpass"]["elu_chains_to_int8"] >= 40
+    assert inv["postpass"]["float_regions_to_int8"] >= 1
+    img = tiny["manifest"].find("tflite", SHAPE, "int8", "image").op_inventory
+    assert img["dequantize"] == 0 and img["float_compute_ops_in_int8_graph"] == 0
+
+
+def test_inventory_records_xnnpack_and_gpu_verdict(tiny):
+    for a in tiny["manifest"].artifacts:
+        inv = a.op_inventory
+        assert sum(inv["ops"].values()) == inv["op_total"] > 40
+        assert isinstance(inv["xnnpack_fallback_ops"], dict)
+        # the tf variant upsamples with nearest-neighbour resizes, which XNNPACK does not take
+        assert inv["xnnpack_fallback_ops"].get("RESIZE_NEAREST_NEIGHBOR", 0) == 3
+        gpu = inv["gpu_compatibility"]
+        assert "GPU delegate" in gpu["verdict"] and isinstance(gpu["compatible"], bool)
+
+
+def test_embedded_metadata(tiny):
+    from export.tflite import METADATA_NAME
+    from export.tflite_graph import read_metadata
+
+    a = tiny["manifest"].find("tflite", SHAPE, "int8", "image")
+    meta = read_metadata((tiny["out"] / a.file).read_bytes(), METADATA_NAME)
+    assert meta["shape"] == list(SHAPE) and meta["io"] == "image" and meta["mask_polarity"] == "255=hole"
+
+
+def test_elu_chain_rewrite_is_bit_identical(tiny):
+    """The ELU-chain pass alone changes no output bit; the tail pass changes little."""
+    from export import tflite, tflite_graph
+    from export.parity import psnr
+    from export.samples import HOLDOUT_DIR, load_samples
+
+    work = tiny["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor_mirror_pad"
+    raw = (work / "converter_int8.tflite").read_bytes()
+    chains = tflite_graph.read(raw)
+    tflite_graph.set_io_names(chains)
+    assert tflite_graph.integerize(chains, through=()) == 40  # the other 3 ELUs feed the float tail
+    tail = tflite_graph.read(tflite_graph.write(chains))
+    assert tflite_graph.integerize(tail, through=tflite_graph.DATA_MOVEMENT_OPS) >= 1
+    paths = {}
+    for name, model in (("raw", tflite_graph.read(raw)), ("chains", chains), ("tail", tail)):
+        if name == "raw":
+            tflite_graph.set_io_names(model)
+        paths[name] = work / f"test_{name}.tflite"
+        paths[name].write_bytes(tflite_graph.write(model))
+    samples = load_samples(HOLDOUT_DIR, SHAPE, 2, seed=3)
+    outs = {k: tflite.run(p, "tensor", samples, threads=1)[0] for k, p in paths.items()}
+    assert np.array_equal(outs["raw"], outs["chains"])
+    to8 = lambda x: np.rint(np.clip((x + 1) * 127.5, 0, 255))  # noqa: E731
+    assert psnr(to8(outs["raw"]), to8(outs["tail"])) > 40.0
+
+
+def test_manifest_validates_and_roundtrips(tiny):
+    from runtime_py.manifest import load_manifest, manifest_from_dict
+
+    m = load_manifest(tiny["out"])
+    assert len(m.artifacts) == 8
+    data = json.loads((tiny["out"] / "manifest.json").read_text())
+    assert manifest_from_dict(data).to_json() == m.to_json()
+    assert data["checkpoint"]["meta"]["variant"] == "tf" and len(data["checkpoint"]["weights_sha256"]) == 64
+    for tool in ("torch", "onnx", "onnxsim", "onnx2tf", "tensorflow", "litert", "onnx_opset"):
+        assert data["tools"][tool] not in ("", "not installed")
+    for a in m.artifacts:
+        import hashlib
+
+        assert hashlib.sha256((tiny["out"] / a.file).read_bytes()).hexdigest() == a.sha256
+        assert len(a.cache_key) == 64
+
+
+def test_rerun_reuses_artifacts_without_reconverting(tiny, monkeypatch):
+    from export import api, backends
+
+    def no_conversion(*a, **k):
+        raise AssertionError("a cached export must not convert")
+
+    monkeypatch.setattr(backends, "convert_all", no_conversion)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in tiny["out"].glob("*.tflite")}
+    t0 = time.time()
+    m = api.export_artifacts(tiny["gen"], tiny["out"], shapes=[SHAPE], formats=["tflite"], precisions=PRECISIONS,
+                             ios=IOS, threads=2, keep_work=True, progress=False)
+    assert time.time() - t0 < 15.0
+    assert m.export["reused"] == 8 and m.export["made"] == 0
+    assert {p.name: p.stat().st_mtime_ns for p in tiny["out"].glob("*.tflite")} == mtimes
+
+
+def _copying_backend(source_dir: Path, interrupt_after=None):
+    """convert_all stand-in that copies already-converted files (no TensorFlow) and can stop midway."""
+    from export.backends import ConvertResult
+
+    def convert_all(backend, jobs, progress=None):
+        results = {}
+        for i, job in enumerate(jobs):
+            src = next(source_dir.glob(f"*_{job.io}_{job.precision}.tflite"))
+            shutil.copy(src, job.out)
+            if interrupt_after is not None and i == interrupt_after:
+                Path(str(job.out) + ".tmp").write_bytes(b"half")
+                raise KeyboardInterrupt
+            results[job.key] = ConvertResult(Path(job.out), 0.1)
+        return results
+
+    return convert_all
+
+
+def test_failed_gate_leaves_nothing_under_final_names(tiny, tmp_path, monkeypatch):
+    from export import api, backends
+
+    monkeypatch.setattr(backends, "convert_all", _copying_backend(tiny["out"]))
+    with pytest.raises(api.ExportFailed) as err:
+        api.export_artifacts(tiny["gen"], tmp_path, shapes=[SHAPE], formats=["tflite"], precisions=["fp32", "int8"],
+                             ios=["tensor"], tolerances={"int8": {"min_hole_psnr_db": 99.0}}, progress=False)
+    msg = str(err.value)
+    assert "gmcnn_tf_c4_64x96_tensor_int8.tflite" in msg and "hole PSNR" in msg and "short by" in msg
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert "gmcnn_tf_c4_64x96_tensor_int8.tflite" not in files
+    assert "gmcnn_tf_c4_64x96_tensor_fp32.tflite" in files  # the passing one is written
+    assert not [f for f in files if f.startswith(".partial-")]
+    from runtime_py.manifest import load_manifest
+
+    assert [a.precision for a in load_manifest(tmp_path).artifacts] == ["fp32"]
+
+
+def test_interrupted_export_leaves_nothing_partial(tiny, tmp_path, monkeypatch):
+    from export import api, backends
+
+    monkeypatch.setattr(backends, "convert_all", _copying_backend(tiny["out"], interrupt_after=1))
+    with pytest.raises(KeyboardInterrupt):
+        api.export_artifacts(tiny["gen"], tmp_path, shapes=[SHAPE], formats=["tflite"], precisions=PRECISIONS,
+                             ios=["tensor"], progress=False)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != ".work"]
+    assert leftovers == [], leftovers
+
+
+def test_onnx2tf_failure_names_its_log(tmp_path):
+    """A broken ONNX file makes onnx2tf fail inside the worker: one error with the log path."""
+    from export import tflite
+    from export.backends import ConvertJob
+    from export.samples import CALIBRATION_DIR, load_samples
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "model.onnx").write_bytes(b"not an onnx file")
+    samples = load_samples(CALIBRATION_DIR, SHAPE, 1, limit=1)
+    np.save(work / "cind_image.npy", samples.tensor_image())
+    np.save(work / "cind_mask.npy", samples.tensor_mask())
+    job = ConvertJob(key="k", generator=None, shape=SHAPE, precision="fp32", io="tensor", calibration=samples,
+                     workdir=work, out=tmp_path / "x.tflite")
+    res = tflite.convert_many([job])["k"]
+    assert res.path is None and not (tmp_path / "x.tflite").exists()
+    assert "onnx2tf failed" in res.error and res.log and Path(res.log).is_file()
+    assert str(res.log) in res.error
