@@ -245,22 +245,6 @@ def export_artifacts(
     if threads < 1:
         raise UserError(f"threads must be >= 1, got {threads}")
 
-    # formats and their backends first: a missing tool should fail before any work
-    fmt_list = list(dict.fromkeys(formats)) if formats else list(backends.available_formats())
-    mods = {fmt: backends.get_backend(fmt) for fmt in fmt_list}
-    for mod in mods.values():
-        mod.check_available()
-    per_format: Dict[str, List[str]] = {}
-    for fmt, mod in mods.items():
-        wanted = list(mod.PRECISIONS) if precisions is None else [p for p in precisions if p in mod.PRECISIONS]
-        per_format[fmt] = wanted
-    if precisions is not None:
-        known = {p for mod in mods.values() for p in mod.PRECISIONS}
-        unknown = [p for p in precisions if p not in known]
-        if unknown:
-            raise UserError(f"unknown precision(s) {', '.join(unknown)} for {', '.join(fmt_list)}; "
-                            f"choose from {', '.join(sorted(known))}")
-
     gen, ckpt_info = _resolve_checkpoint(checkpoint)
     variant, cnum = gen.meta.variant, gen.meta.cnum
     from models.gmcnn import check_shape
@@ -270,6 +254,23 @@ def export_artifacts(
             check_shape(variant, rows, cols)
         except ValueError as exc:
             raise UserError(str(exc)) from None
+    # formats and their backends: a missing tool fails before any work
+    fmt_list = list(dict.fromkeys(formats)) if formats else list(backends.available_formats())
+    mods = {fmt: backends.get_backend(fmt) for fmt in fmt_list}
+    for mod in mods.values():
+        mod.check_available()
+    per_format: Dict[str, List[str]] = {}
+    for fmt, mod in mods.items():
+        default = getattr(mod, "DEFAULT_PRECISIONS", mod.PRECISIONS)
+        wanted = list(default) if precisions is None else [p for p in precisions if p in mod.PRECISIONS]
+        per_format[fmt] = wanted
+    if precisions is not None:
+        known = {p for mod in mods.values() for p in mod.PRECISIONS}
+        unknown = [p for p in precisions if p not in known]
+        if unknown:
+            raise UserError(f"unknown precision(s) {', '.join(unknown)} for {', '.join(fmt_list)}; "
+                            f"choose from {', '.join(sorted(known))}")
+
     if pad_mode == "auto":
         pad_mode = "slices" if variant == "torch" else "mirror_pad"
     from .wrappers import PAD_MODES
@@ -289,7 +290,7 @@ def export_artifacts(
         for shape in shapes:
             for io in ios:
                 for precision in per_format[fmt]:
-                    tol = parity.tolerance_for(precision, io, tolerances)
+                    tol = parity.tolerance_for(precision, io, tolerances, getattr(mods[fmt], "PARITY_TOLERANCES", None))
                     options = {"pad_mode": pad_mode, "int8_tail": bool(int8_tail)}
                     key_src = {
                         "format": fmt, "shape": list(shape), "precision": precision, "io": io,
@@ -335,8 +336,9 @@ def export_artifacts(
             made, failures = _make(todo, gen, ckpt_info, mods, out, work_root, calib_dir, holdout_dir, threads, temps,
                                    show, calib_digest)
     finally:
-        for t in temps:  # anything not renamed to its final name is removed, whatever happened
-            if t.exists():
+        # anything of this run not renamed to its final name is removed, whatever happened
+        for t in list(temps) + list(out.glob(f"{PARTIAL_PREFIX}{os.getpid()}-*")):
+            if t.exists() or t.is_symlink():
                 _remove(t)
         show.close()
 

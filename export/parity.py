@@ -16,7 +16,6 @@ A :data:`TOLERANCES` row decides pass or fail per precision and signature.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -38,12 +37,17 @@ TOLERANCES: Dict[Tuple[str, str], Dict[str, float]] = {
 }
 
 
-def tolerance_for(precision: str, io: str, overrides: Optional[Dict] = None) -> Dict[str, float]:
-    """The tolerance row of (precision, io); ``overrides`` maps precision or (precision, io) to a row."""
-    overrides = overrides or {}
-    for key in ((precision, io), precision):
-        if key in overrides:
-            return dict(overrides[key])
+def tolerance_for(precision: str, io: str, overrides: Optional[Dict] = None,
+                  backend_table: Optional[Dict] = None) -> Dict[str, float]:
+    """The tolerance row of (precision, io).
+
+    ``overrides`` (the caller's) and then ``backend_table`` (a backend's ``PARITY_TOLERANCES``)
+    map precision or (precision, io) to a row; otherwise :data:`TOLERANCES` decides.
+    """
+    for table in (overrides or {}, backend_table or {}):
+        for key in ((precision, io), precision):
+            if key in table:
+                return dict(table[key])
     # precisions of other formats (Core ML w8, palettized) start from the int8 row
     return dict(TOLERANCES.get((precision, io), TOLERANCES[("int8", io)]))
 
@@ -76,10 +80,10 @@ def composite_pixels(raw: np.ndarray, samples) -> np.ndarray:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)) if a.size else 0.0
-    if mse == 0.0:
-        return PSNR_IDENTICAL
-    return min(PSNR_IDENTICAL, 10.0 * math.log10(255.0 ** 2 / mse))
+    """8-bit PSNR (runtime_py.metrics), capped at PSNR_IDENTICAL so identical results stay JSON numbers."""
+    from runtime_py.metrics import psnr as _psnr
+
+    return min(PSNR_IDENTICAL, _psnr(a, b)) if a.size else PSNR_IDENTICAL
 
 
 def compare(reference: np.ndarray, output: np.ndarray, samples, io: str) -> Dict[str, object]:

@@ -5,9 +5,12 @@ to run the parity gate (``holdout`` photos, never used for calibration). Both de
 the photos bundled in ``export/photos/`` (see its LICENSES.md); a folder of your own
 can replace either.
 
-Preparation (the runtime's baseline pipeline): decode as RGB uint8, resize the whole
-photo to the model shape (rows x cols) with area interpolation when shrinking and cubic
-when enlarging; masks are drawn at model resolution, binary, 255 = hole.
+Preparation is the runtime's own (:mod:`runtime_py.imageio`, :mod:`runtime_py.geometry`):
+decode with EXIF orientation, 8-bit RGB, portrait photos turned to landscape for a
+landscape model, the whole photo resized to the model shape (area when shrinking,
+bicubic when enlarging, rounded half up). Masks come from :func:`runtime_py.masks.make_mask`
+at model resolution -- free-form strokes, object-like blobs and rectangles, cycled, with
+size classes cycled too -- stored as 255 = hole.
 """
 from __future__ import annotations
 
@@ -24,9 +27,6 @@ PHOTOS_DIR = Path(__file__).resolve().parent / "photos"
 CALIBRATION_DIR = PHOTOS_DIR / "calibration"
 HOLDOUT_DIR = PHOTOS_DIR / "holdout"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-# Mask kinds cycled over the photos; each kind at a seed of its own.
-MASK_KINDS = ("strokes", "blob", "rectangles")
 
 
 @dataclass
@@ -72,66 +72,25 @@ def list_photos(directory: Path) -> List[Path]:
     return files
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; 16-bit, grey and alpha inputs are reduced to 8-bit RGB."""
-    import cv2
+def prepare_photo(path: Path, shape: Tuple[int, int]) -> np.ndarray:
+    """(rows, cols, 3) uint8 RGB: the photo as the runtime's baseline pipeline feeds the model."""
+    from runtime_py.geometry import needs_rotation, resize_image, rotate_in
+    from runtime_py.imageio import read_image
 
-    data = np.fromfile(str(path), dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if img is None:
-        raise UserError(f"{path}: not a readable image")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def resize_to(img: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
-    """Resize an (H, W, C) image to ``shape`` = (rows, cols): area when shrinking, cubic when enlarging."""
-    import cv2
-
-    rows, cols = shape
-    shrinking = img.shape[0] * img.shape[1] >= rows * cols
-    return cv2.resize(img, (cols, rows), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
+    rgb = read_image(path).rgb8()
+    if needs_rotation(rgb.shape[:2], shape):
+        rgb = rotate_in(rgb)
+    return resize_image(rgb, shape)
 
 
-def draw_mask(kind: str, shape: Tuple[int, int], seed: int) -> np.ndarray:
-    """A realistic (H, W) uint8 mask, 255 = hole, drawn deterministically from ``seed``.
+def hole_mask(index: int, shape: Tuple[int, int], seed: int) -> Tuple[str, np.ndarray]:
+    """(label, (rows, cols) uint8 mask with 255 = hole) for the ``index``-th sample."""
+    from runtime_py.masks import KINDS, SIZE_CLASSES, make_mask
 
-    ``strokes``: free-form brush strokes (what users draw over an object);
-    ``blob``: one filled object-like polygon; ``rectangles``: one to three boxes.
-    Hole area lands between about 5 % and 35 % of the image.
-    """
-    import cv2
-
-    rows, cols = shape
-    rng = np.random.default_rng(seed)
-    mask = np.zeros((rows, cols), np.uint8)
-    side = min(rows, cols)
-    if kind == "strokes":
-        for _ in range(int(rng.integers(2, 5))):
-            pts = [(int(rng.integers(0, cols)), int(rng.integers(0, rows)))]
-            for _ in range(int(rng.integers(3, 7))):
-                angle, length = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.3) * side
-                x = int(np.clip(pts[-1][0] + length * np.cos(angle), 0, cols - 1))
-                y = int(np.clip(pts[-1][1] + length * np.sin(angle), 0, rows - 1))
-                pts.append((x, y))
-            width = max(2, int(rng.uniform(0.03, 0.08) * side))
-            cv2.polylines(mask, [np.array(pts, np.int32)], False, 255, width, lineType=cv2.LINE_8)
-    elif kind == "blob":
-        cx, cy = rng.uniform(0.25, 0.75) * cols, rng.uniform(0.25, 0.75) * rows
-        radius = rng.uniform(0.12, 0.3) * side
-        angles = np.sort(rng.uniform(0, 2 * np.pi, 14))
-        radii = radius * rng.uniform(0.6, 1.3, angles.size)
-        pts = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1).astype(np.int32)
-        cv2.fillPoly(mask, [pts], 255)
-    elif kind == "rectangles":
-        for _ in range(int(rng.integers(1, 4))):
-            h, w = int(rng.uniform(0.1, 0.35) * rows), int(rng.uniform(0.1, 0.35) * cols)
-            y, x = int(rng.integers(0, rows - h)), int(rng.integers(0, cols - w))
-            mask[y : y + h, x : x + w] = 255
-    else:
-        raise ValueError(f"unknown mask kind {kind!r}")
-    if not mask.any():  # a degenerate draw: fall back to a central box
-        mask[rows // 3 : 2 * rows // 3, cols // 3 : 2 * cols // 3] = 255
-    return mask
+    kind = KINDS[index % len(KINDS)]
+    size = list(SIZE_CLASSES)[(index // len(KINDS)) % len(SIZE_CLASSES)]
+    mask = make_mask(kind, shape[0], shape[1], seed=seed * 1000 + index, size=size)
+    return f"{kind}-{size}", (mask > 0).astype(np.uint8) * 255
 
 
 def load_samples(
@@ -141,19 +100,19 @@ def load_samples(
     seed: int = 0,
     limit: Optional[int] = None,
 ) -> Samples:
-    """Every photo of ``directory`` at ``shape`` with ``masks_per_photo`` masks each (kinds cycled)."""
+    """Every photo of ``directory`` at ``shape`` with ``masks_per_photo`` masks each (kinds and sizes cycled)."""
     photos = list_photos(directory)
     if limit is not None:
         photos = photos[:limit]
     images, masks, names = [], [], []
     k = 0
-    for i, path in enumerate(photos):
-        rgb = resize_to(read_rgb(path), shape)
-        for j in range(masks_per_photo):
-            kind = MASK_KINDS[k % len(MASK_KINDS)]
+    for path in photos:
+        rgb = prepare_photo(path, shape)
+        for _ in range(masks_per_photo):
+            label, mask = hole_mask(k, shape, seed)
             images.append(rgb)
-            masks.append(draw_mask(kind, shape, seed=seed * 1000 + 10 * i + j)[..., None])
-            names.append(f"{path.name}#{kind}{j}")
+            masks.append(mask[..., None])
+            names.append(f"{path.name}#{label}")
             k += 1
     return Samples(np.stack(images), np.stack(masks), names)
 

@@ -118,30 +118,38 @@ def test_embedded_metadata(tiny):
     assert meta["shape"] == list(SHAPE) and meta["io"] == "image" and meta["mask_polarity"] == "255=hole"
 
 
-def test_elu_chain_rewrite_is_bit_identical(tiny):
-    """The ELU-chain pass alone changes no output bit; the tail pass changes little."""
+def test_int8_post_pass_changes_output_by_rounding_only(tiny):
+    """ELU-chain and tail passes change outputs only by rounding (measured in docs/EXPORT.md).
+
+    Each chain becomes one int8 ELU, whose lookup table LiteRT builds with exp(x)-1 where
+    the float ELU uses expm1: a handful of table entries round the other way, and those
+    1-LSB changes travel through the later layers. So the test bounds the change instead
+    of asking for bit equality: the files agree to >= 40 dB at 8 bits and both stay as close
+    to PyTorch (within 1 dB hole PSNR, at 50+ dB).
+    """
     from export import tflite, tflite_graph
-    from export.parity import psnr
+    from export.parity import compare, psnr, reference_outputs, to_pixels
     from export.samples import HOLDOUT_DIR, load_samples
 
     work = tiny["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor_mirror_pad"
     raw = (work / "converter_int8.tflite").read_bytes()
-    chains = tflite_graph.read(raw)
-    tflite_graph.set_io_names(chains)
-    assert tflite_graph.integerize(chains, through=()) == 40  # the other 3 ELUs feed the float tail
-    tail = tflite_graph.read(tflite_graph.write(chains))
-    assert tflite_graph.integerize(tail, through=tflite_graph.DATA_MOVEMENT_OPS) >= 1
-    paths = {}
-    for name, model in (("raw", tflite_graph.read(raw)), ("chains", chains), ("tail", tail)):
-        if name == "raw":
-            tflite_graph.set_io_names(model)
-        paths[name] = work / f"test_{name}.tflite"
-        paths[name].write_bytes(tflite_graph.write(model))
+    models = {name: tflite_graph.read(raw) for name in ("raw", "chains", "tail")}
+    for m in models.values():
+        tflite_graph.set_io_names(m)
+    assert tflite_graph.integerize(models["chains"], through=()) == 40  # the other 3 ELUs feed the float tail
+    assert tflite_graph.integerize(models["tail"], through=()) == 40
+    assert tflite_graph.integerize(models["tail"], through=tflite_graph.DATA_MOVEMENT_OPS) == 1
     samples = load_samples(HOLDOUT_DIR, SHAPE, 2, seed=3)
-    outs = {k: tflite.run(p, "tensor", samples, threads=1)[0] for k, p in paths.items()}
-    assert np.array_equal(outs["raw"], outs["chains"])
-    to8 = lambda x: np.rint(np.clip((x + 1) * 127.5, 0, 255))  # noqa: E731
-    assert psnr(to8(outs["raw"]), to8(outs["tail"])) > 40.0
+    ref = reference_outputs(tiny["gen"], samples)
+    outs, hole = {}, {}
+    for name, m in models.items():
+        path = work / f"test_{name}.tflite"
+        path.write_bytes(tflite_graph.write(m))
+        outs[name] = tflite.run(path, "tensor", samples, threads=1)[0]
+        hole[name] = compare(ref, outs[name], samples, "tensor")["hole_psnr_db"]
+    for name in ("chains", "tail"):
+        assert psnr(to_pixels(outs["raw"]), to_pixels(outs[name])) >= 40.0
+        assert abs(hole[name] - hole["raw"]) < 1.0, hole
 
 
 def test_manifest_validates_and_roundtrips(tiny):
