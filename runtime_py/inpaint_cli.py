@@ -162,12 +162,21 @@ def run_inpaint(image_path: Path, mask_path: Path, out_path: Path, args) -> dict
     return summary
 
 
+def _describe_pass(p: dict) -> str:
+    if "skipped" in p:
+        return f"pass {p['pass']} skipped: {p['skipped']}"
+    where = f"pass {p['pass']} at {p['shape'][0]}x{p['shape'][1]}"
+    if p.get("tiled"):
+        return f"{where}: {p['runs']} of {p['tiles']} tiles"
+    return f"{where}: {p['runs']} run{'s' if p['runs'] != 1 else ''}"
+
+
 def print_summary(s: dict) -> None:
     win = "off" if s["crop_window"] is None else "rows {0}:{2} cols {1}:{3}".format(*s["crop_window"])
     print(f"wrote {s['output']}  ({s['input']})")
     print(f"  engine       {s['engine']}, pass-1 shape {s['model_shape'][0]}x{s['model_shape'][1]}")
     print(f"  mode         {s['mode']}; rotated {'yes' if s['rotated'] else 'no'}; crop {win}")
-    print(f"  model runs   {s['model_runs']}")
+    print(f"  model runs   {s['model_runs']}  ({'; '.join(_describe_pass(p) for p in s['passes']) or 'no pass ran'})")
     print(f"  tiles        {s['tiles_run']} run, {s['tiles_skipped']} skipped")
     times = "  ".join(f"{k} {v:.2f}s" for k, v in s["stage_seconds"].items())
     print(f"  time         {times}")
