@@ -219,13 +219,15 @@ def conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilatio
     hp, wp = xp.shape[2] - 1, xp.shape[3]
     ho = (hp - ((kh - 1) * dh + 1)) // sh + 1
     wo = (wp - ((kw - 1) * dw + 1)) // sw + 1
-    w32 = weight.astype(np.float32)
+    # taps first and contiguous: each (cout, cin) tap matrix must be unit-stride for BLAS,
+    # a strided slice of the OIHW weight would send matmul down NumPy's slow generic loop
+    w32 = np.ascontiguousarray(weight.astype(np.float32).transpose(2, 3, 0, 1))
     cout_g = cout // groups
     y = np.empty((n, cout, ho, wo), np.float32)
     for b in range(n):
         for g in range(groups):
             xs = xp[b, g * cin_g:(g + 1) * cin_g]
-            wg = w32[g * cout_g:(g + 1) * cout_g]
+            wg = w32[:, :, g * cout_g:(g + 1) * cout_g]
             if sh == 1 and sw == 1:
                 # Each tap multiplies a contiguous run of whole padded rows; the columns past
                 # wo in each row are junk and are cropped at the end (no im2col copy).
@@ -234,14 +236,14 @@ def conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilatio
                 for i in range(kh):
                     for j in range(kw):
                         start = i * dh * wp + j * dw
-                        acc += wg[:, :, i, j] @ flat[:, start:start + ho * wp]
+                        acc += wg[i, j] @ flat[:, start:start + ho * wp]
                 y[b, g * cout_g:(g + 1) * cout_g] = acc.reshape(cout_g, ho, wp)[:, :, :wo]
             else:
                 acc = np.zeros((cout_g, ho * wo), np.float32)
                 for i in range(kh):
                     for j in range(kw):
                         patch = xs[:, i * dh: i * dh + (ho - 1) * sh + 1: sh, j * dw: j * dw + (wo - 1) * sw + 1: sw]
-                        acc += wg[:, :, i, j] @ patch.reshape(cin_g, -1)
+                        acc += wg[i, j] @ patch.reshape(cin_g, -1)
                 y[b, g * cout_g:(g + 1) * cout_g] = acc.reshape(cout_g, ho, wo)
     if bias is not None:
         y += _as_array(bias).astype(np.float32).reshape(1, -1, 1, 1)
