@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -96,6 +96,12 @@ def detect_format(path: os.PathLike) -> str:
 
 # ----------------------------------------------------------------------- project format
 
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_checkpoint(gen: GMCNNGenerator, path: os.PathLike, dtype: str = "float32") -> Path:
     """Write ``gen`` in the project format, atomically. ``dtype``: float32 or float16."""
     import torch
@@ -108,10 +114,10 @@ def save_checkpoint(gen: GMCNNGenerator, path: os.PathLike, dtype: str = "float3
     meta["weights_dtype"] = dtype
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
     try:
         save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        os.chmod(tmp, _default_file_mode())  # safetensors writes 0600 files; a checkpoint is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -127,7 +133,7 @@ def read_project_metadata(path: os.PathLike) -> dict:
         with safe_open(str(path), framework="np") as f:
             raw = (f.metadata() or {}).get(METADATA_KEY)
     except Exception as exc:  # safetensors raises several types for damaged files
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
     if raw is None:
         raise CheckpointError(f"{path}: safetensors file without '{METADATA_KEY}' metadata: not a gmcnn-mobile checkpoint")
     try:
@@ -155,7 +161,7 @@ def _load_project(path: Path) -> Tuple[GeneratorMeta, Dict[str, np.ndarray]]:
     try:
         tensors = load_file(str(path))
     except Exception as exc:
-        raise CheckpointError(f"{path}: damaged safetensors file ({exc})") from None
+        raise CheckpointError(f"{path}: damaged safetensors file ({_first_line(exc)})") from None
     return meta, tensors
 
 

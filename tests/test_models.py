@@ -1,6 +1,8 @@
 """The generator definitions: sizes, costs, shapes, tensor conventions, project checkpoint format."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -177,6 +179,9 @@ def test_project_checkpoint_roundtrip(tmp_path, variant):
     gen = build_generator(variant, 4, seed=7, train_size=(512, 680), description="test model")
     path = models.save_checkpoint(gen, tmp_path / "sub" / "m.safetensors")
     assert [p.name for p in path.parent.iterdir()] == ["m.safetensors"]  # no temp file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not a private temp file
     meta = read_project_metadata(path)
     assert meta["variant"] == variant and meta["cnum"] == 4 and meta["train_size"] == [512, 680]
     assert meta["format_version"] == 1 and meta["weights_dtype"] == "float32"
