@@ -36,12 +36,7 @@ def _assert_meaningful(output: np.ndarray) -> None:
 # ------------------------------------------------------------------------------------ tf
 
 
-@pytest.fixture(scope="module", params=[(4, 96, 128), (34, 32, 48)], ids=["cnum4-96x128", "cnum34-32x48"])
-def tf_case(request, tmp_path_factory):
-    """A TF name-based checkpoint with reference variable names and the reference TF output for the kite photo.
-
-    cnum 34 (> 32) exercises the extra rate-32 ``conv11_atrous`` layers of the reference."""
-    cnum, height, width = request.param
+def _make_tf_case(tmp_path_factory, cnum: int, height: int, width: int) -> dict:
     weights = random_tf_weights(cnum, seed=cnum)
     ckpt_dir = tmp_path_factory.mktemp(f"tf_ckpt_c{cnum}")
     prefix = write_tf_checkpoint(ckpt_dir, weights)
@@ -52,15 +47,30 @@ def tf_case(request, tmp_path_factory):
             "reference_rgb": bgr_out[:, :, ::-1]}
 
 
-def test_tf_variant_matches_tensorflow_graph(tf_case):
-    gen = models.load_generator(tf_case["dir"])
-    assert (gen.meta.variant, gen.meta.cnum, gen.meta.channel_order) == ("tf", tf_case["cnum"], "bgr")
+@pytest.fixture(scope="module")
+def tf_case(tmp_path_factory):
+    """A TF name-based checkpoint with reference variable names (cnum 4) and the reference TF output
+    for a 96x128 crop of the kite photo around the masked kite."""
+    return _make_tf_case(tmp_path_factory, 4, 96, 128)
+
+
+@pytest.fixture(scope="module", params=["cnum4-96x128", "cnum34-32x48"])
+def tf_cases(request, tmp_path_factory):
+    """Also cnum 34 (> 32), which adds the reference's rate-32 ``conv11_atrous`` layers."""
+    if request.param == "cnum4-96x128":
+        return request.getfixturevalue("tf_case")
+    return _make_tf_case(tmp_path_factory, 34, 32, 48)
+
+
+def test_tf_variant_matches_tensorflow_graph(tf_cases):
+    gen = models.load_generator(tf_cases["dir"])
+    assert (gen.meta.variant, gen.meta.cnum, gen.meta.channel_order) == ("tf", tf_cases["cnum"], "bgr")
     with torch.no_grad():
-        out = gen(_nchw(tf_case["rgb"]), _nchw(tf_case["mask"]))[0].numpy().transpose(1, 2, 0)
-    reference = tf_case["reference_rgb"]
+        out = gen(_nchw(tf_cases["rgb"]), _nchw(tf_cases["mask"]))[0].numpy().transpose(1, 2, 0)
+    reference = tf_cases["reference_rgb"]
     _assert_meaningful(reference)
     diff = float(np.abs(out - reference).max())
-    print(f"tf variant cnum {tf_case['cnum']} {out.shape[:2]}: max abs diff vs TensorFlow {diff:.3g}")
+    print(f"tf variant cnum {tf_cases['cnum']} {out.shape[:2]}: max abs diff vs TensorFlow {diff:.3g}")
     assert diff <= TOLERANCE
 
 
@@ -101,12 +111,12 @@ def test_tf_checkpoint_given_as_prefix_or_index(tf_case):
         assert all(torch.equal(state[k], from_dir[k]) for k in state)
 
 
-def test_tf_import_maps_every_reference_variable(tf_case):
+def test_tf_import_maps_every_reference_variable(tf_cases):
     """Every generator variable lands in the parameter of the same layer (HWIO -> OIHW)."""
-    gen = models.load_generator(tf_case["dir"])
+    gen = models.load_generator(tf_cases["dir"])
     params = dict(gen.net.named_parameters())
-    assert len(params) == len(tf_case["weights"])
-    for name, value in tf_case["weights"].items():
+    assert len(params) == len(tf_cases["weights"])
+    for name, value in tf_cases["weights"].items():
         scope = name.split("/")[-2]
         tensor = params[f"layers.{scope}.{'weight' if name.endswith('kernel') else 'bias'}"].detach().numpy()
         expected = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value
