@@ -236,3 +236,18 @@ def test_float16_conversion_stays_close(torch_case, tmp_path):
         diff = (gen16(torch_case["image"], torch_case["mask"]) - torch_case["reference_out"]).abs().max()
     print(f"float16-stored weights: max abs diff {float(diff):.3g}")
     assert 0 < diff < 1e-2
+
+
+def test_inspect_tf_checkpoint_directory(tf_case):
+    import contextlib
+    import io
+
+    from runtime_py.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["inspect", str(tf_case["dir"]), "--json"]) == 0
+    info = json.loads(out.getvalue())
+    assert info["sha256"] == sha256_path(tf_case["dir"])
+    assert (info["meta"]["variant"], info["meta"]["cnum"], info["meta"]["channel_order"]) == ("tf", 4, "bgr")
+    assert info["parameters"] == sum(v.size for v in tf_case["weights"].values())
