@@ -272,6 +272,8 @@ class Pipeline:
                 full_out = rotate_out(full_out)
             result = np.where(hole[:, :, None], full_out, image)
         self.trace.add("output", result, "final: input outside the mask, pipeline result inside")
+        if self.trace.enabled:
+            self.stats.stage_seconds["trace"] = self.trace.seconds
         self.stats.stage_seconds["total"] = time.perf_counter() - t_start
         self.trace.finish(self.stats.to_dict())
         return PipelineResult(np.ascontiguousarray(result), self.stats)

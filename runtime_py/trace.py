@@ -19,8 +19,14 @@ class Trace:
     def __init__(self, directory: Optional[str] = None):
         self.dir = Path(directory) if directory else None
         self.entries = []
+        self.seconds = 0.0  # time spent writing, reported as the pipeline's "trace" stage
         if self.dir is not None:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                from .errors import UserError
+
+                raise UserError(f"{self.dir}: cannot create the trace directory ({exc.strerror})") from None
 
     @property
     def enabled(self) -> bool:
@@ -29,6 +35,13 @@ class Trace:
     def add(self, name: str, array: np.ndarray, note: str = "") -> None:
         if self.dir is None:
             return
+        import time
+
+        t0 = time.perf_counter()
+        self._write(name, array, note)
+        self.seconds += time.perf_counter() - t0
+
+    def _write(self, name: str, array: np.ndarray, note: str) -> None:
         from .geometry import round_to_u8
         from .imageio import write_rgb
 

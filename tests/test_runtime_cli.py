@@ -166,3 +166,10 @@ def test_exif_rotated_portrait_photo_end_to_end(files, tmp_path):
     res = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
     assert res.shape == (420, 300, 3)
     assert np.array_equal(res[hole == 0], upright[hole == 0])
+
+
+def test_trace_path_that_is_a_file(files, tmp_path, capsys):
+    (tmp_path / "t").write_text("x")
+    assert inpaint(files, tmp_path / "o.png", "--trace", str(tmp_path / "t")) == 2
+    assert "cannot create the trace directory" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
