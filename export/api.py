@@ -217,20 +217,26 @@ def export_artifacts(
     calibration: Optional[Union[str, os.PathLike]] = None,
     holdout: Optional[Union[str, os.PathLike]] = None,
     threads: int = 2,
-    pad_mode: str = "auto",
+    pad_mode: str = "slices",
+    upsample_mode: str = "concat",
     int8_tail: bool = True,
     tolerances: Optional[Dict] = None,
+    calibration_masks_per_photo: int = CALIBRATION_MASKS_PER_PHOTO,
     use_cache: bool = True,
     keep_work: bool = False,
     progress: bool = True,
 ) -> Manifest:
     """Export, gate and describe artifacts; see the module docstring.
 
-    pad_mode: ``auto`` (``slices`` for the torch variant: reflection pads as slices and
-        concatenations that XNNPACK runs), ``slices`` or ``mirror_pad`` (one MIRROR_PAD op).
+    pad_mode: TFLite reflection pads (the torch variant's) as ``slices`` (SLICE and
+        CONCATENATION ops, which XNNPACK runs) or one ``mirror_pad`` op (which it does not).
+    upsample_mode: TFLite 2x nearest upsampling as ``concat`` (CONCATENATION + RESHAPE,
+        which XNNPACK runs) or one ``resize`` op (RESIZE_NEAREST_NEIGHBOR, which it does not).
     int8_tail: also move the float resize/concatenation tail of int8 files into int8.
     tolerances: overrides of :data:`export.parity.TOLERANCES`, keyed by precision or
         (precision, io) (tests use it to force a failure).
+    calibration_masks_per_photo: int8 calibration samples per calibration photo (mask kinds
+        and sizes cycle); tests lower it to save time.
     keep_work: keep ``out_dir/.work`` (ONNX files, saved_models, logs) after success.
     """
     t_start = time.time()
@@ -271,12 +277,12 @@ def export_artifacts(
             raise UserError(f"unknown precision(s) {', '.join(unknown)} for {', '.join(fmt_list)}; "
                             f"choose from {', '.join(sorted(known))}")
 
-    if pad_mode == "auto":
-        pad_mode = "slices" if variant == "torch" else "mirror_pad"
-    from .wrappers import PAD_MODES
+    from .tflite import PAD_MODES, UPSAMPLE_MODES
 
     if pad_mode not in PAD_MODES:
-        raise UserError(f"unknown pad mode {pad_mode!r}; choose from auto, {', '.join(PAD_MODES)}")
+        raise UserError(f"unknown pad mode {pad_mode!r}; choose from {', '.join(PAD_MODES)}")
+    if upsample_mode not in UPSAMPLE_MODES:
+        raise UserError(f"unknown upsample mode {upsample_mode!r}; choose from {', '.join(UPSAMPLE_MODES)}")
 
     calib_dir = Path(calibration) if calibration is not None else CALIBRATION_DIR
     holdout_dir = Path(holdout) if holdout is not None else HOLDOUT_DIR
@@ -291,11 +297,12 @@ def export_artifacts(
             for io in ios:
                 for precision in per_format[fmt]:
                     tol = parity.tolerance_for(precision, io, tolerances, getattr(mods[fmt], "PARITY_TOLERANCES", None))
-                    options = {"pad_mode": pad_mode, "int8_tail": bool(int8_tail)}
+                    options = {"pad_mode": pad_mode, "upsample_mode": upsample_mode, "int8_tail": bool(int8_tail)}
                     key_src = {
                         "format": fmt, "shape": list(shape), "precision": precision, "io": io,
                         "weights": ckpt_info["weights_sha256"], "options": options, "tolerance": tol,
-                        "holdout": holdout_digest, "calibration": calib_digest if precision not in ("fp32", "fp16") else "",
+                        "holdout": holdout_digest,
+                        "calibration": [calib_digest, calibration_masks_per_photo] if precision not in ("fp32", "fp16") else "",
                         "tools": tools, "code": code,
                     }
                     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()
@@ -334,7 +341,7 @@ def export_artifacts(
     try:
         if todo:
             made, failures = _make(todo, gen, ckpt_info, mods, out, work_root, calib_dir, holdout_dir, threads, temps,
-                                   show, calib_digest)
+                                   show, calibration_masks_per_photo)
     finally:
         # anything of this run not renamed to its final name is removed, whatever happened
         for t in list(temps) + list(out.glob(f"{PARTIAL_PREFIX}{os.getpid()}-*")):
@@ -352,9 +359,9 @@ def export_artifacts(
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         export={
             "shapes": [list(s) for s in shapes], "formats": fmt_list, "precisions": precisions or "all", "ios": ios,
-            "pad_mode": pad_mode, "int8_tail": bool(int8_tail),
+            "pad_mode": pad_mode, "upsample_mode": upsample_mode, "int8_tail": bool(int8_tail),
             "calibration": {"folder": str(calib_dir), "sha256": calib_digest,
-                            "masks_per_photo": CALIBRATION_MASKS_PER_PHOTO},
+                            "masks_per_photo": calibration_masks_per_photo},
             "holdout": {"folder": str(holdout_dir), "sha256": holdout_digest, "masks_per_photo": HOLDOUT_MASKS_PER_PHOTO},
             "threads": threads, "seconds": round(time.time() - t_start, 2),
             "reused": len(reused), "made": len(made), "failed": sorted(failures),
@@ -379,7 +386,7 @@ def write_manifest(manifest: Manifest, out: Path) -> Path:
     return target
 
 
-def _make(todo, gen, ckpt_info, mods, out, work_root, calib_dir, holdout_dir, threads, temps, show, calib_digest):
+def _make(todo, gen, ckpt_info, mods, out, work_root, calib_dir, holdout_dir, threads, temps, show, masks_per_photo):
     """Convert, gate and move into place every planned artifact; returns (made, failures)."""
     from models.gmcnn import count_macs
 
@@ -392,7 +399,7 @@ def _make(todo, gen, ckpt_info, mods, out, work_root, calib_dir, holdout_dir, th
     for p in todo:
         if p.shape not in calib:
             show(f"samples {p.shape[0]}x{p.shape[1]}: calibration from {calib_dir}, holdout from {holdout_dir}")
-            calib[p.shape] = load_samples(calib_dir, p.shape, CALIBRATION_MASKS_PER_PHOTO, seed=1)
+            calib[p.shape] = load_samples(calib_dir, p.shape, masks_per_photo, seed=1)
             hold[p.shape] = load_samples(holdout_dir, p.shape, HOLDOUT_MASKS_PER_PHOTO, seed=2)
 
     for fmt in dict.fromkeys(p.fmt for p in todo):
@@ -402,7 +409,7 @@ def _make(todo, gen, ckpt_info, mods, out, work_root, calib_dir, holdout_dir, th
         for p in (q for q in todo if q.fmt == fmt):
             tmp = out / f"{PARTIAL_PREFIX}{os.getpid()}-{p.file}"
             temps.append(tmp)
-            workdir = work_root / f"{fmt}_{p.shape[0]}x{p.shape[1]}_{p.io}_{p.options['pad_mode']}"
+            workdir = work_root / f"{fmt}_{p.shape[0]}x{p.shape[1]}_{p.io}"
             meta = {
                 "generator": "GMCNN", "variant": gen.meta.variant, "cnum": gen.meta.cnum, "shape": list(p.shape),
                 "io": p.io, "precision": p.precision, "layout": "NHWC",
@@ -456,7 +463,7 @@ def _make(todo, gen, ckpt_info, mods, out, work_root, calib_dir, holdout_dir, th
             made[p.key] = Artifact(
                 file=p.file, format=p.fmt, shape=list(p.shape), precision=p.precision, io=p.io, sha256=sha, bytes=size,
                 inputs=inputs, outputs=outputs_info, op_inventory=inv, parity=result, cache_key=p.key,
-                build={"pad_mode": p.options["pad_mode"], "int8_tail": p.options["int8_tail"],
+                build={**{k: p.options[k] for k in ("pad_mode", "upsample_mode", "int8_tail")},
                        "convert_seconds": round(res.seconds, 2),
                        "calibration_samples": len(calib[p.shape]) if p.precision not in ("fp32", "fp16") else 0,
                        "gmacs": gmacs[p.shape]},

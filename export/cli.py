@@ -44,8 +44,10 @@ def register(sub) -> None:
     p.add_argument("--holdout", type=Path, default=None,
                    help="folder of photos for the parity gate (default: the bundled export/photos/holdout)")
     p.add_argument("--threads", type=int, default=_default_threads(), help="LiteRT threads for the parity runs")
-    p.add_argument("--pad-mode", choices=["auto", "slices", "mirror_pad"], default="auto",
-                   help="torch variant reflection pads: slices (XNNPACK runs them) or one MIRROR_PAD op; auto = slices")
+    p.add_argument("--pad-mode", choices=["slices", "mirror_pad"], default="slices",
+                   help="TFLite reflection pads (torch variant): SLICE+CONCATENATION ops XNNPACK runs, or one MIRROR_PAD")
+    p.add_argument("--upsample-mode", choices=["concat", "resize"], default="concat",
+                   help="TFLite 2x nearest upsampling: CONCATENATION+RESHAPE ops XNNPACK runs, or RESIZE_NEAREST_NEIGHBOR")
     p.add_argument("--no-int8-tail", action="store_true",
                    help="leave the float resize/concatenation tail of int8 files in float")
     p.add_argument("--no-cache", action="store_true", help="reconvert even when an up-to-date artifact exists")
@@ -72,7 +74,7 @@ def cmd_export(args) -> int:
     precisions = None if args.precisions == "all" else _csv(args.precisions)
     manifest = export_artifacts(
         args.checkpoint, args.out, shapes=shapes, formats=formats, precisions=precisions, ios=_csv(args.io),
-        calibration=args.calibration, holdout=args.holdout, threads=args.threads, pad_mode=args.pad_mode,
+        calibration=args.calibration, holdout=args.holdout, threads=args.threads, pad_mode=args.pad_mode, upsample_mode=args.upsample_mode,
         int8_tail=not args.no_int8_tail, use_cache=not args.no_cache, keep_work=args.keep_work,
         progress=not args.quiet,
     )

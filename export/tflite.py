@@ -43,6 +43,10 @@ SUFFIX = ".tflite"
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
 EXTRA = "export"
 METADATA_NAME = "gmcnn_mobile"
+# How reflection padding and 2x nearest upsampling are spelled in the file (see tflite_graph):
+# the first of each keeps every op inside XNNPACK, the second keeps the converter's single op.
+PAD_MODES = ("slices", "mirror_pad")
+UPSAMPLE_MODES = ("concat", "resize")
 # Tools the conversion needs (module name -> what for).
 CONVERT_TOOLS = {
     "torch": "the PyTorch model",
@@ -64,11 +68,18 @@ def check_available() -> None:
 
 # ----------------------------------------------------------------------- post-pass
 
-def postprocess(raw: bytes, precision: str, io: str, int8_tail: bool = True,
-                metadata: Optional[dict] = None) -> Tuple[bytes, Dict[str, object]]:
-    """Flatbuffer post-passes applied to every converted file; returns (bytes, report)."""
+def postprocess(raw: bytes, precision: str, io: str, int8_tail: bool = True, metadata: Optional[dict] = None,
+                pad_mode: str = "slices", upsample_mode: str = "concat") -> Tuple[bytes, Dict[str, object]]:
+    """Flatbuffer post-passes applied to every converted file; returns (bytes, report).
+
+    In order: NHWC outputs and named I/O; uint8 I/O for float ``image`` files; for int8,
+    ELU chains then the float tail into int8; then the XNNPACK rewrites of reflection pads
+    (``pad_mode='slices'``) and 2x nearest upsampling (``upsample_mode='concat'``).
+    """
     from . import tflite_graph as g
 
+    if pad_mode not in PAD_MODES or upsample_mode not in UPSAMPLE_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}, upsample_mode one of {UPSAMPLE_MODES}")
     model = g.read(raw)
     report: Dict[str, object] = {"output_transposes_removed": g.nhwc_outputs(model)}
     report["io_tensors_named"] = g.set_io_names(model)
@@ -79,6 +90,10 @@ def postprocess(raw: bytes, precision: str, io: str, int8_tail: bool = True,
         report["inventory_after_elu_pass"] = g.inventory(g.write(model))
         if int8_tail:
             report["float_regions_to_int8"] = g.integerize(model, through=g.DATA_MOVEMENT_OPS)
+    if pad_mode == "slices":
+        report["mirror_pads_to_slices"] = g.mirror_pad_to_slices(model)
+    if upsample_mode == "concat":
+        report["nearest_upsamples_to_concat"] = g.nearest_2x_to_concat(model)
     if metadata:
         g.add_metadata(model, METADATA_NAME, metadata)
     return g.write(model), report
@@ -92,17 +107,16 @@ def _progress(progress, msg: str) -> None:
 
 
 def _export_sources(job: ConvertJob) -> Tuple[Path, Dict[str, str]]:
-    """ONNX file and onnx2tf sample inputs of a job's (shape, io, pad mode), made once per workdir."""
+    """ONNX file and onnx2tf sample inputs of a job's (shape, io), made once per workdir."""
     from .onnx_export import export_onnx
-    from .wrappers import pad_mode, wrap
+    from .wrappers import wrap
 
     work = Path(job.workdir)
     work.mkdir(parents=True, exist_ok=True)
     onnx_path = work / "model.onnx"
     cind = {"image": str(work / "cind_image.npy"), "mask": str(work / "cind_mask.npy")}
     if not onnx_path.exists():
-        with pad_mode(job.options.get("pad_mode", "mirror_pad")):
-            export_onnx(wrap(job.generator, job.io), job.io, job.shape, onnx_path)
+        export_onnx(wrap(job.generator, job.io), job.io, job.shape, onnx_path)
         image, mask = network_feed(job.calibration, job.io)
         np.save(cind["image"], image[:1])
         np.save(cind["mask"], mask[:1])
@@ -148,6 +162,8 @@ def convert_many(jobs: Sequence[ConvertJob], progress=None) -> Dict[str, Convert
                     np.save(calib["mask"], mask)
             arts.append({"precision": job.precision, "io": job.io, "out": str(job.out), "calibration": calib,
                          "int8_tail": bool(job.options.get("int8_tail", True)),
+                         "pad_mode": job.options.get("pad_mode", "slices"),
+                         "upsample_mode": job.options.get("upsample_mode", "concat"),
                          "metadata": job.options.get("metadata")})
             by_out[str(job.out)] = job
         plan["jobs"].append({"name": f"{first.shape[0]}x{first.shape[1]} {first.io}", "onnx": str(onnx_path),

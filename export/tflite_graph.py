@@ -409,6 +409,174 @@ def _apply_region(model, idx: _Index, plan) -> None:
     _remove_ops(model, drop)
 
 
+# XNNPACK's delegate takes CONCATENATION with at most this many inputs (measured: 5 in, 7 out).
+XNNPACK_CONCAT_FAN_IN = 5
+
+
+def _const_tensor(model, values: np.ndarray, name: str) -> int:
+    """An int32 constant tensor; equal values share one tensor (the rewrites need many small ones)."""
+    sg = model.subgraphs[0]
+    cache = model.__dict__.setdefault("_gmcnn_consts", {})
+    key = (values.dtype.str, values.shape, values.tobytes())
+    if key in cache:
+        return cache[key]
+    buf = schema.BufferT()
+    buf.data = np.frombuffer(np.ascontiguousarray(values).tobytes(), dtype=np.uint8).copy()
+    model.buffers.append(buf)
+    t = schema.TensorT()
+    t.shape = list(values.shape)
+    t.type = {np.dtype(np.int32): T.INT32}[values.dtype]
+    t.buffer = len(model.buffers) - 1
+    t.name = name
+    sg.tensors.append(t)
+    cache[key] = len(sg.tensors) - 1
+    return cache[key]
+
+
+def _activation_like(model, like: int, shape: Sequence[int], name: str) -> int:
+    sg = model.subgraphs[0]
+    src = sg.tensors[like]
+    t = _new_tensor(model, src, src.type, name)
+    sg.tensors[t].shape = list(shape)
+    if src.quantization is not None and src.quantization.scale is not None:
+        scale, zero = _quant(src)
+        _set_quant(sg.tensors[t], scale, zero)
+    return t
+
+
+def _concat(model, inputs: List[int], axis: int, shapes: Dict[int, List[int]], ops: list, name: str,
+            out: Optional[int] = None) -> int:
+    shape = list(shapes[inputs[0]])
+    shape[axis] = sum(shapes[t][axis] for t in inputs)
+    target = out if out is not None else _activation_like(model, inputs[0], shape, name)
+    shapes[target] = shape
+    options = schema.ConcatenationOptionsT()
+    options.axis = axis
+    options.fusedActivationFunction = 0
+    ops.append(_new_op(model, OP.CONCATENATION, inputs, [target], options, schema.BuiltinOptions.ConcatenationOptions))
+    return target
+
+
+def _concat_tree(model, pieces: List[int], axis: int, shapes: Dict[int, List[int]], ops: list, name: str) -> int:
+    """One tensor of ``pieces`` joined along ``axis`` by concatenations of at most XNNPACK_CONCAT_FAN_IN inputs."""
+    level = 0
+    while len(pieces) > 1:
+        groups = [pieces[i : i + XNNPACK_CONCAT_FAN_IN] for i in range(0, len(pieces), XNNPACK_CONCAT_FAN_IN)]
+        pieces = [g[0] if len(g) == 1 else _concat(model, g, axis, shapes, ops, f"{name}/cat{level}_{j}")
+                  for j, g in enumerate(groups)]
+        level += 1
+    return pieces[0]
+
+
+def mirror_pad_to_slices(model) -> int:
+    """Rewrite each reflection MIRROR_PAD (NHWC, pads on H and W) as SLICE + CONCATENATION ops.
+
+    XNNPACK has no MIRROR_PAD kernel, so each one splits the delegate's graph and runs in
+    the reference kernel. Padding by p along an axis is: the p one-pixel slices mirrored
+    about the edge (edge excluded), the input, and the p slices mirrored about the far
+    edge, concatenated; the width is padded first, then the height of the result, which
+    fills corners as 2-D reflection does. Slices and concatenations only copy values, so
+    the result is exact in every precision (the parity gate checks it); pad blocks are
+    joined in trees of at most 5 inputs, the most XNNPACK's concatenation takes.
+    """
+    sg = model.subgraphs[0]
+    new_ops: list = []
+    changed = 0
+    for op in list(sg.operators):
+        if op_name(model, op) != "MIRROR_PAD" or op.builtinOptions is None or op.builtinOptions.mode != 0:
+            new_ops.append(op)
+            continue
+        src, pads_t = _ids(op.inputs)[:2]
+        out = _ids(op.outputs)[0]
+        pads = np.frombuffer(bytes(model.buffers[sg.tensors[pads_t].buffer].data),
+                             dtype=np.int64 if sg.tensors[pads_t].type == T.INT64 else np.int32).reshape(-1, 2)
+        shape = list(_ids(sg.tensors[src].shape))
+        if len(shape) != 4 or pads[0].any() or pads[3].any() or pads[1, 0] != pads[1, 1] or pads[2, 0] != pads[2, 1]:
+            new_ops.append(op)
+            continue
+        shapes: Dict[int, List[int]] = {src: shape}
+        x = src
+        base = tensor_name(sg.tensors[out]) or f"mirror_pad_{changed}"
+        for axis, p in ((2, int(pads[2, 0])), (1, int(pads[1, 0]))):
+            if p == 0:
+                continue
+            n = shapes[x][axis]
+            if p >= n:
+                raise ValueError(f"reflection pad {p} needs a side larger than {p}, got {n}")
+            blocks = []
+            for side, indices in (("before", range(p, 0, -1)), ("after", range(n - 2, n - 2 - p, -1))):
+                pieces = []
+                for i in indices:
+                    begin = [0, 0, 0, 0]
+                    begin[axis] = i
+                    size = list(shapes[x])
+                    size[axis] = 1
+                    b = _const_tensor(model, np.array(begin, np.int32), f"{base}/{side}{i}_begin")
+                    s = _const_tensor(model, np.array(size, np.int32), f"{base}/{side}{i}_size")
+                    piece = _activation_like(model, x, size, f"{base}/{side}{i}")
+                    shapes[piece] = size
+                    new_ops.append(_new_op(model, OP.SLICE, [x, b, s], [piece], schema.SliceOptionsT(),
+                                           schema.BuiltinOptions.SliceOptions))
+                    pieces.append(piece)
+                blocks.append(_concat_tree(model, pieces, axis, shapes, new_ops, f"{base}/{side}{axis}"))
+            last_axis = axis == 1 or int(pads[1, 0]) == 0
+            x = _concat(model, [blocks[0], x, blocks[1]], axis, shapes, new_ops, f"{base}/padded{axis}",
+                        out=out if last_axis else None)
+        changed += 1
+    sg.operators = new_ops
+    if changed:
+        model.__dict__.pop("_gmcnn_consts", None)
+        _prune_tensors(model)
+    return changed
+
+
+def nearest_2x_to_concat(model) -> int:
+    """Rewrite 2x nearest-neighbour upsampling (RESIZE_NEAREST_NEIGHBOR, NHWC) as concatenations and reshapes.
+
+    XNNPACK has no kernel for it. Duplicating pixels is exact with ops it takes:
+    ``concat([x, x], channels)`` reshaped to (1, h, 2w, c) repeats every column, then
+    ``concat([y, y], width)`` reshaped to (1, 2h, 2w, c) repeats every row. Applies when
+    the output is exactly twice the input on both sides and ``align_corners`` is off
+    (then source pixel = floor(i / 2) with or without half-pixel centres).
+    """
+    sg = model.subgraphs[0]
+    new_ops: list = []
+    changed = 0
+    for op in list(sg.operators):
+        opts = op.builtinOptions
+        if op_name(model, op) != "RESIZE_NEAREST_NEIGHBOR" or opts is None or opts.alignCorners:
+            new_ops.append(op)
+            continue
+        src = _ids(op.inputs)[0]
+        out = _ids(op.outputs)[0]
+        n, h, w, c = _ids(sg.tensors[src].shape)
+        if list(_ids(sg.tensors[out].shape)) != [n, 2 * h, 2 * w, c] or n != 1:
+            new_ops.append(op)
+            continue
+        base = tensor_name(sg.tensors[out]) or f"nearest_{changed}"
+        shapes = {src: [n, h, w, c]}
+        cols = _concat(model, [src, src], 3, shapes, new_ops, f"{base}/twice_channels")
+        wide = _reshape(model, cols, [n, h, 2 * w, c], new_ops, f"{base}/columns_repeated")
+        shapes[wide] = [n, h, 2 * w, c]
+        rows = _concat(model, [wide, wide], 2, shapes, new_ops, f"{base}/twice_width")
+        _reshape(model, rows, [n, 2 * h, 2 * w, c], new_ops, f"{base}/rows_repeated", out=out)
+        changed += 1
+    sg.operators = new_ops
+    if changed:
+        model.__dict__.pop("_gmcnn_consts", None)
+        _prune_tensors(model)
+    return changed
+
+
+def _reshape(model, src: int, shape: List[int], ops: list, name: str, out: Optional[int] = None) -> int:
+    target = out if out is not None else _activation_like(model, src, shape, name)
+    new_shape = _const_tensor(model, np.array(shape, np.int32), f"{name}/shape")
+    options = schema.ReshapeOptionsT()
+    options.newShape = list(shape)
+    ops.append(_new_op(model, OP.RESHAPE, [src, new_shape], [target], options, schema.BuiltinOptions.ReshapeOptions))
+    return target
+
+
 def uint8_io(model) -> int:
     """Float ``image`` files: uint8 inputs (cast to float) and a uint8 output (round half to even, cast)."""
     sg = model.subgraphs[0]

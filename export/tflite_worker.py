@@ -20,7 +20,8 @@ Plan (JSON)::
                "cind": {"image": npy, "mask": npy},            # NHWC samples for onnx2tf
                "artifacts": [{"precision": "fp32|fp16|int8-dynamic|int8", "io": "tensor|image",
                               "out": path, "calibration": {"image": npy, "mask": npy} | null,
-                              "int8_tail": bool, "metadata": {...}}]}]}
+                              "int8_tail": bool, "pad_mode": "slices|mirror_pad",
+                              "upsample_mode": "concat|resize", "metadata": {...}}]}]}
 """
 from __future__ import annotations
 
@@ -63,6 +64,13 @@ def _log_to(path: str):
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+
+
+def check_onnx(onnx_path: str) -> None:
+    """Fail early (before TensorFlow starts) on an ONNX file onnx2tf could not read."""
+    import onnx
+
+    onnx.checker.check_model(onnx.load(onnx_path))
 
 
 def run_onnx2tf(onnx_path: str, saved_model: str, cind: dict) -> None:
@@ -166,6 +174,7 @@ def run_job(job: dict, events: _Events) -> None:
     events.send(event="stage", job=name, stage="onnx2tf")
     with _log_to(job["log"]):
         try:
+            check_onnx(job["onnx"])
             run_onnx2tf(job["onnx"], job["saved_model"], job["cind"])
         except Exception as exc:
             traceback.print_exc()
@@ -183,7 +192,8 @@ def run_job(job: dict, events: _Events) -> None:
                     f.write(raw)
                 before = tflite_graph.inventory(raw)
                 final, report = postprocess(raw, art["precision"], art["io"], int8_tail=art.get("int8_tail", True),
-                                            metadata=art.get("metadata"))
+                                            metadata=art.get("metadata"), pad_mode=art.get("pad_mode", "slices"),
+                                            upsample_mode=art.get("upsample_mode", "concat"))
                 if art["precision"] == "int8":
                     report["calibration_ranges_corrected"] = list(_CALIBRATION_REPORT)
                 analysis = gpu_analysis(final)
@@ -206,10 +216,6 @@ def main(argv=None) -> int:
         plan = json.load(f)
     events = _Events()
     t0 = time.time()
-    first_log = plan["jobs"][0]["log"] if plan["jobs"] else os.devnull
-    with _log_to(first_log):
-        import tensorflow  # noqa: F401  (import cost shows up as its own stage)
-    events.send(event="stage_done", job="", stage="import tensorflow", seconds=round(time.time() - t0, 2))
     for job in plan["jobs"]:
         run_job(job, events)
     events.send(event="finished", seconds=round(time.time() - t0, 2))

@@ -10,23 +10,13 @@ Two signatures (names are the ``io`` values used everywhere in the export):
   (any value >= 128 counts as hole); output ``output`` uint8 RGB: the prediction inside the
   hole, the input pixels elsewhere. In TFLite files: (1,H,W,3), (1,H,W,1) -> (1,H,W,3). The
   traced module works on float pixel values; see :class:`ImageIO` for where uint8 comes in.
-
-Graph rewrites (``pad_mode``) change how ops are expressed, never what they compute:
-``mirror_pad`` keeps reflection padding as one op (TFLite MIRROR_PAD, which XNNPACK does
-not take); ``slices`` spells it as one-pixel slices and a concatenation per axis (ops
-XNNPACK takes), which is exact by construction and proven so by the parity gate.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 IOS = ("tensor", "image")
-PAD_MODES = ("mirror_pad", "slices")
 # Mask values at or above this count as hole in the uint8 signature.
 MASK_THRESHOLD = 128
 
@@ -74,39 +64,3 @@ def wrap(generator: nn.Module, io: str) -> nn.Module:
     if io == "image":
         return ImageIO(generator).eval()
     raise ValueError(f"unknown I/O signature {io!r}; expected one of {IOS}")
-
-
-def reflection_pad_as_slices(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """Reflection padding (NCHW, same on all four sides) from one-pixel slices and concatenations.
-
-    Equal to ``F.pad(x, (pad,)*4, mode='reflect')`` element for element: each padded
-    column is a copy of the column mirrored about the edge (edge excluded), then the same
-    along rows, which also fills the corners as 2-D reflection does.
-    """
-    if not pad:
-        return x
-    for dim in (3, 2):
-        n = x.shape[dim]
-        if pad >= n:
-            raise ValueError(f"reflection pad {pad} needs a side larger than {pad}, got {n}")
-        before = [x.narrow(dim, i, 1) for i in range(pad, 0, -1)]
-        after = [x.narrow(dim, n - 1 - i, 1) for i in range(1, pad + 1)]
-        x = torch.cat(before + [x] + after, dim=dim)
-    return x
-
-
-@contextlib.contextmanager
-def pad_mode(mode: str) -> Iterator[None]:
-    """Within the block, the ``torch`` variant's reflection pads are traced as ``mode``."""
-    if mode not in PAD_MODES:
-        raise ValueError(f"unknown pad mode {mode!r}; expected one of {PAD_MODES}")
-    import models.gmcnn as gmcnn
-
-    original = gmcnn.reflection_pad
-    if mode == "slices":
-        gmcnn.reflection_pad = reflection_pad_as_slices
-    try:
-        yield
-    finally:
-        gmcnn.reflection_pad = original
-

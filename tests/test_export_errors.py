@@ -73,13 +73,23 @@ def test_missing_tool_names_the_extra(monkeypatch, tmp_path):
     assert "onnx2tf" in str(err.value) and "gmcnn-mobile[export]" in str(err.value)
 
 
-def test_unavailable_format_is_clear(tmp_path):
+def test_unknown_format_is_clear(tmp_path):
+    from export.api import export_artifacts
+    from models.gmcnn import build_generator
+
+    with pytest.raises(UserError, match="unknown format 'tfjs'"):
+        export_artifacts(build_generator("tf", 4, seed=0), tmp_path, shapes=[(64, 96)], formats=["tfjs"],
+                         progress=False)
+
+
+def test_format_without_backend_is_clear(monkeypatch):
+    """A format whose backend module has not landed says so (how Core ML read before it landed)."""
     from export import backends
 
-    if "coreml" in backends.available_formats():
-        pytest.skip("the Core ML backend has landed; its own tests cover it")
-    r = _cli("export", "--out", str(tmp_path), "--formats", "coreml", "--shapes", "64x96")
-    assert r.returncode == 2 and "coreml format is not available yet" in r.stderr
+    monkeypatch.setitem(backends.FORMAT_MODULES, "coreml", "export.no_such_backend")
+    assert "coreml" not in backends.available_formats()
+    with pytest.raises(UserError, match="coreml format is not available yet"):
+        backends.get_backend("coreml")
 
 
 def test_empty_calibration_folder(tmp_path):

@@ -26,7 +26,8 @@ def tiny(tmp_path_factory):
     gen = lively_generator("tf", 4, seed=0)
     t0 = time.time()
     manifest = export_artifacts(gen, out, shapes=[SHAPE], formats=["tflite"], precisions=PRECISIONS, ios=IOS,
-                                threads=2, keep_work=True, progress=False)
+                                threads=2, keep_work=True, progress=False,
+                                calibration_masks_per_photo=1)
     return {"out": out, "gen": gen, "manifest": manifest, "seconds": time.time() - t0}
 
 
@@ -103,8 +104,10 @@ def test_inventory_records_xnnpack_and_gpu_verdict(tiny):
         inv = a.op_inventory
         assert sum(inv["ops"].values()) == inv["op_total"] > 40
         assert isinstance(inv["xnnpack_fallback_ops"], dict)
-        # the tf variant upsamples with nearest-neighbour resizes, which XNNPACK does not take
-        assert inv["xnnpack_fallback_ops"].get("RESIZE_NEAREST_NEIGHBOR", 0) == 3
+        # the converter's 3 nearest-neighbour resizes, which XNNPACK does not take, are rewritten
+        assert "RESIZE_NEAREST_NEIGHBOR" not in inv["ops"] and inv["postpass"]["nearest_upsamples_to_concat"] == 3
+        if a.io == "tensor":
+            assert inv["xnnpack_fallback_ops"] == {}, (a.file, inv["xnnpack_fallback_ops"])
         gpu = inv["gpu_compatibility"]
         assert "GPU delegate" in gpu["verdict"] and isinstance(gpu["compatible"], bool)
 
@@ -131,7 +134,7 @@ def test_int8_post_pass_changes_output_by_rounding_only(tiny):
     from export.parity import compare, psnr, reference_outputs, to_pixels
     from export.samples import HOLDOUT_DIR, load_samples
 
-    work = tiny["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor_mirror_pad"
+    work = tiny["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
     raw = (work / "converter_int8.tflite").read_bytes()
     models = {name: tflite_graph.read(raw) for name in ("raw", "chains", "tail")}
     for m in models.values():
@@ -179,7 +182,8 @@ def test_rerun_reuses_artifacts_without_reconverting(tiny, monkeypatch):
     mtimes = {p.name: p.stat().st_mtime_ns for p in tiny["out"].glob("*.tflite")}
     t0 = time.time()
     m = api.export_artifacts(tiny["gen"], tiny["out"], shapes=[SHAPE], formats=["tflite"], precisions=PRECISIONS,
-                             ios=IOS, threads=2, keep_work=True, progress=False)
+                             ios=IOS, threads=2, keep_work=True, progress=False,
+                             calibration_masks_per_photo=1)
     assert time.time() - t0 < 15.0
     assert m.export["reused"] == 8 and m.export["made"] == 0
     assert {p.name: p.stat().st_mtime_ns for p in tiny["out"].glob("*.tflite")} == mtimes

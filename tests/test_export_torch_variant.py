@@ -1,0 +1,54 @@
+"""The torch variant: its 44 reflection pads leave XNNPACK as MIRROR_PAD unless rewritten as
+slices and concatenations; the rewrite is exact (equal outputs) and passes the gate."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from export_helpers import lively_generator
+
+SHAPE = (200, 200)  # the smallest the torch variant takes (a 48-pixel reflection pad at 1/4 size)
+
+
+@pytest.fixture(scope="module")
+def torch_export(tmp_path_factory):
+    from export.api import export_artifacts
+
+    out = tmp_path_factory.mktemp("torch_export")
+    gen = lively_generator("torch", 4, seed=1)
+    manifest = export_artifacts(gen, out, shapes=[SHAPE], formats=["tflite"], precisions=["fp32", "int8"],
+                                ios=["tensor"], threads=2, keep_work=True, progress=False,
+                                calibration_masks_per_photo=1)
+    return {"out": out, "gen": gen, "manifest": manifest}
+
+
+def test_torch_variant_runs_entirely_in_xnnpack(torch_export):
+    for a in torch_export["manifest"].artifacts:
+        assert a.parity.passed, a.parity
+        inv = a.op_inventory
+        assert inv["postpass"]["mirror_pads_to_slices"] == 44
+        assert "MIRROR_PAD" not in inv["ops"] and inv["ops"]["SLICE"] > 44
+        assert inv["xnnpack_fallback_ops"] == {}, inv["xnnpack_fallback_ops"]
+        assert inv["before_postpass"]["ops"]["MIRROR_PAD"] == 44 if a.precision == "int8" else True
+    fp32 = torch_export["manifest"].find("tflite", SHAPE, "fp32", "tensor").parity
+    assert fp32.max_abs <= 1e-4
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_pad_rewrite_is_exact(torch_export, precision):
+    """Same converter file, post-passed with MIRROR_PAD kept and with it rewritten: equal outputs."""
+    from export import tflite
+    from export.samples import HOLDOUT_DIR, load_samples
+
+    work = torch_export["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
+    raw = (work / f"converter_{precision}.tflite").read_bytes()
+    samples = load_samples(HOLDOUT_DIR, SHAPE, 1, seed=5)
+    outs = {}
+    for mode in ("mirror_pad", "slices"):
+        data, report = tflite.postprocess(raw, precision, "tensor", pad_mode=mode)
+        path = work / f"test_{precision}_{mode}.tflite"
+        path.write_bytes(data)
+        outs[mode] = tflite.run(path, "tensor", samples, threads=1)[0]
+        fallback = tflite.xnnpack_fallback_ops(path)
+        assert ("MIRROR_PAD" in fallback) == (mode == "mirror_pad")
+    assert np.array_equal(outs["mirror_pad"], outs["slices"])
