@@ -105,8 +105,13 @@ def elu(x, alpha=1.0):
     """``x`` where x > 0, else ``alpha * (exp(x) - 1)``; evaluated in fp32, rounded once to x's dtype."""
     x = _as_array(x)
     xf = x.astype(np.float32)
-    y = np.where(xf > 0, xf, np.float32(alpha) * np.expm1(np.minimum(xf, 0)))
-    return y.astype(x.dtype)
+    # max(x,0) + alpha*expm1(min(x,0)): exactly x for x > 0 (expm1(0) = 0), in place, no masks
+    neg = np.minimum(xf, 0)
+    np.expm1(neg, out=neg)
+    neg *= np.float32(alpha)
+    np.maximum(xf, 0, out=xf)
+    xf += neg
+    return xf.astype(x.dtype)
 
 
 @mil_op("round")

@@ -2,8 +2,8 @@
 reference executor against PyTorch within the tolerance table (export.coreml.EXECUTOR_TOLERANCES)."""
 from __future__ import annotations
 
-import json
 import platform
+import shutil
 import sys
 from pathlib import Path
 
@@ -211,3 +211,56 @@ def test_full_size_cnum32_matches_pytorch(tmp_path, precision):
     tol = EXECUTOR_TOLERANCES[precision]
     assert np.abs(out - raw).max() <= tol["max_abs"]
     assert psnr(_to_u8(out), _to_u8(raw), masks[..., 0] >= 128) >= tol["hole_psnr_db"]
+
+
+def _copy_cached(precision, io):
+    def convert(job):
+        shutil.copytree(tiny_artifact(precision, io), job.out)
+        return job.out
+
+    return convert
+
+
+def test_export_gate_runs_coreml_through_reference_executor(tmp_path, monkeypatch):
+    """The export command's parity gate executes Core ML artifacts here and records which executor did."""
+    from export import api, coreml
+    from runtime_py.manifest import load_manifest
+
+    monkeypatch.setattr(coreml, "convert", _copy_cached("w8", "image"))  # conversion is tested above
+    gen = scaled_generator("tf")
+    api.export_artifacts(gen, tmp_path / "ok", shapes=[TINY_TF_SHAPE], formats=["coreml"], precisions=["w8"],
+                         ios=["image"], progress=False)
+    (art,) = load_manifest(tmp_path / "ok").artifacts
+    assert art.format == "coreml" and art.file.endswith(".mlpackage") and (tmp_path / "ok" / art.file).is_dir()
+    if platform.system() != "Darwin":
+        assert art.parity.executor.startswith("coreml-reference-executor")
+    assert art.parity.passed and art.parity.samples > 0 and art.parity.hole_psnr_db > 40
+    assert art.op_inventory["weight_decompression_ops"] > 0 and art.op_inventory["compute_dtype"] == "float16"
+    assert [t.shape for t in art.inputs] == [[1, 64, 96, 3], [1, 64, 96, 1]]
+
+    with pytest.raises(api.ExportFailed) as err:
+        api.export_artifacts(gen, tmp_path / "bad", shapes=[TINY_TF_SHAPE], formats=["coreml"], precisions=["w8"],
+                             ios=["image"], tolerances={"w8": {"min_hole_psnr_db": 99.0}}, progress=False)
+    assert "w8" in str(err.value) and "hole PSNR" in str(err.value)
+    assert not [p for p in (tmp_path / "bad").iterdir() if p.suffix == ".mlpackage" or p.name.startswith(".partial")]
+
+
+def test_missing_coremltools_names_the_extra(monkeypatch):
+    import builtins
+
+    from export import coreml
+    from runtime_py.errors import MissingDependencyError
+
+    path = tiny_artifact("fp16", "tensor")
+    real_import = builtins.__import__
+
+    def no_coremltools(name, *args, **kwargs):
+        if name == "coremltools" or name.startswith("coremltools."):
+            raise ImportError("No module named 'coremltools'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_coremltools)
+    with pytest.raises(MissingDependencyError, match=r"gmcnn-mobile\[export\]"):
+        coreml.check_available()
+    with pytest.raises(MissingDependencyError, match="coremltools"):
+        load_program(path)
