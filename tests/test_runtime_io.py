@@ -1,7 +1,6 @@
 """Input handling of the reference pipeline: EXIF orientation, grey / RGBA / 16-bit images, mask binarization."""
 from __future__ import annotations
 
-import io
 
 import cv2
 import numpy as np
