@@ -25,8 +25,9 @@ def register(sub) -> None:
                         "../shared/data/photos beside the repository when present")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
     p.add_argument("--quick", action="store_true",
-                   help="small run (< 10 min here): smallest shape, tensor I/O, 2 timed runs, 2 threads, "
-                        "one photo for pipeline cost, 3 quality cases")
+                   help="small run (< 10 min here on an idle CPU): smallest shape, tensor I/O, 2 timed runs, "
+                        "2 threads; pipeline cost of baseline and two-step (whole and tiled) on one photo; "
+                        "3 quality cases in baseline mode per precision, plus the classical methods")
     p.add_argument("--threads", default="auto", help="comma-separated thread counts; auto = 1,2 (2 with --quick)")
     p.add_argument("--runs", default="auto", help="timed runs per measurement; auto = 10 (2 with --quick)")
     p.add_argument("--warmup", default="auto", help="warm-up runs before the timed ones; auto = 2 (1 with --quick)")
@@ -45,7 +46,7 @@ def register(sub) -> None:
                         "was not trained on); all = every photo found")
     p.add_argument("--quality-per-cell", type=int, default=1, help="quality cases per mask kind x size cell")
     p.add_argument("--quality-modes", default="auto",
-                   help="pipeline modes scored: auto = all four (baseline,shrink with --quick)")
+                   help="pipeline modes scored: auto = all four (baseline with --quick)")
     p.add_argument("--no-patchmatch", action="store_true", help="leave PatchMatch out even when pypatchmatch is installed")
     p.add_argument("--sgemm-n", type=int, default=None, help="SGEMM side for the fp32 peak (default 3072, 1024 with --quick)")
     p.add_argument("--time-budget", type=float, default=0.0, metavar="MIN",
