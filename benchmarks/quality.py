@@ -33,15 +33,18 @@ class Case:
 
 def make_cases(photos: Sequence[str], kinds: Sequence[str] = KINDS, sizes: Sequence[str] = SIZES,
                per_cell: int = 1) -> List[Case]:
-    """``per_cell`` cases for every kind x size, photos taken in turn so cells see different photos.
+    """``per_cell`` cases for every kind x size; photos are taken in turn so cells see different photos.
 
-    The seed of case i is SEED_BASE + i (recorded in every result row)."""
+    A case's photo and seed depend only on its cell (kind, size, j) -- not on which other cells
+    are asked for -- so runs restricted to some kinds or sizes score the very same cases:
+    cell index i = (KINDS.index(kind) * len(SIZES) + SIZES.index(size)) * per_cell + j,
+    seed = SEED_BASE + i, photo = photos[i % len(photos)]."""
     if not photos:
         return []
     cases = []
-    cycle = itertools.cycle(photos)
-    for i, (kind, size, _) in enumerate(itertools.product(kinds, sizes, range(per_cell))):
-        cases.append(Case(str(next(cycle)), kind, size, SEED_BASE + i))
+    for kind, size, j in itertools.product(kinds, sizes, range(per_cell)):
+        i = (KINDS.index(kind) * len(SIZES) + SIZES.index(size)) * per_cell + j
+        cases.append(Case(str(photos[i % len(photos)]), kind, size, SEED_BASE + i))
     return cases
 
 

@@ -67,6 +67,8 @@ class BenchConfig:
     pipeline_threads: int
     quality_per_cell: int
     quality_photos: Optional[List[str]]
+    quality_sizes: Optional[List[str]] = None
+    quality_precisions: Optional[List[str]] = None
     quality_modes: List[str]
     patchmatch: bool
     sgemm_n: int
@@ -116,6 +118,8 @@ class BenchConfig:
             pipeline_precision=args.pipeline_precision,
             pipeline_threads=args.pipeline_threads or max(threads), quality_per_cell=args.quality_per_cell,
             quality_photos=_names(getattr(args, "quality_photos", "all")),
+            quality_sizes=_names(getattr(args, "quality_sizes", "all")),
+            quality_precisions=_names(getattr(args, "quality_precisions", "all")),
             quality_modes=modes, patchmatch=not args.no_patchmatch,
             sgemm_n=args.sgemm_n or (1024 if quick else 3072), update_readme=args.update_readme,
             merge=bool(getattr(args, "merge", False)), time_budget_min=float(getattr(args, "time_budget", 0) or 0),
@@ -339,7 +343,8 @@ def run_quality(cfg: BenchConfig, manifest, meta: dict) -> dict:
     methods = [MethodSpec(f"{m} {mode_precision}", "mode", model_method(m, mode_precision), mode=m,
                           precision=mode_precision) for m in cfg.quality_modes]
     methods += [MethodSpec(f"baseline {p}", "precision", model_method("baseline", p), mode="baseline", precision=p)
-                for p in base_precisions if p != mode_precision]
+                for p in base_precisions if p != mode_precision
+                and (cfg.quality_precisions is None or p in cfg.quality_precisions)]
     classical = classical_methods(include_patchmatch=cfg.patchmatch)
     pm_pixels = base[0] * base[1]
     for name, fn in classical.items():
@@ -361,10 +366,10 @@ def run_quality(cfg: BenchConfig, manifest, meta: dict) -> dict:
             raise UserError(f"--quality-photos: {', '.join(missing) or 'none'} not among the photos found")
         notes.append(f"Scored on {', '.join(sorted({p.name for p in chosen}))} only (--quality-photos).")
     photo_paths = [str(p) for p in chosen]
-    if cfg.quick:
-        cases = make_cases(photo_paths, kinds=KINDS, sizes=("medium",), per_cell=1)
-    else:
-        cases = make_cases(photo_paths, kinds=KINDS, sizes=SIZES, per_cell=cfg.quality_per_cell)
+    sizes = ("medium",) if cfg.quick and not cfg.quality_sizes else tuple(cfg.quality_sizes or SIZES)
+    if any(z not in SIZES for z in sizes):
+        raise UserError(f"--quality-sizes takes {','.join(SIZES)}, got {','.join(sizes)}")
+    cases = make_cases(photo_paths, kinds=KINDS, sizes=sizes, per_cell=1 if cfg.quick else cfg.quality_per_cell)
     load = functools.lru_cache(maxsize=2)(read_rgb)
     bar = _progress(len(cases) * len(methods), "quality")
 

@@ -85,6 +85,8 @@ def test_make_cases_records_seeds_and_cycles_photos():
     assert {c.photo for c in cases} == {"a.jpg", "b.jpg"}
     assert {(c.kind, c.size) for c in cases} == {(k, s) for k in quality.KINDS for s in quality.SIZES}
     assert quality.make_cases([], per_cell=1) == []
+    medium = quality.make_cases(["a.jpg", "b.jpg"], sizes=("medium",))
+    assert set(medium) <= set(cases) and len(medium) == 3  # same photo and seed per cell in any subset
 
 
 def test_evaluate_scores_methods_and_catches_errors():
