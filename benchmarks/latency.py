@@ -23,9 +23,13 @@ def _shape_key(shape) -> str:
 def plan_latency(manifest, artifacts_dir: Path, threads: Sequence[int], warmup: int, runs: int,
                  checkpoint: Optional[Path], onnx_files: Dict[str, Path], sgemm_n: int,
                  shapes: Optional[Sequence[str]] = None, precisions: Optional[Sequence[str]] = None,
-                 ios: Optional[Sequence[str]] = None, xnnpack_off: bool = True) -> List[dict]:
+                 ios: Optional[Sequence[str]] = None, xnnpack_off: bool = True, model: str = "") -> List[dict]:
     """Worker specs, in run order: SGEMM per thread count, then per shape and thread count the
-    reference engines and every TFLite artifact (plus XNNPACK off for fp32 tensor artifacts)."""
+    reference engines and every TFLite artifact (plus XNNPACK off for fp32 tensor artifacts).
+
+    ``model`` (e.g. ``tf-c32``) names the network in every label and row, so runs of different
+    checkpoints can be merged into one report."""
+    tag = f"[{model}] " if model else ""
     arts = [a for a in manifest.artifacts if a.format == "tflite"
             and (not shapes or _shape_key(a.shape) in shapes)
             and (not precisions or a.precision in precisions)
@@ -40,20 +44,23 @@ def plan_latency(manifest, artifacts_dir: Path, threads: Sequence[int], warmup: 
     for shape in shape_list:
         key = _shape_key(shape)
         for t in threads:
-            common = {"threads": t, "warmup": warmup, "runs": runs, "shape": list(shape), "shape_key": key}
+            common = {"threads": t, "warmup": warmup, "runs": runs, "shape": list(shape), "shape_key": key,
+                      "model": model}
             if checkpoint is not None:
-                specs.append({"kind": "torch", "label": f"torch fp32 {key} {t}t", "engine": "pytorch-eager",
+                specs.append({"kind": "torch", "label": f"{tag}torch fp32 {key} {t}t", "engine": "pytorch-eager",
                               "precision": "fp32", "io": "tensor", "path": str(checkpoint), **common})
                 if key in onnx_files:
-                    specs.append({"kind": "onnxruntime", "label": f"onnxruntime fp32 {key} {t}t",
+                    specs.append({"kind": "onnxruntime", "label": f"{tag}onnxruntime fp32 {key} {t}t",
                                   "engine": "onnxruntime", "precision": "fp32", "io": "tensor",
                                   "path": str(onnx_files[key]), **common})
             for a in (x for x in arts if tuple(x.shape) == shape):
+                inventory = a.op_inventory if isinstance(getattr(a, "op_inventory", None), dict) else {}
                 base = {"kind": "tflite", "engine": "tflite", "precision": a.precision, "io": a.io,
+                        "manifest_xnnpack_fallback": inventory.get("xnnpack_fallback_ops"),
                         "path": str(Path(artifacts_dir) / a.file), "file": a.file, "bytes": a.bytes, **common}
-                specs.append({**base, "label": f"tflite {a.precision} {a.io} {key} {t}t", "xnnpack": True})
+                specs.append({**base, "label": f"{tag}tflite {a.precision} {a.io} {key} {t}t", "xnnpack": True})
                 if xnnpack_off and a.precision == "fp32" and a.io == "tensor":
-                    specs.append({**base, "label": f"tflite {a.precision} {a.io} {key} {t}t no-xnnpack",
+                    specs.append({**base, "label": f"{tag}tflite {a.precision} {a.io} {key} {t}t no-xnnpack",
                                   "engine": "tflite-no-xnnpack", "xnnpack": False})
     return specs
 
@@ -61,14 +68,14 @@ def plan_latency(manifest, artifacts_dir: Path, threads: Sequence[int], warmup: 
 def derive(results: List[dict], macs: Dict[str, int]) -> Dict[str, object]:
     """Rows for the tables: latency stats, memory, ratios to PyTorch, GMAC/s vs the SGEMM peak."""
     peak = {r["spec"]["threads"]: r["gmac_per_s"] for r in results if r["spec"]["kind"] == "sgemm" and r.get("ok")}
-    torch_median = {(r["spec"]["shape_key"], r["spec"]["threads"]): r["stats"]["median_s"]
+    torch_median = {(r["spec"].get("model", ""), r["spec"]["shape_key"], r["spec"]["threads"]): r["stats"]["median_s"]
                     for r in results if r["spec"]["kind"] == "torch" and r.get("ok")}
     rows = []
     for r in results:
         s = r["spec"]
         if s["kind"] == "sgemm":
             continue
-        row = {"label": s["label"], "engine": s["engine"], "precision": s["precision"], "io": s["io"],
+        row = {"label": s["label"], "model": s.get("model", ""), "engine": s["engine"], "precision": s["precision"], "io": s["io"],
                "shape": s["shape_key"], "threads": s["threads"], "xnnpack": s.get("xnnpack", ""),
                "warmup": s["warmup"], "runs": s["runs"], "file": s.get("file", ""), "bytes": s.get("bytes", "")}
         if not r.get("ok"):
@@ -83,9 +90,9 @@ def derive(results: List[dict], macs: Dict[str, int]) -> Dict[str, object]:
             "peak_rss_mib": r["peak_rss"] / 2 ** 20, "peak_added_over_idle_mib": r["peak_added_over_idle"] / 2 ** 20,
             "load_avg_before": r.get("load_avg_before"), "load_avg_after": r.get("load_avg_after"),
         })
-        tm = torch_median.get((s["shape_key"], s["threads"]))
+        tm = torch_median.get((s.get("model", ""), s["shape_key"], s["threads"]))
         row["speedup_vs_torch"] = (tm / st["median_s"]) if tm else None
-        m = macs.get(s["shape_key"])
+        m = macs.get(f"{s['model']} {s['shape_key']}" if s.get("model") else s["shape_key"], macs.get(s["shape_key"]))
         if m:
             row["gmac_per_s"] = m / st["median_s"] / 1e9
             p = peak.get(s["threads"])
@@ -96,6 +103,10 @@ def derive(results: List[dict], macs: Dict[str, int]) -> Dict[str, object]:
             row["xnnpack_partitions"] = d["partitions"]
             row["nodes_outside_xnnpack"] = d["nodes_outside"]
             row["ops_outside_xnnpack"] = " ".join(f"{k}x{v}" for k, v in d["ops_outside"].items())
+        fallback = s.get("manifest_xnnpack_fallback")
+        if fallback:
+            row["manifest_xnnpack_fallback"] = (" ".join(f"{k}x{v}" for k, v in fallback.items())
+                                                if isinstance(fallback, dict) else " ".join(map(str, fallback)))
         rows.append(row)
     return {"rows": rows, "sgemm_peak_gmac_per_s": {str(k): v for k, v in sorted(peak.items())}}
 

@@ -89,9 +89,9 @@ def plot_latency(rows: List[dict], path: Path) -> bool:
     fig, axes = plt.subplots(2, len(shapes), figsize=(5.5 * len(shapes), 7.5), squeeze=False, sharex="col")
     for j, shape in enumerate(shapes):
         sub = [r for r in ok if r["shape"] == shape]
-        labels = sorted({(r["engine"], r["precision"], r["io"]) for r in sub},
-                        key=lambda e: (e[0] != "pytorch-eager", e[0] != "onnxruntime", e[2] != "tensor", e[0],
-                                       PRECISION_ORDER.index(e[1]) if e[1] in PRECISION_ORDER else 9))
+        labels = sorted({(r.get("model", ""), r["engine"], r["precision"], r["io"]) for r in sub},
+                        key=lambda e: (e[0], e[1] != "pytorch-eager", e[1] != "onnxruntime", e[3] != "tensor", e[1],
+                                       PRECISION_ORDER.index(e[2]) if e[2] in PRECISION_ORDER else 9))
         threads = sorted({r["threads"] for r in sub})
         width = 0.8 / max(len(threads), 1)
         for metric, ax, unit in (("median_s", axes[0][j], "median latency (s)"),
@@ -99,13 +99,14 @@ def plot_latency(rows: List[dict], path: Path) -> bool:
             for k, t in enumerate(threads):
                 vals = []
                 for lab in labels:
-                    match = [r for r in sub if (r["engine"], r["precision"], r["io"]) == lab and r["threads"] == t]
+                    match = [r for r in sub if (r.get("model", ""), r["engine"], r["precision"], r["io"]) == lab
+                             and r["threads"] == t]
                     vals.append(match[0][metric] if match else 0.0)
                 xs = [i + k * width for i in range(len(labels))]
                 ax.bar(xs, vals, width=width, label=f"{t} thread{'s' if t > 1 else ''}")
             ax.set_xticks([i + width * (len(threads) - 1) / 2 for i in range(len(labels))])
-            ax.set_xticklabels([f"{e.replace('pytorch-eager', 'torch').replace('tflite-no-xnnpack', 'tflite no-xnn')}\n{p} {io}"
-                                for e, p, io in labels], rotation=60, ha="right", fontsize=7)
+            ax.set_xticklabels([f"{m} {e.replace('pytorch-eager', 'torch').replace('tflite-no-xnnpack', 'tflite no-xnn')}"
+                                f"\n{p} {io}" for m, e, p, io in labels], rotation=60, ha="right", fontsize=7)
             ax.set_ylabel(unit)
             ax.set_title(f"{shape}: {unit.split(' (')[0]}", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
@@ -210,21 +211,21 @@ def headline_tables(results: dict) -> str:
         sel = [r for r in lat if r["threads"] == tmax and r["io"] == "tensor"]
         shapes = sorted({r["shape"] for r in sel}, key=lambda s: int(s.split("x")[0]))
         engines = []
-        for r in sorted(sel, key=lambda r: (r["engine"] != "pytorch-eager", r["engine"] != "onnxruntime",
+        for r in sorted(sel, key=lambda r: (r.get("model", ""), r["engine"] != "pytorch-eager", r["engine"] != "onnxruntime",
                                             r["engine"], PRECISION_ORDER.index(r["precision"]) if r["precision"] in PRECISION_ORDER else 9)):
-            e = (r["engine"], r["precision"])
+            e = (r.get("model", ""), r["engine"], r["precision"])
             if e not in engines:
                 engines.append(e)
-        header = ["engine", "precision"]
+        header = ["model", "engine", "precision"]
         for s in shapes:
             header += [f"{s} median (s)", f"{s} peak RSS (MiB)"]
         header.append("file (MiB, largest shape)")
         rows = []
         for e in engines:
-            row = [e[0], e[1]]
+            row = [e[0], e[1], e[2]]
             size = ""
             for s in shapes:
-                m = [r for r in sel if (r["engine"], r["precision"]) == e and r["shape"] == s]
+                m = [r for r in sel if (r.get("model", ""), r["engine"], r["precision"]) == e and r["shape"] == s]
                 row += [fmt(m[0]["median_s"]) if m else "–", fmt(m[0]["peak_rss_mib"], 0) if m else "–"]
                 if m and m[0].get("bytes"):
                     size = fmt(float(m[0]["bytes"]) / 2 ** 20, 1)
@@ -297,15 +298,15 @@ def render_markdown(results: dict, plots: Dict[str, str]) -> str:
         if meta.get("macs"):
             out.append("Convolution MACs per inference: " +
                        ", ".join(f"{s}: {v / 1e9:.1f} G" for s, v in meta["macs"].items()) + "\n")
-        header = ["engine", "prec.", "io", "shape", "thr", "init s", "first s", "min s", "median s", "p90 s",
+        header = ["model", "engine", "prec.", "io", "shape", "thr", "init s", "first s", "min s", "median s", "p90 s",
                   "idle RSS MiB", "peak RSS MiB", "added MiB", "x vs torch", "GMAC/s", "% peak"]
         rows = []
         for r in lat["rows"]:
             if "error" in r:
-                rows.append([r["engine"], r["precision"], r["io"], r["shape"], r["threads"], "failed: " + r["error"][:80]]
-                            + [""] * (len(header) - 6))
+                rows.append([r.get("model", ""), r["engine"], r["precision"], r["io"], r["shape"], r["threads"],
+                             "failed: " + r["error"][:80]] + [""] * (len(header) - 7))
                 continue
-            rows.append([r["engine"], r["precision"], r["io"], r["shape"], r["threads"], fmt(r["init_s"]),
+            rows.append([r.get("model", ""), r["engine"], r["precision"], r["io"], r["shape"], r["threads"], fmt(r["init_s"]),
                          fmt(r["first_s"]), fmt(r["min_s"], 3), fmt(r["median_s"], 3), fmt(r["p90_s"], 3),
                          fmt(r["rss_idle_mib"], 0), fmt(r["peak_rss_mib"], 0), fmt(r["peak_added_over_idle_mib"], 0),
                          fmt(r.get("speedup_vs_torch")), fmt(r.get("gmac_per_s"), 1),
@@ -319,13 +320,15 @@ def render_markdown(results: dict, plots: Dict[str, str]) -> str:
             out += ["### XNNPACK on vs off (fp32 TFLite)\n"]
             rows = []
             for r in xnn:
-                rows.append([r["shape"], r["threads"], "on" if r["engine"] == "tflite" else "off",
+                rows.append([r.get("model", ""), r["shape"], r["threads"], "on" if r["engine"] == "tflite" else "off",
                              fmt(r["median_s"], 3), fmt(r["peak_rss_mib"], 0), r.get("xnnpack_partitions", "–"),
-                             r.get("nodes_outside_xnnpack", "–"), r.get("ops_outside_xnnpack") or "none"])
-            out += [md_table(["shape", "threads", "XNNPACK", "median s", "peak RSS MiB", "partitions",
-                              "nodes outside XNNPACK", "ops outside XNNPACK"], rows), ""]
-            out.append("Ops outside XNNPACK are read from the interpreter's node list: nodes not covered by any "
-                       "XNNPACK partition run on the interpreter's built-in kernels.\n")
+                             r.get("nodes_outside_xnnpack", "–"), r.get("ops_outside_xnnpack") or "none",
+                             r.get("manifest_xnnpack_fallback") or "–"])
+            out += [md_table(["model", "shape", "threads", "XNNPACK", "median s", "peak RSS MiB", "partitions",
+                              "nodes outside XNNPACK", "ops outside XNNPACK (measured)", "manifest says"], rows), ""]
+            out.append("Ops outside XNNPACK (measured) are read from the interpreter's node list: nodes not covered "
+                       "by any XNNPACK partition run on the interpreter's built-in kernels. `manifest says` is the "
+                       "export's op inventory (`xnnpack_fallback_ops`) when the manifest has one.\n")
             other = [r for r in lat["rows"] if r["engine"] == "tflite" and r.get("ops_outside_xnnpack")
                      and not (r["precision"] == "fp32" and r["io"] == "tensor")]
             if other:

@@ -67,13 +67,13 @@ class BenchConfig:
     pipeline_threads: int
     quality_per_cell: int
     quality_photos: Optional[List[str]]
-    quality_sizes: Optional[List[str]] = None
-    quality_precisions: Optional[List[str]] = None
     quality_modes: List[str]
     patchmatch: bool
     sgemm_n: int
     update_readme: Optional[Path]
     merge: bool = False
+    quality_sizes: Optional[List[str]] = None
+    quality_precisions: Optional[List[str]] = None
     time_budget_min: float = 0.0
     deadline: Optional[float] = None  # time.monotonic() after which no new measurement starts
     command: str = ""
@@ -204,6 +204,7 @@ def run_latency(cfg: BenchConfig, manifest, meta: dict, cache: Path, logs: Path)
         shapes = shapes[:1]
     onnx_files: Dict[str, Path] = {}
     macs: Dict[str, int] = {}
+    model = ""
     if checkpoint is None:
         meta["skipped"].append("PyTorch and ONNX Runtime references: no checkpoint found (pass --checkpoint)")
     else:
@@ -213,11 +214,12 @@ def run_latency(cfg: BenchConfig, manifest, meta: dict, cache: Path, logs: Path)
         try:
             m = read_project_metadata(checkpoint)
             meta["checkpoint_meta"] = f"variant {m.get('variant')}, cnum {m.get('cnum')}"
+            model = f"{m.get('variant')}-c{m.get('cnum')}"
         except Exception:
             pass
         for s in shapes:
             h, w = (int(v) for v in s.split("x"))
-            macs[s] = model_macs(checkpoint, (h, w))
+            macs[f"{model} {s}" if model else s] = model_macs(checkpoint, (h, w))
             try:
                 onnx_files[s] = export_onnx(checkpoint, (h, w), cache)
             except Exception as exc:
@@ -225,7 +227,7 @@ def run_latency(cfg: BenchConfig, manifest, meta: dict, cache: Path, logs: Path)
     meta["macs"] = macs
     specs = plan_latency(manifest, cfg.artifacts, cfg.threads, cfg.warmup, cfg.runs, checkpoint, onnx_files,
                          cfg.sgemm_n, shapes=shapes, precisions=cfg.precisions, ios=cfg.ios,
-                         xnnpack_off=cfg.xnnpack_off)
+                         xnnpack_off=cfg.xnnpack_off, model=model)
     results = []
     bar = _progress(len(specs), "latency")
     for spec in specs:
