@@ -105,6 +105,24 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
     return loss, {"rec": float(rec.detach()), "ae": float(ae.detach())}
 
 
+def he_init_(gen, seed: int) -> None:
+    """Re-draw every conv weight from N(0, 2 / fan_in) (He et al.), biases zero.
+
+    The reference N(0, 0.02) init shrinks the signal by ~3x per layer in this deep
+    network (output std ~0.02 at init), so short runs only learn output biases;
+    He init keeps the input visible at the output (std ~0.4) from step 0.
+    """
+    import torch.nn as nn
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in gen.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+                m.weight.normal_(0.0, math.sqrt(2.0 / fan_in), generator=g)
+                m.bias.zero_()
+
+
 # ------------------------------------------------------------------------------ data
 
 def list_photos(folder: Path) -> List[Path]:
@@ -302,7 +320,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
         # The run's identity (network, data, validation set) comes from its folder. Budgets, intervals,
         # learning rate, batch size and crop size may change on resume (e.g. small crops first, then full size).
         for key in ("variant", "cnum", "seed", "val_photos", "cache_short_side", "max_scale",
-                    "val_crops_per_photo", "val_crop"):
+                    "val_crops_per_photo", "val_crop", "init"):
             setattr(cfg, key, getattr(saved, key))
     train_paths, val_paths = split_photos(list_photos(Path(cfg.photos)), cfg.val_photos)
     atomic_write_text(out / "config.json", json.dumps({**asdict(cfg),
@@ -315,10 +333,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
     if not phases or any(phases[-1][k] != v for k, v in current.items()):
         phases.append({**current, "from_step": int(state["step"]) if state is not None else 0})
     crops_text = " then ".join(f"{p['crop']}x{p['crop']} from step {p['from_step']}" for p in phases)
-    description = (f"GMCNN {cfg.variant} cnum {cfg.cnum}, first-stage (reconstruction-loss) training on "
+    description = (f"GMCNN {cfg.variant} cnum {cfg.cnum} ({cfg.init} init), first-stage (reconstruction-loss) training on "
                    f"{len(train_paths)} photos, crops {crops_text}; held out: {', '.join(cfg.val_photos)}")
     gen = build_generator(cfg.variant, cfg.cnum, seed=cfg.seed, channel_order="rgb",
-                          train_size=(cfg.crop, cfg.crop), description=description).to(device)
+                          train_size=(cfg.crop, cfg.crop), description=description)
+    if cfg.init == "he":
+        he_init_(gen, cfg.seed)
+    elif cfg.init != "reference":
+        raise UserError(f"unknown --init {cfg.init!r}")
+    gen = gen.to(device)
     opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=ADAM_BETAS)
     rng = np.random.default_rng(cfg.seed)
     step, trained_s, best = 0, 0.0, -math.inf
