@@ -44,7 +44,8 @@ def merge_results(old: dict, new: dict, derive_latency: Callable[[List[dict], Di
         if "pipeline" in new:
             p = dict(new["pipeline"])
             p["rows"] = _merge_rows(old["pipeline"]["rows"], new["pipeline"]["rows"],
-                                    lambda r: (r["photo"], r["mode"], r["tiles"], r.get("threads"), r.get("precision")))
+                                    lambda r: (r.get("model", ""), r["photo"], r["mode"], r["tiles"], r.get("threads"),
+                                               r.get("precision")))
             p["notes"] = list(dict.fromkeys(old["pipeline"].get("notes", []) + new["pipeline"].get("notes", [])))
             merged["pipeline"] = p
         else:
@@ -53,7 +54,7 @@ def merge_results(old: dict, new: dict, derive_latency: Callable[[List[dict], Di
         if "quality" in new:
             q = dict(new["quality"])
             q["rows"] = _merge_rows(old["quality"]["rows"], new["quality"]["rows"],
-                                    lambda r: (r["photo"], r["kind"], r["size"], r["seed"], r["method"]))
+                                    lambda r: (r["photo"], r["kind"], r["size"], r["seed"], r["method"], r.get("model", "")))
             q["cases"] = len({(r["photo"], r["kind"], r["size"], r["seed"]) for r in q["rows"]})
             q["notes"] = list(dict.fromkeys(old["quality"].get("notes", []) + new["quality"].get("notes", [])))
             merged["quality"] = q

@@ -147,7 +147,8 @@ def plot_pipeline(rows: List[dict], path: Path) -> bool:
         ax.bar(range(len(ok)), vals, bottom=bottoms, label=st)
         bottoms = [b + v for b, v in zip(bottoms, vals)]
     ax.set_xticks(range(len(ok)))
-    ax.set_xticklabels([f"{r['photo']} {r['megapixels']:.1f}MP\n{r['mode']} tiles={r['tiles']}" for r in ok],
+    ax.set_xticklabels([f"{r.get('model', '')} {r['photo'][:14]} {r['megapixels']:.1f}MP\n{r['mode']} tiles={r['tiles']}"
+                        for r in ok],
                        rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("seconds")
     ax.set_title("Pipeline end-to-end time by stage")
@@ -368,13 +369,14 @@ def render_markdown(results: dict, plots: Dict[str, str]) -> str:
         stage_names = ordered_stages(pipe["rows"])
         for r in pipe["rows"]:
             if "error" in r:
-                rows.append([r["photo"], r["mode"], r["tiles"], "failed: " + r["error"][:80]] + [""] * (7 + len(stage_names)))
+                rows.append([r.get("model", ""), r["photo"], "", r["mode"], r["tiles"], "failed: " + r["error"][:80]]
+                            + [""] * (5 + len(stage_names)))
                 continue
-            rows.append([r["photo"] + (f" (upscaled from {r['upscaled_from']})" if r.get("upscaled_from") else ""),
+            rows.append([r.get("model", ""), r["photo"] + (f" (upscaled from {r['upscaled_from']})" if r.get("upscaled_from") else ""),
                          f"{r['megapixels']:.1f}", r["mode"], r["tiles"], fmt(r["end_to_end_s"]), fmt(r["model_s"]),
                          fmt(100 * r["non_model_share"], 0) + " %", r["model_runs"], f"{r['tiles_run']}/{r['tiles_skipped']}",
                          fmt(r["peak_rss_mib"], 0)] + [fmt(r["stage_seconds"].get(k), 2) for k in stage_names])
-        out += ["", md_table(["photo", "MP", "mode", "tiles", "end-to-end s", "model s", "non-model", "model runs",
+        out += ["", md_table(["model", "photo", "MP", "mode", "tiles", "end-to-end s", "model s", "non-model", "model runs",
                               "tiles run/skipped", "peak RSS MiB"] + [f"{k} s" for k in stage_names], rows), ""]
         if "pipeline" in plots:
             out.append(f"![pipeline stages]({plots['pipeline']})\n")

@@ -171,6 +171,21 @@ def machine_meta(cfg: BenchConfig) -> dict:
 
 # ----------------------------------------------------------------------------- sections
 
+def model_tag(manifest) -> str:
+    """``variant-cN`` of the network behind the artifacts: from the manifest's checkpoint metadata,
+    else from the export's file names (``gmcnn_<variant>_c<N>_...``), else empty."""
+    import re
+
+    meta = (manifest.checkpoint or {}).get("meta") or {}
+    if meta.get("variant") and meta.get("cnum"):
+        return f"{meta['variant']}-c{meta['cnum']}"
+    for a in manifest.artifacts:
+        m = re.search(r"_(tf|torch)_c(\d+)_", a.file)
+        if m:
+            return f"{m.group(1)}-c{m.group(2)}"
+    return ""
+
+
 def out_of_time(cfg: BenchConfig) -> bool:
     return cfg.deadline is not None and time.monotonic() > cfg.deadline
 
@@ -288,6 +303,7 @@ def run_pipeline(cfg: BenchConfig, manifest, meta: dict, cache: Path, logs: Path
         configs = [c for c in configs if c[1] != "off"]
         notes.append(f"no {2 * base[0]}x{2 * base[1]} artifact: the two-step high-res pass runs tiled only")
     specs = plan_pipeline(photos, cfg.artifacts, cfg.pipeline_threads, cfg.pipeline_precision, configs)
+    tag = model_tag(manifest)
     rows = []
     bar = _progress(len(specs), "pipeline")
     for spec in specs:
@@ -297,7 +313,8 @@ def run_pipeline(cfg: BenchConfig, manifest, meta: dict, cache: Path, logs: Path
             bar.update(1)
             continue
         r = run_in_subprocess(spec, logs, timeout_s=worker_timeout(cfg))
-        row = {"photo": Path(spec["photo"]).name, "megapixels": spec["photo_mp"], "upscaled_from": spec["upscaled_from"],
+        row = {"model": tag, "photo": Path(spec["photo"]).name, "megapixels": spec["photo_mp"],
+               "upscaled_from": spec["upscaled_from"],
                "mode": spec["mode"], "tiles": spec["tiles"], "threads": spec["threads"], "precision": spec["precision"]}
         if r.get("ok"):
             row.update({k: v for k, v in r.items() if k not in ("spec", "ok", "pid")})
@@ -385,6 +402,10 @@ def run_quality(cfg: BenchConfig, manifest, meta: dict) -> dict:
         bar.close()
         for e in engine_sets.values():
             e.close()
+    tag = model_tag(manifest)
+    for r in rows:
+        if r["group"] != "classical":
+            r["model"] = tag
     done = {(r["photo"], r["kind"], r["size"], r["seed"]) for r in rows}
     if len(done) < len(cases):
         meta["skipped"].append(f"quality: {len(cases) - len(done)} of {len(cases)} cases (--time-budget spent)")
