@@ -40,9 +40,20 @@ PALETTE_BITS = 6
 # (tensor I/O), max difference in 8-bit levels of the composite (image I/O), and the least
 # 8-bit PSNR over the hole. Measured numbers behind each entry: docs/COREML.md.
 EXECUTOR_TOLERANCES = {
-    "fp16": {"max_abs": 1e-2, "max_abs_u8": 2, "hole_psnr_db": 50.0},
-    "w8": {"max_abs": 6e-2, "max_abs_u8": 8, "hole_psnr_db": 38.0},
-    "palettized": {"max_abs": 0.25, "max_abs_u8": 32, "hole_psnr_db": 28.0},
+    "fp16": {"max_abs": 1e-2, "max_abs_u8": 3, "hole_psnr_db": 50.0},
+    "w8": {"max_abs": 0.2, "max_abs_u8": 24, "hole_psnr_db": 35.0},
+    "palettized": {"max_abs": 0.5, "max_abs_u8": 64, "hole_psnr_db": 25.0},
+}
+# Rows for the export's parity gate (export.parity.tolerance_for reads a backend's table):
+# hole PSNR floors a few dB under the worst measured case, known pixels must survive the
+# image signature's in-graph compositing untouched. Measurements: docs/COREML.md.
+PARITY_TOLERANCES = {
+    ("fp16", "tensor"): {"min_hole_psnr_db": 50.0},
+    ("fp16", "image"): {"min_hole_psnr_db": 50.0, "max_known_pixels_changed": 0},
+    ("w8", "tensor"): {"min_hole_psnr_db": 33.0},
+    ("w8", "image"): {"min_hole_psnr_db": 33.0, "max_known_pixels_changed": 0},
+    ("palettized", "tensor"): {"min_hole_psnr_db": 25.0},
+    ("palettized", "image"): {"min_hole_psnr_db": 25.0, "max_known_pixels_changed": 0},
 }
 AUTHOR = "gmcnn-mobile"
 LICENSE = "MIT (code); weights: see the checkpoint's licence"

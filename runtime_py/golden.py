@@ -41,16 +41,19 @@ MASK_KINDS = ("blob", "strokes", "rect")
 
 # Host run vs device run of the same artifact, per precision: max abs difference in the
 # output's own units ([-1,1] floats, or 8-bit levels for uint8 images) and least PSNR over the
-# whole output. Device kernels (GPU / Neural Engine / NNAPI) round and accumulate in other
-# orders than the host runtimes; these bounds are the parity gate's per-precision error budget
-# (docs/COREML.md, docs/EXPORT.md), which is what a conforming device must stay within.
+# whole output. Both runs use the same stored weights, so weight quantization cancels out;
+# what is left is arithmetic: device kernels (GPU / Neural Engine / NNAPI) round activations
+# to fp16 and accumulate in their own order. Core ML computes in fp16 at every precision, so
+# w8 and palettized get the fp16 row; the fp16 row is ~3x the largest fp16-vs-fp32 error
+# measured at 512x680 (3.3e-3, 1 level; docs/COREML.md). TFLite int8 kernels may requantize
+# differently on ARM, hence the wider int8 rows.
 DEVICE_TOLERANCES = {
     "fp32": {"max_abs": 1e-3, "max_abs_u8": 1, "min_psnr_db": 60.0},
     "fp16": {"max_abs": 1e-2, "max_abs_u8": 3, "min_psnr_db": 45.0},
-    "w8": {"max_abs": 6e-2, "max_abs_u8": 8, "min_psnr_db": 38.0},
+    "w8": {"max_abs": 1e-2, "max_abs_u8": 3, "min_psnr_db": 45.0},
+    "palettized": {"max_abs": 1e-2, "max_abs_u8": 3, "min_psnr_db": 45.0},
     "int8-dynamic": {"max_abs": 6e-2, "max_abs_u8": 8, "min_psnr_db": 35.0},
     "int8": {"max_abs": 0.25, "max_abs_u8": 32, "min_psnr_db": 28.0},
-    "palettized": {"max_abs": 0.25, "max_abs_u8": 32, "min_psnr_db": 28.0},
 }
 
 
