@@ -40,6 +40,9 @@ def register(sub) -> None:
                         "checkpoint, else the shipped default model)")
     p.add_argument("--no-xnnpack-off", action="store_true", help="skip the fp32 TFLite run with XNNPACK turned off")
     p.add_argument("--pipeline-precision", default="fp32", help="TFLite precision the pipeline-cost runs use")
+    p.add_argument("--pipeline-configs", default="all",
+                   help="pipeline-cost configurations as MODE:TILES pairs, e.g. baseline:auto,two-step:off "
+                        "(all = baseline, shrink, two-step whole and tiled, two-step+shrink)")
     p.add_argument("--pipeline-threads", type=int, default=None, help="threads for pipeline and quality (default: the most of --threads)")
     p.add_argument("--quality-photos", default="all",
                    help="comma-separated file names of the photos quality is scored on (e.g. photos the model "

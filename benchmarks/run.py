@@ -72,6 +72,7 @@ class BenchConfig:
     sgemm_n: int
     update_readme: Optional[Path]
     merge: bool = False
+    pipeline_configs: Optional[List[tuple]] = None
     quality_sizes: Optional[List[str]] = None
     quality_precisions: Optional[List[str]] = None
     time_budget_min: float = 0.0
@@ -119,12 +120,27 @@ class BenchConfig:
             pipeline_threads=args.pipeline_threads or max(threads), quality_per_cell=args.quality_per_cell,
             quality_photos=_names(getattr(args, "quality_photos", "all")),
             quality_sizes=_names(getattr(args, "quality_sizes", "all")),
+            pipeline_configs=_pipeline_configs(getattr(args, "pipeline_configs", "all")),
             quality_precisions=_names(getattr(args, "quality_precisions", "all")),
             quality_modes=modes, patchmatch=not args.no_patchmatch,
             sgemm_n=args.sgemm_n or (1024 if quick else 3072), update_readme=args.update_readme,
             merge=bool(getattr(args, "merge", False)), time_budget_min=float(getattr(args, "time_budget", 0) or 0),
             command="gmcnn-mobile " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"]
             else "gmcnn-mobile bench" + _args_text(args))
+
+
+def _pipeline_configs(text: str) -> Optional[List[tuple]]:
+    if text in ("all", ""):
+        return None
+    out = []
+    for item in text.split(","):
+        mode, _, tiles = item.strip().partition(":")
+        tiles = tiles or "auto"
+        if mode not in ALL_MODES or tiles not in ("auto", "on", "off"):
+            raise UserError(f"--pipeline-configs: {item!r} is not MODE:TILES (modes {', '.join(ALL_MODES)}; "
+                            "tiles auto, on, off)")
+        out.append((mode, tiles))
+    return out
 
 
 def _args_text(args) -> str:
@@ -293,6 +309,8 @@ def run_pipeline(cfg: BenchConfig, manifest, meta: dict, cache: Path, logs: Path
     # --quick: the cheapest mode and the high-res pass whole vs tiled (shrink's extra runs are left out)
     configs = CONFIGS if not cfg.quick else [c for c in CONFIGS if c in (("baseline", "auto"), ("two-step", "off"),
                                                                          ("two-step", "on"))]
+    if cfg.pipeline_configs:
+        configs = cfg.pipeline_configs
     tfl = [a for a in manifest.artifacts if a.format == "tflite" and a.io == "tensor"
            and a.precision == cfg.pipeline_precision]
     if not tfl:
