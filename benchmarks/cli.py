@@ -53,6 +53,8 @@ def register(sub) -> None:
     p.add_argument("--quality-per-cell", type=int, default=1, help="quality cases per mask kind x size cell")
     p.add_argument("--quality-modes", default="auto",
                    help="pipeline modes scored: auto = all four (baseline with --quick)")
+    p.add_argument("--no-classical", action="store_true",
+                   help="leave the classical baselines (OpenCV, PatchMatch) out of the quality section")
     p.add_argument("--no-patchmatch", action="store_true", help="leave PatchMatch out even when pypatchmatch is installed")
     p.add_argument("--sgemm-n", type=int, default=None, help="SGEMM side for the fp32 peak (default 3072, 1024 with --quick)")
     p.add_argument("--time-budget", type=float, default=0.0, metavar="MIN",

@@ -73,6 +73,7 @@ class BenchConfig:
     update_readme: Optional[Path]
     merge: bool = False
     pipeline_configs: Optional[List[tuple]] = None
+    no_classical: bool = False
     quality_sizes: Optional[List[str]] = None
     quality_precisions: Optional[List[str]] = None
     time_budget_min: float = 0.0
@@ -121,6 +122,7 @@ class BenchConfig:
             quality_photos=_names(getattr(args, "quality_photos", "all")),
             quality_sizes=_names(getattr(args, "quality_sizes", "all")),
             pipeline_configs=_pipeline_configs(getattr(args, "pipeline_configs", "all")),
+            no_classical=bool(getattr(args, "no_classical", False)),
             quality_precisions=_names(getattr(args, "quality_precisions", "all")),
             quality_modes=modes, patchmatch=not args.no_patchmatch,
             sgemm_n=args.sgemm_n or (1024 if quick else 3072), update_readme=args.update_readme,
@@ -382,7 +384,7 @@ def run_quality(cfg: BenchConfig, manifest, meta: dict) -> dict:
     methods += [MethodSpec(f"baseline {p}", "precision", model_method("baseline", p), mode="baseline", precision=p)
                 for p in base_precisions if p != mode_precision
                 and (cfg.quality_precisions is None or p in cfg.quality_precisions)]
-    classical = classical_methods(include_patchmatch=cfg.patchmatch)
+    classical = {} if cfg.no_classical else classical_methods(include_patchmatch=cfg.patchmatch)
     pm_pixels = base[0] * base[1]
     for name, fn in classical.items():
         if name == "patchmatch":
@@ -391,9 +393,10 @@ def run_quality(cfg: BenchConfig, manifest, meta: dict) -> dict:
                          f"the model's pass-1 resolution ({base[0]}x{base[1]} pixels' worth) and its result is upscaled "
                          f"bicubically into the hole: at full resolution it took 30-115 s per 4 MP photo here.")
         methods.append(MethodSpec(name, "classical", fn))
-    if cfg.patchmatch and "patchmatch" not in classical:
+    if cfg.patchmatch and not cfg.no_classical and "patchmatch" not in classical:
         meta["skipped"].append("PatchMatch: pypatchmatch is not installed (pip install pypatchmatch)")
-    notes.append(f"OpenCV Telea and Navier-Stokes run at full resolution (radius 5 px).")
+    if classical:
+        notes.append("OpenCV Telea and Navier-Stokes run at full resolution (radius 5 px).")
 
     chosen = cfg.photos
     if cfg.quality_photos:
