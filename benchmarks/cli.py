@@ -60,6 +60,8 @@ def register(sub) -> None:
     p.add_argument("--time-budget", type=float, default=0.0, metavar="MIN",
                    help="start no new measurement after this many minutes (0 = no limit); what was left out is "
                         "listed in the report")
+    p.add_argument("--note", action="append", default=None, metavar="TEXT",
+                   help="a line for the report's notes (repeatable), e.g. which checkpoint the artifacts came from")
     p.add_argument("--merge", action="store_true",
                    help="keep the sections and rows of an earlier run in --out/results.json that this run does not "
                         "measure again (rows with the same key are replaced); the report covers both")

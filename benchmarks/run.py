@@ -126,7 +126,7 @@ class BenchConfig:
             quality_precisions=_names(getattr(args, "quality_precisions", "all")),
             quality_modes=modes, patchmatch=not args.no_patchmatch,
             sgemm_n=args.sgemm_n or (1024 if quick else 3072), update_readme=args.update_readme,
-            merge=bool(getattr(args, "merge", False)), time_budget_min=float(getattr(args, "time_budget", 0) or 0),
+            merge=bool(getattr(args, "merge", False)), notes=list(getattr(args, "note", None) or []), time_budget_min=float(getattr(args, "time_budget", 0) or 0),
             command="gmcnn-mobile " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"]
             else "gmcnn-mobile bench" + _args_text(args))
 
