@@ -243,11 +243,12 @@ def _pipeline_stages(directory: Path, manifest, root: Path, seed: int, photos) -
         from .trace import Trace
     except ImportError:
         return None
-    kinds = [k for k, fmt in (("tflite", "tflite"), ("coreml", "coreml"), ("onnxruntime", "onnx"))
-             if any(a.format == fmt and a.io == "tensor" for a in manifest.artifacts)]
-    if not kinds:
+    choices = [(k, io) for io in ("tensor", "image")
+               for k, fmt in (("tflite", "tflite"), ("coreml", "coreml"), ("onnxruntime", "onnx"))
+               if any(a.format == fmt and a.io == io for a in manifest.artifacts)]
+    if not choices:
         return None
-    engines = open_engines(kinds[0], artifacts=directory)
+    engines = open_engines(choices[0][0], artifacts=directory, io=choices[0][1])
     base = engines.base_shape
     image, hole, origin = sample_case((base[0] * 5 // 4, base[1] * 5 // 4), 0, seed + 100, photos)
     with tempfile.TemporaryDirectory(prefix="golden-trace-") as tmp:

@@ -163,3 +163,20 @@ def test_bad_bundle_and_device_dirs_are_one_line_errors(tmp_path, capsys, bundle
     assert main(["golden", "--artifacts", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
     assert "no export manifest" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_golden_and_executor_modules_import_without_heavy_frameworks():
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent('''
+        import sys
+        import runtime_py.golden, runtime_py.golden_cli, runtime_py.mil_executor, runtime_py.mil_ops
+        from runtime_py.cli import build_parser
+        build_parser()
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "tensorflow", "coremltools"))
+        assert not heavy, heavy
+    ''')
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=str(Path(__file__).resolve().parents[1]))
+    assert r.returncode == 0, r.stderr
