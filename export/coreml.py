@@ -8,8 +8,8 @@ Precisions (all compute in fp16 -- Core ML's GPU and Neural Engine are fp16 mach
 * ``palettized`` -- 6-bit palettized weights (64-entry lookup table per tensor, 1-D k-means
   computed here with NumPy: coremltools' own k-means needs scikit-learn).
 
-Deployment target iOS 16 / macOS 13: the first with ImageType outputs in ML programs, fp16
-I/O-free casts and the iOS16 weight-compression ops. The I/O signatures are described in
+Deployment target iOS 16 / macOS 13: the first with image outputs for ML programs and the
+iOS16 weight-compression ops (``constexpr_affine_dequantize``, ``constexpr_lut_to_dense``). The I/O signatures are described in
 :mod:`export.coreml_io`.
 
 This module is the ``coreml`` format backend of the export command (the interface is described
@@ -114,7 +114,7 @@ def compress(mlmodel, precision: str):
     """Apply the weight compression of ``precision`` to a converted fp16 ML program."""
     if precision == "fp16":
         return mlmodel
-    ct = _ct()
+    _ct()  # a missing coremltools is a one-line MissingDependencyError
     import coremltools.optimize.coreml as cto
 
     if precision == "w8":
@@ -124,7 +124,6 @@ def compress(mlmodel, precision: str):
     if precision == "palettized":
         op_cfg = cto.OpPalettizerConfig(mode="custom", lut_function=_palette_lut, weight_threshold=WEIGHT_THRESHOLD)
         return cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=op_cfg))
-    del ct
     raise UserError(f"unknown Core ML precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
 
 

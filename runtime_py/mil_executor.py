@@ -174,10 +174,14 @@ def tensor_to_image(value: np.ndarray, spec: TensorSpec) -> np.ndarray:
 # ------------------------------------------------------------------------ loading
 
 def _import_coremltools():
+    import warnings
+
     try:
-        import coremltools  # noqa: F401
-        from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
-        from coremltools.converters.mil.mil import types
+        with warnings.catch_warnings():  # "untested torch/tensorflow version" notices
+            warnings.simplefilter("ignore")
+            import coremltools  # noqa: F401
+            from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+            from coremltools.converters.mil.mil import types
     except ImportError as exc:
         raise MissingDependencyError("coremltools", "export", "reading .mlpackage files") from exc
     return coremltools, milproto_load, types
