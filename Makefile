@@ -23,8 +23,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# Benchmarks: export the default model's TFLite artifacts (reused while up to date), then
+# measure them; the report lands in bench-results/ (see docs/benchmarks/).
 bench: $(STAMP)
-	$(VENV)/bin/gmcnn-mobile bench
+	$(VENV)/bin/gmcnn-mobile export --out artifacts --formats tflite --io tensor
+	$(VENV)/bin/gmcnn-mobile bench --artifacts artifacts --out bench-results
 
 clean:
 	rm -rf $(VENV) build *.egg-info
