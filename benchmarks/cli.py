@@ -47,6 +47,7 @@ def register(sub) -> None:
     p.add_argument("--quality-photos", default="all",
                    help="comma-separated file names of the photos quality is scored on (e.g. photos the model "
                         "was not trained on); all = every photo found")
+    p.add_argument("--quality-kinds", default="all", help="mask kinds scored: strokes,blob,rect (all)")
     p.add_argument("--quality-sizes", default="all", help="hole size classes scored: small,medium,large (all)")
     p.add_argument("--quality-precisions", default="all",
                    help="artifact precisions scored in baseline mode beside the modes' own (all = every one exported)")

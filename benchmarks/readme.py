@@ -17,8 +17,14 @@ def readme_section(results: dict, report_link: str = "docs/benchmarks/report.md"
              "", headline_tables(results), "",
              f"Full report with XNNPACK on/off, ops outside XNNPACK, Android `benchmark_model` command lines, "
              f"pipeline stage costs and quality by mask kind and size: [{report_link}]({report_link}). Regenerate with:",
-             "", "```sh", meta["command"], "```", END]
+             "", "```sh"] + _commands(meta) + ["```", END]
     return "\n".join(lines)
+
+
+def _commands(meta: dict) -> list:
+    """The run's command, preceded by those of the earlier runs merged into it (``--merge``)."""
+    earlier = [m["command"] for m in meta.get("merged_from", []) if m.get("command")]
+    return list(dict.fromkeys(earlier + [meta["command"]]))
 
 
 def replace_section(text: str, section: str) -> str:

@@ -75,6 +75,7 @@ class BenchConfig:
     pipeline_configs: Optional[List[tuple]] = None
     no_classical: bool = False
     quality_sizes: Optional[List[str]] = None
+    quality_kinds: Optional[List[str]] = None
     quality_precisions: Optional[List[str]] = None
     time_budget_min: float = 0.0
     deadline: Optional[float] = None  # time.monotonic() after which no new measurement starts
@@ -121,6 +122,7 @@ class BenchConfig:
             pipeline_threads=args.pipeline_threads or max(threads), quality_per_cell=args.quality_per_cell,
             quality_photos=_names(getattr(args, "quality_photos", "all")),
             quality_sizes=_names(getattr(args, "quality_sizes", "all")),
+            quality_kinds=_names(getattr(args, "quality_kinds", "all")),
             pipeline_configs=_pipeline_configs(getattr(args, "pipeline_configs", "all")),
             no_classical=bool(getattr(args, "no_classical", False)),
             quality_precisions=_names(getattr(args, "quality_precisions", "all")),
@@ -409,7 +411,10 @@ def run_quality(cfg: BenchConfig, manifest, meta: dict) -> dict:
     sizes = ("medium",) if cfg.quick and not cfg.quality_sizes else tuple(cfg.quality_sizes or SIZES)
     if any(z not in SIZES for z in sizes):
         raise UserError(f"--quality-sizes takes {','.join(SIZES)}, got {','.join(sizes)}")
-    cases = make_cases(photo_paths, kinds=KINDS, sizes=sizes, per_cell=1 if cfg.quick else cfg.quality_per_cell)
+    kinds = tuple(cfg.quality_kinds or KINDS)
+    if any(k not in KINDS for k in kinds):
+        raise UserError(f"--quality-kinds takes {','.join(KINDS)}, got {','.join(kinds)}")
+    cases = make_cases(photo_paths, kinds=kinds, sizes=sizes, per_cell=1 if cfg.quick else cfg.quality_per_cell)
     load = functools.lru_cache(maxsize=2)(read_rgb)
     bar = _progress(len(cases) * len(methods), "quality")
 
