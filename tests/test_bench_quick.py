@@ -1,0 +1,114 @@
+"""``gmcnn-mobile bench --quick`` end to end on tiny exported artifacts and two small generated photos.
+
+Proves the harness runs every section and writes every file (JSON, CSV, Markdown,
+PNG plots). Tiny model: GMCNN tf variant, cnum 4, TFLite at 64x88, fp32 and
+int8-dynamic (no 128x176 artifact, so two-step's high-res pass runs tiled);
+nothing from ../shared is used. Thread lists of more than one count are covered
+by the planning unit test in test_bench_units.py.
+"""
+import csv
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+SHAPES = [(64, 88)]
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    # export.api is issue 4's Python API; until it is on main there is nothing to benchmark
+    export_api = pytest.importorskip("export.api", reason="the TFLite export (export.api) has not landed yet")
+    export_artifacts = export_api.export_artifacts
+    from models import build_generator, save_checkpoint
+
+    root = tmp_path_factory.mktemp("bench")
+    ckpt = save_checkpoint(build_generator("tf", 4, seed=0), root / "tiny.safetensors")
+    arts = root / "artifacts"
+    export_artifacts(ckpt, arts, shapes=SHAPES, formats=("tflite",), precisions=["fp32", "int8-dynamic"],
+                     ios=["tensor"], progress=False)
+    photos = root / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (rows, cols) in enumerate([(180, 260), (150, 200)]):
+        y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
+        img = np.stack([128 + 90 * np.sin(x / (11 + i)), 128 + 80 * np.cos(y / 9), 255 * x / cols], axis=2)
+        img = np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(photos / f"synthetic_{i}.png"), img)
+    return root, ckpt, arts, photos
+
+
+def test_quick_bench_writes_every_file(tiny_export, capsys):
+    from runtime_py.cli import main
+
+    root, ckpt, arts, photos = tiny_export
+    out = root / "out"
+    readme = root / "README.md"
+    readme.write_text("# project\n\n<!-- bench:start -->\nstale\n<!-- bench:end -->\n")
+    rc = main(["bench", "--artifacts", str(arts), "--photos", str(photos), "--out", str(out), "--quick",
+               "--checkpoint", str(ckpt), "--quality-modes", "baseline,shrink", "--sgemm-n", "256", "--no-patchmatch",
+               "--update-readme", str(readme)])
+    assert rc == 0
+    for name in ("results.json", "latency.csv", "pipeline.csv", "quality.csv", "quality_summary.csv", "report.md",
+                 "latency.png", "pipeline.png", "quality.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    res = json.loads((out / "results.json").read_text())
+
+    lat = {r["label"].split("] ", 1)[-1]: r for r in res["latency"]["rows"]}
+    assert {r["model"] for r in res["latency"]["rows"]} == {"tf-c4"}
+    # quick: smallest shape, tensor I/O, 2 threads; torch + onnxruntime + each artifact + XNNPACK off
+    for t in (2,):
+        for label in (f"torch fp32 64x88 {t}t", f"onnxruntime fp32 64x88 {t}t", f"tflite fp32 tensor 64x88 {t}t",
+                      f"tflite int8-dynamic tensor 64x88 {t}t", f"tflite fp32 tensor 64x88 {t}t no-xnnpack"):
+            row = lat[label]
+            assert "error" not in row, (label, row.get("error"))
+            assert 0 < row["min_s"] <= row["median_s"] <= row["p90_s"]
+            assert row["peak_rss_mib"] >= row["rss_idle_mib"] > 0
+            assert row["gmac_per_s"] > 0 and row["speedup_vs_torch"] > 0
+    assert {r["threads"] for r in res["latency"]["rows"]} == {2}
+    assert lat["tflite fp32 tensor 64x88 2t no-xnnpack"]["xnnpack_partitions"] == 0
+    assert lat["tflite fp32 tensor 64x88 2t"]["xnnpack_partitions"] >= 1
+    assert set(res["latency"]["sgemm_peak_gmac_per_s"]) == {"2"}
+    raw = [r for r in res["latency"]["raw"] if r["spec"]["kind"] == "tflite"]
+    assert all(len(r["runs_s"]) == 2 and len(r["warmup_s"]) == 1 for r in raw)  # quick: 2 timed, 1 warm-up
+    assert len({r["pid"] for r in res["latency"]["raw"]}) == len(res["latency"]["raw"])  # one process each
+    assert any("benchmark_model" in c["shell"] and "--num_threads=2" in c["shell"] for c in res["android"])
+
+    pipe = res["pipeline"]["rows"]
+    assert {(r["mode"], r["tiles"]) for r in pipe} == {("baseline", "auto"), ("two-step", "on")}
+    assert next(r for r in pipe if r["mode"] == "two-step")["tiles_run"] >= 1
+    for r in pipe:
+        assert "error" not in r, r.get("error")
+        assert r["unmasked_identical"] and r["model_runs"] >= 1
+        assert {"decode", "model", "encode"} <= set(r["stage_seconds"])
+        assert 0 <= r["non_model_share"] < 1 and r["peak_rss_mib"] > 0
+
+    q = res["quality"]["rows"]
+    methods = {r["method"] for r in q}
+    assert methods == {"baseline fp32", "shrink fp32", "baseline int8-dynamic", "opencv-telea", "opencv-ns"}
+    assert {r["kind"] for r in q} == {"strokes", "blob", "rect"}
+    assert all("error" not in r and np.isfinite(r["band_psnr"]) for r in q)
+    with open(out / "quality.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(q)
+
+    md = (out / "report.md").read_text()
+    for heading in ("## Headline", "## Model latency and memory", "### XNNPACK on vs off", "## Android",
+                    "## Pipeline cost", "## Quality"):
+        assert heading in md
+    text = readme.read_text()
+    assert "stale" not in text and "## Benchmarks" in text and "| tflite | int8-dynamic |" in text
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_bench_bad_arguments_fail_cleanly(tiny_export, tmp_path, capsys):
+    from runtime_py.cli import main
+
+    root, ckpt, arts, photos = tiny_export
+    assert main(["bench", "--artifacts", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "no export manifest" in capsys.readouterr().err
+    assert main(["bench", "--artifacts", str(arts), "--photos", str(photos), "--threads", "0,x"]) == 2
+    assert "--threads" in capsys.readouterr().err
+    assert main(["bench", "--artifacts", str(arts), "--photos", str(tmp_path / "none")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
