@@ -14,7 +14,7 @@ def readme_section(results: dict, report_link: str = "docs/benchmarks/report.md"
     lines = [START, "## Benchmarks", "",
              f"Latest run: {meta['started'][:10]}, {meta['cpu']} ({meta['cpu_count']} cores), TFLite via LiteRT "
              f"{meta['versions'].get('ai-edge-litert', '?')} with XNNPACK. {meta['contention_note']}",
-             "", headline_tables(results), "",
+             ""] + [f"- {n}" for n in meta.get("notes", [])] + ["", headline_tables(results), "",
              f"Full report with XNNPACK on/off, ops outside XNNPACK, Android `benchmark_model` command lines, "
              f"pipeline stage costs and quality by mask kind and size: [{report_link}]({report_link}). Regenerate with:",
              "", "```sh"] + _commands(meta) + ["```", END]
