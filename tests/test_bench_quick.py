@@ -18,9 +18,7 @@ SHAPES = [(64, 88)]
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
-    # export.api is issue 4's Python API; until it is on main there is nothing to benchmark
-    export_api = pytest.importorskip("export.api", reason="the TFLite export (export.api) has not landed yet")
-    export_artifacts = export_api.export_artifacts
+    from export.api import export_artifacts
     from models import build_generator, save_checkpoint
 
     root = tmp_path_factory.mktemp("bench")
