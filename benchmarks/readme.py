@@ -16,7 +16,10 @@ def readme_section(results: dict, report_link: str = "docs/benchmarks/report.md"
              f"{meta['versions'].get('ai-edge-litert', '?')} with XNNPACK. {meta['contention_note']}",
              ""] + [f"- {n}" for n in meta.get("notes", [])] + ["", headline_tables(results), "",
              f"Full report with XNNPACK on/off, ops outside XNNPACK, Android `benchmark_model` command lines, "
-             f"pipeline stage costs and quality by mask kind and size: [{report_link}]({report_link}). Regenerate with:",
+             f"pipeline stage costs and quality by mask kind and size: [{report_link}]({report_link}). "
+             "A full run (default model exported to artifacts/, both shapes, 1 and 2 threads, 10 timed runs) is "
+             "`make bench`; add `--update-readme` to `gmcnn-mobile bench` to rewrite this section. "
+             "The table above came from:",
              "", "```sh"] + _commands(meta) + ["```", END]
     return "\n".join(lines)
 
