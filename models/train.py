@@ -333,8 +333,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
     if not phases or any(phases[-1][k] != v for k, v in current.items()):
         phases.append({**current, "from_step": int(state["step"]) if state is not None else 0})
     crops_text = " then ".join(f"{p['crop']}x{p['crop']} from step {p['from_step']}" for p in phases)
-    description = (f"GMCNN {cfg.variant} cnum {cfg.cnum} ({cfg.init} init), first-stage (reconstruction-loss) training on "
-                   f"{len(train_paths)} photos, crops {crops_text}; held out: {', '.join(cfg.val_photos)}")
+    description = (f"GMCNN {cfg.variant} cnum {cfg.cnum} ({cfg.init} init), first-stage (reconstruction-loss) "
+                   f"training on {len(train_paths)} photos, crops {crops_text}; held out: {', '.join(cfg.val_photos)}")
     gen = build_generator(cfg.variant, cfg.cnum, seed=cfg.seed, channel_order="rgb",
                           train_size=(cfg.crop, cfg.crop), description=description)
     if cfg.init == "he":

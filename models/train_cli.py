@@ -85,7 +85,8 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(photos=str(args.photos), out=str(args.out), variant=args.variant, cnum=args.cnum,
                       crop=args.crop, batch_size=args.batch_size, lr=args.lr, max_minutes=args.max_minutes,
                       max_steps=args.max_steps, val_photos=list(args.val_photos),
-                      val_crops_per_photo=args.val_crops_per_photo, val_crop=args.val_crop, val_every_minutes=args.val_every_minutes,
+                      val_crops_per_photo=args.val_crops_per_photo, val_crop=args.val_crop,
+                      val_every_minutes=args.val_every_minutes,
                       checkpoint_every_minutes=args.checkpoint_every_minutes, log_every=args.log_every,
                       cache_short_side=args.cache_short_side, max_scale=args.max_scale, seed=args.seed, init=args.init,
                       device=args.device, threads=args.threads)

@@ -30,8 +30,8 @@ def photo_dir(tmp_path_factory):
 
 def small_config(photo_dir, out, **kw):
     base = dict(photos=str(photo_dir), out=str(out), cnum=4, crop=64, batch_size=2, lr=1e-3, max_minutes=5,
-                val_photos=["val.jpg"], val_crops_per_photo=2, val_crop=64, log_every=1, cache_short_side=96, max_scale=1.5,
-                seed=3, threads=1)
+                val_photos=["val.jpg"], val_crops_per_photo=2, val_crop=64, log_every=1, cache_short_side=96,
+                max_scale=1.5, seed=3, threads=1)
     base.update(kw)
     return TrainConfig(**base)
 
