@@ -419,7 +419,7 @@ def _make(todo, gen, ckpt_info, mods, out, work_root, calib_dir, holdout_dir, th
             }
             jobs.append(backends.ConvertJob(key=p.key, generator=gen, shape=p.shape, precision=p.precision, io=p.io,
                                             calibration=calib[p.shape], workdir=workdir, out=tmp,
-                                            options=dict(p.options, metadata=meta)))
+                                            options=dict(p.options, metadata=meta, threads=threads)))
             by_key[p.key] = p
         results = backends.convert_all(mod, jobs, progress=show)
 

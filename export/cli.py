@@ -56,9 +56,17 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cmd_export(args) -> int:
+    import signal
+
     from runtime_py.errors import UserError
 
+    # a kill (SIGTERM) unwinds like Ctrl-C, so temporary files are removed on the way out
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     from . import backends
     from .api import export_artifacts, parse_shape
 

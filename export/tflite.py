@@ -138,7 +138,7 @@ def convert_many(jobs: Sequence[ConvertJob], progress=None) -> Dict[str, Convert
     for job in jobs:
         groups.setdefault(Path(job.workdir), []).append(job)
     results: Dict[str, ConvertResult] = {}
-    plan = {"jobs": []}
+    plan = {"jobs": [], "threads": max(int(j.options.get("threads", 2)) for j in jobs)}
     by_out: Dict[str, ConvertJob] = {}
     for work, group in groups.items():
         first = group[0]

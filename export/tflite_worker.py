@@ -16,7 +16,8 @@ to its own log file; progress and results go to the parent as JSON lines on stdo
 
 Plan (JSON)::
 
-    {"jobs": [{"name": str, "onnx": path, "saved_model": dir, "log": path,
+    {"threads": int,                                                # calibration threads
+     "jobs": [{"name": str, "onnx": path, "saved_model": dir, "log": path,
                "cind": {"image": npy, "mask": npy},            # NHWC samples for onnx2tf
                "artifacts": [{"precision": "fp32|fp16|int8-dynamic|int8", "io": "tensor|image",
                               "out": path, "calibration": {"image": npy, "mask": npy} | null,
@@ -103,25 +104,27 @@ def run_onnx2tf(onnx_path: str, saved_model: str, cind: dict) -> None:
     archive.write_out(saved_model)
 
 
-_CALIBRATION_REPORT: list = []
+_CALIBRATION_REPORT: dict = {}
+CALIBRATION_THREADS = [2]
 
 
-def _install_calibration_fix() -> None:
-    """Make the converter's calibrator correct in-place-corrupted ranges (see export.tflite_calibration)."""
+def _install_calibration() -> None:
+    """Make the converter calibrate with :func:`export.tflite_calibration.calibrate_ranges`
+    (XNNPACK, multi-threaded, free of the in-place range problem) instead of its own calibrator."""
     from tensorflow.lite.python.optimize import calibrator
 
-    from .tflite_calibration import fix_calibration
+    from .tflite_calibration import calibrate_ranges
 
-    if getattr(calibrator.Calibrator.calibrate, "_gmcnn_fixed", False):
+    if getattr(calibrator.Calibrator.calibrate, "_gmcnn", False):
         return
-    original = calibrator.Calibrator.calibrate
 
     def calibrate(self, dataset_gen):
-        fixed, report = fix_calibration(original(self, dataset_gen), dataset_gen)
-        _CALIBRATION_REPORT[:] = report
-        return fixed
+        data, report = calibrate_ranges(self._model_content, dataset_gen, threads=CALIBRATION_THREADS[0])
+        _CALIBRATION_REPORT.clear()
+        _CALIBRATION_REPORT.update(report)
+        return data
 
-    calibrate._gmcnn_fixed = True
+    calibrate._gmcnn = True
     calibrator.Calibrator.calibrate = calibrate
 
 
@@ -143,8 +146,8 @@ def convert_precision(saved_model: str, precision: str, io: str, calibration) ->
             for i in range(images.shape[0]):
                 yield {"image": images[i : i + 1], "mask": masks[i : i + 1]}
 
-        _install_calibration_fix()
-        _CALIBRATION_REPORT[:] = []
+        _install_calibration()
+        _CALIBRATION_REPORT.clear()
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         conv.representative_dataset = representative
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -195,7 +198,7 @@ def run_job(job: dict, events: _Events) -> None:
                                             metadata=art.get("metadata"), pad_mode=art.get("pad_mode", "slices"),
                                             upsample_mode=art.get("upsample_mode", "concat"))
                 if art["precision"] == "int8":
-                    report["calibration_ranges_corrected"] = list(_CALIBRATION_REPORT)
+                    report["calibration"] = dict(_CALIBRATION_REPORT)
                 analysis = gpu_analysis(final)
                 tmp = art["out"] + ".part"
                 with open(tmp, "wb") as f:
@@ -216,6 +219,7 @@ def main(argv=None) -> int:
         plan = json.load(f)
     events = _Events()
     t0 = time.time()
+    CALIBRATION_THREADS[0] = int(plan.get("threads", 2))
     for job in plan["jobs"]:
         run_job(job, events)
     events.send(event="finished", seconds=round(time.time() - t0, 2))

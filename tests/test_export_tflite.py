@@ -254,3 +254,44 @@ def test_onnx2tf_failure_names_its_log(tmp_path):
     assert res.path is None and not (tmp_path / "x.tflite").exists()
     assert "onnx2tf failed" in res.error and res.log and Path(res.log).is_file()
     assert str(res.log) in res.error
+
+
+def test_calibration_ranges_match_an_independent_run(tiny):
+    """calibrate_ranges (XNNPACK, measured in groups) gives each float tensor the min/max that
+    a plain reference-kernel run with every tensor preserved sees."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from export import tflite_graph
+    from export.samples import CALIBRATION_DIR, load_samples
+    from export.tflite_calibration import activation_tensors, calibrate_ranges
+
+    work = tiny["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
+    model = (work / "converter_fp32.tflite").read_bytes()
+    samples = load_samples(CALIBRATION_DIR, SHAPE, 1, seed=4)
+    feeds = [{"image": samples.tensor_image()[i:i + 1], "mask": samples.tensor_mask()[i:i + 1]}
+             for i in range(len(samples))]
+    # a tiny budget forces several groups, exercising the grouping
+    data, report = calibrate_ranges(model, lambda: iter(feeds), threads=2, budget_bytes=200_000)
+    assert report["passes"] > 1 and report["samples"] == len(feeds)
+    calibrated = tflite_graph.read(data)
+    tensors = activation_tensors(calibrated)
+    assert report["tensors"] == len(tensors)
+
+    it = Interpreter(model_content=model, experimental_preserve_all_tensors=True,
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()
+    ins = {d["name"]: d["index"] for d in it.get_input_details()}
+    lo, hi = {}, {}
+    for feed in feeds:
+        for name, value in feed.items():
+            it.set_tensor(next(i for n, i in ins.items() if name in n), value)
+        it.invoke()
+        for t in tensors:
+            v = it.get_tensor(t)
+            lo[t] = min(lo.get(t, np.inf), float(v.min()))
+            hi[t] = max(hi.get(t, -np.inf), float(v.max()))
+    sg = calibrated.subgraphs[0]
+    for t in tensors:
+        q = sg.tensors[t].quantization
+        span = max(1e-6, hi[t] - lo[t])
+        assert abs(q.min[0] - lo[t]) <= 1e-3 * span and abs(q.max[0] - hi[t]) <= 1e-3 * span, t

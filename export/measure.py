@@ -1,0 +1,134 @@
+"""Measure exported TFLite files against this machine's own convolution speed.
+
+    python -m export.measure DIR [DIR ...] [--threads 2] [--runs 5] [--extra FILE.tflite ...] [--json OUT]
+
+For every ``tensor`` artifact in each export folder (and any ``--extra`` file) one process
+per measurement (``benchmarks.worker``: load, first inference, warm-up, timed runs, peak
+RSS), in the same run:
+
+* latency (median of the timed runs) and peak RSS, so int8 and fp32 compare under the
+  same conditions;
+* whole-model GMAC/s = the checkpoint's convolution MACs at that shape / median latency;
+* a microbenchmark: one 7x7 128->128 convolution at quarter resolution of the first
+  artifact's shape (the size of GMCNN's widest layers), fp32 and int8 TFLite files made
+  here with the TFLite converter, measured the same way -- the speed a convolution-bound
+  model can reach here;
+* ops left outside XNNPACK for each file.
+
+Prints a Markdown table; ``--json`` writes the raw results too. docs/EXPORT.md quotes it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+MICRO_KERNEL = 7
+MICRO_CHANNELS = 128
+
+_BUILD_CONV = r"""
+import sys, numpy as np, tensorflow as tf
+h, w, c, k, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+rng = np.random.default_rng(0)
+kernel = tf.constant(rng.normal(0, (1.0 / (k * k * c)) ** 0.5, (k, k, c, c)).astype(np.float32))
+bias = tf.constant(np.zeros(c, np.float32))
+@tf.function(input_signature=[tf.TensorSpec([1, h, w, c], tf.float32, name="x")])
+def conv(x):
+    return tf.nn.elu(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), bias))
+for precision in ("fp32", "int8"):
+    conv_ = tf.lite.TFLiteConverter.from_concrete_functions([conv.get_concrete_function()], conv)
+    if precision == "int8":
+        def rep():
+            for _ in range(4):
+                yield [rng.normal(0, 1, (1, h, w, c)).astype(np.float32)]
+        conv_.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv_.representative_dataset = rep
+        conv_.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv_.inference_input_type = tf.int8
+        conv_.inference_output_type = tf.int8
+    open(f"{out}/conv{k}x{k}_{c}_{h}x{w}_{precision}.tflite", "wb").write(conv_.convert())
+"""
+
+
+def build_conv_microbench(out_dir: Path, rows: int, cols: int, channels: int = MICRO_CHANNELS,
+                          kernel: int = MICRO_KERNEL) -> Dict[str, Tuple[Path, float]]:
+    """fp32 and int8 single-conv TFLite files: {precision: (path, GMAC per inference)}."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    subprocess.run([sys.executable, "-c", _BUILD_CONV, str(rows), str(cols), str(channels), str(kernel), str(out_dir)],
+                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gmac = rows * cols * channels * channels * kernel * kernel / 1e9
+    return {p: (out_dir / f"conv{kernel}x{kernel}_{channels}_{rows}x{cols}_{p}.tflite", gmac) for p in ("fp32", "int8")}
+
+
+def measure_file(path: Path, threads: int, runs: int, warmup: int = 1) -> dict:
+    """One benchmarks.worker process on one file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = {"kind": "tflite", "label": path.name, "path": str(path), "threads": threads, "warmup": warmup,
+                "runs": runs}
+        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(spec))
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        subprocess.run([sys.executable, "-m", "benchmarks.worker", str(spec_path), str(result_path)], env=env,
+                       cwd=str(ROOT), check=False)
+        return json.loads(result_path.read_text())
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export.measure", description=__doc__.split("\n\n")[0])
+    ap.add_argument("dirs", nargs="*", type=Path, help="export folders (manifest.json)")
+    ap.add_argument("--extra", nargs="*", type=Path, default=[], help="more .tflite files (GMAC from --extra-gmac)")
+    ap.add_argument("--extra-gmac", type=float, default=0.0, help="GMAC per inference of the --extra files")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--precisions", default="fp32,int8")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    from runtime_py.manifest import load_manifest
+
+    items = []  # (label, path, gmac)
+    shape = None
+    for d in args.dirs:
+        m = load_manifest(d)
+        for a in m.artifacts:
+            if a.format == "tflite" and a.io == "tensor" and a.precision in args.precisions.split(","):
+                items.append((f"{m.checkpoint['meta']['variant']} {a.file}", d / a.file, float(a.build["gmacs"])))
+                shape = shape or tuple(a.shape)
+    for f in args.extra:
+        items.append((f"extra {f.name}", f, args.extra_gmac))
+    rows, cols = shape or (512, 680)
+    with tempfile.TemporaryDirectory() as tmp:
+        micro = build_conv_microbench(Path(tmp), rows // 4, cols // 4)
+        for precision, (path, gmac) in micro.items():
+            items.insert(0, (f"microbench {path.name}", path, gmac))
+        results = []
+        for label, path, gmac in items:
+            r = measure_file(path, args.threads, args.runs)
+            med = r.get("stats", {}).get("median_s") if r.get("ok") else None
+            row = {"label": label, "file": str(path), "gmac": gmac, "ok": r.get("ok"), "median_s": med,
+                   "gmac_per_s": (gmac / med) if med else None, "peak_rss_mb": r.get("peak_rss", 0) / 2 ** 20,
+                   "added_over_idle_mb": r.get("peak_added_over_idle", 0) / 2 ** 20,
+                   "delegation": r.get("delegation"), "load_avg": [r.get("load_avg_before"), r.get("load_avg_after")],
+                   "error": r.get("error")}
+            results.append(row)
+            print(f"measured {label}: {med if med else r.get('error')}", file=sys.stderr, flush=True)
+    print(f"| file | GMAC | median s | GMAC/s | peak RSS MB | load avg |\n|---|---|---|---|---|---|")
+    for r in results:
+        gps = f"{r['gmac_per_s']:.1f}" if r["gmac_per_s"] else "-"
+        med = f"{r['median_s']:.3f}" if r["median_s"] else "failed"
+        load = "/".join(f"{v:.1f}" for v in r["load_avg"] if v is not None)
+        print(f"| {r['label']} | {r['gmac']:.1f} | {med} | {gps} | {r['peak_rss_mb']:.0f} | {load} |")
+    if args.json:
+        args.json.write_text(json.dumps({"threads": args.threads, "runs": args.runs, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
