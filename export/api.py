@@ -218,7 +218,7 @@ def export_artifacts(
     holdout: Optional[Union[str, os.PathLike]] = None,
     threads: int = 2,
     pad_mode: str = "slices",
-    upsample_mode: str = "concat",
+    upsample_mode: str = "resize",
     int8_tail: bool = True,
     tolerances: Optional[Dict] = None,
     calibration_masks_per_photo: int = CALIBRATION_MASKS_PER_PHOTO,
@@ -230,8 +230,9 @@ def export_artifacts(
 
     pad_mode: TFLite reflection pads (the torch variant's) as ``slices`` (SLICE and
         CONCATENATION ops, which XNNPACK runs) or one ``mirror_pad`` op (which it does not).
-    upsample_mode: TFLite 2x nearest upsampling as ``concat`` (CONCATENATION + RESHAPE,
-        which XNNPACK runs) or one ``resize`` op (RESIZE_NEAREST_NEIGHBOR, which it does not).
+    upsample_mode: TFLite 2x nearest upsampling as one ``resize`` op (RESIZE_NEAREST_NEIGHBOR,
+        outside XNNPACK but measured as fast here) or ``depth_to_space`` (CONCATENATION +
+        DEPTH_TO_SPACE, all in XNNPACK).
     int8_tail: also move the float resize/concatenation tail of int8 files into int8.
     tolerances: overrides of :data:`export.parity.TOLERANCES`, keyed by precision or
         (precision, io) (tests use it to force a failure).

@@ -46,8 +46,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=_default_threads(), help="LiteRT threads for the parity runs")
     p.add_argument("--pad-mode", choices=["slices", "mirror_pad"], default="slices",
                    help="TFLite reflection pads (torch variant): SLICE+CONCATENATION ops XNNPACK runs, or one MIRROR_PAD")
-    p.add_argument("--upsample-mode", choices=["concat", "resize"], default="concat",
-                   help="TFLite 2x nearest upsampling: CONCATENATION+RESHAPE ops XNNPACK runs, or RESIZE_NEAREST_NEIGHBOR")
+    p.add_argument("--upsample-mode", choices=["resize", "depth_to_space"], default="resize",
+                   help="TFLite 2x nearest upsampling: RESIZE_NEAREST_NEIGHBOR (outside XNNPACK, as fast here), "
+                        "or CONCATENATION+DEPTH_TO_SPACE (all in XNNPACK)")
     p.add_argument("--no-int8-tail", action="store_true",
                    help="leave the float resize/concatenation tail of int8 files in float")
     p.add_argument("--no-cache", action="store_true", help="reconvert even when an up-to-date artifact exists")

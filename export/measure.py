@@ -1,6 +1,6 @@
 """Measure exported TFLite files against this machine's own convolution speed.
 
-    python -m export.measure DIR [DIR ...] [--threads 2] [--runs 5] [--extra FILE.tflite ...] [--json OUT]
+    python -m export.measure DIR [DIR ...] [--threads 2] [--runs 5] [--extra FILE.tflite:GMAC ...] [--json OUT]
 
 For every ``tensor`` artifact in each export folder (and any ``--extra`` file) one process
 per measurement (``benchmarks.worker``: load, first inference, warm-up, timed runs, peak
@@ -83,8 +83,7 @@ def measure_file(path: Path, threads: int, runs: int, warmup: int = 1) -> dict:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export.measure", description=__doc__.split("\n\n")[0])
     ap.add_argument("dirs", nargs="*", type=Path, help="export folders (manifest.json)")
-    ap.add_argument("--extra", nargs="*", type=Path, default=[], help="more .tflite files (GMAC from --extra-gmac)")
-    ap.add_argument("--extra-gmac", type=float, default=0.0, help="GMAC per inference of the --extra files")
+    ap.add_argument("--extra", nargs="*", default=[], help="more .tflite files, each as FILE:GMAC")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--precisions", default="fp32,int8")
@@ -101,8 +100,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             if a.format == "tflite" and a.io == "tensor" and a.precision in args.precisions.split(","):
                 items.append((f"{m.checkpoint['meta']['variant']} {a.file}", d / a.file, float(a.build["gmacs"])))
                 shape = shape or tuple(a.shape)
-    for f in args.extra:
-        items.append((f"extra {f.name}", f, args.extra_gmac))
+    for spec in args.extra:
+        f, gmac = spec.rsplit(":", 1)
+        items.append((f"extra {Path(f).name}", Path(f), float(gmac)))
     rows, cols = shape or (512, 680)
     with tempfile.TemporaryDirectory() as tmp:
         micro = build_conv_microbench(Path(tmp), rows // 4, cols // 4)
@@ -112,19 +112,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         for label, path, gmac in items:
             r = measure_file(path, args.threads, args.runs)
             med = r.get("stats", {}).get("median_s") if r.get("ok") else None
-            row = {"label": label, "file": str(path), "gmac": gmac, "ok": r.get("ok"), "median_s": med,
-                   "gmac_per_s": (gmac / med) if med else None, "peak_rss_mb": r.get("peak_rss", 0) / 2 ** 20,
+            best = r.get("stats", {}).get("min_s") if r.get("ok") else None
+            row = {"label": label, "file": str(path), "gmac": gmac, "ok": r.get("ok"), "median_s": med, "min_s": best,
+                   "gmac_per_s": (gmac / med) if med else None, "best_gmac_per_s": (gmac / best) if best else None, "peak_rss_mb": r.get("peak_rss", 0) / 2 ** 20,
                    "added_over_idle_mb": r.get("peak_added_over_idle", 0) / 2 ** 20,
                    "delegation": r.get("delegation"), "load_avg": [r.get("load_avg_before"), r.get("load_avg_after")],
                    "error": r.get("error")}
             results.append(row)
             print(f"measured {label}: {med if med else r.get('error')}", file=sys.stderr, flush=True)
-    print(f"| file | GMAC | median s | GMAC/s | peak RSS MB | load avg |\n|---|---|---|---|---|---|")
+    print("| file | GMAC | median s | min s | GMAC/s (median) | GMAC/s (best) | peak RSS MiB | load avg |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        gps = f"{r['gmac_per_s']:.1f}" if r["gmac_per_s"] else "-"
-        med = f"{r['median_s']:.3f}" if r["median_s"] else "failed"
+        if not r["median_s"]:
+            print(f"| {r['label']} | {r['gmac']:.1f} | failed: {r['error']} | | | | | |")
+            continue
         load = "/".join(f"{v:.1f}" for v in r["load_avg"] if v is not None)
-        print(f"| {r['label']} | {r['gmac']:.1f} | {med} | {gps} | {r['peak_rss_mb']:.0f} | {load} |")
+        print(f"| {r['label']} | {r['gmac']:.1f} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['gmac_per_s']:.1f} | "
+              f"{r['best_gmac_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {load} |")
     if args.json:
         args.json.write_text(json.dumps({"threads": args.threads, "runs": args.runs, "results": results}, indent=1))
     return 0

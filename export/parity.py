@@ -26,14 +26,14 @@ ONE_LEVEL = 1.0 / 127.5  # one 8-bit step in [-1, 1] units
 # (precision, io) -> limits. Keys: max_abs (<=), min_hole_psnr_db (>=), max_known_pixels_changed (<=).
 # Measured and justified in docs/TOLERANCES.md.
 TOLERANCES: Dict[Tuple[str, str], Dict[str, float]] = {
-    ("fp32", "tensor"): {"max_abs": 1e-4},
+    ("fp32", "tensor"): {"max_abs": 2e-5},
     ("fp32", "image"): {"max_abs": ONE_LEVEL + 1e-9, "max_known_pixels_changed": 0},
-    ("fp16", "tensor"): {"min_hole_psnr_db": 45.0},
-    ("fp16", "image"): {"min_hole_psnr_db": 45.0, "max_known_pixels_changed": 0},
-    ("int8-dynamic", "tensor"): {"min_hole_psnr_db": 30.0},
-    ("int8-dynamic", "image"): {"min_hole_psnr_db": 30.0, "max_known_pixels_changed": 0},
-    ("int8", "tensor"): {"min_hole_psnr_db": 30.0},
-    ("int8", "image"): {"min_hole_psnr_db": 30.0, "max_known_pixels_changed": 0},
+    ("fp16", "tensor"): {"min_hole_psnr_db": 55.0},
+    ("fp16", "image"): {"min_hole_psnr_db": 55.0, "max_known_pixels_changed": 0},
+    ("int8-dynamic", "tensor"): {"min_hole_psnr_db": 40.0},
+    ("int8-dynamic", "image"): {"min_hole_psnr_db": 40.0, "max_known_pixels_changed": 0},
+    ("int8", "tensor"): {"min_hole_psnr_db": 38.0},
+    ("int8", "image"): {"min_hole_psnr_db": 38.0, "max_known_pixels_changed": 0},
 }
 
 

@@ -43,10 +43,12 @@ SUFFIX = ".tflite"
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
 EXTRA = "export"
 METADATA_NAME = "gmcnn_mobile"
-# How reflection padding and 2x nearest upsampling are spelled in the file (see tflite_graph):
-# the first of each keeps every op inside XNNPACK, the second keeps the converter's single op.
+# How reflection padding and 2x nearest upsampling are spelled in the file (see tflite_graph and
+# docs/EXPORT.md). Defaults from measurement: MIRROR_PAD leaves XNNPACK and costs the torch variant
+# ~30 % of its speed, so pads become slices; the 3 nearest resizes outside XNNPACK cost nothing
+# measurable here, so they stay (depth_to_space moves them in, for delegates that need it).
 PAD_MODES = ("slices", "mirror_pad")
-UPSAMPLE_MODES = ("concat", "resize")
+UPSAMPLE_MODES = ("resize", "depth_to_space")
 # Tools the conversion needs (module name -> what for).
 CONVERT_TOOLS = {
     "torch": "the PyTorch model",
@@ -69,12 +71,12 @@ def check_available() -> None:
 # ----------------------------------------------------------------------- post-pass
 
 def postprocess(raw: bytes, precision: str, io: str, int8_tail: bool = True, metadata: Optional[dict] = None,
-                pad_mode: str = "slices", upsample_mode: str = "concat") -> Tuple[bytes, Dict[str, object]]:
+                pad_mode: str = "slices", upsample_mode: str = "resize") -> Tuple[bytes, Dict[str, object]]:
     """Flatbuffer post-passes applied to every converted file; returns (bytes, report).
 
     In order: NHWC outputs and named I/O; uint8 I/O for float ``image`` files; for int8,
     ELU chains then the float tail into int8; then the XNNPACK rewrites of reflection pads
-    (``pad_mode='slices'``) and 2x nearest upsampling (``upsample_mode='concat'``).
+    (``pad_mode='slices'``) and 2x nearest upsampling (``upsample_mode='depth_to_space'``).
     """
     from . import tflite_graph as g
 
@@ -92,8 +94,8 @@ def postprocess(raw: bytes, precision: str, io: str, int8_tail: bool = True, met
             report["float_regions_to_int8"] = g.integerize(model, through=g.DATA_MOVEMENT_OPS)
     if pad_mode == "slices":
         report["mirror_pads_to_slices"] = g.mirror_pad_to_slices(model)
-    if upsample_mode == "concat":
-        report["nearest_upsamples_to_concat"] = g.nearest_2x_to_concat(model)
+    if upsample_mode == "depth_to_space":
+        report["nearest_upsamples_to_depth_to_space"] = g.nearest_2x_to_depth_to_space(model)
     if metadata:
         g.add_metadata(model, METADATA_NAME, metadata)
     return g.write(model), report
@@ -163,7 +165,7 @@ def convert_many(jobs: Sequence[ConvertJob], progress=None) -> Dict[str, Convert
             arts.append({"precision": job.precision, "io": job.io, "out": str(job.out), "calibration": calib,
                          "int8_tail": bool(job.options.get("int8_tail", True)),
                          "pad_mode": job.options.get("pad_mode", "slices"),
-                         "upsample_mode": job.options.get("upsample_mode", "concat"),
+                         "upsample_mode": job.options.get("upsample_mode", "resize"),
                          "metadata": job.options.get("metadata")})
             by_out[str(job.out)] = job
         plan["jobs"].append({"name": f"{first.shape[0]}x{first.shape[1]} {first.io}", "onnx": str(onnx_path),

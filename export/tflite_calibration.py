@@ -13,9 +13,10 @@ TFLite's calibrator (``tensorflow.lite.python.optimize.calibrator``) has two pro
 
 :func:`calibrate_ranges` produces the same thing the calibrator does -- the float model
 with ``min``/``max`` on every float activation tensor -- by running the model with
-XNNPACK, multi-threaded, with the tensors to measure made graph outputs (graph outputs are
-never overwritten, so the in-place problem cannot occur). Tensors are measured in groups
-whose total size stays under a memory budget, one pass over the samples per group.
+XNNPACK, multi-threaded, after inserting a REDUCE_MIN and a REDUCE_MAX right after each
+tensor's producer (:func:`range_probe`). A reduction reads its tensor before any later op
+can overwrite it, so the in-place problem cannot occur; only the scalars leave the graph,
+so memory stays near inference's and one pass over the samples measures everything.
 The TFLite converter then quantizes from these ranges as usual (``mlir_quantize``).
 """
 from __future__ import annotations
@@ -26,23 +27,60 @@ import numpy as np
 
 from . import tflite_graph as g
 
+def range_probe(model_bytes: bytes, tensors: List[int]) -> tuple:
+    """The model with a REDUCE_MIN and a REDUCE_MAX over each of ``tensors`` placed right after the
+    op that makes it; the scalars are the graph's outputs. Returns (bytes, {tensor: (min_out, max_out)}).
+
+    Only the scalars leave the graph, so the interpreter still frees each tensor after its
+    last use: one pass over the samples, at little more memory than inference.
+    """
+    model = g.read(model_bytes)
+    sg = model.subgraphs[0]
+    axes = g._const_tensor(model, np.arange(4, dtype=np.int32), "range_probe/axes")
+    after: Dict[int, List[int]] = {}
+    producer = {t: i for i, op in enumerate(sg.operators) for t in g._ids(op.outputs)}
+    for t in tensors:
+        after.setdefault(producer.get(t, -1), []).append(t)
+    probes: Dict[int, tuple] = {}
+    new_ops = []
+
+    def probe(t):
+        outs = []
+        for op, label in ((g.OP.REDUCE_MIN, "min"), (g.OP.REDUCE_MAX, "max")):
+            out = g._new_tensor(model, sg.tensors[t], g.T.FLOAT32, f"range_probe/{label}{t}")
+            sg.tensors[out].shape = []
+            options = g.schema.ReducerOptionsT()
+            options.keepDims = False
+            new_ops.append(g._new_op(model, op, [t, axes], [out], options, g.schema.BuiltinOptions.ReducerOptions))
+            outs.append(out)
+        probes[t] = tuple(outs)
+
+    for t in after.get(-1, []):  # graph inputs
+        probe(t)
+    for i, op in enumerate(list(sg.operators)):
+        new_ops.append(op)
+        for t in after.get(i, []):
+            probe(t)
+    sg.operators = new_ops
+    sg.outputs = [o for pair in probes.values() for o in pair]
+    model.signatureDefs = []
+    return g.write(model), probes
+
+
 def measure_ranges(model_bytes: bytes, tensors: List[int], samples: Iterable[Dict[str, np.ndarray]],
                    threads: int = 2) -> Dict[int, tuple]:
-    """min/max of ``tensors`` over ``samples`` (dicts keyed by signature input name)."""
+    """min/max of ``tensors`` over ``samples`` (dicts keyed by signature input name), one pass."""
     from ai_edge_litert.interpreter import Interpreter
 
     model = g.read(model_bytes)
     sg = model.subgraphs[0]
-    extra = [t for t in tensors if t not in set(g._ids(sg.outputs))]
-    sg.outputs = list(g._ids(sg.outputs)) + extra
-    it = Interpreter(model_content=g.write(model), num_threads=threads)
-    it.allocate_tensors()
-    inputs = {}
     if model.signatureDefs:
-        ins, _ = g.signature_io(model)
-        inputs = {k: t for k, t in ins.items()}
+        inputs = dict(g.signature_io(model)[0])
     else:
         inputs = {g.tensor_name(sg.tensors[t]): t for t in g._ids(sg.inputs)}
+    probed, probes = range_probe(model_bytes, tensors)
+    it = Interpreter(model_content=probed, num_threads=threads)
+    it.allocate_tensors()
     ranges: Dict[int, list] = {}
     for sample in samples:
         if not isinstance(sample, dict):  # a list in input order
@@ -50,9 +88,8 @@ def measure_ranges(model_bytes: bytes, tensors: List[int], samples: Iterable[Dic
         for key, value in sample.items():
             it.set_tensor(inputs[key], np.asarray(value, dtype=np.float32))
         it.invoke()
-        for t in tensors:
-            v = it.get_tensor(t)
-            lo, hi = float(v.min()), float(v.max())
+        for t, (lo_t, hi_t) in probes.items():
+            lo, hi = float(it.get_tensor(lo_t)), float(it.get_tensor(hi_t))
             if t in ranges:
                 ranges[t] = [min(ranges[t][0], lo), max(ranges[t][1], hi)]
             else:
@@ -65,8 +102,7 @@ def activation_tensors(model) -> List[int]:
     return [i for i, t in enumerate(sg.tensors) if t.type == g.T.FLOAT32 and not g._is_constant(model, t)]
 
 
-def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], threads: int = 2,
-                     budget_bytes: int = 768 << 20) -> tuple:
+def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], threads: int = 2) -> tuple:
     """The float model with measured ``min``/``max`` on every float activation; returns (bytes, report)."""
     import time
 
@@ -75,24 +111,12 @@ def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], thread
     sg = model.subgraphs[0]
     samples = list(dataset())
     tensors = activation_tensors(model)
-    groups, group, size = [], [], 0
-    for t in tensors:
-        nbytes = 4 * int(np.prod([max(1, d) for d in g._ids(sg.tensors[t].shape)]))
-        if group and size + nbytes > budget_bytes:
-            groups.append(group)
-            group, size = [], 0
-        group.append(t)
-        size += nbytes
-    if group:
-        groups.append(group)
-    ranges: Dict[int, tuple] = {}
-    for group in groups:
-        ranges.update(measure_ranges(model_bytes, group, samples, threads))
+    ranges = measure_ranges(model_bytes, tensors, samples, threads)
     for t, (lo, hi) in ranges.items():
         q = sg.tensors[t].quantization or g.schema.QuantizationParametersT()
         q.min, q.max = [float(lo)], [float(hi)]
         q.scale, q.zeroPoint = None, None
         sg.tensors[t].quantization = q
-    report = {"tensors": len(ranges), "samples": len(samples), "passes": len(groups), "threads": threads,
+    report = {"tensors": len(ranges), "samples": len(samples), "threads": threads,
               "seconds": round(time.time() - t0, 2)}
     return g.write(model), report

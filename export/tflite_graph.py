@@ -530,14 +530,14 @@ def mirror_pad_to_slices(model) -> int:
     return changed
 
 
-def nearest_2x_to_concat(model) -> int:
-    """Rewrite 2x nearest-neighbour upsampling (RESIZE_NEAREST_NEIGHBOR, NHWC) as concatenations and reshapes.
+def nearest_2x_to_depth_to_space(model) -> int:
+    """Rewrite 2x nearest-neighbour upsampling (RESIZE_NEAREST_NEIGHBOR, NHWC) as CONCATENATION + DEPTH_TO_SPACE.
 
     XNNPACK has no kernel for it. Duplicating pixels is exact with ops it takes:
-    ``concat([x, x], channels)`` reshaped to (1, h, 2w, c) repeats every column, then
-    ``concat([y, y], width)`` reshaped to (1, 2h, 2w, c) repeats every row. Applies when
-    the output is exactly twice the input on both sides and ``align_corners`` is off
-    (then source pixel = floor(i / 2) with or without half-pixel centres).
+    ``concat([x, x, x, x], channels)`` gives (1, h, w, 4c) whose four channel blocks are the
+    2x2 output block of each pixel, and DEPTH_TO_SPACE(2) lays them out as (1, 2h, 2w, c).
+    Applies when the output is exactly twice the input on both sides and ``align_corners``
+    is off (then source pixel = floor(i / 2) with or without half-pixel centres).
     """
     sg = model.subgraphs[0]
     new_ops: list = []
@@ -555,11 +555,11 @@ def nearest_2x_to_concat(model) -> int:
             continue
         base = tensor_name(sg.tensors[out]) or f"nearest_{changed}"
         shapes = {src: [n, h, w, c]}
-        cols = _concat(model, [src, src], 3, shapes, new_ops, f"{base}/twice_channels")
-        wide = _reshape(model, cols, [n, h, 2 * w, c], new_ops, f"{base}/columns_repeated")
-        shapes[wide] = [n, h, 2 * w, c]
-        rows = _concat(model, [wide, wide], 2, shapes, new_ops, f"{base}/twice_width")
-        _reshape(model, rows, [n, 2 * h, 2 * w, c], new_ops, f"{base}/rows_repeated", out=out)
+        blocks = _concat(model, [src] * 4, 3, shapes, new_ops, f"{base}/four_copies")
+        options = schema.DepthToSpaceOptionsT()
+        options.blockSize = 2
+        new_ops.append(_new_op(model, OP.DEPTH_TO_SPACE, [blocks], [out], options,
+                               schema.BuiltinOptions.DepthToSpaceOptions))
         changed += 1
     sg.operators = new_ops
     if changed:

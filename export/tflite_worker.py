@@ -22,7 +22,7 @@ Plan (JSON)::
                "artifacts": [{"precision": "fp32|fp16|int8-dynamic|int8", "io": "tensor|image",
                               "out": path, "calibration": {"image": npy, "mask": npy} | null,
                               "int8_tail": bool, "pad_mode": "slices|mirror_pad",
-                              "upsample_mode": "concat|resize", "metadata": {...}}]}]}
+                              "upsample_mode": "resize|depth_to_space", "metadata": {...}}]}]}
 """
 from __future__ import annotations
 
@@ -196,7 +196,7 @@ def run_job(job: dict, events: _Events) -> None:
                 before = tflite_graph.inventory(raw)
                 final, report = postprocess(raw, art["precision"], art["io"], int8_tail=art.get("int8_tail", True),
                                             metadata=art.get("metadata"), pad_mode=art.get("pad_mode", "slices"),
-                                            upsample_mode=art.get("upsample_mode", "concat"))
+                                            upsample_mode=art.get("upsample_mode", "resize"))
                 if art["precision"] == "int8":
                     report["calibration"] = dict(_CALIBRATION_REPORT)
                 analysis = gpu_analysis(final)

@@ -22,13 +22,14 @@ def torch_export(tmp_path_factory):
     return {"out": out, "gen": gen, "manifest": manifest}
 
 
-def test_torch_variant_runs_entirely_in_xnnpack(torch_export):
+def test_torch_variant_pads_run_in_xnnpack(torch_export):
     for a in torch_export["manifest"].artifacts:
         assert a.parity.passed, a.parity
         inv = a.op_inventory
         assert inv["postpass"]["mirror_pads_to_slices"] == 44
         assert "MIRROR_PAD" not in inv["ops"] and inv["ops"]["SLICE"] > 44
-        assert inv["xnnpack_fallback_ops"] == {}, inv["xnnpack_fallback_ops"]
+        # what is left outside XNNPACK: only the 3 nearest resizes (kept by default, see docs/EXPORT.md)
+        assert inv["xnnpack_fallback_ops"] == {"RESIZE_NEAREST_NEIGHBOR": 3}, inv["xnnpack_fallback_ops"]
         assert inv["before_postpass"]["ops"]["MIRROR_PAD"] == 44 if a.precision == "int8" else True
     fp32 = torch_export["manifest"].find("tflite", SHAPE, "fp32", "tensor").parity
     assert fp32.max_abs <= 1e-4
