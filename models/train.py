@@ -300,9 +300,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
         raise UserError(str(exc)) from None
     if cfg.batch_size < 1 or cfg.lr <= 0 or cfg.max_minutes <= 0:
         raise UserError("--batch-size, --lr and --max-minutes must be positive")
+    if cfg.amp not in ("off", "bf16"):
+        raise UserError(f"--amp: unknown mode {cfg.amp!r} (off, bf16)")
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads)
+    else:
+        # fixed crop size, so cuDNN's per-shape algorithm search pays off after the first step
+        torch.backends.cudnn.benchmark = True
+    use_amp = cfg.amp == "bf16"
+    memory_format = torch.channels_last if use_amp and device.type == "cuda" else torch.contiguous_format
     cv2.setNumThreads(1)
 
     out = Path(cfg.out)
@@ -341,7 +348,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
         he_init_(gen, cfg.seed)
     elif cfg.init != "reference":
         raise UserError(f"unknown --init {cfg.init!r}")
-    gen = gen.to(device)
+    gen = gen.to(device, memory_format=memory_format)
     opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=ADAM_BETAS)
     rng = np.random.default_rng(cfg.seed)
     step, trained_s, best = 0, 0.0, -math.inf
@@ -400,9 +407,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
                 break
             t0 = time.monotonic()
             images, masks = sample_batch(rng, photos, cfg.batch_size, cfg.crop, cfg.max_scale)
-            images, masks = images.to(device), masks.to(device)
-            pred = gen(images, masks)
-            loss, parts = reconstruction_loss(pred, images, masks)
+            images = images.to(device, memory_format=memory_format)
+            masks = masks.to(device, memory_format=memory_format)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                pred = gen(images, masks)
+            loss, parts = reconstruction_loss(pred.float(), images, masks)
             if not torch.isfinite(loss):
                 raise UserError(f"loss became {float(loss)} at step {step + 1}; lower --lr and --resume")
             opt.zero_grad(set_to_none=True)
