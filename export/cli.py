@@ -51,10 +51,45 @@ def register(sub) -> None:
                         "or CONCATENATION+DEPTH_TO_SPACE (all in XNNPACK)")
     p.add_argument("--no-int8-tail", action="store_true",
                    help="leave the float resize/concatenation tail of int8 files in float")
+    p.add_argument("--min-hole-psnr", action="append", default=[], metavar="PRECISION=DB",
+                   help="lower (or raise) the parity gate's hole-PSNR limit of a quantized TFLite precision "
+                        "(int8, int8-dynamic), e.g. int8=30, for a model whose activations int8 cannot hold as "
+                        "well as the measured default assumes; repeatable; the limit used is recorded per artifact "
+                        "in the manifest (default: docs/TOLERANCES.md)")
     p.add_argument("--no-cache", action="store_true", help="reconvert even when an up-to-date artifact exists")
     p.add_argument("--keep-work", action="store_true", help="keep DIR/.work (ONNX, saved_model, logs)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_export)
+
+
+GATE_OVERRIDABLE = ("int8-dynamic", "int8")
+
+
+def hole_psnr_overrides(items, ios):
+    """``["int8=30", ...]`` -> parity tolerance rows keyed by (precision, io): the default row with
+    its hole-PSNR limit replaced, so the other limits (known pixels unchanged) still hold."""
+    from runtime_py.errors import UserError
+
+    from . import parity
+
+    rows = {}
+    for item in items:
+        precision, sep, value = item.partition("=")
+        precision = precision.strip()
+        try:
+            db = float(value)
+        except ValueError:
+            db = None
+        if not sep or db is None or not 0 < db <= parity.PSNR_IDENTICAL:
+            raise UserError(f"--min-hole-psnr {item!r}: expected PRECISION=DB with DB in (0, 100], e.g. int8=30")
+        if precision not in GATE_OVERRIDABLE:
+            raise UserError(f"--min-hole-psnr {item!r}: only {', '.join(GATE_OVERRIDABLE)} can be changed "
+                            "(float files are gated on exactness, see docs/TOLERANCES.md)")
+        for io in ios:
+            row = parity.tolerance_for(precision, io)
+            row["min_hole_psnr_db"] = db
+            rows[(precision, io)] = row
+    return rows
 
 
 def _terminate_as_interrupt(signum, frame):
@@ -81,11 +116,12 @@ def cmd_export(args) -> int:
         if not formats:
             raise UserError("no export format is available")
     precisions = None if args.precisions == "all" else _csv(args.precisions)
+    tolerances = hole_psnr_overrides(args.min_hole_psnr, _csv(args.io))
     manifest = export_artifacts(
         args.checkpoint, args.out, shapes=shapes, formats=formats, precisions=precisions, ios=_csv(args.io),
         calibration=args.calibration, holdout=args.holdout, threads=args.threads, pad_mode=args.pad_mode, upsample_mode=args.upsample_mode,
         int8_tail=not args.no_int8_tail, use_cache=not args.no_cache, keep_work=args.keep_work,
-        progress=not args.quiet,
+        progress=not args.quiet, tolerances=tolerances or None,
     )
     print(f"{'file':<52} {'MB':>7} {'max abs':>9} {'hole dB':>8}  executor")
     for a in manifest.artifacts:

@@ -108,3 +108,40 @@ def test_help_shows_defaults():
     assert r.returncode == 0
     for text in ("512x680,1024x1360", "tflite,coreml", "tensor,image", "--calibration", "default:"):
         assert text in r.stdout
+
+
+def test_min_hole_psnr_override_rows_keep_the_other_limits():
+    from export.cli import hole_psnr_overrides
+    from export.parity import TOLERANCES
+
+    rows = hole_psnr_overrides(["int8=30", "int8-dynamic=32.5"], ["tensor", "image"])
+    assert rows[("int8", "tensor")] == {"min_hole_psnr_db": 30.0}
+    assert rows[("int8", "image")] == {**TOLERANCES[("int8", "image")], "min_hole_psnr_db": 30.0}
+    assert rows[("int8-dynamic", "image")]["max_known_pixels_changed"] == 0
+    assert rows[("int8-dynamic", "tensor")]["min_hole_psnr_db"] == 32.5
+    assert TOLERANCES[("int8", "tensor")]["min_hole_psnr_db"] != 30.0  # the table itself is untouched
+
+
+@pytest.mark.parametrize("value, words", [("fp32=20", "only int8-dynamic, int8"), ("int8", "PRECISION=DB"),
+                                          ("int8=abc", "PRECISION=DB"), ("int8=0", "PRECISION=DB")])
+def test_min_hole_psnr_bad_values_are_one_line(tmp_path, value, words):
+    r = _cli("export", "--out", str(tmp_path / "o"), "--formats", "tflite", "--min-hole-psnr", value)
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_min_hole_psnr_reaches_the_export(monkeypatch, tmp_path):
+    import export.api
+    from runtime_py.cli import main
+
+    seen = {}
+
+    def fake_export(*args, **kwargs):
+        seen.update(kwargs)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(export.api, "export_artifacts", fake_export)
+    rc = main(["export", "--out", str(tmp_path), "--formats", "tflite", "--io", "image",
+               "--min-hole-psnr", "int8=31"])
+    assert rc == 2
+    assert seen["tolerances"] == {("int8", "image"): {"min_hole_psnr_db": 31.0, "max_known_pixels_changed": 0}}
