@@ -1,0 +1,89 @@
+"""export.activations: per-layer ranges that explain a failed int8 gate (tiny model, no TensorFlow)."""
+import json
+
+import numpy as np
+import torch
+
+from export.activations import conv_output_stats, format_table, main
+from models.checkpoint import save_checkpoint
+from models.gmcnn import build_generator
+
+
+def _inputs(n=2, h=64, w=96, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    masks = np.zeros((n, h, w, 1), np.uint8)
+    masks[:, 16:40, 24:60] = 255
+    return images, masks
+
+
+def test_stats_cover_every_conv_and_are_consistent():
+    gen = build_generator("tf", 4, seed=0)
+    rows = conv_output_stats(gen, *_inputs())
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in gen.modules())
+    assert len(rows) == n_convs
+    for r in rows:
+        assert r["min"] <= r["p25"] <= r["median"] <= r["p75"] <= r["max"]
+        assert np.isclose(r["int8_step"], (r["max"] - r["min"]) / 255)
+        assert r["levels_iqr"] >= 0 and 0 <= r["at_floor"] <= 1
+
+
+def test_a_layer_with_a_few_huge_outputs_is_flagged():
+    gen = build_generator("tf", 4, seed=0)
+    images, masks = _inputs()
+    name, conv = [(n, m) for n, m in gen.named_modules() if isinstance(m, torch.nn.Conv2d)][5]
+    before = {r["layer"]: r for r in conv_output_stats(gen, images, masks)}[name]
+    # one output channel of this layer driven to large positive values: the tensor's int8 range
+    # grows ~100x while the other channels' values stay where they were
+    with torch.no_grad():
+        conv.bias[0] += 100.0
+    after = {r["layer"]: r for r in conv_output_stats(gen, images, masks)}[name]
+    assert after["max"] > 50 * before["max"]
+    assert after["levels_iqr"] < before["levels_iqr"] / 10
+    assert "int8 flattens it" in format_table([after])
+
+
+def test_cli_prints_json_for_a_checkpoint(tmp_path, capsys):
+    import cv2
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    images, _ = _inputs(n=1, h=120, w=160)
+    cv2.imwrite(str(photos / "a.png"), images[0])
+    ckpt = tmp_path / "tiny.safetensors"
+    save_checkpoint(build_generator("tf", 4, seed=1), ckpt)
+    rc = main(["--checkpoint", str(ckpt), "--shape", "64x96", "--photos", str(photos), "--masks-per-photo", "1",
+               "--json", "--sensitivity"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = out["layers"]
+    assert rows and {"layer", "min", "max", "levels_iqr", "int8_alone_hole_psnr_db"} <= set(rows[0])
+    assert set(out["whole_model_hole_psnr_db"]) == {"all", "weights", "weights+all"}
+    assert all(0 < v <= 100 for v in out["whole_model_hole_psnr_db"].values())
+
+
+def test_cli_bad_checkpoint_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["--checkpoint", str(bad), "--shape", "64x96"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.safetensors" in err[0]
+
+
+def test_sensitivity_ranks_the_blown_up_layer_first():
+    from export.activations import int8_sensitivity
+
+    gen = build_generator("tf", 4, seed=0)
+    images, masks = _inputs(n=1)
+    convs = [(n, m) for n, m in gen.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    name, conv = convs[-2]  # the layer before the output convolution
+    with torch.no_grad():
+        conv.bias[0] += 200.0  # one channel far outside the others: a coarse int8 step for the whole tensor
+        convs[-1][1].weight[:, 0] = 0.0  # ...which the output ignores, so float32 output is unchanged in kind
+    before = {k: v.clone() for k, v in gen.state_dict().items()}
+    sens = int8_sensitivity(gen, images, masks)
+    assert all(torch.equal(before[k], v) for k, v in gen.state_dict().items())  # weights restored
+    assert set(sens) == {n for n, _ in convs} | {"all", "weights", "weights+all"}
+    assert min(sens, key=sens.get) in (name, "all")
+    assert sens[name] < 40.0 < sorted(sens[n] for n, _ in convs)[len(convs) // 2]
+    assert sens["all"] <= sens[name] + 1.0
