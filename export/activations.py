@@ -12,8 +12,8 @@ convolution (output after its ELU for the ``tf`` variant, before it for ``torch`
 max, the int8 step of that range, the share of values at the floor (the range's minimum,
 ELU's -1, which int8 holds exactly), and over the values above the floor their median and
 the number of int8 levels spanning their middle half (``levels_iqr``; below ~4 those
-values are mostly rounding noise in int8). ``--sensitivity`` adds, per layer, the output's hole PSNR when
-only that layer's output is rounded to int8, which ranks the layers that cost the most.
+values are mostly rounding noise in int8). ``--sensitivity`` adds, per layer, the model output's hole PSNR
+when only that layer's input is rounded to int8, which ranks the layers that cost the most.
 Samples: the export's held-out photos and masks, prepared as the runtime feeds the model.
 """
 from __future__ import annotations
@@ -91,8 +91,9 @@ def _hole_psnr(a, b, hole) -> float:
 
 
 def int8_sensitivity(generator, images: np.ndarray, masks: np.ndarray) -> Dict[str, float]:
-    """Hole PSNR (dB, worst sample) of the output when only that convolution's output is rounded to
-    int8 (per-tensor, its own range), the rest float32; key ``"all"``: every convolution rounded;
+    """Hole PSNR (dB, worst sample) of the output when only that convolution's input is rounded to
+    int8 (per-tensor, its own range: what full-integer and dynamic-range kernels both do), the rest
+    float32; key ``"all"``: every convolution's input rounded;
     ``"weights"``: every weight rounded to symmetric per-output-channel int8 (what the converter
     does), activations float; ``"weights+all"``: both.
 
@@ -109,7 +110,7 @@ def int8_sensitivity(generator, images: np.ndarray, masks: np.ndarray) -> Dict[s
         refs = [gen(x[i:i + 1], m[i:i + 1]) for i in range(x.shape[0])]
 
     def worst_with(selected) -> float:
-        hooks = [mod.register_forward_hook(lambda mod, inp, out: _fake_int8(out)) for _, mod in selected]
+        hooks = [mod.register_forward_pre_hook(lambda mod, inp: (_fake_int8(inp[0]),)) for _, mod in selected]
         try:
             with torch.no_grad():
                 return min(_hole_psnr(gen(x[i:i + 1], m[i:i + 1]), refs[i], m[i:i + 1] > 0)
@@ -137,12 +138,12 @@ def int8_sensitivity(generator, images: np.ndarray, masks: np.ndarray) -> Dict[s
 
 
 def format_table(rows: Sequence[Dict[str, float]], flag_below: float = 4.0) -> str:
-    sens = any("int8_alone_hole_psnr_db" in r for r in rows)
+    sens = any("input_int8_hole_psnr_db" in r for r in rows)
     lines = [f"{'layer':<34} {'min':>8} {'max':>9} {'int8 step':>9} {'at floor':>8} {'median':>8} {'levels_iqr':>10}"
-             + (f" {'alone int8 dB':>13}" if sens else "")]
+             + (f" {'input int8 dB':>13}" if sens else "")]
     for r in rows:
         flag = "  <- int8 flattens it" if r["levels_iqr"] < flag_below else ""
-        extra = f" {r['int8_alone_hole_psnr_db']:13.1f}" if sens else ""
+        extra = f" {r['input_int8_hole_psnr_db']:13.1f}" if sens else ""
         lines.append(f"{r['layer']:<34} {r['min']:8.3f} {r['max']:9.3f} {r['int8_step']:9.4f} {r['at_floor']:8.1%} "
                      f"{r['median']:8.3f} {r['levels_iqr']:10.1f}{extra}{flag}")
     worst = min(rows, key=lambda r: r["levels_iqr"]) if rows else None
@@ -165,7 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="photo folder (default: the export's held-out photos, export/photos/holdout)")
     p.add_argument("--masks-per-photo", type=int, default=2, help="seeded masks per photo")
     p.add_argument("--sensitivity", action="store_true",
-                   help="also run the model once per convolution with only its output rounded to int8 and report "
+                   help="also run the model once per convolution with only its input rounded to int8 and report "
                         "the hole PSNR against float32 (one inference per layer: slow at full size)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = p.parse_args(argv)
@@ -185,7 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.sensitivity:
             sens = int8_sensitivity(gen, samples.images, samples.masks)
             for r in rows:
-                r["int8_alone_hole_psnr_db"] = sens[r["layer"]]
+                r["input_int8_hole_psnr_db"] = sens[r["layer"]]
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -195,10 +196,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         print(format_table(rows))
         if args.sensitivity:
-            worst = sorted(rows, key=lambda r: r["int8_alone_hole_psnr_db"])[:5]
-            print("most sensitive (only that layer's output in int8): "
-                  + ", ".join(f"{r['layer']} {r['int8_alone_hole_psnr_db']:.1f} dB" for r in worst))
-            print(f"hole PSNR against float32 (worst sample): every convolution output in int8 {sens['all']:.1f} dB; "
+            worst = sorted(rows, key=lambda r: r["input_int8_hole_psnr_db"])[:5]
+            print("most sensitive (only that layer's input in int8): "
+                  + ", ".join(f"{r['layer']} {r['input_int8_hole_psnr_db']:.1f} dB" for r in worst))
+            print(f"hole PSNR against float32 (worst sample): every convolution input in int8 {sens['all']:.1f} dB; "
                   f"every weight in int8 (per channel) {sens['weights']:.1f} dB; both {sens['weights+all']:.1f} dB")
     return 0
 
