@@ -51,7 +51,7 @@ def register(sub) -> None:
                         "or CONCATENATION+DEPTH_TO_SPACE (all in XNNPACK)")
     p.add_argument("--no-int8-tail", action="store_true",
                    help="leave the float resize/concatenation tail of int8 files in float")
-    p.add_argument("--min-hole-psnr", action="append", default=[], metavar="PRECISION=DB",
+    p.add_argument("--min-hole-psnr", action="append", default=None, metavar="PRECISION=DB",
                    help="lower (or raise) the parity gate's hole-PSNR limit of a quantized TFLite precision "
                         "(int8, int8-dynamic), e.g. int8=30, for a model whose activations int8 cannot hold as "
                         "well as the measured default assumes; repeatable; the limit used is recorded per artifact "
@@ -116,7 +116,7 @@ def cmd_export(args) -> int:
         if not formats:
             raise UserError("no export format is available")
     precisions = None if args.precisions == "all" else _csv(args.precisions)
-    tolerances = hole_psnr_overrides(args.min_hole_psnr, _csv(args.io))
+    tolerances = hole_psnr_overrides(args.min_hole_psnr or [], _csv(args.io))
     manifest = export_artifacts(
         args.checkpoint, args.out, shapes=shapes, formats=formats, precisions=precisions, ios=_csv(args.io),
         calibration=args.calibration, holdout=args.holdout, threads=args.threads, pad_mode=args.pad_mode, upsample_mode=args.upsample_mode,
