@@ -15,9 +15,14 @@ from runtime_py.errors import UserError
 
 from .cli import SECTIONS
 
-CONTENTION_NOTE = ("The CPU is shared: other jobs (builds, tests and a model training run) ran on the same cores "
-                   "during this benchmark, so absolute times are inflated and noisier than on an idle machine; "
-                   "each measurement records the 1-minute load average before and after it.")
+def contention_note(load_avg_start: float, cpu_count: int) -> str:
+    """The report's sentence on how busy the machine was, from the load average at the start."""
+    tail = ("each measurement records the 1-minute load average before and after it (a measurement's own "
+            "threads raise it by about their number).")
+    if load_avg_start >= 0.5:
+        return (f"The 1-minute load average was {load_avg_start:.1f} when the run started: other work shared the "
+                f"{cpu_count} cores, so times may be inflated and noisier than on an idle machine; " + tail)
+    return f"The machine was idle when the run started (1-minute load average {load_avg_start:.2f}); " + tail
 ALL_MODES = ("baseline", "shrink", "two-step", "two-step+shrink")
 
 
@@ -183,7 +188,7 @@ def machine_meta(cfg: BenchConfig) -> dict:
         "platform": platform.platform(), "python": platform.python_version(),
         "versions": {d: _version(d) for d in ("ai-edge-litert", "onnxruntime", "torch", "numpy", "opencv-python",
                                               "pypatchmatch")},
-        "contention_note": CONTENTION_NOTE, "artifacts": str(cfg.artifacts), "threads": cfg.threads,
+        "contention_note": contention_note(os.getloadavg()[0], os.cpu_count() or 1), "artifacts": str(cfg.artifacts), "threads": cfg.threads,
         "runs": cfg.runs, "warmup": cfg.warmup, "quick": cfg.quick, "sections": cfg.sections,
         "sgemm_n": cfg.sgemm_n, "photo_sources": cfg.photo_sources, "notes": list(cfg.notes), "skipped": [],
     }

@@ -271,3 +271,11 @@ def test_evaluate_stops_when_told():
     cases = quality.make_cases(["p"], kinds=("rect", "blob", "strokes"), sizes=("small",))
     rows = quality.evaluate(cases, [m], lambda p: img, should_stop=lambda: calls.append(1) or len(calls) > 2)
     assert len(rows) == 2 and len(calls) == 3
+
+
+def test_contention_note_follows_the_load_at_start():
+    from benchmarks.run import contention_note
+
+    assert "idle" in contention_note(0.2, 2) and "inflated" not in contention_note(0.2, 2)
+    busy = contention_note(5.3, 2)
+    assert "5.3" in busy and "inflated" in busy and "2 cores" in busy
