@@ -32,6 +32,15 @@ from runtime_py.errors import UserError
 SUBSAMPLE = 200_000
 
 
+def _network_batch(images: np.ndarray, masks: np.ndarray):
+    """uint8 (N,H,W,3) RGB and (N,H,W[,1]) masks -> ((N,3,H,W) float32 in [-1,1], (N,1,H,W) float32, 1 = hole)."""
+    import torch
+
+    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+    m = torch.from_numpy((masks.reshape(masks.shape[:3]) > 0).astype(np.float32))[:, None]
+    return x, m
+
+
 def conv_output_stats(generator, images: np.ndarray, masks: np.ndarray, seed: int = 0) -> List[Dict[str, float]]:
     """Per-convolution statistics over a batch, in network order.
 
@@ -51,8 +60,7 @@ def conv_output_stats(generator, images: np.ndarray, masks: np.ndarray, seed: in
                 gathered.setdefault(name, []).append(output.detach().flatten())
             hooks.append(module.register_forward_hook(keep))
     try:
-        x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
-        m = torch.from_numpy((masks.reshape(masks.shape[:3]) > 0).astype(np.float32))[:, None]
+        x, m = _network_batch(images, masks)
         with torch.no_grad():
             for i in range(x.shape[0]):
                 gen(x[i:i + 1], m[i:i + 1])
@@ -104,8 +112,7 @@ def int8_sensitivity(generator, images: np.ndarray, masks: np.ndarray) -> Dict[s
 
     gen = generator.eval()
     convs = [(n, m) for n, m in gen.named_modules() if isinstance(m, torch.nn.Conv2d)]
-    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
-    m = torch.from_numpy((masks.reshape(masks.shape[:3]) > 0).astype(np.float32))[:, None]
+    x, m = _network_batch(images, masks)
     with torch.no_grad():
         refs = [gen(x[i:i + 1], m[i:i + 1]) for i in range(x.shape[0])]
 
