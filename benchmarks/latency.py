@@ -67,7 +67,11 @@ def plan_latency(manifest, artifacts_dir: Path, threads: Sequence[int], warmup: 
 
 def derive(results: List[dict], macs: Dict[str, int]) -> Dict[str, object]:
     """Rows for the tables: latency stats, memory, ratios to PyTorch, GMAC/s vs the SGEMM peak."""
-    peak = {r["spec"]["threads"]: r["gmac_per_s"] for r in results if r["spec"]["kind"] == "sgemm" and r.get("ok")}
+    peak: Dict[int, float] = {}
+    for r in results:
+        if r["spec"]["kind"] == "sgemm" and r.get("ok"):
+            t = r["spec"]["threads"]
+            peak[t] = max(peak.get(t, 0.0), r["gmac_per_s"])
     torch_median = {(r["spec"].get("model", ""), r["spec"]["shape_key"], r["spec"]["threads"]): r["stats"]["median_s"]
                     for r in results if r["spec"]["kind"] == "torch" and r.get("ok")}
     rows = []

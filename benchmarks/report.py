@@ -51,6 +51,15 @@ def _csv_value(v):
     return "" if v is None else v
 
 
+def _sgemm_spread(lat: dict, threads) -> str:
+    """' (best of N merged runs: lo-hi)' when merged runs measured the SGEMM peak more than once."""
+    measured = [v for r in lat.get("raw", []) if r["spec"]["kind"] == "sgemm" and str(r["spec"]["threads"]) == str(threads)
+                for v in r.get("gmac_per_s_measured", [])]
+    if len(measured) < 2:
+        return ""
+    return f" (best of {len(measured)} merged runs: {fmt(min(measured), 1)}-{fmt(max(measured), 1)})"
+
+
 def fmt(v, digits: int = 2, unit: str = "") -> str:
     if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
         return "–"
@@ -295,7 +304,8 @@ def render_markdown(results: dict, plots: Dict[str, str]) -> str:
         peaks = lat.get("sgemm_peak_gmac_per_s", {})
         if peaks:
             out.append("fp32 peak (numpy/OpenBLAS SGEMM, n = {}): ".format(meta.get("sgemm_n")) +
-                       ", ".join(f"{t} thread(s): {fmt(v, 1)} GMAC/s" for t, v in peaks.items()) + "\n")
+                       ", ".join(f"{t} thread(s): {fmt(v, 1)} GMAC/s{_sgemm_spread(lat, t)}"
+                                 for t, v in peaks.items()) + "\n")
         if meta.get("macs"):
             out.append("Convolution MACs per inference: " +
                        ", ".join(f"{s}: {v / 1e9:.1f} G" for s, v in meta["macs"].items()) + "\n")

@@ -438,12 +438,16 @@ def run_quality(cfg: BenchConfig, manifest, meta: dict) -> dict:
         if r["group"] != "classical":
             r["model"] = tag
     done = {(r["photo"], r["kind"], r["size"], r["seed"]) for r in rows}
-    if len(done) < len(cases):
-        meta["skipped"].append(f"quality: {len(cases) - len(done)} of {len(cases)} cases (--time-budget spent)")
+    planned = [[Path(c.photo).name, c.kind, c.size, c.seed] for c in cases]
+    missing = [c for c in planned if tuple(c) not in done]
+    if missing:
+        from .merge import quality_missing_line
+
+        meta["skipped"].append(quality_missing_line(missing, len(planned)))
     errors = [r for r in rows if "error" in r]
     if errors:
         notes.append(f"{len(errors)} quality run(s) failed, first: {errors[0]['method']}: {errors[0]['error']}")
-    return {"rows": rows, "cases": len(done), "band_px": BAND_PX, "model_shape": list(base),
+    return {"rows": rows, "cases": len(done), "planned": planned, "band_px": BAND_PX, "model_shape": list(base),
             "threads": cfg.pipeline_threads, "notes": notes}
 
 

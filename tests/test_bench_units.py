@@ -264,6 +264,52 @@ def test_merge_keeps_old_sections_and_replaces_same_rows(tmp_path):
     assert "merges earlier runs" in (tmp_path / "report.md").read_text()
 
 
+def test_merge_keeps_best_sgemm_and_drops_budget_skips_measured_since(tmp_path):
+    from benchmarks.latency import derive
+    from benchmarks.merge import merge_results
+
+    def sgemm(gmac):
+        return {"spec": {"kind": "sgemm", "label": "sgemm n=64 2t", "threads": 2}, "ok": True, "gmac_per_s": gmac}
+
+    def tfl(label):
+        return {"spec": {"kind": "tflite", "label": label, "engine": "tflite", "precision": "fp32", "io": "tensor",
+                         "shape_key": "64x88", "threads": 2, "warmup": 1, "runs": 2},
+                "ok": True, "init_s": 0.1, "first_s": 0.1, "warmup_s": [0.1], "runs_s": [1.0] * 2,
+                "stats": {"min_s": 1.0, "median_s": 1.0, "p90_s": 1.0}, "rss_after_init": 1 << 20,
+                "rss_after_first": 2 << 20, "peak_rss": 3 << 20, "peak_added_over_idle": 2 << 20}
+
+    old = _fake_results()
+    old["latency"] = {"raw": [sgemm(70.0), tfl("a")], "rows": []}
+    old["quality"]["planned"] = [list(c) for c in dict.fromkeys(
+        (r["photo"], r["kind"], r["size"], r["seed"]) for r in old["quality"]["rows"])]
+    old["quality"]["planned"].append(["x.jpg", "blob", "large", 99])
+    old["meta"]["skipped"] = ["latency b: --time-budget spent before it started",
+                              "latency c: --time-budget spent before it started",
+                              "quality: 1 of 3 planned cases not scored (blob/large; --time-budget spent)",
+                              "2 Core ML artifact(s): Core ML runs only on macOS/iOS, not on this Linux host"]
+    new = {"meta": dict(old["meta"], command="second", macs={"64x88": 10 ** 9}, skipped=[]),
+           "latency": {"raw": [sgemm(50.0), tfl("b")], "rows": []}}
+    merged = merge_results(old, new, derive)
+    assert merged["latency"]["sgemm_peak_gmac_per_s"] == {"2": 70.0}
+    peak_row = [r for r in merged["latency"]["raw"] if r["spec"]["kind"] == "sgemm"]
+    assert len(peak_row) == 1 and peak_row[0]["gmac_per_s_measured"] == [70.0, 50.0]
+    skipped = merged["meta"]["skipped"]
+    assert not any(s.startswith("latency b:") for s in skipped)  # measured by the second run
+    assert any(s.startswith("latency c:") for s in skipped)
+    assert any("Core ML" in s for s in skipped)
+    assert [s for s in skipped if s.startswith("quality:")] == [
+        "quality: 1 of 3 planned cases not scored (blob/large; --time-budget spent)"]
+    report.write_report(tmp_path, merged)
+    assert "best of 2 merged runs: 50.0-70.0" in (tmp_path / "report.md").read_text()
+
+    scored = dict(old["quality"]["rows"][0], kind="blob", size="large", seed=99, photo="x.jpg")
+    third = {"meta": dict(old["meta"], command="third", skipped=[]),
+             "quality": dict(old["quality"], rows=[scored], planned=[["x.jpg", "blob", "large", 99]])}
+    again = merge_results(merged, third, derive)
+    assert not any(s.startswith("quality:") for s in again["meta"]["skipped"])
+    assert again["quality"]["cases"] == len(old["quality"]["planned"])
+
+
 def test_evaluate_stops_when_told():
     img = _photo()
     calls = []
