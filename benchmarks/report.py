@@ -213,12 +213,14 @@ def plot_quality(rows: List[dict], path: Path) -> bool:
 # ------------------------------------------------------------------------------- markdown
 
 def headline_tables(results: dict) -> str:
-    """Latency and memory per precision at each shape (the most threads measured), and quality per mode."""
+    """Latency per precision at each shape and thread count (tensor I/O), peak RSS at the most threads
+    measured, and quality per mode."""
     parts = []
     lat = [r for r in results.get("latency", {}).get("rows", []) if "median_s" in r]
     if lat:
-        tmax = max(r["threads"] for r in lat)
-        sel = [r for r in lat if r["threads"] == tmax and r["io"] == "tensor"]
+        sel = [r for r in lat if r["io"] == "tensor"]
+        threads = sorted({r["threads"] for r in sel})
+        tmax = threads[-1]
         shapes = sorted({r["shape"] for r in sel}, key=lambda s: int(s.split("x")[0]))
         engines = []
         for r in sorted(sel, key=lambda r: (r.get("model", ""), r["engine"] != "pytorch-eager", r["engine"] != "onnxruntime",
@@ -228,20 +230,23 @@ def headline_tables(results: dict) -> str:
                 engines.append(e)
         header = ["model", "engine", "precision"]
         for s in shapes:
-            header += [f"{s} median (s)", f"{s} peak RSS (MiB)"]
+            header += [f"{s} median {t}t (s)" for t in threads] + [f"{s} peak RSS {tmax}t (MiB)"]
         header.append("file (MiB, largest shape)")
         rows = []
         for e in engines:
             row = [e[0], e[1], e[2]]
             size = ""
             for s in shapes:
-                m = [r for r in sel if (r.get("model", ""), r["engine"], r["precision"]) == e and r["shape"] == s]
-                row += [fmt(m[0]["median_s"]) if m else "–", fmt(m[0]["peak_rss_mib"], 0) if m else "–"]
-                if m and m[0].get("bytes"):
-                    size = fmt(float(m[0]["bytes"]) / 2 ** 20, 1)
+                at = {r["threads"]: r for r in sel if (r.get("model", ""), r["engine"], r["precision"]) == e and r["shape"] == s}
+                row += [fmt(at[t]["median_s"]) if t in at else "–" for t in threads]
+                row.append(fmt(at[tmax]["peak_rss_mib"], 0) if tmax in at else "–")
+                if at and next(iter(at.values())).get("bytes"):
+                    size = fmt(float(next(iter(at.values()))["bytes"]) / 2 ** 20, 1)
             row.append(size or "–")
             rows.append(row)
-        parts.append(f"Model latency and peak RSS, {tmax} thread{'s' if tmax > 1 else ''}, tensor I/O:\n\n" + md_table(header, rows))
+        counts = " and ".join(str(t) for t in threads)
+        parts.append(f"Model latency (median) at {counts} thread{'s' if threads != [1] else ''} and peak RSS at "
+                     f"{tmax}, tensor I/O:\n\n" + md_table(header, rows))
     q = results.get("quality", {}).get("rows", [])
     if q:
         summ = summarize_quality([r for r in q if r["group"] in ("mode", "classical")], by=("method",))
