@@ -19,7 +19,8 @@ def readme_section(results: dict, report_link: str = "docs/benchmarks/report.md"
              f"pipeline stage costs and quality by mask kind and size: [{report_link}]({report_link}). "
              "A full run (default model exported to artifacts/, both shapes, 1 and 2 threads, 10 timed runs) is "
              "`make bench`; add `--update-readme` to `gmcnn-mobile bench` to rewrite this section. "
-             "The table above came from:",
+             + ("The tables above came from these runs, in order (`--merge`: a later run's rows replace an "
+                "earlier run's rows with the same key):" if meta.get("merged_from") else "The tables above came from:"),
              "", "```sh"] + _commands(meta) + ["```", END]
     return "\n".join(lines)
 
