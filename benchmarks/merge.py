@@ -18,8 +18,8 @@ def _latency_key(r: dict) -> tuple:
 
 def _merge_latency_raw(old: List[dict], new: List[dict]) -> List[dict]:
     """Rows of ``new`` replace ``old`` rows with the same label, except SGEMM rows: the peak is the
-    best any merged run reached (a run that started while another process was still winding down
-    measures a lower one), and every measurement is kept in ``gmac_per_s_measured``."""
+    best any merged run reached (a shared VM's speed drifts between runs, and a run that starts while
+    another process winds down measures a lower one); every measurement is kept in ``gmac_per_s_measured``."""
     old_sgemm = {_latency_key(r): r for r in old if r["spec"]["kind"] == "sgemm" and r.get("ok")}
     out = _merge_rows(old, new, _latency_key)
     for i, r in enumerate(out):

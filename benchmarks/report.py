@@ -240,8 +240,9 @@ def headline_tables(results: dict) -> str:
                 at = {r["threads"]: r for r in sel if (r.get("model", ""), r["engine"], r["precision"]) == e and r["shape"] == s}
                 row += [fmt(at[t]["median_s"]) if t in at else "–" for t in threads]
                 row.append(fmt(at[tmax]["peak_rss_mib"], 0) if tmax in at else "–")
-                if at and next(iter(at.values())).get("bytes"):
-                    size = fmt(float(next(iter(at.values()))["bytes"]) / 2 ** 20, 1)
+                any_row = next(iter(at.values()), None)
+                if any_row and any_row.get("bytes"):
+                    size = fmt(float(any_row["bytes"]) / 2 ** 20, 1)
             row.append(size or "–")
             rows.append(row)
         counts = " and ".join(str(t) for t in threads)
