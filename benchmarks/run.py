@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence
 from runtime_py.errors import UserError
 
 from .cli import SECTIONS
+from .merge import quality_cases_missing, quality_missing_line
 
 def contention_note(load_avg_start: float, cpu_count: int) -> str:
     """The report's sentence on how busy the machine was, from the load average at the start."""
@@ -439,10 +440,8 @@ def run_quality(cfg: BenchConfig, manifest, meta: dict) -> dict:
             r["model"] = tag
     done = {(r["photo"], r["kind"], r["size"], r["seed"]) for r in rows}
     planned = [[Path(c.photo).name, c.kind, c.size, c.seed] for c in cases]
-    missing = [c for c in planned if tuple(c) not in done]
+    missing = quality_cases_missing({"rows": rows, "planned": planned})
     if missing:
-        from .merge import quality_missing_line
-
         meta["skipped"].append(quality_missing_line(missing, len(planned)))
     errors = [r for r in rows if "error" in r]
     if errors:
