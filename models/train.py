@@ -12,9 +12,11 @@ weights: ``1.4 * L_rec + 1.2 * L_ae`` where
 
 Optimiser: Adam with the reference betas (0.5, 0.9).
 
-A run lives in one folder: ``last.pt`` (model, optimiser, data RNG state, step;
-written atomically every few minutes and on exit, so ``--resume`` continues the
-exact sample stream), ``best.safetensors`` (best validation hole-PSNR so far,
+A run lives in one folder: ``last.pt`` (model, optimiser, step; written
+atomically every few minutes and on exit; the batch of step ``s`` is drawn from
+its own generator seeded with ``(seed, s)``, so ``--resume`` continues the exact
+sample stream from the step alone, and the stream is the same whether batches
+are drawn inline or ahead of time on loader threads), ``best.safetensors`` (best validation hole-PSNR so far,
 project format), ``log.jsonl`` (training and validation records) and
 ``config.json``.
 
@@ -29,9 +31,11 @@ import os
 import signal
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -187,6 +191,60 @@ def sample_batch(rng: np.random.Generator, photos: Sequence[np.ndarray], batch: 
         masks.append(random_training_mask(rng, crop, crop))
     mask_t = torch.from_numpy(np.stack(masks).astype(np.float32))[:, None]
     return to_tensor(images), mask_t
+
+
+def batch_rng(seed: int, step: int) -> np.random.Generator:
+    """The generator that draws the batch of (0-based) ``step``: a function of the seed and the step alone."""
+    return np.random.default_rng([seed, step])
+
+
+class BatchStream:
+    """Training batches for steps ``first_step``, ``first_step + 1``, ...
+
+    With ``threads`` > 0, up to ``depth`` batches are drawn ahead on a thread pool (OpenCV's resizes and the
+    mask drawing release the GIL), so a GPU step does not wait for the CPU-side crops. Each batch comes from
+    :func:`batch_rng`, so the stream does not depend on the thread count. With ``pin_memory`` the tensors are
+    page-locked for asynchronous host-to-GPU copies.
+    """
+
+    def __init__(self, photos: Sequence[np.ndarray], batch: int, crop: int, max_scale: float, seed: int,
+                 first_step: int, threads: int = 0, depth: int = 0, pin_memory: bool = False):
+        self._args = (photos, batch, crop, max_scale)
+        self._seed = seed
+        self._next_step = first_step
+        self._pin = pin_memory
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="batches") if threads > 0 else None
+        self._depth = max(depth, 2 * threads)
+        self._pending: Deque[Future] = deque()
+
+    def _draw(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        images, masks = sample_batch(batch_rng(self._seed, step), *self._args)
+        if self._pin:
+            images, masks = images.pin_memory(), masks.pin_memory()
+        return images, masks
+
+    def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._pool is None:
+            self._next_step += 1
+            return self._draw(self._next_step - 1)
+        while len(self._pending) < self._depth:
+            self._pending.append(self._pool.submit(self._draw, self._next_step))
+            self._next_step += 1
+        return self._pending.popleft().result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pending.clear()
+
+
+def resolve_loader_threads(requested: int, device: torch.device) -> int:
+    """-1 = automatic: inline on a CPU (the cores train), otherwise most of the host's cores, at most 8."""
+    if requested >= 0:
+        return requested
+    if device.type == "cpu":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 # ------------------------------------------------------------------------ validation
@@ -350,14 +408,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
         raise UserError(f"unknown --init {cfg.init!r}")
     gen = gen.to(device, memory_format=memory_format)
     opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=ADAM_BETAS)
-    rng = np.random.default_rng(cfg.seed)
     step, trained_s, best = 0, 0.0, -math.inf
     if state is not None:
         gen.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         for group in opt.param_groups:
             group["lr"] = cfg.lr
-        rng.bit_generator.state = state["rng"]
         step, trained_s, best = int(state["step"]), float(state["trained_s"]), float(state["best"])
     gen.train()
 
@@ -365,6 +421,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
     val_photos = [load_photo(p, cfg.cache_short_side) for p in val_paths]
     val_crops, val_masks = validation_set(val_photos, cfg.val_crop, cfg.val_crops_per_photo, cfg.seed, cfg.max_scale)
 
+    loader_threads = resolve_loader_threads(cfg.loader_threads, device)
+    batches = BatchStream(photos, cfg.batch_size, cfg.crop, cfg.max_scale, cfg.seed, first_step=step,
+                          threads=loader_threads, pin_memory=device.type == "cuda")
     log = (out / "log.jsonl").open("a")
 
     def record(entry: dict) -> None:
@@ -372,7 +431,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
         log.flush()
 
     def save_last() -> None:
-        atomic_torch_save({"model": gen.state_dict(), "optimizer": opt.state_dict(), "rng": rng.bit_generator.state,
+        atomic_torch_save({"model": gen.state_dict(), "optimizer": opt.state_dict(),
                            "step": step, "trained_s": trained_s, "best": best, "config": asdict(cfg),
                            "phases": phases}, last_path)
 
@@ -406,9 +465,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
             if time.monotonic() - start >= cfg.max_minutes * 60:
                 break
             t0 = time.monotonic()
-            images, masks = sample_batch(rng, photos, cfg.batch_size, cfg.crop, cfg.max_scale)
-            images = images.to(device, memory_format=memory_format)
-            masks = masks.to(device, memory_format=memory_format)
+            images, masks = batches.next()
+            images = images.to(device, memory_format=memory_format, non_blocking=True)
+            masks = masks.to(device, memory_format=memory_format, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 pred = gen(images, masks)
             loss, parts = reconstruction_loss(pred.float(), images, masks)
@@ -437,6 +496,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
         final = run_validation()
         save_last()
     finally:
+        batches.close()
         bar.close()
         log.close()
         for s, h in old_handlers.items():

@@ -34,6 +34,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 2
     amp: str = "off"
+    loader_threads: int = -1
 
 
 DESCRIPTION = ("First-stage GMCNN training: confidence-weighted L1 on the hole + L1 on the known region, Adam; "
@@ -78,6 +79,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the initial weights, crops and masks")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device, help="auto = cuda when available")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
+    p.add_argument("--loader-threads", type=int, default=d.loader_threads,
+                   help="threads drawing batches ahead of the training step; -1 = automatic (0 on a CPU, "
+                        "where the cores train; up to 8 beside a GPU); the sample stream is the same for any value")
     p.add_argument("--amp", choices=["off", "bf16"], default=d.amp,
                    help="bf16 autocast for the generator's forward/backward (losses and weights stay float32); "
                         "on CUDA also channels-last convolutions; meant for GPUs, slow on CPUs without bf16 units")
@@ -93,7 +97,8 @@ def cmd_train(args) -> int:
                       val_every_minutes=args.val_every_minutes,
                       checkpoint_every_minutes=args.checkpoint_every_minutes, log_every=args.log_every,
                       cache_short_side=args.cache_short_side, max_scale=args.max_scale, seed=args.seed, init=args.init,
-                      device=args.device, threads=args.threads, amp=args.amp)
+                      device=args.device, threads=args.threads, amp=args.amp,
+                      loader_threads=args.loader_threads)
     from .train import train
 
     summary = train(cfg, resume=args.resume)
