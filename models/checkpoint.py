@@ -85,10 +85,12 @@ def detect_format(path: os.PathLike) -> str:
         raise CheckpointError(f"{p}: cannot read ({exc.strerror or exc})") from None
     if p.suffix == ".index" or ".data-" in p.name:
         return "tf"
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return "pth"  # zip-based torch.save, or a legacy pickle
+    # safetensors first: its header starts with an 8-byte little-endian length whose low byte may be 0x80,
+    # the byte a pickle starts with (a legacy torch.save pickle has its magic number at byte 8, never '{')
     if len(head) >= 9 and head[8:9] == b"{":
         return "project"
+    if head[:2] == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "pth"  # zip-based torch.save, or a legacy pickle
     raise CheckpointError(
         f"{p}: unknown checkpoint layout (expected project .safetensors, TF checkpoint dir/prefix, or PyTorch .pth)"
     )

@@ -69,6 +69,20 @@ def test_truncated_safetensors(good_project, tmp_path):
     assert "safetensors" in _error(_truncated(good_project, tmp_path / "h.safetensors", 0.0005))
 
 
+def test_project_checkpoint_whose_header_length_starts_like_a_pickle_loads(tmp_path):
+    # safetensors begins with its header length (8 bytes, little-endian); a low byte of 0x80 is also how a
+    # pickle begins, and the shipped model once hit it after a longer description
+    gen = models.build_generator("tf", 4, seed=0)
+    path = models.save_checkpoint(gen, tmp_path / "probe.safetensors")
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    gen.meta.description += "x" * ((0x80 - header_len) % 256)
+    path = models.save_checkpoint(gen, tmp_path / "m.safetensors")
+    assert path.read_bytes()[0] == 0x80
+    assert detect_format(path) == "project"
+    loaded = models.load_generator(path)
+    assert loaded.meta.description == gen.meta.description
+
+
 def test_truncated_pth(good_pth, tmp_path):
     assert "damaged or truncated" in _error(_truncated(good_pth, tmp_path / "t.pth"))
     legacy = tmp_path / "legacy.pth"
