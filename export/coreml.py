@@ -28,6 +28,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 
 from runtime_py.errors import MissingDependencyError, UserError
+from runtime_py.imageio import default_file_mode
 
 from .coreml_io import IOS, coreml_types, example_inputs, tensor_infos, wrap
 
@@ -195,6 +196,7 @@ def save_atomically(mlmodel, final: Path) -> Path:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final.stem}.", suffix=".partial", dir=final.parent))
+    os.chmod(tmp_dir, default_file_mode(directory=True))
     tmp = tmp_dir / final.name
     try:
         mlmodel.save(str(tmp))

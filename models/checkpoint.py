@@ -98,16 +98,12 @@ def detect_format(path: os.PathLike) -> str:
 
 # ----------------------------------------------------------------------- project format
 
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def save_checkpoint(gen: GMCNNGenerator, path: os.PathLike, dtype: str = "float32") -> Path:
     """Write ``gen`` in the project format, atomically. ``dtype``: float32 or float16."""
     import torch
     from safetensors.torch import save_file
+
+    from runtime_py.imageio import default_file_mode
 
     target = {"float32": torch.float32, "float16": torch.float16}[dtype]
     tensors = {k: v.detach().to("cpu", target).contiguous() for k, v in gen.state_dict().items()}
@@ -119,7 +115,7 @@ def save_checkpoint(gen: GMCNNGenerator, path: os.PathLike, dtype: str = "float3
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
     try:
         save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
-        os.chmod(tmp, _default_file_mode())  # safetensors writes 0600 files; a checkpoint is an ordinary file
+        os.chmod(tmp, default_file_mode())  # safetensors writes 0600 files; a checkpoint is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

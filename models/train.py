@@ -302,7 +302,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
+    from runtime_py.imageio import default_file_mode
+
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    os.fchmod(fd, default_file_mode())  # mkstemp makes 0600 files
     os.close(fd)
     try:
         torch.save(obj, tmp)
@@ -313,7 +316,10 @@ def atomic_torch_save(obj, path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    from runtime_py.imageio import default_file_mode
+
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    os.fchmod(fd, default_file_mode())
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)

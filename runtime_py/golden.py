@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import UserError
+from .imageio import default_file_mode
 
 BUNDLE_SCHEMA = 1
 INDEX_NAME = "index.json"
@@ -293,6 +294,7 @@ def write_bundle(artifacts_dir, out, *, cases: int = 1, seed: int = 0, photos_di
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    os.chmod(tmp, default_file_mode(directory=True))
     try:
         index = {"schema": BUNDLE_SCHEMA, "manifest_sha256": hashlib.sha256((directory / "manifest.json").read_bytes()).hexdigest(),
                  "checkpoint_sha256": manifest.checkpoint.get("sha256", ""),

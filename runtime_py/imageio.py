@@ -257,6 +257,15 @@ def encode(pixels: np.ndarray, ext: str, jpeg_quality: int = 95) -> bytes:
     return buf.tobytes()
 
 
+def default_file_mode(directory: bool = False) -> int:
+    """The mode ``open()`` (or ``mkdir``) would give a new file (directory) under the current umask:
+    0o644 (0o755) under umask 022. ``tempfile`` makes 0600 files and 0700 folders, which an atomic
+    write would otherwise pass on to the user's result."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def write_bytes_atomic(path: os.PathLike, data: bytes) -> None:
     """Write to a temporary file in the same directory, then rename over ``path``."""
     p = Path(path)
@@ -264,6 +273,7 @@ def write_bytes_atomic(path: os.PathLike, data: bytes) -> None:
         raise UserError(f"{p.parent}: output directory does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".part", dir=str(p.parent))
     try:
+        os.fchmod(fd, default_file_mode())  # mkstemp makes 0600 files; a result image is an ordinary file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, p)

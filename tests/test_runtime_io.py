@@ -1,6 +1,7 @@
 """Input handling of the reference pipeline: EXIF orientation, grey / RGBA / 16-bit images, mask binarization."""
 from __future__ import annotations
 
+import os
 
 import cv2
 import numpy as np
@@ -130,3 +131,14 @@ def test_write_is_atomic_and_leaves_nothing_on_failure(tmp_path):
         write_image(tmp_path / "nodir" / "o.png", photo(10, 10))
     write_image(tmp_path / "o.png", photo(10, 10))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]
+
+
+def test_written_results_get_the_umask_mode_not_tempfiles_0600(tmp_path):
+    from runtime_py.imageio import write_rgb
+
+    old = os.umask(0o022)
+    try:
+        write_rgb(tmp_path / "result.png", np.zeros((4, 6, 3), np.uint8))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "result.png").stat().st_mode & 0o777 == 0o644

@@ -196,3 +196,15 @@ def test_unknown_amp_mode_is_refused_before_anything_is_written(photo_dir, tmp_p
     with pytest.raises(UserError, match="--amp"):
         train(small_config(photo_dir, tmp_path / "r", amp="fp8"), progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_run_files_get_the_umask_mode(photo_dir, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        train(small_config(photo_dir, tmp_path / "run", max_steps=1), progress=False)
+    finally:
+        os.umask(old)
+    for name in ("config.json", "last.pt", "best.safetensors"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o644, name
