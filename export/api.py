@@ -434,13 +434,14 @@ def _make(todo, gen, ckpt_info, mods, out, work_root, calib_dir, holdout_dir, th
                 continue
             if p.shape not in refs:
                 show(f"parity {p.shape[0]}x{p.shape[1]}: PyTorch fp32 reference on {len(hold[p.shape])} holdout samples")
-                refs[p.shape] = parity.reference_outputs(gen, hold[p.shape])
+                refs[p.shape] = parity.reference_outputs_and_peak(gen, hold[p.shape])
             outputs, executor = mod.run(res.path, p.io, hold[p.shape], threads)
             if outputs is None:
                 result = ParityResult(executor="structural-only", samples=0, tolerance=p.tolerance, passed=True,
                                       note=executor)
             else:
-                m = parity.compare(refs[p.shape], outputs, hold[p.shape], p.io)
+                reference, peak = refs[p.shape]
+                m = parity.compare(reference, outputs, hold[p.shape], p.io, peak_activation=peak)
                 ok, why = parity.judge(m, p.tolerance)
                 result = ParityResult(executor=executor, samples=len(hold[p.shape]), max_abs=m["max_abs"],
                                       mean_abs=m["mean_abs"], hole_psnr_db=m["hole_psnr_db"],
