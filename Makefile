@@ -25,10 +25,11 @@ test-slow: $(STAMP)
 
 # Benchmarks: export the default model's TFLite artifacts (reused while up to date), then
 # measure them; the report lands in bench-results/ (see docs/benchmarks/).
-# The shipped placeholder model's int8 files score 27.6-33.5 dB hole PSNR against PyTorch, under the
-# gate's 38/40 dB (its activations reach ~100 while most sit at ELU's -1 floor; docs/TOLERANCES.md):
-# the benchmark still measures them, with the limit it used recorded in the manifest.
-BENCH_EXPORT_FLAGS ?= --min-hole-psnr int8=25 --min-hole-psnr int8-dynamic=25
+# The shipped model's int8 and int8-dynamic files fail the export gate's 38/40 dB: 34-37 dB hole PSNR
+# against PyTorch at 512x680, and 8-9 dB at 1024x1360, where its activations reach 1.1e4 on the held-out
+# samples (docs/TOLERANCES.md). Their cost is what any int8 file of this graph costs, so the benchmark
+# lowers the gate to measure them; each file's parity and the limit used are in the manifest.
+BENCH_EXPORT_FLAGS ?= --min-hole-psnr int8=5 --min-hole-psnr int8-dynamic=5
 bench: $(STAMP)
 	$(VENV)/bin/gmcnn-mobile export --out artifacts --formats tflite --io tensor $(BENCH_EXPORT_FLAGS)
 	$(VENV)/bin/gmcnn-mobile bench --artifacts artifacts --out bench-results
