@@ -159,7 +159,9 @@ def judge(metrics: Dict[str, object], tolerance: Dict[str, float]) -> Tuple[bool
     details = metrics.get("details", {})
     limit = max_abs_limit(tolerance, details.get("reference_peak_activation"))
     if limit is not None and metrics["max_abs"] > limit:
-        scaled = "" if limit == tolerance["max_abs"] else f" (= {tolerance['max_abs_per_peak_activation']:.3g} x peak activation {details['reference_peak_activation']:.4g})"
+        scaled = "" if limit == tolerance["max_abs"] else (
+            f" (= {tolerance['max_abs_per_peak_activation']:.3g} x peak activation "
+            f"{details['reference_peak_activation']:.4g})")
         problems.append(f"max abs error {metrics['max_abs']:.3g} > {limit:.3g}{scaled} "
                         f"(by {metrics['max_abs'] - limit:.3g})")
     if "min_hole_psnr_db" in tolerance and metrics["hole_psnr_db"] < tolerance["min_hole_psnr_db"]:

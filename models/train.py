@@ -13,12 +13,12 @@ weights: ``1.4 * L_rec + 1.2 * L_ae`` where
 Optimiser: Adam with the reference betas (0.5, 0.9).
 
 A run lives in one folder: ``last.pt`` (model, optimiser, step; written
-atomically every few minutes and on exit; the batch of step ``s`` is drawn from
+atomically every few minutes and on exit), ``best.safetensors`` (best
+validation hole-PSNR so far, project format), ``log.jsonl`` (training and
+validation records) and ``config.json``. The batch of step ``s`` is drawn from
 its own generator seeded with ``(seed, s)``, so ``--resume`` continues the exact
 sample stream from the step alone, and the stream is the same whether batches
-are drawn inline or ahead of time on loader threads), ``best.safetensors`` (best validation hole-PSNR so far,
-project format), ``log.jsonl`` (training and validation records) and
-``config.json``.
+are drawn inline or ahead of time on loader threads.
 
 Images inside the trainer are float32 tensors (N,3,H,W), RGB, in [-1, 1];
 masks are (N,1,H,W) float32 with 1 = hole.
