@@ -316,13 +316,9 @@ def atomic_torch_save(obj, path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    from runtime_py.imageio import default_file_mode
+    from runtime_py.imageio import write_bytes_atomic
 
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    os.fchmod(fd, default_file_mode())
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, text.encode())
 
 
 # ---------------------------------------------------------------------------- trainer
