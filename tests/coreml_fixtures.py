@@ -22,27 +22,13 @@ _DIR = None
 
 
 def scaled_generator(variant: str = "tf", cnum: int = 4, seed: int = 0):
-    """A random GMCNN whose activations keep their size through the layers.
-
-    The reference init (N(0, 0.02)) makes the output almost constant, which would hide
-    arithmetic errors; weights ~ N(0, 1.2/sqrt(fan_in)) and small random biases give outputs
-    spread over [-1, 1] (std ~0.3 at cnum 4), the regime a trained model works in.
-    """
-    import torch
-
-    from models.gmcnn import build_generator
+    """``helpers.lively_generator`` with weights ~ N(0, 1.2/sqrt(fan_in)) and biases ~ N(0, 0.05), built once
+    per process: outputs spread over [-1, 1] (std ~0.3 at cnum 4), so arithmetic errors show."""
+    from helpers import lively_generator
 
     key = (variant, cnum, seed)
     if key not in _GENERATORS:
-        gen = build_generator(variant, cnum, seed=seed)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for m in gen.modules():
-                if isinstance(m, torch.nn.Conv2d):
-                    fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-                    m.weight.normal_(0.0, 1.2 / fan_in ** 0.5, generator=g)
-                    m.bias.normal_(0.0, 0.05, generator=g)
-        _GENERATORS[key] = gen.eval()
+        _GENERATORS[key] = lively_generator(variant, cnum, seed, weight_gain=1.2, bias_std=0.05)
     return _GENERATORS[key]
 
 
@@ -68,20 +54,17 @@ def tiny_artifact(precision: str = "fp16", io: str = "tensor", variant: str = "t
 
 
 def sample_inputs(shape: Tuple[int, int], n: int = 2, seed: int = 0):
-    """Image-like uint8 RGB photos (smooth gradients + texture) and realistic masks.
+    """Image-like uint8 RGB photos (``helpers.photo`` with texture) and realistic masks.
 
     Returns images (N,H,W,3) uint8 RGB and masks (N,H,W,1) uint8, 255 = hole.
     """
+    from helpers import photo
     from runtime_py.masks import make_mask
 
     h, w = shape
-    r = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     images, masks = [], []
     for i in range(n):
-        base = [128 + 100 * np.sin(xx / (7 + 5 * c + i) + yy / (11 + 3 * c)) for c in range(3)]
-        img = np.stack(base, -1) + r.normal(0, 12, (h, w, 3))
-        images.append(np.clip(img, 0, 255).astype(np.uint8))
+        images.append(photo(h, w, seed + i, period=9.0, noise=12.0))
         masks.append((make_mask(("blob", "strokes", "rect")[i % 3], h, w, seed + i) > 0).astype(np.uint8)[..., None] * 255)
     return np.stack(images), np.stack(masks)
 

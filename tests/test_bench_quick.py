@@ -9,9 +9,10 @@ by the planning unit test in test_bench_units.py.
 import csv
 import json
 
-import cv2
 import numpy as np
 import pytest
+
+from helpers import write_photos
 
 SHAPES = [(64, 88)]
 
@@ -26,14 +27,7 @@ def tiny_export(tmp_path_factory):
     arts = root / "artifacts"
     export_artifacts(ckpt, arts, shapes=SHAPES, formats=("tflite",), precisions=["fp32", "int8-dynamic"],
                      ios=["tensor"], progress=False)
-    photos = root / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(0)
-    for i, (rows, cols) in enumerate([(180, 260), (150, 200)]):
-        y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
-        img = np.stack([128 + 90 * np.sin(x / (11 + i)), 128 + 80 * np.cos(y / 9), 255 * x / cols], axis=2)
-        img = np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8)
-        cv2.imwrite(str(photos / f"synthetic_{i}.png"), img)
+    photos = write_photos(root / "photos", [(180, 260), (150, 200)], period=11.0, noise=5.0)
     return root, ckpt, arts, photos
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks import android, quality, readme, report, stats, xnnpack
 from benchmarks.spawn import run_in_subprocess
+from helpers import photo
 
 
 def test_summarize_percentiles():
@@ -73,10 +74,7 @@ def test_failing_worker_reports_error(tmp_path):
 
 
 def _photo(rows=96, cols=128, seed=0):
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
-    base = np.stack([128 + 80 * np.sin(x / 9), 128 + 70 * np.cos(y / 7), 255 * x / cols], axis=2)
-    return np.clip(base + rng.normal(0, 4, base.shape), 0, 255).astype(np.uint8)
+    return photo(rows, cols, seed, period=9.0, noise=4.0)
 
 
 def test_make_cases_records_seeds_and_cycles_photos():

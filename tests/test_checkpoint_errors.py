@@ -13,20 +13,7 @@ import models
 from models.checkpoint import CheckpointError, detect_format
 
 from gmcnn_reference import random_tf_weights, reference_torch_gmcnn, write_tf_checkpoint
-
-
-
-def _cli(*argv):
-    """Run the CLI entry point in-process; returns (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-
-    from runtime_py.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
+from helpers import run_cli
 
 
 def _one_error_line(stderr: str, command: str) -> str:
@@ -132,7 +119,7 @@ def test_pickle_that_runs_code_is_refused_and_not_run(tmp_path, container):
     assert "refused: it calls posix.system" in message
     assert not sentinel.exists(), "loading the checkpoint ran its code"
 
-    rc, _, err = _cli("convert-checkpoint", path, tmp_path / "out.safetensors")
+    rc, _, err = run_cli("convert-checkpoint", path, tmp_path / "out.safetensors")
     assert rc == 2 and "refused" in _one_error_line(err, "convert-checkpoint")
     assert not sentinel.exists()
     assert not (tmp_path / "out.safetensors").exists()
@@ -239,7 +226,7 @@ def test_cli_convert_bad_input_exit_2_and_nothing_written(good_project, tmp_path
         src.write_bytes(os.urandom(1000))
     before = src.read_bytes()
     out = tmp_path / "out" / "converted.safetensors"
-    rc, stdout, stderr = _cli("convert-checkpoint", src, out)
+    rc, stdout, stderr = run_cli("convert-checkpoint", src, out)
     assert rc == 2 and stdout == ""
     _one_error_line(stderr, "convert-checkpoint")
     assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
@@ -249,6 +236,6 @@ def test_cli_convert_bad_input_exit_2_and_nothing_written(good_project, tmp_path
 def test_cli_inspect_bad_input(tmp_path):
     path = tmp_path / "bad.pth"
     path.write_bytes(b"PK\x03\x04 not really a zip")
-    rc, stdout, stderr = _cli("inspect", path)
+    rc, stdout, stderr = run_cli("inspect", path)
     assert rc == 2 and stdout == ""
     assert "damaged or truncated" in _one_error_line(stderr, "inspect")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from export_helpers import lively_generator
+from helpers import lively_generator
 
 pytestmark = pytest.mark.slow
 SHAPE = (512, 680)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export_helpers import lively_generator
+from helpers import lively_generator
 
 SHAPE = (64, 96)
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")

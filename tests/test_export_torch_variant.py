@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export_helpers import lively_generator
+from helpers import lively_generator
 
 SHAPE = (200, 200)  # the smallest the torch variant takes (a 48-pixel reflection pad at 1/4 size)
 

@@ -19,6 +19,7 @@ from models.checkpoint import read_project_metadata, sha256_path
 
 from gmcnn_reference import (kite_rgb_and_mask, random_tf_weights, reference_torch_gmcnn, run_tf_reference,
                              write_tf_checkpoint)
+from helpers import run_cli
 
 TOLERANCE = 1e-4
 
@@ -175,15 +176,9 @@ def test_pth_wrappers_load(torch_case, tmp_path, wrap):
 # ----------------------------------------------------------------- conversion round trip
 
 
-def _run_cli(argv):
-    from runtime_py.cli import main
-
-    return main([str(a) for a in argv])
-
-
 def test_converted_tf_checkpoint_is_identical(tf_case, tmp_path):
     out = tmp_path / "converted.safetensors"
-    assert _run_cli(["convert-checkpoint", tf_case["dir"], out]) == 0
+    assert run_cli("convert-checkpoint", tf_case["dir"], out)[0] == 0
     direct, converted = models.load_generator(tf_case["dir"]), models.load_generator(out)
     assert converted.meta.to_dict() == {**direct.meta.to_dict(), "source": str(tf_case["dir"]),
                                         "source_sha256": sha256_path(tf_case["dir"])}
@@ -212,7 +207,7 @@ def test_converted_pth_is_identical_and_records_source(torch_case, tmp_path):
     out = tmp_path / "converted.safetensors"
     src = torch_case["path"]
     before = src.read_bytes()
-    assert _run_cli(["convert-checkpoint", src, out]) == 0
+    assert run_cli("convert-checkpoint", src, out)[0] == 0
     assert src.read_bytes() == before, "the source checkpoint must not be modified"
     meta = json.loads(json.dumps(read_project_metadata(out)))
     assert meta["source"] == str(src)
@@ -227,8 +222,8 @@ def test_converted_pth_is_identical_and_records_source(torch_case, tmp_path):
 def test_float16_conversion_stays_close(torch_case, tmp_path):
     """float16 storage halves the file; outputs move by well under 1e-2 at this size (measured ~1e-3)."""
     out16, out32 = tmp_path / "c16.safetensors", tmp_path / "c32.safetensors"
-    assert _run_cli(["convert-checkpoint", torch_case["path"], out16, "--dtype", "float16"]) == 0
-    assert _run_cli(["convert-checkpoint", torch_case["path"], out32]) == 0
+    assert run_cli("convert-checkpoint", torch_case["path"], out16, "--dtype", "float16")[0] == 0
+    assert run_cli("convert-checkpoint", torch_case["path"], out32)[0] == 0
     assert out16.stat().st_size < 0.6 * out32.stat().st_size
     gen16 = models.load_generator(out16)
     assert next(gen16.parameters()).dtype == torch.float32

@@ -1,8 +1,6 @@
 """The model subcommands of ``gmcnn-mobile`` and the help of every subcommand."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -16,21 +14,9 @@ import models
 from models.checkpoint import read_project_metadata
 
 from gmcnn_reference import reference_torch_gmcnn
+from helpers import run_cli as cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*argv):
-    """(exit code, stdout, stderr) of the CLI run in-process."""
-    from runtime_py.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as exc:  # argparse: --help, usage errors
-            rc = exc.code
-    return rc, out.getvalue(), err.getvalue()
 
 
 def subcommands():

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from _runtime_fixtures import blob_hole, make_checkpoint, photo
+from helpers import blob_hole, make_checkpoint, photo
 from runtime_py.cli import main
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _runtime_fixtures import MODEL_SHAPE, blob_hole, make_checkpoint, photo, torch_engines
+from helpers import MODEL_SHAPE, blob_hole, make_checkpoint, photo, torch_engines
 from runtime_py.engines import open_engines
 from runtime_py.engines.torch_engine import TorchEngine
 from runtime_py.errors import UserError
@@ -282,7 +282,7 @@ def test_torch_and_exported_tflite_pipelines_agree(tmp_path):
     pytest.importorskip("export.api", reason="the TFLite exporter is part of the export package")
     sys.path.insert(0, str(Path(__file__).parent))
     from export.api import export_artifacts
-    from export_helpers import lively_generator
+    from helpers import lively_generator
     from models import save_checkpoint
 
     gen = lively_generator("tf", 4, seed=0)  # outputs spread over [-1,1], so rounding does not hide errors
@@ -312,7 +312,7 @@ def test_torch_and_exported_coreml_pipelines_agree(tmp_path):
     pytest.importorskip("coremltools", reason="Core ML export needs the export extra")
     sys.path.insert(0, str(Path(__file__).parent))
     from export.api import export_artifacts
-    from export_helpers import lively_generator
+    from helpers import lively_generator
     from models import save_checkpoint
 
     gen = lively_generator("tf", 4, seed=0)

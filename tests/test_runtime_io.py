@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from _runtime_fixtures import photo
+from helpers import photo
 from runtime_py.errors import UserError
 from runtime_py.imageio import (compose_output, jpeg_exif_orientation, mask_intensity, read_image, read_mask,
                                 to_8bit, write_image)

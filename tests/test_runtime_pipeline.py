@@ -1,7 +1,7 @@
 """Pipeline semantics (docs/PIPELINE.md) on synthetic photos.
 
 Most tests use a recording numpy engine (fast, and it lets the test see every model
-input); the end-to-end ones use the tiny torch model from _runtime_fixtures.
+input); the end-to-end ones use the tiny torch model from helpers.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from _runtime_fixtures import MODEL_SHAPE, blob_hole, make_checkpoint, photo, torch_engines
+from helpers import MODEL_SHAPE, blob_hole, make_checkpoint, photo, torch_engines
 from runtime_py.engines import EngineSet
 from runtime_py.engines.base import Engine, TensorSpec
 from runtime_py.errors import UserError

@@ -1,11 +1,11 @@
 """Trainer tests on a tiny generated photo folder (cnum 4, 64x64 crops; a few seconds in all)."""
 import json
 
-import cv2
 import numpy as np
 import pytest
 import torch
 
+from helpers import write_photos
 from models import load_generator
 from models.gmcnn import build_generator
 from models.train import confidence_weights, gaussian_taps, reconstruction_loss, sample_batch, train
@@ -15,17 +15,9 @@ from runtime_py.cli import main as cli_main
 
 @pytest.fixture(scope="module")
 def photo_dir(tmp_path_factory):
-    """Four 96x128 'photos': smooth gradients with a few coloured shapes, so crops differ."""
-    d = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(123)
-    for i, name in enumerate(["a.jpg", "b.png", "c.jpg", "val.jpg"]):
-        yy, xx = np.mgrid[0:96, 0:128]
-        img = np.stack([(xx * 2 + i * 40) % 256, (yy * 2) % 256, np.full_like(xx, 60 * i)], -1).astype(np.uint8)
-        for _ in range(4):
-            c = tuple(int(v) for v in rng.integers(0, 256, 3))
-            cv2.circle(img, (int(rng.integers(0, 128)), int(rng.integers(0, 96))), int(rng.integers(5, 25)), c, -1)
-        cv2.imwrite(str(d / name), img)
-    return d
+    """Four 96x128 synthetic photos (distinct seeds, so crops differ)."""
+    return write_photos(tmp_path_factory.mktemp("photos"), [(96, 128)] * 4, names=["a.jpg", "b.png", "c.jpg", "val.jpg"],
+                        seed=123, period=9.0, noise=6.0)
 
 
 def small_config(photo_dir, out, **kw):

@@ -1,0 +1,108 @@
+"""Helpers shared by the test files: a tiny model, generators whose outputs carry signal, synthetic
+photos and holes, and the CLI run in-process.
+
+Tiny model: GMCNN tf variant, cnum 4, seed 0, run at 64x88 (pass 2 at 128x176), so that a whole
+pipeline takes well under a second on one CPU thread. Nothing here reads ../shared.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from typing import Tuple
+
+import numpy as np
+
+MODEL_SHAPE = (64, 88)
+
+
+# ------------------------------------------------------------------------------------------ models
+
+def make_checkpoint(path, cnum: int = 4, seed: int = 0):
+    """Write a reference-initialised generator (tf variant) as a project checkpoint; returns ``path``."""
+    from models import build_generator, save_checkpoint
+
+    save_checkpoint(build_generator("tf", cnum, seed=seed), path)
+    return path
+
+
+def lively_generator(variant: str = "tf", cnum: int = 4, seed: int = 0, *, weight_gain: float = 1.0,
+                     bias_std: float = 0.1):
+    """A random generator (eval mode) whose output varies across the image.
+
+    The reference initialisation (N(0, 0.02)) shrinks activations layer by layer until the
+    output is ~0 everywhere, which would make every precision look perfect and hide arithmetic
+    errors. Weights ~ N(0, weight_gain / sqrt(fan_in)) and biases ~ N(0, bias_std) keep the output
+    spread over [-1, 1]: std ~0.15-0.2 with the defaults (unsaturated), ~0.3 with weight_gain 1.2 and
+    bias_std 0.05 at cnum 4 (the Core ML tests), the regime a trained model works in.
+    """
+    import torch
+
+    from models.gmcnn import build_generator
+
+    gen = build_generator(variant, cnum, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in gen.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+                m.weight.normal_(0.0, weight_gain / math.sqrt(fan_in), generator=g)
+                m.bias.normal_(0.0, bias_std, generator=g)
+    return gen.eval()
+
+
+def torch_engines(ckpt, shape=MODEL_SHAPE):
+    """(pass-1 engine, pass-2 engine) of the torch backend for ``ckpt`` at ``shape``, one thread."""
+    from runtime_py.engines import open_engines
+
+    return open_engines("torch", checkpoint=ckpt, model_shape=shape, threads=1)
+
+
+# ------------------------------------------------------------------------------ images and holes
+
+def photo(rows: int = 300, cols: int = 420, seed: int = 0, *, period: float = 37.0, noise: float = 6.0) -> np.ndarray:
+    """(rows, cols, 3) uint8 RGB: smooth colour gradients plus Gaussian noise, like a photo.
+
+    ``period`` (pixels per radian of the horizontal sine; the vertical one is 0.62x) sets how much
+    structure a crop holds: the default gives gentle gradients, ~8 gives texture. ``noise`` is the
+    noise std in levels.
+    """
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    base = np.stack([128 + 100 * np.sin(x / period), 128 + 90 * np.cos(y / (period * 0.62)), 255 * x / cols], axis=2)
+    return np.clip(base + rng.normal(0, noise, base.shape), 0, 255).astype(np.uint8)
+
+
+def blob_hole(rows: int = 300, cols: int = 420) -> np.ndarray:
+    """(rows, cols) bool: one 60x90 rectangle and one small 8x8 square."""
+    h = np.zeros((rows, cols), bool)
+    h[120:180, 200:290] = True
+    h[40:48, 40:48] = True
+    return h
+
+
+def write_photos(folder, sizes, *, names=None, seed: int = 0, **photo_kw):
+    """Write ``photo(rows, cols, seed + i)`` for each (rows, cols) in ``sizes`` into ``folder`` (created),
+    named ``names[i]`` or ``synthetic_{i}.png``; the file's extension picks the codec. Returns the folder."""
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (rows, cols) in enumerate(sizes):
+        name = names[i] if names else f"synthetic_{i}.png"
+        cv2.imwrite(str(folder / name), photo(rows, cols, seed + i, **photo_kw)[:, :, ::-1])
+    return folder
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def run_cli(*argv) -> Tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``gmcnn-mobile argv...`` run in-process; argparse exits count."""
+    from runtime_py.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse: --help, usage errors
+            rc = exc.code
+    return rc, out.getvalue(), err.getvalue()
