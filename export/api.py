@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from runtime_py.errors import UserError
-from runtime_py.manifest import MANIFEST_NAME, SCHEMA_VERSION, Artifact, Manifest, ParityResult, load_manifest
+from runtime_py.manifest import (MANIFEST_NAME, SCHEMA_VERSION, Artifact, Manifest, ParityResult, artifact_digest,
+                                 load_manifest)
 
 from . import backends, parity
 from .samples import CALIBRATION_DIR, HOLDOUT_DIR, Samples, load_samples, photo_dir_digest
@@ -158,21 +159,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-
-
-def _sha256(path: Path) -> Tuple[str, int]:
-    """sha256 and size of a file, or of a directory's files (name order) for .mlpackage bundles."""
-    h = hashlib.sha256()
-    size = 0
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-                size += len(block)
-    return h.hexdigest(), size
 
 
 class _Progress:
@@ -324,7 +310,7 @@ def export_artifacts(
             old = {}
         for p in plan:
             a = old.get(p.key)
-            if a is not None and a.file == p.file and (out / a.file).exists() and _sha256(out / a.file)[0] == a.sha256:
+            if a is not None and a.file == p.file and (out / a.file).exists() and artifact_digest(out / a.file)[0] == a.sha256:
                 reused[p.key] = a
     todo = [p for p in plan if p.key not in reused]
 
@@ -458,7 +444,7 @@ def _make(todo, gen, ckpt_info, mods, out, work_root, calib_dir, holdout_dir, th
             inputs, outputs_info = mod.describe(res.path, p.io, p.shape)
             inv = mod.inventory(res.path, threads, res.details)
             final = out / p.file
-            sha, size = _sha256(res.path)
+            sha, size = artifact_digest(res.path)
             if final.exists() or final.is_symlink():
                 _remove(final)
             os.replace(res.path, final)

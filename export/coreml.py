@@ -256,31 +256,16 @@ def convert_generator(generator, shape: Tuple[int, int], precision: str, io: str
 
 # ---------------------------------------------------------------------- manifest entries
 
-def package_sha256(path) -> str:
-    """sha256 over an .mlpackage directory: each file's relative path and content, in path order."""
-    import hashlib
-
-    root = Path(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0")
-        h.update(hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()
-
-
-def package_bytes(path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
 def manifest_artifact(path, shape: Tuple[int, int], precision: str, io: str, *, relative_to=None, parity=None):
     """A runtime_py.manifest.Artifact describing a written package (op inventory from the program itself)."""
-    from runtime_py.manifest import Artifact
+    from runtime_py.manifest import Artifact, artifact_digest
 
     path = Path(path)
     inputs, outputs = tensor_infos(shape, io)
     file = path.relative_to(relative_to).as_posix() if relative_to else path.name
+    sha, size = artifact_digest(path)
     return Artifact(file=file, format="coreml", shape=[int(shape[0]), int(shape[1])], precision=precision, io=io,
-                    sha256=package_sha256(path), bytes=package_bytes(path), inputs=inputs, outputs=outputs,
+                    sha256=sha, bytes=size, inputs=inputs, outputs=outputs,
                     op_inventory=inventory(path), parity=parity)
 
 

@@ -22,7 +22,7 @@ from typing import List, Tuple
 import torch
 import torch.nn as nn
 
-from runtime_py.manifest import TensorInfo
+from runtime_py.manifest import MASK_POLARITY_FLOAT, MASK_POLARITY_U8, TensorInfo
 
 IOS = ("tensor", "image")
 MASK_THRESHOLD = 128  # uint8 mask values >= this count as hole (image signature)
@@ -103,12 +103,12 @@ def tensor_infos(shape: Tuple[int, int], io: str) -> Tuple[List[TensorInfo], Lis
     if io == "tensor":
         return (
             [TensorInfo("image", [1, 3, h, w], "float32", "NCHW", [-1.0, 1.0], "RGB", role="image"),
-             TensorInfo("mask", [1, 1, h, w], "float32", "NCHW", [0.0, 1.0], "mask", "1=hole", role="mask")],
+             TensorInfo("mask", [1, 1, h, w], "float32", "NCHW", [0.0, 1.0], "mask", MASK_POLARITY_FLOAT, role="mask")],
             [TensorInfo("output", [1, 3, h, w], "float32", "NCHW", [-1.0, 1.0], "RGB", role="output")],
         )
     # Core ML sees w x h images (CVPixelBuffer / PIL); runtime_py feeds them as batch-of-one NHWC arrays.
     return (
         [TensorInfo("image", [1, h, w, 3], "uint8", "NHWC", [0, 255], "RGB", role="image"),
-         TensorInfo("mask", [1, h, w, 1], "uint8", "NHWC", [0, 255], "mask", "255=hole", role="mask")],
+         TensorInfo("mask", [1, h, w, 1], "uint8", "NHWC", [0, 255], "mask", MASK_POLARITY_U8, role="mask")],
         [TensorInfo("output", [1, h, w, 3], "uint8", "NHWC", [0, 255], "RGB", role="output")],
     )

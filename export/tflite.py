@@ -298,7 +298,7 @@ def run(path: Path, io: str, samples, threads: int = 2):
 
 
 def _tensor_info(detail: dict, io: str):
-    from runtime_py.manifest import TensorInfo
+    from runtime_py.manifest import MASK_POLARITY_FLOAT, MASK_POLARITY_U8, TensorInfo
 
     name = detail["name"]
     dtype = np.dtype(detail["dtype"]).name
@@ -307,10 +307,10 @@ def _tensor_info(detail: dict, io: str):
     quant = {"scale": float(scale), "zero_point": int(zero)} if scale else {}
     if io == "image":
         vrange = [0.0, 255.0]
-        polarity = "255=hole (>=128)" if role == "mask" else ""
+        polarity = MASK_POLARITY_U8 if role == "mask" else ""
     else:
         vrange = [0.0, 1.0] if role == "mask" else [-1.0, 1.0]
-        polarity = "1=hole" if role == "mask" else ""
+        polarity = MASK_POLARITY_FLOAT if role == "mask" else ""
     return TensorInfo(name=name, shape=[int(s) for s in detail["shape"]], dtype=dtype, layout="NHWC",
                       value_range=vrange, channel_order="mask" if role == "mask" else "RGB",
                       mask_polarity=polarity, quantization=quant, role=role)

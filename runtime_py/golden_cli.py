@@ -7,6 +7,7 @@ import sys
 
 def register(subparsers) -> None:
     from .cli import HelpFormatter
+    from .inpaint_cli import add_skip_check_flag
 
     g = subparsers.add_parser(
         "golden", formatter_class=HelpFormatter,
@@ -24,6 +25,7 @@ def register(subparsers) -> None:
                    help="photos to use as inputs (resized to each artifact's shape); default: synthetic photo-like images")
     g.add_argument("--no-pipeline", action="store_true", help="skip the sample pipeline run's stages")
     g.add_argument("--threads", type=int, default=None, help="runtime threads (TFLite/ONNX Runtime)")
+    add_skip_check_flag(g)
     g.set_defaults(func=_golden)
 
     c = subparsers.add_parser(
@@ -31,14 +33,27 @@ def register(subparsers) -> None:
         help="check device outputs against a golden bundle",
         description="Compare outputs produced elsewhere (a phone, a Mac) with a golden bundle. DEVICE_OUTPUTS "
                     "holds each output at the same relative path as the bundle's expected file "
-                    "(e.g. <artifact>/case0/expected/output.png), in the same encoding. Prints one row per "
-                    "output: max abs difference, PSNR, pass/fail, the tolerance, and the tolerance that would "
-                    "have passed. Exits 1 if any output fails or is missing.",
+                    "(e.g. <folder>/case0/expected/output.png), in the same encoding; each artifact has its own "
+                    "folder, so iOS and Android outputs can share one DEVICE_OUTPUTS. Prints one row per "
+                    "output: max abs difference, PSNR, NaN/Inf count, pass/fail, the tolerance, and the tolerance "
+                    "that would have passed. Exits 0 when every selected output passes, 1 if any fails or is "
+                    "missing, 2 for a malformed bundle or an empty selection.",
     )
     c.add_argument("bundle", metavar="BUNDLE")
     c.add_argument("device_outputs", metavar="DEVICE_OUTPUTS")
-    c.add_argument("--json", dest="json_out", metavar="FILE", default=None, help="also write the rows as JSON")
+    c.add_argument("--format", dest="formats", type=_comma_list, default=[], metavar="F[,F]",
+                   help="compare only artifacts of these formats (tflite, coreml, onnx); default: all")
+    c.add_argument("--precision", dest="precisions", type=_comma_list, default=[], metavar="P[,P]",
+                   help="compare only artifacts of these precisions (e.g. fp16,int8); default: all")
+    c.add_argument("--artifact", dest="names", action="append", default=[], metavar="GLOB",
+                   help="compare only artifacts whose file name matches GLOB (repeatable); default: all")
+    c.add_argument("--json", dest="json_out", metavar="FILE", default=None,
+                   help="also write the rows as strict JSON (no NaN/Infinity; see docs/COREML.md)")
     c.set_defaults(func=_compare)
+
+
+def _comma_list(text: str):
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _golden(args: argparse.Namespace) -> int:
@@ -48,25 +63,30 @@ def _golden(args: argparse.Namespace) -> int:
     if args.cases < 1:
         raise UserError("--cases must be at least 1")
     out = write_bundle(args.artifacts, args.out, cases=args.cases, seed=args.seed, photos_dir=args.photos,
-                       pipeline=not args.no_pipeline, threads=args.threads)
+                       pipeline=not args.no_pipeline, threads=args.threads, verify=not args.allow_modified_artifacts)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"golden bundle: {out} ({size / 1e6:.2f} MB)")
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    import json
-    from dataclasses import asdict
+    from pathlib import Path
 
-    from .golden import compare_bundle, format_table
+    from .errors import UserError
+    from .golden import compare_bundle, format_table, rows_to_json
+    from .imageio import write_bytes_atomic
 
-    rows = compare_bundle(args.bundle, args.device_outputs)
+    if args.json_out and Path(args.json_out).is_dir():
+        raise UserError(f"--json {args.json_out}: is a directory; give a file name")
+    rows = compare_bundle(args.bundle, args.device_outputs, args.formats, args.precisions, args.names)
+    if args.json_out:
+        selection = {"formats": args.formats, "precisions": args.precisions, "artifacts": args.names}
+        write_bytes_atomic(args.json_out, rows_to_json(rows, bundle=str(args.bundle),
+                                                       device_outputs=str(args.device_outputs),
+                                                       selection=selection).encode())
     print(format_table(rows))
     failed = [r for r in rows if not r.passed]
     print(f"{len(rows) - len(failed)}/{len(rows)} outputs pass")
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump([asdict(r) for r in rows], f, indent=2, default=str)
     if failed:
         print(f"gmcnn-mobile compare: {len(failed)} output(s) failed", file=sys.stderr)
         return 1

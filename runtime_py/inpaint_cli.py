@@ -51,8 +51,18 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", help="artifact precision to use (auto: fp32, else fp16, ...)")
     p.add_argument("--io", choices=["tensor", "image"], default="tensor", help="artifact I/O signature to use")
     p.add_argument("--no-xnnpack", action="store_true", help="tflite: run the builtin kernels without XNNPACK")
+    add_skip_check_flag(p)
     p.add_argument("--summary-json", type=Path, default=None, help="also write the run summary as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def add_skip_check_flag(p: argparse.ArgumentParser) -> None:
+    """The one switch that lets a command run artifact files that differ from their manifest entry."""
+    from .manifest import SKIP_CHECK_FLAG
+
+    p.add_argument(SKIP_CHECK_FLAG, dest="allow_modified_artifacts", action="store_true",
+                   help="run artifact files even if their sha256 or size differs from the manifest (for artifacts "
+                        "edited on purpose); by default such a file is refused")
 
 
 def register(sub) -> None:
@@ -123,7 +133,7 @@ def run_inpaint(image_path: Path, mask_path: Path, out_path: Path, args) -> dict
 
     engines = open_engines(args.engine, artifacts=args.artifacts, checkpoint=args.checkpoint, threads=args.threads,
                            model_shape=args.model_shape, precision=args.precision, io=args.io,
-                           xnnpack=not args.no_xnnpack)
+                           xnnpack=not args.no_xnnpack, verify=not args.allow_modified_artifacts)
     t1 = time.perf_counter()
     try:
         base = engines.get(engines.base_shape)  # open now: a missing backend fails before any work

@@ -146,7 +146,7 @@ class Pipeline:
         if self.progress:
             self.progress(len(self.stats.runs), run)
         slug = label.replace(" ", "_").replace("/", "of").replace(",", "")
-        self.trace.add(f"{slug}_mask", hole, f"model input mask of {label}")
+        self.trace.add(f"{slug}_model_mask", hole, f"model input mask of {label}")
         self.trace.add(f"{slug}_prediction", pred, f"model output of {label}, float RGB [0,255]")
         with self._stage("composite"):
             comp = np.where(hole[:, :, None], round_to_u8(pred), image)

@@ -4,7 +4,7 @@
 at: masks as 0/255, images as RGB) and ``NN_name.npy`` (the exact array: uint8 RGB
 (H,W,3), bool masks (H,W), float32 predictions in [0,255]), and at the end
 ``index.json`` listing ``{index, name, png, npy, shape, dtype, min, max, note}``
-in order. ``Trace(None)`` records nothing.
+in order. Stage names are unique within a run. ``Trace(None)`` records nothing.
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ class Trace:
     def add(self, name: str, array: np.ndarray, note: str = "") -> None:
         if self.dir is None:
             return
+        if any(e["name"] == name for e in self.entries):
+            raise ValueError(f"trace stage name {name!r} used twice; stage names must be unique")
         import time
 
         t0 = time.perf_counter()

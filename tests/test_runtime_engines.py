@@ -153,11 +153,12 @@ def test_bundled_tflite_models_are_what_the_script_makes(tmp_path):
 
 
 def _manifest(d, io):
-    from runtime_py.manifest import SCHEMA_VERSION
+    from runtime_py.manifest import SCHEMA_VERSION, artifact_digest
 
     dtype, rng_ = ("float32", [-1, 1]) if io == "tensor" else ("uint8", [0, 255])
+    sha, size = artifact_digest(d / f"{io}.tflite")
     art = {"file": f"{io}.tflite", "format": "tflite", "shape": [16, 24], "precision": "fp32", "io": io,
-           "sha256": "", "bytes": 0,
+           "sha256": sha, "bytes": size,
            "inputs": [{"name": "image", "shape": [1, 16, 24, 3], "dtype": dtype, "layout": "NHWC",
                        "value_range": rng_, "role": "image"},
                       {"name": "mask", "shape": [1, 16, 24, 1], "dtype": dtype, "layout": "NHWC",
@@ -208,11 +209,12 @@ def test_coreml_without_macos_is_clear_and_pluggable(tflite_files, tmp_path):
     import platform
 
     from runtime_py.engines import coreml_engine
-    from runtime_py.manifest import SCHEMA_VERSION
+    from runtime_py.manifest import SCHEMA_VERSION, artifact_digest
 
     (tmp_path / "m.mlpackage").mkdir()
+    sha, size = artifact_digest(tmp_path / "m.mlpackage")
     art = {"file": "m.mlpackage", "format": "coreml", "shape": [16, 24], "precision": "fp16", "io": "tensor",
-           "sha256": "", "bytes": 0,
+           "sha256": sha, "bytes": size,
            "inputs": [{"name": "image", "shape": [1, 3, 16, 24], "dtype": "float32", "layout": "NCHW",
                        "value_range": [-1, 1], "role": "image"},
                       {"name": "mask", "shape": [1, 1, 16, 24], "dtype": "float32", "layout": "NCHW",

@@ -44,7 +44,7 @@ def main(trace: Path, out: Path) -> None:
         ax[0].add_patch(Rectangle((l, t), r - l, b - t, fill=False, ec="yellow", lw=2))
     ax[0].set_title(f"input {a['input'].shape[1]}x{a['input'].shape[0]}, hole (red), crop window (yellow)")
 
-    steps = sorted((n for n in a if n.startswith("pass1") and n.endswith("_mask") and n != "pass1_mask"))
+    steps = sorted(n for n in a if n.startswith("pass1") and n.endswith("_model_mask"))
     shade = a["pass1_image"].copy()
     colours = [(255, 0, 0), (255, 160, 0), (255, 255, 0), (0, 255, 0)]
     for i, n in enumerate(steps):

@@ -85,7 +85,39 @@ def _pick_precision(candidates: List[str], precision: str) -> Optional[str]:
     return candidates[0] if candidates else None
 
 
-def _artifact_set(kind, artifacts, threads, model_shape, precision, io, xnnpack) -> EngineSet:
+def engine_for_artifact(directory: os.PathLike, art, threads: Optional[int] = None, xnnpack: bool = True,
+                        verify: bool = True) -> Engine:
+    """The (not yet activated) engine for one manifest artifact of ``directory``; activating it
+    first checks the file against ``art`` (sha256 and size) unless ``verify`` is False."""
+    file = str(Path(directory) / art.file)
+    if art.format == "tflite":
+        from .tflite_engine import TFLiteEngine
+
+        return TFLiteEngine(file, threads=threads, xnnpack=xnnpack, artifact=art, verify=verify)
+    if art.format == "coreml":
+        from .coreml_engine import CoreMLEngine
+
+        return CoreMLEngine(file, artifact=art, verify=verify)
+    if art.format == "onnx":
+        from .onnxruntime_engine import OnnxRuntimeEngine
+
+        return OnnxRuntimeEngine(file, threads=threads, artifact=art, verify=verify)
+    raise UserError(f"{file}: artifact format {art.format!r} has no host runtime")
+
+
+def _entry_beside(file: Path):
+    """The manifest entry of ``file`` when the manifest.json beside it lists it, else None."""
+    from ..manifest import MANIFEST_NAME, load_manifest
+
+    if not (file.parent / MANIFEST_NAME).is_file():
+        return None
+    for art in load_manifest(file.parent).artifacts:
+        if Path(art.file).name == file.name and (file.parent / art.file).resolve() == file.resolve():
+            return art
+    return None
+
+
+def _artifact_set(kind, artifacts, threads, model_shape, precision, io, xnnpack, verify) -> EngineSet:
     from ..manifest import MANIFEST_NAME, load_manifest
 
     path = Path(artifacts)
@@ -105,9 +137,17 @@ def _artifact_set(kind, artifacts, threads, model_shape, precision, io, xnnpack)
         raise UserError(f"{file}: the coreml engine needs the export manifest; pass --artifacts DIR")
 
     if path.suffix == suffix and not (path.is_dir() and (path / MANIFEST_NAME).exists()):
-        probe = single(None, str(path)).activate()  # reads the fixed shape from the file
+        # One file named directly: checked against the manifest beside it when that lists it;
+        # a file with no manifest has nothing to be checked against and is used as it is.
+        art = _entry_beside(path)
+        if art is not None and art.format == _MANIFEST_FORMAT[kind]:
+            probe = engine_for_artifact(path.parent, art, threads, xnnpack, verify).activate()
+            source = f"{path}, {art.precision}" + ("" if verify else ", not verified")
+        else:
+            probe = single(None, str(path)).activate()  # reads the fixed shape from the file
+            source = f"{path}, no manifest: not verified"
         shape = probe.shape
-        return EngineSet(kind, shape, lambda s: probe, [shape], str(path))
+        return EngineSet(kind, shape, lambda s: probe, [shape], source)
 
     def manifest_has_onnx() -> bool:
         return (path / MANIFEST_NAME).exists() and any(a.format == "onnx" for a in load_manifest(path).artifacts)
@@ -121,7 +161,7 @@ def _artifact_set(kind, artifacts, threads, model_shape, precision, io, xnnpack)
             e = single(None, str(f))
             engines.setdefault(e.shape, e)
         base = tuple(model_shape) if model_shape else min(engines, key=lambda s: s[0] * s[1])
-        return EngineSet(kind, base, lambda s: engines[s], list(engines), str(path))
+        return EngineSet(kind, base, lambda s: engines[s], list(engines), f"{path}, no manifest: not verified")
 
     manifest = load_manifest(path)
     fmt = _MANIFEST_FORMAT[kind]
@@ -136,33 +176,26 @@ def _artifact_set(kind, artifacts, threads, model_shape, precision, io, xnnpack)
                         + (f" at precision {precision}" if precision != "auto" else ""))
 
     def factory(shape):
-        art = by_shape[shape]
-        file = str(path / art.file)
-        if kind == "tflite":
-            from .tflite_engine import TFLiteEngine
-
-            return TFLiteEngine(file, threads=threads, xnnpack=xnnpack, artifact=art)
-        if kind == "coreml":
-            from .coreml_engine import CoreMLEngine
-
-            return CoreMLEngine(file, artifact=art)
-        from .onnxruntime_engine import OnnxRuntimeEngine
-
-        roles = {t.name: t.role for t in art.inputs if t.role}
-        return OnnxRuntimeEngine(file, shape=shape, io=art.io, threads=threads, roles=roles)
+        return engine_for_artifact(path, by_shape[shape], threads, xnnpack, verify)
 
     base = tuple(model_shape) if model_shape else min(by_shape, key=lambda s: s[0] * s[1])
     if base not in by_shape:
         raise UserError(f"{path}: no {fmt} artifact at {base[0]}x{base[1]}")
     precisions = sorted({a.precision for a in by_shape.values()})
-    return EngineSet(kind, base, factory, list(by_shape), f"{path}, {'/'.join(precisions)}")
+    checked = "" if verify else ", not verified"
+    return EngineSet(kind, base, factory, list(by_shape), f"{path}, {'/'.join(precisions)}{checked}")
 
 
 def open_engines(kind: str = "torch", artifacts: Optional[os.PathLike] = None, checkpoint: Optional[os.PathLike] = None,
                  threads: Optional[int] = None, model_shape: Optional[Shape] = None, precision: str = "auto",
-                 io: str = "tensor", xnnpack: bool = True) -> EngineSet:
+                 io: str = "tensor", xnnpack: bool = True, verify: bool = True) -> EngineSet:
     """An EngineSet for ``kind``: torch from a checkpoint (any shape), the others from exported artifacts
-    (a directory with manifest.json, or one model file)."""
+    (a directory with manifest.json, or one model file).
+
+    Every artifact listed in a manifest is checked against its entry (sha256 and size) before it
+    runs; ``verify=False`` skips the check (for artifacts edited on purpose). A single model file
+    is checked against the manifest beside it when that lists it, and otherwise used as it is
+    (the set's description then says "no manifest: not verified")."""
     if kind not in ENGINE_KINDS:
         raise UserError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}")
     if kind == "torch":
@@ -173,7 +206,8 @@ def open_engines(kind: str = "torch", artifacts: Optional[os.PathLike] = None, c
         raise UserError(f"--checkpoint is for the torch engine; the {kind} engine takes --artifacts DIR")
     if artifacts is None:
         raise UserError(f"the {kind} engine needs --artifacts DIR (an export directory with manifest.json)")
-    return _artifact_set(kind, artifacts, threads, model_shape, precision, io, xnnpack)
+    return _artifact_set(kind, artifacts, threads, model_shape, precision, io, xnnpack, verify)
 
 
-__all__ = ["Engine", "EngineSet", "TensorSpec", "ENGINE_KINDS", "open_engines", "DEFAULT_MODEL_SHAPE"]
+__all__ = ["Engine", "EngineSet", "TensorSpec", "ENGINE_KINDS", "open_engines", "engine_for_artifact",
+           "DEFAULT_MODEL_SHAPE"]

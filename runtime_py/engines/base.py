@@ -1,8 +1,10 @@
 """The engine interface: one fixed-shape inpainting model behind a Polygraphy-style runner.
 
-Life cycle: ``activate()`` opens the model (lazily, on first use), ``infer(feed)``
-checks the feed against the declared inputs and calls ``infer_impl``, ``deactivate()``
-releases it. Each engine knows its fixed input shape, layout (NHWC / NCHW) and I/O
+Life cycle: ``activate()`` checks an exported artifact against its manifest entry
+(sha256 and size, :func:`runtime_py.manifest.check_artifact`; skipped only with
+``verify=False``) and opens the model (lazily, on first use); ``infer(feed)`` checks the
+feed against the declared inputs, calls ``infer_impl`` and refuses outputs holding NaN or
+Inf; ``deactivate()`` releases it. Each engine knows its fixed input shape, layout (NHWC / NCHW) and I/O
 signature (``tensor`` or ``image``) and hides them behind :meth:`Engine.inpaint`, the only
 call the pipeline makes:
 
@@ -62,6 +64,9 @@ class Engine:
     ``input_specs`` / ``output_specs`` (after activation) and ``deactivate_impl``."""
 
     name = "engine"
+    path: str = ""  # the model file, where there is one
+    artifact = None  # its runtime_py.manifest.Artifact entry, where it came from a manifest
+    verify: bool = True  # check the file against ``artifact`` before opening it
 
     def __init__(self, shape: Shape, io: str = "tensor"):
         if io not in ("tensor", "image"):
@@ -74,6 +79,10 @@ class Engine:
     # ------------------------------------------------------------------ life cycle
     def activate(self) -> "Engine":
         if not self.is_active:
+            if self.artifact is not None and self.verify:
+                from ..manifest import check_artifact
+
+                check_artifact(self.path, self.artifact)
             self.activate_impl()
             self.is_active = True
             self._check_declared_shape()
@@ -140,7 +149,20 @@ class Engine:
         t0 = time.perf_counter()
         out = self.infer_impl(feed)
         self.inference_times.append(time.perf_counter() - t0)
+        self._check_finite(out)
         return out
+
+    def _check_finite(self, out: Dict[str, np.ndarray]) -> None:
+        """A model that computes NaN or Inf (a damaged file, overflowing weights) must not yield an image."""
+        for name, arr in out.items():
+            arr = np.asarray(arr)
+            if arr.dtype.kind not in "fc":
+                continue
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            if bad:
+                source = self.path or self.describe()
+                raise UserError(f"{self.name} engine: {source}: output {name!r} has {bad} NaN/Inf value(s) "
+                                f"of {arr.size}; the model file is damaged or its arithmetic overflows")
 
     def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         raise NotImplementedError

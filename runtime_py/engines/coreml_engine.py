@@ -39,9 +39,10 @@ def _default_reference_executor() -> Callable:
 class CoreMLEngine(Engine):
     name = "coreml"
 
-    def __init__(self, path: os.PathLike, artifact=None, shape=None, io: str = "tensor"):
+    def __init__(self, path: os.PathLike, artifact=None, shape=None, io: str = "tensor", verify: bool = True):
         self.path = str(path)
         self.artifact = artifact
+        self.verify = verify
         if artifact is not None:
             shape, io = (artifact.height, artifact.width), artifact.io
         if shape is None:

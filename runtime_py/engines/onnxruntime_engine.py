@@ -1,7 +1,8 @@
 """ONNX Runtime engine for a fixed-shape ``.onnx`` export (CPU execution provider).
 
 Inputs are matched to roles by name (``mask`` in the name -> mask, else image), or by
-the manifest's TensorInfo roles when a manifest artifact is given.
+the manifest's TensorInfo roles when a manifest artifact is given (then the file is
+checked against the entry's sha256 and size first, unless ``verify=False``).
 """
 from __future__ import annotations
 
@@ -21,9 +22,14 @@ class OnnxRuntimeEngine(Engine):
     name = "onnxruntime"
 
     def __init__(self, path: os.PathLike, shape=None, io: str = "tensor", threads: Optional[int] = None,
-                 roles: Optional[Dict[str, str]] = None):
+                 roles: Optional[Dict[str, str]] = None, artifact=None, verify: bool = True):
         self.path = str(path)
         self.threads = threads
+        self.artifact = artifact
+        self.verify = verify
+        if artifact is not None:
+            shape, io = (artifact.height, artifact.width), artifact.io
+            roles = {t.name: t.role for t in artifact.inputs if t.role}
         self.roles = roles or {}
         if shape is None:
             shape = _shape_from_file(self.path)

@@ -1,7 +1,7 @@
 """TFLite engine on the LiteRT interpreter (``ai_edge_litert``), XNNPACK on by default.
 
-The artifact's manifest entry (runtime_py.manifest.Artifact) names each input and
-its role; interpreter tensors are matched to it by name (exact, else the manifest
+The artifact's manifest entry (runtime_py.manifest.Artifact) is checked against the
+file before it is opened (``verify=False`` skips that) and names each input and its role; interpreter tensors are matched to it by name (exact, else the manifest
 name inside the interpreter's name, e.g. ``serving_default_image:0``), never by index.
 Without a manifest entry, roles come from the tensor names (``mask`` -> mask).
 NHWC 'tensor' signature: image (1,H,W,3) float32 [-1,1] RGB, mask (1,H,W,1) float32
@@ -32,11 +32,12 @@ class TFLiteEngine(Engine):
     name = "tflite"
 
     def __init__(self, path: os.PathLike, shape=None, io: str = "tensor", threads: Optional[int] = None,
-                 xnnpack: bool = True, artifact=None):
+                 xnnpack: bool = True, artifact=None, verify: bool = True):
         self.path = str(path)
         self.threads = threads
         self.xnnpack = xnnpack
         self.artifact = artifact
+        self.verify = verify
         if artifact is not None:
             shape, io = (artifact.height, artifact.width), artifact.io
         super().__init__(shape or (0, 0), io=io)
