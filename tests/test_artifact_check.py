@@ -198,9 +198,9 @@ def test_single_file_is_checked_against_the_manifest_beside_it(tmp_path):
 def _photo_and_mask(tmp_path: Path):
     import cv2
 
-    rng = np.random.default_rng(0)
-    img, mask = tmp_path / "photo.png", tmp_path / "mask.png"
-    cv2.imwrite(str(img), rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    from helpers import write_photos
+
+    img, mask = write_photos(tmp_path, [(40, 60)], names=["photo.png"]) / "photo.png", tmp_path / "mask.png"
     m = np.zeros((40, 60), np.uint8)
     m[10:20, 20:40] = 255
     cv2.imwrite(str(mask), m)
