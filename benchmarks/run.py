@@ -92,8 +92,11 @@ class BenchConfig:
     def from_args(cls, args) -> "BenchConfig":
         from .photos import default_photo_dirs, find_photos
 
+        from runtime_py.imageio import check_output_dir
+
         quick = bool(args.quick)
         artifacts = Path(args.artifacts)
+        check_output_dir(args.out, "--out folder")
         if not (artifacts / "manifest.json").is_file():
             raise UserError(f"{artifacts}: no export manifest here (run 'gmcnn-mobile export --out {artifacts}' first)")
         sections = [s.strip() for s in args.sections.split(",") if s.strip()]

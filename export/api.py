@@ -226,8 +226,11 @@ def export_artifacts(
         and sizes cycle); tests lower it to save time.
     keep_work: keep ``out_dir/.work`` (ONNX files, saved_models, logs) after success.
     """
+    from runtime_py.imageio import check_output_dir, make_output_dir
+
     t_start = time.time()
     out = Path(out_dir)
+    check_output_dir(out, "export folder")  # a file, a path under a file, no write permission: before any work
     shapes = [tuple(int(v) for v in s) for s in shapes]
     ios = list(dict.fromkeys(ios))
     for io in ios:
@@ -238,20 +241,9 @@ def export_artifacts(
     if threads < 1:
         raise UserError(f"threads must be >= 1, got {threads}")
 
-    gen, ckpt_info = _resolve_checkpoint(checkpoint)
-    variant, cnum = gen.meta.variant, gen.meta.cnum
-    from models.gmcnn import check_shape
-
-    for rows, cols in shapes:
-        try:
-            check_shape(variant, rows, cols)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-    # formats and their backends: a missing tool fails before any work
+    # formats, precisions and the backends' tools: a bad request fails before any work
     fmt_list = list(dict.fromkeys(formats)) if formats else list(backends.available_formats())
     mods = {fmt: backends.get_backend(fmt) for fmt in fmt_list}
-    for mod in mods.values():
-        mod.check_available()
     per_format: Dict[str, List[str]] = {}
     for fmt, mod in mods.items():
         default = getattr(mod, "DEFAULT_PRECISIONS", mod.PRECISIONS)
@@ -263,6 +255,24 @@ def export_artifacts(
         if unknown:
             raise UserError(f"unknown precision(s) {', '.join(unknown)} for {', '.join(fmt_list)}; "
                             f"choose from {', '.join(sorted(known))}")
+        # a format asked for by name must make something: never a manifest listing a format with no file
+        empty = [fmt for fmt in fmt_list if not per_format[fmt]]
+        if empty:
+            makes = "; ".join(f"{fmt} makes {', '.join(mods[fmt].PRECISIONS)}" for fmt in fmt_list)
+            raise UserError(f"--precisions {','.join(precisions)} gives no artifact for {', '.join(empty)} ({makes}); "
+                            f"add one of its precisions or leave {', '.join(empty)} out of --formats")
+
+    gen, ckpt_info = _resolve_checkpoint(checkpoint)
+    variant, cnum = gen.meta.variant, gen.meta.cnum
+    from models.gmcnn import check_shape
+
+    for rows, cols in shapes:
+        try:
+            check_shape(variant, rows, cols)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    for mod in mods.values():  # after the cheap checks: importing a format's tools can take seconds
+        mod.check_available()
 
     from .tflite import PAD_MODES, UPSAMPLE_MODES
 
@@ -298,7 +308,7 @@ def export_artifacts(
     if not plan:
         raise UserError("nothing to export: no requested precision is made by the requested formats")
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out, "export folder")
     for stale in out.glob(PARTIAL_PREFIX + "*"):  # left by an interrupted run
         _remove(stale)
 

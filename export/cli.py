@@ -34,8 +34,10 @@ def register(sub) -> None:
                    help="checkpoint (.safetensors, TF checkpoint, .pth); default: the shipped default model")
     p.add_argument("--out", type=Path, required=True, help="output folder (artifacts + manifest.json)")
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated ROWSxCOLS model shapes")
-    p.add_argument("--formats", default=DEFAULT_FORMATS,
-                   help="comma-separated formats; with the default, formats whose backend is not available are skipped")
+    p.add_argument("--formats", default=None,
+                   help=f"comma-separated formats (default: {DEFAULT_FORMATS}, skipping a format whose backend is not "
+                        "available or that makes none of --precisions; a format named here that makes none of them "
+                        "is refused)")
     p.add_argument("--precisions", default="all",
                    help="comma-separated precisions, or 'all' (tflite: fp32,fp16,int8-dynamic,int8; coreml: fp16,w8,...)")
     p.add_argument("--io", default=DEFAULT_IOS, help="comma-separated I/O signatures: tensor, image")
@@ -107,15 +109,23 @@ def cmd_export(args) -> int:
     from .api import export_artifacts, parse_shape
 
     shapes = [parse_shape(s) for s in _csv(args.shapes)]
-    formats = _csv(args.formats)
+    formats = _csv(args.formats or DEFAULT_FORMATS)
     skipped = []
-    if args.formats == DEFAULT_FORMATS:
+    if args.formats is None:
         available = set(backends.available_formats())
-        skipped = [f for f in formats if f not in available]
+        skipped = [f"{f} (backend not available)" for f in formats if f not in available]
         formats = [f for f in formats if f in available]
         if not formats:
             raise UserError("no export format is available")
     precisions = None if args.precisions == "all" else _csv(args.precisions)
+    if args.formats is None and precisions is not None:
+        # the default formats are "whatever can make the asked precisions": one that makes none of them is skipped
+        # (a format named in --formats that makes none of them is refused by export_artifacts)
+        makes = {f: backends.get_backend(f).PRECISIONS for f in formats}
+        unmade = [f for f in formats if not set(precisions) & set(makes[f])]
+        if len(unmade) < len(formats):
+            skipped += [f"{f} (makes no {'/'.join(precisions)})" for f in unmade]
+            formats = [f for f in formats if f not in unmade]
     tolerances = hole_psnr_overrides(args.min_hole_psnr or [], _csv(args.io))
     manifest = export_artifacts(
         args.checkpoint, args.out, shapes=shapes, formats=formats, precisions=precisions, ios=_csv(args.io),
@@ -132,5 +142,5 @@ def cmd_export(args) -> int:
     print(f"wrote {Path(args.out) / 'manifest.json'} ({len(manifest.artifacts)} artifacts, "
           f"{manifest.export.get('seconds', 0):.1f}s)")
     if skipped:
-        print(f"skipped format(s) {', '.join(skipped)}: backend not available yet")
+        print(f"skipped format(s): {', '.join(skipped)}")
     return 0

@@ -247,11 +247,16 @@ def _load_tf(path: Path) -> Tuple[GeneratorMeta, Dict[str, np.ndarray]]:
 
 def _load_pth(path: Path) -> Tuple[GeneratorMeta, Dict[str, np.ndarray]]:
     import pickle
+    import warnings
 
     import torch
 
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols other than 2 before it reads (and maybe refuses) the file;
+            # the refusal below is the one line the user needs
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Weights only load failed" not in text:  # e.g. "pickle data was truncated"

@@ -56,10 +56,11 @@ def register(sub) -> None:
 def _check_output(out: Path) -> None:
     from runtime_py.errors import UserError
 
+    from runtime_py.imageio import check_output_file
+
     if out.suffix != ".safetensors":
         raise UserError(f"{out}: the project format is a .safetensors file")
-    if out.is_dir():
-        raise UserError(f"{out}: is a directory")
+    check_output_file(out, "output checkpoint", parents=True)
 
 
 def _write(action, out: Path):

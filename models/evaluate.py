@@ -163,14 +163,15 @@ def parse_size(text: str) -> Tuple[int, int]:
 
 
 def cmd_evaluate(args) -> int:
+    from runtime_py.imageio import check_output_file, make_output_dir, write_bytes_atomic
+
+    if args.out:
+        check_output_file(args.out, "--out file", parents=True)  # before the minutes of scoring, not after
     result = evaluate(args.checkpoint, args.photos, args.names, [parse_size(s) for s in args.sizes], args.kinds,
                       args.size_classes, threads=args.threads)
     table = markdown_table(result["summary"])
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".part")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out)
+        make_output_dir(Path(args.out).parent, "folder of the --out file")
+        write_bytes_atomic(args.out, json.dumps(result, indent=2).encode())
     print(table)
     return 0

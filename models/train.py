@@ -372,13 +372,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
     memory_format = torch.channels_last if use_amp and device.type == "cuda" else torch.contiguous_format
     cv2.setNumThreads(1)
 
+    from runtime_py.imageio import check_output_dir, make_output_dir
+
     out = Path(cfg.out)
+    check_output_dir(out, "run folder (--out)")
     last_path = out / "last.pt"
     if resume and not last_path.exists():
         raise UserError(f"--resume: {last_path} does not exist")
     if not resume and last_path.exists():
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
 
     state = None
     if resume:
@@ -390,9 +392,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
                     "val_crops_per_photo", "val_crop", "init"):
             setattr(cfg, key, getattr(saved, key))
     train_paths, val_paths = split_photos(list_photos(Path(cfg.photos)), cfg.val_photos)
-    atomic_write_text(out / "config.json", json.dumps({**asdict(cfg),
-                                                       "train_photos": [p.name for p in train_paths],
-                                                       "val_photo_files": [p.name for p in val_paths]}, indent=2))
 
     # phases: [{"crop", "batch_size", "lr", "from_step"}, ...], one per change of those settings
     phases = list(state.get("phases", [])) if state is not None else []
@@ -422,6 +421,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
     photos = [load_photo(p, cfg.cache_short_side) for p in tqdm(train_paths, desc="decode", disable=not progress)]
     val_photos = [load_photo(p, cfg.cache_short_side) for p in val_paths]
     val_crops, val_masks = validation_set(val_photos, cfg.val_crop, cfg.val_crops_per_photo, cfg.seed, cfg.max_scale)
+    # the run folder appears only now, once the photos were found and decoded: a refused run leaves none
+    make_output_dir(out, "run folder (--out)")
+    atomic_write_text(out / "config.json", json.dumps({**asdict(cfg),
+                                                       "train_photos": [p.name for p in train_paths],
+                                                       "val_photo_files": [p.name for p in val_paths]}, indent=2))
 
     loader_threads = resolve_loader_threads(cfg.loader_threads, device)
     batches = BatchStream(photos, cfg.batch_size, cfg.crop, cfg.max_scale, cfg.seed, first_step=step,

@@ -29,8 +29,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the tool's error convention: a usage error is one line on stderr, exit 2
+    (argparse's own prints the whole usage block first). Subcommand parsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gmcnn-mobile",
         description="Turn a trained GMCNN inpainting generator into phone artifacts, check them, measure them.",
         formatter_class=HelpFormatter,

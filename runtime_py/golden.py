@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import UserError
-from .imageio import default_file_mode
+from .imageio import check_output_dir, default_file_mode, make_output_dir
 
 # 2: one folder per artifact file (extension included), inputs in positional order, sha256 by the
 #    manifest's single recipe, pipeline settings recorded, unique stage names.
@@ -302,6 +302,7 @@ def write_bundle(artifacts_dir, out, *, cases: int = 1, seed: int = 0, photos_di
     from .manifest import MANIFEST_NAME, check_artifact, load_manifest
 
     directory = Path(artifacts_dir)
+    check_output_dir(out, "bundle folder")
     manifest = load_manifest(directory)
     if not manifest.artifacts:
         raise UserError(f"{directory}: the manifest lists no artifacts")
@@ -310,13 +311,15 @@ def write_bundle(artifacts_dir, out, *, cases: int = 1, seed: int = 0, photos_di
         raise UserError(f"{directory}: two artifacts of the manifest map to one bundle folder ({folders})")
     photos: List[Path] = []
     if photos_dir is not None:
+        if not Path(photos_dir).is_dir():
+            raise UserError(f"{photos_dir}: the --photos folder does not exist")
         photos = sorted(p for p in Path(photos_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp"))
         if not photos:
             raise UserError(f"{photos_dir}: no photos here")
     # every file is checked before any work, so a refusal comes at once and leaves nothing behind
     digests = [check_artifact(directory / a.file, a, verify) for a in manifest.artifacts]
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out.parent, "bundle's parent folder")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     os.chmod(tmp, default_file_mode(directory=True))
     bar = _Progress(len(manifest.artifacts) + int(pipeline), progress)

@@ -70,14 +70,11 @@ def _golden(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .errors import UserError
     from .golden import compare_bundle, format_table, rows_to_json
-    from .imageio import write_bytes_atomic
+    from .imageio import check_output_file, write_bytes_atomic
 
-    if args.json_out and Path(args.json_out).is_dir():
-        raise UserError(f"--json {args.json_out}: is a directory; give a file name")
+    if args.json_out:
+        check_output_file(args.json_out, "--json file")  # a folder, a missing parent, no permission: before comparing
     rows = compare_bundle(args.bundle, args.device_outputs, args.formats, args.precisions, args.names)
     if args.json_out:
         selection = {"formats": args.formats, "precisions": args.precisions, "artifacts": args.names}

@@ -72,7 +72,8 @@ def register(sub) -> None:
                        formatter_class=HelpFormatter,
                        description="Fill the holes of IMAGE given by MASK (any image; bright = hole) and write OUT. "
                                    "Pixels outside the mask are copied unchanged.")
-    p.add_argument("image", type=Path, help="photo (JPEG/PNG/...; EXIF orientation applied; grey, RGBA, 16-bit ok)")
+    p.add_argument("image", type=Path, help="photo (JPEG/PNG/WebP/TIFF/BMP; the EXIF orientation of JPEG, PNG, WebP "
+                                            "and TIFF is applied; grey, RGBA, 16-bit ok)")
     p.add_argument("mask", type=Path, help="mask image of the same size; intensity >= --mask-threshold = hole")
     p.add_argument("-o", "--output", type=Path, required=True, help="result file (never one of the inputs)")
     _add_pipeline_args(p)
@@ -108,17 +109,27 @@ def _progress(quiet: bool):
 def run_inpaint(image_path: Path, mask_path: Path, out_path: Path, args) -> dict:
     """Everything ``inpaint`` does; returns the summary dict. Raises UserError on bad input."""
     from .engines import open_engines
-    from .imageio import check_output_path, compose_output, read_image, read_mask, write_image
+    from .imageio import (check_output_dir, check_output_file, check_output_path, compose_output, read_image,
+                          read_mask, write_image)
     from .pipeline import Pipeline, PipelineConfig
     from .trace import Trace
 
     t0 = time.perf_counter()
+    # every output is checked before any work, so a bad one never leaves the others half written
     ext = check_output_path(out_path)
+    check_output_file(out_path, "output")
     for src in (image_path, mask_path):
         if _same_file(out_path, src):
             raise UserError(f"{out_path}: the output would overwrite the input {src}; choose another path")
-    if args.trace is not None and _same_file(args.trace, out_path):
-        raise UserError("--trace must be a directory other than the output file")
+    if args.summary_json is not None:
+        check_output_file(args.summary_json, "--summary-json file")
+        for other in (image_path, mask_path, out_path):
+            if _same_file(args.summary_json, other):
+                raise UserError(f"{args.summary_json}: --summary-json would overwrite {other}; choose another path")
+    if args.trace is not None:
+        if _same_file(args.trace, out_path):
+            raise UserError("--trace must be a directory other than the output file")
+        check_output_dir(args.trace, "--trace folder")
     config = PipelineConfig(mode=args.mode, tiles=args.tiles, crop=args.crop)
     config.validate()
     if args.threads is not None and args.threads < 1:
@@ -233,10 +244,12 @@ def cmd_demo(args) -> int:
 
     from .imageio import read_image, read_mask, write_rgb
 
+    from .imageio import output_dir
+
     photo, mask = demo_files()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / "demo_result.jpg"
-    summary = run_inpaint(photo, mask, out, args)
+    with output_dir(args.out_dir, "--out-dir folder"):  # a refused run leaves no new empty folder
+        summary = run_inpaint(photo, mask, out, args)
     print_summary(summary)
     before = read_image(photo).rgb8()
     hole = read_mask(mask, threshold=args.mask_threshold, dilate_px=args.dilate)

@@ -171,5 +171,5 @@ def test_exif_rotated_portrait_photo_end_to_end(files, tmp_path):
 def test_trace_path_that_is_a_file(files, tmp_path, capsys):
     (tmp_path / "t").write_text("x")
     assert inpaint(files, tmp_path / "o.png", "--trace", str(tmp_path / "t")) == 2
-    assert "cannot create the trace directory" in capsys.readouterr().err
+    assert "the --trace folder names an existing file" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
