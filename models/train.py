@@ -140,7 +140,10 @@ def list_photos(folder: Path) -> List[Path]:
 
 def load_photo(path: Path, short_side: int) -> np.ndarray:
     """Decode once and downscale so the short side is at most ``short_side``; (H,W,3) uint8 RGB."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    from runtime_py.imageio import native_stderr_silenced
+
+    with native_stderr_silenced():  # libjpeg's own "Premature end of JPEG file" is not the user's error line
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise UserError(f"{path}: not a readable image")
     h, w = img.shape[:2]
@@ -418,7 +421,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
         step, trained_s, best = int(state["step"]), float(state["trained_s"]), float(state["best"])
     gen.train()
 
-    photos = [load_photo(p, cfg.cache_short_side) for p in tqdm(train_paths, desc="decode", disable=not progress)]
+    photos = []
+    with tqdm(train_paths, desc="decode", disable=not progress, leave=False) as bar:  # erased, even on an error
+        for path in bar:
+            photos.append(load_photo(path, cfg.cache_short_side))
     val_photos = [load_photo(p, cfg.cache_short_side) for p in val_paths]
     val_crops, val_masks = validation_set(val_photos, cfg.val_crop, cfg.val_crops_per_photo, cfg.seed, cfg.max_scale)
     # the run folder appears only now, once the photos were found and decoded: a refused run leaves none

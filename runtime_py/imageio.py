@@ -277,7 +277,7 @@ def decode_file(path: os.PathLike, what: str) -> SourceImage:
         raise UserError(f"{p}: the {what}'s header claims {header.width}x{header.height} pixels, more than the "
                         f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP this tool decodes (a damaged file or a decompression bomb)")
     try:
-        with _native_stderr_silenced():
+        with native_stderr_silenced():
             pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error:  # OpenCV's own size limit and decoder failures it reports by raising
         pixels = None
@@ -297,7 +297,7 @@ def decode_file(path: os.PathLike, what: str) -> SourceImage:
 
 
 @contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
+def native_stderr_silenced() -> Iterator[None]:
     """Codec libraries write to file descriptor 2 themselves ("libpng error: ...", OpenCV's
     "[ERROR:0] ... can't read data"); a file that fails to decode must print only the CLI's one
     line. Redirects descriptor 2 to /dev/null for the duration (the CLI decodes on one thread)."""
