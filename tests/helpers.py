@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import struct
+import zlib
 from typing import Tuple
 
 import numpy as np
@@ -91,6 +93,25 @@ def write_photos(folder, sizes, *, names=None, seed: int = 0, **photo_kw):
         name = names[i] if names else f"synthetic_{i}.png"
         cv2.imwrite(str(folder / name), photo(rows, cols, seed + i, **photo_kw)[:, :, ::-1])
     return folder
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def exif_payload(orientation: int) -> bytes:
+    """An EXIF payload: a little-endian TIFF structure whose IFD0 holds only Orientation (tag 0x0112)."""
+    return b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 0)
+
+
+def png_with_exif(pixels: np.ndarray, orientation: int) -> bytes:
+    """OpenCV's PNG of ``pixels`` (grey/BGR/BGRA, 8 or 16 bit) with an ``eXIf`` chunk after IHDR."""
+    import cv2
+
+    data = cv2.imencode(".png", pixels)[1].tobytes()
+    ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR length+type, IHDR data, CRC
+    return data[:ihdr_end] + png_chunk(b"eXIf", exif_payload(orientation)) + data[ihdr_end:]
 
 
 # ------------------------------------------------------------------------------------------- CLI

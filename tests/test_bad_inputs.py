@@ -43,6 +43,8 @@ import cv2
 import numpy as np
 import pytest
 
+from helpers import exif_payload, make_checkpoint, photo, png_chunk, png_with_exif, run_cli, write_photos
+
 ROOT = Path(__file__).resolve().parents[1]
 TOY_TFLITE = ROOT / "tests" / "data" / "runtime_tflite" / "tensor.tflite"  # 16x24, output = image*(1-m)+0.5m
 DEMO_DIR = ROOT / "runtime_py" / "demo"
@@ -55,16 +57,12 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return cv2.imencode(".png", pixels)[1].tobytes()
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
 def png_claiming(width: int, height: int) -> bytes:
     """A well-formed PNG (valid CRCs) whose IHDR claims ``width`` x ``height`` RGB pixels and whose
     IDAT holds almost nothing: what a decompression bomb's header looks like."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + _png_chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + png_chunk(b"IEND", b""))
 
 
 def jpeg_claiming(width: int, height: int) -> bytes:
@@ -83,24 +81,12 @@ def webp_claiming(width: int, height: int) -> bytes:
     return b"RIFF" + struct.pack("<I", len(body)) + body
 
 
-def exif_tiff(orientation: int) -> bytes:
-    """An EXIF payload: a little-endian TIFF structure whose IFD0 holds only Orientation."""
-    return b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 0)
-
-
-def png_with_exif(pixels: np.ndarray, orientation: int) -> bytes:
-    """OpenCV's PNG of ``pixels`` with an ``eXIf`` chunk inserted after IHDR."""
-    data = png_bytes(pixels)
-    ihdr_end = 8 + 8 + 13 + 4
-    return data[:ihdr_end] + _png_chunk(b"eXIf", exif_tiff(orientation)) + data[ihdr_end:]
-
-
 def webp_with_exif(pixels: np.ndarray, orientation: int) -> bytes:
     """A lossless WebP of ``pixels`` (BGR) in the extended format with an ``EXIF`` chunk."""
     simple = cv2.imencode(".webp", pixels, [cv2.IMWRITE_WEBP_QUALITY, 101])[1].tobytes()
     h, w = pixels.shape[:2]
     vp8x = b"VP8X" + struct.pack("<I", 10) + bytes([0x08, 0, 0, 0]) + (w - 1).to_bytes(3, "little") + (h - 1).to_bytes(3, "little")
-    exif = exif_tiff(orientation)
+    exif = exif_payload(orientation)
     exif_chunk = b"EXIF" + struct.pack("<I", len(exif)) + exif + (b"\x00" if len(exif) % 2 else b"")
     body = b"WEBP" + vp8x + simple[12:] + exif_chunk
     return b"RIFF" + struct.pack("<I", len(body)) + body
@@ -169,23 +155,20 @@ def _toy_manifest(directory: Path) -> None:
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> Shared:
-    from models import build_generator, save_checkpoint
-
     root = tmp_path_factory.mktemp("shared")
-    ckpt = save_checkpoint(build_generator("tf", 4, seed=0), root / "tiny.safetensors")
+    ckpt = make_checkpoint(root / "tiny.safetensors")
     export = root / "export"
     export.mkdir()
     shutil.copy(TOY_TFLITE, export / "tensor.tflite")
     _toy_manifest(export)
-    rng = np.random.default_rng(0)
-    photo = write(root / "photo.png", png_bytes(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)))
+    image = write(root / "photo.png", png_bytes(photo(60, 90)[:, :, ::-1]))
     hole = np.zeros((60, 90), np.uint8)
     hole[20:40, 30:60] = 255
     mask = write(root / "mask.png", png_bytes(hole))
     bundle = root / "bundle"
     rc, err = run_in_process(["golden", "--artifacts", export, "--out", bundle], root)
     assert rc == 0, err
-    return Shared(root, ckpt, export, bundle, photo, mask)
+    return Shared(root, ckpt, export, bundle, image, mask)
 
 
 # --------------------------------------------------------------------------------- runners
@@ -231,22 +214,18 @@ def run_in_process(argv: Sequence, cwd: Path):
     """
     import traceback
 
-    from runtime_py.cli import main
-
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     here = os.getcwd()
     err = io.StringIO()
     os.chdir(cwd)
     try:
-        with warnings.catch_warnings(record=True) as caught, _fd2_captured() as native, \
-                contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(record=True) as caught, _fd2_captured() as native:
             warnings.simplefilter("default")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=PendingDeprecationWarning)
             try:
-                rc = main([str(a) for a in argv])
-            except SystemExit as exc:
-                rc = exc.code
+                rc, _, printed = run_cli(*argv)
+                err.write(printed)
             except BaseException:  # noqa: BLE001 -- the case reports it as a traceback on stderr
                 err.write(traceback.format_exc())
                 rc = "exception"
@@ -393,12 +372,9 @@ def _train(d: Path, photos: Path, *extra) -> List:
             "--max-steps", "1", "--device", "cpu", *extra]
 
 
-def _train_photos(d: Path, good: int = 2, bad: Sequence[str] = ()) -> Path:
-    folder = d / "photos"
-    folder.mkdir()
-    rng = np.random.default_rng(2)
-    for i in range(good):
-        write(folder / f"p{i}.png", png_bytes(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)))
+def _train_photos(d: Path, bad: Sequence[str] = ()) -> Path:
+    """Two 48x48 photos, p0.png and p1.png, and undecodable files named ``bad``."""
+    folder = write_photos(d / "photos", [(48, 48)] * 2, names=["p0.png", "p1.png"])
     for name in bad:
         write(folder / name, b"\xff\xd8\xff\xe0 not really a jpeg" * 4)
     return folder

@@ -9,8 +9,8 @@ import pytest
 
 from helpers import photo
 from runtime_py.errors import UserError
-from runtime_py.imageio import (compose_output, jpeg_exif_orientation, mask_intensity, read_image, read_mask,
-                                to_8bit, write_image)
+from runtime_py.imageio import (MAX_IMAGE_PIXELS, compose_output, jpeg_exif_orientation, mask_intensity, read_header,
+                                read_image, read_mask, to_8bit, write_image)
 
 PIL = pytest.importorskip("PIL.Image", reason="Pillow writes the EXIF test files")
 
@@ -44,6 +44,49 @@ def test_no_exif_is_orientation_1(tmp_path):
     cv2.imwrite(str(p), photo(20, 30))
     assert jpeg_exif_orientation(p.read_bytes()) == 1
     assert jpeg_exif_orientation(b"not a jpeg") == 1
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_of_png_webp_tiff_matches_pillow(tmp_path, fmt, orientation):
+    """PNG (eXIf chunk) and WebP (EXIF chunk) are turned upright here; TIFF by OpenCV's own decoder:
+    either way the pixels equal Pillow's ``exif_transpose`` of the same (lossless) file."""
+    from PIL import Image, ImageOps
+
+    rgb = photo(24, 40)
+    rgb[:6, :6] = 255  # a corner marker
+    p = tmp_path / f"o{orientation}.{fmt.lower()}"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(rgb).save(p, format=fmt, exif=exif, **({"lossless": True} if fmt == "WEBP" else {}))
+    assert read_header(p.read_bytes()).orientation == orientation
+    src = read_image(p)
+    want = np.asarray(ImageOps.exif_transpose(Image.open(p)).convert("RGB"))
+    assert src.orientation == orientation
+    assert np.array_equal(src.rgb8(), want)
+
+
+@pytest.mark.parametrize("ext,params", [(".png", []), (".jpg", []), (".webp", [cv2.IMWRITE_WEBP_QUALITY, 80]),
+                                        (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101]), (".tif", []), (".bmp", [])])
+@pytest.mark.parametrize("rows,cols", [(1, 1), (17, 301), (300, 17)])
+def test_header_size_is_the_decoded_size(ext, params, rows, cols):
+    """The size read from the header (what the decoder-bomb limit is checked on) is what OpenCV decodes."""
+    data = cv2.imencode(ext, photo(rows, cols)[:, :, ::-1], params)[1].tobytes()
+    header = read_header(data)
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert (header.height, header.width) == decoded.shape[:2]
+    assert header.kind == {".jpg": "jpeg", ".tif": "tiff"}.get(ext, ext[1:])
+
+
+def test_header_over_the_pixel_limit_is_refused_before_decoding(tmp_path, monkeypatch):
+    """A real 30x20 PNG is refused once the limit is below its 600 pixels: the check is on the header."""
+    p = tmp_path / "small.png"
+    cv2.imwrite(str(p), photo(20, 30))
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("decoded a file over the limit"))
+    monkeypatch.setattr("runtime_py.imageio.MAX_IMAGE_PIXELS", 599)
+    with pytest.raises(UserError, match=r"header claims 30x20 pixels, more than the 0 MP"):
+        read_image(p)
+    assert MAX_IMAGE_PIXELS == 1 << 28
 
 
 def test_grey_image_stays_grey(tmp_path):
