@@ -15,6 +15,9 @@ from typing import Tuple
 
 import numpy as np
 
+from runtime_py.engines import EngineSet
+from runtime_py.engines.base import Engine, TensorSpec
+
 MODEL_SHAPE = (64, 88)
 
 
@@ -51,6 +54,47 @@ def lively_generator(variant: str = "tf", cnum: int = 4, seed: int = 0, *, weigh
                 m.weight.normal_(0.0, weight_gain / math.sqrt(fan_in), generator=g)
                 m.bias.normal_(0.0, bias_std, generator=g)
     return gen.eval()
+
+
+#: The recording engine's default prediction, everywhere: u8 round((0.2 + 1) * 127.5) = 153.
+FILL = 0.2
+
+
+class RecordingEngine(Engine):
+    """NHWC float32 tensor engine in numpy that records every (shape, image, hole) it was given
+    (image (H,W,3) uint8 RGB, hole (H,W) bool) and predicts ``predict(image, mask)``: both as fed,
+    (1,H,W,3) in [-1, 1] and (1,H,W,1) in {0, 1}; the default predicts the constant FILL."""
+
+    name = "recording"
+
+    def __init__(self, shape, calls, predict=None):
+        super().__init__(shape, "tensor")
+        self.calls = calls
+        self.predict = predict
+
+    def activate_impl(self):
+        pass
+
+    def input_specs(self):
+        h, w = self.shape
+        return [TensorSpec("image", (1, h, w, 3), "float32", "image"), TensorSpec("mask", (1, h, w, 1), "float32", "mask")]
+
+    def output_specs(self):
+        h, w = self.shape
+        return [TensorSpec("out", (1, h, w, 3), "float32", "output")]
+
+    def infer_impl(self, feed):
+        img = np.round((feed["image"][0] + 1) * 127.5).astype(np.uint8)
+        self.calls.append((self.shape, img, feed["mask"][0, :, :, 0] > 0.5))
+        if self.predict is None:
+            return {"out": np.full(feed["image"].shape, FILL, np.float32)}
+        return {"out": np.asarray(self.predict(feed["image"], feed["mask"]), np.float32)}
+
+
+def recording_set(shapes=None, base=MODEL_SHAPE, predict=None):
+    """(EngineSet of RecordingEngines at ``shapes`` (None: any shape), the list their calls go to)."""
+    calls = []
+    return EngineSet("recording", base, lambda s: RecordingEngine(s, calls, predict), shapes, "test"), calls
 
 
 def torch_engines(ckpt, shape=MODEL_SHAPE):

@@ -11,46 +11,11 @@ import cv2
 import numpy as np
 import pytest
 
-from helpers import MODEL_SHAPE, blob_hole, make_checkpoint, photo, torch_engines
-from runtime_py.engines import EngineSet
-from runtime_py.engines.base import Engine, TensorSpec
+from helpers import FILL, MODEL_SHAPE, blob_hole, make_checkpoint, photo, recording_set, torch_engines
 from runtime_py.errors import UserError
 from runtime_py.geometry import context_window, resize_image, resize_mask
 from runtime_py.pipeline import MODES, Pipeline, PipelineConfig, ring_mask, shrink_masks
 from runtime_py.trace import Trace
-
-FILL = 0.2  # the recording engine predicts this value everywhere: u8 round((0.2 + 1) * 127.5) = 153
-
-
-class RecordingEngine(Engine):
-    """NHWC tensor engine that predicts a constant and records every (image, hole) it was given."""
-
-    name = "recording"
-
-    def __init__(self, shape, calls):
-        super().__init__(shape, "tensor")
-        self.calls = calls
-
-    def activate_impl(self):
-        pass
-
-    def input_specs(self):
-        h, w = self.shape
-        return [TensorSpec("image", (1, h, w, 3), "float32", "image"), TensorSpec("mask", (1, h, w, 1), "float32", "mask")]
-
-    def output_specs(self):
-        h, w = self.shape
-        return [TensorSpec("out", (1, h, w, 3), "float32", "output")]
-
-    def infer_impl(self, feed):
-        img = np.round((feed["image"][0] + 1) * 127.5).astype(np.uint8)
-        self.calls.append((self.shape, img, feed["mask"][0, :, :, 0] > 0.5))
-        return {"out": np.full(feed["image"].shape, FILL, np.float32)}
-
-
-def recording_set(shapes=None, base=MODEL_SHAPE):
-    calls = []
-    return EngineSet("recording", base, lambda s: RecordingEngine(s, calls), shapes, "test"), calls
 
 
 @pytest.fixture(scope="module")
