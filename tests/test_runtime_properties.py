@@ -30,7 +30,8 @@ from runtime_py.pipeline import MODES, TRISTATE
 
 MODEL_SHAPE = (32, 44)
 FORMATS = (".png", ".tif")  # lossless and able to hold 16 bits and alpha, so every promise is checkable
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+# derandomize: the same examples on every run and machine (no flaky CI), and no example database written
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, database=None)
 
 
 def formula(image, mask):
@@ -100,7 +101,7 @@ def _check_promises(stored, orientation, hole, out: Path):
     return result
 
 
-@settings(max_examples=60, **SETTINGS)
+@settings(max_examples=40, **SETTINGS)
 @given(case=inputs(), mode=st.sampled_from(MODES), tiles=st.sampled_from(["auto", "on"]),
        crop=st.sampled_from(TRISTATE))
 def test_promises_hold_for_any_input(case, mode, tiles, crop):
@@ -124,7 +125,7 @@ def test_promises_hold_for_any_input(case, mode, tiles, crop):
     assert bool(runs) == bool(hole.any()), f"{runs} model runs for a mask of {int(hole.sum())} pixels"
 
 
-@settings(max_examples=6, **SETTINGS)
+@settings(max_examples=5, **SETTINGS)
 @given(case=inputs(max_side=72), mode=st.sampled_from(MODES))
 def test_promises_hold_with_the_real_tiny_model(case, mode, tiny_checkpoint):
     stored, orientation, hole, ext = case
