@@ -140,9 +140,9 @@ def list_photos(folder: Path) -> List[Path]:
 
 def load_photo(path: Path, short_side: int) -> np.ndarray:
     """Decode once and downscale so the short side is at most ``short_side``; (H,W,3) uint8 RGB."""
-    from runtime_py.imageio import native_stderr_silenced
+    from runtime_py.errors import native_stderr
 
-    with native_stderr_silenced():  # libjpeg's own "Premature end of JPEG file" is not the user's error line
+    with native_stderr():  # libjpeg's own "Premature end of JPEG file" is not the user's error line
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise UserError(f"{path}: not a readable image")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Dict, Iterator, List, Optional
 import cv2
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, native_stderr
 
 #: Output extensions and what they can hold.
 WRITABLE = {
@@ -277,7 +276,7 @@ def decode_file(path: os.PathLike, what: str) -> SourceImage:
         raise UserError(f"{p}: the {what}'s header claims {header.width}x{header.height} pixels, more than the "
                         f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP this tool decodes (a damaged file or a decompression bomb)")
     try:
-        with native_stderr_silenced():
+        with native_stderr():  # the codec's own lines (libpng error: ...) are not the user's error line
             pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error:  # OpenCV's own size limit and decoder failures it reports by raising
         pixels = None
@@ -294,27 +293,6 @@ def decode_file(path: os.PathLike, what: str) -> SourceImage:
     if not header.decoder_orients:
         pixels = apply_orientation(pixels, header.orientation)
     return SourceImage(str(p), pixels, header.orientation)
-
-
-@contextlib.contextmanager
-def native_stderr_silenced() -> Iterator[None]:
-    """Codec libraries write to file descriptor 2 themselves ("libpng error: ...", OpenCV's
-    "[ERROR:0] ... can't read data"); a file that fails to decode must print only the CLI's one
-    line. Redirects descriptor 2 to /dev/null for the duration (the CLI decodes on one thread)."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):  # no descriptor 2 (embedded use): nothing to silence
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def read_image(path: os.PathLike) -> SourceImage:

@@ -14,7 +14,8 @@ working directory and checks
 
 Most cases call ``runtime_py.cli.main`` in-process (fd-level capture, warnings recorded as they
 would be printed); a case runs in a subprocess where only a fresh interpreter shows the behaviour
-(torch's pickle-protocol warning), and the unwritable-folder case runs the CLI as uid 65534.
+(torch's pickle-protocol warning, LiteRT's once-per-process delegate notice), and the
+unwritable-folder case runs the CLI as uid 65534.
 
 The numbers in ``test_…[defectN-…]`` ids are the defects of issue 15.
 """
@@ -140,12 +141,12 @@ class Shared:
 
 
 def _toy_manifest(directory: Path) -> None:
-    from runtime_py.manifest import SCHEMA_VERSION
+    from runtime_py.manifest import SCHEMA_VERSION, artifact_digest
 
-    data = (directory / "tensor.tflite").read_bytes()
+    sha256, size = artifact_digest(directory / "tensor.tflite")
     tensor = {"dtype": "float32", "layout": "NHWC", "value_range": [-1, 1]}
     art = {"file": "tensor.tflite", "format": "tflite", "shape": [16, 24], "precision": "fp32", "io": "tensor",
-           "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+           "sha256": sha256, "bytes": size,
            "inputs": [{"name": "image", "shape": [1, 16, 24, 3], "role": "image", **tensor},
                       {"name": "mask", "shape": [1, 16, 24, 1], "role": "mask", "channel_order": "mask", **tensor}],
            "outputs": [{"name": "output", "shape": [1, 16, 24, 3], "role": "output", **tensor}]}
@@ -367,6 +368,11 @@ def _bomb_case(name: str, data_fn, role: str = "image") -> Callable:
     return build
 
 
+def _inpaint_tflite(d: Path, s: Shared, export: Path, *extra) -> List:
+    return ["inpaint", s.photo, s.mask, "-o", d / "o.png", "--engine", "tflite", "--artifacts", export, "--crop", "off",
+            "--quiet", *extra]
+
+
 def _train(d: Path, photos: Path, *extra) -> List:
     return ["train", "--photos", photos, "--out", d / "run", "--cnum", "4", "--crop", "32", "--val-crop", "32",
             "--max-steps", "1", "--device", "cpu", *extra]
@@ -392,9 +398,39 @@ def _unwritable(d: Path) -> Path:
 
 
 def _device_copy(d: Path, s: Shared) -> Path:
+    """Device outputs exactly as the bundle expects them (a copy of its expected files)."""
     dev = d / "device"
     shutil.copytree(s.bundle, dev)
     return dev
+
+
+def _with_nan(folder: Path) -> Path:
+    """``folder`` (a bundle or device outputs) with NaN in the first value of its first float32 expected output."""
+    raw = sorted(folder.rglob("expected/*.bin"))[0]
+    data = bytearray(raw.read_bytes())
+    data[:4] = struct.pack("<f", float("nan"))
+    raw.write_bytes(bytes(data))
+    return folder
+
+
+def _changed_export(d: Path, s: Shared, fill: float) -> Path:
+    """A copy of the toy export whose one 0.5 constant (output = image*(1-mask) + 0.5*mask) is now ``fill``:
+    a weight edited in place, same size, the manifest untouched."""
+    export = d / "export"
+    shutil.copytree(s.export, export)
+    model = export / "tensor.tflite"
+    data = model.read_bytes()
+    assert data.count(struct.pack("<f", 0.5)) == 1
+    model.write_bytes(data.replace(struct.pack("<f", 0.5), struct.pack("<f", fill)))
+    return export
+
+
+def _strict_json_rows(d: Path) -> None:
+    """compare --json is written even when outputs fail, and is strict JSON (no NaN/Infinity tokens)."""
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    json.loads((d / "rows.json").read_text(), parse_constant=refuse)
 
 
 #: torch's weights-only unpickler stops a protocol-4 pickle at its first FRAME, before reaching the callable
@@ -528,6 +564,13 @@ CASES: List[Case] = [
          lambda d, s: ["inpaint", s.photo, s.mask, "-o", d / "o.png", "--checkpoint",
                        plain_pickle_that_runs_code(d / "evil.pth", d / "code_ran"), "--quiet"],
          REFUSED_PICKLE, check=_sentinel_absent),
+    Case("defect1-inpaint-changed-artifact",
+         lambda d, s: _inpaint_tflite(d, s, _changed_export(d, s, 0.25)),
+         r"tensor\.tflite: not the artifact the manifest describes: sha256 [0-9a-f]{64}"),
+    Case("defect1-inpaint-nan-weights-with-the-check-skipped",
+         lambda d, s: _inpaint_tflite(d, s, _changed_export(d, s, float("nan")), "--allow-modified-artifacts"),
+         r"tflite engine: .*tensor\.tflite: output '\w+' has \d+ NaN/Inf value",
+         runner="subprocess"),  # LiteRT announces its delegate on fd 2 once per process: only a fresh one shows it
     Case("inpaint-tflite-engine-without-artifacts",
          lambda d, s: ["inpaint", s.photo, s.mask, "-o", d / "o.png", "--engine", "tflite"], r"needs --artifacts DIR"),
     Case("inpaint-tflite-precision-not-exported",
@@ -555,6 +598,9 @@ CASES: List[Case] = [
     Case("golden-photos-folder-missing",
          lambda d, s: ["golden", "--artifacts", s.export, "--out", d / "b", "--photos", d / "nowhere"],
          r"--photos folder does not exist"),
+    Case("defect1-golden-changed-artifact",
+         lambda d, s: ["golden", "--artifacts", _changed_export(d, s, 0.25), "--out", d / "b"],
+         r"tensor\.tflite: not the artifact the manifest describes"),
     Case("golden-corrupt-manifest",
          lambda d, s: ["golden", "--artifacts", write(d / "exp" / "manifest.json", "{not json").parent, "--out", d / "b"],
          r"not valid JSON"),
@@ -562,6 +608,13 @@ CASES: List[Case] = [
     Case("compare-folder-without-index", lambda d, s: ["compare", d, _device_copy(d, s)], r"not a golden bundle"),
     Case("compare-device-folder-missing", lambda d, s: ["compare", s.bundle, d / "nowhere"],
          r"device output folder does not exist"),
+    Case("defect2-compare-nan-in-device-outputs",
+         lambda d, s: ["compare", s.bundle, _with_nan(_device_copy(d, s)), "--json", d / "rows.json"],
+         r"1 output\(s\) failed", rc=1, line=r"gmcnn-mobile compare: ", outputs=["rows.json"], check=_strict_json_rows),
+    Case("defect2-compare-nan-in-the-bundle",
+         lambda d, s: ["compare", _with_nan(shutil.copytree(s.bundle, d / "bundle")), _device_copy(d, s),
+                       "--json", d / "rows.json"],
+         r"1 output\(s\) failed", rc=1, line=r"gmcnn-mobile compare: ", outputs=["rows.json"], check=_strict_json_rows),
     Case("compare-json-under-a-file",
          lambda d, s: ["compare", s.bundle, _device_copy(d, s), "--json", _file(d) / "rows.json"],
          r"cannot write the --json file: .*a_file is a file, not a folder"),

@@ -16,8 +16,12 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..errors import MissingDependencyError, UserError
+from ..errors import MissingDependencyError, UserError, native_stderr
 from .base import Engine, TensorSpec, role_of
+
+#: What LiteRT prints on descriptor 2 whenever it creates its default delegate: not a line for the user
+#: (it would be the second line of an error); LiteRT's real errors and warnings still pass.
+XNNPACK_NOTICE = "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
 
 
 def match_name(wanted: str, candidates: List[str]) -> Optional[str]:
@@ -52,9 +56,10 @@ class TFLiteEngine(Engine):
             raise UserError(f"{self.path}: TFLite file not found")
         resolver = OpResolverType.AUTO if self.xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            self.interpreter = Interpreter(model_path=self.path, num_threads=self.num_threads,
-                                           experimental_op_resolver_type=resolver)
-            self.interpreter.allocate_tensors()
+            with native_stderr(keep=lambda line: not line.startswith(XNNPACK_NOTICE)):
+                self.interpreter = Interpreter(model_path=self.path, num_threads=self.num_threads,
+                                               experimental_op_resolver_type=resolver)
+                self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise UserError(f"{self.path}: LiteRT cannot load it ({str(exc).splitlines()[0]})") from None
         details = self.interpreter.get_input_details()
