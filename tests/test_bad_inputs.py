@@ -82,6 +82,22 @@ def webp_claiming(width: int, height: int) -> bytes:
     return b"RIFF" + struct.pack("<I", len(body)) + body
 
 
+def tiff_claiming(width: int, height: int) -> bytes:
+    """A little-endian TIFF whose IFD0 states ``width`` x ``height`` 8-bit grey pixels in one strip of 64 bytes."""
+    entries = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 8),
+               (277, 3, 1), (278, 4, height), (279, 4, 64)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+        for tag, kind, value in entries) + struct.pack("<I", 0)
+    return b"II*\x00" + struct.pack("<I", 8 + 64) + b"\x00" * 64 + ifd
+
+
+def bmp_claiming(width: int, height: int) -> bytes:
+    """A BMP whose BITMAPINFOHEADER states ``width`` x ``height`` 24-bit pixels, followed by 64 bytes of them."""
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + 40 + 64, 0, 0, 14 + 40) + info + b"\x00" * 64
+
+
 def webp_with_exif(pixels: np.ndarray, orientation: int) -> bytes:
     """A lossless WebP of ``pixels`` (BGR) in the extended format with an ``EXIF`` chunk."""
     simple = cv2.imencode(".webp", pixels, [cv2.IMWRITE_WEBP_QUALITY, 101])[1].tobytes()
@@ -534,6 +550,10 @@ CASES: List[Case] = [
     Case("defect3-inpaint-jpeg-claiming-65000x65000", _bomb_case("bomb.jpg", lambda: jpeg_claiming(65000, 65000)),
          r"header claims 65000x65000 pixels"),
     Case("defect3-inpaint-webp-claiming-100000x100000", _bomb_case("bomb.webp", lambda: webp_claiming(100000, 100000)),
+         r"header claims 100000x100000 pixels"),
+    Case("defect3-inpaint-tiff-claiming-100000x100000", _bomb_case("bomb.tif", lambda: tiff_claiming(100000, 100000)),
+         r"header claims 100000x100000 pixels"),
+    Case("defect3-inpaint-bmp-claiming-100000x100000", _bomb_case("bomb.bmp", lambda: bmp_claiming(100000, 100000)),
          r"header claims 100000x100000 pixels"),
     Case("defect3-inpaint-mask-claiming-100000x100000",
          _bomb_case("bomb_mask.png", lambda: png_claiming(100000, 100000), role="mask"),
