@@ -272,6 +272,12 @@ def run_latency(cfg: BenchConfig, manifest, meta: dict, cache: Path, logs: Path)
     specs = plan_latency(manifest, cfg.artifacts, cfg.threads, cfg.warmup, cfg.runs, checkpoint, onnx_files,
                          cfg.sgemm_n, shapes=shapes, precisions=cfg.precisions, ios=cfg.ios,
                          xnnpack_off=cfg.xnnpack_off, model=model)
+    from runtime_py.manifest import check_artifact
+
+    planned = {s["file"] for s in specs if s["kind"] == "tflite"}
+    for a in tfl:  # latency is measured only on files the manifest describes; refused before any run
+        if a.file in planned:
+            check_artifact(Path(cfg.artifacts) / a.file, a)
     results = []
     bar = _progress(len(specs), "latency")
     for spec in specs:

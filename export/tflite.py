@@ -74,9 +74,10 @@ def postprocess(raw: bytes, precision: str, io: str, int8_tail: bool = True, met
                 pad_mode: str = "slices", upsample_mode: str = "resize") -> Tuple[bytes, Dict[str, object]]:
     """Flatbuffer post-passes applied to every converted file; returns (bytes, report).
 
-    In order: NHWC outputs and named I/O; uint8 I/O for float ``image`` files; for int8,
-    ELU chains then the float tail into int8; then the XNNPACK rewrites of reflection pads
-    (``pad_mode='slices'``) and 2x nearest upsampling (``upsample_mode='depth_to_space'``).
+    In order: NHWC outputs and named I/O (inputs ordered ``image``, ``mask``); uint8 I/O for
+    float ``image`` files; for int8, ELU chains then the float tail into int8; then the XNNPACK
+    rewrites of reflection pads (``pad_mode='slices'``) and 2x nearest upsampling
+    (``upsample_mode='depth_to_space'``); last, the inputs renumbered to tensors 0 and 1.
     """
     from . import tflite_graph as g
 
@@ -96,6 +97,7 @@ def postprocess(raw: bytes, precision: str, io: str, int8_tail: bool = True, met
         report["mirror_pads_to_slices"] = g.mirror_pad_to_slices(model)
     if upsample_mode == "depth_to_space":
         report["nearest_upsamples_to_depth_to_space"] = g.nearest_2x_to_depth_to_space(model)
+    report["input_tensors_first"] = g.inputs_first(model)  # last: the passes above append tensors
     if metadata:
         g.add_metadata(model, METADATA_NAME, metadata)
     return g.write(model), report
@@ -317,11 +319,9 @@ def _tensor_info(detail: dict, io: str):
 
 
 def describe(path: Path, io: str, shape=None):
-    """(inputs, outputs) as TensorInfo, read from the file through LiteRT."""
-    it = interpreter(path, 1)
-    order = {"image": 0, "mask": 1}
-    ins = sorted(it.get_input_details(), key=lambda d: order.get(d["name"], 9))
-    return [_tensor_info(d, io) for d in ins], [_tensor_info(d, io) for d in it.get_output_details()]
+    """(inputs, outputs) as TensorInfo in the file's positional order, read from the file through LiteRT."""
+    it = interpreter(path, 1)  # inputs and outputs in the file's positional order, as the manifest lists them
+    return [_tensor_info(d, io) for d in it.get_input_details()], [_tensor_info(d, io) for d in it.get_output_details()]
 
 
 def xnnpack_fallback_ops(path: Path, threads: int = 1) -> Dict[str, int]:

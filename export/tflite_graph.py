@@ -16,6 +16,9 @@ beyond the rounding noted):
   QUANTIZE that ends them (resizes then round in int8: a small, measured change).
 * :func:`uint8_io` -- float files of the ``image`` signature: uint8 inputs cast to float,
   and the float output rounded (half to even) and cast to uint8.
+* :func:`inputs_first` -- renumber the tensors so that the inputs are tensors 0, 1, ... in
+  input order (LiteRT's Python API reports tensor indices beside the positional order; after
+  this both say ``image`` = 0, ``mask`` = 1).
 * :func:`add_metadata` -- a JSON metadata entry (Qualcomm-AI-Hub-style facts next to
   the weights).
 """
@@ -185,13 +188,20 @@ def _prune_tensors(model) -> None:
     for sig in model.signatureDefs or []:
         used |= {m.tensorIndex for m in (sig.inputs or []) + (sig.outputs or [])}
     keep = sorted(used)
-    remap = {old: new for new, old in enumerate(keep)}
     dropped_buffers = {sg.tensors[i].buffer for i in range(len(sg.tensors)) if i not in used}
     kept_buffers = {sg.tensors[i].buffer for i in keep}
     for b in dropped_buffers - kept_buffers:
         if b:  # buffer 0 is the shared empty buffer
             model.buffers[b].data = None
-    sg.tensors = [sg.tensors[i] for i in keep]
+    _renumber_tensors(model, keep)
+
+
+def _renumber_tensors(model, order: Sequence[int]) -> None:
+    """Keep subgraph 0's tensors listed in ``order``, numbered 0, 1, ... in that order, and
+    update every reference to them (subgraph I/O, op inputs/outputs/intermediates, signatures)."""
+    sg = model.subgraphs[0]
+    remap = {old: new for new, old in enumerate(order)}
+    sg.tensors = [sg.tensors[i] for i in order]
     sg.inputs = [remap[t] for t in _ids(sg.inputs)]
     sg.outputs = [remap[t] for t in _ids(sg.outputs)]
     for op in sg.operators:
@@ -246,6 +256,18 @@ def signature_io(model) -> Tuple[Dict[str, int], Dict[str, int]]:
     sig = model.signatureDefs[0]
     key = lambda m: m.name.decode() if isinstance(m.name, bytes) else m.name  # noqa: E731
     return ({key(m): m.tensorIndex for m in sig.inputs}, {key(m): m.tensorIndex for m in sig.outputs})
+
+
+def inputs_first(model) -> int:
+    """Renumber the tensors so that subgraph 0's inputs are tensors 0..n-1 in input order; returns
+    how many input tensors changed number. Only numbering changes: the graph computes the same."""
+    sg = model.subgraphs[0]
+    inputs = _ids(sg.inputs)
+    rest = [t for t in range(len(sg.tensors)) if t not in set(inputs)]
+    moved = sum(t != i for i, t in enumerate(inputs))
+    if moved:
+        _renumber_tensors(model, inputs + rest)
+    return moved
 
 
 def set_io_names(model, input_order: Sequence[str] = ("image", "mask")) -> int:

@@ -1,16 +1,21 @@
 """TFLite export end to end on a tiny generator: every precision x I/O signature converts,
-passes the parity gate, is described in a valid manifest, is cached, and fails atomically."""
+passes the parity gate, is described in a valid manifest, is cached, and fails atomically; and
+what an app developer does with it: a golden bundle of a mixed TFLite + Core ML export consumed
+by code that knows only the docs (tests/app_consumer.py)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import lively_generator
+from helpers import lively_generator, run_cli
 
 SHAPE = (64, 96)
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
@@ -49,11 +54,17 @@ def test_every_precision_and_io_passes_the_gate(tiny):
 
 
 def test_io_signatures_are_nhwc_with_documented_dtypes(tiny):
+    from ai_edge_litert.interpreter import Interpreter
+
     m = tiny["manifest"]
     rows, cols = SHAPE
     for a in m.artifacts:
         names = [t.name for t in a.inputs]
         assert names == ["image", "mask"], names
+        # the manifest's order is the file's: input position i (what Android's index-based API uses)
+        # and, after the post-pass, tensor index i as well
+        details = Interpreter(model_path=str(tiny["out"] / a.file)).get_input_details()
+        assert [(d["name"], d["index"]) for d in details] == [("image", 0), ("mask", 1)], (a.file, details)
         img, mask = a.inputs
         out = a.outputs[0]
         assert img.shape == [1, rows, cols, 3] and mask.shape == [1, rows, cols, 1] and out.shape == [1, rows, cols, 3]
@@ -317,3 +328,76 @@ def test_nearest_upsample_rewrite_is_exact_and_delegated(tiny, precision):
         else:
             assert fallback == {"RESIZE_NEAREST_NEIGHBOR": 3}
     assert np.array_equal(outs["resize"], outs["depth_to_space"])
+
+
+def test_inputs_first_renumbers_without_changing_the_graph(tmp_path):
+    """A small file declaring its mask first (input 0 = tensor 0, image = tensor 1), with its input
+    list put in the order image, mask as set_io_names does: inputs_first makes the image tensor 0
+    and the mask tensor 1; the outputs stay bit-identical."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from export import tflite_graph
+
+    data = (Path(__file__).resolve().parent / "data" / "runtime_tflite" / "tensor.tflite").read_bytes()
+    model = tflite_graph.read(data)
+    sg = model.subgraphs[0]
+    assert [sg.tensors[t].name for t in sg.inputs] == [b"mask", b"image"] and list(sg.inputs) == [0, 1]
+    sg.inputs = [1, 0]
+    assert tflite_graph.inputs_first(model) == 2
+    assert tflite_graph.inputs_first(model) == 0  # already in place
+    (tmp_path / "new.tflite").write_bytes(tflite_graph.write(model))
+    (tmp_path / "old.tflite").write_bytes(data)
+    rng = np.random.default_rng(0)
+    feed = {"image": rng.uniform(-1, 1, (1, 16, 24, 3)).astype(np.float32),
+            "mask": (rng.uniform(0, 1, (1, 16, 24, 1)) > 0.5).astype(np.float32)}
+    outs = {}
+    for name in ("old", "new"):
+        it = Interpreter(model_path=str(tmp_path / f"{name}.tflite"))
+        it.allocate_tensors()
+        details = it.get_input_details()
+        for d in details:
+            it.set_tensor(d["index"], feed[d["name"]])
+        it.invoke()
+        outs[name] = it.get_tensor(it.get_output_details()[0]["index"])
+        if name == "new":
+            assert [(d["name"], d["index"]) for d in details] == [("image", 0), ("mask", 1)]
+    assert np.array_equal(outs["old"], outs["new"])
+
+
+def test_app_developer_consumes_a_mixed_golden_bundle(tiny, tmp_path):
+    """The export plus Core ML fp16 (the TFLite files come from the cache; ``..._fp16.tflite`` and
+    ``..._fp16.mlpackage`` share a stem), a bundle, then an independent consumer (no project imports,
+    an isolated interpreter) that checks every digest by the documented recipe, runs every TFLite
+    artifact feeding case input i to model input i, and writes its outputs as documented; compare
+    passes on them."""
+    pytest.importorskip("coremltools", reason="the mixed export needs the export extra")
+    pytest.importorskip("PIL")
+    from export.api import export_artifacts
+
+    art, bundle, device = tmp_path / "art", tmp_path / "bundle", tmp_path / "device"
+    shutil.copytree(tiny["out"], art, ignore=shutil.ignore_patterns(".work"))
+    manifest = export_artifacts(tiny["gen"], art, shapes=[SHAPE], formats=["tflite", "coreml"],
+                                precisions=list(PRECISIONS), ios=IOS, threads=2, progress=False,
+                                calibration_masks_per_photo=1)
+    assert manifest.export["reused"] == 8 and manifest.export["made"] == 2
+    files = [a.file for a in manifest.artifacts]
+    stem = f"gmcnn_tf_c4_{SHAPE[0]}x{SHAPE[1]}_tensor_fp16"
+    assert f"{stem}.tflite" in files and f"{stem}.mlpackage" in files and len(files) == 10
+    rc, out, err = run_cli("golden", "--artifacts", art, "--out", bundle)
+    assert rc == 0, err
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # -I: no PYTHONPATH, no script-dir import
+    consumer = Path(__file__).resolve().parent / "app_consumer.py"
+    r = subprocess.run([sys.executable, "-I", str(consumer), str(bundle), str(art), str(device)], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert "ran 8 TFLite artifact(s)" in r.stdout and r.stdout.count("sha256 ok") == 10
+
+    folders = {a["artifact"]: a["folder"] for a in json.loads((bundle / "index.json").read_text())["artifacts"]}
+    assert folders[f"{stem}.tflite"] != folders[f"{stem}.mlpackage"]
+    # Android's outputs alone: everything selected passes
+    rc, out, err = run_cli("compare", bundle, device, "--format", "tflite")
+    assert rc == 0 and "8/8 outputs pass" in out, out + err
+    # without a selection the Core ML outputs (an iOS run's) are missing
+    rc, out, _ = run_cli("compare", bundle, device)
+    assert rc == 1 and "8/10 outputs pass" in out and out.count("missing") == 2

@@ -112,7 +112,7 @@ def _entry_beside(file: Path):
     if not (file.parent / MANIFEST_NAME).is_file():
         return None
     for art in load_manifest(file.parent).artifacts:
-        if Path(art.file).name == file.name and (file.parent / art.file).resolve() == file.resolve():
+        if (file.parent / art.file).resolve() == file.resolve():
             return art
     return None
 
