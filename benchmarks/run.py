@@ -232,6 +232,29 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True, leave=True)
 
 
+def latency_shapes(cfg: BenchConfig, manifest) -> List[str]:
+    """The TFLite shapes the latency section times ("ROWSxCOLS", smallest first)."""
+    tfl = [a for a in manifest.artifacts if a.format == "tflite"]
+    shapes = sorted({f"{a.height}x{a.width}" for a in tfl}, key=lambda s: int(s.split("x")[0]))
+    if cfg.shapes:
+        return [s for s in shapes if s in cfg.shapes]
+    return shapes[:1] if cfg.quick else shapes
+
+
+def check_timed_artifacts(cfg: BenchConfig, manifest) -> None:
+    """Refuse, before any work or output, a TFLite file the latency section would time that is not
+    the one the manifest describes (latency is measured only on described files)."""
+    from runtime_py.manifest import check_artifact
+
+    if "latency" not in cfg.sections:
+        return
+    shapes = latency_shapes(cfg, manifest)
+    for a in manifest.artifacts:
+        if (a.format == "tflite" and f"{a.height}x{a.width}" in shapes
+                and (not cfg.precisions or a.precision in cfg.precisions) and (not cfg.ios or a.io in cfg.ios)):
+            check_artifact(Path(cfg.artifacts) / a.file, a)
+
+
 def run_latency(cfg: BenchConfig, manifest, meta: dict, cache: Path, logs: Path) -> dict:
     from .latency import android_commands, derive, plan_latency
     from .references import export_onnx, model_macs, resolve_checkpoint
@@ -240,12 +263,7 @@ def run_latency(cfg: BenchConfig, manifest, meta: dict, cache: Path, logs: Path)
     checkpoint = resolve_checkpoint(manifest, cfg.artifacts, cfg.checkpoint)
     if cfg.checkpoint is not None and checkpoint is None:
         raise UserError(f"{cfg.checkpoint}: checkpoint not found")
-    tfl = [a for a in manifest.artifacts if a.format == "tflite"]
-    shapes = sorted({f"{a.height}x{a.width}" for a in tfl}, key=lambda s: int(s.split("x")[0]))
-    if cfg.shapes:
-        shapes = [s for s in shapes if s in cfg.shapes]
-    elif cfg.quick and shapes:
-        shapes = shapes[:1]
+    shapes = latency_shapes(cfg, manifest)
     onnx_files: Dict[str, Path] = {}
     macs: Dict[str, int] = {}
     model = ""
@@ -272,13 +290,7 @@ def run_latency(cfg: BenchConfig, manifest, meta: dict, cache: Path, logs: Path)
     specs = plan_latency(manifest, cfg.artifacts, cfg.threads, cfg.warmup, cfg.runs, checkpoint, onnx_files,
                          cfg.sgemm_n, shapes=shapes, precisions=cfg.precisions, ios=cfg.ios,
                          xnnpack_off=cfg.xnnpack_off, model=model)
-    from runtime_py.manifest import check_artifact
-
-    planned = {s["file"] for s in specs if s["kind"] == "tflite"}
-    for a in tfl:  # latency is measured only on files the manifest describes; refused before any run
-        if a.file in planned:
-            check_artifact(Path(cfg.artifacts) / a.file, a)
-    results = []
+    results = []  # every TFLite file in specs was checked by check_timed_artifacts (same shapes and filters)
     bar = _progress(len(specs), "latency")
     for spec in specs:
         bar.set_postfix_str(spec["label"])
@@ -465,6 +477,7 @@ def run_bench(cfg: BenchConfig) -> Dict[str, Path]:
     from .report import write_report
 
     manifest = load_manifest(cfg.artifacts)
+    check_timed_artifacts(cfg, manifest)  # before the output folder, the SGEMM peak and the ONNX references
     cfg.out.mkdir(parents=True, exist_ok=True)
     cache, logs = cfg.out / "cache", cfg.out / "logs"
     cache.mkdir(exist_ok=True)

@@ -639,6 +639,9 @@ CASES: List[Case] = [
          lambda d, s: ["compare", s.bundle, _device_copy(d, s), "--json", _file(d) / "rows.json"],
          r"cannot write the --json file: .*a_file is a file, not a folder"),
     # ------------------------------------------------------------------------------- bench
+    Case("defect1-bench-changed-artifact",
+         lambda d, s: ["bench", "--artifacts", _changed_export(d, s, 0.25), "--out", d / "br", "--sections", "latency"],
+         r"tensor\.tflite: not the artifact the manifest describes"),  # before any measurement or output folder
     Case("bench-folder-without-manifest",
          lambda d, s: ["bench", "--artifacts", (d / "exp").mkdir() or d / "exp", "--out", d / "br", "--sections", "latency"],
          r"no export manifest here"),
