@@ -18,7 +18,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -325,10 +325,14 @@ def generator_from_weights(meta: GeneratorMeta, tensors: Dict[str, np.ndarray], 
     return gen.eval()
 
 
-def convert_checkpoint(src: os.PathLike, out: os.PathLike, dtype: str = "float32") -> Path:
-    """Convert an official (or project) checkpoint into the project format."""
+def convert_checkpoint(src: os.PathLike, out: os.PathLike, dtype: str = "float32",
+                       description: Optional[str] = None) -> Path:
+    """Convert an official (or project) checkpoint into the project format (``description`` replaces the
+    metadata's description when given, e.g. when a trained checkpoint becomes the shipped model)."""
     meta, tensors = read_checkpoint(src)
     meta.source = str(src)
     meta.source_sha256 = sha256_path(src)
+    if description is not None:
+        meta.description = description
     gen = generator_from_weights(meta, tensors, origin=str(src))
     return save_checkpoint(gen, out, dtype=dtype)

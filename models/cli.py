@@ -1,4 +1,4 @@
-"""Model subcommands: init-checkpoint, convert-checkpoint, inspect, train, evaluate."""
+"""Model subcommands: init-checkpoint, convert-checkpoint, inspect, train, evaluate, pack-photos."""
 from __future__ import annotations
 
 import json
@@ -38,6 +38,8 @@ def register(sub) -> None:
     p.add_argument("src", type=Path, help="TF checkpoint directory or prefix (snap-0), or a .pth generator state dict")
     p.add_argument("out", type=Path, help="output .safetensors path")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored weight dtype")
+    p.add_argument("--description", default=None,
+                   help="replace the description metadata (default: keep the source's)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("inspect", help="print a checkpoint's variant, width, parameter count and GMACs",
@@ -47,10 +49,11 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_inspect)
 
-    from .train_cli import register as register_train, register_evaluate
+    from .train_cli import register as register_train, register_evaluate, register_pack
 
     register_train(sub)
     register_evaluate(sub)
+    register_pack(sub)
 
 
 def _check_output(out: Path) -> None:
@@ -98,7 +101,8 @@ def cmd_convert(args) -> int:
         from runtime_py.errors import UserError
 
         raise UserError("output path equals the source checkpoint; choose another")
-    out = _write(lambda: convert_checkpoint(args.src, args.out, dtype=args.dtype), args.out)
+    out = _write(lambda: convert_checkpoint(args.src, args.out, dtype=args.dtype, description=args.description),
+                 args.out)
     print(f"wrote {out}")
     return 0
 

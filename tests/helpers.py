@@ -158,6 +158,24 @@ def png_with_exif(pixels: np.ndarray, orientation: int) -> bytes:
     return data[:ihdr_end] + png_chunk(b"eXIf", exif_payload(orientation)) + data[ihdr_end:]
 
 
+def write_shared_layout(root, seed: int = 0, size: Tuple[int, int] = (60, 80), extra_train: int = 3):
+    """A miniature ``../shared/data``: every validation and held-out photo of :mod:`models.dataset` at its real
+    place (``train/<group>/<file>`` or ``photos/<file>``), plus ``photos/Aqua.jpg`` and ``extra_train`` portrait
+    photos in ``train/misc``; noisy (``noise`` 25) so that JPEG quality changes their size a lot. Returns root."""
+    from models.dataset import HELD_OUT, VALIDATION
+
+    rows, cols = size
+    for i, name in enumerate(VALIDATION + HELD_OUT + ("Aqua.jpg",)):
+        in_train = name[0].islower()  # train/ groups are lower-case folder names, photos/ wallpapers capitalised
+        group, _, file = name.partition("-") if in_train else ("", "", name)
+        write_photos(root / (f"train/{group}" if in_train else "photos"), [(rows, cols)], names=[file],
+                     seed=seed + i, noise=25.0)
+    write_photos(root / "train" / "misc", [(cols, rows)] * extra_train,
+                 names=[f"extra_{i}.jpg" for i in range(extra_train)], seed=seed + 100, noise=25.0)
+    (root / "train" / "LICENSES.md").write_text("not a photo")
+    return root
+
+
 # ------------------------------------------------------------------------------------------- CLI
 
 def run_cli(*argv) -> Tuple[int, str, str]:

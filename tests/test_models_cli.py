@@ -111,6 +111,18 @@ def test_convert_checkpoint_pth(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["converted.safetensors", "latest_net_GM.pth"]
 
 
+def test_convert_checkpoint_can_replace_the_description(tmp_path):
+    gen = models.build_generator("tf", 2, description="a training run's own words")
+    gen.meta.extra = {"step": 7}
+    src = models.save_checkpoint(gen, tmp_path / "best.safetensors")
+    rc, _, _ = cli("convert-checkpoint", src, tmp_path / "kept.safetensors")
+    assert rc == 0 and read_project_metadata(tmp_path / "kept.safetensors")["description"] == "a training run's own words"
+    rc, _, _ = cli("convert-checkpoint", src, tmp_path / "shipped.safetensors", "--dtype", "float16",
+                   "--description", "default model: NOT the official one")
+    meta = read_project_metadata(tmp_path / "shipped.safetensors")
+    assert rc == 0 and meta["description"] == "default model: NOT the official one" and meta["extra"] == {"step": 7}
+
+
 def test_convert_checkpoint_refuses_to_overwrite_source(tmp_path):
     src = models.save_checkpoint(models.build_generator("tf", 2), tmp_path / "m.safetensors")
     before = src.read_bytes()
