@@ -418,11 +418,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
             photos.append(load_photo(by_name[name], cfg.cache_short_side))
     val_photos = [load_photo(by_name[n], cfg.cache_short_side) for n in split.validation]
     val_images, val_masks = validation_set(val_photos, cfg.val_size, cfg.val_masks_per_photo, cfg.seed)
-    # the run folder appears only now, once the photos were found and decoded: a refused run leaves none
-    make_output_dir(out, "run folder (--out)")
-    atomic_write_text(out / "config.json", json.dumps({**asdict(cfg), "train_photos": split.train,
-                                                       "val_photo_files": split.validation,
-                                                       "excluded_present": split.held_out}, indent=2))
 
     # ---- the network, its history, the optimiser
     if state is not None:
@@ -483,6 +478,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
         model = torch.compile(gen, mode=None if cfg.compile == "default" else cfg.compile, dynamic=False)
     penalty = ActivationPenalty(gen, cfg.activation_limit) if cfg.activation_penalty > 0 else None
 
+    # the run folder appears only now, once the photos were decoded and the
+    # starting weights loaded: a refused run leaves none
+    make_output_dir(out, "run folder (--out)")
+    atomic_write_text(out / "config.json", json.dumps({**asdict(cfg), "train_photos": split.train,
+                                                       "val_photo_files": split.validation,
+                                                       "excluded_present": split.held_out}, indent=2))
     loader_threads = resolve_loader_threads(cfg.loader_threads, device.type)
     batches = BatchStream(photos, recipe, cfg.seed, first_step=step, threads=loader_threads,
                           pin_memory=device.type == "cuda")

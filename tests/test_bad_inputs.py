@@ -44,7 +44,8 @@ import cv2
 import numpy as np
 import pytest
 
-from helpers import exif_payload, make_checkpoint, photo, png_chunk, png_with_exif, run_cli, write_photos
+from helpers import (exif_payload, make_checkpoint, photo, png_chunk, png_with_exif, run_cli, write_photos,
+                     write_shared_layout)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_TFLITE = ROOT / "tests" / "data" / "runtime_tflite" / "tensor.tflite"  # 16x24, output = image*(1-m)+0.5m
@@ -390,8 +391,8 @@ def _inpaint_tflite(d: Path, s: Shared, export: Path, *extra) -> List:
 
 
 def _train(d: Path, photos: Path, *extra) -> List:
-    return ["train", "--photos", photos, "--out", d / "run", "--cnum", "4", "--crop", "32", "--val-crop", "32",
-            "--max-steps", "1", "--device", "cpu", *extra]
+    return ["train", "--photos", photos, "--out", d / "run", "--cnum", "4", "--crop", "32", "--val-size", "32x32",
+            "--val-masks-per-photo", "1", "--max-steps", "1", "--device", "cpu", *extra]
 
 
 def _train_photos(d: Path, bad: Sequence[str] = ()) -> Path:
@@ -503,20 +504,50 @@ CASES: List[Case] = [
     Case("train-resume-without-a-run",
          lambda d, s: _train(d, _train_photos(d), "--val-photos", "p0.png", "--resume"), r"last\.pt does not exist"),
     # ---------------------------------------------------------------------------- evaluate
+    Case("train-validation-photo-also-held-out",
+         lambda d, s: _train(d, _train_photos(d), "--val-photos", "p0.png", "--exclude-photos", "p0.png"),
+         r"both held out and validated on: p0\.png"),
+    Case("train-whole-size-not-a-multiple-of-4",
+         lambda d, s: _train(d, _train_photos(d), "--val-photos", "p0.png", "--whole-fraction", "0.5",
+                             "--whole-size", "30x40"), r"multiple of 4"),
+    Case("train-hole-fraction-out-of-range",
+         lambda d, s: _train(d, _train_photos(d), "--val-photos", "p0.png", "--max-hole", "1.5"),
+         r"--max-hole and --hole-start must be fractions"),
+    Case("train-peak-samples-not-an-npz",
+         lambda d, s: _train(d, _train_photos(d), "--val-photos", "p0.png", "--peak-samples", _file(d)),
+         r"a_file: not a samples file"),
+    Case("train-init-from-missing-checkpoint",
+         lambda d, s: _train(d, _train_photos(d), "--val-photos", "p0.png", "--init-from", d / "nope.safetensors"),
+         r"nope\.safetensors"),
+    # ---------------------------------------------------------------------------- evaluate
     Case("evaluate-photo-not-found",
-         lambda d, s: ["evaluate", *_ck(s), "--photos", d, "--names", "absent.jpg", "--sizes", "64x64"],
-         r"absent\.jpg: no such photo"),
+         lambda d, s: ["evaluate", *_ck(s), "--data", s.root, "--names", "absent.jpg", "--size", "64x64"],
+         r"not found in .*: absent\.jpg"),
     Case("evaluate-bad-size-text",
-         lambda d, s: ["evaluate", *_ck(s), "--photos", s.root, "--names", "photo.png", "--sizes", "64by64"],
+         lambda d, s: ["evaluate", *_ck(s), "--data", s.root, "--names", "photo.png", "--size", "64by64"],
          r"expected HxW"),
     Case("evaluate-out-under-a-file",
-         lambda d, s: ["evaluate", *_ck(s), "--photos", s.root, "--names", "photo.png", "--sizes", "64x64",
+         lambda d, s: ["evaluate", *_ck(s), "--data", s.root, "--names", "photo.png", "--size", "64x64",
                        "--out", _file(d) / "eval.json"],
          r"a_file is a file, not a folder"),
     Case("evaluate-garbage-checkpoint",
-         lambda d, s: ["evaluate", "--checkpoint", write(d / "g.safetensors", b"\x00" * 100), "--photos", s.root,
-                       "--names", "photo.png", "--sizes", "64x64"],
+         lambda d, s: ["evaluate", "--checkpoint", write(d / "g.safetensors", b"\x00" * 100), "--data", s.root,
+                       "--names", "photo.png", "--size", "64x64"],
          r"g\.safetensors"),
+    # ------------------------------------------------------------------------- pack-photos
+    Case("pack-photos-data-missing",
+         lambda d, s: ["pack-photos", "--data", d / "nowhere", "--out", d / "packed", "--tree-mib", "0"],
+         r"nowhere: not a directory of photos"),
+    Case("pack-photos-without-the-validation-photos",
+         lambda d, s: ["pack-photos", "--data", s.root, "--out", d / "packed", "--tree-mib", "0"],
+         r"validation photos not in the folder"),
+    Case("pack-photos-out-is-someone-elses-folder",
+         lambda d, s: ["pack-photos", "--data", write_shared_layout(d / "data"), "--out",
+                       _file(d / "mine", "keep.txt").parent, "--tree-mib", "0", "--long-side", "64"],
+         r"mine exists and is not a packed photo folder"),
+    Case("pack-photos-tree-over-the-limit",
+         lambda d, s: ["pack-photos", "--data", s.root, "--out", d / "packed", "--tree-mib", "70"],
+         r"nothing is left of the 64 MiB"),
     # ------------------------------------------------------------------------------ export
     Case("defect4-export-out-is-a-file", lambda d, s: ["export", *_ck(s), "--out", _file(d), "--formats", "tflite"],
          r"export folder names an existing file"),
@@ -697,7 +728,7 @@ def test_bad_input(case: Case, shared: Shared, tmp_path: Path):
 def _command_of_id(case_id: str) -> str:
     """Case ids are ``COMMAND-what`` or ``defectN-COMMAND-what``."""
     word = case_id.split("-")[1] if case_id.startswith("defect") else case_id.split("-")[0]
-    return {"init": "init-checkpoint", "convert": "convert-checkpoint"}.get(word, word)
+    return {"init": "init-checkpoint", "convert": "convert-checkpoint", "pack": "pack-photos"}.get(word, word)
 
 
 def test_the_matrix_covers_every_command():
