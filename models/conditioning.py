@@ -188,7 +188,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                    "photos prepared at 1024x1360")
     src.add_argument("--photos", type=Path, help="photo folder: each photo's centred view at --shape with "
                                                   "--masks-per-photo masks, as the trainer validates")
-    p.add_argument("--names", nargs="+", default=None, metavar="NAME", help="photos of --photos to use (default: all)")
+    p.add_argument("--names", nargs="+", default=None, metavar="NAME",
+                   help="photos of --photos to use (default: all; --validation: the validation photos)")
+    p.add_argument("--validation", action="store_true",
+                   help="use the 10 validation photos of models.dataset.VALIDATION (e.g. in a packed folder)")
     p.add_argument("--shape", default="512x680", help="ROWSxCOLS for --photos")
     p.add_argument("--masks-per-photo", type=int, default=2, help="masks per photo for --photos")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
@@ -210,6 +213,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             shape = parse_size(args.shape)
             paths = list_photos(args.photos)
+            if args.validation:
+                from .dataset import VALIDATION
+
+                args.names = list(VALIDATION)
             if args.names:
                 missing = sorted(set(args.names) - {q.name for q in paths})
                 if missing:

@@ -350,6 +350,18 @@ def _phase_of(cfg: TrainConfig) -> dict:
             "hole_start": cfg.hole_start, "hole_ramp_steps": cfg.hole_ramp_steps}
 
 
+def hole_curriculum_start(phases: List[dict]) -> int:
+    """The step the hole curriculum counts from: the start of the run of latest phases that share the hole
+    settings (a new learning rate on resume does not restart the ramp; new hole settings do)."""
+    keys = ("max_hole", "hole_start", "hole_ramp_steps")
+    start = phases[-1]["from_step"]
+    for p in reversed(phases):
+        if any(p.get(k) != phases[-1].get(k) for k in keys):
+            break
+        start = p["from_step"]
+    return start
+
+
 def _describe_phases(phases: List[dict]) -> str:
     parts = []
     for p in phases:
@@ -463,7 +475,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
     if not phases or any(phases[-1].get(k) != v for k, v in current.items()):
         phases.append({**current, "from_step": step})
     recipe = Recipe(cfg.batch_size, cfg.crop, cfg.max_scale, cfg.whole_fraction, tuple(cfg.whole_size),
-                    cfg.whole_batch_size, cfg.max_hole, cfg.hole_start, cfg.hole_ramp_steps, phases[-1]["from_step"])
+                    cfg.whole_batch_size, cfg.max_hole, cfg.hole_start, cfg.hole_ramp_steps, hole_curriculum_start(phases))
     origin = f"; continued from {cfg.init_from} at step {prior_runs[-1]['to_step'] if prior_runs else 0}" \
         if cfg.init_from else f" ({cfg.init} init)"
     gen.meta.description = (

@@ -17,7 +17,9 @@
 #      GMCNN_TRAIN_MINUTES=9 bash models/train_on_device.sh
 #    Training stops at 9 minutes of wall time, set-up and validation included; converting and splitting
 #    the checkpoint takes seconds. The run lives in GMCNN_TRAIN_RUN (/tmp/gmcnn_train/run), so a second call
-#    on the same, still warm machine resumes it (--resume, e.g. GMCNN_TRAIN_LR=5e-5 for a lower-rate phase).
+#    on the same, still warm machine (warm for 30 s after a call) resumes it: only if status leaves >= 200 s,
+#    GMCNN_TRAIN_MINUTES=2.5 GMCNN_TRAIN_LR=5e-5 bash models/train_on_device.sh (timeout_s 190); else give_back.
+#    If the first call fails within its first minute, its output tail says why; fix and call again.
 # 3. Back here (FILES_AT = the files_at folder of the call's reply):
 #      mkdir -p runs/gpu && cat FILES_AT/best_fp16.safetensors.part-* > runs/gpu/best_fp16.safetensors
 #      (cd runs/gpu && sha256sum -c FILES_AT/best_fp16.sha256) && cp FILES_AT/log.jsonl FILES_AT/config.json runs/gpu/

@@ -243,6 +243,16 @@ def test_init_from_continues_the_step_count_and_records_each_run(photo_dir, tmp_
     assert "start.safetensors at step 50" in best.meta.description
 
 
+def test_a_new_learning_rate_does_not_restart_the_hole_curriculum():
+    from models.train import hole_curriculum_start
+
+    holes = {"max_hole": 0.4, "hole_start": 0.3, "hole_ramp_steps": 2000}
+    phases = [{"from_step": 0, "lr": 1e-3, **holes}, {"from_step": 500, "lr": 1e-4, **holes}]
+    assert hole_curriculum_start(phases) == 0
+    phases.append({"from_step": 900, "lr": 1e-4, **holes, "max_hole": 0.5})
+    assert hole_curriculum_start(phases) == 900
+
+
 def test_learning_rate_warms_up_from_the_optimiser_start():
     from models.train import learning_rate
 
