@@ -669,7 +669,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
         timing = {"kind": "timing", "step": step, "wall_s": round(wall, 1), **{k: round(v, 1) for k, v in timer.items()},
                   "timed_steps": timed_steps, "steps_this_call": step - first_step,
                   "steps_per_s": round(timed_steps / timer["steps_s"], 2) if timer["steps_s"] > 0 else None,
-                  "step_share": round((timer["steps_s"] + timer["warmup_s"]) / wall, 3) if wall > 0 else None}
+                  "step_share": round(timer["steps_s"] / wall, 3) if wall > 0 else None}  # warm-up excluded
         record(timing)
         log.close()
     return {"step": step, "trained_s": trained_s, "best_val_hole_psnr": best_key[1],
