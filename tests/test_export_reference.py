@@ -1,0 +1,180 @@
+"""No behaviour change: a tiny export writes the same artifacts and manifest as the code did before
+the consolidation of issue 16 (one artifact contract, one tolerance module, one runner layer, export
+options as one value).
+
+The digests below were recorded with the code of commit 5bd8cc5 (main before issue 16), by this
+file's own ``record`` command run in a checkout of that commit (``python tests/test_export_reference.py
+record DIR`` prints them); conversion is deterministic: two recordings gave the same digests. Two
+exports of the cnum-4 ``lively_generator`` at 64x96:
+
+* ``defaults``: TFLite fp32, fp16, int8-dynamic, int8 and Core ML fp16, tensor and image signatures;
+* ``options``: TFLite fp32 and int8 (tensor) with the non-default options ``upsample_mode=
+  depth_to_space`` and ``int8_tail=False``, which must reach the converter worker unchanged.
+
+What is compared, and what is normalised first (volatile by design, not behaviour):
+
+* every ``.tflite`` file: its sha256;
+* every ``.mlpackage``: a digest of its file listing like the manifest's, except that the package's
+  ``Manifest.json`` is hashed with each item's random UUID (new at every save, and the order of the
+  items follows it) replaced by the item's path, so two exports of the same model, which never have
+  the same raw package digest, compare equal when every file but that index is identical;
+* ``manifest.json``, parsed, without ``created`` (time of writing), ``tools`` (version strings:
+  checked apart, below), ``export.seconds``, ``build.convert_seconds`` and
+  ``op_inventory.postpass.calibration.seconds`` (timings), ``export.calibration.folder`` and
+  ``export.holdout.folder`` (absolute paths of this checkout; their photos' sha256 stays),
+  ``cache_key`` (it hashes the export code itself, so it changes with any code change by design);
+  an ``.mlpackage``'s ``sha256`` is replaced by the normalised digest above (after checking that it is
+  the package's real digest). ``value_range`` is compared as numbers (JSON ``0`` and ``0.0`` alike).
+
+The reference holds only for the pinned tool versions it was recorded with (``TOOLS``): another
+TensorFlow or coremltools writes other bytes, and the test says so rather than comparing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import lively_generator  # noqa: E402
+
+SHAPE = (64, 96)
+TFLITE_PRECISIONS = ["fp32", "fp16", "int8-dynamic", "int8"]
+EXPORTS = {
+    "defaults": dict(formats=["tflite", "coreml"], precisions=TFLITE_PRECISIONS, ios=["tensor", "image"]),
+    "options": dict(formats=["tflite"], precisions=["fp32", "int8"], ios=["tensor"],
+                    upsample_mode="depth_to_space", int8_tail=False),
+}
+TOOLS = {
+    "torch": "2.13.0+cpu",
+    "onnx": "1.19.1",
+    "onnxsim": "0.4.36",
+    "onnx2tf": "1.29.24",
+    "tensorflow": "2.19.0",
+    "tf_keras": "2.19.0",
+    "litert": "2.1.0",
+    "coremltools": "9.0",
+    "onnxruntime": "1.23.0",
+    "numpy": "1.26.4",
+    "flatbuffers": "25.12.19",
+    "onnx_opset": "17"
+}
+REFERENCE = {
+    "defaults": {
+        "gmcnn_tf_c4_64x96_image_fp16.mlpackage": "b223112b0e166e4558fb1a005da79d796e8e1ed609b22ae2629db7693b86df35",
+        "gmcnn_tf_c4_64x96_image_fp16.tflite": "1bf4fe5aca631889bcc97ac7648a0146b10b0e9b108c39f2a3aca564baf481f3",
+        "gmcnn_tf_c4_64x96_image_fp32.tflite": "ed4d603e0d623212bc98f695921c9250754d42a7a23d6d8626e47a95e38185ca",
+        "gmcnn_tf_c4_64x96_image_int8-dynamic.tflite": "27725c58385b3699fe7f4aafbb852b307d26471fe1427fb0b2610b70940aa2da",
+        "gmcnn_tf_c4_64x96_image_int8.tflite": "82af402eae89a6af011a8ae987346424266de773bd7f50b45b4bf72bcd106721",
+        "gmcnn_tf_c4_64x96_tensor_fp16.mlpackage": "005b1ad93afe6b7d9d35fd745a10dc0e88dcc2d905a8bec666f3b31b3671668c",
+        "gmcnn_tf_c4_64x96_tensor_fp16.tflite": "55253cc32ce0424ffed33ed5908b76ebd3777f3df5f10852c5b4d43eb2c7ff4f",
+        "gmcnn_tf_c4_64x96_tensor_fp32.tflite": "721e06aacdd1a0e6557ee42f3dd9fb17bdfc338946232d6877634f939bc8875b",
+        "gmcnn_tf_c4_64x96_tensor_int8-dynamic.tflite": "50ed2a9fefdc6180bf6a263d34658028ff4e7263fdcf630d6f1a498933dd6230",
+        "gmcnn_tf_c4_64x96_tensor_int8.tflite": "ae54a53dc7cd56007c5c8c0c75405f6f83048d305623e6fde347ad3b10935e97",
+        "manifest.json": "177df5439aa5bd54b68be3d390ab07c718890612257e6b2fa1fe2d8c6036d4f0"
+    },
+    "options": {
+        "gmcnn_tf_c4_64x96_tensor_fp32.tflite": "ee3b12256fedf9f62384680ecb30ff054b5d6edcf30be85c4a76d6bd3b3aa7b3",
+        "gmcnn_tf_c4_64x96_tensor_int8.tflite": "59d379b06b64bf248c5ad1fa30a01fe56c15c05c58d521af4c55de01d0ff9042",
+        "manifest.json": "8db724483e94017986c7637f7f105010ef8d34856fb33b8d403c5ac345a1cfe2"
+    }
+}
+
+VOLATILE_TOOLS = ("python",)
+
+
+def export_tiny(out: Path, name: str):
+    """The export ``name`` of :data:`EXPORTS` into ``out`` (the same call in the test and in ``record``)."""
+    from export.api import export_artifacts
+
+    return export_artifacts(lively_generator("tf", 4, seed=0), out, shapes=[SHAPE], threads=2, progress=False,
+                            calibration_masks_per_photo=1, **EXPORTS[name])
+
+
+def package_digest(package: Path) -> str:
+    """The manifest's listing digest of an .mlpackage, with Manifest.json's UUIDs replaced by item paths."""
+    lines = []
+    for f in sorted((p for p in package.rglob("*") if p.is_file()), key=lambda p: p.relative_to(package).as_posix()):
+        data = f.read_bytes()
+        if f.relative_to(package).as_posix() == "Manifest.json":
+            index = json.loads(data)
+            items = index.pop("itemInfoEntries")
+            index["rootModelIdentifier"] = items[index["rootModelIdentifier"]]["path"]
+            index["items"] = sorted(items.values(), key=lambda item: item["path"])
+            data = json.dumps(index, sort_keys=True).encode()
+        lines.append(f"{hashlib.sha256(data).hexdigest()}  {f.relative_to(package).as_posix()}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def normalised_manifest(out: Path) -> dict:
+    """manifest.json without its volatile fields (see the module docstring)."""
+    from runtime_py.manifest import artifact_digest
+
+    m = json.loads((out / "manifest.json").read_text())
+    for key in ("created", "tools"):
+        m.pop(key)
+    m["export"].pop("seconds")
+    for photos in ("calibration", "holdout"):
+        m["export"][photos].pop("folder")
+    for a in m["artifacts"]:
+        a.pop("cache_key")
+        a["build"].pop("convert_seconds")
+        a["op_inventory"].get("postpass", {}).get("calibration", {}).pop("seconds", None)
+        if a["file"].endswith(".mlpackage"):
+            assert (a["sha256"], a["bytes"]) == artifact_digest(out / a["file"]), a["file"]
+            a["sha256"] = package_digest(out / a["file"])
+        for t in a["inputs"] + a["outputs"]:
+            t["value_range"] = [float(v) for v in t["value_range"]]
+    return m
+
+
+def digests(out: Path) -> dict:
+    """{file: digest} of every artifact, and of the normalised manifest (canonical JSON)."""
+    got = {}
+    for p in sorted(out.iterdir()):
+        if p.suffix == ".tflite":
+            got[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
+        elif p.suffix == ".mlpackage":
+            got[p.name] = package_digest(p)
+    canonical = json.dumps(normalised_manifest(out), sort_keys=True, separators=(",", ":"))
+    got["manifest.json"] = hashlib.sha256(canonical.encode()).hexdigest()
+    return got
+
+
+def tools(out: Path) -> dict:
+    return {k: v for k, v in json.loads((out / "manifest.json").read_text())["tools"].items() if k not in VOLATILE_TOOLS}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    pytest.importorskip("coremltools", reason="the reference export includes Core ML (the export extra)")
+    root = tmp_path_factory.mktemp("reference")
+    for name in EXPORTS:
+        export_tiny(root / name, name)
+    return root
+
+
+@pytest.mark.parametrize("name", list(EXPORTS))
+def test_tiny_export_is_byte_identical_to_the_recorded_one(exported, name):
+    out = exported / name
+    if tools(out) != TOOLS:
+        pytest.fail(f"the reference was recorded with {TOOLS}; this environment has {tools(out)}: "
+                    "re-record it (module docstring) at the commit it names")
+    got, want = digests(out), REFERENCE[name]
+    differ = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    assert not differ, f"{name}: these differ from the recorded export: {differ}"
+
+
+if __name__ == "__main__":
+    # python tests/test_export_reference.py record DIR   -> exports into DIR/<name> and prints TOOLS and REFERENCE
+    # python tests/test_export_reference.py digest DIR   -> prints them for exports already in DIR
+    command, root = sys.argv[1], Path(sys.argv[2])
+    if command == "record":
+        for export_name in EXPORTS:
+            export_tiny(root / export_name, export_name)
+    print("TOOLS =", json.dumps(tools(root / next(iter(EXPORTS))), indent=4))
+    print("REFERENCE =", json.dumps({n: digests(root / n) for n in EXPORTS}, indent=4))
