@@ -27,6 +27,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
+from runtime_py import tolerances
 from runtime_py.errors import MissingDependencyError, UserError
 from runtime_py.imageio import default_file_mode
 
@@ -37,25 +38,11 @@ DEFAULT_PRECISIONS = ("fp16", "w8")
 # Tensors smaller than this stay fp16 (biases; compressing them saves nothing worth an op).
 WEIGHT_THRESHOLD = 512
 PALETTE_BITS = 6
-# Reference executor vs PyTorch fp32, per precision: max abs error of the raw output in [-1,1]
-# (tensor I/O), max difference in 8-bit levels of the composite (image I/O), and the least
-# 8-bit PSNR over the hole. Measured numbers behind each entry: docs/COREML.md.
-EXECUTOR_TOLERANCES = {
-    "fp16": {"max_abs": 1e-2, "max_abs_u8": 3, "hole_psnr_db": 50.0},
-    "w8": {"max_abs": 0.2, "max_abs_u8": 24, "hole_psnr_db": 35.0},
-    "palettized": {"max_abs": 0.5, "max_abs_u8": 64, "hole_psnr_db": 25.0},
-}
-# Rows for the export's parity gate (export.parity.tolerance_for reads a backend's table):
-# hole PSNR floors a few dB under the worst measured case, known pixels must survive the
-# image signature's in-graph compositing untouched. Measurements: docs/COREML.md.
-PARITY_TOLERANCES = {
-    ("fp16", "tensor"): {"min_hole_psnr_db": 50.0},
-    ("fp16", "image"): {"min_hole_psnr_db": 50.0, "max_known_pixels_changed": 0},
-    ("w8", "tensor"): {"min_hole_psnr_db": 33.0},
-    ("w8", "image"): {"min_hole_psnr_db": 33.0, "max_known_pixels_changed": 0},
-    ("palettized", "tensor"): {"min_hole_psnr_db": 25.0},
-    ("palettized", "image"): {"min_hole_psnr_db": 25.0, "max_known_pixels_changed": 0},
-}
+# The tolerance tables live with every other one, in runtime_py.tolerances (measurements: docs/COREML.md):
+# the reference executor vs PyTorch fp32, and the export gate's Core ML rows (export.parity.tolerance_for
+# reads a backend's PARITY_TOLERANCES).
+EXECUTOR_TOLERANCES = tolerances.COREML_EXECUTOR
+PARITY_TOLERANCES = tolerances.COREML_PARITY
 AUTHOR = "gmcnn-mobile"
 LICENSE = "MIT (code); weights: see the checkpoint's licence"
 

@@ -11,23 +11,17 @@ import warnings
 from pathlib import Path
 from typing import Tuple
 
+from runtime_py.contract import INPUT_NAMES, OUTPUT_NAMES
+
 OPSET = 17
-INPUT_NAMES = ("image", "mask")
-OUTPUT_NAMES = ("output",)
-
-
-def example_inputs(io: str, shape: Tuple[int, int]):
-    """Dummy (image, mask) NCHW float32 tensors (values do not matter for tracing; both signatures trace float)."""
-    import torch
-
-    rows, cols = shape
-    return (torch.zeros((1, 3, rows, cols)), torch.zeros((1, 1, rows, cols)))
 
 
 def export_onnx(module, io: str, shape: Tuple[int, int], path: Path, simplify: bool = True) -> Path:
     """Trace ``module`` (an :mod:`export.wrappers` module) at ``shape`` and write a simplified ONNX file."""
     import onnx
     import torch
+
+    from .wrappers import example_inputs
 
     path = Path(path)
     raw = path.with_name(path.stem + ".raw.onnx")
@@ -36,7 +30,7 @@ def export_onnx(module, io: str, shape: Tuple[int, int], path: Path, simplify: b
         with torch.no_grad():
             torch.onnx.export(
                 module,
-                example_inputs(io, shape),
+                example_inputs(shape, io),
                 str(raw),
                 input_names=list(INPUT_NAMES),
                 output_names=list(OUTPUT_NAMES),

@@ -15,7 +15,8 @@ Metrics (per artifact, over the held-out samples; see docs/TOLERANCES.md):
   reference outputs on the samples; the fp32 ``tensor`` limit grows with it (float32
   rounding is relative to the values a network carries, not to its output's range).
 
-A :data:`TOLERANCES` row decides pass or fail per precision and signature.
+A tolerance row (:mod:`runtime_py.tolerances`, which holds every table) decides pass or fail per
+precision and signature.
 """
 from __future__ import annotations
 
@@ -23,33 +24,20 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-PSNR_IDENTICAL = 100.0
-ONE_LEVEL = 1.0 / 127.5  # one 8-bit step in [-1, 1] units
-# Float32 rounding is relative: two correct fp32 implementations of a network differ by a few ulps of
-# the largest values it carries inside, however small its [-1, 1] output. So the fp32 limit grows with
-# the reference's peak activation (largest |value| any convolution outputs on the parity samples).
-FP32_ULP = 2.0 ** -23
+from runtime_py.contract import PIXEL_SCALE, composite, denormalize, mask_tensor, round_pixels
+from runtime_py.tolerances import FP32_ULP, ONE_LEVEL  # noqa: F401 (re-exported: the gate's units)
+from runtime_py.tolerances import PARITY as TOLERANCES
 
-# (precision, io) -> limits. Keys: max_abs (<=), min_hole_psnr_db (>=), max_known_pixels_changed (<=).
-# Measured and justified in docs/TOLERANCES.md.
-TOLERANCES: Dict[Tuple[str, str], Dict[str, float]] = {
-    ("fp32", "tensor"): {"max_abs": 2e-5, "max_abs_per_peak_activation": 2 * FP32_ULP},
-    ("fp32", "image"): {"max_abs": ONE_LEVEL + 1e-9, "max_known_pixels_changed": 0},
-    ("fp16", "tensor"): {"min_hole_psnr_db": 55.0},
-    ("fp16", "image"): {"min_hole_psnr_db": 55.0, "max_known_pixels_changed": 0},
-    ("int8-dynamic", "tensor"): {"min_hole_psnr_db": 40.0},
-    ("int8-dynamic", "image"): {"min_hole_psnr_db": 40.0, "max_known_pixels_changed": 0},
-    ("int8", "tensor"): {"min_hole_psnr_db": 38.0},
-    ("int8", "image"): {"min_hole_psnr_db": 38.0, "max_known_pixels_changed": 0},
-}
+PSNR_IDENTICAL = 100.0
 
 
 def tolerance_for(precision: str, io: str, overrides: Optional[Dict] = None,
                   backend_table: Optional[Dict] = None) -> Dict[str, float]:
     """The tolerance row of (precision, io).
 
-    ``overrides`` (the caller's) and then ``backend_table`` (a backend's ``PARITY_TOLERANCES``)
-    map precision or (precision, io) to a row; otherwise :data:`TOLERANCES` decides.
+    ``overrides`` (the caller's) and then ``backend_table`` (a backend's ``PARITY_TOLERANCES``, e.g.
+    :data:`runtime_py.tolerances.COREML_PARITY`) map precision or (precision, io) to a row; otherwise
+    the TFLite table :data:`runtime_py.tolerances.PARITY` decides.
     """
     for table in (overrides or {}, backend_table or {}):
         for key in ((precision, io), precision):
@@ -102,16 +90,14 @@ def max_abs_limit(tolerance: Dict[str, float], peak_activation: Optional[float])
 
 def to_pixels(x: np.ndarray) -> np.ndarray:
     """[-1, 1] float -> uint8 pixels, rounding half to even (as TFLite ROUND does)."""
-    return np.rint(np.clip((x.astype(np.float32) + 1.0) * 127.5, 0.0, 255.0)).astype(np.uint8)
+    return round_pixels(denormalize(x.astype(np.float32)))
 
 
 def composite_pixels(raw: np.ndarray, samples) -> np.ndarray:
     """uint8 composite of a raw [-1, 1] prediction: prediction in the hole, input elsewhere,
     computed as the ``image`` graph does (0..255 scale, then rounded)."""
     pixels = samples.images.astype(np.float32)
-    hole = samples.tensor_mask()
-    predicted = (raw.astype(np.float32) + 1.0) * np.float32(127.5)
-    return np.rint(np.clip(pixels + hole * (predicted - pixels), 0.0, 255.0)).astype(np.uint8)
+    return round_pixels(composite(pixels, mask_tensor(samples.masks), denormalize(raw.astype(np.float32))))
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -136,7 +122,7 @@ def compare(reference: np.ndarray, output: np.ndarray, samples, io: str,
         art_comp = composite_pixels(out, samples)
     else:
         art_comp = output.astype(np.uint8)
-        err = np.abs(art_comp.astype(np.float32) - ref_comp.astype(np.float32)) / 127.5
+        err = np.abs(art_comp.astype(np.float32) - ref_comp.astype(np.float32)) / PIXEL_SCALE
         known = ~hole
         changed = np.any(art_comp != samples.images, axis=-1) & known
         details["known_pixels_changed"] = int(changed.sum())

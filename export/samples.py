@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from runtime_py.contract import image_tensor, mask_pixels, mask_tensor
 from runtime_py.errors import UserError
 
 PHOTOS_DIR = Path(__file__).resolve().parent / "photos"
@@ -48,12 +49,12 @@ class Samples:
         return int(self.images.shape[1]), int(self.images.shape[2])
 
     def tensor_image(self) -> np.ndarray:
-        """(N, H, W, 3) float32 RGB in [-1, 1] (``x / 127.5 - 1``)."""
-        return self.images.astype(np.float32) / 127.5 - 1.0
+        """(N, H, W, 3) float32 RGB in [-1, 1] (:func:`runtime_py.contract.image_tensor`)."""
+        return image_tensor(self.images)
 
     def tensor_mask(self) -> np.ndarray:
-        """(N, H, W, 1) float32 in {0, 1}, 1 = hole."""
-        return (self.masks >= 128).astype(np.float32)
+        """(N, H, W, 1) float32 in {0, 1}, 1 = hole (:func:`runtime_py.contract.mask_tensor`)."""
+        return mask_tensor(self.masks)
 
     def digest(self) -> str:
         h = hashlib.sha256()
@@ -90,7 +91,7 @@ def hole_mask(index: int, shape: Tuple[int, int], seed: int) -> Tuple[str, np.nd
     kind = KINDS[index % len(KINDS)]
     size = list(SIZE_CLASSES)[(index // len(KINDS)) % len(SIZE_CLASSES)]
     mask = make_mask(kind, shape[0], shape[1], seed=seed * 1000 + index, size=size)
-    return f"{kind}-{size}", (mask > 0).astype(np.uint8) * 255
+    return f"{kind}-{size}", mask_pixels(mask > 0)
 
 
 def load_samples(

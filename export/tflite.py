@@ -300,22 +300,10 @@ def run(path: Path, io: str, samples, threads: int = 2):
 
 
 def _tensor_info(detail: dict, io: str):
-    from runtime_py.manifest import MASK_POLARITY_FLOAT, MASK_POLARITY_U8, TensorInfo
+    from runtime_py.contract import tensor_info
 
-    name = detail["name"]
-    dtype = np.dtype(detail["dtype"]).name
-    role = {"image": "image", "mask": "mask"}.get(name, "output")
-    scale, zero = detail.get("quantization", (0.0, 0))
-    quant = {"scale": float(scale), "zero_point": int(zero)} if scale else {}
-    if io == "image":
-        vrange = [0.0, 255.0]
-        polarity = MASK_POLARITY_U8 if role == "mask" else ""
-    else:
-        vrange = [0.0, 1.0] if role == "mask" else [-1.0, 1.0]
-        polarity = MASK_POLARITY_FLOAT if role == "mask" else ""
-    return TensorInfo(name=name, shape=[int(s) for s in detail["shape"]], dtype=dtype, layout="NHWC",
-                      value_range=vrange, channel_order="mask" if role == "mask" else "RGB",
-                      mask_polarity=polarity, quantization=quant, role=role)
+    return tensor_info(detail["name"], io, detail["shape"], np.dtype(detail["dtype"]).name, "NHWC",
+                       detail.get("quantization"))
 
 
 def describe(path: Path, io: str, shape=None):

@@ -36,8 +36,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .contract import MASK_THRESHOLD, mask_pixels
 from .errors import UserError
 from .imageio import check_output_dir, default_file_mode, make_output_dir
+from .tolerances import DEVICE
 
 # 2: one folder per artifact file (extension included), inputs in positional order, sha256 by the
 #    manifest's single recipe, pipeline settings recorded, unique stage names.
@@ -49,22 +51,8 @@ JSON_NOTE = ("strict JSON (RFC 8259): psnr_db is null when the outputs are ident
              "output or the bundle, first_nonfinite is the index of the first (C order) or null")
 MASK_KINDS = ("blob", "strokes", "rect")
 
-# Host run vs device run of the same artifact, per precision: max abs difference in the
-# output's own units ([-1,1] floats, or 8-bit levels for uint8 images) and least PSNR over the
-# whole output. Both runs use the same stored weights, so weight quantization cancels out;
-# what is left is arithmetic: device kernels (GPU / Neural Engine / NNAPI) round activations
-# to fp16 and accumulate in their own order. Core ML computes in fp16 at every precision, so
-# w8 and palettized get the fp16 row; the fp16 row is ~3x the largest fp16-vs-fp32 error
-# measured at 512x680 (3.3e-3, 1 level; docs/COREML.md). TFLite int8 kernels may requantize
-# differently on ARM, hence the wider int8 rows.
-DEVICE_TOLERANCES = {
-    "fp32": {"max_abs": 1e-3, "max_abs_u8": 1, "min_psnr_db": 60.0},
-    "fp16": {"max_abs": 1e-2, "max_abs_u8": 3, "min_psnr_db": 45.0},
-    "w8": {"max_abs": 1e-2, "max_abs_u8": 3, "min_psnr_db": 45.0},
-    "palettized": {"max_abs": 1e-2, "max_abs_u8": 3, "min_psnr_db": 45.0},
-    "int8-dynamic": {"max_abs": 6e-2, "max_abs_u8": 8, "min_psnr_db": 35.0},
-    "int8": {"max_abs": 0.25, "max_abs_u8": 32, "min_psnr_db": 28.0},
-}
+#: Host run vs device run of the same artifact, per precision (the table and its reasons: runtime_py.tolerances).
+DEVICE_TOLERANCES = DEVICE
 
 
 # ------------------------------------------------------------------------ encoding
@@ -246,7 +234,6 @@ def _pipeline_stages(directory: Path, manifest, root: Path, seed: int, photos, v
     """Every stage of one baseline pipeline run over the export's preferred artifact, or None if no engine fits."""
     try:
         from .engines import open_engines
-        from .imageio import DEFAULT_MASK_THRESHOLD
         from .pipeline import Pipeline, PipelineConfig
         from .trace import Trace
     except ImportError:
@@ -273,7 +260,7 @@ def _pipeline_stages(directory: Path, manifest, root: Path, seed: int, photos, v
         for st in trace.entries:
             arr = np.load(Path(tmp) / st["npy"])
             if arr.dtype == bool:
-                arr = arr.astype(np.uint8) * 255
+                arr = mask_pixels(arr)
             file, enc = write_tensor(root / "pipeline", f"{st['index']:02d}_{st['name']}", arr)
             stages.append({"index": st["index"], "name": st["name"], "file": f"pipeline/{file}", "encoding": enc,
                            "dtype": str(arr.dtype), "shape": list(arr.shape), "note": st.get("note", ""),
@@ -284,9 +271,9 @@ def _pipeline_stages(directory: Path, manifest, root: Path, seed: int, photos, v
             "precision": "/".join(sorted({p for _, p in used})), "io": io, "mode": config.mode,
             "model_shape": list(base), "crop": config.crop, "crop_window": stats.window, "tiles": config.tiles,
             "tiles_run": stats.tiles_run, "tiles_skipped": stats.tiles_skipped, "passes": stats.passes,
-            "mask_threshold": DEFAULT_MASK_THRESHOLD, "dilate_px": 0, "source": origin, "stages": stages,
+            "mask_threshold": MASK_THRESHOLD, "dilate_px": 0, "source": origin, "stages": stages,
             "result": {"file": f"pipeline/{file}", "encoding": enc, "dtype": "uint8", "shape": list(result.image.shape)},
-            "note": f"masks are stored as 0/255 uint8 (255 = hole; a value >= {DEFAULT_MASK_THRESHOLD} is hole, "
+            "note": f"masks are stored as 0/255 uint8 (255 = hole; a value >= {MASK_THRESHOLD} is hole, "
                     "no dilation); float stages are raw little-endian float32 in [0, 255]"}
 
 

@@ -30,6 +30,7 @@ from typing import Dict, Iterator, List, Optional
 import cv2
 import numpy as np
 
+from .contract import MASK_THRESHOLD
 from .errors import UserError, native_stderr
 
 #: Output extensions and what they can hold.
@@ -43,8 +44,8 @@ WRITABLE = {
     ".webp": {"alpha": True, "depth16": False},
 }
 
-#: Default mask threshold on the 8-bit intensity scale: intensity >= 128 is a hole.
-DEFAULT_MASK_THRESHOLD = 128
+#: Default mask threshold on the 8-bit intensity scale: intensity >= 128 is a hole (the artifacts' own rule).
+DEFAULT_MASK_THRESHOLD = MASK_THRESHOLD
 
 #: Largest image decoded, in pixels (width x height): 2^28 = 268 MP, above the 200 MP photos of
 #: the largest phone sensors and below OpenCV's own limit (2^30, which it reports as an assertion).

@@ -15,19 +15,18 @@ call the pipeline makes:
              (tensor engines return the raw generator output there, image engines the
              model's own composite, which equals the prediction inside the hole).
 
-Signatures (match the export manifest, docs/MANIFEST.md):
-  tensor: image float32 RGB in [-1, 1] = u8 / 127.5 - 1; mask float32 {0, 1}, 1 = hole;
-          output float32 RGB in [-1, 1], decoded as (y + 1) * 127.5.
-  image:  image uint8 RGB; mask uint8, 255 = hole; output uint8 RGB composite.
+Signatures: :mod:`runtime_py.contract` (encoding and decoding are its :func:`~runtime_py.contract.encode`
+and :func:`~runtime_py.contract.decode`; docs/MANIFEST.md describes the same).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..contract import decode, encode, layout_of
 from ..errors import UserError
 
 Shape = Tuple[int, int]
@@ -43,11 +42,6 @@ class TensorSpec:
     dtype: str
     role: str
     quantization: Optional[Tuple[float, int]] = None
-
-
-def layout_of(shape: Sequence[int]) -> str:
-    """NHWC when the channel count (1 or 3) is last, else NCHW."""
-    return "NHWC" if int(shape[-1]) in (1, 3) and int(shape[1]) not in (1, 3) else "NCHW"
 
 
 def role_of(name: str, index: int) -> str:
@@ -170,21 +164,15 @@ class Engine:
     # ---------------------------------------------------------------- the pipeline's call
     def inpaint(self, image: np.ndarray, hole: np.ndarray) -> np.ndarray:
         """See the module docstring: (rows,cols,3) uint8 RGB + (rows,cols) bool -> (rows,cols,3) float32 [0,255]."""
-        if image.shape != (*self.shape, 3) or image.dtype != np.uint8:
-            raise ValueError(f"{self.describe()}: inpaint wants ({self.shape[0]},{self.shape[1]},3) uint8, "
-                             f"got {image.shape} {image.dtype}")
-        if hole.shape != self.shape:
-            raise ValueError(f"{self.describe()}: mask shape {hole.shape} != {self.shape}")
-        out = self.infer(self.make_feed(image, hole))
+        if image.dtype != np.uint8:
+            raise ValueError(f"{self.describe()}: inpaint wants uint8 RGB, got {image.dtype}")
+        out = self.infer(self.make_feed(image, hole))  # infer checks the shapes against the model's inputs
         return self.decode_output(out)
 
     def make_feed(self, image: np.ndarray, hole: np.ndarray) -> Dict[str, np.ndarray]:
         feed = {}
         for s in self.input_specs():
-            if s.role == "image":
-                x = image.astype(np.float32) / 127.5 - 1.0 if self.io == "tensor" else image
-            else:
-                x = hole.astype(np.float32)[:, :, None] if self.io == "tensor" else (hole.astype(np.uint8) * 255)[:, :, None]
+            x = encode(s.role, self.io, image, hole)
             if layout_of(s.shape) == "NCHW":
                 x = x.transpose(2, 0, 1)
             x = x[None]
@@ -200,10 +188,7 @@ class Engine:
         y = y[0]
         if y.shape[-1] != 3 and y.shape[0] == 3:  # CHW -> HWC
             y = y.transpose(1, 2, 0)
-        y = y.astype(np.float32)
-        if self.io == "tensor":
-            y = (y + 1.0) * 127.5
-        return np.clip(y, 0.0, 255.0)
+        return decode(y, self.io)
 
 
 def _to_dtype(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
