@@ -8,12 +8,31 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from runtime_py.cli import (HelpFormatter, choices_list, comma_list, int_at_least, int_list, keyword_or,
+                            shape_list)
+from runtime_py.contract import IOS
+from runtime_py.masks import KINDS, SIZE_CLASSES
+from runtime_py.pipeline import MODES, TRISTATE
+
 SECTIONS = ("latency", "pipeline", "quality")
 
 
-def register(sub) -> None:
-    from runtime_py.cli import HelpFormatter
+def pipeline_configs(text: str):
+    """``MODE:TILES`` pairs (``baseline:auto,two-step:off``; TILES defaults to auto), or ``all``: None."""
+    if text.strip() == "all":
+        return None
+    out = []
+    for item in comma_list(text):
+        mode, _, tiles = item.partition(":")
+        tiles = tiles or "auto"
+        if mode not in MODES or tiles not in TRISTATE:
+            raise argparse.ArgumentTypeError(f"{item!r} is not MODE:TILES (modes {', '.join(MODES)}; "
+                                             f"tiles {', '.join(TRISTATE)})")
+        out.append((mode, tiles))
+    return out
 
+
+def register(sub) -> None:
     p = sub.add_parser(
         "bench", formatter_class=HelpFormatter,
         help="benchmark exported artifacts: latency/memory, pipeline cost, quality (JSON, CSV, Markdown, plots)",
@@ -28,36 +47,36 @@ def register(sub) -> None:
                    help="small run (< 10 min here on an idle CPU): smallest shape, tensor I/O, 2 timed runs, "
                         "2 threads; pipeline cost of baseline and two-step (whole and tiled) on one photo; "
                         "3 quality cases in baseline mode per precision, plus the classical methods")
-    p.add_argument("--threads", default="auto", help="comma-separated thread counts; auto = 1,2 (2 with --quick)")
-    p.add_argument("--runs", default="auto", help="timed runs per measurement; auto = 10 (2 with --quick)")
-    p.add_argument("--warmup", default="auto", help="warm-up runs before the timed ones; auto = 2 (1 with --quick)")
-    p.add_argument("--sections", default=",".join(SECTIONS), help="which parts to run (comma-separated)")
-    p.add_argument("--shapes", default="all", help="artifact shapes to time, e.g. 512x680 (all = every shape)")
-    p.add_argument("--precisions", default="all", help="artifact precisions to time, e.g. fp32,int8")
-    p.add_argument("--io", default="auto", help="I/O signatures to time: tensor,image (auto = both; tensor with --quick)")
+    p.add_argument("--threads", type=keyword_or("auto", int_list(1)), default="auto", help="comma-separated thread counts; auto = 1,2 (2 with --quick)")
+    p.add_argument("--runs", type=keyword_or("auto", int_at_least(1)), default="auto", help="timed runs per measurement; auto = 10 (2 with --quick)")
+    p.add_argument("--warmup", type=keyword_or("auto", int_at_least(0)), default="auto", help="warm-up runs before the timed ones; auto = 2 (1 with --quick)")
+    p.add_argument("--sections", type=choices_list(SECTIONS), default=",".join(SECTIONS), help="which parts to run (comma-separated)")
+    p.add_argument("--shapes", type=keyword_or("all", shape_list), default="all", help="artifact shapes to time, e.g. 512x680 (all = every shape)")
+    p.add_argument("--precisions", type=keyword_or("all", comma_list), default="all", help="artifact precisions to time, e.g. fp32,int8")
+    p.add_argument("--io", type=keyword_or("auto", choices_list(IOS)), default="auto", help="I/O signatures to time: tensor,image (auto = both; tensor with --quick)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint for the PyTorch and ONNX Runtime references (default: the manifest's source "
                         "checkpoint, else the shipped default model)")
     p.add_argument("--no-xnnpack-off", action="store_true", help="skip the fp32 TFLite run with XNNPACK turned off")
     p.add_argument("--pipeline-precision", default="fp32", help="TFLite precision the pipeline-cost runs use")
-    p.add_argument("--pipeline-configs", default="all",
+    p.add_argument("--pipeline-configs", type=pipeline_configs, default="all",
                    help="pipeline-cost configurations as MODE:TILES pairs, e.g. baseline:auto,two-step:off "
                         "(all = baseline, shrink, two-step whole and tiled, two-step+shrink)")
-    p.add_argument("--pipeline-threads", type=int, default=None, help="threads for pipeline and quality (default: the most of --threads)")
-    p.add_argument("--quality-photos", default="all",
+    p.add_argument("--pipeline-threads", type=int_at_least(1), default=None, help="threads for pipeline and quality (default: the most of --threads)")
+    p.add_argument("--quality-photos", type=keyword_or("all", comma_list), default="all",
                    help="comma-separated file names of the photos quality is scored on (e.g. photos the model "
                         "was not trained on); all = every photo found")
-    p.add_argument("--quality-kinds", default="all", help="mask kinds scored: strokes,blob,rect (all)")
-    p.add_argument("--quality-sizes", default="all", help="hole size classes scored: small,medium,large (all)")
-    p.add_argument("--quality-precisions", default="all",
+    p.add_argument("--quality-kinds", type=choices_list(KINDS, "all"), default="all", help="mask kinds scored: strokes,blob,rect (all)")
+    p.add_argument("--quality-sizes", type=choices_list(SIZE_CLASSES, "all"), default="all", help="hole size classes scored: small,medium,large (all)")
+    p.add_argument("--quality-precisions", type=keyword_or("all", comma_list), default="all",
                    help="artifact precisions scored in baseline mode beside the modes' own (all = every one exported)")
-    p.add_argument("--quality-per-cell", type=int, default=1, help="quality cases per mask kind x size cell")
-    p.add_argument("--quality-modes", default="auto",
+    p.add_argument("--quality-per-cell", type=int_at_least(1), default=1, help="quality cases per mask kind x size cell")
+    p.add_argument("--quality-modes", type=keyword_or("auto", choices_list(MODES)), default="auto",
                    help="pipeline modes scored: auto = all four (baseline with --quick)")
     p.add_argument("--no-classical", action="store_true",
                    help="leave the classical baselines (OpenCV, PatchMatch) out of the quality section")
     p.add_argument("--no-patchmatch", action="store_true", help="leave PatchMatch out even when pypatchmatch is installed")
-    p.add_argument("--sgemm-n", type=int, default=None, help="SGEMM side for the fp32 peak (default 3072, 1024 with --quick)")
+    p.add_argument("--sgemm-n", type=int_at_least(1), default=None, help="SGEMM side for the fp32 peak (default 3072, 1024 with --quick)")
     p.add_argument("--time-budget", type=float, default=0.0, metavar="MIN",
                    help="start no new measurement after this many minutes (0 = no limit); what was left out is "
                         "listed in the report")

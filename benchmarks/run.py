@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from runtime_py.errors import UserError
+from runtime_py.pipeline import MODES
 
-from .cli import SECTIONS
 from .merge import quality_cases_missing, quality_missing_line
+
 
 def contention_note(load_avg_start: float, cpu_count: int) -> str:
     """The report's sentence on how busy the machine was, from the load average at the start."""
@@ -24,33 +25,16 @@ def contention_note(load_avg_start: float, cpu_count: int) -> str:
         return (f"The 1-minute load average was {load_avg_start:.1f} when the run started: other work shared the "
                 f"{cpu_count} cores, so times may be inflated and noisier than on an idle machine; " + tail)
     return f"The machine was idle when the run started (1-minute load average {load_avg_start:.2f}); " + tail
-ALL_MODES = ("baseline", "shrink", "two-step", "two-step+shrink")
 
 
-def _int_list(text: str, what: str) -> List[int]:
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--{what} must be comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise UserError(f"--{what} needs positive integers, got {text!r}")
-    return values
+def _auto(value, quick: bool, normal, quick_default):
+    """An ``auto`` flag's value: the parsed value, else the default of a normal or a --quick run."""
+    return value if value != "auto" else (quick_default if quick else normal)
 
 
-def _auto_int(text: str, auto: int, what: str, minimum: int) -> int:
-    if str(text) == "auto":
-        return auto
-    try:
-        v = int(text)
-    except ValueError:
-        raise UserError(f"--{what} must be an integer or auto, got {text!r}") from None
-    if v < minimum:
-        raise UserError(f"--{what} must be at least {minimum}, got {v}")
-    return v
-
-
-def _names(text: str) -> Optional[List[str]]:
-    return None if text in ("all", "auto", "") else [t.strip() for t in text.split(",") if t.strip()]
+def _all(value):
+    """An ``all`` flag's value: None (no selection), else the parsed list."""
+    return None if value == "all" else value
 
 
 @dataclass
@@ -90,6 +74,8 @@ class BenchConfig:
 
     @classmethod
     def from_args(cls, args) -> "BenchConfig":
+        """The run from ``gmcnn-mobile bench``'s parsed flags (benchmarks.cli types them; ``auto`` and
+        ``all`` are resolved here); the folders and photos are checked before any work."""
         from .photos import default_photo_dirs, find_photos
 
         from runtime_py.imageio import check_output_dir
@@ -99,16 +85,8 @@ class BenchConfig:
         check_output_dir(args.out, "--out folder")
         if not (artifacts / "manifest.json").is_file():
             raise UserError(f"{artifacts}: no export manifest here (run 'gmcnn-mobile export --out {artifacts}' first)")
-        sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-        unknown = [s for s in sections if s not in SECTIONS]
-        if unknown or not sections:
-            raise UserError(f"--sections takes {','.join(SECTIONS)}, got {args.sections!r}")
-        threads = _int_list("2" if (args.threads == "auto" and quick) else ("1,2" if args.threads == "auto" else args.threads), "threads")
-        modes = list(ALL_MODES) if args.quality_modes == "auto" and not quick else (
-            ["baseline"] if args.quality_modes == "auto" else _names(args.quality_modes) or [])
-        bad = [m for m in modes if m not in ALL_MODES]
-        if bad:
-            raise UserError(f"--quality-modes: unknown mode(s) {bad}; choose from {', '.join(ALL_MODES)}")
+        sections = list(args.sections)
+        threads = _auto(args.threads, quick, [1, 2], [2])
         sources = [str(p) for p in args.photos] if args.photos else [str(d) for d in default_photo_dirs()]
         for s in args.photos or []:
             if not Path(s).exists():
@@ -118,42 +96,23 @@ class BenchConfig:
             raise UserError("no photos found for the pipeline and quality sections"
                             + (f" in {', '.join(sources)}" if sources else "")
                             + "; pass --photos DIR or --sections latency")
-        if args.quality_per_cell < 1:
-            raise UserError("--quality-per-cell must be at least 1")
+        shapes = _all(args.shapes)
         return cls(
             artifacts=artifacts, out=Path(args.out), photos=photos, photo_sources=sources, quick=quick,
-            threads=threads, runs=_auto_int(args.runs, 2 if quick else 10, "runs", 1),
-            warmup=_auto_int(args.warmup, 1 if quick else 2, "warmup", 0), sections=sections,
-            shapes=_names(args.shapes), precisions=_names(args.precisions),
-            ios=["tensor"] if (args.io == "auto" and quick) else _names(args.io),
+            threads=threads, runs=_auto(args.runs, quick, 10, 2), warmup=_auto(args.warmup, quick, 2, 1),
+            sections=sections, shapes=None if shapes is None else [f"{r}x{c}" for r, c in shapes],
+            precisions=_all(args.precisions), ios=_all(_auto(args.io, quick, "all", ["tensor"])),
             checkpoint=args.checkpoint, xnnpack_off=not args.no_xnnpack_off,
             pipeline_precision=args.pipeline_precision,
             pipeline_threads=args.pipeline_threads or max(threads), quality_per_cell=args.quality_per_cell,
-            quality_photos=_names(getattr(args, "quality_photos", "all")),
-            quality_sizes=_names(getattr(args, "quality_sizes", "all")),
-            quality_kinds=_names(getattr(args, "quality_kinds", "all")),
-            pipeline_configs=_pipeline_configs(getattr(args, "pipeline_configs", "all")),
-            no_classical=bool(getattr(args, "no_classical", False)),
-            quality_precisions=_names(getattr(args, "quality_precisions", "all")),
-            quality_modes=modes, patchmatch=not args.no_patchmatch,
+            quality_photos=_all(args.quality_photos), quality_sizes=args.quality_sizes,
+            quality_kinds=args.quality_kinds, pipeline_configs=args.pipeline_configs,
+            no_classical=bool(args.no_classical), quality_precisions=_all(args.quality_precisions),
+            quality_modes=_auto(args.quality_modes, quick, list(MODES), ["baseline"]), patchmatch=not args.no_patchmatch,
             sgemm_n=args.sgemm_n or (1024 if quick else 3072), update_readme=args.update_readme,
-            merge=bool(getattr(args, "merge", False)), notes=list(getattr(args, "note", None) or []), time_budget_min=float(getattr(args, "time_budget", 0) or 0),
+            merge=bool(args.merge), notes=list(args.note or []), time_budget_min=float(args.time_budget or 0),
             command="gmcnn-mobile " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"]
             else "gmcnn-mobile bench" + _args_text(args))
-
-
-def _pipeline_configs(text: str) -> Optional[List[tuple]]:
-    if text in ("all", ""):
-        return None
-    out = []
-    for item in text.split(","):
-        mode, _, tiles = item.strip().partition(":")
-        tiles = tiles or "auto"
-        if mode not in ALL_MODES or tiles not in ("auto", "on", "off"):
-            raise UserError(f"--pipeline-configs: {item!r} is not MODE:TILES (modes {', '.join(ALL_MODES)}; "
-                            "tiles auto, on, off)")
-        out.append((mode, tiles))
-    return out
 
 
 def _args_text(args) -> str:

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from runtime_py.cli import parse_shape  # noqa: F401 (export.activations parses --shape with it)
 from runtime_py.errors import UserError
 from runtime_py.manifest import (MANIFEST_NAME, SCHEMA_VERSION, Artifact, Manifest, ParityResult, artifact_digest,
                                  load_manifest)
@@ -87,15 +88,6 @@ class _Planned:
 
 
 # --------------------------------------------------------------------------- helpers
-
-def parse_shape(text: str) -> Tuple[int, int]:
-    """``"512x680"`` -> (512, 680) (rows x cols)."""
-    try:
-        rows, cols = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UserError(f"shape {text!r} is not ROWSxCOLS (e.g. 512x680)") from None
-    return rows, cols
-
 
 def tool_versions() -> Dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version

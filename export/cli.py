@@ -4,13 +4,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from runtime_py.cli import HelpFormatter, comma_list, int_at_least, keyword_or, shape_list
+
 DEFAULT_SHAPES = "512x680,1024x1360"
 DEFAULT_FORMATS = "tflite,coreml"
 DEFAULT_IOS = "tensor,image"
-
-
-def _csv(text: str):
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _default_threads() -> int:
@@ -18,8 +16,6 @@ def _default_threads() -> int:
 
 
 def register(sub) -> None:
-    from runtime_py.cli import HelpFormatter
-
     p = sub.add_parser(
         "export",
         help="export TFLite (and Core ML) artifacts, check each against PyTorch, write DIR/manifest.json",
@@ -33,19 +29,19 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint (.safetensors, TF checkpoint, .pth); default: the shipped default model")
     p.add_argument("--out", type=Path, required=True, help="output folder (artifacts + manifest.json)")
-    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated ROWSxCOLS model shapes")
-    p.add_argument("--formats", default=None,
+    p.add_argument("--shapes", type=shape_list, default=DEFAULT_SHAPES, help="comma-separated ROWSxCOLS model shapes")
+    p.add_argument("--formats", type=comma_list, default=None,
                    help=f"comma-separated formats (default: {DEFAULT_FORMATS}, skipping a format whose backend is not "
                         "available or that makes none of --precisions; a format named here that makes none of them "
                         "is refused)")
-    p.add_argument("--precisions", default="all",
+    p.add_argument("--precisions", type=keyword_or("all", comma_list), default="all",
                    help="comma-separated precisions, or 'all' (tflite: fp32,fp16,int8-dynamic,int8; coreml: fp16,w8,...)")
-    p.add_argument("--io", default=DEFAULT_IOS, help="comma-separated I/O signatures: tensor, image")
+    p.add_argument("--io", type=comma_list, default=DEFAULT_IOS, help="comma-separated I/O signatures: tensor, image")
     p.add_argument("--calibration", type=Path, default=None,
                    help="folder of photos for int8 calibration (default: the bundled export/photos/calibration)")
     p.add_argument("--holdout", type=Path, default=None,
                    help="folder of photos for the parity gate (default: the bundled export/photos/holdout)")
-    p.add_argument("--threads", type=int, default=_default_threads(), help="LiteRT threads for the parity runs")
+    p.add_argument("--threads", type=int_at_least(1), default=_default_threads(), help="LiteRT threads for the parity runs")
     p.add_argument("--pad-mode", choices=["slices", "mirror_pad"], default="slices",
                    help="TFLite reflection pads (torch variant): SLICE+CONCATENATION ops XNNPACK runs, or one MIRROR_PAD")
     p.add_argument("--upsample-mode", choices=["resize", "depth_to_space"], default="resize",
@@ -106,10 +102,9 @@ def cmd_export(args) -> int:
     # a kill (SIGTERM) unwinds like Ctrl-C, so temporary files are removed on the way out
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     from . import backends
-    from .api import export_artifacts, parse_shape
+    from .api import export_artifacts
 
-    shapes = [parse_shape(s) for s in _csv(args.shapes)]
-    formats = _csv(args.formats or DEFAULT_FORMATS)
+    formats = args.formats or comma_list(DEFAULT_FORMATS)
     skipped = []
     if args.formats is None:
         available = set(backends.available_formats())
@@ -117,7 +112,7 @@ def cmd_export(args) -> int:
         formats = [f for f in formats if f in available]
         if not formats:
             raise UserError("no export format is available")
-    precisions = None if args.precisions == "all" else _csv(args.precisions)
+    precisions = None if args.precisions == "all" else args.precisions
     if args.formats is None and precisions is not None:
         # the default formats are "whatever can make the asked precisions": one that makes none of them is skipped
         # (a format named in --formats that makes none of them is refused by export_artifacts)
@@ -126,9 +121,9 @@ def cmd_export(args) -> int:
         if len(unmade) < len(formats):
             skipped += [f"{f} (makes no {'/'.join(precisions)})" for f in unmade]
             formats = [f for f in formats if f not in unmade]
-    tolerances = hole_psnr_overrides(args.min_hole_psnr or [], _csv(args.io))
+    tolerances = hole_psnr_overrides(args.min_hole_psnr or [], args.io)
     manifest = export_artifacts(
-        args.checkpoint, args.out, shapes=shapes, formats=formats, precisions=precisions, ios=_csv(args.io),
+        args.checkpoint, args.out, shapes=args.shapes, formats=formats, precisions=precisions, ios=args.io,
         calibration=args.calibration, holdout=args.holdout, threads=args.threads, pad_mode=args.pad_mode, upsample_mode=args.upsample_mode,
         int8_tail=not args.no_int8_tail, use_cache=not args.no_cache, keep_work=args.keep_work,
         progress=not args.quiet, tolerances=tolerances or None,

@@ -120,7 +120,7 @@ fi
 start=$(date +%s)
 # The progress bar's carriage returns would flood the returned output tail; the log holds every step.
 set +e
-"$python" -m runtime_py.cli train --photos "$photos" --out "$run" --device "$device" --amp "$amp" "${start_args[@]}" \
+"$python" -m gmcnn_mobile train --photos "$photos" --out "$run" --device "$device" --amp "$amp" "${start_args[@]}" \
     --threads "$threads" \
     --crop "$crop" --batch-size "$batch" --whole-fraction "$whole_fraction" --whole-size "$whole" \
     --whole-batch-size "$whole_batch" --max-hole "$max_hole" --hole-ramp-steps "$hole_ramp" --lr "$lr" \
@@ -133,7 +133,7 @@ set -e
 echo "train_on_device: trainer exit $rc after $(( $(date +%s) - start )) s"
 [ -f "$run/best.safetensors" ] || { echo "train_on_device: no best.safetensors to hand back" >&2; exit $(( rc ? rc : 1 )); }
 
-"$python" -m runtime_py.cli convert-checkpoint "$run/best.safetensors" "$run/best_fp16.safetensors" --dtype float16
+"$python" -m gmcnn_mobile convert-checkpoint "$run/best.safetensors" "$run/best_fp16.safetensors" --dtype float16
 (cd "$run" && sha256sum best_fp16.safetensors) > "$OUT/best_fp16.sha256"
 split -b 15m -d "$run/best_fp16.safetensors" "$OUT/best_fp16.safetensors.part-"
 cp "$run/log.jsonl" "$run/config.json" "$OUT/"

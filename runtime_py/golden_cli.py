@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli import HelpFormatter, comma_list, int_at_least
+
 
 def register(subparsers) -> None:
-    from .cli import HelpFormatter
     from .inpaint_cli import add_skip_check_flag
 
     g = subparsers.add_parser(
@@ -19,12 +20,12 @@ def register(subparsers) -> None:
     )
     g.add_argument("--artifacts", required=True, metavar="DIR", help="export directory (with manifest.json)")
     g.add_argument("--out", required=True, metavar="BUNDLE", help="bundle folder to write (replaced atomically)")
-    g.add_argument("--cases", type=int, default=1, help="input cases per artifact")
+    g.add_argument("--cases", type=int_at_least(1), default=1, help="input cases per artifact")
     g.add_argument("--seed", type=int, default=0, help="seed of the sample masks (and synthetic photos)")
     g.add_argument("--photos", metavar="DIR", default=None,
                    help="photos to use as inputs (resized to each artifact's shape); default: synthetic photo-like images")
     g.add_argument("--no-pipeline", action="store_true", help="skip the sample pipeline run's stages")
-    g.add_argument("--threads", type=int, default=None, help="runtime threads (TFLite/ONNX Runtime)")
+    g.add_argument("--threads", type=int_at_least(1), default=None, help="runtime threads (TFLite/ONNX Runtime)")
     add_skip_check_flag(g)
     g.set_defaults(func=_golden)
 
@@ -41,9 +42,9 @@ def register(subparsers) -> None:
     )
     c.add_argument("bundle", metavar="BUNDLE")
     c.add_argument("device_outputs", metavar="DEVICE_OUTPUTS")
-    c.add_argument("--format", dest="formats", type=_comma_list, default=[], metavar="F[,F]",
+    c.add_argument("--format", dest="formats", type=comma_list, default=[], metavar="F[,F]",
                    help="compare only artifacts of these formats (tflite, coreml, onnx); default: all")
-    c.add_argument("--precision", dest="precisions", type=_comma_list, default=[], metavar="P[,P]",
+    c.add_argument("--precision", dest="precisions", type=comma_list, default=[], metavar="P[,P]",
                    help="compare only artifacts of these precisions (e.g. fp16,int8); default: all")
     c.add_argument("--artifact", dest="names", action="append", default=[], metavar="GLOB",
                    help="compare only artifacts whose file name matches GLOB (repeatable); default: all")
@@ -52,16 +53,9 @@ def register(subparsers) -> None:
     c.set_defaults(func=_compare)
 
 
-def _comma_list(text: str):
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def _golden(args: argparse.Namespace) -> int:
-    from .errors import UserError
     from .golden import write_bundle
 
-    if args.cases < 1:
-        raise UserError("--cases must be at least 1")
     out = write_bundle(args.artifacts, args.out, cases=args.cases, seed=args.seed, photos_dir=args.photos,
                        pipeline=not args.no_pipeline, threads=args.threads, verify=not args.allow_modified_artifacts)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

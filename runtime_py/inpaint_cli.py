@@ -9,18 +9,11 @@ import time
 from pathlib import Path
 from typing import Tuple
 
+from .cli import HelpFormatter, int_at_least, shape, threshold
 from .errors import UserError
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-
-
-def _shape(text: str) -> Tuple[int, int]:
-    try:
-        rows, cols = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS such as 512x680, got {text!r}") from None
-    return rows, cols
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -42,11 +35,11 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="context crop around the mask (auto: when the window is smaller than the image)")
     p.add_argument("--trace", type=Path, default=None, metavar="DIR",
                    help="write every stage as PNG + .npy with index.json here")
-    p.add_argument("--threads", type=int, default=None, help="inference threads (unset: torch's and onnxruntime's own default, every core for tflite)")
-    p.add_argument("--mask-threshold", type=int, default=DEFAULT_MASK_THRESHOLD,
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="inference threads (unset: torch's and onnxruntime's own default, every core for tflite)")
+    p.add_argument("--mask-threshold", type=threshold, default=DEFAULT_MASK_THRESHOLD,
                    help="mask pixels with 8-bit intensity >= T are holes")
     p.add_argument("--dilate", type=int, default=0, metavar="PX", help="grow the mask by PX pixels (ellipse)")
-    p.add_argument("--model-shape", type=_shape, default=None, metavar="ROWSxCOLS",
+    p.add_argument("--model-shape", type=shape, default=None, metavar="ROWSxCOLS",
                    help="pass-1 model shape (default: 512x680 for torch, the smallest exported shape otherwise)")
     p.add_argument("--precision", default="auto", help="artifact precision to use (auto: fp32, else fp16, ...)")
     p.add_argument("--io", choices=["tensor", "image"], default="tensor", help="artifact I/O signature to use")
@@ -66,8 +59,6 @@ def add_skip_check_flag(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub) -> None:
-    from .cli import HelpFormatter
-
     p = sub.add_parser("inpaint", help="fill the masked pixels of a photo (reference pipeline)",
                        formatter_class=HelpFormatter,
                        description="Fill the holes of IMAGE given by MASK (any image; bright = hole) and write OUT. "
@@ -130,16 +121,10 @@ def run_inpaint(image_path: Path, mask_path: Path, out_path: Path, args) -> dict
         if _same_file(args.trace, out_path):
             raise UserError("--trace must be a directory other than the output file")
         check_output_dir(args.trace, "--trace folder")
-    config = PipelineConfig(mode=args.mode, tiles=args.tiles, crop=args.crop)
-    config.validate()
-    if args.threads is not None and args.threads < 1:
-        raise UserError("--threads must be at least 1")
+    config = PipelineConfig(mode=args.mode, tiles=args.tiles, crop=args.crop)  # checked here, before any work
 
     src = read_image(image_path)
     hole = read_mask(mask_path, threshold=args.mask_threshold, dilate_px=args.dilate)
-    if hole.shape != (src.height, src.width):
-        raise UserError(f"mask {mask_path} is {hole.shape[1]}x{hole.shape[0]} but image {image_path} is "
-                        f"{src.width}x{src.height}; they must be the same size (after EXIF orientation)")
     t_read = time.perf_counter() - t0
 
     engines = open_engines(args.engine, artifacts=args.artifacts, checkpoint=args.checkpoint, threads=args.threads,

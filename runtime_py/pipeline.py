@@ -34,10 +34,11 @@ S1_REFERENCE_ROWS = 512
 S2_REFERENCE_ROWS = 1024
 
 
-@dataclass
+@dataclass(frozen=True)
 class PipelineConfig:
     """Every knob of the pipeline. Pixel sizes are quoted at the reference shapes
-    (512x680 for pass 1, 1024x1360 for pass 2) and scaled by the model's row count."""
+    (512x680 for pass 1, 1024x1360 for pass 2) and scaled by the model's row count.
+    Checked once, when made (:meth:`validate`); frozen, so it stays valid."""
 
     mode: str = "baseline"
     tiles: str = "auto"  # pass 2: auto = whole if an S2 engine exists, else tiles; on = always tiles; off = never
@@ -48,6 +49,9 @@ class PipelineConfig:
     tile_overlap: float = 64.0  # px at 1024 rows: minimum overlap between neighbouring tiles
     crop_margin_frac: float = 0.5  # context margin around the mask bbox, as a fraction of its larger side
     crop_min_margin: int = 32  # ... and at least this many full-resolution px
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -122,7 +126,6 @@ class Pipeline:
                  progress: Optional[Callable[[int, ModelRun], None]] = None):
         self.engines = engines
         self.config = config or PipelineConfig()
-        self.config.validate()
         self.trace = trace or Trace(None)
         self.progress = progress
 
@@ -220,9 +223,9 @@ class Pipeline:
     def run(self, image: np.ndarray, hole: np.ndarray) -> PipelineResult:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image must be (H,W,3) uint8 RGB, got {image.shape} {image.dtype}")
-        if hole.shape != image.shape[:2]:
-            raise UserError(f"mask is {hole.shape[1]}x{hole.shape[0]} but the image is "
-                            f"{image.shape[1]}x{image.shape[0]}; they must be the same size")
+        if hole.shape != image.shape[:2]:  # the one check of the mask's size (the engines check model inputs)
+            raise UserError(f"the mask is {hole.shape[1]}x{hole.shape[0]} but the image is "
+                            f"{image.shape[1]}x{image.shape[0]} (after EXIF orientation); they must be the same size")
         hole = hole.astype(bool)
         self.stats = PipelineStats()
         t_start = time.perf_counter()

@@ -180,7 +180,7 @@ def write_shared_layout(root, seed: int = 0, size: Tuple[int, int] = (60, 80), e
 
 def run_cli(*argv) -> Tuple[int, str, str]:
     """(exit code, stdout, stderr) of ``gmcnn-mobile argv...`` run in-process; argparse exits count."""
-    from runtime_py.cli import main
+    from gmcnn_mobile.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime_py.cli import main
+from gmcnn_mobile.cli import main
 from runtime_py.engines import open_engines
 from runtime_py.errors import UserError
 from runtime_py.manifest import SCHEMA_VERSION, ArtifactMismatch, artifact_digest, check_artifact, load_manifest

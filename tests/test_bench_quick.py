@@ -32,7 +32,7 @@ def tiny_export(tmp_path_factory):
 
 
 def test_quick_bench_writes_every_file(tiny_export, capsys):
-    from runtime_py.cli import main
+    from gmcnn_mobile.cli import main
 
     root, ckpt, arts, photos = tiny_export
     out = root / "out"
@@ -94,7 +94,7 @@ def test_quick_bench_writes_every_file(tiny_export, capsys):
 
 
 def test_bench_bad_arguments_fail_cleanly(tiny_export, tmp_path, capsys):
-    from runtime_py.cli import main
+    from gmcnn_mobile.cli import main
 
     root, ckpt, arts, photos = tiny_export
     assert main(["bench", "--artifacts", str(tmp_path), "--out", str(tmp_path / "o")]) == 2

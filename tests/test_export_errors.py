@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "runtime_py.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "gmcnn_mobile", *args], capture_output=True, text=True, cwd=cwd,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
 
 
@@ -132,7 +132,7 @@ def test_min_hole_psnr_bad_values_are_one_line(tmp_path, value, words):
 
 def test_min_hole_psnr_reaches_the_export(monkeypatch, tmp_path):
     import export.api
-    from runtime_py.cli import main
+    from gmcnn_mobile.cli import main
 
     seen = {}
 

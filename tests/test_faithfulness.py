@@ -237,7 +237,7 @@ def test_inspect_tf_checkpoint_directory(tf_case):
     import contextlib
     import io
 
-    from runtime_py.cli import main
+    from gmcnn_mobile.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from runtime_py import golden  # noqa: E402
-from runtime_py.cli import main  # noqa: E402
+from gmcnn_mobile.cli import main  # noqa: E402
 
 
 def strict_json(text: str):
@@ -185,7 +185,7 @@ def test_golden_and_executor_modules_import_without_heavy_frameworks():
     code = textwrap.dedent('''
         import sys
         import runtime_py.golden, runtime_py.golden_cli, runtime_py.mil_executor, runtime_py.mil_ops
-        from runtime_py.cli import build_parser
+        from gmcnn_mobile.cli import build_parser
         build_parser()
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "tensorflow", "coremltools"))
         assert not heavy, heavy

@@ -23,7 +23,7 @@ for info in pkgutil.walk_packages(runtime_py.__path__, "runtime_py."):
         failed[info.name] = f"{type(exc).__name__}: {exc}"
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)
 # Building the CLI (what `gmcnn-mobile --help` does) registers every subcommand module.
-from runtime_py.cli import build_parser
+from gmcnn_mobile.cli import build_parser
 build_parser()
 heavy_cli = sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)
 print(json.dumps({"imported": names, "failed": failed, "heavy": heavy, "heavy_cli": heavy_cli}))

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def subcommands():
-    from runtime_py.cli import build_parser
+    from gmcnn_mobile.cli import build_parser
 
     parser = build_parser()
     action = next(a for a in parser._actions if a.dest == "command")
@@ -58,7 +58,7 @@ def test_help_of_model_subcommands():
 
 def test_console_script_help_in_fresh_interpreter():
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "runtime_py.cli", "--help"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "gmcnn_mobile", "--help"], capture_output=True, text=True,
                           env=env, cwd=ROOT)
     assert proc.returncode == 0 and "init-checkpoint" in proc.stdout and "convert-checkpoint" in proc.stdout
 

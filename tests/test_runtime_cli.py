@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import blob_hole, make_checkpoint, photo
-from runtime_py.cli import main
+from gmcnn_mobile.cli import main
 
 
 @pytest.fixture(scope="module")

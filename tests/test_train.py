@@ -11,7 +11,7 @@ from models.gmcnn import build_generator
 from models.train import confidence_weights, gaussian_taps, reconstruction_loss, train
 from models.train_config import TrainConfig
 from models.train_data import BatchStream, Recipe, list_photos, load_photo, sample_batch
-from runtime_py.cli import main as cli_main
+from gmcnn_mobile.cli import main as cli_main
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def main():
             continue
         tag = f"{mode}_{'tiled' if tiles == 'on' else 'whole'}"
         summary = a.out_dir / f"{tag}.json"
-        cmd = [sys.executable, "-m", "runtime_py.cli", "inpaint", a.image, a.mask, "-o", str(a.out_dir / f"{tag}.jpg"),
+        cmd = [sys.executable, "-m", "gmcnn_mobile", "inpaint", a.image, a.mask, "-o", str(a.out_dir / f"{tag}.jpg"),
                "--checkpoint", a.checkpoint, "--mode", mode, "--tiles", tiles, "--crop", a.crop,
                "--threads", str(a.threads), "--summary-json", str(summary), "--quiet"]
         t0 = time.perf_counter()

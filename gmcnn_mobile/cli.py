@@ -1,0 +1,40 @@
+"""``gmcnn-mobile``: the root command line. Each part registers its own subcommands (a
+``register(subparsers)`` function beside the code it drives); heavy libraries are imported only when a
+subcommand runs. The parser class, help formatter and shared argument types are
+:mod:`runtime_py.cli`'s."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+import benchmarks.cli
+import export.cli
+import models.cli
+import runtime_py.golden_cli
+import runtime_py.inpaint_cli
+from runtime_py.cli import HelpFormatter, Parser, run
+
+PROG = "gmcnn-mobile"
+#: The parts' subcommand modules, in help order.
+COMMAND_MODULES = (models.cli, export.cli, runtime_py.inpaint_cli, benchmarks.cli, runtime_py.golden_cli)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog=PROG,
+        description="Turn a trained GMCNN inpainting generator into phone artifacts, check them, measure them.",
+        formatter_class=HelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
