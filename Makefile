@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/gmcnn-mobile demo
 
+# lint-imports: the import rules of pyproject.toml ([tool.importlinter]; docs/ARCHITECTURE.md).
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

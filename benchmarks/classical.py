@@ -9,19 +9,21 @@ from typing import Callable, Dict
 
 import numpy as np
 
+from runtime_py.contract import mask_pixels
+
 OPENCV_RADIUS = 5  # px neighbourhood considered by cv2.inpaint
 
 
 def telea(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     import cv2
 
-    return cv2.inpaint(image, (mask > 0).astype(np.uint8) * 255, OPENCV_RADIUS, cv2.INPAINT_TELEA)
+    return cv2.inpaint(image, mask_pixels(mask > 0), OPENCV_RADIUS, cv2.INPAINT_TELEA)
 
 
 def navier_stokes(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     import cv2
 
-    return cv2.inpaint(image, (mask > 0).astype(np.uint8) * 255, OPENCV_RADIUS, cv2.INPAINT_NS)
+    return cv2.inpaint(image, mask_pixels(mask > 0), OPENCV_RADIUS, cv2.INPAINT_NS)
 
 
 def patchmatch_available() -> bool:
@@ -38,7 +40,7 @@ def patchmatch(image: np.ndarray, mask: np.ndarray, seed: int = 0) -> np.ndarray
 
     patch_match.set_random_seed(int(seed))
     hole = mask > 0
-    out = patch_match.inpaint(np.ascontiguousarray(image), (hole * 255).astype(np.uint8), patch_size=5)
+    out = patch_match.inpaint(np.ascontiguousarray(image), mask_pixels(hole), patch_size=5)
     out = np.asarray(out, dtype=np.uint8)
     result = image.copy()
     result[hole] = out[hole]

@@ -180,9 +180,11 @@ def convert_many(jobs: Sequence[ConvertJob], progress=None) -> Dict[str, Convert
     return results
 
 
-def _run_worker(plan: dict, by_out: Dict[str, ConvertJob], progress) -> Dict[str, ConvertResult]:
-    from .tflite_worker import EVENT_PREFIX
+#: Marks the worker's JSON event lines on its stdout (the worker imports it from here: no import cycle).
+EVENT_PREFIX = "@@gmcnn "
 
+
+def _run_worker(plan: dict, by_out: Dict[str, ConvertJob], progress) -> Dict[str, ConvertResult]:
     work = Path(plan["jobs"][0]["saved_model"]).parent
     plan_path = work / "tflite_plan.json"
     plan_path.write_text(json.dumps(plan, indent=1))

@@ -34,7 +34,7 @@ import sys
 import time
 import traceback
 
-EVENT_PREFIX = "@@gmcnn "
+from .tflite import EVENT_PREFIX
 
 
 class _Events:

@@ -178,7 +178,7 @@ def format_table(rows: Sequence[dict], summary: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from runtime_py.cli import HelpFormatter
+    from runtime_py.cli import HelpFormatter, shape
 
     p = argparse.ArgumentParser(prog="python -m models.conditioning", formatter_class=HelpFormatter,
                                 description=__doc__.split("\n\n")[0])
@@ -192,7 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="photos of --photos to use (default: all; --validation: the validation photos)")
     p.add_argument("--validation", action="store_true",
                    help="use the 10 validation photos of models.dataset.VALIDATION (e.g. in a packed folder)")
-    p.add_argument("--shape", default="512x680", help="ROWSxCOLS for --photos")
+    p.add_argument("--shape", type=shape, default="512x680", metavar="ROWSxCOLS", help="model shape for --photos")
     p.add_argument("--masks-per-photo", type=int, default=2, help="masks per photo for --photos")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -202,7 +202,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import torch
 
         from . import load_generator
-        from .evaluate import parse_size
         from .train_data import list_photos, load_photo, validation_set
 
         torch.set_num_threads(args.threads)
@@ -211,7 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.samples:
             images, masks, names = load_samples(args.samples)
         else:
-            shape = parse_size(args.shape)
+            shape = args.shape
             paths = list_photos(args.photos)
             if args.validation:
                 from .dataset import VALIDATION

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from runtime_py.contract import mask_pixels
 from runtime_py.errors import UserError
 from runtime_py.masks import KINDS, SIZE_CLASSES
 
@@ -83,7 +84,7 @@ def telea(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     import cv2
 
     bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-    out = cv2.inpaint(bgr, (mask > 0).astype(np.uint8) * 255, TELEA_RADIUS, cv2.INPAINT_TELEA)
+    out = cv2.inpaint(bgr, mask_pixels(mask > 0), TELEA_RADIUS, cv2.INPAINT_TELEA)
     return cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
 
 
@@ -203,16 +204,6 @@ def verdict_line(v: Dict[str, object]) -> str:
             f"SSIM {'above' if v['ssim'] else 'below'}; kinds won on both: {kinds}, {v['kinds_needed']} needed)")
 
 
-def parse_size(text: str) -> Tuple[int, int]:
-    try:
-        h, w = (int(v) for v in str(text).lower().split("x"))
-    except ValueError:
-        raise UserError(f"size {text!r}: expected HxW, e.g. 512x680") from None
-    if h <= 0 or w <= 0:
-        raise UserError(f"size {text!r}: both sides must be positive")
-    return h, w
-
-
 def cmd_evaluate(args) -> int:
     from .dataset import HELD_OUT, VALIDATION
 
@@ -221,7 +212,7 @@ def cmd_evaluate(args) -> int:
     if args.out:
         check_output_file(args.out, "--out file", parents=True)  # before the minutes of scoring, not after
     names = args.names if args.names is not None else list(HELD_OUT) + list(VALIDATION)
-    result = evaluate(args.checkpoint, args.data, names, parse_size(args.size), args.kinds, args.size_classes,
+    result = evaluate(args.checkpoint, args.data, names, args.size, args.kinds, args.size_classes,
                       mode=args.mode, threads=args.threads)
     if args.out:
         make_output_dir(Path(args.out).parent, "folder of the --out file")

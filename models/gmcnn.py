@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from runtime_py.contract import MASK_POLARITY_FLOAT, NORMALIZATION
+
 VARIANTS = ("tf", "torch")
 
 
@@ -52,8 +54,8 @@ class GeneratorMeta:
     cnum: int
     channel_order: str = "rgb"
     train_size: Tuple[int, int] = (256, 256)
-    normalization: str = "x/127.5-1"
-    mask_polarity: str = "1=hole"
+    normalization: str = NORMALIZATION
+    mask_polarity: str = MASK_POLARITY_FLOAT
     source: str = ""
     source_sha256: str = ""
     description: str = ""

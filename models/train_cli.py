@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from runtime_py.cli import HelpFormatter, int_at_least, shape
+
 from .dataset import DEFAULT_MARGIN, DEVICE_TREE_LIMIT, HELD_OUT, VALIDATION
 from .train_config import TrainConfig
 
@@ -16,14 +18,7 @@ DESCRIPTION = ("First-stage GMCNN training: confidence-weighted L1 on the hole +
                "masks up to --max-hole of the image, validation photos set aside by name.")
 
 
-def _shape(text: str):
-    from .evaluate import parse_size
-
-    return parse_size(text)
-
-
 def register(sub) -> None:
-    from runtime_py.cli import HelpFormatter
 
     d = TrainConfig(photos="", out="")
     p = sub.add_parser(
@@ -49,7 +44,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="crops per step")
     p.add_argument("--whole-fraction", type=float, default=d.whole_fraction,
                    help="share of steps that train on whole photos at --whole-size instead of crops")
-    p.add_argument("--whole-size", type=_shape, default=d.whole_size, metavar="HxW",
+    p.add_argument("--whole-size", type=shape, default=d.whole_size, metavar="ROWSxCOLS",
                    help="size whole photos are resized to (a random 60-100 %% window of the photo's aspect)")
     p.add_argument("--whole-batch-size", type=int, default=d.whole_batch_size, help="whole photos per step")
     p.add_argument("--max-hole", type=float, default=d.max_hole, help="largest hole, as a fraction of the image")
@@ -75,7 +70,7 @@ def register(sub) -> None:
     p.add_argument("--exclude-photos", nargs="*", default=None, metavar="NAME",
                    help="file names in --photos never read, the held-out evaluation photos (default: "
                         f"{' '.join(d.exclude_photos)})")
-    p.add_argument("--val-size", type=_shape, default=d.val_size, metavar="HxW",
+    p.add_argument("--val-size", type=shape, default=d.val_size, metavar="ROWSxCOLS",
                    help="size of the validation photos' whole views")
     p.add_argument("--val-masks-per-photo", type=int, default=d.val_masks_per_photo,
                    help="fixed validation masks per validation photo (kinds and size classes cycled)")
@@ -95,7 +90,7 @@ def register(sub) -> None:
                    help="weight init without --init-from: reference N(0, 0.02), or He N(0, 2/fan_in)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the initial weights, crops and masks")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device, help="auto = cuda when available")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
+    p.add_argument("--threads", type=int_at_least(1), default=d.threads, help="torch CPU threads")
     p.add_argument("--loader-threads", type=int, default=d.loader_threads,
                    help="threads drawing batches ahead of the training step; -1 = automatic (0 on a CPU, "
                         "where the cores train; up to 8 beside a GPU); the sample stream is the same for any value")
@@ -135,7 +130,8 @@ def cmd_train(args) -> int:
 
 
 def register_evaluate(sub) -> None:
-    from runtime_py.cli import HelpFormatter
+
+    from runtime_py.pipeline import MODES
 
     from .evaluate import KINDS, SIZE_CLASSES
 
@@ -154,13 +150,13 @@ def register_evaluate(sub) -> None:
     p.add_argument("--names", nargs="+", default=None, metavar="NAME",
                    help="photos to evaluate on (flat names, as the model card lists them; default: the held-out "
                         "pair and the 10 validation photos)")
-    p.add_argument("--size", default="512x680", metavar="HxW", help="evaluation size (the pipeline's model shape)")
-    p.add_argument("--mode", default="baseline", choices=["baseline", "shrink", "two-step", "two-step+shrink"],
-                   help="pipeline mode")
+    p.add_argument("--size", type=shape, default="512x680", metavar="ROWSxCOLS",
+                   help="evaluation size (the pipeline's model shape)")
+    p.add_argument("--mode", default="baseline", choices=MODES, help="pipeline mode")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS), help="mask kinds")
     p.add_argument("--size-classes", nargs="+", default=list(SIZE_CLASSES), choices=list(SIZE_CLASSES),
                    help="mask size classes")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int_at_least(1), default=2, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=None, help="also write every case and the summary as JSON here")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -172,7 +168,6 @@ def _cmd_evaluate(args) -> int:
 
 
 def register_pack(sub) -> None:
-    from runtime_py.cli import HelpFormatter
 
     p = sub.add_parser(
         "pack-photos", formatter_class=HelpFormatter,

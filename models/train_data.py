@@ -18,6 +18,7 @@ from typing import Deque, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from runtime_py.contract import denormalize, image_tensor
 from runtime_py.errors import UserError
 
 from .dataset import PHOTO_SUFFIXES
@@ -170,13 +171,13 @@ def to_tensor(images: Sequence[np.ndarray]):
     """uint8 (H,W,3) RGB list -> (N,3,H,W) float32 in [-1, 1]."""
     import torch
 
-    arr = np.stack(images).astype(np.float32) / 127.5 - 1.0
+    arr = image_tensor(np.stack(images))
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
 def to_uint8(images) -> np.ndarray:
     """(N,3,H,W) in [-1, 1] -> (N,H,W,3) uint8 RGB."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round()
+    x = denormalize(images.detach().float().cpu().clamp(-1, 1)).round()
     return x.permute(0, 2, 3, 1).numpy().astype(np.uint8)
 
 

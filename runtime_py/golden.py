@@ -32,7 +32,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -374,13 +374,10 @@ class CompareRow:
 
 
 def load_index(bundle: Path) -> dict:
+    from .manifest import read_json
+
     index_path = bundle / INDEX_NAME
-    if not index_path.is_file():
-        raise UserError(f"{bundle}: not a golden bundle (no {INDEX_NAME})")
-    try:
-        index = json.loads(index_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{index_path}: not valid JSON ({exc})") from None
+    index = read_json(index_path, f"{bundle}: not a golden bundle (no {INDEX_NAME})")
     if not isinstance(index, dict) or index.get("schema") != BUNDLE_SCHEMA:
         schema = index.get("schema") if isinstance(index, dict) else None
         raise UserError(f"{index_path}: bundle schema {schema!r} is not supported (expected {BUNDLE_SCHEMA}); "

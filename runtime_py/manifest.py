@@ -147,17 +147,22 @@ def manifest_from_dict(data: dict) -> Manifest:
     return m
 
 
+def read_json(path: Path, missing: str):
+    """The JSON document in ``path`` (a manifest, a bundle index); UserError ``missing`` when there is no such
+    file, and one naming the file when it is not JSON."""
+    if not path.is_file():
+        raise UserError(missing)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+
+
 def load_manifest(directory_or_file) -> Manifest:
     p = Path(directory_or_file)
     if p.is_dir():
         p = p / MANIFEST_NAME
-    if not p.is_file():
-        raise UserError(f"{p}: no export manifest here (run 'gmcnn-mobile export' first)")
-    try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{p}: not valid JSON ({exc})") from None
-    return manifest_from_dict(data)
+    return manifest_from_dict(read_json(p, f"{p}: no export manifest here (run 'gmcnn-mobile export' first)"))
 
 
 # ------------------------------------------------------------------------ artifact hash

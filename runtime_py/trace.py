@@ -14,6 +14,8 @@ from typing import Optional
 
 import numpy as np
 
+from .contract import mask_pixels
+
 
 class Trace:
     def __init__(self, directory: Optional[str] = None):
@@ -52,7 +54,7 @@ class Trace:
         a = np.asarray(array)
         np.save(self.dir / f"{stem}.npy", a)
         if a.dtype == bool:
-            view = a.astype(np.uint8) * 255
+            view = mask_pixels(a)
         elif a.dtype == np.uint8:
             view = a
         else:

@@ -6,7 +6,6 @@ import pytest
 
 from models.evaluate import evaluate, make_cases, verdict
 from helpers import make_checkpoint, run_cli, write_shared_layout
-from runtime_py.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +62,5 @@ def test_evaluate_cli_prints_the_table_and_verdict(data_and_checkpoint, tmp_path
     assert json.loads(out.read_text())["summary"]["all"]["cases"] == 3
     rc, _, err = run_cli("evaluate", "--checkpoint", ckpt, "--data", data, "--names", "Nope.jpg")
     assert rc == 2 and "Nope.jpg" in err
-    with pytest.raises(UserError, match="expected HxW"):
-        from models.evaluate import parse_size
-        parse_size("512by680")
+    rc, _, err = run_cli("evaluate", "--checkpoint", ckpt, "--data", data, "--size", "512by680")
+    assert rc == 2 and "argument --size: expected ROWSxCOLS such as 512x680, got '512by680'" in err

@@ -1,4 +1,5 @@
-"""runtime_py is the on-device reference pipeline: importing it must not pull in the export stack."""
+"""runtime_py is the on-device reference pipeline: importing it must not pull in the export stack; and the
+import rules of pyproject.toml (import-linter contracts) hold."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "tensorflow", "coremltools", "onnx2tf", "keras", "tf_keras")
@@ -49,3 +52,14 @@ def test_probe_detects_a_heavy_import(tmp_path):
     code = f"HEAVY = {HEAVY!r}\nimport torch\nassert torch.__file__.startswith({str(tmp_path)!r})\n{PROBE}"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
     assert "torch" in json.loads(proc.stdout.strip().splitlines()[-1])["heavy"]
+
+
+def test_import_contracts_hold():
+    """The import-linter contracts of pyproject.toml (layers, no cycles, runtime_py light), as `make test` runs
+    them: a broken one names the offending import."""
+    pytest.importorskip("importlinter", reason="import-linter comes with the dev extra (make setup)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command as c; c()",
+                           "--no-cache"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "0 broken" in proc.stdout

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -54,8 +54,8 @@ def role_of(name: str, index: int) -> str:
 
 
 class Engine:
-    """Base class. Subclasses set ``name`` and implement ``activate_impl``, ``infer_impl``,
-    ``input_specs`` / ``output_specs`` (after activation) and ``deactivate_impl``."""
+    """Base class. Subclasses set ``name`` and implement ``activate_impl`` (which fills ``_inputs`` and
+    ``_outputs``, or overrides ``input_specs`` / ``output_specs``), ``infer_impl`` and ``deactivate_impl``."""
 
     name = "engine"
     path: str = ""  # the model file, where there is one
@@ -100,11 +100,14 @@ class Engine:
         pass
 
     # --------------------------------------------------------------- declarations
-    def input_specs(self) -> List[TensorSpec]:
-        raise NotImplementedError
+    _inputs: Sequence[TensorSpec] = ()  # what activate_impl declares, in the model's positional order
+    _outputs: Sequence[TensorSpec] = ()
 
-    def output_specs(self) -> List[TensorSpec]:
-        raise NotImplementedError
+    def input_specs(self) -> Sequence[TensorSpec]:
+        return self._inputs
+
+    def output_specs(self) -> Sequence[TensorSpec]:
+        return self._outputs
 
     @property
     def layout(self) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 
@@ -94,12 +94,6 @@ class CoreMLEngine(Engine):
 
     def deactivate_impl(self) -> None:
         self.model = None
-
-    def input_specs(self) -> List[TensorSpec]:
-        return self._inputs
-
-    def output_specs(self) -> List[TensorSpec]:
-        return self._outputs
 
     def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         return self._predict(feed)

@@ -7,7 +7,7 @@ checked against the entry's sha256 and size first, unless ``verify=False``).
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -60,12 +60,6 @@ class OnnxRuntimeEngine(Engine):
 
     def deactivate_impl(self) -> None:
         self.session = None
-
-    def input_specs(self) -> List[TensorSpec]:
-        return self._inputs
-
-    def output_specs(self) -> List[TensorSpec]:
-        return self._outputs
 
     def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         names = [o.name for o in self._outputs]

@@ -96,12 +96,6 @@ class TFLiteEngine(Engine):
     def deactivate_impl(self) -> None:
         self.interpreter = None
 
-    def input_specs(self) -> List[TensorSpec]:
-        return self._inputs
-
-    def output_specs(self) -> List[TensorSpec]:
-        return self._outputs
-
     def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         for name, arr in feed.items():
             self.interpreter.set_tensor(self._index[name], arr)

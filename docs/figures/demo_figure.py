@@ -1,6 +1,6 @@
 """Before / mask / after figure of the bundled demo photo (docs/demo_before_after.jpg).
 
-    python -m models.demo_figure [--checkpoint PATH] [--out docs/demo_before_after.jpg]
+    python docs/figures/demo_figure.py [--checkpoint PATH] [--out docs/demo_before_after.jpg]
 
 The photo (H, W, 3 RGB uint8) is downscaled so its long side is 680 px (sides
 rounded to multiples of 4), the generator fills the downscaled hole, the fill is
@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import cv2
 import numpy as np
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "runtime_py" / "demo"
+DEMO_DIR = Path(__file__).resolve().parents[2] / "runtime_py" / "demo"
 DEMO_PHOTO = DEMO_DIR / "kite.jpg"
 DEMO_MASK = DEMO_DIR / "kite_mask.png"
 WORK_LONG_SIDE = 680
@@ -29,7 +29,7 @@ def work_size(h: int, w: int, long_side: int = WORK_LONG_SIDE) -> Tuple[int, int
 
 def inpaint_downscaled(gen, rgb: np.ndarray, mask: np.ndarray, long_side: int = WORK_LONG_SIDE) -> np.ndarray:
     """Fill ``mask`` (H,W; nonzero = hole) in ``rgb`` (H,W,3 uint8) at reduced size; returns (H,W,3) uint8."""
-    from .evaluate import model_fill
+    from models.evaluate import model_fill
 
     h, w = rgb.shape[:2]
     wh, ww = work_size(h, w, long_side)
@@ -88,8 +88,8 @@ def main(argv: Optional[list] = None) -> int:
 
     import torch
 
-    from . import load_generator
-    from .evaluate import read_rgb, telea
+    from models import load_generator
+    from models.evaluate import read_rgb, telea
 
     torch.set_num_threads(2)
     rgb = read_rgb(args.photo)

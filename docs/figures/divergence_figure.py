@@ -1,7 +1,7 @@
 """Where the default model breaks: a held-out export sample at 1024x1360 whose hole is larger than
 any the model saw in its 256x256 training crops (docs/default_model_1024_divergence.jpg).
 
-    python -m models.divergence_figure [--checkpoint PATH] [--sample 2] [--out docs/default_model_1024_divergence.jpg]
+    python docs/figures/divergence_figure.py [--checkpoint PATH] [--sample 2] [--out docs/default_model_1024_divergence.jpg]
 
 The sample is the export parity gate's own (``export.samples.load_samples`` on the bundled held-out
 photos, 2 masks per photo, seed 2), prepared as the runtime feeds the model. Prints the range of the
@@ -31,6 +31,7 @@ def main(argv=None) -> int:
 
     import models
     from export.samples import HOLDOUT_DIR, load_samples
+    from runtime_py.contract import denormalize
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     print(f"sample {i}: hole {hole.mean():.1%} of the image; last convolution in the hole "
           f"{pre[:, hole].min():.1f}..{pre[:, hole].max():.1f}, outside {pre[:, ~hole].min():.1f}..{pre[:, ~hole].max():.1f}")
 
-    composite = ((image[0] * (1 - mask[0]) + raw[0] * mask[0]).clamp(-1, 1).permute(1, 2, 0).numpy() + 1) * 127.5
+    composite = denormalize((image[0] * (1 - mask[0]) + raw[0] * mask[0]).clamp(-1, 1).permute(1, 2, 0).numpy())
     original = samples.images[i].astype(np.float32)
     shown = original.copy()
     shown[hole] = shown[hole] * 0.4 + np.array([255.0, 0.0, 0.0]) * 0.6
