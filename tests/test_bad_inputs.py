@@ -525,7 +525,7 @@ CASES: List[Case] = [
          r"not found in .*: absent\.jpg"),
     Case("evaluate-bad-size-text",
          lambda d, s: ["evaluate", *_ck(s), "--data", s.root, "--names", "photo.png", "--size", "64by64"],
-         r"expected HxW"),
+         r"argument --size: expected ROWSxCOLS"),
     Case("evaluate-out-under-a-file",
          lambda d, s: ["evaluate", *_ck(s), "--data", s.root, "--names", "photo.png", "--size", "64x64",
                        "--out", _file(d) / "eval.json"],
