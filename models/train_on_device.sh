@@ -108,9 +108,9 @@ import sys
 from export.api import HOLDOUT_MASKS_PER_PHOTO
 from export.samples import HOLDOUT_DIR, load_samples
 from models.conditioning import save_samples
-from models.evaluate import parse_size
+from runtime_py.cli import parse_shape
 
-s = load_samples(HOLDOUT_DIR, parse_size(sys.argv[1]), HOLDOUT_MASKS_PER_PHOTO, seed=2)
+s = load_samples(HOLDOUT_DIR, parse_shape(sys.argv[1]), HOLDOUT_MASKS_PER_PHOTO, seed=2)
 save_samples(sys.argv[2], s.images, s.masks, s.names)
 print(f"peak samples: {len(s)} at {sys.argv[1]} ({', '.join(s.names)})")
 PY

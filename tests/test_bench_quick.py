@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import write_photos
+from helpers import run_cli, write_photos
 
 SHAPES = [(64, 88)]
 
@@ -99,8 +99,8 @@ def test_bench_bad_arguments_fail_cleanly(tiny_export, tmp_path, capsys):
     root, ckpt, arts, photos = tiny_export
     assert main(["bench", "--artifacts", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no export manifest" in capsys.readouterr().err
-    assert main(["bench", "--artifacts", str(arts), "--photos", str(photos), "--threads", "0,x"]) == 2
-    assert "--threads" in capsys.readouterr().err
+    rc, _, err = run_cli("bench", "--artifacts", arts, "--photos", photos, "--threads", "0,x")
+    assert rc == 2 and "argument --threads: must be at least 1" in err
     assert main(["bench", "--artifacts", str(arts), "--photos", str(tmp_path / "none")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
