@@ -9,7 +9,8 @@ but reported apart from the timed runs.
 
 SPEC keys: ``kind`` (tflite | torch | onnxruntime | sgemm | pipeline), ``threads``,
 ``warmup``, ``runs`` and per kind: ``path`` (model file), ``xnnpack`` (tflite),
-``shape`` ([rows, cols]; torch/onnxruntime), ``n`` (sgemm matrix side).
+``shape`` ([rows, cols]; torch/onnxruntime), ``n`` (sgemm matrix side). Models run through
+the runtime's engines (``runtime_py.engines``), the same runners every other part uses.
 Thread pools are pinned by the parent through OMP/OPENBLAS/MKL_NUM_THREADS too.
 """
 from __future__ import annotations
@@ -19,9 +20,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict
 
 import numpy as np
+
+from runtime_py.contract import denormalize, layout_of, mask_pixels
 
 from .stats import peak_rss_bytes, rss_bytes, summarize
 
@@ -41,131 +44,91 @@ def synthetic_pair(height: int, width: int, seed: int = 0):
     return image, mask
 
 
-def _tflite_feed(details: List[dict]) -> Dict[int, np.ndarray]:
-    """Inputs for any TFLite signature: the 1-channel input is the mask, the 3-channel one the image."""
+def synthetic_feed(engine) -> Dict[str, np.ndarray]:
+    """Inputs for any model an engine declares (any layout): the 1-channel input is the mask, the
+    3-channel one the image, 4 / 5 channels a network-input signature ([masked, mask] / [masked, ones,
+    mask]), anything else uniform noise; uint8 inputs get pixel values (mask 255 = hole), int8 ones
+    their own quantization."""
     feed = {}
-    for d in details:
-        shape = [int(s) for s in d["shape"]]
-        h, w, c = shape[1], shape[2], shape[3]
+    for s in engine.input_specs():
+        nhwc = layout_of(s.shape) == "NHWC"
+        h, w, c = (s.shape[1], s.shape[2], s.shape[3]) if nhwc else (s.shape[2], s.shape[3], s.shape[1])
         image, mask = synthetic_pair(h, w)
         masked = image * (1 - mask[..., None])
-        # 1 = mask, 3 = image; 4 / 5 = a network-input signature ([masked, mask] / [masked, ones, mask])
         arr = {1: mask[..., None], 3: image, 4: np.dstack([masked, mask]),
                5: np.dstack([masked, np.ones_like(mask), mask])}.get(c)
         if arr is None:
             arr = np.random.default_rng(0).uniform(-1, 1, (h, w, c)).astype(np.float32)
-        if d["dtype"] == np.uint8:
-            arr = (mask[..., None] * 255) if c == 1 else (image + 1) * 127.5
-            arr = np.round(arr).astype(np.uint8)
-        elif d["dtype"] == np.int8:
-            scale, zero = d["quantization"]
+        if s.dtype == "uint8":
+            arr = np.round(mask_pixels(mask > 0)[..., None] if c == 1 else denormalize(image)).astype(np.uint8)
+        elif s.dtype == "int8":
+            scale, zero = s.quantization or (1.0, 0)
             arr = np.clip(np.round(arr / (scale or 1.0) + zero), -128, 127).astype(np.int8)
-        feed[d["index"]] = np.ascontiguousarray(arr[None].astype(d["dtype"]))
+        arr = arr if nhwc else arr.transpose(2, 0, 1)
+        feed[s.name] = np.ascontiguousarray(arr[None].astype(s.dtype))
     return feed
 
 
-def _load_tflite(spec):
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    from .xnnpack import delegation_summary
-
-    def load():
-        resolver = OpResolverType.AUTO if spec.get("xnnpack", True) else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        interp = Interpreter(model_path=spec["path"], num_threads=int(spec["threads"]),
-                             experimental_op_resolver_type=resolver)
-        interp.allocate_tensors()
-        return interp
-
-    def prepare(interp):
-        feed = _tflite_feed(interp.get_input_details())
-        out_index = interp.get_output_details()[0]["index"]
-
-        def infer():
-            for index, value in feed.items():
-                interp.set_tensor(index, value)
-            interp.invoke()
-            return interp.get_tensor(out_index)
-
-        return infer
-
-    def describe(interp):
-        return {"delegation": delegation_summary(interp._get_ops_details())}
-
-    return load, prepare, describe
+#: The runtime each kind of measurement imports before its first memory reading.
+RUNTIMES = {"tflite": "ai_edge_litert.interpreter", "torch": "torch", "onnxruntime": "onnxruntime"}
 
 
-def _load_torch(spec):
-    import torch
+def make_engine(spec: dict):
+    """The runtime_py engine that runs ``spec``'s model, not yet activated."""
+    threads = int(spec["threads"])
+    if spec["kind"] == "tflite":
+        from runtime_py.engines.tflite_engine import TFLiteEngine
 
-    torch.set_num_threads(int(spec["threads"]))
-    torch.set_num_interop_threads(1)
-    from models import load_generator
+        return TFLiteEngine(spec["path"], threads=threads, xnnpack=spec.get("xnnpack", True))
+    if spec["kind"] == "torch":
+        import torch
 
-    h, w = spec["shape"]
+        from runtime_py.engines.torch_engine import TorchEngine
 
-    def load():
-        return load_generator(spec["path"]).eval()
+        torch.set_num_interop_threads(1)
+        return TorchEngine(tuple(spec["shape"]), checkpoint=spec["path"], threads=threads)
+    if spec["kind"] == "onnxruntime":
+        from runtime_py.engines.onnxruntime_engine import OnnxRuntimeEngine
 
-    def prepare(gen):
-        image, mask = synthetic_pair(h, w)
-        x = torch.from_numpy(image).permute(2, 0, 1)[None].contiguous()
-        m = torch.from_numpy(mask)[None, None].contiguous()
-
-        def infer():
-            with torch.inference_mode():
-                return gen(x, m)
-
-        return infer
-
-    return load, prepare, lambda gen: {"torch": torch.__version__}
+        return OnnxRuntimeEngine(spec["path"], shape=tuple(spec["shape"]), threads=threads)
+    raise ValueError(f"unknown measurement kind {spec['kind']!r}")
 
 
-def _load_onnxruntime(spec):
-    import onnxruntime as ort
+def runtime_facts(engine) -> dict:
+    """What the report shows beside the times: the delegate's partitioning (TFLite), the runtime's version."""
+    if engine.name == "tflite":
+        return {"delegation": engine.delegation()}
+    import importlib
 
-    h, w = spec["shape"]
-
-    def load():
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(spec["threads"])
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        return ort.InferenceSession(spec["path"], sess_options=opts, providers=["CPUExecutionProvider"])
-
-    def prepare(sess):
-        image, mask = synthetic_pair(h, w)
-        by_channels = {3: image.transpose(2, 0, 1)[None], 1: mask[None, None]}
-        feed = {i.name: np.ascontiguousarray(by_channels[int(i.shape[1])]) for i in sess.get_inputs()}
-
-        def infer():
-            return sess.run(None, feed)[0]
-
-        return infer
-
-    return load, prepare, lambda sess: {"onnxruntime": ort.__version__}
+    return {engine.name: importlib.import_module(engine.name).__version__}
 
 
-def measure_model(spec: dict, loader: Callable) -> dict:
-    load, prepare, describe = loader(spec)
+def measure_model(spec: dict) -> dict:
+    """Load, first inference (checked: feed against the model's inputs, output finite), warm-up and timed
+    runs of one model through its engine; the timed runs skip the runner's checks, as the app would."""
+    import importlib
+
+    importlib.import_module(RUNTIMES[spec["kind"]])
+    engine = make_engine(spec)
     rss_start = rss_bytes()
     t0 = time.perf_counter()
-    engine = load()
+    engine.activate()
     init_s = time.perf_counter() - t0
     rss_after_init = rss_bytes()
-    infer = prepare(engine)
+    feed = synthetic_feed(engine)
     t0 = time.perf_counter()
-    out = infer()
+    out = next(iter(engine.infer(feed).values()))
     first_s = time.perf_counter() - t0
     rss_after_first = rss_bytes()
     warm = []
     for _ in range(int(spec.get("warmup", 1))):
         t0 = time.perf_counter()
-        infer()
+        engine.infer(feed, check=False)
         warm.append(time.perf_counter() - t0)
     runs = []
     for _ in range(int(spec.get("runs", 3))):
         t0 = time.perf_counter()
-        infer()
+        engine.infer(feed, check=False)
         runs.append(time.perf_counter() - t0)
     peak = peak_rss_bytes()
     out = np.asarray(out)
@@ -183,7 +146,7 @@ def measure_model(spec: dict, loader: Callable) -> dict:
         "peak_added_over_idle": peak - rss_after_init,
         "output_shape": list(out.shape),
         "output_finite": bool(np.isfinite(out.astype(np.float32)).all()),
-        **describe(engine),
+        **runtime_facts(engine),
     }
 
 
@@ -206,9 +169,6 @@ def measure_sgemm(spec: dict) -> dict:
             "blas_threads_env": os.environ.get("OPENBLAS_NUM_THREADS")}
 
 
-LOADERS = {"tflite": _load_tflite, "torch": _load_torch, "onnxruntime": _load_onnxruntime}
-
-
 def run_spec(spec: dict) -> dict:
     kind = spec["kind"]
     if kind == "sgemm":
@@ -217,9 +177,7 @@ def run_spec(spec: dict) -> dict:
         from .pipeline_cost import measure_pipeline
 
         return measure_pipeline(spec)
-    if kind not in LOADERS:
-        raise ValueError(f"unknown measurement kind {kind!r}")
-    return measure_model(spec, LOADERS[kind])
+    return measure_model(spec)
 
 
 def main(argv=None) -> int:

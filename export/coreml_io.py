@@ -72,4 +72,4 @@ def coreml_types(shape: Tuple[int, int], io: str):
 def tensor_infos(shape: Tuple[int, int], io: str) -> Tuple[List[TensorInfo], List[TensorInfo]]:
     """Manifest entries for the artifact's inputs and outputs: NCHW tensors, or -- for ``image`` -- the
     w x h images as the runtime and the golden bundle hold them, batch-of-one NHWC uint8 arrays."""
-    return contract.signature_infos(io, shape, "NCHW" if io == "tensor" else "NHWC")
+    return contract.signature_infos(io, shape, contract.layout_for("coreml", io))

@@ -134,6 +134,16 @@ def to_nhwc(x):
     return x.transpose(0, 2, 3, 1)
 
 
+def layout_for(fmt: str, io: str) -> str:
+    """The layout an artifact of format ``fmt`` (tflite, coreml, onnx) and signature ``io`` uses: TFLite is
+    NHWC; Core ML tensors are NCHW and its images are held as NHWC arrays; ONNX (and PyTorch) are NCHW."""
+    if fmt == "tflite":
+        return "NHWC"
+    if fmt == "coreml":
+        return "NCHW" if io == "tensor" else "NHWC"
+    return "NCHW"
+
+
 def full_shape(rows: int, cols: int, channels: int, layout: str) -> List[int]:
     return [1, rows, cols, channels] if layout == "NHWC" else [1, channels, rows, cols]
 

@@ -5,7 +5,8 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import android, quality, readme, report, stats, xnnpack
+from benchmarks import android, quality, readme, report, stats
+from runtime_py.engines import delegation as xnnpack
 from benchmarks.spawn import run_in_subprocess
 from helpers import photo
 

@@ -63,3 +63,51 @@ def test_import_contracts_hold():
                            "--no-cache"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "0 broken" in proc.stdout
+
+
+LAYERS = ("gmcnn_mobile", "benchmarks", "export", "models", "runtime_py")
+
+
+def module_names_run_or_loaded(path: Path):
+    """(line, module name) of every module ``path`` loads or starts by name: ``importlib.import_module``,
+    ``__import__``, ``runpy.run_module`` with a literal name, and ``"-m", "NAME"`` in a command list."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if func in ("import_module", "__import__", "run_module"):
+                found.append((node.lineno, node.args[0].value))
+        if isinstance(node, (ast.List, ast.Tuple)):
+            items = node.elts
+            for flag, name in zip(items, items[1:]):
+                if isinstance(flag, ast.Constant) and flag.value == "-m" and isinstance(name, ast.Constant):
+                    found.append((name.lineno, name.value))
+    return found
+
+
+def upward_module_names(layer: str):
+    """Modules of a layer above ``layer`` that its code starts (``python -m benchmarks.worker``) or loads by
+    name: what import-linter, which reads import statements, cannot see."""
+    above = LAYERS[:LAYERS.index(layer)]
+    return [f"{path.relative_to(ROOT)}:{line}: {name!r}" for path in sorted((ROOT / layer).rglob("*.py"))
+            for line, name in module_names_run_or_loaded(path)
+            if isinstance(name, str) and name.split(".")[0] in above]
+
+
+@pytest.mark.parametrize("layer", LAYERS[1:])
+def test_no_part_starts_or_loads_a_part_above_it_by_name(layer):
+    """Export never starts benchmarks (``python -m benchmarks.worker`` was export/measure.py's); no part
+    imports a part above it by name either."""
+    assert upward_module_names(layer) == []
+
+
+def test_upward_name_check_catches_a_subprocess_target(tmp_path, monkeypatch):
+    """Control: a module of export that runs ``python -m benchmarks.worker`` is reported."""
+    fake_root = tmp_path / "repo"
+    (fake_root / "export").mkdir(parents=True)
+    (fake_root / "export" / "measure.py").write_text(
+        'import subprocess, sys\nsubprocess.run([sys.executable, "-m", "benchmarks.worker"])\n')
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", fake_root)
+    assert upward_module_names("export") == ["export/measure.py:2: 'benchmarks.worker'"]

@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
+from ..contract import layout_for, signature_infos
 from ..errors import MissingDependencyError, UserError
 from .base import Engine, TensorSpec, role_of
 
@@ -63,23 +64,14 @@ class CoreMLEngine(Engine):
             factory = _reference_executor or _default_reference_executor()
             self.model = factory(self.path)
             self._predict = self.model.predict
-        h, w = self.shape
-        if self.artifact is not None and self.io == "image":
-            # Core ML images are fed as arrays here: (1,H,W,3) RGB and (1,H,W,1) mask, uint8
-            def image_spec(t, i):
-                role = t.role or role_of(t.name, i)
-                return TensorSpec(t.name, (1, h, w, 3 if role == "image" else 1), "uint8", role)
-
-            self._inputs = [image_spec(t, i) for i, t in enumerate(self.artifact.inputs)]
-            self._outputs = [TensorSpec(t.name, (1, h, w, 3), "uint8", "output") for t in self.artifact.outputs]
-        elif self.artifact is not None:
-            self._inputs = [TensorSpec(t.name, tuple(t.shape), t.dtype, t.role or role_of(t.name, i))
-                            for i, t in enumerate(self.artifact.inputs)]
-            self._outputs = [TensorSpec(t.name, tuple(t.shape), t.dtype, "output") for t in self.artifact.outputs]
+        # Core ML images are fed as arrays: (1,H,W,3) RGB and (1,H,W,1) mask, uint8, as the manifest lists them
+        if self.artifact is not None:
+            inputs, outputs = self.artifact.inputs, self.artifact.outputs
         else:
-            self._inputs = [TensorSpec("image", (1, 3, h, w), "float32", "image"),
-                            TensorSpec("mask", (1, 1, h, w), "float32", "mask")]
-            self._outputs = [TensorSpec("output", (1, 3, h, w), "float32", "output")]
+            inputs, outputs = signature_infos(self.io, self.shape, layout_for("coreml", self.io))
+        self._inputs = [TensorSpec(t.name, tuple(t.shape), t.dtype, t.role or role_of(t.name, i))
+                        for i, t in enumerate(inputs)]
+        self._outputs = [TensorSpec(t.name, tuple(t.shape), t.dtype, "output") for t in outputs]
 
     def _predict_coreml(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         if self.io == "image":

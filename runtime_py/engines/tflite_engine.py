@@ -3,7 +3,9 @@
 The artifact's manifest entry (runtime_py.manifest.Artifact) is checked against the
 file before it is opened (``verify=False`` skips that) and names each input and its role; interpreter tensors are matched to it by name (exact, else the manifest
 name inside the interpreter's name, e.g. ``serving_default_image:0``), never by index.
-Without a manifest entry, roles come from the tensor names (``mask`` -> mask).
+Without a manifest entry, roles come from the tensor names (``mask`` -> mask). A model can also be
+given as bytes (``model_content``: the export's calibration runs a graph it has just rewritten);
+:meth:`TFLiteEngine.delegation` reports which ops XNNPACK did not take.
 NHWC 'tensor' signature: image (1,H,W,3) float32 [-1,1] RGB, mask (1,H,W,1) float32
 {0,1} -> (1,H,W,3) float32 [-1,1]. 'image' signature: uint8 RGB image, uint8 mask
 255 = hole -> uint8 RGB composite. Quantized int8 I/O uses each tensor's own
@@ -35,9 +37,13 @@ def match_name(wanted: str, candidates: List[str]) -> Optional[str]:
 class TFLiteEngine(Engine):
     name = "tflite"
 
-    def __init__(self, path: os.PathLike, shape=None, io: str = "tensor", threads: Optional[int] = None,
-                 xnnpack: bool = True, artifact=None, verify: bool = True):
-        self.path = str(path)
+    def __init__(self, path: Optional[os.PathLike] = None, shape=None, io: str = "tensor",
+                 threads: Optional[int] = None, xnnpack: bool = True, artifact=None, verify: bool = True,
+                 model_content: Optional[bytes] = None):
+        if (path is None) == (model_content is None):
+            raise ValueError("give the model as a path or as model_content, not both")
+        self.path = str(path) if path is not None else ""
+        self.model_content = model_content
         self.threads = threads
         self.xnnpack = xnnpack
         self.artifact = artifact
@@ -52,16 +58,17 @@ class TFLiteEngine(Engine):
             from ai_edge_litert.interpreter import Interpreter, OpResolverType
         except ImportError:
             raise MissingDependencyError("ai_edge_litert", "runtime", "the tflite engine") from None
-        if not os.path.isfile(self.path):
+        if self.model_content is None and not os.path.isfile(self.path):
             raise UserError(f"{self.path}: TFLite file not found")
         resolver = OpResolverType.AUTO if self.xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        source = {"model_path": self.path} if self.model_content is None else {"model_content": self.model_content}
         try:
             with native_stderr(keep=lambda line: not line.startswith(XNNPACK_NOTICE)):
-                self.interpreter = Interpreter(model_path=self.path, num_threads=self.num_threads,
+                self.interpreter = Interpreter(**source, num_threads=self.num_threads,
                                                experimental_op_resolver_type=resolver)
                 self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise UserError(f"{self.path}: LiteRT cannot load it ({str(exc).splitlines()[0]})") from None
+            raise UserError(f"{self.path or 'TFLite model'}: LiteRT cannot load it ({str(exc).splitlines()[0]})") from None
         details = self.interpreter.get_input_details()
         self._index = {d["name"]: d["index"] for d in details}
         self._inputs = [self._spec(d, self._role(d["name"], i, details)) for i, d in enumerate(details)]
@@ -102,6 +109,16 @@ class TFLiteEngine(Engine):
         self.interpreter.invoke()
         return {s.name: self.interpreter.get_tensor(self._out_index[s.name]) for s in self._outputs}
 
+    def delegation(self) -> Dict[str, object]:
+        """How the graph was split: ``nodes``, XNNPACK ``partitions``, ``nodes_outside`` them and
+        ``ops_outside`` (op type -> count of nodes the built-in kernels run; {} = all in XNNPACK),
+        ``op_counts`` (:func:`runtime_py.engines.delegation.delegation_summary`)."""
+        from .delegation import delegation_summary
+
+        self.activate()
+        return delegation_summary(self.interpreter._get_ops_details())
+
     def describe(self) -> str:
         xnn = "xnnpack" if self.xnnpack else "no xnnpack"
-        return f"tflite {self.shape[0]}x{self.shape[1]} ({os.path.basename(self.path)}, {xnn}, {self.num_threads} threads)"
+        name = os.path.basename(self.path) if self.path else "model in memory"
+        return f"tflite {self.shape[0]}x{self.shape[1]} ({name}, {xnn}, {self.num_threads} threads)"

@@ -1,10 +1,10 @@
 """Measure exported TFLite files against this machine's own convolution speed.
 
-    python -m export.measure DIR [DIR ...] [--threads 2] [--runs 5] [--extra FILE.tflite:GMAC ...] [--json OUT]
+    python -m benchmarks.measure DIR [DIR ...] [--threads 2] [--runs 5] [--extra FILE.tflite:GMAC ...] [--json OUT]
 
 For every ``tensor`` artifact in each export folder (and any ``--extra`` file) one process
-per measurement (``benchmarks.worker``: load, first inference, warm-up, timed runs, peak
-RSS), in the same run:
+per measurement (``benchmarks.worker`` through ``benchmarks.spawn``, as ``bench`` runs it: load, first
+inference, warm-up, timed runs, peak RSS), in the same run:
 
 * latency (median of the timed runs) and peak RSS, so int8 and fp32 compare under the
   same conditions;
@@ -28,7 +28,6 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-ROOT = Path(__file__).resolve().parent.parent
 MICRO_KERNEL = 7
 MICRO_CHANNELS = 128
 
@@ -69,19 +68,14 @@ def build_conv_microbench(out_dir: Path, rows: int, cols: int, channels: int = M
 
 def measure_file(path: Path, threads: int, runs: int, warmup: int = 1) -> dict:
     """One benchmarks.worker process on one file."""
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = {"kind": "tflite", "label": path.name, "path": str(path), "threads": threads, "warmup": warmup,
-                "runs": runs}
-        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-        spec_path.write_text(json.dumps(spec))
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        subprocess.run([sys.executable, "-m", "benchmarks.worker", str(spec_path), str(result_path)], env=env,
-                       cwd=str(ROOT), check=False)
-        return json.loads(result_path.read_text())
+    from .spawn import run_in_subprocess
+
+    return run_in_subprocess({"kind": "tflite", "label": path.name, "path": str(path), "threads": threads,
+                              "warmup": warmup, "runs": runs})
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m export.measure", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.measure", description=__doc__.split("\n\n")[0])
     ap.add_argument("dirs", nargs="*", type=Path, help="export folders (manifest.json)")
     ap.add_argument("--extra", nargs="*", default=[], help="more .tflite files, each as FILE:GMAC")
     ap.add_argument("--threads", type=int, default=2)

@@ -1,4 +1,4 @@
-"""Which ops of a TFLite graph ran outside the XNNPACK delegate.
+"""Which ops of a TFLite graph ran outside the XNNPACK delegate (:meth:`TFLiteEngine.delegation`).
 
 The LiteRT interpreter lists every original node plus one ``DELEGATE`` node per
 partition the delegate took. A partition's original nodes are found by walking
