@@ -258,31 +258,24 @@ def manifest_artifact(path, shape: Tuple[int, int], precision: str, io: str, *, 
 
 # ---------------------------------------------------------------------- running (parity gate)
 
-def predict_samples(path, io: str, images: np.ndarray, masks: np.ndarray, *, executor=None) -> np.ndarray:
-    """Run an exported package on a batch, one sample at a time.
+def predict_samples(path, io: str, images: np.ndarray, masks: np.ndarray, *,
+                    reference: Optional[bool] = True, compute_units: str = "ALL") -> np.ndarray:
+    """Run an exported package on a batch, one sample at a time, through the runtime's Core ML engine.
 
     images: (N,H,W,3) uint8 RGB; masks: (N,H,W,1) or (N,H,W) uint8, 255 = hole.
     Returns (N,H,W,3): float32 RGB in [-1,1] (raw prediction) for ``tensor`` I/O, uint8 RGB
-    composite for ``image`` I/O. ``executor`` defaults to the reference executor
-    (:func:`runtime_py.mil_executor.load_mlpackage`); pass ``coremltools.models.MLModel(path)``'s
-    ``predict`` wrapper on macOS for real Core ML.
+    composite for ``image`` I/O. ``reference``: True (default) the NumPy reference executor
+    (:mod:`runtime_py.mil_executor`), False real Core ML (macOS, on ``compute_units``), None whichever
+    runs here.
     """
-    if executor is None:
-        from runtime_py.mil_executor import load_mlpackage
+    from runtime_py.engines.coreml_engine import CoreMLEngine
 
-        executor = load_mlpackage(path)
-    masks = masks.reshape(masks.shape[0], masks.shape[1], masks.shape[2])
-    out = []
-    for img, m in zip(images, masks):
-        if io == "tensor":
-            feed = {
-                "image": (img.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None],
-                "mask": (m >= 128).astype(np.float32)[None, None],
-            }
-            out.append(np.asarray(executor(feed)["output"], np.float32)[0].transpose(1, 2, 0))
-        else:
-            out.append(np.asarray(executor({"image": img, "mask": m})["output"], np.uint8))
-    return np.stack(out)
+    from .parity import run_samples
+    from .samples import Samples
+
+    masks = masks.reshape(*masks.shape[:3], 1)
+    engine = CoreMLEngine(path, shape=images.shape[1:3], io=io, reference=reference, compute_units=compute_units)
+    return run_samples(engine, Samples(images, masks, [""] * len(images)))
 
 
 # ---------------------------------------------------------------------- export backend interface
@@ -337,26 +330,10 @@ def executor_name() -> str:
 
 
 def run(path, io: str, samples, threads: int = 2):
-    """Execute on export.samples.Samples: ((N,H,W,3) outputs, executor). Real Core ML on macOS, else the reference executor."""
-    import platform
+    """Execute on export.samples.Samples through the runtime's Core ML engine: ((N,H,W,3) outputs, executor).
+    Real Core ML on macOS, else the reference executor."""
+    from runtime_py.engines.coreml_engine import CoreMLEngine
 
-    executor = None
-    if platform.system() == "Darwin":
-        executor = _coreml_predict(path, io)
-    outputs = predict_samples(path, io, samples.images, samples.masks, executor=executor)
-    return outputs, executor_name()
+    from .parity import run_samples
 
-
-def _coreml_predict(path, io: str):
-    ct = _ct()
-    model = ct.models.MLModel(str(path))
-
-    def predict(feed):
-        if io == "tensor":
-            return model.predict(feed)
-        from PIL import Image
-
-        out = model.predict({"image": Image.fromarray(feed["image"], "RGB"), "mask": Image.fromarray(feed["mask"], "L")})
-        return {"output": np.asarray(out["output"].convert("RGB"))}
-
-    return predict
+    return run_samples(CoreMLEngine(path, shape=samples.shape, io=io), samples), executor_name()

@@ -47,6 +47,21 @@ def tolerance_for(precision: str, io: str, overrides: Optional[Dict] = None,
     return dict(TOLERANCES.get((precision, io), TOLERANCES[("int8", io)]))
 
 
+def run_samples(engine, samples) -> np.ndarray:
+    """An artifact's raw outputs on ``samples``, one sample per run, through its (runtime_py) engine:
+    (N, H, W, C) channels last -- float32 in [-1, 1] for ``tensor`` files, uint8 pixels for ``image`` files.
+    The engine feeds each sample as the contract encodes it (:meth:`runtime_py.engines.base.Engine.make_feed`)."""
+    from runtime_py.contract import hole_of, layout_of, to_nhwc
+
+    outputs = []
+    with engine:
+        spec = engine.output_specs()[0]
+        for image, mask in zip(samples.images, samples.masks):
+            y = engine.infer(engine.make_feed(image, hole_of(mask[..., 0])))[spec.name]
+            outputs.append(to_nhwc(y) if layout_of(spec.shape) == "NCHW" else y)
+    return np.concatenate(outputs)
+
+
 def reference_outputs(generator, samples, batch: int = 1) -> np.ndarray:
     """PyTorch fp32 raw outputs (N, H, W, 3) float32 in [-1, 1] for ``samples``."""
     import torch

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from runtime_py.errors import MissingDependencyError, UserError
+from runtime_py.errors import MissingDependencyError
 
 from .backends import ConvertJob, ConvertResult
 
@@ -262,87 +262,36 @@ def litert_version() -> str:
         return "unknown"
 
 
-def interpreter(path: Path, threads: int):
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        raise MissingDependencyError("ai_edge_litert", "runtime", "the LiteRT interpreter") from None
-    it = Interpreter(model_path=str(path), num_threads=int(threads))
-    it.allocate_tensors()
-    return it
+def engine(path: Path, threads: int = 1, io: str = "tensor", xnnpack: bool = True):
+    """The runtime's TFLite engine on a file (LiteRT, XNNPACK unless ``xnnpack`` is False), not yet activated."""
+    from runtime_py.engines.tflite_engine import TFLiteEngine
 
-
-def _by_name(details: List[dict]) -> Dict[str, dict]:
-    return {d["name"]: d for d in details}
+    return TFLiteEngine(path, io=io, threads=int(threads), xnnpack=xnnpack)
 
 
 def run(path: Path, io: str, samples, threads: int = 2):
-    """Execute the file on ``samples``; returns (outputs (N,H,W,3), executor).
+    """Execute the file on ``samples`` through the TFLite engine; returns (outputs (N,H,W,3), executor).
 
-    ``tensor``: float32 in [-1, 1]; ``image``: uint8. Inputs are fed by tensor name.
-    """
-    it = interpreter(path, threads)
-    ins = _by_name(it.get_input_details())
-    out_detail = it.get_output_details()[0]
-    if io == "tensor":
-        feeds = {"image": samples.tensor_image(), "mask": samples.tensor_mask()}
-    else:
-        feeds = {"image": samples.images, "mask": samples.masks}
-    outputs = []
-    for i in range(len(samples)):
-        for name, arr in feeds.items():
-            d = ins[name]
-            x = arr[i : i + 1]
-            if d["dtype"] != x.dtype:
-                raise UserError(f"{path.name}: input {name} is {np.dtype(d['dtype']).name}, expected {x.dtype}")
-            it.set_tensor(d["index"], x)
-        it.invoke()
-        outputs.append(it.get_tensor(out_detail["index"]).copy())
-    return np.concatenate(outputs), f"litert-{litert_version()} xnnpack {threads} threads"
+    ``tensor``: float32 in [-1, 1]; ``image``: uint8 (:func:`export.parity.run_samples`)."""
+    from .parity import run_samples
 
-
-def _tensor_info(detail: dict, io: str):
-    from runtime_py.contract import tensor_info
-
-    return tensor_info(detail["name"], io, detail["shape"], np.dtype(detail["dtype"]).name, "NHWC",
-                       detail.get("quantization"))
+    return run_samples(engine(path, threads, io), samples), f"litert-{litert_version()} xnnpack {threads} threads"
 
 
 def describe(path: Path, io: str, shape=None):
     """(inputs, outputs) as TensorInfo in the file's positional order, read from the file through LiteRT."""
-    it = interpreter(path, 1)  # inputs and outputs in the file's positional order, as the manifest lists them
-    return [_tensor_info(d, io) for d in it.get_input_details()], [_tensor_info(d, io) for d in it.get_output_details()]
+    from runtime_py.contract import tensor_info
+
+    with engine(path, io=io) as e:
+        return [[tensor_info(s.name, io, s.shape, s.dtype, "NHWC", s.quantization) for s in specs]
+                for specs in (e.input_specs(), e.output_specs())]
 
 
 def xnnpack_fallback_ops(path: Path, threads: int = 1) -> Dict[str, int]:
-    """Op types (with counts) that LiteRT's default XNNPACK delegate leaves to the built-in kernels.
-
-    Measured, not looked up: each DELEGATE node's partition is found by walking back from
-    its outputs to its inputs; original nodes outside every partition run undelegated.
-    """
-    it = interpreter(path, threads)
-    nodes = it._get_ops_details()  # original nodes, then one DELEGATE node per partition
-    originals = [n for n in nodes if n["op_name"] != "DELEGATE"]
-    producer = {}
-    for n in originals:
-        for t in n["outputs"]:
-            producer[int(t)] = n["index"]
-    by_index = {n["index"]: n for n in originals}
-    delegated = set()
-    for d in (n for n in nodes if n["op_name"] == "DELEGATE"):
-        boundary = {int(t) for t in d["inputs"]}
-        stack = [int(t) for t in d["outputs"]]
-        while stack:
-            t = stack.pop()
-            if t in boundary or t not in producer:
-                continue
-            idx = producer[t]
-            if idx in delegated:
-                continue
-            delegated.add(idx)
-            stack.extend(int(u) for u in by_index[idx]["inputs"] if u >= 0)
-    left = collections.Counter(n["op_name"] for n in originals if n["index"] not in delegated)
-    return dict(sorted(left.items()))
+    """Op types (with counts) that LiteRT's default XNNPACK delegate leaves to the built-in kernels, measured
+    by loading the file (:meth:`runtime_py.engines.tflite_engine.TFLiteEngine.delegation`)."""
+    with engine(path, threads) as e:
+        return e.delegation()["ops_outside"]
 
 
 def gpu_verdict(analyzer_text: str) -> Dict[str, object]:

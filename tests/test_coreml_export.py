@@ -180,22 +180,13 @@ def test_kmeans_palette():
 @pytest.mark.skipif(platform.system() != "Darwin", reason="Core ML predict runs only on macOS")
 @pytest.mark.parametrize("precision,io", [("fp16", "tensor"), ("w8", "tensor"), ("w8", "image")])
 def test_reference_executor_matches_real_coreml(precision, io):
-    import coremltools as ct
-    from PIL import Image
-
     path = tiny_artifact(precision, io)
-    model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY)
     images, masks = sample_inputs(TINY_TF_SHAPE, n=1)
     ours = predict_samples(path, io, images, masks)
+    real = predict_samples(path, io, images, masks, reference=False, compute_units="CPU_ONLY")
     if io == "tensor":
-        real = predict_samples(path, io, images, masks, executor=lambda feed: model.predict(feed))
         assert np.abs(ours - real).max() <= EXECUTOR_TOLERANCES[precision]["max_abs"]
     else:
-        def predict(feed):
-            out = model.predict({"image": Image.fromarray(feed["image"], "RGB"), "mask": Image.fromarray(feed["mask"], "L")})
-            return {"output": np.asarray(out["output"].convert("RGB"))}
-
-        real = predict_samples(path, io, images, masks, executor=predict)
         assert np.abs(ours.astype(int) - real.astype(int)).max() <= EXECUTOR_TOLERANCES[precision]["max_abs_u8"]
 
 

@@ -40,10 +40,16 @@ def _default_reference_executor() -> Callable:
 class CoreMLEngine(Engine):
     name = "coreml"
 
-    def __init__(self, path: os.PathLike, artifact=None, shape=None, io: str = "tensor", verify: bool = True):
+    def __init__(self, path: os.PathLike, artifact=None, shape=None, io: str = "tensor", verify: bool = True,
+                 reference: Optional[bool] = None, compute_units: str = "ALL"):
+        """``reference``: None runs real Core ML on macOS and the reference executor elsewhere; True the
+        reference executor everywhere (to compare it with Core ML); False real Core ML only (macOS), on
+        ``compute_units`` (a ``coremltools.ComputeUnit`` name: ALL, CPU_ONLY, CPU_AND_GPU, CPU_AND_NE)."""
+        self.compute_units = compute_units
         self.path = str(path)
         self.artifact = artifact
         self.verify = verify
+        self.reference = (platform.system() != "Darwin") if reference is None else bool(reference)
         if artifact is not None:
             shape, io = (artifact.height, artifact.width), artifact.io
         if shape is None:
@@ -53,12 +59,14 @@ class CoreMLEngine(Engine):
     def activate_impl(self) -> None:
         if not os.path.exists(self.path):
             raise UserError(f"{self.path}: Core ML package not found")
-        if platform.system() == "Darwin":
+        if not self.reference:
+            if platform.system() != "Darwin":
+                raise UserError(f"{self.path}: Core ML predict runs only on macOS (use the reference executor)")
             try:
                 import coremltools as ct
             except ImportError:
                 raise MissingDependencyError("coremltools", "export", "the coreml engine") from None
-            self.model = ct.models.MLModel(self.path)
+            self.model = ct.models.MLModel(self.path, compute_units=getattr(ct.ComputeUnit, self.compute_units))
             self._predict = self._predict_coreml
         else:
             factory = _reference_executor or _default_reference_executor()
