@@ -1,24 +1,15 @@
 """The PyTorch checkpoint behind an export, and an ONNX file of it for ONNX Runtime.
 
-ONNX is written with the TorchScript exporter (``dynamo=False``) at opset 17,
-the settings the project's export uses, at one fixed shape; inputs ``image``
+ONNX is written by the export's own ONNX step (``export.onnx_export``: TorchScript exporter at
+opset 17, the ``tensor`` signature, not simplified) at one fixed shape; inputs ``image``
 (1,3,H,W) float32 RGB in [-1, 1] and ``mask`` (1,1,H,W) float32 1 = hole, output
 (1,3,H,W) float32 RGB in [-1, 1]. Files are cached by checkpoint hash and shape.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Optional, Sequence
-
-
-def checkpoint_digest(path: os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_checkpoint(manifest, artifacts_dir: Path, override: Optional[os.PathLike] = None) -> Optional[Path]:
@@ -44,24 +35,19 @@ def resolve_checkpoint(manifest, artifacts_dir: Path, override: Optional[os.Path
 def export_onnx(checkpoint: os.PathLike, shape: Sequence[int], cache_dir: Path) -> Path:
     """ONNX fp32 file of ``checkpoint`` at ``shape`` (rows, cols), reused from ``cache_dir`` when present."""
     h, w = int(shape[0]), int(shape[1])
-    digest = checkpoint_digest(checkpoint)[:16]
+    from models.checkpoint import sha256_path
+
+    digest = sha256_path(checkpoint)[:16]
     out = Path(cache_dir) / f"gmcnn_{digest}_{h}x{w}.onnx"
     if out.is_file():
         return out
-    import torch
-
+    from export.onnx_export import export_onnx as write_onnx
+    from export.wrappers import wrap
     from models import load_generator
 
-    gen = load_generator(checkpoint).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    import warnings
-
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer notes about shape arithmetic on Python ints
-        torch.onnx.export(gen, (torch.zeros(1, 3, h, w), torch.zeros(1, 1, h, w)), str(tmp),
-                          input_names=["image", "mask"], output_names=["output"], opset_version=17,
-                          dynamo=False, do_constant_folding=True)
+    tmp = out.with_name(out.stem + ".tmp.onnx")
+    write_onnx(wrap(load_generator(checkpoint), "tensor"), "tensor", (h, w), tmp, simplify=False)
     os.replace(tmp, out)
     return out
 

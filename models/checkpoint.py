@@ -35,12 +35,11 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used; the message is one line meant for the user."""
 
 
-def sha256_file(path: os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (the artifact hash's recipe for a file, runtime_py.manifest)."""
+    from runtime_py.manifest import artifact_digest
+
+    return artifact_digest(path)[0]
 
 
 def sha256_path(path: os.PathLike) -> str:
