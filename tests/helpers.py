@@ -104,6 +104,24 @@ def torch_engines(ckpt, shape=MODEL_SHAPE):
     return open_engines("torch", checkpoint=ckpt, model_shape=shape, threads=1)
 
 
+def postpass_variants(export_dir, shape, precision: str, option: str, values, samples):
+    """The converter's own ``precision`` file (kept in ``export_dir/.work`` of a tensor export made with
+    ``keep_work=True``) post-passed once per value of the post-pass ``option`` (``pad_mode``,
+    ``upsample_mode``), each run on ``samples`` with one thread: {value: (outputs, ops outside XNNPACK,
+    post-pass report)}."""
+    from export import tflite
+
+    work = export_dir / ".work" / f"tflite_{shape[0]}x{shape[1]}_tensor"
+    raw = (work / f"converter_{precision}.tflite").read_bytes()
+    variants = {}
+    for value in values:
+        data, report = tflite.postprocess(raw, precision, "tensor", **{option: value})
+        path = work / f"variant_{precision}_{option}_{value}.tflite"
+        path.write_bytes(data)
+        variants[value] = (tflite.run(path, "tensor", samples, threads=1)[0], tflite.xnnpack_fallback_ops(path), report)
+    return variants
+
+
 # ------------------------------------------------------------------------------ images and holes
 
 def photo(rows: int = 300, cols: int = 420, seed: int = 0, *, period: float = 37.0, noise: float = 6.0) -> np.ndarray:

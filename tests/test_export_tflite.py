@@ -310,24 +310,14 @@ def test_calibration_ranges_match_an_independent_run(tiny):
 def test_nearest_upsample_rewrite_is_exact_and_delegated(tiny, precision):
     """upsample_mode='depth_to_space': the 3 nearest resizes become CONCATENATION + DEPTH_TO_SPACE,
     every node runs in XNNPACK, outputs are equal to the file that keeps the resizes."""
-    from export import tflite
     from export.samples import HOLDOUT_DIR, load_samples
+    from helpers import postpass_variants
 
-    work = tiny["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
-    raw = (work / f"converter_{precision}.tflite").read_bytes()
     samples = load_samples(HOLDOUT_DIR, SHAPE, 2, seed=6)
-    outs = {}
-    for mode in ("resize", "depth_to_space"):
-        data, report = tflite.postprocess(raw, precision, "tensor", upsample_mode=mode)
-        path = work / f"test_up_{precision}_{mode}.tflite"
-        path.write_bytes(data)
-        outs[mode] = tflite.run(path, "tensor", samples, threads=1)[0]
-        fallback = tflite.xnnpack_fallback_ops(path)
-        if mode == "depth_to_space":
-            assert report["nearest_upsamples_to_depth_to_space"] == 3 and fallback == {}
-        else:
-            assert fallback == {"RESIZE_NEAREST_NEIGHBOR": 3}
-    assert np.array_equal(outs["resize"], outs["depth_to_space"])
+    v = postpass_variants(tiny["out"], SHAPE, precision, "upsample_mode", ("resize", "depth_to_space"), samples)
+    assert v["resize"][1] == {"RESIZE_NEAREST_NEIGHBOR": 3}
+    assert v["depth_to_space"][2]["nearest_upsamples_to_depth_to_space"] == 3 and v["depth_to_space"][1] == {}
+    assert np.array_equal(v["resize"][0], v["depth_to_space"][0])
 
 
 def test_inputs_first_renumbers_without_changing_the_graph(tmp_path):

@@ -38,18 +38,10 @@ def test_torch_variant_pads_run_in_xnnpack(torch_export):
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_pad_rewrite_is_exact(torch_export, precision):
     """Same converter file, post-passed with MIRROR_PAD kept and with it rewritten: equal outputs."""
-    from export import tflite
     from export.samples import HOLDOUT_DIR, load_samples
+    from helpers import postpass_variants
 
-    work = torch_export["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
-    raw = (work / f"converter_{precision}.tflite").read_bytes()
     samples = load_samples(HOLDOUT_DIR, SHAPE, 1, seed=5)
-    outs = {}
-    for mode in ("mirror_pad", "slices"):
-        data, report = tflite.postprocess(raw, precision, "tensor", pad_mode=mode)
-        path = work / f"test_{precision}_{mode}.tflite"
-        path.write_bytes(data)
-        outs[mode] = tflite.run(path, "tensor", samples, threads=1)[0]
-        fallback = tflite.xnnpack_fallback_ops(path)
-        assert ("MIRROR_PAD" in fallback) == (mode == "mirror_pad")
-    assert np.array_equal(outs["mirror_pad"], outs["slices"])
+    v = postpass_variants(torch_export["out"], SHAPE, precision, "pad_mode", ("mirror_pad", "slices"), samples)
+    assert "MIRROR_PAD" in v["mirror_pad"][1] and "MIRROR_PAD" not in v["slices"][1]
+    assert np.array_equal(v["mirror_pad"][0], v["slices"][0])
