@@ -545,7 +545,13 @@ def mirror_pad_to_slices(model) -> int:
             x = _concat(model, [blocks[0], x, blocks[1]], axis, shapes, new_ops, f"{base}/padded{axis}",
                         out=out if last_axis else None)
         changed += 1
-    sg.operators = new_ops
+    return _replace_ops(model, new_ops, changed)
+
+
+def _replace_ops(model, new_ops: list, changed: int) -> int:
+    """Install a rewrite's operator list; when it changed anything, drop the constant cache and the
+    tensors no op uses any more. Returns ``changed``."""
+    model.subgraphs[0].operators = new_ops
     if changed:
         model.__dict__.pop("_gmcnn_consts", None)
         _prune_tensors(model)
@@ -583,11 +589,7 @@ def nearest_2x_to_depth_to_space(model) -> int:
         new_ops.append(_new_op(model, OP.DEPTH_TO_SPACE, [blocks], [out], options,
                                schema.BuiltinOptions.DepthToSpaceOptions))
         changed += 1
-    sg.operators = new_ops
-    if changed:
-        model.__dict__.pop("_gmcnn_consts", None)
-        _prune_tensors(model)
-    return changed
+    return _replace_ops(model, new_ops, changed)
 
 
 def _reshape(model, src: int, shape: List[int], ops: list, name: str, out: Optional[int] = None) -> int:
@@ -603,35 +605,36 @@ def uint8_io(model) -> int:
     """Float ``image`` files: uint8 inputs (cast to float) and a uint8 output (round half to even, cast)."""
     sg = model.subgraphs[0]
     ins, outs = signature_io(model)
-    new_ops = []
-    for key, t in ins.items():
-        tensor = sg.tensors[t]
-        if tensor.type != T.FLOAT32:
-            continue
-        as_float = _new_tensor(model, tensor, T.FLOAT32, f"{key}_as_float")
+    head = []
+    for key, t in _float_tensors(sg, ins):
+        as_float = _new_tensor(model, sg.tensors[t], T.FLOAT32, f"{key}_as_float")
         for op in sg.operators:
             op.inputs = [as_float if i == t else i for i in _ids(op.inputs)]
-        tensor.type = T.UINT8
-        options = schema.CastOptionsT()
-        options.inDataType, options.outDataType = T.UINT8, T.FLOAT32
-        new_ops.append(_new_op(model, OP.CAST, [t], [as_float], options, schema.BuiltinOptions.CastOptions))
-    sg.operators = new_ops + list(sg.operators)
+        sg.tensors[t].type = T.UINT8
+        head.append(_cast(model, t, as_float, T.UINT8, T.FLOAT32))
+    sg.operators = head + list(sg.operators)
     tail = []
-    for key, t in outs.items():
-        tensor = sg.tensors[t]
-        if tensor.type != T.FLOAT32:
-            continue
-        unrounded = _new_tensor(model, tensor, T.FLOAT32, f"{key}_unrounded")
-        rounded = _new_tensor(model, tensor, T.FLOAT32, f"{key}_rounded")
+    for key, t in _float_tensors(sg, outs):
+        unrounded = _new_tensor(model, sg.tensors[t], T.FLOAT32, f"{key}_unrounded")
+        rounded = _new_tensor(model, sg.tensors[t], T.FLOAT32, f"{key}_rounded")
         for op in sg.operators:
             op.outputs = [unrounded if i == t else i for i in _ids(op.outputs)]
-        tensor.type = T.UINT8
-        options = schema.CastOptionsT()
-        options.inDataType, options.outDataType = T.FLOAT32, T.UINT8
-        tail.append(_new_op(model, OP.ROUND, [unrounded], [rounded]))
-        tail.append(_new_op(model, OP.CAST, [rounded], [t], options, schema.BuiltinOptions.CastOptions))
+        sg.tensors[t].type = T.UINT8
+        tail += [_new_op(model, OP.ROUND, [unrounded], [rounded]), _cast(model, rounded, t, T.FLOAT32, T.UINT8)]
     sg.operators = list(sg.operators) + tail
-    return len(new_ops) + len(tail) // 2
+    return len(head) + len(tail) // 2
+
+
+def _float_tensors(sg, named: Dict[str, int]) -> List[Tuple[str, int]]:
+    """The float32 ones of (name, tensor) pairs."""
+    return [(key, t) for key, t in named.items() if sg.tensors[t].type == T.FLOAT32]
+
+
+def _cast(model, src: int, dst: int, from_type: int, to_type: int):
+    """A CAST op from tensor ``src`` to ``dst``."""
+    options = schema.CastOptionsT()
+    options.inDataType, options.outDataType = from_type, to_type
+    return _new_op(model, OP.CAST, [src], [dst], options, schema.BuiltinOptions.CastOptions)
 
 
 def add_metadata(model, name: str, payload: dict) -> None:

@@ -54,34 +54,19 @@ def _binary(fn, x, y):
     return fn(x, y).astype(x.dtype, copy=False)
 
 
-@mil_op("add")
-def add(x, y):
-    return _binary(np.add, x, y)
+def _binary_op(fn):
+    def op(x, y):
+        return _binary(fn, x, y)
+
+    return op
 
 
-@mil_op("sub")
-def sub(x, y):
-    return _binary(np.subtract, x, y)
-
-
-@mil_op("mul")
-def mul(x, y):
-    return _binary(np.multiply, x, y)
-
-
-@mil_op("real_div")
-def real_div(x, y):
-    return _binary(np.true_divide, x, y)
-
-
-@mil_op("maximum")
-def maximum(x, y):
-    return _binary(np.maximum, x, y)
-
-
-@mil_op("minimum")
-def minimum(x, y):
-    return _binary(np.minimum, x, y)
+add = mil_op("add")(_binary_op(np.add))
+sub = mil_op("sub")(_binary_op(np.subtract))
+mul = mil_op("mul")(_binary_op(np.multiply))
+real_div = mil_op("real_div")(_binary_op(np.true_divide))
+maximum = mil_op("maximum")(_binary_op(np.maximum))
+minimum = mil_op("minimum")(_binary_op(np.minimum))
 
 
 @mil_op("cast")
