@@ -63,3 +63,28 @@ def test_peak_is_the_largest_convolution_output_and_outputs_are_unchanged():
         expected = max(float(first.abs().max()), float(net.b(first).abs().max()))
     assert np.isclose(peak, expected, rtol=1e-6) and peak > 1.0  # batch 1 there, 2 here: float rounding
     assert not net.a._forward_hooks and not net.b._forward_hooks  # hooks removed
+
+
+def test_image_artifact_that_changes_known_pixels_fails_the_gate():
+    """The image signature composites inside the graph; a file that alters known pixels must fail even when
+    its hole pixels are perfect, and the reason names how many changed."""
+    from export.parity import compare, composite_pixels
+
+    samples = _Samples()
+    rng = np.random.default_rng(1)
+    reference = rng.uniform(-1, 1, (*samples.images.shape[:3], 3)).astype(np.float32)
+    perfect = composite_pixels(reference, samples)
+    tol = tolerance_for("fp32", "image")
+
+    metrics = compare(reference, perfect, samples, "image")
+    assert metrics["details"]["known_pixels_changed"] == 0 and metrics["hole_psnr_db"] == 100.0
+    assert judge(metrics, tol) == (True, "")
+
+    tampered = perfect.copy()
+    tampered[0, 0, 0] ^= 1  # three known pixels, one level each: within max_abs, hole untouched
+    tampered[1, 7, 9, 2] ^= 1
+    tampered[1, 6, 0, 1] ^= 1
+    metrics = compare(reference, tampered, samples, "image")
+    assert metrics["details"]["known_pixels_changed"] == 3 and metrics["hole_psnr_db"] == 100.0
+    assert metrics["max_abs"] <= tol["max_abs"]
+    assert judge(metrics, tol) == (False, "3 known pixels changed (allowed 0)")

@@ -132,14 +132,56 @@ def test_tiles_without_mask_are_skipped():
     assert (res.image[interior(hole, 12)] == 153).all()
 
 
-def test_tiled_blend_of_a_constant_is_seamless():
+def feather_weights(starts, tile):
+    """Per-tile weights along one axis, from the rule in docs/PIPELINE.md ("Tiling"), not from runtime_py.tiling:
+    on each side that overlaps a neighbour, w(d) = (d + 0.5) / overlap for d < overlap, else 1."""
+    d = np.arange(tile, dtype=np.float64)
+    weights = []
+    for i, s in enumerate(starts):
+        w = np.ones(tile)
+        if i > 0:
+            w = np.minimum(w, (d + 0.5) / (starts[i - 1] + tile - s))
+        if i < len(starts) - 1:
+            w = np.minimum(w, (tile - d - 0.5) / (s + tile - starts[i + 1]))
+        weights.append(w)
+    return weights
+
+
+def test_tiled_blend_feathers_every_overlap_as_documented(tmp_path):
+    """Each tile predicts its own constant, so every overlap pixel shows the blend weights: the blended
+    pass must be round(sum(w_t * c_t) / sum(w_t)) with the documented linear ramps. (A constant
+    prediction would hide the weights: any weights blend one constant to itself.)"""
     img = photo()
     hole = np.zeros((300, 420), bool)
     hole[50:260, 60:380] = True  # spans every tile
-    es, calls = recording_set()
-    res = run(es, img, hole, mode="two-step", tiles="on", ring_radius=1000)  # ring = whole hole
-    assert res.stats.tiles_run == 9 and res.stats.tiles_skipped == 0
-    assert (res.image[interior(hole)] == 153).all()
+    tile_fills = [-0.9 + 0.2 * k for k in range(9)]  # 9 distinct constants, row-major tile order
+    fills = iter([FILL] + tile_fills)  # pass 1 first, then the tiles
+    es, calls = recording_set(predict=lambda image, mask: np.full(image.shape, next(fills)))
+    res = Pipeline(es, PipelineConfig(mode="two-step", tiles="on", crop="off", ring_radius=1000),  # ring = hole
+                   trace=Trace(str(tmp_path))).run(img, hole)
+    info = res.stats.passes[1]
+    assert info["tiled"] and info["runs"] == info["tiles"] == 9 and res.stats.tiles_skipped == 0
+    stages = {s["name"]: s for s in json.loads((tmp_path / "index.json").read_text())["stages"]}
+    blended = np.load(tmp_path / stages["pass2_tiles_blended"]["npy"])
+    ring = np.load(tmp_path / stages["pass2_ring"]["npy"])
+
+    (t_r, t_c), grid = info["tile_shape"], info["tile_grid"]
+    row_starts, col_starts = sorted({t["top"] for t in grid}), sorted({t["left"] for t in grid})
+    w_rows, w_cols = feather_weights(row_starts, t_r), feather_weights(col_starts, t_c)
+    acc, wsum, cover = np.zeros(ring.shape), np.zeros(ring.shape), np.zeros(ring.shape, int)
+    for t, fill in zip(grid, tile_fills):
+        i, j = row_starts.index(t["top"]), col_starts.index(t["left"])
+        sl = (slice(t["top"], t["top"] + t_r), slice(t["left"], t["left"] + t_c))
+        acc[sl] += np.outer(w_rows[i], w_cols[j]) * np.floor((fill + 1) * 127.5 + 0.5)
+        wsum[sl] += np.outer(w_rows[i], w_cols[j])
+        cover[sl] += 1
+    want = np.floor(acc / wsum + 0.5)
+    got = blended[..., 0].astype(np.float64)
+    assert (ring & (cover >= 2)).sum() > 1000  # many pixels where two or four tiles mix
+    # float32 accumulation in the runtime vs float64 here: a tie may round the other way, never more
+    assert np.abs(got[ring] - want[ring]).max() <= 1
+    assert (got[ring] != want[ring]).mean() < 0.001
+    assert (blended[ring] == blended[ring][:, :1]).all()  # grey: every channel the same
 
 
 def test_tiles_auto_uses_whole_pass_when_available_and_off_refuses_without():
@@ -193,6 +235,38 @@ def test_full_mask_runs_with_warning():
     assert (res.image == 153).all()
 
 
+def test_full_mask_in_two_step_has_an_empty_ring_so_pass_2_runs_nothing():
+    """Erosion counts the border as hole, so a full mask survives it and the ring is empty:
+    pass 2 only stitches the upscaled pass 1, with no model run."""
+    es, calls = recording_set()
+    img = photo()
+    res = run(es, img, np.ones(img.shape[:2], bool), mode="two-step")
+    assert [c[0] for c in calls] == [MODEL_SHAPE]
+    assert res.stats.passes[1]["pass"] == 2 and res.stats.passes[1]["runs"] == 0 and "tiled" not in res.stats.passes[1]
+    assert (res.image == 153).all()
+
+
+def test_two_step_skips_pass_2_when_the_crop_fits_the_model_shape():
+    """A small hole with --crop auto: the context window is exactly the model shape, so pass 1 already
+    runs at full resolution (no resize) and pass 2 is skipped."""
+    img = photo(600, 900)
+    hole = np.zeros((600, 900), bool)
+    hole[300:310, 500:512] = True  # bbox 10x12 plus 8 px margins is smaller than 64x88: the window grows to it
+    es, calls = recording_set()
+    res = run(es, img, hole, mode="two-step", crop="auto", crop_min_margin=8)
+    top, left, bottom, right = res.stats.window
+    assert (bottom - top, right - left) == MODEL_SHAPE
+    assert [c[0] for c in calls] == [MODEL_SHAPE]
+    assert res.stats.passes[1] == {"pass": 2, "skipped": "pass 1 already ran at full resolution"}
+    assert np.array_equal(calls[0][1], img[top:bottom, left:right])  # the crop itself, not resized
+    assert np.array_equal(calls[0][2], hole[top:bottom, left:right])
+    assert np.array_equal(res.image[~hole], img[~hole]) and (res.image[hole] == 153).all()
+    # wider margins make the window larger than the model shape (106x146), and pass 2 runs at twice the model shape
+    es, calls = recording_set()
+    run(es, img, hole, mode="two-step", crop="auto", crop_min_margin=8, crop_margin_frac=4.0)
+    assert [c[0] for c in calls] == [MODEL_SHAPE, (128, 176)]
+
+
 def test_size_mismatch_is_one_clear_error():
     es, _ = recording_set()
     with pytest.raises(UserError, match="must be the same size"):
@@ -214,6 +288,21 @@ def test_context_crop_window():
     assert np.array_equal(res.image[~hole], img[~hole]) and (res.image[interior(hole, 4)] == 153).all()
     es, calls = recording_set()
     assert run(es, img, hole, mode="baseline", crop="off").stats.window is None
+
+
+def test_context_window_of_a_wide_hole_grows_its_height_to_the_model_aspect():
+    """Every other test hole is taller than 64:88; this one (10x200) is far wider, so the window keeps
+    bbox + margins across and grows its rows to the aspect: ceil(400 * 64 / 88) = 291."""
+    img = photo(600, 900)
+    hole = np.zeros((600, 900), bool)
+    hole[300:310, 300:500] = True
+    w = context_window(hole, MODEL_SHAPE, 0.5, 32)  # margin m = ceil(0.5 * 200) = 100
+    assert w.as_list() == [159, 200, 450, 600]  # 291x400, centred on the bbox: (300 + 310 - 291) // 2 = 159
+    es, calls = recording_set()
+    res = run(es, img, hole, mode="baseline", crop="auto")
+    assert res.stats.window == w.as_list()
+    assert np.array_equal(calls[0][1], resize_image(img[w.slices], MODEL_SHAPE))
+    assert np.array_equal(res.image[~hole], img[~hole])
 
 
 def test_crop_grows_to_model_shape_and_stays_inside():
