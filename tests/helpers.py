@@ -97,6 +97,23 @@ def recording_set(shapes=None, base=MODEL_SHAPE, predict=None):
     return EngineSet("recording", base, lambda s: RecordingEngine(s, calls, predict), shapes, "test"), calls
 
 
+def export_onnx(module, path, shape, input_names=("image", "mask"), mask_first: bool = False):
+    """Trace ``module(image, mask)`` -- or ``module(mask, image)`` with ``mask_first`` -- (NCHW float32) to a
+    fixed-shape ONNX file at ``path`` (opset 17, the TorchScript exporter, as the export uses), inputs named
+    ``input_names`` in that order, output ``output``; returns ``path``."""
+    import warnings
+
+    import torch
+
+    rows, cols = shape
+    image, mask = torch.zeros(1, 3, rows, cols), torch.zeros(1, 1, rows, cols)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer notices
+        torch.onnx.export(module, (mask, image) if mask_first else (image, mask), str(path),
+                          input_names=list(input_names), output_names=["output"], opset_version=17, dynamo=False)
+    return path
+
+
 def torch_engines(ckpt, shape=MODEL_SHAPE):
     """(pass-1 engine, pass-2 engine) of the torch backend for ``ckpt`` at ``shape``, one thread."""
     from runtime_py.engines import open_engines

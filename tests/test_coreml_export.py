@@ -21,6 +21,24 @@ from runtime_py.metrics import psnr  # noqa: E402
 from runtime_py.mil_executor import load_program  # noqa: E402
 
 
+# Reference executor vs PyTorch fp32 at the sizes these tests use (sample_inputs(n=1, seed 0); the executor is
+# numpy, so repeated runs give the same numbers). Measured: `pytest -s -k "tolerance or composite or reflect or
+# exactly" tests/test_coreml_export.py` prints each. The full-size table export.coreml.EXECUTOR_TOLERANCES (cnum 32,
+# 512x680) is 4-12x looser and would hide a regression at this size.
+#   tf cnum 4, 64x96:    fp16 compute=fp32 1.01e-6 | fp16 0.00144, 64.31 dB | w8 0.0159, 50.02 dB
+#                        palettized 0.0908, 39.79 dB | w8 image 2 levels, 50.04 dB
+#   torch cnum 4, 200x204: fp16 0.00276, 60.96 dB
+# Bounds: max abs 1.5x the measurement (image: +1 level), hole PSNR 2 dB under it; fp32 compute 3x (float32 kernel
+# order differs between CPUs).
+TINY_FP32_COMPUTE_MAX_ABS = 3e-6
+TINY_TOLERANCES = {
+    ("tf", "fp16"): {"max_abs": 2.2e-3, "hole_psnr_db": 62.0},
+    ("tf", "w8"): {"max_abs": 0.024, "max_abs_u8": 3, "hole_psnr_db": 48.0},
+    ("tf", "palettized"): {"max_abs": 0.14, "hole_psnr_db": 37.5},
+    ("torch", "fp16"): {"max_abs": 4.2e-3, "hole_psnr_db": 59.0},
+}
+
+
 def _to_u8(x):
     return np.round(np.clip((x.astype(np.float64) + 1) * 127.5, 0, 255)).astype(np.uint8)
 
@@ -41,13 +59,15 @@ def _compare(precision, io, variant="tf", compute="fp16"):
 def test_fp32_program_matches_pytorch_exactly():
     """With fp16 out of the way the executor's op semantics must reproduce PyTorch to float32 noise."""
     _, _, _, diff, _ = _compare("fp16", "tensor", compute="fp32")
-    assert diff.max() < 2e-5
+    print(f"fp32 compute: max abs {diff.max():.3g}")
+    assert diff.max() <= TINY_FP32_COMPUTE_MAX_ABS
 
 
 @pytest.mark.parametrize("precision", ["fp16", "w8", "palettized"])
 def test_tensor_io_within_tolerance(precision):
     path, out, _, diff, hole_psnr = _compare(precision, "tensor")
-    tol = EXECUTOR_TOLERANCES[precision]
+    print(f"{precision} tensor: max abs {diff.max():.3g}, hole PSNR {hole_psnr:.2f} dB")
+    tol = TINY_TOLERANCES[("tf", precision)]
     assert out.dtype == np.float32 and out.shape == (1, *TINY_TF_SHAPE, 3)
     assert diff.max() <= tol["max_abs"], diff.max()
     assert hole_psnr >= tol["hole_psnr_db"], hole_psnr
@@ -70,7 +90,8 @@ def test_image_io_composite_and_known_pixels():
     known = masks[..., 0] < 128
     assert out.dtype == np.uint8
     np.testing.assert_array_equal(out[known], images[known])  # compositing and de-normalisation inside the model
-    tol = EXECUTOR_TOLERANCES["w8"]
+    print(f"w8 image: max abs {diff.max():g} levels, hole PSNR {hole_psnr:.2f} dB")
+    tol = TINY_TOLERANCES[("tf", "w8")]
     assert diff.max() <= tol["max_abs_u8"] and hole_psnr >= tol["hole_psnr_db"]
     program = load_program(path)
     assert [(s.kind, s.color) for s in program.inputs] == [("image", "RGB"), ("image", "GRAYSCALE")]
@@ -109,7 +130,8 @@ def test_palettized_and_w8_weights_decompress_like_coremltools():
 def test_torch_variant_reflect_pads():
     path, _, _, diff, hole_psnr = _compare("fp16", "tensor", variant="torch")
     assert load_program(path).op_counts["pad"] == 44
-    tol = EXECUTOR_TOLERANCES["fp16"]
+    print(f"torch fp16 tensor: max abs {diff.max():.3g}, hole PSNR {hole_psnr:.2f} dB")
+    tol = TINY_TOLERANCES[("torch", "fp16")]
     assert diff.max() <= tol["max_abs"] and hole_psnr >= tol["hole_psnr_db"]
 
 
@@ -172,9 +194,11 @@ def test_kmeans_palette():
     w = np.concatenate([r.normal(-1, 0.01, 500), r.normal(2, 0.01, 300)])
     lut, idx = kmeans_1d(w, 1)
     np.testing.assert_allclose(sorted(lut), [-1, 2], atol=0.01)
-    assert idx.dtype == np.uint8 and np.all(lut[idx] - w < 0.05)
-    lut6, idx6 = kmeans_1d(r.standard_normal(5000), 6)
-    assert lut6.shape == (64,) and idx6.max() < 64
+    assert idx.dtype == np.uint8 and np.abs(lut[idx] - w).max() < 0.05  # every weight on its own cluster's centre
+    w6 = r.standard_normal(5000)
+    lut6, idx6 = kmeans_1d(w6, 6)
+    assert lut6.shape == (64,) and np.all(np.diff(lut6) > 0)
+    np.testing.assert_array_equal(idx6, np.abs(w6[:, None] - lut6[None, :]).argmin(axis=1))  # nearest centre
 
 
 @pytest.mark.skipif(platform.system() != "Darwin", reason="Core ML predict runs only on macOS")

@@ -24,16 +24,24 @@ def test_default_checkpoint_is_the_documented_fp16_tf_c32_model():
     assert str(meta["extra"]["step"]) in card and "Telea" in card and "convert-checkpoint" in card
 
 
-def test_default_model_runs_and_keeps_outputs_in_range():
-    gen = models.load_generator()
-    torch.manual_seed(0)
-    image = torch.rand(1, 3, 64, 64) * 2 - 1
-    mask = torch.zeros(1, 1, 64, 64)
-    mask[..., 16:40, 20:44] = 1
+def test_default_model_reproduces_the_demo_photos_known_pixels():
+    """The shipped weights load and behave like a trained model: on the demo photo at 96x128 the raw output
+    matches the known (unmasked) pixels to 22.7 dB, where the reference-initialised generator gives 11.4 dB and
+    inputs scaled to [0, 1] instead of [-1, 1] give 9.7 dB (measured). (Its output range needs no check here:
+    the generator clamps it; tests/test_models.py tests the clamp.)"""
+    from runtime_py.metrics import psnr
+
+    rows, cols = 96, 128
+    bgr = cv2.resize(cv2.imread(str(DEMO / "kite.jpg")), (cols, rows), interpolation=cv2.INTER_AREA)
+    rgb = np.ascontiguousarray(bgr[:, :, ::-1])
+    hole = cv2.resize(cv2.imread(str(DEMO / "kite_mask.png"), cv2.IMREAD_GRAYSCALE), (cols, rows),
+                      interpolation=cv2.INTER_AREA) > 0
+    image = torch.from_numpy(rgb.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
     with torch.no_grad():
-        out = gen(image, mask)
-    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
-    assert out.abs().max() <= 1.0
+        out = models.load_generator()(image, torch.from_numpy(hole.astype(np.float32))[None, None])
+    assert out.shape == (1, 3, rows, cols) and torch.isfinite(out).all()
+    pixels = np.clip(np.round((out[0].permute(1, 2, 0).numpy() + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    assert psnr(pixels, rgb, ~hole) >= 20.0
 
 
 def test_demo_photo_mask_and_licence_are_shipped():

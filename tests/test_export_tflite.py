@@ -46,11 +46,14 @@ def test_every_precision_and_io_passes_the_gate(tiny):
         assert a.parity.samples >= 4
         f = tiny["out"] / a.file
         assert f.is_file() and f.stat().st_size == a.bytes
+    # Tighter than the gate (fp32 2e-5, int8 38 dB), from this fixture's own parity (printed; `pytest -s -k
+    # every_precision tests/test_export_tflite.py`): fp32 tensor max abs 5.66e-7, int8 tensor hole PSNR 53.99 dB
+    # (docs/TOLERANCES.md: 5.4e-7, 53.3 dB). Bounds: fp32 2e-6 (kernel order differs between CPUs), int8 3 dB under.
+    print({a.file: (a.parity.max_abs, a.parity.hole_psnr_db) for a in m.artifacts})
     fp32 = m.find("tflite", SHAPE, "fp32", "tensor").parity
-    assert fp32.max_abs <= 1e-4
-    # a lively model: int8 error is visible but within the int8 row
-    int8 = m.find("tflite", SHAPE, "int8", "tensor").parity
-    assert 0 < int8.max_abs and 30.0 <= int8.hole_psnr_db < 100.0
+    assert 0 < fp32.max_abs <= 2e-6
+    int8 = m.find("tflite", SHAPE, "int8", "tensor").parity  # a lively model: int8 error is visible
+    assert 0 < int8.max_abs and 51.0 <= int8.hole_psnr_db < 100.0
 
 
 def test_io_signatures_are_nhwc_with_documented_dtypes(tiny):
@@ -137,8 +140,8 @@ def test_int8_post_pass_changes_output_by_rounding_only(tiny):
     Each chain becomes one int8 ELU, whose lookup table LiteRT builds with exp(x)-1 where
     the float ELU uses expm1: a handful of table entries round the other way, and those
     1-LSB changes travel through the later layers. So the test bounds the change instead
-    of asking for bit equality: the files agree to >= 40 dB at 8 bits and both stay as close
-    to PyTorch (within 1 dB hole PSNR, at 50+ dB).
+    of asking for bit equality: the files agree to >= 50 dB at 8 bits and both stay as close
+    to PyTorch (within 1 dB hole PSNR, at 51+ dB).
     """
     from export import tflite, tflite_graph
     from export.parity import compare, psnr, reference_outputs, to_pixels
@@ -160,9 +163,49 @@ def test_int8_post_pass_changes_output_by_rounding_only(tiny):
         path.write_bytes(tflite_graph.write(m))
         outs[name] = tflite.run(path, "tensor", samples, threads=1)[0]
         hole[name] = compare(ref, outs[name], samples, "tensor")["hole_psnr_db"]
+    # measured (printed; `pytest -s -k post_pass tests/test_export_tflite.py`): hole PSNR raw 54.23, chains 54.23,
+    # tail 54.25 dB; chains vs raw identical at 8 bits (100 dB), tail vs raw 56.9 dB
+    print("hole PSNR", hole, {n: psnr(to_pixels(outs["raw"]), to_pixels(outs[n])) for n in ("chains", "tail")})
     for name in ("chains", "tail"):
-        assert psnr(to_pixels(outs["raw"]), to_pixels(outs[name])) >= 40.0
+        assert psnr(to_pixels(outs["raw"]), to_pixels(outs[name])) >= 50.0
         assert abs(hole[name] - hole["raw"]) < 1.0, hole
+        assert hole[name] >= 51.0, hole
+
+
+@pytest.mark.parametrize("io", IOS)
+def test_engines_open_exactly_the_requested_precision(tiny, io, tmp_path):
+    """``--precision P`` runs the manifest's P file (same output as opening that file directly, and the four
+    files' outputs differ, so a wrong pick shows); ``auto`` prefers fp32; an absent precision is one error."""
+    import cv2
+
+    from helpers import photo, run_cli
+    from runtime_py.engines import open_engines
+    from runtime_py.engines.tflite_engine import TFLiteEngine
+    from runtime_py.errors import UserError
+
+    image, hole = photo(*SHAPE, seed=2), np.zeros(SHAPE, bool)
+    hole[16:48, 20:70] = True
+    preds = {}
+    for precision in ("auto",) + PRECISIONS:
+        es = open_engines("tflite", artifacts=tiny["out"], precision=precision, io=io, threads=1)
+        preds[precision] = es.get(SHAPE).inpaint(image, hole)
+        es.close()
+        if precision != "auto":
+            art = tiny["manifest"].find("tflite", SHAPE, precision, io)
+            direct = TFLiteEngine(tiny["out"] / art.file, threads=1, artifact=art).activate()
+            np.testing.assert_array_equal(preds[precision], direct.inpaint(image, hole))
+    np.testing.assert_array_equal(preds["auto"], preds["fp32"])
+    assert all(not np.array_equal(preds[a], preds[b]) for a in PRECISIONS for b in PRECISIONS if a < b)
+    with pytest.raises(UserError, match=f"no tflite {io} artifact at precision w8"):
+        open_engines("tflite", artifacts=tiny["out"], precision="w8", io=io)
+
+    cv2.imwrite(str(tmp_path / "photo.png"), photo(120, 180)[:, :, ::-1])
+    cv2.imwrite(str(tmp_path / "mask.png"), np.pad(np.full((30, 40), 255, np.uint8), ((45, 45), (70, 70))))
+    rc, _, err = run_cli("inpaint", tmp_path / "photo.png", tmp_path / "mask.png", "-o", tmp_path / "o.png",
+                         "--engine", "tflite", "--artifacts", tiny["out"], "--io", io, "--precision", "int8",
+                         "--threads", 1, "--quiet", "--summary-json", tmp_path / "s.json")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "s.json").read_text())["engine"].startswith(f"tflite ({tiny['out']}, int8;")
 
 
 def test_manifest_validates_and_roundtrips(tiny):

@@ -30,9 +30,14 @@ def test_torch_variant_pads_run_in_xnnpack(torch_export):
         assert "MIRROR_PAD" not in inv["ops"] and inv["ops"]["SLICE"] > 44
         # what is left outside XNNPACK: only the 3 nearest resizes (kept by default, see docs/EXPORT.md)
         assert inv["xnnpack_fallback_ops"] == {"RESIZE_NEAREST_NEIGHBOR": 3}, inv["xnnpack_fallback_ops"]
-        assert inv["before_postpass"]["ops"]["MIRROR_PAD"] == 44 if a.precision == "int8" else True
+        assert inv["before_postpass"]["ops"]["MIRROR_PAD"] == 44  # the converter's file, every precision
+    # Tighter than the gate (fp32 2e-5, int8 38 dB), from this fixture's parity (printed; `pytest -s
+    # tests/test_export_torch_variant.py`): fp32 max abs 1.56e-6, int8 hole PSNR 48.97 dB (docs/TOLERANCES.md:
+    # 1.5e-6, 49.2 dB). Bounds: fp32 5e-6 (kernel order differs between CPUs), int8 3 dB under.
+    print({a.file: (a.parity.max_abs, a.parity.hole_psnr_db) for a in torch_export["manifest"].artifacts})
     fp32 = torch_export["manifest"].find("tflite", SHAPE, "fp32", "tensor").parity
-    assert fp32.max_abs <= 1e-4
+    assert 0 < fp32.max_abs <= 5e-6
+    assert torch_export["manifest"].find("tflite", SHAPE, "int8", "tensor").parity.hole_psnr_db >= 46.0
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import MODEL_SHAPE, blob_hole, make_checkpoint, photo, torch_engines
+from helpers import MODEL_SHAPE, blob_hole, export_onnx, make_checkpoint, photo, torch_engines
 from runtime_py.engines import open_engines
 from runtime_py.engines.torch_engine import TorchEngine
 from runtime_py.errors import UserError
@@ -33,28 +33,14 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("eng") / "tiny.safetensors")
 
 
-def export_onnx(ckpt, path, shape):
-    import torch
-
-    from models import load_generator
-
-    gen = load_generator(ckpt)
-    rows, cols = shape
-    with torch.no_grad():
-        torch.onnx.export(gen, (torch.zeros(1, 3, rows, cols), torch.zeros(1, 1, rows, cols)), str(path),
-                          input_names=["image", "mask"], output_names=["output"], opset_version=17, dynamo=False)
-    return path
-
-
 @pytest.fixture(scope="module")
 def onnx_dir(ckpt, tmp_path_factory):
-    import warnings
+    from models import load_generator
 
     d = tmp_path_factory.mktemp("onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_onnx(ckpt, d / "tiny_64x88.onnx", MODEL_SHAPE)
-        export_onnx(ckpt, d / "tiny_128x176.onnx", (128, 176))
+    gen = load_generator(ckpt)
+    export_onnx(gen, d / "tiny_64x88.onnx", MODEL_SHAPE)
+    export_onnx(gen, d / "tiny_128x176.onnx", (128, 176))
     return d
 
 
