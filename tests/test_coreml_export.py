@@ -249,7 +249,10 @@ def test_export_gate_runs_coreml_through_reference_executor(tmp_path, monkeypatc
     assert art.format == "coreml" and art.file.endswith(".mlpackage") and (tmp_path / "ok" / art.file).is_dir()
     if platform.system() != "Darwin":
         assert art.parity.executor.startswith("coreml-reference-executor")
-    assert art.parity.passed and art.parity.samples > 0 and art.parity.hole_psnr_db > 40
+    # measured 51.16 dB over the 4 held-out samples (printed with -s; docs/COREML.md: 51.2); bound 2 dB under,
+    # as TINY_TOLERANCES (the w8 gate row itself is lower: it is for full-size models)
+    print(f"gate, w8 image: hole PSNR {art.parity.hole_psnr_db} dB over {art.parity.samples} samples")
+    assert art.parity.passed and art.parity.samples > 0 and art.parity.hole_psnr_db >= 49.0
     assert art.op_inventory["weight_decompression_ops"] > 0 and art.op_inventory["compute_dtype"] == "float16"
     assert [t.shape for t in art.inputs] == [[1, 64, 96, 3], [1, 64, 96, 1]]
 
