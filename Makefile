@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/gmcnn-mobile demo
 
-# lint-imports: the import rules of pyproject.toml ([tool.importlinter]; docs/ARCHITECTURE.md). Line coverage of
-# runtime_py, export, models and benchmarks is printed after the tests (files at 100 % left out); what it
+# lint-imports: the import rules of pyproject.toml ([tool.importlinter]; docs/ARCHITECTURE.md). Line coverage of the
+# packages is printed after the tests (files at 100 % left out); what it
 # excludes and why: [tool.coverage] in pyproject.toml. Reported only, not a pass/fail gate.
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
