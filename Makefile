@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/gmcnn-mobile demo
 
-# lint-imports: the import rules of pyproject.toml ([tool.importlinter]; docs/ARCHITECTURE.md). Line coverage of the
-# packages is printed after the tests (files at 100 % left out); what it
-# excludes and why: [tool.coverage] in pyproject.toml. Reported only, not a pass/fail gate.
+# lint-imports: the import rules of pyproject.toml ([tool.importlinter]; docs/ARCHITECTURE.md). Line coverage of
+# the packages is printed after the tests (files at 100 % left out); what it excludes and why: [tool.coverage]
+# in pyproject.toml. Reported only, not a pass/fail gate.
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q --cov --cov-report=term
