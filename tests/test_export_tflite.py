@@ -278,6 +278,35 @@ def test_failed_gate_leaves_nothing_under_final_names(tiny, tmp_path, monkeypatc
     assert [a.precision for a in load_manifest(tmp_path).artifacts] == ["fp32"]
 
 
+def test_export_command_prints_each_file_and_skips_a_format_that_makes_none_of_the_precisions(tiny, tmp_path,
+                                                                                          monkeypatch):
+    """``gmcnn-mobile export`` end to end in-process (conversion stood in by copies of the fixture's files; the
+    parity gate really runs): the table has one row per file with its hole PSNR, the manifest is named, Core ML
+    (a default format) is skipped with the reason because it makes neither fp32 nor int8, and a lowered int8
+    gate is recorded in that file's parity row."""
+    from export import backends
+    from helpers import run_cli
+    from models import save_checkpoint
+    from runtime_py.manifest import load_manifest
+
+    monkeypatch.setattr(backends, "convert_all", _copying_backend(tiny["out"]))
+    ckpt = save_checkpoint(tiny["gen"], tmp_path / "lively.safetensors")
+    out = tmp_path / "export"
+    rc, stdout, err = run_cli("export", "--checkpoint", ckpt, "--out", out, "--shapes", "64x96", "--precisions",
+                              "fp32,int8", "--io", "tensor", "--min-hole-psnr", "int8=30", "--quiet")
+    assert rc == 0, err
+    lines = stdout.splitlines()
+    assert lines[0].split() == ["file", "MB", "max", "abs", "hole", "dB", "executor"]
+    manifest = load_manifest(out)
+    assert [a.precision for a in manifest.artifacts] == ["fp32", "int8"]
+    for a, line in zip(manifest.artifacts, lines[1:3]):
+        assert line.split()[0] == a.file and f"{a.parity.hole_psnr_db:.1f}" in line.split()
+    assert lines[3] == f"wrote {out / 'manifest.json'} (2 artifacts, {manifest.export['seconds']:.1f}s)"
+    if "coreml" in backends.available_formats():
+        assert lines[4] == "skipped format(s): coreml (makes no fp32/int8)"
+    assert manifest.find("tflite", SHAPE, "int8", "tensor").parity.tolerance["min_hole_psnr_db"] == 30.0
+
+
 def test_interrupted_export_leaves_nothing_partial(tiny, tmp_path, monkeypatch):
     from export import api, backends
 
