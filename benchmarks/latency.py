@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .android import DEVICE_DIR, benchmark_model_args
 
-PRECISION_ORDER = ("fp32", "fp16", "int8-dynamic", "int8")
+PRECISION_ORDER = ("fp32", "fp16", "int8-dynamic", "int8", "int16x8")
 
 
 def _shape_key(shape) -> str:

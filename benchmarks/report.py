@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 from .quality import SCORE_KEYS, summarize as summarize_quality
 
 MODE_ORDER = ("baseline", "shrink", "two-step", "two-step+shrink")
-PRECISION_ORDER = ("fp32", "fp16", "int8-dynamic", "int8")
+PRECISION_ORDER = ("fp32", "fp16", "int8-dynamic", "int8", "int16x8")
 
 
 def write_atomic(path: Path, data) -> None:

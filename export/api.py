@@ -198,6 +198,7 @@ def export_artifacts(
     pad_mode: str = "slices",
     upsample_mode: str = "resize",
     int8_tail: bool = True,
+    range_method: str = "minmax",
     tolerances: Optional[Dict] = None,
     calibration_masks_per_photo: int = CALIBRATION_MASKS_PER_PHOTO,
     use_cache: bool = True,
@@ -212,6 +213,11 @@ def export_artifacts(
         outside XNNPACK but measured as fast here) or ``depth_to_space`` (CONCATENATION +
         DEPTH_TO_SPACE, all in XNNPACK).
     int8_tail: also move the float resize/concatenation tail of int8 files into int8.
+    range_method: how calibrated files (TFLite ``int8``, ``int16x8``) choose each activation's
+        range: ``minmax`` (the default: the observed range), ``auto`` (per tensor, the method that
+        quantizes held-out calibration samples best) or one of ``headroom``, ``percentile``, ``mse``
+        for every tensor (:mod:`export.quant_ranges`). ``auto`` is not the default because lower
+        per-tensor errors did not give a better file end to end (docs/TOLERANCES.md).
     tolerances: overrides of :data:`export.parity.TOLERANCES`, keyed by precision or
         (precision, io) (tests use it to force a failure).
     calibration_masks_per_photo: int8 calibration samples per calibration photo (mask kinds
@@ -272,6 +278,10 @@ def export_artifacts(
         raise UserError(f"unknown pad mode {pad_mode!r}; choose from {', '.join(PAD_MODES)}")
     if upsample_mode not in UPSAMPLE_MODES:
         raise UserError(f"unknown upsample mode {upsample_mode!r}; choose from {', '.join(UPSAMPLE_MODES)}")
+    from .quant_ranges import METHODS
+
+    if range_method not in ("auto",) + METHODS:
+        raise UserError(f"unknown range method {range_method!r}; choose from auto, {', '.join(METHODS)}")
 
     calib_dir = Path(calibration) if calibration is not None else CALIBRATION_DIR
     holdout_dir = Path(holdout) if holdout is not None else HOLDOUT_DIR
@@ -287,6 +297,8 @@ def export_artifacts(
                 for precision in per_format[fmt]:
                     tol = parity.tolerance_for(precision, io, tolerances, getattr(mods[fmt], "PARITY_TOLERANCES", None))
                     options = {"pad_mode": pad_mode, "upsample_mode": upsample_mode, "int8_tail": bool(int8_tail)}
+                    if precision in getattr(mods[fmt], "CALIBRATED", ()):
+                        options["range_method"] = range_method
                     key_src = {
                         "format": fmt, "shape": list(shape), "precision": precision, "io": io,
                         "weights": ckpt_info["weights_sha256"], "options": options, "tolerance": tol,
@@ -349,6 +361,7 @@ def export_artifacts(
         export={
             "shapes": [list(s) for s in shapes], "formats": fmt_list, "precisions": precisions or "all", "ios": ios,
             "pad_mode": pad_mode, "upsample_mode": upsample_mode, "int8_tail": bool(int8_tail),
+            "range_method": range_method,
             "calibration": {"folder": str(calib_dir), "sha256": calib_digest,
                             "masks_per_photo": calibration_masks_per_photo},
             "holdout": {"folder": str(holdout_dir), "sha256": holdout_digest, "masks_per_photo": HOLDOUT_MASKS_PER_PHOTO},
@@ -391,24 +404,68 @@ def _make(todo, gen, ckpt_info, mods, out, work_root, calib_dir, holdout_dir, th
             calib[p.shape] = load_samples(calib_dir, p.shape, masks_per_photo, seed=1)
             hold[p.shape] = load_samples(holdout_dir, p.shape, HOLDOUT_MASKS_PER_PHOTO, seed=2)
 
+    def job_for(p: _Planned, mod, extra: Optional[dict] = None, suffix: str = "") -> backends.ConvertJob:
+        tmp = out / f"{PARTIAL_PREFIX}{os.getpid()}-{suffix}{p.file}"
+        temps.append(tmp)
+        workdir = work_root / f"{p.fmt}_{p.shape[0]}x{p.shape[1]}_{p.io}"
+        meta = {
+            "generator": "GMCNN", "variant": gen.meta.variant, "cnum": gen.meta.cnum, "shape": list(p.shape),
+            "io": p.io, "precision": p.precision, "layout": "NHWC",
+            "normalization": "x/127.5-1" if p.io == "tensor" else "uint8 pixels",
+            "mask_polarity": "1=hole" if p.io == "tensor" else "255=hole",
+            "checkpoint_sha256": ckpt_info.get("sha256") or ckpt_info["weights_sha256"],
+        }
+        return backends.ConvertJob(key=p.key + suffix, generator=gen, shape=p.shape, precision=p.precision, io=p.io,
+                                   calibration=calib[p.shape], workdir=workdir, out=tmp,
+                                   options=dict(p.options, metadata=meta, threads=threads, **(extra or {})))
+
+    def gate(p: _Planned, mod, path: Path) -> ParityResult:
+        if p.shape not in refs:
+            show(f"parity {p.shape[0]}x{p.shape[1]}: PyTorch fp32 reference on {len(hold[p.shape])} holdout samples")
+            refs[p.shape] = parity.reference_outputs_and_peak(gen, hold[p.shape])
+        outputs, executor = mod.run(path, p.io, hold[p.shape], threads)
+        if outputs is None:
+            return ParityResult(executor="structural-only", samples=0, tolerance=p.tolerance, passed=True,
+                                note=executor)
+        reference, peak = refs[p.shape]
+        m = parity.compare(reference, outputs, hold[p.shape], p.io, peak_activation=peak)
+        ok, why = parity.judge(m, p.tolerance)
+        return ParityResult(executor=executor, samples=len(hold[p.shape]), max_abs=m["max_abs"],
+                            mean_abs=m["mean_abs"], hole_psnr_db=m["hole_psnr_db"],
+                            composite_psnr_db=m["composite_psnr_db"], tolerance=p.tolerance, passed=ok,
+                            note=why, details=m["details"])
+
+    def accept(p: _Planned, mod, res, result: ParityResult) -> None:
+        if p.shape not in gmacs:
+            gmacs[p.shape] = round(count_macs(gen, *p.shape) / 1e9, 4)
+        inputs, outputs_info = mod.describe(res.path, p.io, p.shape)
+        inv = mod.inventory(res.path, threads, res.details)
+        final = out / p.file
+        sha, size = artifact_digest(res.path)
+        if final.exists() or final.is_symlink():
+            _remove(final)
+        os.replace(res.path, final)
+        build = {**{k: p.options[k] for k in ("pad_mode", "upsample_mode", "int8_tail", "range_method")
+                    if k in p.options},
+                 "convert_seconds": round(res.seconds, 2),
+                 "calibration_samples": len(calib[p.shape]) if p.precision not in ("fp32", "fp16") else 0,
+                 "gmacs": gmacs[p.shape]}
+        quantization = mod.quantization_summary(final, p.precision, res.details) \
+            if hasattr(mod, "quantization_summary") else {}
+        if quantization:
+            build["quantization"] = quantization
+        made[p.key] = Artifact(
+            file=p.file, format=p.fmt, shape=list(p.shape), precision=p.precision, io=p.io, sha256=sha, bytes=size,
+            inputs=inputs, outputs=outputs_info, op_inventory=inv, parity=result, cache_key=p.key, build=build)
+        hole = f"{result.hole_psnr_db:.1f} dB" if result.hole_psnr_db is not None else "n/a"
+        show(f"{p.file}: ok (max abs {result.max_abs if result.max_abs is not None else float('nan'):.2g}, "
+             f"hole PSNR {hole}, {size / 1e6:.2f} MB)")
+
     for fmt in dict.fromkeys(p.fmt for p in todo):
         mod = mods[fmt]
-        jobs = []
-        by_key = {}
+        jobs, by_key = [], {}
         for p in (q for q in todo if q.fmt == fmt):
-            tmp = out / f"{PARTIAL_PREFIX}{os.getpid()}-{p.file}"
-            temps.append(tmp)
-            workdir = work_root / f"{fmt}_{p.shape[0]}x{p.shape[1]}_{p.io}"
-            meta = {
-                "generator": "GMCNN", "variant": gen.meta.variant, "cnum": gen.meta.cnum, "shape": list(p.shape),
-                "io": p.io, "precision": p.precision, "layout": "NHWC",
-                "normalization": "x/127.5-1" if p.io == "tensor" else "uint8 pixels",
-                "mask_polarity": "1=hole" if p.io == "tensor" else "255=hole",
-                "checkpoint_sha256": ckpt_info.get("sha256") or ckpt_info["weights_sha256"],
-            }
-            jobs.append(backends.ConvertJob(key=p.key, generator=gen, shape=p.shape, precision=p.precision, io=p.io,
-                                            calibration=calib[p.shape], workdir=workdir, out=tmp,
-                                            options=dict(p.options, metadata=meta, threads=threads)))
+            jobs.append(job_for(p, mod))
             by_key[p.key] = p
         results = backends.convert_all(mod, jobs, progress=show)
 
@@ -420,46 +477,12 @@ def _make(todo, gen, ckpt_info, mods, out, work_root, calib_dir, holdout_dir, th
                 show(f"{p.file}: FAILED ({failures[p.file]})")
                 show.step()
                 continue
-            if p.shape not in refs:
-                show(f"parity {p.shape[0]}x{p.shape[1]}: PyTorch fp32 reference on {len(hold[p.shape])} holdout samples")
-                refs[p.shape] = parity.reference_outputs_and_peak(gen, hold[p.shape])
-            outputs, executor = mod.run(res.path, p.io, hold[p.shape], threads)
-            if outputs is None:
-                result = ParityResult(executor="structural-only", samples=0, tolerance=p.tolerance, passed=True,
-                                      note=executor)
+            result = gate(p, mod, res.path)
+            if result.passed:
+                accept(p, mod, res, result)
             else:
-                reference, peak = refs[p.shape]
-                m = parity.compare(reference, outputs, hold[p.shape], p.io, peak_activation=peak)
-                ok, why = parity.judge(m, p.tolerance)
-                result = ParityResult(executor=executor, samples=len(hold[p.shape]), max_abs=m["max_abs"],
-                                      mean_abs=m["mean_abs"], hole_psnr_db=m["hole_psnr_db"],
-                                      composite_psnr_db=m["composite_psnr_db"], tolerance=p.tolerance, passed=ok,
-                                      note=why, details=m["details"])
-            if not result.passed:
                 failures[p.file] = f"parity: {result.note}"
                 show(f"{p.file}: FAILED parity ({result.note})")
                 _remove(res.path)
-                show.step()
-                continue
-            if p.shape not in gmacs:
-                gmacs[p.shape] = round(count_macs(gen, *p.shape) / 1e9, 4)
-            inputs, outputs_info = mod.describe(res.path, p.io, p.shape)
-            inv = mod.inventory(res.path, threads, res.details)
-            final = out / p.file
-            sha, size = artifact_digest(res.path)
-            if final.exists() or final.is_symlink():
-                _remove(final)
-            os.replace(res.path, final)
-            made[p.key] = Artifact(
-                file=p.file, format=p.fmt, shape=list(p.shape), precision=p.precision, io=p.io, sha256=sha, bytes=size,
-                inputs=inputs, outputs=outputs_info, op_inventory=inv, parity=result, cache_key=p.key,
-                build={**{k: p.options[k] for k in ("pad_mode", "upsample_mode", "int8_tail")},
-                       "convert_seconds": round(res.seconds, 2),
-                       "calibration_samples": len(calib[p.shape]) if p.precision not in ("fp32", "fp16") else 0,
-                       "gmacs": gmacs[p.shape]},
-            )
-            hole = f"{result.hole_psnr_db:.1f} dB" if result.hole_psnr_db is not None else "n/a"
-            show(f"{p.file}: ok (max abs {result.max_abs if result.max_abs is not None else float('nan'):.2g}, "
-                 f"hole PSNR {hole}, {size / 1e6:.2f} MB)")
             show.step()
     return made, failures

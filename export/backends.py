@@ -8,7 +8,8 @@ its tools), and
 * ``check_available() -> None`` -- raise :class:`runtime_py.errors.MissingDependencyError`
   naming the extra when a tool is missing.
 * ``convert(job: ConvertJob) -> Path`` -- write the artifact at ``job.out`` (a temporary
-  name chosen by the orchestration; the backend never writes final names) and return it.
+  name chosen by the orchestration; the backend never writes final names) and return it,
+  or ``(path, details)`` with a dict for the manifest (e.g. a calibration report).
   A backend may also define ``convert_many(jobs, progress) -> Dict[str, ConvertResult]``
   to share work between jobs (TFLite converts every precision of one shape and I/O
   signature from one saved_model); otherwise ``convert`` is called per job.
@@ -22,6 +23,10 @@ its tools), and
   (e.g. ``litert-2.1.0 xnnpack 2 threads``). Return ``(None, reason)`` where the artifact
   cannot be executed here (Core ML on Linux before its reference executor exists): the
   parity gate then records a structural-only check.
+
+Optional, for quantized precisions: ``CALIBRATED`` (precisions calibrated on photos: they get
+the ``range_method`` option) and ``quantization_summary(path, precision, details) -> dict`` (the manifest's
+``build.quantization``: weight and activation schemes, per-tensor ranges, quantized MAC share).
 
 Formats are looked up lazily so a missing backend module (Core ML until it lands) gives
 a clear error only when that format is asked for.
@@ -51,7 +56,7 @@ class ConvertJob:
     workdir: scratch folder shared by jobs of the same format, shape and I/O signature.
     out: where to write the artifact (a temporary name inside the output folder).
     options: backend options, e.g. ``pad_mode``, ``int8_tail``, ``metadata`` (a dict of
-        facts the backend may embed in the file).
+        facts the backend may embed in the file), ``range_method``.
     """
 
     key: str
@@ -110,7 +115,10 @@ def convert_all(backend: ModuleType, jobs, progress=None) -> Dict[str, ConvertRe
             progress(f"{backend.NAME} {job.shape[0]}x{job.shape[1]} {job.io} {job.precision}: converting")
         try:
             path = backend.convert(job)
-            results[job.key] = ConvertResult(Path(path), time.time() - t0)
+            details = {}
+            if isinstance(path, tuple):  # (path, details), e.g. a calibration report
+                path, details = path
+            results[job.key] = ConvertResult(Path(path), time.time() - t0, dict(details))
         except UserError:
             raise
         except Exception as exc:  # one artifact failing must not stop the others

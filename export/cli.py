@@ -35,7 +35,8 @@ def register(sub) -> None:
                         "available or that makes none of --precisions; a format named here that makes none of them "
                         "is refused)")
     p.add_argument("--precisions", type=keyword_or("all", comma_list), default="all",
-                   help="comma-separated precisions, or 'all' (tflite: fp32,fp16,int8-dynamic,int8; coreml: fp16,w8,...)")
+                   help="comma-separated precisions, or 'all' (tflite: fp32,fp16,int8-dynamic,int8,int16x8; "
+                        "coreml: fp16,w8,...)")
     p.add_argument("--io", type=comma_list, default=DEFAULT_IOS, help="comma-separated I/O signatures: tensor, image")
     p.add_argument("--calibration", type=Path, default=None,
                    help="folder of photos for int8 calibration (default: the bundled export/photos/calibration)")
@@ -49,6 +50,10 @@ def register(sub) -> None:
                         "or CONCATENATION+DEPTH_TO_SPACE (all in XNNPACK)")
     p.add_argument("--no-int8-tail", action="store_true",
                    help="leave the float resize/concatenation tail of int8 files in float")
+    p.add_argument("--range-method", choices=["minmax", "auto", "headroom", "percentile", "mse"], default="minmax",
+                   help="activation ranges of calibrated TFLite files (int8, int16x8): the observed min/max, per "
+                        "tensor the method that quantizes held-out calibration samples best (auto), or one method "
+                        "for every tensor")
     p.add_argument("--min-hole-psnr", action="append", default=None, metavar="PRECISION=DB",
                    help="lower (or raise) the parity gate's hole-PSNR limit of a quantized TFLite precision "
                         "(int8, int8-dynamic), e.g. int8=30, for a model whose activations int8 cannot hold as "
@@ -125,7 +130,7 @@ def cmd_export(args) -> int:
     manifest = export_artifacts(
         args.checkpoint, args.out, shapes=args.shapes, formats=formats, precisions=precisions, ios=args.io,
         calibration=args.calibration, holdout=args.holdout, threads=args.threads, pad_mode=args.pad_mode, upsample_mode=args.upsample_mode,
-        int8_tail=not args.no_int8_tail, use_cache=not args.no_cache, keep_work=args.keep_work,
+        int8_tail=not args.no_int8_tail, range_method=args.range_method, use_cache=not args.no_cache, keep_work=args.keep_work,
         progress=not args.quiet, tolerances=tolerances or None,
     )
     print(f"{'file':<52} {'MB':>7} {'max abs':>9} {'hole dB':>8}  executor")

@@ -6,8 +6,12 @@ Precisions (from one saved_model per shape and I/O signature):
 * ``fp16``          float16 weights (dequantized to float32 at load), float32 compute.
 * ``int8-dynamic``  dynamic-range: int8 weights, activations quantized on the fly.
 * ``int8``          full integer: int8 weights and activations, calibrated on real photos
-  with realistic masks; then the post-pass of :func:`export.tflite_graph.integerize`
-  makes ELU and the resize/concatenation tail int8 too.
+  with realistic masks (each activation's range chosen per tensor, :mod:`export.quant_ranges`);
+  then the post-pass of :func:`export.tflite_graph.integerize` makes ELU and the
+  resize/concatenation tail int8 too.
+* ``int16x8``       16-bit activations, 8-bit weights (A16W8, what NPU toolchains run):
+  calibrated the same way for a symmetric int16 grid; ELU stays float (LiteRT has no int16
+  ELU kernel). On CPUs it runs on LiteRT's reference kernels (slow); it is for NPU delegates.
 
 I/O of the files (NHWC, batch 1; names ``image``, ``mask``, ``output``):
 
@@ -40,7 +44,9 @@ from .backends import ConvertJob, ConvertResult
 
 NAME = "tflite"
 SUFFIX = ".tflite"
-PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8", "int16x8")
+# Precisions calibrated on photos (their activation ranges are chosen per tensor).
+CALIBRATED = ("int8", "int16x8")
 EXTRA = "export"
 METADATA_NAME = "gmcnn_mobile"
 # How reflection padding and 2x nearest upsampling are spelled in the file (see tflite_graph and
@@ -158,13 +164,19 @@ def convert_many(jobs: Sequence[ConvertJob], progress=None) -> Dict[str, Convert
         arts = []
         for job in group:
             calib = None
-            if job.precision == "int8":
+            if job.precision in CALIBRATED:
                 calib = {"image": str(work / "calib_image.npy"), "mask": str(work / "calib_mask.npy")}
                 if not Path(calib["image"]).exists():
                     image, mask = network_feed(job.calibration, job.io)
                     np.save(calib["image"], image)
                     np.save(calib["mask"], mask)
+            quant = None
+            if job.precision in CALIBRATED or job.precision == "int8-dynamic":
+                quant = {"range_method": job.options.get("range_method", "minmax"),
+                         "calibrated": str(work / f"calibrated_{job.precision}.tflite"),
+                         "float_model": str(work / "converter_fp32.tflite"), "float_nodes": []}
             arts.append({"precision": job.precision, "io": job.io, "out": str(job.out), "calibration": calib,
+                         "quant": quant,
                          "int8_tail": bool(job.options.get("int8_tail", True)),
                          "pad_mode": job.options.get("pad_mode", "slices"),
                          "upsample_mode": job.options.get("upsample_mode", "resize"),
@@ -318,5 +330,38 @@ def inventory(path: Path, threads: int = 1, details: Optional[dict] = None) -> D
     if details.get("inventory_converter") is not None:
         inv["before_postpass"] = details["inventory_converter"]
     if details.get("postpass"):
-        inv["postpass"] = details["postpass"]
+        # the calibration report goes to build.quantization (quantization_summary)
+        inv["postpass"] = {k: v for k, v in details["postpass"].items() if k != "calibration"}
     return inv
+
+
+WEIGHT_SCHEME = "int8, symmetric, one scale per output channel"
+
+
+def quantization_summary(path: Path, precision: str, details: Optional[dict] = None) -> Dict[str, object]:
+    """Manifest ``build.quantization`` of a quantized file: weight scheme, activation scheme (per
+    calibrated tensor: the range method and range), and the convolution MACs computed quantized
+    (``int8``/``int16x8``: integer input; ``int8-dynamic``: int8 weights) against those in float."""
+    from . import tflite_graph as g
+
+    if precision not in ("int8", "int8-dynamic", "int16x8"):
+        return {}
+    rows = g.conv_macs(g.read(Path(path).read_bytes()))
+    if precision == "int8-dynamic":
+        quantized = [r for r in rows if r["weights"] == "int8"]
+    else:
+        quantized = [r for r in rows if r["input"] in ("int8", "int16")]
+    total = sum(r["macs"] for r in rows) or 1
+    out: Dict[str, object] = {
+        "weights": WEIGHT_SCHEME + ("; biases int64" if precision == "int16x8" else "; biases int32"),
+        "conv_macs_quantized_fraction": round(sum(r["macs"] for r in quantized) / total, 4),
+        "convs_quantized": len(quantized), "convs": len(rows),
+        "float_convs": [r["node"] for r in rows if r not in quantized],
+    }
+    calibration = ((details or {}).get("postpass") or {}).get("calibration")
+    if precision == "int8-dynamic":
+        out["activations"] = {"scheme": "int8, quantized at run time per tensor (dynamic range)"}
+    elif calibration:
+        out["activations"] = {"scheme": "int16, symmetric" if precision == "int16x8" else "int8, scale and zero point",
+                              **calibration}
+    return out

@@ -18,21 +18,47 @@ tensor's producer (:func:`range_probe`). A reduction reads its tensor before any
 can overwrite it, so the in-place problem cannot occur; only the scalars leave the graph,
 so memory stays near inference's and one pass over the samples measures everything.
 The TFLite converter then quantizes from these ranges as usual (``mlir_quantize``).
+
+Each probe also returns a strided grid of the tensor's values (every s-th row and column, all
+channels; a RESHAPE and a SLICE, both run by XNNPACK), from which a random subsample per
+sample is kept. From those statistics :mod:`export.quant_ranges` chooses each tensor's range
+(min/max, or with ``auto`` whichever of min/max, headroom, percentile and MSE quantizes
+held-out calibration samples best); the
+chosen range is what the converter gets as the tensor's ``min``/``max``.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List
+from typing import Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 
 from . import tflite_graph as g
+from .quant_ranges import TensorStats, choose_ranges
 
-def range_probe(model_bytes: bytes, tensors: List[int]) -> tuple:
+# Values kept per tensor and sample for the range choice: the probe's grid holds at most
+# GRID_VALUES (its stride grows until it does), of which SAMPLE_VALUES are drawn at random.
+GRID_VALUES = 1 << 18
+SAMPLE_VALUES = 1 << 15
+
+def _grid_stride(shape) -> int:
+    """Stride of the value grid of an NHWC tensor: the least s with (H/s)(W/s)C <= GRID_VALUES."""
+    _, h, w, c = shape
+    s = 1
+    while (h // s) * (w // s) * c > GRID_VALUES and min(h, w) // (s + 1) >= 1:
+        s += 1
+    return s
+
+
+def range_probe(model_bytes: bytes, tensors: List[int], grid: bool = False) -> tuple:
     """The model with a REDUCE_MIN and a REDUCE_MAX over each of ``tensors`` placed right after the
-    op that makes it; the scalars are the graph's outputs. Returns (bytes, {tensor: (min_out, max_out)}).
+    op that makes it; the scalars are the graph's outputs. Returns (bytes, {tensor: (min_out, max_out,
+    grid_out)}); ``grid_out`` is None unless ``grid``.
 
-    Only the scalars leave the graph, so the interpreter still frees each tensor after its
-    last use: one pass over the samples, at little more memory than inference.
+    With ``grid``, each 4-D (1,H,W,C) tensor also gives every s-th row and column (all channels,
+    starting at s//2; :func:`_grid_stride`): a SLICE to whole multiples of s where needed, a
+    RESHAPE to (H/s, s, W/s, s*C) and a SLICE of one row and column of each s x s block.
+    Only these small outputs leave the graph, so the interpreter still frees each tensor after
+    its last use: one pass over the samples, at little more memory than inference.
     """
     model = g.read(model_bytes)
     sg = model.subgraphs[0]
@@ -44,6 +70,30 @@ def range_probe(model_bytes: bytes, tensors: List[int]) -> tuple:
     probes: Dict[int, tuple] = {}
     new_ops = []
 
+    def sliced(src, begin, size, name):
+        out = g._new_tensor(model, sg.tensors[src], g.T.FLOAT32, name)
+        sg.tensors[out].shape = list(size)
+        b = g._const_tensor(model, np.array(begin, np.int32), f"{name}/begin")
+        z = g._const_tensor(model, np.array(size, np.int32), f"{name}/size")
+        new_ops.append(g._new_op(model, g.OP.SLICE, [src, b, z], [out], g.schema.SliceOptionsT(),
+                                 g.schema.BuiltinOptions.SliceOptions))
+        return out
+
+    def value_grid(t):
+        shape = [int(v) for v in g._ids(sg.tensors[t].shape)]
+        if len(shape) != 4 or shape[0] != 1:
+            return None
+        _, h, w, c = shape
+        s = _grid_stride(shape)
+        src = t
+        if h % s or w % s or s == 1:  # crop to whole blocks (s == 1: a copy, so no later op can touch it)
+            src = sliced(t, [0, 0, 0, 0], [1, h - h % s, w - w % s, c], f"range_probe/crop{t}")
+        blocks = [(h // s), s, (w // s), s * c]
+        if s == 1:
+            return src
+        reshaped = g._reshape(model, src, blocks, new_ops, f"range_probe/blocks{t}")
+        return sliced(reshaped, [0, s // 2, 0, (s // 2) * c], [h // s, 1, w // s, c], f"range_probe/grid{t}")
+
     def probe(t):
         outs = []
         for op, label in ((g.OP.REDUCE_MIN, "min"), (g.OP.REDUCE_MAX, "max")):
@@ -53,6 +103,7 @@ def range_probe(model_bytes: bytes, tensors: List[int]) -> tuple:
             options.keepDims = False
             new_ops.append(g._new_op(model, op, [t, axes], [out], options, g.schema.BuiltinOptions.ReducerOptions))
             outs.append(out)
+        outs.append(value_grid(t) if grid else None)
         probes[t] = tuple(outs)
 
     for t in after.get(-1, []):  # graph inputs
@@ -62,39 +113,68 @@ def range_probe(model_bytes: bytes, tensors: List[int]) -> tuple:
         for t in after.get(i, []):
             probe(t)
     sg.operators = new_ops
-    sg.outputs = [o for pair in probes.values() for o in pair]
+    sg.outputs = [o for outs in probes.values() for o in outs if o is not None]
     model.signatureDefs = []
     return g.write(model), probes
 
 
-def measure_ranges(model_bytes: bytes, tensors: List[int], samples: Iterable[Dict[str, np.ndarray]],
-                   threads: int = 2) -> Dict[int, tuple]:
-    """min/max of ``tensors`` over ``samples`` (dicts keyed by signature input name), one pass."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    model = g.read(model_bytes)
+def _feeds(model, samples):
     sg = model.subgraphs[0]
     if model.signatureDefs:
         inputs = dict(g.signature_io(model)[0])
     else:
         inputs = {g.tensor_name(sg.tensors[t]): t for t in g._ids(sg.inputs)}
-    probed, probes = range_probe(model_bytes, tensors)
-    it = Interpreter(model_content=probed, num_threads=threads)
-    it.allocate_tensors()
-    ranges: Dict[int, list] = {}
     for sample in samples:
         if not isinstance(sample, dict):  # a list in input order
             sample = dict(zip(list(inputs), sample))
-        for key, value in sample.items():
-            it.set_tensor(inputs[key], np.asarray(value, dtype=np.float32))
+        yield {inputs[k]: np.asarray(v, dtype=np.float32) for k, v in sample.items()}
+
+
+def measure_statistics(model_bytes: bytes, tensors: List[int], samples: Iterable[Dict[str, np.ndarray]],
+                       threads: int = 2, grid: bool = True) -> Dict[int, TensorStats]:
+    """Per tensor, over ``samples`` (dicts keyed by signature input name, or lists in input order),
+    in one pass: each sample's exact min and max and (``grid``) up to SAMPLE_VALUES of its values."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    probed, probes = range_probe(model_bytes, tensors, grid=grid)
+    it = Interpreter(model_content=probed, num_threads=threads)
+    it.allocate_tensors()
+    stats: Dict[int, TensorStats] = {t: TensorStats() for t in probes}
+    rng = np.random.default_rng(0)
+    for feed in _feeds(g.read(model_bytes), samples):
+        for index, value in feed.items():
+            it.set_tensor(index, value)
         it.invoke()
-        for t, (lo_t, hi_t) in probes.items():
-            lo, hi = float(it.get_tensor(lo_t)), float(it.get_tensor(hi_t))
-            if t in ranges:
-                ranges[t] = [min(ranges[t][0], lo), max(ranges[t][1], hi)]
-            else:
-                ranges[t] = [lo, hi]
-    return {t: tuple(r) for t, r in ranges.items()}
+        for t, (lo_t, hi_t, grid_t) in probes.items():
+            values = np.zeros(0, np.float32)
+            if grid_t is not None:
+                values = it.get_tensor(grid_t).ravel()
+                if values.size > SAMPLE_VALUES:
+                    values = values[rng.integers(0, values.size, SAMPLE_VALUES)]
+            stats[t].add(float(it.get_tensor(lo_t)), float(it.get_tensor(hi_t)), values.copy())
+    return stats
+
+
+def measure_ranges(model_bytes: bytes, tensors: List[int], samples: Iterable[Dict[str, np.ndarray]],
+                   threads: int = 2) -> Dict[int, tuple]:
+    """min/max of ``tensors`` over ``samples`` (dicts keyed by signature input name), one pass."""
+    stats = measure_statistics(model_bytes, tensors, samples, threads, grid=False)
+    return {t: (s.lo, s.hi) for t, s in stats.items()}
+
+
+def activation_consumers(model, tensors: Iterable[int]) -> Dict[int, str]:
+    """Tensors whose every consumer is the same elementwise activation (ELU): tensor -> its op name.
+    Their quantization error is judged after that activation (:func:`export.quant_ranges.choose_range`)."""
+    from .quant_ranges import ACTIVATIONS
+
+    sg = model.subgraphs[0]
+    consumers: Dict[int, set] = {}
+    for op in sg.operators:
+        for t in g._ids(op.inputs):
+            consumers.setdefault(t, set()).add(g.op_name(model, op))
+    outputs = set(g._ids(sg.outputs))
+    return {t: next(iter(consumers[t])) for t in tensors
+            if t not in outputs and len(consumers.get(t, ())) == 1 and next(iter(consumers[t])) in ACTIVATIONS}
 
 
 def activation_tensors(model) -> List[int]:
@@ -102,8 +182,35 @@ def activation_tensors(model) -> List[int]:
     return [i for i, t in enumerate(sg.tensors) if t.type == g.T.FLOAT32 and not g._is_constant(model, t)]
 
 
-def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], threads: int = 2) -> tuple:
-    """The float model with measured ``min``/``max`` on every float activation; returns (bytes, report)."""
+# The statistics of the last calibration: int8 and int16x8 files of one saved_model calibrate the
+# same float model on the same samples, so the second reuses the first's pass (only the range choice
+# differs).
+_STATISTICS: Dict[str, Dict[int, TensorStats]] = {}
+
+
+def _statistics_key(model_bytes: bytes, samples, grid: bool) -> str:
+    import hashlib
+
+    h = hashlib.sha256(model_bytes)
+    for sample in samples:
+        values = sample.values() if isinstance(sample, dict) else sample
+        for v in values:
+            h.update(np.ascontiguousarray(v).tobytes())
+    h.update(b"grid" if grid else b"")
+    return h.hexdigest()
+
+
+def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], threads: int = 2, bits: int = 8,
+                     symmetric: bool = False, method: str = "minmax") -> tuple:
+    """The float model with a chosen ``min``/``max`` on every float activation; returns (bytes, report).
+
+    ``bits``/``symmetric``: the activation grid the ranges are chosen for (8/False: int8; 16/True:
+    the int16 activations of 16x8 files). ``method``: ``auto`` (per tensor, the best of
+    :data:`export.quant_ranges.METHODS` on held-out samples) or one method for every tensor.
+    ``report["tensors"]`` maps each tensor's name to its method, chosen range, observed min/max
+    and held-out errors; ``report["methods"]`` counts the tensors per method.
+    """
+    import collections
     import time
 
     t0 = time.time()
@@ -111,12 +218,24 @@ def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], thread
     sg = model.subgraphs[0]
     samples = list(dataset())
     tensors = activation_tensors(model)
-    ranges = measure_ranges(model_bytes, tensors, samples, threads)
-    for t, (lo, hi) in ranges.items():
+    key = _statistics_key(model_bytes, samples, method != "minmax")
+    reused = key in _STATISTICS
+    if not reused:
+        _STATISTICS.clear()
+        _STATISTICS[key] = measure_statistics(model_bytes, tensors, samples, threads, grid=method != "minmax")
+    stats = _STATISTICS[key]
+    t1 = time.time()
+    chosen = choose_ranges(stats, bits, symmetric, method, through=activation_consumers(model, tensors))
+    per_tensor: Dict[str, dict] = {}
+    for t, choice in chosen.items():
+        lo, hi = choice["range"]
         q = sg.tensors[t].quantization or g.schema.QuantizationParametersT()
         q.min, q.max = [float(lo)], [float(hi)]
         q.scale, q.zeroPoint = None, None
         sg.tensors[t].quantization = q
-    report = {"tensors": len(ranges), "samples": len(samples), "threads": threads,
-              "seconds": round(time.time() - t0, 2)}
+        per_tensor[g.tensor_name(sg.tensors[t]) or f"tensor{t}"] = choice
+    report = {"tensors": per_tensor, "methods": dict(collections.Counter(c["method"] for c in chosen.values())),
+              "activation_bits": bits, "symmetric": symmetric, "method": method, "samples": len(samples),
+              "statistics_reused": reused,
+              "threads": threads, "seconds": round(time.time() - t0, 2), "choice_seconds": round(time.time() - t1, 2)}
     return g.write(model), report

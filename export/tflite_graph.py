@@ -111,9 +111,9 @@ def op_counts(model) -> Dict[str, int]:
 
 def float_ops_between_quantized(model) -> int:
     """Ops that compute in float32 inside a quantized graph (any op with a float activation input
-    whose graph also has int8 activations)."""
+    whose graph also has int8 or int16 activations)."""
     sg = model.subgraphs[0]
-    has_int8 = any(t.type == T.INT8 and not _is_constant(model, t) for t in sg.tensors)
+    has_int8 = any(t.type in (T.INT8, T.INT16) and not _is_constant(model, t) for t in sg.tensors)
     if not has_int8:
         return 0
     n = 0
@@ -429,6 +429,101 @@ def _apply_region(model, idx: _Index, plan) -> None:
     last = idx.producer[plan["float_tensors"][0]]
     sg.operators[last].outputs = [q_out if t == plan["float_tensors"][0] else t for t in _ids(sg.operators[last].outputs)]
     _remove_ops(model, drop)
+
+
+def conv_nodes(model) -> List[Tuple[str, int]]:
+    """(output tensor name, op index) of every CONV_2D: the name identifies a convolution across
+    the fp32, int8-dynamic and calibrated files of one saved_model (the converter's ``denylisted_nodes``)."""
+    sg = model.subgraphs[0]
+    return [(tensor_name(sg.tensors[_ids(op.outputs)[0]]), i) for i, op in enumerate(sg.operators)
+            if op_name(model, op) == "CONV_2D"]
+
+
+def conv_weights(model, op_index: int) -> np.ndarray:
+    """A CONV_2D's filter as float32 (O, H, W, I), dequantized (per output channel) when stored as int8."""
+    sg = model.subgraphs[0]
+    t = sg.tensors[_ids(sg.operators[op_index].inputs)[1]]
+    raw = bytes(model.buffers[t.buffer].data)
+    shape = [int(v) for v in _ids(t.shape)]
+    if t.type == T.FLOAT32:
+        return np.frombuffer(raw, np.float32).reshape(shape)
+    if t.type == T.INT8:
+        scale = np.asarray(t.quantization.scale, np.float32).reshape(-1, *([1] * (len(shape) - 1)))
+        return np.frombuffer(raw, np.int8).reshape(shape).astype(np.float32) * scale
+    raise ValueError(f"convolution filter of type {DTYPE_NAMES.get(t.type, t.type)}")
+
+
+def conv_producers(model) -> Dict[str, List[str]]:
+    """For each CONV_2D (by output name), the CONV_2Ds whose outputs reach its input through
+    non-convolution ops only (activations, resizes, concatenations, pads, (de)quantization)."""
+    idx = _Index(model)
+    sg = idx.sg
+    out = {}
+    for name, i in conv_nodes(model):
+        found, stack, seen = [], [_ids(sg.operators[i].inputs)[0]], set()
+        while stack:
+            t = stack.pop()
+            if t in seen or t not in idx.producer:
+                continue
+            seen.add(t)
+            p = idx.producer[t]
+            if idx.name(p) == "CONV_2D":
+                found.append(tensor_name(sg.tensors[t]))
+                continue
+            stack.extend(u for u in _ids(sg.operators[p].inputs)
+                         if u >= 0 and not _is_constant(model, sg.tensors[u]))
+        out[name] = sorted(set(found))
+    return out
+
+
+def conv_macs(model) -> List[Dict[str, object]]:
+    """Per CONV_2D: output name, multiply-accumulates of one inference, and the types of its
+    input activation and filter (``int8``/``int16`` activations compute in integers; an int8
+    filter with a float32 input is a dynamic-range (hybrid) convolution)."""
+    sg = model.subgraphs[0]
+    rows = []
+    for name, i in conv_nodes(model):
+        op = sg.operators[i]
+        x, w = (sg.tensors[t] for t in _ids(op.inputs)[:2])
+        o = sg.tensors[_ids(op.outputs)[0]]
+        cout, kh, kw, cin = (int(v) for v in _ids(w.shape))
+        _, oh, ow, _ = (int(v) for v in _ids(o.shape))
+        rows.append({"node": name, "macs": oh * ow * cout * kh * kw * cin,
+                     "input": DTYPE_NAMES.get(x.type, str(x.type)), "weights": DTYPE_NAMES.get(w.type, str(w.type))})
+    return rows
+
+
+def restore_float_weights(model, float_model, names: Iterable[str]) -> int:
+    """Give the named CONV_2Ds of a dynamic-range file back the float32 filters of ``float_model``
+    (the fp32 file of the same saved_model): those convolutions then run in float, their inputs
+    unquantized. Returns how many changed; an unknown name is a ValueError."""
+    wanted = set(names)
+    ours = dict(conv_nodes(model))
+    theirs = dict(conv_nodes(float_model))
+    unknown = sorted((wanted - set(ours)) | (wanted - set(theirs)))
+    if unknown:
+        raise ValueError(f"no convolution named {unknown[:3]}")
+    sg, fsg = model.subgraphs[0], float_model.subgraphs[0]
+    changed = 0
+    for name in sorted(wanted):
+        w = sg.tensors[_ids(sg.operators[ours[name]].inputs)[1]]
+        fw = fsg.tensors[_ids(fsg.operators[theirs[name]].inputs)[1]]
+        if w.type == T.FLOAT32:
+            continue  # too small to have been quantized
+        if list(_ids(w.shape)) != list(_ids(fw.shape)) or fw.type != T.FLOAT32:
+            raise ValueError(f"{name}: filters differ in shape or type between the two files")
+        old = w.buffer
+        buf = schema.BufferT()
+        buf.data = np.frombuffer(bytes(float_model.buffers[fw.buffer].data), np.uint8).copy()
+        model.buffers.append(buf)
+        w.buffer = len(model.buffers) - 1
+        if old and not any(t.buffer == old for t in sg.tensors):
+            model.buffers[old].data = None
+        w.type = T.FLOAT32
+        w.quantization = None
+        changed += 1
+    _prune_tensors(model)
+    return changed
 
 
 # XNNPACK's delegate takes CONCATENATION with at most this many inputs (measured: 5 in, 7 out).

@@ -18,9 +18,12 @@ Plan (JSON)::
 
     {"threads": int,                                                # calibration threads
      "jobs": [{"name": str, "onnx": path, "saved_model": dir, "log": path,
+               "reuse_saved_model": bool,                           # skip onnx2tf (fallback candidates)
                "cind": {"image": npy, "mask": npy},            # NHWC samples for onnx2tf
-               "artifacts": [{"precision": "fp32|fp16|int8-dynamic|int8", "io": "tensor|image",
+               "artifacts": [{"precision": "fp32|fp16|int8-dynamic|int8|int16x8", "io": "tensor|image",
                               "out": path, "calibration": {"image": npy, "mask": npy} | null,
+                              "quant": {"range_method": str, "calibrated": path, "float_nodes": [str],
+                                        "float_model": path} | null,
                               "int8_tail": bool, "pad_mode": "slices|mirror_pad",
                               "upsample_mode": "resize|depth_to_space", "metadata": {...}}]}]}
 """
@@ -106,11 +109,17 @@ def run_onnx2tf(onnx_path: str, saved_model: str, cind: dict) -> None:
 
 _CALIBRATION_REPORT: dict = {}
 CALIBRATION_THREADS = [2]
+# Precisions with calibrated activations: (activation bits, symmetric grid) -- TFLite's int8 scheme
+# (scale and zero point) and its 16x8 scheme (int16 activations, zero point 0).
+ACTIVATION_GRIDS = {"int8": (8, False), "int16x8": (16, True)}
+_CALIBRATION_SETTINGS = {"bits": 8, "symmetric": False, "method": "minmax"}
+_CALIBRATED_MODEL: list = []  # the float model with the chosen ranges, as the last calibration returned it
 
 
 def _install_calibration() -> None:
     """Make the converter calibrate with :func:`export.tflite_calibration.calibrate_ranges`
-    (XNNPACK, multi-threaded, free of the in-place range problem) instead of its own calibrator."""
+    (XNNPACK, multi-threaded, free of the in-place range problem, ranges chosen per tensor)
+    instead of its own calibrator."""
     from tensorflow.lite.python.optimize import calibrator
 
     from .tflite_calibration import calibrate_ranges
@@ -119,44 +128,143 @@ def _install_calibration() -> None:
         return
 
     def calibrate(self, dataset_gen):
-        data, report = calibrate_ranges(self._model_content, dataset_gen, threads=CALIBRATION_THREADS[0])
+        data, report = calibrate_ranges(self._model_content, dataset_gen, threads=CALIBRATION_THREADS[0],
+                                        **_CALIBRATION_SETTINGS)
         _CALIBRATION_REPORT.clear()
         _CALIBRATION_REPORT.update(report)
+        _CALIBRATED_MODEL[:] = [data]
         return data
 
     calibrate._gmcnn = True
     calibrator.Calibrator.calibrate = calibrate
 
 
-def convert_precision(saved_model: str, precision: str, io: str, calibration) -> bytes:
-    """TFLite converter from the saved_model for one precision (see docs/EXPORT.md)."""
+def _calibrating_converter(saved_model: str, precision: str, io: str, calibration: dict, quant: dict):
+    """The TFLite converter of a calibrated precision, calibrating with :func:`_install_calibration`'s
+    hook (each activation's range chosen by ``quant["range_method"]``)."""
     import numpy as np
     import tensorflow as tf
 
+    images, masks = np.load(calibration["image"]), np.load(calibration["mask"])
+
+    def representative():
+        for i in range(images.shape[0]):
+            yield {"image": images[i : i + 1], "mask": masks[i : i + 1]}
+
+    bits, symmetric = ACTIVATION_GRIDS[precision]
+    _CALIBRATION_SETTINGS.update(bits=bits, symmetric=symmetric, method=quant.get("range_method", "minmax"))
+    _install_calibration()
+    _CALIBRATION_REPORT.clear()
+    _CALIBRATED_MODEL.clear()
+    conv = tf.lite.TFLiteConverter.from_saved_model(saved_model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = representative
+    conv.target_spec.supported_ops = (
+        [tf.lite.OpsSet.TFLITE_BUILTINS_INT8] if precision == "int8" else
+        [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS])
+    if precision == "int8" and io == "image":
+        conv.inference_input_type = tf.uint8
+        conv.inference_output_type = tf.uint8
+    return conv
+
+
+def _keep_calibrated(cache: str) -> None:
+    """Write the last calibration's model and report to ``cache`` (and ``cache``.json) for fallback candidates."""
+    if cache and _CALIBRATED_MODEL:
+        with open(cache + ".json", "w") as f:
+            json.dump(_CALIBRATION_REPORT, f)
+        with open(cache, "wb") as f:
+            f.write(_CALIBRATED_MODEL[0])
+
+
+def calibrated_model(saved_model: str, precision: str, io: str, calibration: dict, quant: dict) -> bytes:
+    """The float model with each activation's chosen range (TFLite's calibrated model, before
+    quantization); cached at ``quant["calibrated"]`` (fallback candidates reuse it)."""
+    cache = quant.get("calibrated")
+    # a fallback candidate reuses the calibration of the pure file made just before it
+    if cache and quant.get("float_nodes") and os.path.exists(cache) and os.path.exists(cache + ".json"):
+        with open(cache + ".json") as f:
+            _CALIBRATION_REPORT.clear()
+            _CALIBRATION_REPORT.update(json.load(f))
+        with open(cache, "rb") as f:
+            return f.read()
+    conv = _calibrating_converter(saved_model, precision, io, calibration, quant)
+    conv._experimental_calibrate_only = True  # stop after calibration: quantize_calibrated does the rest
+    data = conv.convert()
+    _keep_calibrated(cache)
+    return data
+
+
+def quantize_calibrated(calibrated: bytes, precision: str, io: str, float_nodes=()) -> bytes:
+    """Quantize a calibrated float model as the converter would, leaving the convolutions whose
+    output tensors are named in ``float_nodes`` in float.
+
+    int8: the MLIR quantizer (``mlir_quantize``, per-channel int8 weights, int8 activations,
+    ``denylisted_nodes``); ``image`` files take and give uint8. int16x8: the converter's 16x8
+    quantizer (int16 activations, symmetric; int8 per-channel weights; int64 biases) with float
+    fallback allowed, because LiteRT has no int16 ELU (the 43 ELUs stay float between
+    DEQUANTIZE and QUANTIZE).
+    """
+    import numpy as np
+
+    if precision == "int8":
+        from tensorflow.lite.python.convert import mlir_quantize
+        import tensorflow as tf
+
+        io_type = tf.uint8 if io == "image" else tf.float32
+        return mlir_quantize(calibrated, disable_per_channel=False, input_data_type=io_type,
+                             output_data_type=io_type, denylisted_nodes=list(float_nodes) or None)
+    if precision == "int16x8":
+        if float_nodes:
+            raise ValueError("int16x8 files have no float fallback")
+        from tensorflow.lite.python.optimize import calibrator
+
+        # the converter's 16x8 path calibrates and quantizes in one call; the model already holds
+        # the chosen ranges, so its quantizer runs with nothing fed (it keeps those min/max)
+        return calibrator.Calibrator(calibrated)._calibrator.QuantizeModel(
+            np.dtype(np.float32).num, np.dtype(np.float32).num, True, np.dtype(np.int16).num,
+            np.dtype(np.int64).num, False, False)
+    raise ValueError(f"{precision} has no calibrated activations")
+
+
+def convert_precision(saved_model: str, precision: str, io: str, calibration, quant: dict = None) -> bytes:
+    """TFLite converter from the saved_model for one precision (see docs/EXPORT.md).
+
+    ``quant`` (quantized precisions): ``range_method`` (``auto`` or one of
+    :data:`export.quant_ranges.METHODS`), ``calibrated`` (cache path of the calibrated model),
+    ``float_nodes`` (output tensor names of convolutions kept in float: int8 leaves them out of
+    quantization; int8-dynamic gives them back their float32 weights from ``float_model``).
+    """
+    import tensorflow as tf
+
+    quant = quant or {}
+    if precision == "int8" and not quant.get("float_nodes"):
+        # the converter in one call, as before the fallback existed (the same bytes); the calibrated
+        # model is kept for the fallback's candidates
+        data = _calibrating_converter(saved_model, precision, io, calibration, quant).convert()
+        _keep_calibrated(quant.get("calibrated"))
+        return data
+    if precision in ACTIVATION_GRIDS:
+        calibrated = calibrated_model(saved_model, precision, io, calibration, quant)
+        return quantize_calibrated(calibrated, precision, io, quant.get("float_nodes") or ())
     conv = tf.lite.TFLiteConverter.from_saved_model(saved_model)
     if precision == "fp16":
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         conv.target_spec.supported_types = [tf.float16]
     elif precision == "int8-dynamic":
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    elif precision == "int8":
-        images, masks = np.load(calibration["image"]), np.load(calibration["mask"])
-
-        def representative():
-            for i in range(images.shape[0]):
-                yield {"image": images[i : i + 1], "mask": masks[i : i + 1]}
-
-        _install_calibration()
-        _CALIBRATION_REPORT.clear()
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        conv.representative_dataset = representative
-        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        if io == "image":
-            conv.inference_input_type = tf.uint8
-            conv.inference_output_type = tf.uint8
     elif precision != "fp32":
         raise ValueError(f"unknown TFLite precision {precision!r}")
-    return conv.convert()
+    data = conv.convert()
+    if precision == "int8-dynamic" and quant.get("float_nodes"):
+        from . import tflite_graph
+
+        with open(quant["float_model"], "rb") as f:
+            float_model = f.read()
+        model = tflite_graph.read(data)
+        tflite_graph.restore_float_weights(model, tflite_graph.read(float_model), quant["float_nodes"])
+        data = tflite_graph.write(model)
+    return data
 
 
 def gpu_analysis(data: bytes) -> str:
@@ -174,30 +282,37 @@ def run_job(job: dict, events: _Events) -> None:
 
     name = job["name"]
     t0 = time.time()
-    events.send(event="stage", job=name, stage="onnx2tf")
-    with _log_to(job["log"]):
-        try:
-            check_onnx(job["onnx"])
-            run_onnx2tf(job["onnx"], job["saved_model"], job["cind"])
-        except Exception as exc:
-            traceback.print_exc()
-            events.send(event="error", job=name, stage="onnx2tf", message=f"{type(exc).__name__}: {exc}", log=job["log"])
-            return
-    events.send(event="stage_done", job=name, stage="onnx2tf", seconds=round(time.time() - t0, 2))
+    if not job.get("reuse_saved_model"):
+        events.send(event="stage", job=name, stage="onnx2tf")
+        with _log_to(job["log"]):
+            try:
+                check_onnx(job["onnx"])
+                run_onnx2tf(job["onnx"], job["saved_model"], job["cind"])
+            except Exception as exc:
+                traceback.print_exc()
+                events.send(event="error", job=name, stage="onnx2tf", message=f"{type(exc).__name__}: {exc}",
+                            log=job["log"])
+                return
+        events.send(event="stage_done", job=name, stage="onnx2tf", seconds=round(time.time() - t0, 2))
     for art in job["artifacts"]:
         t1 = time.time()
         events.send(event="stage", job=name, stage=f"convert {art['precision']}", out=art["out"])
+        quant = art.get("quant") or {}
         with _log_to(job["log"]):
             try:
-                raw = convert_precision(job["saved_model"], art["precision"], art["io"], art.get("calibration"))
-                # the converter's own file, kept beside the saved_model for inspection and tests
-                with open(os.path.join(os.path.dirname(job["saved_model"]), f"converter_{art['precision']}.tflite"), "wb") as f:
-                    f.write(raw)
+                if quant.get("float_nodes") and art["precision"] == "int8-dynamic" and not os.path.exists(quant["float_model"]):
+                    with open(quant["float_model"], "wb") as f:  # the float32 weights the kept layers get back
+                        f.write(convert_precision(job["saved_model"], "fp32", art["io"], None))
+                raw = convert_precision(job["saved_model"], art["precision"], art["io"], art.get("calibration"), quant)
+                if not quant.get("float_nodes"):
+                    # the converter's own file, kept beside the saved_model for inspection and tests
+                    with open(os.path.join(os.path.dirname(job["saved_model"]), f"converter_{art['precision']}.tflite"), "wb") as f:
+                        f.write(raw)
                 before = tflite_graph.inventory(raw)
                 final, report = postprocess(raw, art["precision"], art["io"], int8_tail=art.get("int8_tail", True),
                                             metadata=art.get("metadata"), pad_mode=art.get("pad_mode", "slices"),
                                             upsample_mode=art.get("upsample_mode", "resize"))
-                if art["precision"] == "int8":
+                if art["precision"] in ACTIVATION_GRIDS:
                     report["calibration"] = dict(_CALIBRATION_REPORT)
                 analysis = gpu_analysis(final)
                 tmp = art["out"] + ".part"

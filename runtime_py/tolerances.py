@@ -43,6 +43,9 @@ PARITY: Dict[Tuple[str, str], Row] = {
     ("fp32", "tensor"): {"max_abs": 2e-5, "max_abs_per_peak_activation": 2 * FP32_ULP},
     ("fp32", "image"): {"max_abs": ONE_LEVEL + 1e-9, "max_known_pixels_changed": 0},
     **_gate_rows({"fp16": 55.0, "int8-dynamic": 40.0, "int8": 38.0}),
+    # int16x8 (int16 activations, int8 weights): int8-dynamic's floor, the same 8-bit weights with finer
+    # activations; measured 54.7-54.8 dB on the tests' cnum-4 model at 64x96 (int8-dynamic there: 55.3 dB).
+    **_gate_rows({"int16x8": 40.0}),
 }
 
 # The gate's Core ML rows: hole PSNR floors a few dB under the worst measured case. Measurements: docs/COREML.md.

@@ -338,44 +338,65 @@ def test_onnx2tf_failure_names_its_log(tmp_path):
     assert str(res.log) in res.error
 
 
-def test_calibration_ranges_match_an_independent_run(tiny):
-    """calibrate_ranges (XNNPACK, with min/max reductions inserted) gives each float tensor the
-    min/max that a plain reference-kernel run with every tensor preserved sees."""
+def test_calibration_ranges_match_an_independent_run(tiny, monkeypatch):
+    """calibrate_ranges (XNNPACK, min/max reductions and a value grid inserted) sees each float
+    tensor's min/max and values as a plain reference-kernel run with every tensor preserved does;
+    with method="minmax" those are the ranges written into the model."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from export import tflite_graph
+    from export import tflite_calibration, tflite_graph
     from export.samples import CALIBRATION_DIR, load_samples
-    from export.tflite_calibration import activation_tensors, calibrate_ranges
+    from export.tflite_calibration import _grid_stride, activation_tensors, calibrate_ranges, measure_statistics
 
     work = tiny["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
     model = (work / "converter_fp32.tflite").read_bytes()
     samples = load_samples(CALIBRATION_DIR, SHAPE, 1, seed=4)
     feeds = [{"image": samples.tensor_image()[i:i + 1], "mask": samples.tensor_mask()[i:i + 1]}
              for i in range(len(samples))]
-    data, report = calibrate_ranges(model, lambda: iter(feeds), threads=2)
+    data, report = calibrate_ranges(model, lambda: iter(feeds), threads=2, method="minmax")
     assert report["samples"] == len(feeds)
     calibrated = tflite_graph.read(data)
     tensors = activation_tensors(calibrated)
-    assert report["tensors"] == len(tensors)
+    assert len(report["tensors"]) == len(tensors) and report["methods"] == {"minmax": len(tensors)}
 
     it = Interpreter(model_content=model, experimental_preserve_all_tensors=True,
                      experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     it.allocate_tensors()
     ins = {d["name"]: d["index"] for d in it.get_input_details()}
-    lo, hi = {}, {}
+    lo, hi, first = {}, {}, {}
     for feed in feeds:
         for name, value in feed.items():
             it.set_tensor(next(i for n, i in ins.items() if name in n), value)
         it.invoke()
         for t in tensors:
             v = it.get_tensor(t)
+            first.setdefault(t, v.copy())
             lo[t] = min(lo.get(t, np.inf), float(v.min()))
             hi[t] = max(hi.get(t, -np.inf), float(v.max()))
     sg = calibrated.subgraphs[0]
     for t in tensors:
         q = sg.tensors[t].quantization
+        seen = report["tensors"][tflite_graph.tensor_name(sg.tensors[t])]
         span = max(1e-6, hi[t] - lo[t])
-        assert abs(q.min[0] - lo[t]) <= 1e-3 * span and abs(q.max[0] - hi[t]) <= 1e-3 * span, t
+        assert abs(seen["min"] - lo[t]) <= 1e-3 * span and abs(seen["max"] - hi[t]) <= 1e-3 * span, t
+        # the range always holds 0 (quantized zero is exact)
+        assert abs(q.min[0] - min(lo[t], 0.0)) <= 1e-3 * span and abs(q.max[0] - max(hi[t], 0.0)) <= 1e-3 * span
+
+    # the value grid: every s-th row and column from s//2 (a small grid size forces s > 1 here)
+    monkeypatch.setattr(tflite_calibration, "GRID_VALUES", 600)
+    stats = measure_statistics(model, tensors, feeds[:1], threads=1)
+    strided = 0
+    for t in tensors:
+        v = first[t]
+        if v.ndim != 4:
+            continue
+        s = _grid_stride(v.shape)
+        strided += s > 1
+        h, w = v.shape[1] - v.shape[1] % s, v.shape[2] - v.shape[2] % s
+        expected = np.sort(v[:, :h, :w][:, s // 2::s, s // 2::s].ravel())
+        got = np.sort(stats[t].parts[0])
+        assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(v).max()), t
+    assert strided > 20
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
@@ -463,3 +484,30 @@ def test_app_developer_consumes_a_mixed_golden_bundle(tiny, tmp_path):
     # without a selection the Core ML outputs (an iOS run's) are missing
     rc, out, _ = run_cli("compare", bundle, device)
     assert rc == 1 and "8/10 outputs pass" in out and out.count("missing") == 2
+
+
+def test_int16x8_converts_and_is_gated(tmp_path):
+    """int16x8: 16-bit activations (symmetric, calibrated per tensor), 8-bit weights; every
+    convolution computes on int16 inputs, the 43 ELUs stay float (LiteRT has no int16 ELU kernel),
+    both signatures pass their gate, and XNNPACK (no int16 kernels) leaves the convolutions to
+    LiteRT's reference kernels."""
+    from export import tflite_graph
+    from export.api import export_artifacts
+    from export.parity import TOLERANCES
+
+    gen = lively_generator("tf", 4, seed=0)
+    m = export_artifacts(gen, tmp_path, shapes=[SHAPE], formats=["tflite"], precisions=["int16x8"], ios=IOS,
+                         threads=2, progress=False, calibration_masks_per_photo=1)
+    for io in IOS:
+        a = m.find("tflite", SHAPE, "int16x8", io)
+        assert a.parity.passed and a.parity.tolerance == TOLERANCES[("int16x8", io)]
+        rows = tflite_graph.conv_macs(tflite_graph.read((tmp_path / a.file).read_bytes()))
+        assert {r["input"] for r in rows} == {"int16"} and {r["weights"] for r in rows} == {"int8"}
+        inv = a.op_inventory
+        assert inv["ops"]["ELU"] == 43 and inv["quantize"] >= 43 and inv["dequantize"] >= 43
+        assert inv["xnnpack_fallback_ops"]["CONV_2D"] == 44
+        q = a.build["quantization"]
+        assert q["conv_macs_quantized_fraction"] == 1.0 and q["activations"]["activation_bits"] == 16
+        assert all(t["range"][0] == -t["range"][1] for t in q["activations"]["tensors"].values())
+        if io == "image":
+            assert [t.dtype for t in a.inputs + a.outputs] == ["uint8"] * 3
