@@ -24,11 +24,18 @@ Feeds and results follow what Core ML's Python ``predict`` takes and returns:
 image inputs may carry a leading batch axis of 1 ((1,H,W,3), (1,H,W,1)) and image outputs
 come back as (1,H,W,3).
 
+Two execution paths (``mode``, :mod:`runtime_py.mil_ops`): ``fast`` (the default, and what the
+export's parity gate runs: convolutions as im2col float32 BLAS products, rounded to fp16 where
+the program computes in fp16) and ``exact`` (the op-by-op path: per-tap products, gathered
+bilinear weights). The environment variable ``GMCNN_MIL_EXECUTOR=exact`` switches the default,
+e.g. for an export whose gate should run the exact path.
+
 Only :func:`load_mlpackage` / :func:`load_program` import coremltools; executing a loaded
 program needs NumPy alone.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,9 +45,21 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from .errors import MissingDependencyError, UserError
-from .mil_ops import OPS
+from .mil_ops import EXECUTOR_MODES, OPS, op_table
 
 EXECUTOR_NAME = "coreml-reference-executor"
+
+#: environment variable naming the default execution path (``fast`` or ``exact``)
+MODE_ENV = "GMCNN_MIL_EXECUTOR"
+
+
+def default_mode() -> str:
+    """``fast`` unless $GMCNN_MIL_EXECUTOR says ``exact``; any other value is one clear error."""
+    mode = os.environ.get(MODE_ENV, "").strip() or "fast"
+    if mode not in EXECUTOR_MODES:
+        raise UserError(f"{MODE_ENV}={mode!r} is not one of {', '.join(EXECUTOR_MODES)}")
+    return mode
+
 
 # Ops that only compute constants; the executor evaluates them once, at load time, as Core ML does.
 CONSTEXPR_PREFIX = "constexpr_"
@@ -81,6 +100,7 @@ class MILProgram:
     spec_version: int = 0
     metadata: Dict[str, str] = field(default_factory=dict)
     check: bool = True  # verify each op's output dtype/shape against the program
+    mode: str = "fast"  # fast | exact (module docstring)
 
     # -- feeds
 
@@ -100,12 +120,13 @@ class MILProgram:
         env: Dict[str, object] = dict(self.constants)
         for spec in self.inputs:
             env[spec.name] = self._prepare(spec, feed[spec.name])
+        ops = op_table(self.mode)
         for step in self.steps:
             kwargs = {
                 k: (tuple(env[n] for n in v) if isinstance(v, tuple) else env[v]) for k, v in step.inputs.items()
             }
             t0 = time.perf_counter() if timings is not None else 0.0
-            result = OPS[step.op_type](**kwargs)
+            result = ops[step.op_type](**kwargs)
             if timings is not None:
                 timings[step.op_type] = timings.get(step.op_type, 0.0) + time.perf_counter() - t0
             name, dtype, shape = step.outputs[0]
@@ -202,13 +223,16 @@ def _description_specs(description, role: str) -> Dict[str, Tuple[str, str]]:
     return out
 
 
-def load_program(path: Union[str, Path], function: str = "main") -> MILProgram:
-    """Read an .mlpackage's ML program and prepare it for execution.
+def load_program(path: Union[str, Path], function: str = "main", mode: Optional[str] = None) -> MILProgram:
+    """Read an .mlpackage's ML program and prepare it for execution (``mode``: fast | exact, None
+    :func:`default_mode`).
 
     Raises UserError for a missing/unreadable package or a non-ML-program model, and
     UnsupportedOpError naming every op type the executor does not implement.
     """
     path = Path(path)
+    mode = default_mode() if mode is None else mode
+    op_table(mode)  # an unknown mode fails here, before the slow load
     if not path.exists():
         raise UserError(f"{path}: no such Core ML package")
     ct, milproto_load, types = _import_coremltools()
@@ -271,12 +295,13 @@ def load_program(path: Union[str, Path], function: str = "main") -> MILProgram:
         else:
             steps.append(step)
     metadata = dict(spec.description.metadata.userDefined)
-    return MILProgram(inputs, outputs, steps, constants, dict(counts), spec.specificationVersion, metadata)
+    return MILProgram(inputs, outputs, steps, constants, dict(counts), spec.specificationVersion, metadata,
+                      mode=mode)
 
 
-def load_mlpackage(path: Union[str, Path]) -> Callable[[Dict[str, object]], Dict[str, np.ndarray]]:
+def load_mlpackage(path: Union[str, Path], mode: Optional[str] = None) -> Callable[[Dict[str, object]], Dict[str, np.ndarray]]:
     """The runtime's Core ML engine off macOS: a callable ``feed dict -> output dict`` (see module docstring)."""
-    return load_program(path)
+    return load_program(path, mode=mode)
 
 
 def op_inventory(path: Union[str, Path]) -> Dict[str, int]:

@@ -14,6 +14,14 @@ Dtype rules -- the point of this module is that an fp16 program is computed in f
   GPU and Neural Engine also accumulate wider than fp16, in an order we cannot reproduce,
   so a last-bit difference per output is expected -- the tolerance tables allow for it.)
 * Weight decompression (``constexpr_*``) produces the dtype of its scale / lookup table.
+
+Two paths (:func:`op_table`): ``exact`` (:data:`OPS`: each convolution a sum over kernel taps
+of per-tap matrix products, bilinear resampling by gathering the two neighbours) and ``fast``,
+the default and what the parity gate runs (:data:`FAST_OVERRIDES`: ``conv`` as im2col, one
+float32 BLAS matrix product per band of output rows; ``upsample_bilinear`` as two
+interpolation-matrix products). Both compute in fp32 and round once to the program's dtype at
+the end of each op, so they differ only in the order of fp32 additions (measured bounds:
+tests/test_mil_executor.py, tests/test_coreml_export.py).
 """
 from __future__ import annotations
 
@@ -240,6 +248,59 @@ def conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilatio
     return y.astype(out_dtype)
 
 
+#: bytes of one im2col band (rows of kernel patches for a run of output rows): a few MiB keeps
+#: the band in cache between being written and being read by the matrix product, and bounds
+#: the extra memory (a whole 7x7 128-channel im2col at 128x170 would be 546 MB).
+IM2COL_BAND_BYTES = 8 << 20
+
+
+def conv_im2col(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilations=None, groups=1,
+                band_bytes: int = IM2COL_BAND_BYTES):
+    """:func:`conv` as im2col: per band of output rows, a (C_in/groups*KH*KW, rows*W_out) float32
+    patch matrix and one BLAS product with the (C_out/groups, C_in/groups*KH*KW) weight matrix.
+
+    Same inputs, layouts and dtype rule as :func:`conv` (fp32 products and sums, one rounding to
+    x's dtype after the bias); only the order of the fp32 additions differs.
+    """
+    x, weight = _as_array(x), _as_array(weight)
+    if x.ndim != 4:
+        raise ValueError(f"conv: only 2-D convolution is implemented (x has rank {x.ndim})")
+    n, cin, h, w = x.shape
+    cout, cin_g, kh, kw = weight.shape
+    groups = int(groups)
+    sh, sw = [int(s) for s in (strides if strides is not None else (1, 1))]
+    dh, dw = [int(d) for d in (dilations if dilations is not None else (1, 1))]
+    if cin != cin_g * groups or cout % groups:
+        raise ValueError(f"conv: channels {cin} -> {cout} do not divide into {groups} groups with weight {weight.shape}")
+    (pt, pb), (pl, pr) = conv_padding(pad_type, pad, (kh, kw), (dh, dw))
+    xp = np.zeros((n, cin, h + pt + pb, w + pl + pr), np.float32)
+    xp[:, :, pt:pt + h, pl:pl + w] = x
+    ho = (h + pt + pb - ((kh - 1) * dh + 1)) // sh + 1
+    wo = (w + pl + pr - ((kw - 1) * dw + 1)) // sw + 1
+    k = cin_g * kh * kw
+    cout_g = cout // groups
+    # weight row order (c, i, j) matches the patch matrix's row order below
+    wmat = weight.astype(np.float32).reshape(groups, cout_g, k)
+    y = np.empty((n, cout, ho, wo), np.float32)
+    rows = max(1, min(ho, band_bytes // (4 * k * wo)))
+    band = np.empty((cin_g, kh, kw, rows, wo), np.float32)
+    for b in range(n):
+        for g in range(groups):
+            xs = xp[b, g * cin_g:(g + 1) * cin_g]
+            for r0 in range(0, ho, rows):
+                m = min(rows, ho - r0)
+                patches = band[:, :, :, :m]
+                for i in range(kh):
+                    top = r0 * sh + i * dh
+                    for j in range(kw):
+                        patches[:, i, j] = xs[:, top:top + (m - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw]
+                cols = patches.reshape(k, m * wo) if m == rows else np.ascontiguousarray(patches).reshape(k, m * wo)
+                np.matmul(wmat[g], cols, out=y[b, g * cout_g:(g + 1) * cout_g, r0:r0 + m].reshape(cout_g, m * wo))
+    if bias is not None:
+        y += _as_array(bias).astype(np.float32).reshape(1, -1, 1, 1)
+    return y.astype(x.dtype)
+
+
 # ------------------------------------------------------------------------ resampling
 
 @mil_op("upsample_nearest_neighbor")
@@ -281,6 +342,34 @@ def _bilinear(x: np.ndarray, ho: int, wo: int, align_corners: bool, half_pixel_c
     rows = xf[..., r0, :] * (1 - fr) + xf[..., r1, :] * fr
     y = rows[..., c0] * (1 - fc) + rows[..., c1] * fc
     return y.astype(out_dtype)
+
+
+def _interpolation_matrix(n_in: int, n_out: int, align_corners: bool, half_pixel_centers: bool) -> np.ndarray:
+    """(n_out, n_in) float32: row o holds the two weights of :func:`_linear_grid`'s neighbours of o."""
+    lo, hi, frac = _linear_grid(n_in, n_out, align_corners, half_pixel_centers)
+    m = np.zeros((n_out, n_in), np.float32)
+    rows = np.arange(n_out)
+    m[rows, lo] += 1 - frac
+    m[rows, hi] += frac
+    return m
+
+
+def upsample_bilinear_matmul(x, scale_factor_height=1, scale_factor_width=1, align_corners=True,
+                             half_pixel_centers=None):
+    """:func:`upsample_bilinear` as two float32 BLAS products per tensor, (rows x H) @ x @ (W x cols),
+    with the same grid and weights; one rounding to x's dtype. Each output is the same two-term
+    weighted sum (the other products are exact zeros) in another fp32 evaluation order."""
+    x = _as_array(x)
+    h, w = x.shape[-2:]
+    ho, wo = int(math.floor(h * float(scale_factor_height))), int(math.floor(w * float(scale_factor_width)))
+    align_corners = bool(align_corners)
+    hpc = (not align_corners) if half_pixel_centers is None else bool(half_pixel_centers)
+    rows = _interpolation_matrix(h, ho, align_corners, hpc)
+    cols = _interpolation_matrix(w, wo, align_corners, hpc).T.copy()
+    lead = x.shape[:-2]
+    wide = x.astype(np.float32).reshape(-1, w) @ cols          # (..., H, Wo) as one product
+    y = np.matmul(rows, wide.reshape(-1, h, wo))              # (..., Ho, Wo), one product per channel
+    return y.reshape(*lead, ho, wo).astype(x.dtype)
 
 
 @mil_op("upsample_bilinear")
@@ -346,3 +435,15 @@ def constexpr_lut_to_dense(indices, lut, shape):
         raise ValueError(f"lookup table size {lut.shape[0]} is not a power of two")
     count = int(np.prod(shape))
     return lut[unpack_lsb_first(indices, nbits, count)].reshape(shape)
+
+
+#: ops the fast path computes differently (see the module docstring); every other op is shared
+FAST_OVERRIDES: Dict[str, Callable[..., np.ndarray]] = {"conv": conv_im2col, "upsample_bilinear": upsample_bilinear_matmul}
+EXECUTOR_MODES = ("fast", "exact")
+
+
+def op_table(mode: str = "fast") -> Dict[str, Callable[..., np.ndarray]]:
+    """The implementations the executor runs: ``exact`` (:data:`OPS`) or ``fast`` (OPS with :data:`FAST_OVERRIDES`)."""
+    if mode not in EXECUTOR_MODES:
+        raise ValueError(f"executor mode {mode!r} is not one of {', '.join(EXECUTOR_MODES)}")
+    return OPS if mode == "exact" else {**OPS, **FAST_OVERRIDES}

@@ -28,15 +28,20 @@ def test_conv_hand_case():
     np.testing.assert_array_equal(y, np.full((1, 1, 2, 2), -3.5, np.float32))
 
 
+# the exact per-tap conv and the fast im2col conv (a 1 KB band forces several bands and a short last one)
+CONVS = {"exact": ops.conv, "im2col": lambda **kw: ops.conv_im2col(band_bytes=1024, **kw)}
+
+
+@pytest.mark.parametrize("impl", CONVS)
 @pytest.mark.parametrize("stride,dilation,groups", [(1, 1, 1), (2, 1, 1), (1, 3, 1), (1, 2, 2), (2, 1, 4), (1, 1, 8)])
-def test_conv_matches_torch(stride, dilation, groups):
+def test_conv_matches_torch(stride, dilation, groups, impl):
     r = rng(stride * 10 + dilation + groups)
     x = r.standard_normal((2, 8, 13, 11)).astype(np.float32)
     w = r.standard_normal((8, 8 // groups, 3, 5)).astype(np.float32)
     b = r.standard_normal(8).astype(np.float32)
     pad = [1, 2, 3, 0]
-    y = ops.conv(x=x, weight=w, bias=b, strides=[stride, stride], pad_type="custom", pad=pad,
-                 dilations=[dilation, dilation], groups=groups)
+    y = CONVS[impl](x=x, weight=w, bias=b, strides=[stride, stride], pad_type="custom", pad=pad,
+                    dilations=[dilation, dilation], groups=groups)
     xp = F.pad(torch.from_numpy(x), (3, 0, 1, 2))
     ref = F.conv2d(xp, torch.from_numpy(w), torch.from_numpy(b), stride=stride, dilation=dilation, groups=groups)
     assert y.shape == tuple(ref.shape)
@@ -58,12 +63,13 @@ def test_conv_same_padding_rule(kernel, dilation, stride):
         assert y.shape[2:] == (-(-9 // stride), -(-10 // stride))  # d_out = ceil(d_in / stride)
 
 
-def test_conv_fp16_rounds_once_at_the_end():
+@pytest.mark.parametrize("impl", CONVS)
+def test_conv_fp16_rounds_once_at_the_end(impl):
     r = rng(3)
     x = r.standard_normal((1, 16, 9, 9)).astype(np.float16)
     w = (r.standard_normal((4, 16, 3, 3)) * 0.1).astype(np.float16)
     b = r.standard_normal(4).astype(np.float16)
-    y = ops.conv(x=x, weight=w, bias=b, pad_type="same")
+    y = CONVS[impl](x=x, weight=w, bias=b, pad_type="same")
     assert y.dtype == np.float16
     exact = F.conv2d(torch.from_numpy(x.astype(np.float64)), torch.from_numpy(w.astype(np.float64)),
                      torch.from_numpy(b.astype(np.float64)), padding=1).numpy()
@@ -72,9 +78,11 @@ def test_conv_fp16_rounds_once_at_the_end():
     assert np.all(np.abs(y.astype(np.float64) - exact) <= ulp)
 
 
-def test_conv_rejects_bad_groups():
+@pytest.mark.parametrize("impl", CONVS)
+def test_conv_rejects_bad_groups(impl):
     with pytest.raises(ValueError, match="groups"):
-        ops.conv(x=np.zeros((1, 6, 4, 4), np.float32), weight=np.zeros((4, 4, 1, 1), np.float32), pad_type="valid", groups=2)
+        CONVS[impl](x=np.zeros((1, 6, 4, 4), np.float32), weight=np.zeros((4, 4, 1, 1), np.float32), pad_type="valid",
+                    groups=2)
 
 
 # ---------------------------------------------------------------------------------- pad
@@ -107,23 +115,30 @@ def test_reflect_pad_matches_torch_and_refuses_too_large():
 
 # ---------------------------------------------------------------------------------- resampling
 
-def test_upsample_bilinear_documented_grids():
+UPSAMPLES = {"exact": ops.upsample_bilinear, "matmul": ops.upsample_bilinear_matmul}
+
+
+@pytest.mark.parametrize("impl", UPSAMPLES)
+def test_upsample_bilinear_documented_grids(impl):
+    up = UPSAMPLES[impl]
     x = np.array([0.0, 1.0], np.float32).reshape(1, 1, 1, 2)
-    ac = ops.upsample_bilinear(x=x, scale_factor_height=1, scale_factor_width=2.5, align_corners=True)
+    ac = up(x=x, scale_factor_height=1, scale_factor_width=2.5, align_corners=True)
     np.testing.assert_allclose(ac[0, 0, 0], [0, 0.25, 0.5, 0.75, 1.0], atol=1e-7)
-    hp = ops.upsample_bilinear(x=x, scale_factor_height=1, scale_factor_width=2.5, align_corners=False)
+    hp = up(x=x, scale_factor_height=1, scale_factor_width=2.5, align_corners=False)
     np.testing.assert_allclose(hp[0, 0, 0], [0, 0.1, 0.5, 0.9, 1.0], atol=1e-6)
-    six = ops.upsample_bilinear(x=x, scale_factor_height=1, scale_factor_width=3, align_corners=False)
+    six = up(x=x, scale_factor_height=1, scale_factor_width=3, align_corners=False)
     np.testing.assert_allclose(six[0, 0, 0], [0, 0, 1 / 3, 2 / 3, 1, 1], atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", UPSAMPLES)
 @pytest.mark.parametrize("scale", [2, 4])
-def test_upsample_bilinear_align_corners_matches_torch(scale):
+def test_upsample_bilinear_align_corners_matches_torch(scale, impl):
+    up = UPSAMPLES[impl]
     x = rng(scale).standard_normal((1, 3, 5, 7)).astype(np.float32)
-    y = ops.upsample_bilinear(x=x, scale_factor_height=scale, scale_factor_width=scale, align_corners=True)
+    y = up(x=x, scale_factor_height=scale, scale_factor_width=scale, align_corners=True)
     ref = F.interpolate(torch.from_numpy(x), scale_factor=scale, mode="bilinear", align_corners=True)
     np.testing.assert_allclose(y, ref.numpy(), atol=1e-5)
-    y16 = ops.upsample_bilinear(x=x.astype(np.float16), scale_factor_height=scale, scale_factor_width=scale)
+    y16 = up(x=x.astype(np.float16), scale_factor_height=scale, scale_factor_width=scale)
     assert y16.dtype == np.float16
     np.testing.assert_allclose(y16.astype(np.float32), ref.numpy(), atol=4e-3)
 
@@ -265,6 +280,59 @@ def test_builder_program_through_loader(tmp_path):
     assert y.shape == (1, 4, 16, 20)
     np.testing.assert_allclose(y, ref, atol=1e-2)  # a few fp16 roundings of values of size ~1
     assert {"pad", "conv", "elu", "upsample_bilinear", "cast"} <= set(program.op_counts)
+
+
+def test_fast_and_exact_paths_agree_on_a_tiny_program(tmp_path):
+    """The gate's default (fast: im2col conv, matrix bilinear) against the exact op-by-op path, fp16 program:
+    7x7 dilated conv -> elu -> stride-2 conv -> bilinear x4. Both round every op once to fp16 from fp32, so
+    they differ by fp32 summation order only. Measured on seeds 0-9: at most 0.00195, one fp16 ulp at the
+    output's largest magnitude (2-4; near zero a cancelling sum can differ by many of its own tiny ulps),
+    on at most 0.9 % of the outputs."""
+    from coremltools.converters.mil import Builder as mb
+
+    from runtime_py.mil_executor import load_program
+
+    for seed in range(3):
+        r = rng(seed)
+        w1 = (r.standard_normal((16, 4, 7, 7)) * 0.1).astype(np.float16)
+        w2 = (r.standard_normal((8, 16, 3, 3)) * 0.1).astype(np.float16)
+        b1 = r.standard_normal(16).astype(np.float16)
+
+        @mb.program(input_specs=[mb.TensorSpec(shape=(1, 4, 24, 30))], opset_version=ct.target.iOS16)
+        def prog(x):
+            h = mb.cast(x=x, dtype="fp16")
+            h = mb.conv(x=h, weight=w1, bias=b1, pad_type="same", dilations=[2, 2])
+            h = mb.elu(x=h, alpha=np.float16(1.0))
+            h = mb.conv(x=h, weight=w2, pad_type="custom", pad=[1, 1, 1, 1], strides=[2, 2])
+            h = mb.upsample_bilinear(x=h, scale_factor_height=4, scale_factor_width=4, align_corners=True)
+            return mb.cast(x=h, dtype="fp32")
+
+        path = _save_program(prog, tmp_path, f"tiny{seed}.mlpackage")
+        fast, exact = load_program(path, mode="fast"), load_program(path, mode="exact")
+        x = r.standard_normal((1, 4, 24, 30)).astype(np.float32)
+        feed = {fast.inputs[0].name: x}
+        a, b = next(iter(fast(feed).values())), next(iter(exact(feed).values()))
+        ulp = float(np.spacing(np.float16(np.abs(b).max())))
+        diff = np.abs(a - b)
+        assert diff.max() <= ulp, f"seed {seed}: {diff.max() / ulp:.1f} fp16 ulps (of the largest output) apart"
+        assert np.mean(diff > 0) <= 0.02, f"seed {seed}: {np.mean(diff > 0):.2%} of outputs differ"
+
+
+def test_executor_mode_is_checked(monkeypatch):
+    from runtime_py.errors import UserError
+    from runtime_py.mil_executor import MODE_ENV, default_mode, load_program
+
+    assert ops.op_table("exact") is ops.OPS
+    assert ops.op_table("fast")["conv"] is ops.conv_im2col
+    monkeypatch.delenv(MODE_ENV, raising=False)
+    assert default_mode() == "fast"
+    monkeypatch.setenv(MODE_ENV, "exact")
+    assert default_mode() == "exact"
+    monkeypatch.setenv(MODE_ENV, "quick")
+    with pytest.raises(UserError, match="GMCNN_MIL_EXECUTOR='quick'"):
+        load_program("whatever.mlpackage")
+    with pytest.raises(ValueError, match="not one of fast, exact"):
+        load_program("whatever.mlpackage", mode="quick")
 
 
 def test_unknown_op_is_one_clear_error(tmp_path):

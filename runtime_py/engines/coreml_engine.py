@@ -41,11 +41,14 @@ class CoreMLEngine(Engine):
     name = "coreml"
 
     def __init__(self, path: os.PathLike, artifact=None, shape=None, io: str = "tensor", verify: bool = True,
-                 reference: Optional[bool] = None, compute_units: str = "ALL"):
+                 reference: Optional[bool] = None, compute_units: str = "ALL", executor_mode: Optional[str] = None):
         """``reference``: None runs real Core ML on macOS and the reference executor elsewhere; True the
         reference executor everywhere (to compare it with Core ML); False real Core ML only (macOS), on
-        ``compute_units`` (a ``coremltools.ComputeUnit`` name: ALL, CPU_ONLY, CPU_AND_GPU, CPU_AND_NE)."""
+        ``compute_units`` (a ``coremltools.ComputeUnit`` name: ALL, CPU_ONLY, CPU_AND_GPU, CPU_AND_NE).
+        ``executor_mode``: the NumPy reference executor's path, ``fast`` or ``exact``
+        (runtime_py.mil_executor; None: $GMCNN_MIL_EXECUTOR, else fast); ignored by a registered executor."""
         self.compute_units = compute_units
+        self.executor_mode = executor_mode
         self.path = str(path)
         self.artifact = artifact
         self.verify = verify
@@ -69,8 +72,10 @@ class CoreMLEngine(Engine):
             self.model = ct.models.MLModel(self.path, compute_units=getattr(ct.ComputeUnit, self.compute_units))
             self._predict = self._predict_coreml
         else:
-            factory = _reference_executor or _default_reference_executor()
-            self.model = factory(self.path)
+            if _reference_executor is not None:
+                self.model = _reference_executor(self.path)
+            else:
+                self.model = _default_reference_executor()(self.path, mode=self.executor_mode)
             self._predict = self.model.predict
         # Core ML images are fed as arrays: (1,H,W,3) RGB and (1,H,W,1) mask, uint8, as the manifest lists them
         if self.artifact is not None:
