@@ -360,3 +360,12 @@ def test_missing_or_corrupt_package(tmp_path):
     (bad / "Manifest.json").write_text("{not json")
     with pytest.raises(UserError, match="not a readable Core ML package"):
         load_program(bad)
+
+
+def test_fast_elu_is_elu_up_to_fp32_rounding_near_zero():
+    x = np.concatenate([np.linspace(-8, 8, 4001), -np.logspace(-12, 0, 200)]).astype(np.float32)
+    exact, fast = ops.elu(x=x, alpha=0.7), ops.elu_exp(x=x, alpha=0.7)
+    np.testing.assert_array_equal(fast[x > 0], x[x > 0])  # positive inputs pass through unchanged
+    assert np.abs(fast - exact).max() <= 1.2e-7  # measured 7.1e-8 (exp(x)-1 vs expm1 near 0)
+    f16 = x.astype(np.float16)
+    assert ops.elu_exp(x=f16).dtype == np.float16
