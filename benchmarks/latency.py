@@ -1,10 +1,12 @@
-"""Model latency and memory: every TFLite artifact, PyTorch eager and ONNX Runtime, an SGEMM peak.
+"""Model latency and memory: every TFLite artifact, PyTorch eager and ONNX Runtime, the convolution ceiling.
 
 Every measurement is one worker process (see ``benchmarks.worker``). Derived
 numbers, computed here from the raw results: the ratio of each median to PyTorch
 eager fp32's median at the same shape and thread count, achieved GMAC/s
 (convolution MACs of the checkpoint at that shape / median seconds) and that as a
-fraction of the SGEMM peak measured at the same thread count in the same run.
+fraction of XNNPACK's speed on the model's dominant convolutions alone
+(``benchmarks.roofline``), measured at the same shape and thread count in the same run;
+the numpy/OpenBLAS SGEMM figure stays as context, labelled with the OpenBLAS kernels it ran.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .android import DEVICE_DIR, benchmark_model_args
+from .roofline import ceiling_for, ceilings
 
 PRECISION_ORDER = ("fp32", "fp16", "int8-dynamic", "int8", "int16x8")
 
@@ -23,8 +26,10 @@ def _shape_key(shape) -> str:
 def plan_latency(manifest, artifacts_dir: Path, threads: Sequence[int], warmup: int, runs: int,
                  checkpoint: Optional[Path], onnx_files: Dict[str, Path], sgemm_n: int,
                  shapes: Optional[Sequence[str]] = None, precisions: Optional[Sequence[str]] = None,
-                 ios: Optional[Sequence[str]] = None, xnnpack_off: bool = True, model: str = "") -> List[dict]:
-    """Worker specs, in run order: SGEMM per thread count, then per shape and thread count the
+                 ios: Optional[Sequence[str]] = None, xnnpack_off: bool = True, model: str = "",
+                 roofline: Sequence[dict] = ()) -> List[dict]:
+    """Worker specs, in run order: SGEMM per thread count, the ``roofline`` convolution specs
+    (``benchmarks.roofline.roofline_specs``), then per shape and thread count the
     reference engines and every TFLite artifact (plus XNNPACK off for fp32 tensor artifacts).
 
     ``model`` (e.g. ``tf-c32``) names the network in every label and row, so runs of different
@@ -40,6 +45,7 @@ def plan_latency(manifest, artifacts_dir: Path, threads: Sequence[int], warmup: 
     for t in threads:
         specs.append({"kind": "sgemm", "label": f"sgemm n={sgemm_n} {t}t", "n": sgemm_n, "threads": t,
                       "warmup": 1, "runs": max(3, runs)})
+    specs += list(roofline)
     shape_list = sorted({tuple(a.shape) for a in arts}, key=lambda s: s[0] * s[1])
     for shape in shape_list:
         key = _shape_key(shape)
@@ -66,7 +72,9 @@ def plan_latency(manifest, artifacts_dir: Path, threads: Sequence[int], warmup: 
 
 
 def derive(results: List[dict], macs: Dict[str, int]) -> Dict[str, object]:
-    """Rows for the tables: latency stats, memory, ratios to PyTorch, GMAC/s vs the SGEMM peak."""
+    """Rows for the tables: latency stats, memory, ratios to PyTorch, GMAC/s vs the convolution ceiling
+    (and vs the SGEMM figure)."""
+    conv_peak, roofline_rows = ceilings(results)
     peak: Dict[int, float] = {}
     for r in results:
         if r["spec"]["kind"] == "sgemm" and r.get("ok"):
@@ -77,7 +85,7 @@ def derive(results: List[dict], macs: Dict[str, int]) -> Dict[str, object]:
     rows = []
     for r in results:
         s = r["spec"]
-        if s["kind"] == "sgemm":
+        if s["kind"] == "sgemm" or s.get("role") == "roofline":
             continue
         row = {"label": s["label"], "model": s.get("model", ""), "engine": s["engine"], "precision": s["precision"], "io": s["io"],
                "shape": s["shape_key"], "threads": s["threads"], "xnnpack": s.get("xnnpack", ""),
@@ -101,6 +109,8 @@ def derive(results: List[dict], macs: Dict[str, int]) -> Dict[str, object]:
             row["gmac_per_s"] = m / st["median_s"] / 1e9
             p = peak.get(s["threads"])
             row["fraction_of_sgemm_peak"] = (row["gmac_per_s"] / p) if p else None
+            c = ceiling_for(conv_peak, s["shape_key"], s["threads"], s["precision"])
+            row["fraction_of_xnnpack_conv"] = (row["gmac_per_s"] / c) if c else None
         if "delegation" in r:
             d = r["delegation"]
             row["nodes"] = d["nodes"]
@@ -112,14 +122,16 @@ def derive(results: List[dict], macs: Dict[str, int]) -> Dict[str, object]:
             row["manifest_xnnpack_fallback"] = (" ".join(f"{k}x{v}" for k, v in fallback.items())
                                                 if isinstance(fallback, dict) else " ".join(map(str, fallback)))
         rows.append(row)
-    return {"rows": rows, "sgemm_peak_gmac_per_s": {str(k): v for k, v in sorted(peak.items())}}
+    kernels = sorted({r.get("openblas_kernels") for r in results if r["spec"]["kind"] == "sgemm" and r.get("ok")} - {None})
+    return {"rows": rows, "sgemm_peak_gmac_per_s": {str(k): v for k, v in sorted(peak.items())},
+            "sgemm_kernels": ", ".join(kernels), "xnnpack_conv_gmac_per_s": conv_peak, "roofline_rows": roofline_rows}
 
 
 def android_commands(specs: List[dict]) -> List[dict]:
     """The benchmark_model command line for every TFLite configuration measured here."""
     out = []
     for s in specs:
-        if s["kind"] != "tflite":
+        if s["kind"] != "tflite" or s.get("role") == "roofline":
             continue
         args = benchmark_model_args(s["file"], s["threads"], s["warmup"], s["runs"], xnnpack=s.get("xnnpack", True))
         name = Path(s["file"]).name

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,39 +29,14 @@ from typing import Dict, List, Optional, Tuple
 MICRO_KERNEL = 7
 MICRO_CHANNELS = 128
 
-_BUILD_CONV = r"""
-import sys, numpy as np, tensorflow as tf
-h, w, c, k, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-rng = np.random.default_rng(0)
-kernel = tf.constant(rng.normal(0, (1.0 / (k * k * c)) ** 0.5, (k, k, c, c)).astype(np.float32))
-bias = tf.constant(np.zeros(c, np.float32))
-@tf.function(input_signature=[tf.TensorSpec([1, h, w, c], tf.float32, name="x")])
-def conv(x):
-    return tf.nn.elu(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), bias))
-for precision in ("fp32", "int8"):
-    conv_ = tf.lite.TFLiteConverter.from_concrete_functions([conv.get_concrete_function()], conv)
-    if precision == "int8":
-        def rep():
-            for _ in range(4):
-                yield [rng.normal(0, 1, (1, h, w, c)).astype(np.float32)]
-        conv_.optimizations = [tf.lite.Optimize.DEFAULT]
-        conv_.representative_dataset = rep
-        conv_.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        conv_.inference_input_type = tf.int8
-        conv_.inference_output_type = tf.int8
-    open(f"{out}/conv{k}x{k}_{c}_{h}x{w}_{precision}.tflite", "wb").write(conv_.convert())
-"""
-
 
 def build_conv_microbench(out_dir: Path, rows: int, cols: int, channels: int = MICRO_CHANNELS,
                           kernel: int = MICRO_KERNEL) -> Dict[str, Tuple[Path, float]]:
-    """fp32 and int8 single-conv TFLite files: {precision: (path, GMAC per inference)}."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    subprocess.run([sys.executable, "-c", _BUILD_CONV, str(rows), str(cols), str(channels), str(kernel), str(out_dir)],
-                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    gmac = rows * cols * channels * channels * kernel * kernel / 1e9
-    return {p: (out_dir / f"conv{kernel}x{kernel}_{channels}_{rows}x{cols}_{p}.tflite", gmac) for p in ("fp32", "int8")}
+    """fp32 and int8 single-conv TFLite files (benchmarks.roofline): {precision: (path, GMAC per inference)}."""
+    from .roofline import ConvShape, build_conv_files
+
+    shape = ConvShape(kernel, channels, channels, rows, cols)
+    return {p: (path, shape.gmac) for p, path in build_conv_files(shape, out_dir).items()}
 
 
 def measure_file(path: Path, threads: int, runs: int, warmup: int = 1) -> dict:

@@ -230,7 +230,8 @@ def headline_tables(results: dict) -> str:
                 engines.append(e)
         header = ["model", "engine", "precision"]
         for s in shapes:
-            header += [f"{s} median {t}t (s)" for t in threads] + [f"{s} peak RSS {tmax}t (MiB)"]
+            header += [f"{s} median {t}t (s)" for t in threads] + [f"{s} peak RSS {tmax}t (MiB)",
+                                                                     f"{s} % of conv ceiling {tmax}t"]
         header.append("file (MiB, largest shape)")
         rows = []
         for e in engines:
@@ -240,6 +241,7 @@ def headline_tables(results: dict) -> str:
                 at = {r["threads"]: r for r in sel if (r.get("model", ""), r["engine"], r["precision"]) == e and r["shape"] == s}
                 row += [fmt(at[t]["median_s"]) if t in at else "–" for t in threads]
                 row.append(fmt(at[tmax]["peak_rss_mib"], 0) if tmax in at else "–")
+                row.append(_percent(at[tmax].get("fraction_of_xnnpack_conv")) if tmax in at else "–")
                 any_row = next(iter(at.values()), None)
                 if any_row and any_row.get("bytes"):
                     size = fmt(float(any_row["bytes"]) / 2 ** 20, 1)
@@ -247,7 +249,13 @@ def headline_tables(results: dict) -> str:
             rows.append(row)
         counts = " and ".join(str(t) for t in threads)
         parts.append(f"Model latency (median) at {counts} thread{'s' if threads != [1] else ''} and peak RSS at "
-                     f"{tmax}, tensor I/O:\n\n" + md_table(header, rows))
+                     f"{tmax}, tensor I/O. `% of conv ceiling`: the model's convolution GMAC/s over XNNPACK's own "
+                     "GMAC/s on the model's dominant convolutions alone (one-convolution TFLite files, same shape, "
+                     "threads and run; int8 ceiling for the int8 precisions, fp32 for the rest):\n\n"
+                     + md_table(header, rows))
+        ceiling = conv_ceiling_table(results.get("latency", {}))
+        if ceiling:
+            parts.append("The convolution ceiling (XNNPACK, measured in the same run):\n\n" + ceiling)
     q = results.get("quality", {}).get("rows", [])
     if q:
         summ = summarize_quality([r for r in q if r["group"] in ("mode", "classical")], by=("method",))
@@ -256,6 +264,20 @@ def headline_tables(results: dict) -> str:
         parts.append("Quality per mode (mean over photos and mask kinds/sizes):\n\n" +
                      md_table(["method", "cases", "hole PSNR", "hole SSIM", "band PSNR", "band SSIM", "s/case"], rows))
     return "\n\n".join(parts)
+
+
+def _percent(fraction) -> str:
+    return fmt(100 * fraction, 0) + " %" if fraction else "–"
+
+
+def conv_ceiling_table(lat: dict) -> str:
+    """The XNNPACK one-convolution measurements (benchmarks.roofline) as a table, '' when there are none."""
+    rows = [[r["model_shape"], r["conv"], r["precision"], r["threads"], fmt(r.get("median_s"), 3),
+             fmt(r.get("gmac_per_s"), 1) if "gmac_per_s" in r else "failed: " + str(r.get("error", ""))[:60]]
+            for r in lat.get("roofline_rows", [])]
+    if not rows:
+        return ""
+    return md_table(["model shape", "convolution", "precision", "threads", "median s", "GMAC/s"], rows)
 
 
 def _order_methods(summ: List[dict]) -> List[dict]:
@@ -306,17 +328,25 @@ def render_markdown(results: dict, plots: Dict[str, str]) -> str:
                 "(after load and tensor allocation), `added` is the peak RSS minus that (what inference adds). "
                 "`init` is load + allocate, `first` the first inference (kept apart from the timed runs, as are "
                 "the warm-up runs). GMAC/s counts convolution MACs of the checkpoint at that shape over the median; "
-                "`% peak` compares it with the SGEMM peak measured in this run at the same thread count.\n"]
+                "`% conv` compares it with XNNPACK's own speed on the model's dominant convolutions (below; the "
+                "int8 ceiling for int8 and int8-dynamic files, fp32 for the rest), `% SGEMM` with the "
+                "numpy/OpenBLAS SGEMM figure (context only: other kernels than XNNPACK's), both at the same "
+                "thread count in this run.\n"]
+        ceiling = conv_ceiling_table(lat)
+        if ceiling:
+            out += ["Convolution ceiling (one-convolution TFLite files with the model's dominant shapes, "
+                    "through the TFLite engine with XNNPACK):\n", ceiling, ""]
         peaks = lat.get("sgemm_peak_gmac_per_s", {})
         if peaks:
-            out.append("fp32 peak (numpy/OpenBLAS SGEMM, n = {}): ".format(meta.get("sgemm_n")) +
+            kernels = lat.get("sgemm_kernels") or "unknown"
+            out.append("Context: numpy/OpenBLAS SGEMM, n = {} (OpenBLAS kernels: {}): ".format(meta.get("sgemm_n"), kernels) +
                        ", ".join(f"{t} thread(s): {fmt(v, 1)} GMAC/s{_sgemm_spread(lat, t)}"
                                  for t, v in peaks.items()) + "\n")
         if meta.get("macs"):
             out.append("Convolution MACs per inference: " +
                        ", ".join(f"{s}: {v / 1e9:.1f} G" for s, v in meta["macs"].items()) + "\n")
         header = ["model", "engine", "prec.", "io", "shape", "thr", "init s", "first s", "min s", "median s", "p90 s",
-                  "idle RSS MiB", "peak RSS MiB", "added MiB", "x vs torch", "GMAC/s", "% peak"]
+                  "idle RSS MiB", "peak RSS MiB", "added MiB", "x vs torch", "GMAC/s", "% conv", "% SGEMM"]
         rows = []
         for r in lat["rows"]:
             if "error" in r:
@@ -327,6 +357,7 @@ def render_markdown(results: dict, plots: Dict[str, str]) -> str:
                          fmt(r["first_s"]), fmt(r["min_s"], 3), fmt(r["median_s"], 3), fmt(r["p90_s"], 3),
                          fmt(r["rss_idle_mib"], 0), fmt(r["peak_rss_mib"], 0), fmt(r["peak_added_over_idle_mib"], 0),
                          fmt(r.get("speedup_vs_torch")), fmt(r.get("gmac_per_s"), 1),
+                         fmt(100 * r["fraction_of_xnnpack_conv"], 0) if r.get("fraction_of_xnnpack_conv") else "–",
                          fmt(100 * r["fraction_of_sgemm_peak"], 0) if r.get("fraction_of_sgemm_peak") else "–"])
         out += [md_table(header, rows), ""]
         if "latency" in plots:

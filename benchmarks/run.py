@@ -214,6 +214,32 @@ def check_timed_artifacts(cfg: BenchConfig, manifest) -> None:
             check_artifact(Path(cfg.artifacts) / a.file, a)
 
 
+def plan_roofline(cfg: BenchConfig, checkpoint: Optional[Path], shapes: List[str], cache: Path, meta: dict) -> List[dict]:
+    """Worker specs for XNNPACK's speed on the checkpoint's dominant convolutions at every latency shape
+    (benchmarks.roofline); the files are built once into the run's cache. Without a checkpoint or a
+    TFLite converter there is no ceiling, and the report says so."""
+    from .roofline import build_conv_files, dominant_convs, roofline_specs
+
+    if checkpoint is None:
+        meta["skipped"].append("XNNPACK convolution ceiling: no checkpoint to take the dominant convolutions from")
+        return []
+    from models import load_generator
+    from models.gmcnn import conv_layers
+
+    gen = load_generator(checkpoint)
+    specs = []
+    for key in shapes:
+        h, w = (int(v) for v in key.split("x"))
+        files = {}
+        for conv in dominant_convs(conv_layers(gen, h, w)):
+            try:
+                files.update({(conv, p): f for p, f in build_conv_files(conv, cache / "roofline").items()})
+            except (RuntimeError, OSError) as exc:
+                meta["skipped"].append(f"XNNPACK convolution ceiling {conv.describe()}: {exc}")
+        specs += roofline_specs(key, files, cfg.threads, cfg.warmup, cfg.runs)
+    return specs
+
+
 def run_latency(cfg: BenchConfig, manifest, meta: dict, cache: Path, logs: Path) -> dict:
     from .latency import android_commands, derive, plan_latency
     from .references import export_onnx, model_macs, resolve_checkpoint
@@ -248,7 +274,8 @@ def run_latency(cfg: BenchConfig, manifest, meta: dict, cache: Path, logs: Path)
     meta["macs"] = macs
     specs = plan_latency(manifest, cfg.artifacts, cfg.threads, cfg.warmup, cfg.runs, checkpoint, onnx_files,
                          cfg.sgemm_n, shapes=shapes, precisions=cfg.precisions, ios=cfg.ios,
-                         xnnpack_off=cfg.xnnpack_off, model=model)
+                         xnnpack_off=cfg.xnnpack_off, model=model,
+                         roofline=plan_roofline(cfg, checkpoint, shapes, cache, meta))
     results = []  # every TFLite file in specs was checked by check_timed_artifacts (same shapes and filters)
     bar = _progress(len(specs), "latency")
     for spec in specs:

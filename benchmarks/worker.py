@@ -166,7 +166,27 @@ def measure_sgemm(spec: dict) -> dict:
         runs.append(time.perf_counter() - t0)
     best = min(runs)
     return {"n": n, "runs_s": runs, "stats": summarize(runs), "gmac_per_s": n ** 3 / best / 1e9,
-            "blas_threads_env": os.environ.get("OPENBLAS_NUM_THREADS")}
+            "blas_threads_env": os.environ.get("OPENBLAS_NUM_THREADS"), "openblas_kernels": openblas_kernels()}
+
+
+def openblas_kernels():
+    """The kernel family numpy's OpenBLAS runs (``openblas_get_corename``: e.g. Haswell, Zen, SkylakeX;
+    OPENBLAS_CORETYPE overrides its detection), or None when numpy links no OpenBLAS."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            libs = sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line})
+    except OSError:
+        return None
+    for lib in libs:
+        handle = ctypes.CDLL(lib)
+        for symbol in ("openblas_get_corename64_", "openblas_get_corename"):
+            fn = getattr(handle, symbol, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                return fn().decode()
+    return None
 
 
 def run_spec(spec: dict) -> dict:

@@ -391,17 +391,18 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def count_macs(gen: GMCNNGenerator, height: int, width: int) -> int:
-    """Multiply-accumulates of one forward pass at (height, width), convolutions only.
-
-    Shapes are propagated on the ``meta`` device, so nothing is computed.
-    """
-    total = 0
+def conv_layers(gen: GMCNNGenerator, height: int, width: int) -> List[dict]:
+    """Every convolution of one forward pass at (height, width), in execution order: ``kernel`` (KH, KW),
+    ``in_channels``, ``out_channels``, ``groups``, ``stride``, ``dilation``, ``out_hw`` (rows, cols of its
+    output) and ``macs``. Shapes are propagated on the ``meta`` device, so nothing is computed."""
+    layers: List[dict] = []
 
     def hook(mod, _inp, out):
-        nonlocal total
         k = mod.kernel_size[0] * mod.kernel_size[1]
-        total += out.shape[1] * out.shape[2] * out.shape[3] * (mod.in_channels // mod.groups) * k
+        layers.append({"kernel": tuple(mod.kernel_size), "in_channels": mod.in_channels,
+                       "out_channels": mod.out_channels, "groups": mod.groups, "stride": tuple(mod.stride),
+                       "dilation": tuple(mod.dilation), "out_hw": (int(out.shape[2]), int(out.shape[3])),
+                       "macs": int(out.shape[1] * out.shape[2] * out.shape[3] * (mod.in_channels // mod.groups) * k)})
 
     with torch.device("meta"):
         meta_gen = GMCNNGenerator(gen.meta)
@@ -412,4 +413,9 @@ def count_macs(gen: GMCNNGenerator, height: int, width: int) -> int:
     finally:
         for h in handles:
             h.remove()
-    return total
+    return layers
+
+
+def count_macs(gen: GMCNNGenerator, height: int, width: int) -> int:
+    """Multiply-accumulates of one forward pass at (height, width), convolutions only (meta device)."""
+    return sum(layer["macs"] for layer in conv_layers(gen, height, width))

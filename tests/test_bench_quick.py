@@ -62,6 +62,11 @@ def test_quick_bench_writes_every_file(tiny_export, capsys):
     assert lat["tflite fp32 tensor 64x88 2t no-xnnpack"]["xnnpack_partitions"] == 0
     assert lat["tflite fp32 tensor 64x88 2t"]["xnnpack_partitions"] >= 1
     assert set(res["latency"]["sgemm_peak_gmac_per_s"]) == {"2"}
+    # the convolution ceiling: the tiny model's dominant 7x7 and 3x3 layers, fp32 and int8, in the same run
+    ceiling = res["latency"]["xnnpack_conv_gmac_per_s"]["64x88"]["2"]
+    assert set(ceiling) == {"fp32", "int8"} and min(ceiling.values()) > 0
+    assert {r["conv"].split()[0] for r in res["latency"]["roofline_rows"]} == {"7x7", "3x3"}
+    assert all(0 < lat[f"tflite {p} tensor 64x88 2t"]["fraction_of_xnnpack_conv"] for p in ("fp32", "int8-dynamic"))
     raw = [r for r in res["latency"]["raw"] if r["spec"]["kind"] == "tflite"]
     assert all(len(r["runs_s"]) == 2 and len(r["warmup_s"]) == 1 for r in raw)  # quick: 2 timed, 1 warm-up
     assert len({r["pid"] for r in res["latency"]["raw"]}) == len(res["latency"]["raw"])  # one process each

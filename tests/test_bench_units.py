@@ -324,3 +324,79 @@ def test_contention_note_follows_the_load_at_start():
     assert "idle" in contention_note(0.2, 2) and "inflated" not in contention_note(0.2, 2)
     busy = contention_note(5.3, 2)
     assert "5.3" in busy and "inflated" in busy and "2 cores" in busy
+
+
+# ----------------------------------------------------------------------------- convolution ceiling
+
+def test_dominant_convolutions_of_the_shipped_layout():
+    """tf cnum 32 at 512x680: the quarter-resolution encoder layers carry the MACs (8 layers each)."""
+    from benchmarks.roofline import ConvShape, dominant_convs
+    from models.gmcnn import build_generator, conv_layers, count_macs
+
+    gen = build_generator("tf", 32, seed=0)
+    layers = conv_layers(gen, 512, 680)
+    assert sum(layer["macs"] for layer in layers) == count_macs(gen, 512, 680)
+    seven, three = dominant_convs(layers)
+    assert seven == ConvShape(7, 128, 128, 128, 170) and three == ConvShape(3, 128, 128, 128, 170)
+    assert seven.gmac == pytest.approx(17.47, abs=0.01)
+    assert dominant_convs(layers, kernels=(5,)) == [ConvShape(5, 128, 128, 128, 170)]
+
+
+def test_conv_microbenchmark_files_run_through_the_tflite_engine(tmp_path):
+    """Tiny one-convolution files: NHWC in/out of the declared shape, int8 close to fp32, built once."""
+    pytest.importorskip("tensorflow")
+    from benchmarks.roofline import ConvShape, build_conv_files
+    from benchmarks.worker import synthetic_feed
+    from runtime_py.engines.tflite_engine import TFLiteEngine
+
+    shape = ConvShape(3, 8, 6, 9, 11)
+    files = build_conv_files(shape, tmp_path)
+    assert sorted(files) == ["fp32", "int8"] and all(f.name.startswith("conv3x3_8to6_9x11_") for f in files.values())
+    outs = {}
+    for precision, path in files.items():
+        engine = TFLiteEngine(path, threads=1).activate()
+        (spec_in,), (spec_out,) = engine.input_specs(), engine.output_specs()
+        assert tuple(spec_in.shape) == (1, 9, 11, 8) and tuple(spec_out.shape) == (1, 9, 11, 6)
+        feed = synthetic_feed(engine)
+        y = next(iter(engine.infer(feed).values()))
+        if spec_out.quantization:
+            scale, zero = spec_out.quantization
+            y = (y.astype(np.float32) - zero) * scale
+        outs[precision] = (y, feed)
+    y32, y8 = outs["fp32"][0], outs["int8"][0]
+    assert y32.min() >= -1.0 and np.abs(y32).max() > 0.1  # ELU output, not all zero
+    # both files get the same noise (synthetic_feed, quantized for int8): int8 within a few output steps
+    assert np.abs(y32 - y8).max() < 0.1
+    mtime = files["fp32"].stat().st_mtime_ns
+    assert build_conv_files(shape, tmp_path)["fp32"].stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+def test_models_are_divided_by_the_ceiling_of_their_precision():
+    from pathlib import Path
+
+    from benchmarks.latency import derive, plan_latency
+    from benchmarks.roofline import ConvShape, roofline_specs
+    from types import SimpleNamespace as NS
+
+    conv = ConvShape(7, 128, 128, 16, 22)
+    files = {(conv, "fp32"): Path("c32.tflite"), (conv, "int8"): Path("c8.tflite")}
+    roof = roofline_specs("64x88", files, [2], warmup=1, runs=3)
+    arts = [NS(format="tflite", shape=[64, 88], height=64, width=88, precision=p, io="tensor", file=f"{p}.tflite", bytes=1)
+            for p in ("fp32", "int8-dynamic", "int8")]
+    specs = plan_latency(NS(artifacts=arts), Path("/a"), [2], 1, 3, None, {}, 64, xnnpack_off=False, roofline=roof)
+    assert [s["label"] for s in specs[:3]] == ["sgemm n=64 2t", "xnnpack conv 7x7 128->128 at 16x22 fp32 2t",
+                                               "xnnpack conv 7x7 128->128 at 16x22 int8 2t"]
+    median = {"sgemm": 1.0, "c32.tflite": conv.gmac / 20.0, "c8.tflite": conv.gmac / 40.0,
+              "/a/fp32.tflite": 1.0, "/a/int8-dynamic.tflite": 1.0, "/a/int8.tflite": 0.5}
+    results = [{"spec": s, "ok": True, "gmac_per_s": 50.0, "openblas_kernels": "Haswell",
+                "stats": {"median_s": median.get(s.get("path", "sgemm")), "min_s": 0, "p90_s": 0},
+                "init_s": 0, "first_s": 0, "warmup_s": [], "rss_after_init": 0, "rss_after_first": 0, "peak_rss": 0,
+                "peak_added_over_idle": 0} for s in specs]
+    out = derive(results, {"64x88": 10 ** 10})  # 10 GMAC per inference
+    frac = {r["precision"]: r["fraction_of_xnnpack_conv"] for r in out["rows"]}
+    assert frac == pytest.approx({"fp32": 10 / 20, "int8-dynamic": 10 / 40, "int8": 20 / 40})
+    assert out["xnnpack_conv_gmac_per_s"] == {"64x88": {"2": pytest.approx({"fp32": 20.0, "int8": 40.0})}}
+    assert out["sgemm_kernels"] == "Haswell" and len(out["roofline_rows"]) == 2
+    assert all(r["engine"] == "tflite" and "xnnpack conv" not in r["label"] for r in out["rows"])
+    headline = report.headline_tables({"latency": out})
+    assert "% of conv ceiling 2t" in headline and "| 50 % |" in headline and "7x7 128->128 at 16x22" in headline
