@@ -26,7 +26,16 @@ def _interpolation(src_shape: Shape, dst_shape: Shape, upscale_method: int) -> i
 
 def round_to_u8(x: np.ndarray) -> np.ndarray:
     """float -> uint8 by floor(x + 0.5) after clipping to [0, 255] (round half up)."""
-    return np.floor(np.clip(x, 0.0, 255.0) + 0.5).astype(np.uint8)
+    return _round_into_u8(np.clip(x, 0.0, 255.0))
+
+
+def _round_into_u8(x: np.ndarray) -> np.ndarray:
+    """:func:`round_to_u8` that uses ``x`` (float, owned by the caller, overwritten) as its scratch:
+    one pass per step instead of a new whole-image temporary per step."""
+    np.clip(x, 0.0, 255.0, out=x)
+    x += x.dtype.type(0.5)
+    np.floor(x, out=x)
+    return x.astype(np.uint8)
 
 
 def resize_image(img: np.ndarray, shape: Shape) -> np.ndarray:
@@ -39,9 +48,21 @@ def resize_image(img: np.ndarray, shape: Shape) -> np.ndarray:
     rows, cols = int(shape[0]), int(shape[1])
     if img.shape[:2] == (rows, cols):
         return img.copy()
+    return resize_image_part(img, (rows, cols), None)
+
+
+def resize_image_part(img: np.ndarray, shape: Shape, part: Optional["Window"]) -> np.ndarray:
+    """``resize_image(img, shape)[part.slices]``, rounded only inside ``part`` (None: everywhere).
+
+    The resampling itself covers the whole target (cut out of a resize of a crop, edge pixels
+    would be replicated at the crop's border instead of the image's); the rounding, the dearer
+    step, touches only the pixels asked for."""
+    rows, cols = int(shape[0]), int(shape[1])
+    if img.shape[:2] == (rows, cols):
+        return (img if part is None else img[part.slices]).copy()
     method = _interpolation(img.shape[:2], (rows, cols), cv2.INTER_CUBIC)
     out = cv2.resize(img.astype(np.float32), (cols, rows), interpolation=method)
-    return round_to_u8(out)
+    return _round_into_u8(out if part is None else out[part.slices])
 
 
 def resize_mask(mask: np.ndarray, shape: Shape) -> np.ndarray:
@@ -105,6 +126,12 @@ def rotate_in(a: np.ndarray) -> np.ndarray:
 def rotate_out(a: np.ndarray) -> np.ndarray:
     """Inverse of :func:`rotate_in`: 90 degrees counter-clockwise."""
     return np.ascontiguousarray(np.rot90(a, 1))
+
+
+def rotated_back(w: "Window", rows: int) -> "Window":
+    """Where the window ``w`` of a :func:`rotate_in` image lies in the original of ``rows`` rows:
+    rotated (r, c) is original (rows - 1 - c, r)."""
+    return Window(rows - w.right, w.top, rows - w.left, w.bottom)
 
 
 # -------------------------------------------------------------------------- crop window

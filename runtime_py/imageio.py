@@ -251,8 +251,9 @@ class SourceImage:
         """(H,W,3) uint8 RGB working copy (grey replicated, alpha dropped, 16-bit rounded to 8-bit)."""
         p = to_8bit(self.pixels)
         if p.ndim == 2:
-            return np.ascontiguousarray(np.repeat(p[:, :, None], 3, axis=2))
-        return np.ascontiguousarray(p[:, :, 2::-1])  # BGR(A) -> RGB
+            return cv2.cvtColor(p, cv2.COLOR_GRAY2RGB)
+        # BGR(A) -> RGB: a channel swap (alpha dropped), in one SIMD pass instead of a strided copy
+        return cv2.cvtColor(p, cv2.COLOR_BGRA2RGB if p.shape[2] == 4 else cv2.COLOR_BGR2RGB)
 
 
 def to_8bit(pixels: np.ndarray) -> np.ndarray:
@@ -338,16 +339,23 @@ def compose_output(src: SourceImage, result_rgb8: np.ndarray, hole: np.ndarray) 
     result_rgb8: (H,W,3) uint8 RGB; hole: (H,W) bool. Grey inputs get
     ``round(0.299 R + 0.587 G + 0.114 B)`` in the hole; 16-bit inputs get ``v8 * 257``.
     """
+    from .geometry import mask_bbox
+
     out = src.pixels.copy()
+    box = mask_bbox(hole)
+    if box is None:
+        return out
+    # only the hole's bounding box is converted and written
+    result_rgb8, hole, dst = result_rgb8[box.slices], hole[box.slices], out[box.slices]
     if src.channels == 1:
         r, g, b = (result_rgb8[:, :, i].astype(np.float32) for i in range(3))
         new = np.floor(0.299 * r + 0.587 * g + 0.114 * b + 0.5).clip(0, 255).astype(np.uint8)
         new = new.astype(np.uint16) * 257 if src.depth == 16 else new
-        out[hole] = new[hole]
+        np.copyto(dst, new, where=hole)
         return out
     bgr = result_rgb8[:, :, ::-1]
     bgr = bgr.astype(np.uint16) * 257 if src.depth == 16 else bgr
-    out[hole, :3] = bgr[hole]
+    np.copyto(dst[:, :, :3], bgr, where=hole[:, :, None])
     return out
 
 

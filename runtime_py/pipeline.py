@@ -20,8 +20,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from .errors import UserError
-from .geometry import (Window, context_window, erode, needs_rotation, resize_image, resize_mask, rotate_in,
-                       rotate_out, round_to_u8, scaled_radius)
+from .geometry import (Window, context_window, erode, mask_bbox, needs_rotation, resize_image, resize_image_part,
+                       resize_mask, rotate_in, rotate_out, rotated_back, round_to_u8, scaled_radius)
 from .tiling import run_tiled
 from .trace import Trace
 
@@ -261,19 +261,24 @@ class Pipeline:
             else:
                 top = self._pass2(work, work_hole, top)
 
+        # Only hole pixels leave this stage, so only the hole's bounding box is rounded and written:
+        # result = where(hole, rotate_out(paste(window, where(work_hole, up, work))), image), computed
+        # on the box (docs/PIPELINE.md "Back to full resolution").
+        box = mask_bbox(work_hole)
         with self._stage("resize"):
-            up = resize_image(top, work.shape[:2])
-        self.trace.add("upscaled", up, f"last composite resized to {work.shape[0]}x{work.shape[1]}")
+            up_box = resize_image_part(top, work.shape[:2], box)
+        if self.trace.enabled:
+            self.trace.add("upscaled", resize_image(top, work.shape[:2]),
+                           f"last composite resized to {work.shape[0]}x{work.shape[1]}")
         with self._stage("composite"):
-            work_out = np.where(work_hole[:, :, None], up, work)
-            if window is not None:
-                full_out = full.copy()
-                full_out[window.slices] = work_out
-            else:
-                full_out = work_out
-            if self.stats.rotated:
-                full_out = rotate_out(full_out)
-            result = np.where(hole[:, :, None], full_out, image)
+            hole_box = work_hole[box.slices]
+            at = box if window is None else Window(window.top + box.top, window.left + box.left,
+                                                   window.top + box.bottom, window.left + box.right)
+            if self.stats.rotated:  # back to the input's orientation: the box, its pixels and its mask
+                up_box, hole_box = rotate_out(up_box), rotate_out(hole_box)
+                at = rotated_back(at, image.shape[0])
+            result = image.copy()
+            np.copyto(result[at.slices], up_box, where=hole_box[:, :, None])
         self.trace.add("output", result, "final: input outside the mask, pipeline result inside")
         if self.trace.enabled:
             self.stats.stage_seconds["trace"] = self.trace.seconds

@@ -342,3 +342,28 @@ def test_crop_window_keeps_model_aspect_when_cut_by_the_image():
     w = context_window(hole, (512, 680), 0.5, 32)
     assert w.shape == (1600, 2125)  # rows cut to the image, cols re-fitted: ceil(1600 * 680 / 512)
     assert w.left <= 838 - 502 and w.right >= 1842 + 502  # bbox + margins (m = ceil(0.5 * 1004)) inside
+
+
+@pytest.mark.parametrize("shape,crop", [((300, 200), "auto"), ((300, 200), "off"), ((200, 300), "on"), ((97, 61), "auto")])
+def test_back_to_full_resolution_is_the_documented_formula(monkeypatch, shape, crop):
+    """The last stage works on the hole's bounding box only; its result is still, bit for bit,
+    where(hole, rotate_out(paste(window, where(M, resize_image(C, window), I_window))), input)."""
+    from runtime_py.geometry import Window, needs_rotation, rotate_in, rotate_out
+    from runtime_py.masks import make_mask
+
+    r = np.random.default_rng(shape[0])
+    image = r.integers(0, 256, (*shape, 3), np.uint8)
+    hole = make_mask("blob", *shape, seed=3, size="small").astype(bool)
+    top = r.integers(0, 256, (*MODEL_SHAPE, 3), np.uint8)
+    monkeypatch.setattr(Pipeline, "_pass1", lambda self, work, work_hole: top)
+    engines, _ = recording_set()
+    got = run(engines, image, hole, crop=crop).image
+
+    rotated = needs_rotation(shape, MODEL_SHAPE)
+    full, full_hole = (rotate_in(image), rotate_in(hole)) if rotated else (image, hole)
+    window = context_window(full_hole, MODEL_SHAPE) if crop != "off" else Window(0, 0, *full_hole.shape)
+    work, work_hole = full[window.slices], full_hole[window.slices]
+    pasted = full.copy()
+    pasted[window.slices] = np.where(work_hole[:, :, None], resize_image(top, work.shape[:2]), work)
+    want = np.where(hole[:, :, None], rotate_out(pasted) if rotated else pasted, image)
+    np.testing.assert_array_equal(got, want)
