@@ -32,6 +32,8 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 
+from runtime_py.engines.tflite_engine import TFLiteEngine
+
 from . import tflite_graph as g
 from .quant_ranges import TensorStats, choose_ranges
 
@@ -118,40 +120,47 @@ def range_probe(model_bytes: bytes, tensors: List[int], grid: bool = False) -> t
     return g.write(model), probes
 
 
-def _feeds(model, samples):
+def _feeds(model, probed, samples):
+    """Each sample as the probed model's feed: {input tensor name: float32 array}. ``samples`` are dicts
+    keyed by ``model``'s signature input names, or lists in its input order."""
     sg = model.subgraphs[0]
     if model.signatureDefs:
         inputs = dict(g.signature_io(model)[0])
     else:
         inputs = {g.tensor_name(sg.tensors[t]): t for t in g._ids(sg.inputs)}
+    probed_sg = probed.subgraphs[0]
+    names = {key: g.tensor_name(probed_sg.tensors[t]) for key, t in inputs.items()}  # the probe keeps tensor numbers
     for sample in samples:
         if not isinstance(sample, dict):  # a list in input order
             sample = dict(zip(list(inputs), sample))
-        yield {inputs[k]: np.asarray(v, dtype=np.float32) for k, v in sample.items()}
+        yield {names[k]: np.asarray(v, dtype=np.float32) for k, v in sample.items()}
 
 
 def measure_statistics(model_bytes: bytes, tensors: List[int], samples: Iterable[Dict[str, np.ndarray]],
                        threads: int = 2, grid: bool = True) -> Dict[int, TensorStats]:
     """Per tensor, over ``samples`` (dicts keyed by signature input name, or lists in input order),
-    in one pass: each sample's exact min and max and (``grid``) up to SAMPLE_VALUES of its values."""
-    from ai_edge_litert.interpreter import Interpreter
+    in one pass: each sample's exact min and max and (``grid``) up to SAMPLE_VALUES of its values.
 
-    probed, probes = range_probe(model_bytes, tensors, grid=grid)
-    it = Interpreter(model_content=probed, num_threads=threads)
-    it.allocate_tensors()
+    The probed model runs in the runtime's TFLite engine (XNNPACK, ``threads`` threads; the bytes
+    without a manifest entry, every probe an output of the graph, read by tensor name)."""
+    probed_bytes, probes = range_probe(model_bytes, tensors, grid=grid)
+    probed = g.read(probed_bytes)
+    probed_sg = probed.subgraphs[0]
+    name = {t: g.tensor_name(probed_sg.tensors[t]) for outs in probes.values() for t in outs if t is not None}
+    if len(set(name.values())) != len(name):
+        raise ValueError("range_probe: two probe outputs share a tensor name")
     stats: Dict[int, TensorStats] = {t: TensorStats() for t in probes}
     rng = np.random.default_rng(0)
-    for feed in _feeds(g.read(model_bytes), samples):
-        for index, value in feed.items():
-            it.set_tensor(index, value)
-        it.invoke()
-        for t, (lo_t, hi_t, grid_t) in probes.items():
-            values = np.zeros(0, np.float32)
-            if grid_t is not None:
-                values = it.get_tensor(grid_t).ravel()
-                if values.size > SAMPLE_VALUES:
-                    values = values[rng.integers(0, values.size, SAMPLE_VALUES)]
-            stats[t].add(float(it.get_tensor(lo_t)), float(it.get_tensor(hi_t)), values.copy())
+    with TFLiteEngine(model_content=probed_bytes, threads=threads, xnnpack=True) as engine:
+        for feed in _feeds(g.read(model_bytes), probed, samples):
+            out = engine.infer(feed)
+            for t, (lo_t, hi_t, grid_t) in probes.items():
+                values = np.zeros(0, np.float32)
+                if grid_t is not None:
+                    values = out[name[grid_t]].ravel()
+                    if values.size > SAMPLE_VALUES:
+                        values = values[rng.integers(0, values.size, SAMPLE_VALUES)]
+                stats[t].add(float(out[name[lo_t]]), float(out[name[hi_t]]), values.copy())
     return stats
 
 

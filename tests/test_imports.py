@@ -111,3 +111,44 @@ def test_upward_name_check_catches_a_subprocess_target(tmp_path, monkeypatch):
         'import subprocess, sys\nsubprocess.run([sys.executable, "-m", "benchmarks.worker"])\n')
     monkeypatch.setattr(sys.modules[__name__], "ROOT", fake_root)
     assert upward_module_names("export") == ["export/measure.py:2: 'benchmarks.worker'"]
+
+
+#: The constructors that open a model for inference, and the only files allowed to call them: the engines and
+#: the Core ML reference executor they wrap (which reads an ML program with ``MLModel(skip_model_load=True)``).
+RUNNER_CONSTRUCTORS = ("Interpreter", "InferenceSession", "MLModel")
+RUNNER_HOMES = ("runtime_py/engines/", "runtime_py/mil_executor.py")
+
+
+def runner_constructions(root: Path):
+    """``path:line: Name(`` of every call to a runner constructor in the parts' code outside the engines."""
+    import ast
+
+    found = []
+    for layer in LAYERS:
+        for path in sorted((root / layer).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if rel.startswith(RUNNER_HOMES):
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call):
+                    func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                    if func in RUNNER_CONSTRUCTORS:
+                        found.append(f"{rel}:{node.lineno}: {func}(")
+    return found
+
+
+def test_only_the_engines_open_models_for_inference():
+    """One runner layer: the parity gate, calibration, golden bundles and benchmarks run models through
+    runtime_py/engines; no other module of a part constructs an interpreter, a session or a Core ML model."""
+    assert runner_constructions(ROOT) == []
+
+
+def test_runner_check_catches_an_interpreter(tmp_path):
+    """Control: an export module that opens a LiteRT interpreter itself is reported."""
+    for layer in LAYERS:
+        (tmp_path / layer).mkdir()
+    (tmp_path / "export" / "calibrate.py").write_text(
+        "from ai_edge_litert.interpreter import Interpreter\nit = Interpreter(model_content=b'')\n")
+    (tmp_path / "runtime_py" / "engines").mkdir()
+    (tmp_path / "runtime_py" / "engines" / "tflite_engine.py").write_text("it = Interpreter(model_path='x')\n")
+    assert runner_constructions(tmp_path) == ["export/calibrate.py:2: Interpreter("]

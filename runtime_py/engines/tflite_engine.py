@@ -4,7 +4,8 @@ The artifact's manifest entry (runtime_py.manifest.Artifact) is checked against 
 file before it is opened (``verify=False`` skips that) and names each input and its role; interpreter tensors are matched to it by name (exact, else the manifest
 name inside the interpreter's name, e.g. ``serving_default_image:0``), never by index.
 Without a manifest entry, roles come from the tensor names (``mask`` -> mask). A model can also be
-given as bytes (``model_content``: the export's calibration runs a graph it has just rewritten);
+given as bytes (``model_content``: the export's calibration runs a graph it has just rewritten, whose
+outputs are every range probe; :func:`export.tflite_calibration.measure_statistics`);
 :meth:`TFLiteEngine.delegation` reports which ops XNNPACK did not take.
 NHWC 'tensor' signature: image (1,H,W,3) float32 [-1,1] RGB, mask (1,H,W,1) float32
 {0,1} -> (1,H,W,3) float32 [-1,1]. 'image' signature: uint8 RGB image, uint8 mask
