@@ -19,10 +19,11 @@ demo: $(STAMP)
 
 # lint-imports: the import rules of pyproject.toml ([tool.importlinter]; docs/ARCHITECTURE.md). Line coverage of
 # the packages is printed after the tests (files at 100 % left out); what it excludes and why: [tool.coverage]
-# in pyproject.toml. Reported only, not a pass/fail gate.
+# in pyproject.toml. Reported only, not a pass/fail gate. The tests run in one worker per core (at most 4;
+# pytest-xdist), one test module per unit of work: tests/conftest.py says how they share out.
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q --cov --cov-report=term
+	$(PY) -m pytest -q -n auto --dist loadgroup --cov --cov-report=term
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -45,15 +45,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import lively_generator  # noqa: E402
+from helpers import TINY_EXPORTS as EXPORTS, export_tiny  # noqa: E402
 
-SHAPE = (64, 96)
-TFLITE_PRECISIONS = ["fp32", "fp16", "int8-dynamic", "int8"]
-EXPORTS = {
-    "defaults": dict(formats=["tflite", "coreml"], precisions=TFLITE_PRECISIONS, ios=["tensor", "image"]),
-    "options": dict(formats=["tflite"], precisions=["fp32", "int8"], ios=["tensor"],
-                    upsample_mode="depth_to_space", int8_tail=False),
-}
 TOOLS = {
     "torch": "2.13.0+cpu",
     "onnx": "1.19.1",
@@ -90,29 +83,6 @@ REFERENCE = {
 }
 
 VOLATILE_TOOLS = ("python",)
-
-
-def export_tiny(out: Path, name: str):
-    """The export ``name`` of :data:`EXPORTS` into ``out`` (the same call in the test and in ``record``).
-
-    The Core ML gate runs the reference executor's exact path, the only one the recorded code had: its
-    fast default (issue 17) changes the gate's measured differences in their last digits by design
-    (bounded in tests/test_mil_executor.py), not the artifacts."""
-    import os
-
-    from export.api import export_artifacts
-    from runtime_py.mil_executor import MODE_ENV
-
-    before = os.environ.get(MODE_ENV)
-    os.environ[MODE_ENV] = "exact"
-    try:
-        return export_artifacts(lively_generator("tf", 4, seed=0), out, shapes=[SHAPE], threads=2, progress=False,
-                                calibration_masks_per_photo=1, **EXPORTS[name])
-    finally:
-        if before is None:
-            os.environ.pop(MODE_ENV)
-        else:
-            os.environ[MODE_ENV] = before
 
 
 def package_digest(package: Path) -> str:
@@ -172,17 +142,17 @@ def tools(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    pytest.importorskip("coremltools", reason="the reference export includes Core ML (the export extra)")
+def exported(tiny_mixed_export, tmp_path_factory):
+    """{name: export folder}: ``defaults`` is the suite's shared export (made by the same call, with its work
+    folder kept, which no digest covers), ``options`` is made here."""
     root = tmp_path_factory.mktemp("reference")
-    for name in EXPORTS:
-        export_tiny(root / name, name)
-    return root
+    export_tiny(root / "options", "options")
+    return {"defaults": tiny_mixed_export, "options": root / "options"}
 
 
 @pytest.mark.parametrize("name", list(EXPORTS))
 def test_tiny_export_is_byte_identical_to_the_recorded_one(exported, name):
-    out = exported / name
+    out = exported[name]
     if tools(out) != TOOLS:
         pytest.fail(f"the reference was recorded with {TOOLS}; this environment has {tools(out)}: "
                     "re-record it (module docstring) at the commit it names")

@@ -15,25 +15,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import lively_generator, run_cli
+from helpers import TINY_EXPORT_SHAPE as SHAPE, TINY_TFLITE_PRECISIONS as PRECISIONS, lively_generator, run_cli
 
-SHAPE = (64, 96)
-PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
 IOS = ("tensor", "image")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """One export of every TFLite precision x I/O at 64x96, cnum 4, shared by this module."""
+def tiny(tiny_mixed_export, tmp_path_factory):
+    """Every TFLite precision x I/O at 64x96, cnum 4, shared by this module: the suite's shared export
+    (tests/conftest.py) without its Core ML packages, exported again as TFLite only, which reuses every file
+    from the cache and writes a TFLite-only manifest. ``.work`` holds the converter's own files."""
     from export.api import export_artifacts
 
-    out = tmp_path_factory.mktemp("tiny_export")
+    out = tmp_path_factory.mktemp("tiny_export") / "export"
+    shutil.copytree(tiny_mixed_export, out, ignore=shutil.ignore_patterns("*.mlpackage"))
     gen = lively_generator("tf", 4, seed=0)
-    t0 = time.time()
     manifest = export_artifacts(gen, out, shapes=[SHAPE], formats=["tflite"], precisions=PRECISIONS, ios=IOS,
                                 threads=2, keep_work=True, progress=False,
                                 calibration_masks_per_photo=1)
-    return {"out": out, "gen": gen, "manifest": manifest, "seconds": time.time() - t0}
+    assert manifest.export["reused"] == 8 and manifest.export["made"] == 0, manifest.export
+    return {"out": out, "gen": gen, "manifest": manifest}
 
 
 def test_every_precision_and_io_passes_the_gate(tiny):
@@ -447,22 +448,16 @@ def test_inputs_first_renumbers_without_changing_the_graph(tmp_path):
     assert np.array_equal(outs["old"], outs["new"])
 
 
-def test_app_developer_consumes_a_mixed_golden_bundle(tiny, tmp_path):
-    """The export plus Core ML fp16 (the TFLite files come from the cache; ``..._fp16.tflite`` and
-    ``..._fp16.mlpackage`` share a stem), a bundle, then an independent consumer (no project imports,
-    an isolated interpreter) that checks every digest by the documented recipe, runs every TFLite
-    artifact feeding case input i to model input i, and writes its outputs as documented; compare
-    passes on them."""
-    pytest.importorskip("coremltools", reason="the mixed export needs the export extra")
+def test_app_developer_consumes_a_mixed_golden_bundle(tiny_mixed_export, tmp_path):
+    """The suite's shared TFLite + Core ML fp16 export (``..._fp16.tflite`` and ``..._fp16.mlpackage`` share a
+    stem), a bundle, then an independent consumer (no project imports, an isolated interpreter) that checks every
+    digest by the documented recipe, runs every TFLite artifact feeding case input i to model input i, and writes
+    its outputs as documented; compare passes on them."""
     pytest.importorskip("PIL")
-    from export.api import export_artifacts
+    from runtime_py.manifest import load_manifest
 
-    art, bundle, device = tmp_path / "art", tmp_path / "bundle", tmp_path / "device"
-    shutil.copytree(tiny["out"], art, ignore=shutil.ignore_patterns(".work"))
-    manifest = export_artifacts(tiny["gen"], art, shapes=[SHAPE], formats=["tflite", "coreml"],
-                                precisions=list(PRECISIONS), ios=IOS, threads=2, progress=False,
-                                calibration_masks_per_photo=1)
-    assert manifest.export["reused"] == 8 and manifest.export["made"] == 2
+    art, bundle, device = tiny_mixed_export, tmp_path / "bundle", tmp_path / "device"
+    manifest = load_manifest(art)
     files = [a.file for a in manifest.artifacts]
     stem = f"gmcnn_tf_c4_{SHAPE[0]}x{SHAPE[1]}_tensor_fp16"
     assert f"{stem}.tflite" in files and f"{stem}.mlpackage" in files and len(files) == 10

@@ -1,0 +1,96 @@
+"""How the suite shares out CPU cores when it runs in parallel (``make test``: pytest-xdist, ``-n auto --dist
+loadscope``); a plain ``pytest`` run is unaffected, and so is a parallel run with another ``--dist``.
+
+* One unit of work per test module, so that a module-scoped fixture (a tiny export: tens of seconds) is built in
+  one worker, once; modules that share something built once per process (:data:`SHARED`) form one unit.
+* The most expensive units start first (:data:`EXPENSIVE_FIRST`), so that the cheap ones fill in around them.
+* Each worker runs torch on its share of the cores (two workers on two cores: one thread each), so that the
+  workers do not fight over cores. Engines and exports that name a thread count still use it.
+
+A module missing from these lists still runs correctly, only slower (its shared work done twice, or started late).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+#: Most workers `-n auto` starts: past ~4 the longest group of tests sets the time, and each worker holds up
+#: to ~2 GiB (torch, TensorFlow and coremltools imported).
+MAX_AUTO_WORKERS = 4
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (the affinity mask where the OS has one, as on Linux)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: no error where it is not installed
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: the cores this process may use (not the machine's: a container may get fewer), at most
+    :data:`MAX_AUTO_WORKERS`."""
+    return max(1, min(MAX_AUTO_WORKERS, _usable_cores()))
+
+
+def _workers() -> int:
+    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+
+
+def pytest_configure(config):
+    if _workers():
+        try:
+            import torch
+        except ImportError:  # a runtime-only install: no torch to share out
+            return
+        torch.set_num_threads(max(1, _usable_cores() // _workers()))
+
+
+#: Modules that share what is built once per test process (a session fixture, a module-level cache) run in the
+#: same worker: unit name -> modules.
+SHARED = {
+    "tiny_mixed_export": ("tests/test_export_reference.py", "tests/test_export_tflite.py"),  # the fixture below
+    "coreml_fixtures": ("tests/test_coreml_export.py", "tests/test_golden.py",  # coreml_fixtures.tiny_artifact's
+                        "tests/test_artifact_check.py"),                        # conversions
+}
+_UNIT_OF_MODULE = {module: unit for unit, modules in SHARED.items() for module in modules}
+
+#: Units by CPU time, the most expensive first (measured 2 Dec 2026 with coverage; 2 workers): ~100-130 s each for
+#: the first two, 30-60 s for the rest; every other module takes under 20 s.
+EXPENSIVE_FIRST = ("coreml_fixtures", "tiny_mixed_export", "tests/test_train.py", "tests/test_export_torch_variant.py",
+                   "tests/test_faithfulness.py", "tests/test_bench_quick.py", "tests/test_export_activations.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` with the units and the order above."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return _UNIT_OF_MODULE.get(module, module)
+
+        def _assign_work_unit(self, node) -> None:
+            rank = {unit: i for i, unit in enumerate(EXPENSIVE_FIRST)}
+            first = min(self.workqueue, key=lambda unit: rank.get(unit, len(rank)))  # ties: queue order
+            self.workqueue.move_to_end(first, last=False)
+            super()._assign_work_unit(node)
+
+    return ModuleUnits(config, log)
+
+
+@pytest.fixture(scope="session")
+def tiny_mixed_export(tmp_path_factory):
+    """Folder of tests/test_export_reference.py's ``defaults`` export (helpers.TINY_EXPORTS), made once per test
+    process: every TFLite precision x I/O and Core ML fp16 (tensor and image) of the cnum-4 lively generator at
+    64x96, with the work folder ``.work`` kept (the converter's own files, before the post-pass). Read-only:
+    tests copy it before changing anything."""
+    pytest.importorskip("coremltools", reason="the shared tiny export includes Core ML (the export extra)")
+    from helpers import export_tiny
+
+    out = tmp_path_factory.mktemp("tiny_mixed_export")
+    export_tiny(out, "defaults", keep_work=True)
+    return out
