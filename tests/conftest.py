@@ -1,11 +1,13 @@
 """How the suite shares out CPU cores when it runs in parallel (``make test``: pytest-xdist, ``-n auto --dist
-loadscope``); a plain ``pytest`` run is unaffected, and so is a parallel run with another ``--dist``.
+loadscope``). A plain ``pytest`` run, or a parallel one with another ``--dist``, gets only the last point.
 
 * One unit of work per test module, so that a module-scoped fixture (a tiny export: tens of seconds) is built in
   one worker, once; modules that share something built once per process (:data:`SHARED`) form one unit.
 * The most expensive units start first (:data:`EXPENSIVE_FIRST`), so that the cheap ones fill in around them.
 * Each worker runs torch on its share of the cores (two workers on two cores: one thread each), so that the
   workers do not fight over cores. Engines and exports that name a thread count still use it.
+* In every run, OpenMP threads (torch's CPU kernels) that wait for work sleep instead of spinning
+  (``OMP_WAIT_POLICY=PASSIVE``), in this process and the ones it starts.
 
 A module missing from these lists still runs correctly, only slower (its shared work done twice, or started late).
 """
@@ -15,6 +17,11 @@ import os
 
 import pytest
 
+# On a machine with more runnable threads than cores (two workers, other jobs), spinning OpenMP threads burn CPU
+# while they wait for one that is not running. The cnum-4 generator's forward pass at 64x96 with 2 torch threads,
+# load ~9 on 2 cores: 0.44-0.69 s of CPU spinning, 0.035 s passive (1 thread: 0.026 s). Results are the same.
+# It must be set before torch loads OpenMP, which reads it once: conftest.py is imported before any test module.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 #: Most workers `-n auto` starts: past ~4 the longest group of tests sets the time, and each worker holds up
 #: to ~2 GiB (torch, TensorFlow and coremltools imported).
