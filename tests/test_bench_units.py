@@ -21,12 +21,19 @@ def test_summarize_percentiles():
 
 
 def test_rss_readings_grow_with_allocation():
+    import mmap
+
+    # 64 MiB of new pages from the kernel, touched. Not np.ones: in a process that ran other tests first the
+    # allocator may hand back freed memory that is still resident (seen in a pytest-xdist worker: RSS unchanged).
+    block = mmap.mmap(-1, 64 << 20)
     before = stats.rss_bytes()
-    block = np.ones(64 << 20, np.uint8)  # 64 MiB, touched
+    pages = np.frombuffer(block, np.uint8)
+    pages[:] = 1
     after = stats.rss_bytes()
     assert after - before > 48 << 20
     assert stats.peak_rss_bytes() >= after
-    del block
+    del pages
+    block.close()
 
 
 def _op(index, name, inputs, outputs):
