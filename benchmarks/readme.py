@@ -3,32 +3,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import headline_tables, write_atomic
+from .report import headline_tables, machine_line, portable, write_atomic
 
 START = "<!-- bench:start -->"
 END = "<!-- bench:end -->"
 
 
 def readme_section(results: dict, report_link: str = "docs/benchmarks/report.md") -> str:
+    """The headline tables, the machine they were measured on and the one command that reproduces them;
+    the notes, every merged run and its command stay in the full report."""
+    results = portable(results)
     meta = results["meta"]
-    lines = [START, "## Benchmarks", "",
-             f"Latest run: {meta['started'][:10]}, {meta['cpu']} ({meta['cpu_count']} cores), TFLite via LiteRT "
-             f"{meta['versions'].get('ai-edge-litert', '?')} with XNNPACK. {meta['contention_note']}",
-             ""] + [f"- {n}" for n in meta.get("notes", [])] + ["", headline_tables(results), "",
-             f"Full report with XNNPACK on/off, ops outside XNNPACK, Android `benchmark_model` command lines, "
-             f"pipeline stage costs and quality by mask kind and size: [{report_link}]({report_link}). "
-             "A full run (default model exported to artifacts/, both shapes, 1 and 2 threads, 10 timed runs) is "
-             "`make bench`; add `--update-readme` to `gmcnn-mobile bench` to rewrite this section. "
-             + ("The tables above came from these runs, in order (`--merge`: a later run's rows replace an "
-                "earlier run's rows with the same key):" if meta.get("merged_from") else "The tables above came from:"),
-             "", "```sh"] + _commands(meta) + ["```", END]
+    lines = [START, "## Benchmarks", "", machine_line(meta), "", headline_tables(results), "",
+             "Reproduce (from the repository root; exports the default model to `artifacts/` and writes "
+             "`bench-results/`):", "", "```sh", "make bench", "```", "",
+             f"`make bench` runs `gmcnn-mobile bench --artifacts artifacts --out bench-results`; add "
+             f"`--update-readme README.md` to rewrite this section from a run. The full report -- XNNPACK on/off, "
+             f"ops outside XNNPACK, the convolution ceiling, Android `benchmark_model` command lines, pipeline stage "
+             f"costs, quality by mask kind and size, and the runs and notes behind these tables with their "
+             f"commands: [{report_link}]({report_link}).", END]
     return "\n".join(lines)
-
-
-def _commands(meta: dict) -> list:
-    """The run's command, preceded by those of the earlier runs merged into it (``--merge``)."""
-    earlier = [m["command"] for m in meta.get("merged_from", []) if m.get("command")]
-    return list(dict.fromkeys(earlier + [meta["command"]]))
 
 
 def replace_section(text: str, section: str) -> str:

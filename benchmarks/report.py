@@ -10,10 +10,18 @@ import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .quality import SCORE_KEYS, summarize as summarize_quality
+
+#: the checkout; paths of this machine in results and reports are written relative to it
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: an absolute path inside text: a "/" not preceded by a word character (so "GMAC/s", "fp16/w8" are not)
+_ABS_PATH = re.compile(r"(?<![\w.~-])/[^\s'\"`),;]+")
+#: result keys whose paths are not this machine's (Android device paths such as /data/local/tmp)
+DEVICE_KEYS = ("android",)
 
 MODE_ORDER = ("baseline", "shrink", "two-step", "two-step+shrink")
 PRECISION_ORDER = ("fp32", "fp16", "int8-dynamic", "int8", "int16x8")
@@ -27,6 +35,30 @@ def write_atomic(path: Path, data) -> None:
     else:
         tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def portable(value, root: Path = REPO_ROOT):
+    """``value`` (a run's results or any JSON-like part of them) with every absolute path of this machine
+    -- one whose top folder exists here -- rewritten relative to ``root`` (``../runs/x`` for a folder beside
+    the checkout), in plain values and inside command lines alike; reports, CSVs and the README then carry
+    no machine's absolute path. Keys in :data:`DEVICE_KEYS` are left alone."""
+    if isinstance(value, dict):
+        return {k: (v if k in DEVICE_KEYS else portable(v, root)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(portable(v, root) for v in value)
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str) or "/" not in value:
+        return value
+
+    def relative(match) -> str:
+        path = match.group(0)
+        top = path.split("/")[1]
+        if not top or not os.path.isdir("/" + top):
+            return path
+        return os.path.relpath(path, root)
+
+    return _ABS_PATH.sub(relative, value)
 
 
 def write_csv(path: Path, rows: Sequence[dict]) -> None:
@@ -228,10 +260,11 @@ def headline_tables(results: dict) -> str:
             e = (r.get("model", ""), r["engine"], r["precision"])
             if e not in engines:
                 engines.append(e)
+        with_ceiling = any(r.get("fraction_of_xnnpack_conv") for r in sel)
         header = ["model", "engine", "precision"]
         for s in shapes:
-            header += [f"{s} median {t}t (s)" for t in threads] + [f"{s} peak RSS {tmax}t (MiB)",
-                                                                     f"{s} % of conv ceiling {tmax}t"]
+            header += [f"{s} median {t}t (s)" for t in threads] + [f"{s} peak RSS {tmax}t (MiB)"]
+            header += [f"{s} % of conv ceiling {tmax}t"] if with_ceiling else []
         header.append("file (MiB, largest shape)")
         rows = []
         for e in engines:
@@ -241,18 +274,19 @@ def headline_tables(results: dict) -> str:
                 at = {r["threads"]: r for r in sel if (r.get("model", ""), r["engine"], r["precision"]) == e and r["shape"] == s}
                 row += [fmt(at[t]["median_s"]) if t in at else "–" for t in threads]
                 row.append(fmt(at[tmax]["peak_rss_mib"], 0) if tmax in at else "–")
-                row.append(_percent(at[tmax].get("fraction_of_xnnpack_conv")) if tmax in at else "–")
+                if with_ceiling:
+                    row.append(_percent(at[tmax].get("fraction_of_xnnpack_conv")) if tmax in at else "–")
                 any_row = next(iter(at.values()), None)
                 if any_row and any_row.get("bytes"):
                     size = fmt(float(any_row["bytes"]) / 2 ** 20, 1)
             row.append(size or "–")
             rows.append(row)
         counts = " and ".join(str(t) for t in threads)
+        ceiling_note = (" `% of conv ceiling`: the model's convolution GMAC/s over XNNPACK's own GMAC/s on the "
+                        "model's dominant convolutions alone (one-convolution TFLite files, same shape, threads and "
+                        "run; int8 ceiling for the int8 precisions, fp32 for the rest)" if with_ceiling else "")
         parts.append(f"Model latency (median) at {counts} thread{'s' if threads != [1] else ''} and peak RSS at "
-                     f"{tmax}, tensor I/O. `% of conv ceiling`: the model's convolution GMAC/s over XNNPACK's own "
-                     "GMAC/s on the model's dominant convolutions alone (one-convolution TFLite files, same shape, "
-                     "threads and run; int8 ceiling for the int8 precisions, fp32 for the rest):\n\n"
-                     + md_table(header, rows))
+                     f"{tmax}, tensor I/O{'.' + ceiling_note if ceiling_note else ''}:\n\n" + md_table(header, rows))
         ceiling = conv_ceiling_table(results.get("latency", {}))
         if ceiling:
             parts.append("The convolution ceiling (XNNPACK, measured in the same run):\n\n" + ceiling)
@@ -280,6 +314,21 @@ def conv_ceiling_table(lat: dict) -> str:
     return md_table(["model shape", "convolution", "precision", "threads", "median s", "GMAC/s"], rows)
 
 
+def machine_line(meta: dict) -> str:
+    """CPU, its SIMD flags, thread counts and load of the run (or runs, when merged)."""
+    simd = meta.get("cpu_simd") or {}
+    flags = (f"; CPU flags {' '.join(simd.get('present', [])) or 'none of note'}"
+             + (f", no {'/'.join(simd['absent'])}" if simd.get("absent") else "")) if simd else "; CPU flags not recorded"
+    threads = ", ".join(str(t) for t in meta.get("threads", [])) or "?"
+    load = meta.get("load_avg_start")
+    load_text = f"1-minute load average {load:.1f} at the start" if isinstance(load, (int, float)) else "load not recorded"
+    merged = len(meta.get("merged_from", []))
+    return (f"Measured {meta['started'][:10]} on {meta['cpu']} ({meta['cpu_count']} cores{flags}), "
+            f"{threads} thread(s), {load_text}"
+            + (f" of the last of {merged + 1} merged runs" if merged else "")
+            + f"; TFLite via LiteRT {meta['versions'].get('ai-edge-litert', '?')} with XNNPACK.")
+
+
 def _order_methods(summ: List[dict]) -> List[dict]:
     def key(s):
         m = s.get("mode") or ""
@@ -304,6 +353,7 @@ def render_markdown(results: dict, plots: Dict[str, str]) -> str:
     out = [f"# gmcnn-mobile benchmark report\n",
            f"Generated by `{meta['command']}` on {meta['started']} (took {fmt(meta.get('wall_s'), 0)} s).\n",
            "## Machine and setup\n",
+           f"- {machine_line(meta)}",
            f"- CPU: {meta['cpu']} ({meta['cpu_count']} logical cores visible); load average at start "
            f"{fmt(meta['load_avg_start'], 2)}, at end {fmt(meta.get('load_avg_end'), 2)}.",
            f"- {meta['contention_note']}",
@@ -472,8 +522,9 @@ def render_markdown(results: dict, plots: Dict[str, str]) -> str:
 
 
 def write_report(out_dir: Path, results: dict) -> Dict[str, Path]:
-    """Write every output file; returns name -> path."""
+    """Write every output file (paths of this machine made relative, :func:`portable`); returns name -> path."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    results = portable(results)
     files = {}
     plots = {}
     lat_rows = results.get("latency", {}).get("rows", [])

@@ -154,7 +154,25 @@ def machine_meta(cfg: BenchConfig) -> dict:
         "contention_note": contention_note(os.getloadavg()[0], os.cpu_count() or 1), "artifacts": str(cfg.artifacts), "threads": cfg.threads,
         "runs": cfg.runs, "warmup": cfg.warmup, "quick": cfg.quick, "sections": cfg.sections,
         "sgemm_n": cfg.sgemm_n, "photo_sources": cfg.photo_sources, "notes": list(cfg.notes), "skipped": [],
+        "cpu_simd": cpu_simd_flags(),
     }
+
+
+#: SIMD features that decide which kernels XNNPACK and OpenBLAS run
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16",
+              "avx512_fp16", "amx_tile")
+
+
+def cpu_simd_flags() -> dict:
+    """{"present": [...], "absent": [...]} of :data:`SIMD_FLAGS` from /proc/cpuinfo ({} where unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
+    except OSError:
+        flags = None
+    if flags is None:
+        return {}
+    return {"present": [f for f in SIMD_FLAGS if f in flags], "absent": [f for f in SIMD_FLAGS if f not in flags]}
 
 
 # ----------------------------------------------------------------------------- sections

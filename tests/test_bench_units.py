@@ -1,5 +1,6 @@
 """Unit tests of the benchmark harness on small synthetic inputs (no artifacts, no ../shared)."""
 import json
+import re
 import sys
 
 import numpy as np
@@ -158,7 +159,8 @@ def _fake_results():
         "meta": {"command": "gmcnn-mobile bench --quick", "started": "2026-11-25T00:00:00+00:00", "wall_s": 1.0,
                  "cpu": "test cpu", "cpu_count": 2, "load_avg_start": 1.0, "load_avg_end": 1.0,
                  "contention_note": "shared.", "versions": {"ai-edge-litert": "2.1.0"}, "artifacts": "a",
-                 "runs": 2, "warmup": 1, "threads": [2], "sgemm_n": 256, "notes": [], "skipped": ["Core ML: macOS only"]},
+                 "runs": 2, "warmup": 1, "threads": [2], "sgemm_n": 256, "notes": [], "skipped": ["Core ML: macOS only"],
+                 "cpu_simd": {"present": ["avx2", "fma"], "absent": ["avx512f"]}},
         "latency": {"rows": lat_rows, "sgemm_peak_gmac_per_s": {"2": 6.0}},
         "android": [{"label": "x", "file": "f.tflite", "push": "adb push f.tflite /data/local/tmp/",
                      "shell": "/data/local/tmp/benchmark_model --graph=/data/local/tmp/f.tflite"}],
@@ -194,7 +196,10 @@ def test_readme_section_replaced_between_markers(tmp_path):
     readme.update_readme(path, res)
     text = path.read_text()
     assert "old table" not in text and text.count(readme.START) == 1 and text.endswith("## Later\n")
-    assert "gmcnn-mobile bench --quick" in text and "| tflite | int8 |" in text
+    assert "| tflite | int8 |" in text and "```sh\nmake bench\n```" in text
+    # the machine next to the tables; the run's own command and notes stay in the full report
+    assert "test cpu (2 cores; CPU flags avx2 fma, no avx512f), 2 thread(s), 1-minute load average 1.0" in text
+    assert "gmcnn-mobile bench --quick" not in text
     path2 = tmp_path / "R2.md"
     path2.write_text("# y\n")
     readme.update_readme(path2, res)
@@ -407,3 +412,30 @@ def test_models_are_divided_by_the_ceiling_of_their_precision():
     assert all(r["engine"] == "tflite" and "xnnpack conv" not in r["label"] for r in out["rows"])
     headline = report.headline_tables({"latency": out})
     assert "% of conv ceiling 2t" in headline and "| 50 % |" in headline and "7x7 128->128 at 16x22" in headline
+
+
+def test_reports_carry_no_absolute_path_of_this_machine(tmp_path):
+    """Paths under a folder that exists here become relative to the checkout, in values and inside commands;
+    device paths (Android) and slashes that are not paths stay."""
+    from benchmarks.report import REPO_ROOT, portable
+
+    res = _fake_results()
+    runs = REPO_ROOT.parent / "runs"
+    res["meta"]["command"] = f"gmcnn-mobile bench --artifacts {runs}/a --out '{tmp_path}/o' --photos {REPO_ROOT}/p"
+    res["meta"]["artifacts"] = str(runs / "a")
+    res["meta"]["notes"] = ["12.5 GMAC/s, fp16/w8 and 1/2 of /no-such-top-folder/x"]
+    got = portable(res)
+    rel_tmp = __import__("os").path.relpath(tmp_path, REPO_ROOT)
+    assert got["meta"]["command"] == f"gmcnn-mobile bench --artifacts ../runs/a --out '{rel_tmp}/o' --photos p"
+    assert got["meta"]["artifacts"] == "../runs/a" and got["meta"]["notes"] == res["meta"]["notes"]
+    assert got["android"] == res["android"]  # /data/local/tmp is the phone's
+    res["meta"]["merged_from"] = [{"command": f"gmcnn-mobile bench --out {runs}/b", "started": "x"}]
+    files = report.write_report(tmp_path / "out", res)
+    md = files["report.md"].read_text()
+    top_folders = "|".join(sorted({REPO_ROOT.parts[1], tmp_path.parts[1]}))
+    absolute = re.compile(rf"(?<![\w.~-])/({top_folders})/")  # "../runs/b" and "/data/local/tmp/" do not match
+    assert not absolute.search(md) and "--out ../runs/b" in md and "/data/local/tmp/" in md
+    assert not absolute.search(files["results.json"].read_text())
+    readme_path = tmp_path / "README.md"
+    readme.update_readme(readme_path, res)
+    assert not absolute.search(readme_path.read_text())
