@@ -8,16 +8,12 @@
         checkpoint,            # path to any supported checkpoint, None (shipped default model),
                                # or a models.gmcnn.GMCNNGenerator object
         out_dir,               # folder for the artifacts and manifest.json (created if missing)
-        shapes=[(512, 680)],   # (rows, cols) pairs, multiples of 4; torch variant: sides >= 200
-        formats=("tflite",),   # default: every format whose backend is installed
-        precisions=None,       # default: all the format makes (tflite: fp32 fp16 int8-dynamic int8)
-        ios=("tensor", "image"),
-        calibration=None,      # folder of photos for int8 calibration (default: bundled photos)
-        holdout=None,          # folder of photos for the parity gate (default: bundled holdout photos)
-        threads=2,             # LiteRT threads for the parity runs
-        progress=True,         # stage lines and a bar on stderr
-    )
+        ExportOptions(shapes=[(512, 680)], formats=["tflite"]),  # export.options: every option,
+    )                                                            # its default and meaning
     manifest.find("tflite", (512, 680), "int8", "image").file   # -> file name inside out_dir
+
+Options can also be given as keyword arguments (``export_artifacts(ckpt, out, shapes=[(512, 680)],
+precisions=["int8"])``), alone or changing fields of ``options``: the same value is built from them.
 
 Returns a :class:`runtime_py.manifest.Manifest` (also written to ``out_dir/manifest.json``).
 Raises :class:`runtime_py.errors.UserError` with a one-line message for bad input, and
@@ -34,6 +30,7 @@ written under a ``.partial-*`` name in ``out_dir`` and renamed after passing the
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -43,7 +40,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from runtime_py.cli import parse_shape  # noqa: F401 (export.activations parses --shape with it)
 from runtime_py.errors import UserError
@@ -51,13 +48,11 @@ from runtime_py.manifest import (MANIFEST_NAME, SCHEMA_VERSION, Artifact, Manife
                                  load_manifest)
 
 from . import backends, parity
-from .samples import CALIBRATION_DIR, HOLDOUT_DIR, Samples, load_samples, photo_dir_digest
+from .options import ExportOptions
+from .samples import Samples, load_samples, photo_dir_digest
 
-DEFAULT_SHAPES: Tuple[Tuple[int, int], ...] = ((512, 680), (1024, 1360))
-IOS = ("tensor", "image")
 PARTIAL_PREFIX = ".partial-"
 WORK_DIR_NAME = ".work"
-CALIBRATION_MASKS_PER_PHOTO = 3
 HOLDOUT_MASKS_PER_PHOTO = 2
 TOOL_DISTRIBUTIONS = {
     "torch": "torch", "onnx": "onnx", "onnxsim": "onnxsim", "onnx2tf": "onnx2tf", "tensorflow": "tensorflow",
@@ -84,7 +79,7 @@ class _Planned:
     file: str
     key: str
     tolerance: Dict[str, float]
-    options: Dict[str, object] = field(default_factory=dict)
+    recorded: Dict[str, object] = field(default_factory=dict)  # ExportOptions.recorded: cache key, build entry
 
 
 # --------------------------------------------------------------------------- helpers
@@ -185,62 +180,24 @@ class _Progress:
 
 # ------------------------------------------------------------------------------ API
 
-def export_artifacts(
-    checkpoint=None,
-    out_dir: Union[str, os.PathLike] = "artifacts",
-    shapes: Sequence[Tuple[int, int]] = DEFAULT_SHAPES,
-    formats: Optional[Sequence[str]] = None,
-    precisions: Optional[Sequence[str]] = None,
-    ios: Sequence[str] = IOS,
-    calibration: Optional[Union[str, os.PathLike]] = None,
-    holdout: Optional[Union[str, os.PathLike]] = None,
-    threads: int = 2,
-    pad_mode: str = "slices",
-    upsample_mode: str = "resize",
-    int8_tail: bool = True,
-    range_method: str = "minmax",
-    tolerances: Optional[Dict] = None,
-    calibration_masks_per_photo: int = CALIBRATION_MASKS_PER_PHOTO,
-    use_cache: bool = True,
-    keep_work: bool = False,
-    progress: bool = True,
-) -> Manifest:
-    """Export, gate and describe artifacts; see the module docstring.
+def export_artifacts(checkpoint=None, out_dir: Union[str, os.PathLike] = "artifacts",
+                     options: Optional[ExportOptions] = None, **changes) -> Manifest:
+    """Export, gate and describe artifacts; see the module docstring and :class:`export.options.ExportOptions`.
 
-    pad_mode: TFLite reflection pads (the torch variant's) as ``slices`` (SLICE and
-        CONCATENATION ops, which XNNPACK runs) or one ``mirror_pad`` op (which it does not).
-    upsample_mode: TFLite 2x nearest upsampling as one ``resize`` op (RESIZE_NEAREST_NEIGHBOR,
-        outside XNNPACK but measured as fast here) or ``depth_to_space`` (CONCATENATION +
-        DEPTH_TO_SPACE, all in XNNPACK).
-    int8_tail: also move the float resize/concatenation tail of int8 files into int8.
-    range_method: how calibrated files (TFLite ``int8``, ``int16x8``) choose each activation's
-        range: ``minmax`` (the default: the observed range), ``auto`` (per tensor, the method that
-        quantizes held-out calibration samples best) or one of ``headroom``, ``percentile``, ``mse``
-        for every tensor (:mod:`export.quant_ranges`). ``auto`` is not the default because lower
-        per-tensor errors did not give a better file end to end (docs/TOLERANCES.md).
-    tolerances: overrides of :data:`export.parity.TOLERANCES`, keyed by precision or
-        (precision, io) (tests use it to force a failure).
-    calibration_masks_per_photo: int8 calibration samples per calibration photo (mask kinds
-        and sizes cycle); tests lower it to save time.
-    keep_work: keep ``out_dir/.work`` (ONNX files, saved_models, logs) after success.
+    ``changes``: option fields given as keyword arguments (``shapes=...``, ``precisions=...``),
+    applied to ``options`` (default: every option's default); the result is checked once.
     """
     from runtime_py.imageio import check_output_dir, make_output_dir
 
     t_start = time.time()
     out = Path(out_dir)
     check_output_dir(out, "export folder")  # a file, a path under a file, no write permission: before any work
-    shapes = [tuple(int(v) for v in s) for s in shapes]
-    ios = list(dict.fromkeys(ios))
-    for io in ios:
-        if io not in IOS:
-            raise UserError(f"unknown I/O signature {io!r}; choose from {', '.join(IOS)}")
-    if not shapes:
-        raise UserError("no shapes given")
-    if threads < 1:
-        raise UserError(f"threads must be >= 1, got {threads}")
+    if options is None or changes:
+        options = dataclasses.replace(options or ExportOptions(), **changes)
+    formats, precisions = options.formats, options.precisions
 
     # formats, precisions and the backends' tools: a bad request fails before any work
-    fmt_list = list(dict.fromkeys(formats)) if formats else list(backends.available_formats())
+    fmt_list = list(formats) if formats else list(backends.available_formats())
     mods = {fmt: backends.get_backend(fmt) for fmt in fmt_list}
     per_format: Dict[str, List[str]] = {}
     for fmt, mod in mods.items():
@@ -264,7 +221,7 @@ def export_artifacts(
     variant, cnum = gen.meta.variant, gen.meta.cnum
     from models.gmcnn import check_shape
 
-    for rows, cols in shapes:
+    for rows, cols in options.shapes:
         try:
             check_shape(variant, rows, cols)
         except ValueError as exc:
@@ -272,43 +229,31 @@ def export_artifacts(
     for mod in mods.values():  # after the cheap checks: importing a format's tools can take seconds
         mod.check_available()
 
-    from .tflite import PAD_MODES, UPSAMPLE_MODES
-
-    if pad_mode not in PAD_MODES:
-        raise UserError(f"unknown pad mode {pad_mode!r}; choose from {', '.join(PAD_MODES)}")
-    if upsample_mode not in UPSAMPLE_MODES:
-        raise UserError(f"unknown upsample mode {upsample_mode!r}; choose from {', '.join(UPSAMPLE_MODES)}")
-    from .quant_ranges import METHODS
-
-    if range_method not in ("auto",) + METHODS:
-        raise UserError(f"unknown range method {range_method!r}; choose from auto, {', '.join(METHODS)}")
-
-    calib_dir = Path(calibration) if calibration is not None else CALIBRATION_DIR
-    holdout_dir = Path(holdout) if holdout is not None else HOLDOUT_DIR
+    calib_dir, holdout_dir = options.calibration_dir, options.holdout_dir
     calib_digest, holdout_digest = photo_dir_digest(calib_dir), photo_dir_digest(holdout_dir)
     tools = tool_versions()
     code = _code_digest()
 
     # ----- plan every artifact and its cache key
     plan: List[_Planned] = []
+    masks_per_photo = options.calibration_masks_per_photo
     for fmt in fmt_list:
-        for shape in shapes:
-            for io in ios:
+        for shape in options.shapes:
+            for io in options.ios:
                 for precision in per_format[fmt]:
-                    tol = parity.tolerance_for(precision, io, tolerances, getattr(mods[fmt], "PARITY_TOLERANCES", None))
-                    options = {"pad_mode": pad_mode, "upsample_mode": upsample_mode, "int8_tail": bool(int8_tail)}
-                    if precision in getattr(mods[fmt], "CALIBRATED", ()):
-                        options["range_method"] = range_method
+                    tol = parity.tolerance_for(precision, io, options.tolerances,
+                                               getattr(mods[fmt], "PARITY_TOLERANCES", None))
+                    recorded = options.recorded(calibrated=precision in getattr(mods[fmt], "CALIBRATED", ()))
                     key_src = {
                         "format": fmt, "shape": list(shape), "precision": precision, "io": io,
-                        "weights": ckpt_info["weights_sha256"], "options": options, "tolerance": tol,
+                        "weights": ckpt_info["weights_sha256"], "options": recorded, "tolerance": tol,
                         "holdout": holdout_digest,
-                        "calibration": [calib_digest, calibration_masks_per_photo] if precision not in ("fp32", "fp16") else "",
+                        "calibration": [calib_digest, masks_per_photo] if precision not in ("fp32", "fp16") else "",
                         "tools": tools, "code": code,
                     }
                     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()
                     name = artifact_name(variant, cnum, fmt, shape, io, precision, mods[fmt].SUFFIX)
-                    plan.append(_Planned(fmt, shape, precision, io, name, key, tol, options))
+                    plan.append(_Planned(fmt, shape, precision, io, name, key, tol, recorded))
     if not plan:
         raise UserError("nothing to export: no requested precision is made by the requested formats")
 
@@ -317,7 +262,7 @@ def export_artifacts(
         _remove(stale)
 
     reused: Dict[str, Artifact] = {}
-    if use_cache and (out / MANIFEST_NAME).is_file():
+    if options.use_cache and (out / MANIFEST_NAME).is_file():
         try:
             old = {a.cache_key: a for a in load_manifest(out).artifacts if a.cache_key}
         except UserError:
@@ -328,9 +273,9 @@ def export_artifacts(
                 reused[p.key] = a
     todo = [p for p in plan if p.key not in reused]
 
-    show = _Progress(progress, len(todo))
+    show = _Progress(options.progress, len(todo))
     show(f"export: {len(plan)} artifact(s), {len(reused)} up to date, {len(todo)} to make "
-         f"({variant} cnum {cnum}, {', '.join(f'{r}x{c}' for r, c in shapes)})")
+         f"({variant} cnum {cnum}, {', '.join(f'{r}x{c}' for r, c in options.shapes)})")
     for p in plan:
         if p.key in reused:
             show(f"{p.file}: up to date (cache)")
@@ -341,8 +286,8 @@ def export_artifacts(
     temps: List[Path] = []
     try:
         if todo:
-            made, failures = _make(todo, gen, ckpt_info, mods, out, work_root, calib_dir, holdout_dir, threads, temps,
-                                   show, calibration_masks_per_photo)
+            made, failures = _make(todo, gen=gen, ckpt_info=ckpt_info, mods=mods, out=out, options=options,
+                                   temps=temps, show=show)
     finally:
         # anything of this run not renamed to its final name is removed, whatever happened
         for t in list(temps) + list(out.glob(f"{PARTIAL_PREFIX}{os.getpid()}-*")):
@@ -359,18 +304,17 @@ def export_artifacts(
         artifacts=artifacts,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         export={
-            "shapes": [list(s) for s in shapes], "formats": fmt_list, "precisions": precisions or "all", "ios": ios,
-            "pad_mode": pad_mode, "upsample_mode": upsample_mode, "int8_tail": bool(int8_tail),
-            "range_method": range_method,
-            "calibration": {"folder": str(calib_dir), "sha256": calib_digest,
-                            "masks_per_photo": calibration_masks_per_photo},
+            "shapes": [list(s) for s in options.shapes], "formats": fmt_list,
+            "precisions": list(precisions) if precisions else "all", "ios": list(options.ios),
+            **options.recorded(calibrated=True),
+            "calibration": {"folder": str(calib_dir), "sha256": calib_digest, "masks_per_photo": masks_per_photo},
             "holdout": {"folder": str(holdout_dir), "sha256": holdout_digest, "masks_per_photo": HOLDOUT_MASKS_PER_PHOTO},
-            "threads": threads, "seconds": round(time.time() - t_start, 2),
+            "threads": options.threads, "seconds": round(time.time() - t_start, 2),
             "reused": len(reused), "made": len(made), "failed": sorted(failures),
         },
     )
     write_manifest(manifest, out)
-    if not failures and not keep_work and work_root.exists():
+    if not failures and not options.keep_work and work_root.exists():
         shutil.rmtree(work_root, ignore_errors=True)
     show(f"export: done in {time.time() - t_start:.1f}s ({len(made)} made, {len(reused)} reused, "
          f"{len(failures)} failed) -> {out / MANIFEST_NAME}")
@@ -388,7 +332,7 @@ def write_manifest(manifest: Manifest, out: Path) -> Path:
     return target
 
 
-def _make(todo, gen, ckpt_info, mods, out, work_root, calib_dir, holdout_dir, threads, temps, show, masks_per_photo):
+def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temps: List[Path], show):
     """Convert, gate and move into place every planned artifact; returns (made, failures)."""
     from models.gmcnn import count_macs
 
@@ -398,10 +342,12 @@ def _make(todo, gen, ckpt_info, mods, out, work_root, calib_dir, holdout_dir, th
     hold: Dict[Tuple[int, int], Samples] = {}
     refs: Dict[Tuple[int, int], object] = {}
     gmacs: Dict[Tuple[int, int], float] = {}
+    calib_dir, holdout_dir, threads = options.calibration_dir, options.holdout_dir, options.threads
+    work_root = out / WORK_DIR_NAME
     for p in todo:
         if p.shape not in calib:
             show(f"samples {p.shape[0]}x{p.shape[1]}: calibration from {calib_dir}, holdout from {holdout_dir}")
-            calib[p.shape] = load_samples(calib_dir, p.shape, masks_per_photo, seed=1)
+            calib[p.shape] = load_samples(calib_dir, p.shape, options.calibration_masks_per_photo, seed=1)
             hold[p.shape] = load_samples(holdout_dir, p.shape, HOLDOUT_MASKS_PER_PHOTO, seed=2)
 
     def job_for(p: _Planned, mod, extra: Optional[dict] = None, suffix: str = "") -> backends.ConvertJob:
@@ -416,8 +362,8 @@ def _make(todo, gen, ckpt_info, mods, out, work_root, calib_dir, holdout_dir, th
             "checkpoint_sha256": ckpt_info.get("sha256") or ckpt_info["weights_sha256"],
         }
         return backends.ConvertJob(key=p.key + suffix, generator=gen, shape=p.shape, precision=p.precision, io=p.io,
-                                   calibration=calib[p.shape], workdir=workdir, out=tmp,
-                                   options=dict(p.options, metadata=meta, threads=threads, **(extra or {})))
+                                   calibration=calib[p.shape], workdir=workdir, out=tmp, options=options,
+                                   metadata=meta, extra=dict(extra or {}))
 
     def gate(p: _Planned, mod, path: Path) -> ParityResult:
         if p.shape not in refs:
@@ -445,8 +391,7 @@ def _make(todo, gen, ckpt_info, mods, out, work_root, calib_dir, holdout_dir, th
         if final.exists() or final.is_symlink():
             _remove(final)
         os.replace(res.path, final)
-        build = {**{k: p.options[k] for k in ("pad_mode", "upsample_mode", "int8_tail", "range_method")
-                    if k in p.options},
+        build = {**p.recorded,
                  "convert_seconds": round(res.seconds, 2),
                  "calibration_samples": len(calib[p.shape]) if p.precision not in ("fp32", "fp16") else 0,
                  "gmacs": gmacs[p.shape]}

@@ -24,8 +24,8 @@ its tools), and
   cannot be executed here (Core ML on Linux before its reference executor exists): the
   parity gate then records a structural-only check.
 
-Optional, for quantized precisions: ``CALIBRATED`` (precisions calibrated on photos: they get
-the ``range_method`` option) and ``quantization_summary(path, precision, details) -> dict`` (the manifest's
+Optional, for quantized precisions: ``CALIBRATED`` (precisions calibrated on photos: their
+cache key and manifest entry record ``options.range_method``) and ``quantization_summary(path, precision, details) -> dict`` (the manifest's
 ``build.quantization``: weight and activation schemes, per-tensor ranges, quantized MAC share).
 
 Formats are looked up lazily so a missing backend module (Core ML until it lands) gives
@@ -42,6 +42,8 @@ from typing import Dict, Optional, Tuple
 
 from runtime_py.errors import UserError
 
+from .options import ExportOptions
+
 FORMAT_MODULES = {"tflite": "export.tflite", "coreml": "export.coreml"}
 
 
@@ -55,8 +57,10 @@ class ConvertJob:
         precisions may ignore it or use one sample where a tool needs an example input).
     workdir: scratch folder shared by jobs of the same format, shape and I/O signature.
     out: where to write the artifact (a temporary name inside the output folder).
-    options: backend options, e.g. ``pad_mode``, ``int8_tail``, ``metadata`` (a dict of
-        facts the backend may embed in the file), ``range_method``.
+    options: the export's :class:`export.options.ExportOptions` (``pad_mode``, ``int8_tail``,
+        ``range_method``, ``threads``, ...), the same value for every job of one export.
+    metadata: facts the backend may embed in the file (generator, shape, signature, checkpoint).
+    extra: what this one artifact asks of its backend beyond the export's options (none yet).
     """
 
     key: str
@@ -67,7 +71,9 @@ class ConvertJob:
     calibration: object
     workdir: Path
     out: Path
-    options: Dict[str, object] = field(default_factory=dict)
+    options: ExportOptions = field(default_factory=ExportOptions)
+    metadata: Dict[str, object] = field(default_factory=dict)
+    extra: Dict[str, object] = field(default_factory=dict)
 
 
 @dataclass

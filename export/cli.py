@@ -1,18 +1,21 @@
 """``gmcnn-mobile export``: phone artifacts, each gated on parity with PyTorch, plus DIR/manifest.json."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from runtime_py.cli import HelpFormatter, comma_list, int_at_least, keyword_or, shape_list
 
-DEFAULT_SHAPES = "512x680,1024x1360"
+from .options import PAD_MODES, RANGE_METHODS, UPSAMPLE_MODES, ExportOptions, default_of, help_of
+
+DEFAULT_SHAPES = ",".join(f"{rows}x{cols}" for rows, cols in default_of("shapes"))
 DEFAULT_FORMATS = "tflite,coreml"
-DEFAULT_IOS = "tensor,image"
+DEFAULT_IOS = ",".join(default_of("ios"))
 
 
-def _default_threads() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+def _switched_off(name: str) -> str:
+    """Help of a flag that turns off the option ``name`` (on by default)."""
+    assert default_of(name) is True
+    return f"switch off: {help_of(name)} (default: on)"
 
 
 def register(sub) -> None:
@@ -29,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint (.safetensors, TF checkpoint, .pth); default: the shipped default model")
     p.add_argument("--out", type=Path, required=True, help="output folder (artifacts + manifest.json)")
-    p.add_argument("--shapes", type=shape_list, default=DEFAULT_SHAPES, help="comma-separated ROWSxCOLS model shapes")
+    p.add_argument("--shapes", type=shape_list, default=DEFAULT_SHAPES, help=help_of("shapes"))
     p.add_argument("--formats", type=comma_list, default=None,
                    help=f"comma-separated formats (default: {DEFAULT_FORMATS}, skipping a format whose backend is not "
                         "available or that makes none of --precisions; a format named here that makes none of them "
@@ -37,31 +40,27 @@ def register(sub) -> None:
     p.add_argument("--precisions", type=keyword_or("all", comma_list), default="all",
                    help="comma-separated precisions, or 'all' (tflite: fp32,fp16,int8-dynamic,int8,int16x8; "
                         "coreml: fp16,w8,...)")
-    p.add_argument("--io", type=comma_list, default=DEFAULT_IOS, help="comma-separated I/O signatures: tensor, image")
-    p.add_argument("--calibration", type=Path, default=None,
-                   help="folder of photos for int8 calibration (default: the bundled export/photos/calibration)")
-    p.add_argument("--holdout", type=Path, default=None,
-                   help="folder of photos for the parity gate (default: the bundled export/photos/holdout)")
-    p.add_argument("--threads", type=int_at_least(1), default=_default_threads(), help="LiteRT threads for the parity runs")
-    p.add_argument("--pad-mode", choices=["slices", "mirror_pad"], default="slices",
-                   help="TFLite reflection pads (torch variant): SLICE+CONCATENATION ops XNNPACK runs, or one MIRROR_PAD")
-    p.add_argument("--upsample-mode", choices=["resize", "depth_to_space"], default="resize",
-                   help="TFLite 2x nearest upsampling: RESIZE_NEAREST_NEIGHBOR (outside XNNPACK, as fast here), "
-                        "or CONCATENATION+DEPTH_TO_SPACE (all in XNNPACK)")
-    p.add_argument("--no-int8-tail", action="store_true",
-                   help="leave the float resize/concatenation tail of int8 files in float")
-    p.add_argument("--range-method", choices=["minmax", "auto", "headroom", "percentile", "mse"], default="minmax",
-                   help="activation ranges of calibrated TFLite files (int8, int16x8): the observed min/max, per "
-                        "tensor the method that quantizes held-out calibration samples best (auto), or one method "
-                        "for every tensor")
+    p.add_argument("--io", type=comma_list, default=DEFAULT_IOS, help=help_of("ios"))
+    p.add_argument("--calibration", type=Path, default=default_of("calibration"), help=help_of("calibration"))
+    p.add_argument("--holdout", type=Path, default=default_of("holdout"), help=help_of("holdout"))
+    p.add_argument("--threads", type=int_at_least(1), default=default_of("threads"), help=help_of("threads"))
+    p.add_argument("--pad-mode", choices=PAD_MODES, default=default_of("pad_mode"), help=help_of("pad_mode"))
+    p.add_argument("--upsample-mode", choices=UPSAMPLE_MODES, default=default_of("upsample_mode"),
+                   help=help_of("upsample_mode"))
+    p.add_argument("--no-int8-tail", dest="int8_tail", action="store_false", default=default_of("int8_tail"),
+                   help=_switched_off("int8_tail"))
+    p.add_argument("--range-method", choices=RANGE_METHODS, default=default_of("range_method"),
+                   help=help_of("range_method"))
     p.add_argument("--min-hole-psnr", action="append", default=None, metavar="PRECISION=DB",
                    help="lower (or raise) the parity gate's hole-PSNR limit of a quantized TFLite precision "
                         "(int8, int8-dynamic), e.g. int8=30, for a model whose activations int8 cannot hold as "
                         "well as the measured default assumes; repeatable; the limit used is recorded per artifact "
                         "in the manifest (default: docs/TOLERANCES.md)")
-    p.add_argument("--no-cache", action="store_true", help="reconvert even when an up-to-date artifact exists")
-    p.add_argument("--keep-work", action="store_true", help="keep DIR/.work (ONNX, saved_model, logs)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--no-cache", dest="use_cache", action="store_false", default=default_of("use_cache"),
+                   help=_switched_off("use_cache"))
+    p.add_argument("--keep-work", action="store_true", default=default_of("keep_work"), help=help_of("keep_work"))
+    p.add_argument("--quiet", dest="progress", action="store_false", default=default_of("progress"),
+                   help=_switched_off("progress"))
     p.set_defaults(func=cmd_export)
 
 
@@ -95,6 +94,17 @@ def hole_psnr_overrides(items, ios):
     return rows
 
 
+def options_from_args(args, formats, precisions) -> ExportOptions:
+    """The export's options from the parsed flags (``formats`` and ``precisions`` as resolved by
+    :func:`cmd_export`; None: every available format, every precision)."""
+    return ExportOptions(
+        shapes=args.shapes, formats=formats, precisions=precisions, ios=args.io, calibration=args.calibration,
+        holdout=args.holdout, threads=args.threads, pad_mode=args.pad_mode, upsample_mode=args.upsample_mode,
+        int8_tail=args.int8_tail, range_method=args.range_method,
+        tolerances=hole_psnr_overrides(args.min_hole_psnr or [], args.io) or None,
+        use_cache=args.use_cache, keep_work=args.keep_work, progress=args.progress)
+
+
 def _terminate_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -126,13 +136,7 @@ def cmd_export(args) -> int:
         if len(unmade) < len(formats):
             skipped += [f"{f} (makes no {'/'.join(precisions)})" for f in unmade]
             formats = [f for f in formats if f not in unmade]
-    tolerances = hole_psnr_overrides(args.min_hole_psnr or [], args.io)
-    manifest = export_artifacts(
-        args.checkpoint, args.out, shapes=args.shapes, formats=formats, precisions=precisions, ios=args.io,
-        calibration=args.calibration, holdout=args.holdout, threads=args.threads, pad_mode=args.pad_mode, upsample_mode=args.upsample_mode,
-        int8_tail=not args.no_int8_tail, range_method=args.range_method, use_cache=not args.no_cache, keep_work=args.keep_work,
-        progress=not args.quiet, tolerances=tolerances or None,
-    )
+    manifest = export_artifacts(args.checkpoint, args.out, options=options_from_args(args, formats, precisions))
     print(f"{'file':<52} {'MB':>7} {'max abs':>9} {'hole dB':>8}  executor")
     for a in manifest.artifacts:
         p = a.parity

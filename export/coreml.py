@@ -287,7 +287,7 @@ def check_available() -> None:
 
 def convert(job) -> Path:
     """Backend entry (export.backends.ConvertJob): write the package at ``job.out`` and return it."""
-    meta = dict(job.options.get("metadata") or {})
+    meta = dict(job.metadata)
     out = Path(job.out)
     return convert_generator(job.generator, tuple(job.shape), job.precision, job.io, out.parent, name=out.name,
                              checkpoint_sha256=str(meta.get("checkpoint_sha256", "")))

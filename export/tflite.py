@@ -41,6 +41,7 @@ import numpy as np
 from runtime_py.errors import MissingDependencyError
 
 from .backends import ConvertJob, ConvertResult
+from .options import ExportOptions
 
 NAME = "tflite"
 SUFFIX = ".tflite"
@@ -49,12 +50,6 @@ PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8", "int16x8")
 CALIBRATED = ("int8", "int16x8")
 EXTRA = "export"
 METADATA_NAME = "gmcnn_mobile"
-# How reflection padding and 2x nearest upsampling are spelled in the file (see tflite_graph and
-# docs/EXPORT.md). Defaults from measurement: MIRROR_PAD leaves XNNPACK and costs the torch variant
-# ~30 % of its speed, so pads become slices; the 3 nearest resizes outside XNNPACK cost nothing
-# measurable here, so they stay (depth_to_space moves them in, for delegates that need it).
-PAD_MODES = ("slices", "mirror_pad")
-UPSAMPLE_MODES = ("resize", "depth_to_space")
 # Tools the conversion needs (module name -> what for).
 CONVERT_TOOLS = {
     "torch": "the PyTorch model",
@@ -76,19 +71,19 @@ def check_available() -> None:
 
 # ----------------------------------------------------------------------- post-pass
 
-def postprocess(raw: bytes, precision: str, io: str, int8_tail: bool = True, metadata: Optional[dict] = None,
-                pad_mode: str = "slices", upsample_mode: str = "resize") -> Tuple[bytes, Dict[str, object]]:
+def postprocess(raw: bytes, precision: str, io: str, options: Optional[ExportOptions] = None,
+                metadata: Optional[dict] = None) -> Tuple[bytes, Dict[str, object]]:
     """Flatbuffer post-passes applied to every converted file; returns (bytes, report).
 
     In order: NHWC outputs and named I/O (inputs ordered ``image``, ``mask``); uint8 I/O for
-    float ``image`` files; for int8, ELU chains then the float tail into int8; then the XNNPACK
-    rewrites of reflection pads (``pad_mode='slices'``) and 2x nearest upsampling
-    (``upsample_mode='depth_to_space'``); last, the inputs renumbered to tensors 0 and 1.
+    float ``image`` files; for int8, ELU chains then (``options.int8_tail``) the float tail into
+    int8; then the XNNPACK rewrites of reflection pads (``options.pad_mode='slices'``) and 2x
+    nearest upsampling (``options.upsample_mode='depth_to_space'``); last, the inputs renumbered
+    to tensors 0 and 1. ``options`` defaults to :class:`export.options.ExportOptions`' defaults.
     """
     from . import tflite_graph as g
 
-    if pad_mode not in PAD_MODES or upsample_mode not in UPSAMPLE_MODES:
-        raise ValueError(f"pad_mode must be one of {PAD_MODES}, upsample_mode one of {UPSAMPLE_MODES}")
+    options = options or ExportOptions()
     model = g.read(raw)
     report: Dict[str, object] = {"output_transposes_removed": g.nhwc_outputs(model)}
     report["io_tensors_named"] = g.set_io_names(model)
@@ -97,11 +92,11 @@ def postprocess(raw: bytes, precision: str, io: str, int8_tail: bool = True, met
     if precision == "int8":
         report["elu_chains_to_int8"] = g.integerize(model, through=())
         report["inventory_after_elu_pass"] = g.inventory(g.write(model))
-        if int8_tail:
+        if options.int8_tail:
             report["float_regions_to_int8"] = g.integerize(model, through=g.DATA_MOVEMENT_OPS)
-    if pad_mode == "slices":
+    if options.pad_mode == "slices":
         report["mirror_pads_to_slices"] = g.mirror_pad_to_slices(model)
-    if upsample_mode == "depth_to_space":
+    if options.upsample_mode == "depth_to_space":
         report["nearest_upsamples_to_depth_to_space"] = g.nearest_2x_to_depth_to_space(model)
     report["input_tensors_first"] = g.inputs_first(model)  # last: the passes above append tensors
     if metadata:
@@ -148,7 +143,7 @@ def convert_many(jobs: Sequence[ConvertJob], progress=None) -> Dict[str, Convert
     for job in jobs:
         groups.setdefault(Path(job.workdir), []).append(job)
     results: Dict[str, ConvertResult] = {}
-    plan = {"jobs": [], "threads": max(int(j.options.get("threads", 2)) for j in jobs)}
+    plan = {"options": jobs[0].options.to_json(), "jobs": []}  # one export's jobs share its options
     by_out: Dict[str, ConvertJob] = {}
     for work, group in groups.items():
         first = group[0]
@@ -172,15 +167,10 @@ def convert_many(jobs: Sequence[ConvertJob], progress=None) -> Dict[str, Convert
                     np.save(calib["mask"], mask)
             quant = None
             if job.precision in CALIBRATED or job.precision == "int8-dynamic":
-                quant = {"range_method": job.options.get("range_method", "minmax"),
-                         "calibrated": str(work / f"calibrated_{job.precision}.tflite"),
+                quant = {"calibrated": str(work / f"calibrated_{job.precision}.tflite"),
                          "float_model": str(work / "converter_fp32.tflite"), "float_nodes": []}
             arts.append({"precision": job.precision, "io": job.io, "out": str(job.out), "calibration": calib,
-                         "quant": quant,
-                         "int8_tail": bool(job.options.get("int8_tail", True)),
-                         "pad_mode": job.options.get("pad_mode", "slices"),
-                         "upsample_mode": job.options.get("upsample_mode", "resize"),
-                         "metadata": job.options.get("metadata")})
+                         "quant": quant, "metadata": job.metadata})
             by_out[str(job.out)] = job
         plan["jobs"].append({"name": f"{first.shape[0]}x{first.shape[1]} {first.io}", "onnx": str(onnx_path),
                              "saved_model": str(work / "saved_model"), "log": str(work / "tflite_worker.log"),

@@ -16,16 +16,15 @@ to its own log file; progress and results go to the parent as JSON lines on stdo
 
 Plan (JSON)::
 
-    {"threads": int,                                                # calibration threads
+    {"options": {...},    # the export's options (export.options.ExportOptions.to_json): threads,
+                          # range_method, int8_tail, pad_mode, upsample_mode, ...
      "jobs": [{"name": str, "onnx": path, "saved_model": dir, "log": path,
                "reuse_saved_model": bool,                           # skip onnx2tf (fallback candidates)
                "cind": {"image": npy, "mask": npy},            # NHWC samples for onnx2tf
                "artifacts": [{"precision": "fp32|fp16|int8-dynamic|int8|int16x8", "io": "tensor|image",
                               "out": path, "calibration": {"image": npy, "mask": npy} | null,
-                              "quant": {"range_method": str, "calibrated": path, "float_nodes": [str],
-                                        "float_model": path} | null,
-                              "int8_tail": bool, "pad_mode": "slices|mirror_pad",
-                              "upsample_mode": "resize|depth_to_space", "metadata": {...}}]}]}
+                              "quant": {"calibrated": path, "float_nodes": [str], "float_model": path} | null,
+                              "metadata": {...}}]}]}
 """
 from __future__ import annotations
 
@@ -37,6 +36,7 @@ import sys
 import time
 import traceback
 
+from .options import ExportOptions
 from .tflite import EVENT_PREFIX
 
 
@@ -108,11 +108,10 @@ def run_onnx2tf(onnx_path: str, saved_model: str, cind: dict) -> None:
 
 
 _CALIBRATION_REPORT: dict = {}
-CALIBRATION_THREADS = [2]
 # Precisions with calibrated activations: (activation bits, symmetric grid) -- TFLite's int8 scheme
 # (scale and zero point) and its 16x8 scheme (int16 activations, zero point 0).
 ACTIVATION_GRIDS = {"int8": (8, False), "int16x8": (16, True)}
-_CALIBRATION_SETTINGS = {"bits": 8, "symmetric": False, "method": "minmax"}
+_CALIBRATION_SETTINGS = {"bits": 8, "symmetric": False, "method": "minmax", "threads": 2}
 _CALIBRATED_MODEL: list = []  # the float model with the chosen ranges, as the last calibration returned it
 
 
@@ -128,8 +127,7 @@ def _install_calibration() -> None:
         return
 
     def calibrate(self, dataset_gen):
-        data, report = calibrate_ranges(self._model_content, dataset_gen, threads=CALIBRATION_THREADS[0],
-                                        **_CALIBRATION_SETTINGS)
+        data, report = calibrate_ranges(self._model_content, dataset_gen, **_CALIBRATION_SETTINGS)
         _CALIBRATION_REPORT.clear()
         _CALIBRATION_REPORT.update(report)
         _CALIBRATED_MODEL[:] = [data]
@@ -139,9 +137,9 @@ def _install_calibration() -> None:
     calibrator.Calibrator.calibrate = calibrate
 
 
-def _calibrating_converter(saved_model: str, precision: str, io: str, calibration: dict, quant: dict):
+def _calibrating_converter(saved_model: str, precision: str, io: str, calibration: dict, options: ExportOptions):
     """The TFLite converter of a calibrated precision, calibrating with :func:`_install_calibration`'s
-    hook (each activation's range chosen by ``quant["range_method"]``)."""
+    hook (each activation's range chosen by ``options.range_method``, ``options.threads`` threads)."""
     import numpy as np
     import tensorflow as tf
 
@@ -152,7 +150,7 @@ def _calibrating_converter(saved_model: str, precision: str, io: str, calibratio
             yield {"image": images[i : i + 1], "mask": masks[i : i + 1]}
 
     bits, symmetric = ACTIVATION_GRIDS[precision]
-    _CALIBRATION_SETTINGS.update(bits=bits, symmetric=symmetric, method=quant.get("range_method", "minmax"))
+    _CALIBRATION_SETTINGS.update(bits=bits, symmetric=symmetric, method=options.range_method, threads=options.threads)
     _install_calibration()
     _CALIBRATION_REPORT.clear()
     _CALIBRATED_MODEL.clear()
@@ -177,7 +175,8 @@ def _keep_calibrated(cache: str) -> None:
             f.write(_CALIBRATED_MODEL[0])
 
 
-def calibrated_model(saved_model: str, precision: str, io: str, calibration: dict, quant: dict) -> bytes:
+def calibrated_model(saved_model: str, precision: str, io: str, calibration: dict, options: ExportOptions,
+                     quant: dict) -> bytes:
     """The float model with each activation's chosen range (TFLite's calibrated model, before
     quantization); cached at ``quant["calibrated"]`` (fallback candidates reuse it)."""
     cache = quant.get("calibrated")
@@ -188,7 +187,7 @@ def calibrated_model(saved_model: str, precision: str, io: str, calibration: dic
             _CALIBRATION_REPORT.update(json.load(f))
         with open(cache, "rb") as f:
             return f.read()
-    conv = _calibrating_converter(saved_model, precision, io, calibration, quant)
+    conv = _calibrating_converter(saved_model, precision, io, calibration, options)
     conv._experimental_calibrate_only = True  # stop after calibration: quantize_calibrated does the rest
     data = conv.convert()
     _keep_calibrated(cache)
@@ -227,11 +226,12 @@ def quantize_calibrated(calibrated: bytes, precision: str, io: str, float_nodes=
     raise ValueError(f"{precision} has no calibrated activations")
 
 
-def convert_precision(saved_model: str, precision: str, io: str, calibration, quant: dict = None) -> bytes:
+def convert_precision(saved_model: str, precision: str, io: str, calibration, options: ExportOptions,
+                      quant: dict = None) -> bytes:
     """TFLite converter from the saved_model for one precision (see docs/EXPORT.md).
 
-    ``quant`` (quantized precisions): ``range_method`` (``auto`` or one of
-    :data:`export.quant_ranges.METHODS`), ``calibrated`` (cache path of the calibrated model),
+    ``options``: the export's; calibrated precisions use its ``range_method`` and ``threads``.
+    ``quant`` (quantized precisions): ``calibrated`` (cache path of the calibrated model),
     ``float_nodes`` (output tensor names of convolutions kept in float: int8 leaves them out of
     quantization; int8-dynamic gives them back their float32 weights from ``float_model``).
     """
@@ -241,11 +241,11 @@ def convert_precision(saved_model: str, precision: str, io: str, calibration, qu
     if precision == "int8" and not quant.get("float_nodes"):
         # the converter in one call, as before the fallback existed (the same bytes); the calibrated
         # model is kept for the fallback's candidates
-        data = _calibrating_converter(saved_model, precision, io, calibration, quant).convert()
+        data = _calibrating_converter(saved_model, precision, io, calibration, options).convert()
         _keep_calibrated(quant.get("calibrated"))
         return data
     if precision in ACTIVATION_GRIDS:
-        calibrated = calibrated_model(saved_model, precision, io, calibration, quant)
+        calibrated = calibrated_model(saved_model, precision, io, calibration, options, quant)
         return quantize_calibrated(calibrated, precision, io, quant.get("float_nodes") or ())
     conv = tf.lite.TFLiteConverter.from_saved_model(saved_model)
     if precision == "fp16":
@@ -276,7 +276,7 @@ def gpu_analysis(data: bytes) -> str:
     return out.getvalue()
 
 
-def run_job(job: dict, events: _Events) -> None:
+def run_job(job: dict, options: ExportOptions, events: _Events) -> None:
     from . import tflite_graph
     from .tflite import postprocess
 
@@ -302,16 +302,15 @@ def run_job(job: dict, events: _Events) -> None:
             try:
                 if quant.get("float_nodes") and art["precision"] == "int8-dynamic" and not os.path.exists(quant["float_model"]):
                     with open(quant["float_model"], "wb") as f:  # the float32 weights the kept layers get back
-                        f.write(convert_precision(job["saved_model"], "fp32", art["io"], None))
-                raw = convert_precision(job["saved_model"], art["precision"], art["io"], art.get("calibration"), quant)
+                        f.write(convert_precision(job["saved_model"], "fp32", art["io"], None, options))
+                raw = convert_precision(job["saved_model"], art["precision"], art["io"], art.get("calibration"), options,
+                                        quant)
                 if not quant.get("float_nodes"):
                     # the converter's own file, kept beside the saved_model for inspection and tests
                     with open(os.path.join(os.path.dirname(job["saved_model"]), f"converter_{art['precision']}.tflite"), "wb") as f:
                         f.write(raw)
                 before = tflite_graph.inventory(raw)
-                final, report = postprocess(raw, art["precision"], art["io"], int8_tail=art.get("int8_tail", True),
-                                            metadata=art.get("metadata"), pad_mode=art.get("pad_mode", "slices"),
-                                            upsample_mode=art.get("upsample_mode", "resize"))
+                final, report = postprocess(raw, art["precision"], art["io"], options, metadata=art.get("metadata"))
                 if art["precision"] in ACTIVATION_GRIDS:
                     report["calibration"] = dict(_CALIBRATION_REPORT)
                 analysis = gpu_analysis(final)
@@ -334,9 +333,9 @@ def main(argv=None) -> int:
         plan = json.load(f)
     events = _Events()
     t0 = time.time()
-    CALIBRATION_THREADS[0] = int(plan.get("threads", 2))
+    options = ExportOptions.from_json(plan["options"])
     for job in plan["jobs"]:
-        run_job(job, events)
+        run_job(job, options, events)
     events.send(event="finished", seconds=round(time.time() - t0, 2))
     return 0
 

@@ -127,12 +127,13 @@ def postpass_variants(export_dir, shape, precision: str, option: str, values, sa
     ``upsample_mode``), each run on ``samples`` with one thread: {value: (outputs, ops outside XNNPACK,
     post-pass report)}."""
     from export import tflite
+    from export.options import ExportOptions
 
     work = export_dir / ".work" / f"tflite_{shape[0]}x{shape[1]}_tensor"
     raw = (work / f"converter_{precision}.tflite").read_bytes()
     variants = {}
     for value in values:
-        data, report = tflite.postprocess(raw, precision, "tensor", **{option: value})
+        data, report = tflite.postprocess(raw, precision, "tensor", ExportOptions(**{option: value}))
         path = work / f"variant_{precision}_{option}_{value}.tflite"
         path.write_bytes(data)
         variants[value] = (tflite.run(path, "tensor", samples, threads=1)[0], tflite.xnnpack_fallback_ops(path), report)

@@ -144,4 +144,4 @@ def test_min_hole_psnr_reaches_the_export(monkeypatch, tmp_path):
     rc = main(["export", "--out", str(tmp_path), "--formats", "tflite", "--io", "image",
                "--min-hole-psnr", "int8=31"])
     assert rc == 2
-    assert seen["tolerances"] == {("int8", "image"): {"min_hole_psnr_db": 31.0, "max_known_pixels_changed": 0}}
+    assert seen["options"].tolerances == {("int8", "image"): {"min_hole_psnr_db": 31.0, "max_known_pixels_changed": 0}}

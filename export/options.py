@@ -1,0 +1,177 @@
+"""The export's options as one value: :class:`ExportOptions`.
+
+Defaults and help text are stated here once. ``gmcnn-mobile export`` builds one value from its flags
+(export/cli.py takes each flag's default and help from :func:`help_of` / the dataclass), the Python
+API builds one from its keyword arguments (:func:`export.api.export_artifacts`), and the value
+travels whole: into the planning (the options each artifact's cache key and manifest entry
+record: :meth:`ExportOptions.recorded`), the backends (``ConvertJob.options``) and, as JSON, the
+TFLite worker's plan (:meth:`ExportOptions.to_json` / :meth:`ExportOptions.from_json`).
+Constructing one checks it (:class:`runtime_py.errors.UserError`, one line); what needs the
+backends (formats, precisions) or the model (shapes allowed for a variant) is checked by the
+export when it plans.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Tuple, Union
+
+from runtime_py.errors import UserError
+
+from .quant_ranges import METHODS
+
+DEFAULT_SHAPES: Tuple[Tuple[int, int], ...] = ((512, 680), (1024, 1360))
+IOS = ("tensor", "image")
+# How reflection padding and 2x nearest upsampling are spelled in a TFLite file (export/tflite_graph.py,
+# docs/EXPORT.md). Defaults from measurement: MIRROR_PAD leaves XNNPACK and costs the torch variant
+# ~30 % of its speed, so pads become slices; the 3 nearest resizes outside XNNPACK cost nothing
+# measurable here, so they stay (depth_to_space moves them in, for delegates that need it).
+PAD_MODES = ("slices", "mirror_pad")
+UPSAMPLE_MODES = ("resize", "depth_to_space")
+RANGE_METHODS = (METHODS[0], "auto") + METHODS[1:]  # the default first
+CALIBRATION_MASKS_PER_PHOTO = 3
+
+
+def default_threads() -> int:
+    """Threads for LiteRT (parity runs, calibration): the cores, at most 4 (what a phone's big cores give)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _opt(default=None, help: str = "", factory=None):
+    meta = {"help": help}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+ToleranceKey = Union[str, Tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Everything an export is asked to do besides the checkpoint and the output folder."""
+
+    shapes: Tuple[Tuple[int, int], ...] = _opt(
+        DEFAULT_SHAPES, "comma-separated ROWSxCOLS model shapes (multiples of 4; torch variant: sides >= 200)")
+    formats: Optional[Tuple[str, ...]] = _opt(
+        None, "formats; None: every format whose backend is installed")
+    precisions: Optional[Tuple[str, ...]] = _opt(
+        None, "precisions; None: all each format makes by default")
+    ios: Tuple[str, ...] = _opt(IOS, "comma-separated I/O signatures: tensor, image")
+    calibration: Optional[Path] = _opt(
+        None, "folder of photos for int8 calibration (default: the bundled export/photos/calibration)")
+    holdout: Optional[Path] = _opt(
+        None, "folder of photos for the parity gate (default: the bundled export/photos/holdout)")
+    threads: int = _opt(help="LiteRT threads for the parity runs and calibration (by default the cores, at most 4)",
+                        factory=default_threads)
+    pad_mode: str = _opt(
+        "slices", "TFLite reflection pads (torch variant): SLICE+CONCATENATION ops XNNPACK runs, or one MIRROR_PAD")
+    upsample_mode: str = _opt(
+        "resize", "TFLite 2x nearest upsampling: RESIZE_NEAREST_NEIGHBOR (outside XNNPACK, as fast here), "
+                  "or CONCATENATION+DEPTH_TO_SPACE (all in XNNPACK)")
+    int8_tail: bool = _opt(True, "move the float resize/concatenation tail of int8 files into int8")
+    # auto is not the default: lower per-tensor errors did not give a better file end to end (docs/TOLERANCES.md)
+    range_method: str = _opt(
+        "minmax", "activation ranges of calibrated TFLite files (int8, int16x8): the observed min/max, per "
+                  "tensor the method that quantizes held-out calibration samples best (auto), or one method "
+                  "for every tensor")
+    tolerances: Optional[Mapping[ToleranceKey, Dict[str, float]]] = _opt(
+        None, "overrides of the parity gate's rows (runtime_py.tolerances.PARITY), keyed by precision or "
+              "(precision, io) (tests use it to force a failure; the command line's --min-hole-psnr)")
+    calibration_masks_per_photo: int = _opt(
+        CALIBRATION_MASKS_PER_PHOTO, "int8 calibration samples per calibration photo (mask kinds and sizes "
+                                     "cycle); tests lower it to save time")
+    use_cache: bool = _opt(True, "reuse an up-to-date artifact instead of converting it again")
+    keep_work: bool = _opt(False, "keep DIR/.work (ONNX, saved_model, logs) after success")
+    progress: bool = _opt(True, "show progress (stage lines and a bar on stderr)")
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: normalise once)
+        try:
+            set_("shapes", tuple((int(r), int(c)) for r, c in self.shapes))
+        except (TypeError, ValueError):
+            raise UserError(f"shapes must be (rows, cols) pairs, got {self.shapes!r}") from None
+        for name in ("formats", "precisions"):
+            value = getattr(self, name)
+            if value is not None:
+                set_(name, tuple(dict.fromkeys(value)) if name == "formats" else tuple(value))
+        set_("ios", tuple(dict.fromkeys(self.ios)))
+        for name in ("calibration", "holdout"):
+            if getattr(self, name) is not None:
+                set_(name, Path(getattr(self, name)))
+        set_("int8_tail", bool(self.int8_tail))
+        if self.tolerances is not None:
+            set_("tolerances", dict(self.tolerances))
+        self._check()
+
+    def _check(self) -> None:
+        for io in self.ios:
+            if io not in IOS:
+                raise UserError(f"unknown I/O signature {io!r}; choose from {', '.join(IOS)}")
+        if not self.shapes:
+            raise UserError("no shapes given")
+        if self.threads < 1:
+            raise UserError(f"threads must be >= 1, got {self.threads}")
+        if self.calibration_masks_per_photo < 1:
+            raise UserError(f"calibration masks per photo must be >= 1, got {self.calibration_masks_per_photo}")
+        choices = {"pad mode": (self.pad_mode, PAD_MODES), "upsample mode": (self.upsample_mode, UPSAMPLE_MODES),
+                   "range method": (self.range_method, RANGE_METHODS)}
+        for what, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise UserError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def calibration_dir(self) -> Path:
+        from .samples import CALIBRATION_DIR
+
+        return self.calibration if self.calibration is not None else CALIBRATION_DIR
+
+    @property
+    def holdout_dir(self) -> Path:
+        from .samples import HOLDOUT_DIR
+
+        return self.holdout if self.holdout is not None else HOLDOUT_DIR
+
+    def recorded(self, calibrated: bool) -> Dict[str, object]:
+        """The options that shape one artifact's file: part of its cache key and of its manifest entry's
+        ``build`` (``range_method`` only for precisions calibrated on photos)."""
+        out: Dict[str, object] = {"pad_mode": self.pad_mode, "upsample_mode": self.upsample_mode,
+                                  "int8_tail": self.int8_tail}
+        if calibrated:
+            out["range_method"] = self.range_method
+        return out
+
+    # ------------------------------------------------------------------ JSON (the TFLite worker's plan)
+    def to_json(self) -> Dict[str, object]:
+        out: Dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif f.name == "shapes":
+                value = [list(s) for s in value]
+            elif f.name == "tolerances" and value is not None:
+                value = [[list(k) if isinstance(k, tuple) else k, row] for k, row in value.items()]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> "ExportOptions":
+        data = dict(data)
+        if data.get("tolerances") is not None:
+            data["tolerances"] = {tuple(k) if isinstance(k, list) else k: row for k, row in data["tolerances"]}
+        return cls(**data)
+
+
+def help_of(name: str) -> str:
+    """The help text of option ``name`` (the command line's, the API's docstring)."""
+    return next(f.metadata["help"] for f in fields(ExportOptions) if f.name == name)
+
+
+def default_of(name: str):
+    """The default of option ``name``."""
+    return getattr(ExportOptions(), name)

@@ -1,0 +1,90 @@
+"""export.options.ExportOptions: one value from the command line or the API, checked once, recorded in the
+cache key and manifest as before, and carried through the TFLite worker's JSON plan unchanged."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from export.options import ExportOptions, default_of, help_of
+from runtime_py.errors import UserError
+
+
+def parse_export(*flags):
+    from gmcnn_mobile.cli import build_parser
+
+    return build_parser().parse_args(["export", "--out", "x", *flags])
+
+
+def test_command_line_defaults_are_the_dataclass_defaults():
+    from export.cli import options_from_args
+
+    assert options_from_args(parse_export(), None, None) == ExportOptions()
+
+
+def test_every_flag_reaches_its_field():
+    from export.cli import options_from_args
+
+    args = parse_export("--shapes", "64x96", "--io", "image", "--calibration", "c", "--holdout", "h",
+                        "--threads", "3", "--pad-mode", "mirror_pad", "--upsample-mode", "depth_to_space",
+                        "--no-int8-tail", "--range-method", "auto", "--min-hole-psnr", "int8=30", "--no-cache",
+                        "--keep-work", "--quiet")
+    got = options_from_args(args, ("tflite",), ("int8",))
+    expected = ExportOptions(
+        shapes=[(64, 96)], formats=["tflite"], precisions=["int8"], ios=["image"], calibration=Path("c"),
+        holdout=Path("h"), threads=3, pad_mode="mirror_pad", upsample_mode="depth_to_space", int8_tail=False,
+        range_method="auto", tolerances={("int8", "image"): {"min_hole_psnr_db": 30.0, "max_known_pixels_changed": 0}},
+        use_cache=False, keep_work=True, progress=False)
+    assert got == expected
+    changed = [f.name for f in dataclasses.fields(ExportOptions) if getattr(got, f.name) == default_of(f.name)]
+    assert changed == ["calibration_masks_per_photo"]  # the one option only the API (tests) sets
+
+
+def test_help_comes_from_the_dataclass():
+    from gmcnn_mobile.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["export"]
+    helps = {a.dest: a.help for a in sub._actions}
+    for name in ("shapes", "pad_mode", "upsample_mode", "range_method", "threads", "calibration", "holdout"):
+        assert helps[name] == help_of(name)
+    assert help_of("int8_tail") in helps["int8_tail"]
+
+
+def test_json_round_trip_keeps_every_field():
+    o = ExportOptions(shapes=[(64, 96)], precisions=["int8"], calibration="photos", pad_mode="mirror_pad",
+                      tolerances={("int8", "image"): {"min_hole_psnr_db": 30.0}, "fp16": {"max_abs": 0.1}})
+    back = ExportOptions.from_json(json.loads(json.dumps(o.to_json())))
+    assert back == o and back.tolerances[("int8", "image")] == {"min_hole_psnr_db": 30.0}
+    assert isinstance(back.calibration, Path) and back.shapes == ((64, 96),)
+
+
+def test_recorded_options_are_the_cache_keys_and_manifests_before_issue_16():
+    """The per-artifact options a cache key and a manifest entry's build record hold, as export_artifacts
+    wrote them before the dataclass (same keys, same order, same values)."""
+    o = ExportOptions()
+    assert list(o.recorded(calibrated=False).items()) == [("pad_mode", "slices"), ("upsample_mode", "resize"),
+                                                          ("int8_tail", True)]
+    assert list(o.recorded(calibrated=True).items())[-1] == ("range_method", "minmax")
+    assert ExportOptions(int8_tail=0).recorded(False)["int8_tail"] is False
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(ios=["nchw"]), "unknown I/O signature 'nchw'"), (dict(shapes=[]), "no shapes given"),
+    (dict(threads=0), "threads must be >= 1"), (dict(pad_mode="reflect"), "unknown pad mode 'reflect'"),
+    (dict(upsample_mode="bilinear"), "unknown upsample mode"), (dict(range_method="kl"), "unknown range method"),
+    (dict(calibration_masks_per_photo=0), "calibration masks per photo"),
+])
+def test_bad_options_are_refused_when_built(change, words):
+    with pytest.raises(UserError, match=words):
+        ExportOptions(**change)
+    with pytest.raises(UserError, match=words):  # a changed copy is checked the same way
+        dataclasses.replace(ExportOptions(), **change)
+
+
+def test_options_are_one_frozen_value():
+    o = ExportOptions(ios=["tensor", "tensor", "image"])
+    assert o.ios == ("tensor", "image")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        o.threads = 8
