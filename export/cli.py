@@ -15,7 +15,7 @@ DEFAULT_IOS = ",".join(default_of("ios"))
 def _switched_off(name: str) -> str:
     """Help of a flag that turns off the option ``name`` (on by default)."""
     assert default_of(name) is True
-    return f"switch off: {help_of(name)} (default: on)"
+    return f"switch off: {help_of(name)}"
 
 
 def register(sub) -> None:
@@ -47,8 +47,7 @@ def register(sub) -> None:
     p.add_argument("--pad-mode", choices=PAD_MODES, default=default_of("pad_mode"), help=help_of("pad_mode"))
     p.add_argument("--upsample-mode", choices=UPSAMPLE_MODES, default=default_of("upsample_mode"),
                    help=help_of("upsample_mode"))
-    p.add_argument("--no-int8-tail", dest="int8_tail", action="store_false", default=default_of("int8_tail"),
-                   help=_switched_off("int8_tail"))
+    p.add_argument("--no-int8-tail", action="store_true", help=_switched_off("int8_tail"))
     p.add_argument("--range-method", choices=RANGE_METHODS, default=default_of("range_method"),
                    help=help_of("range_method"))
     p.add_argument("--min-hole-psnr", action="append", default=None, metavar="PRECISION=DB",
@@ -56,11 +55,9 @@ def register(sub) -> None:
                         "(int8, int8-dynamic), e.g. int8=30, for a model whose activations int8 cannot hold as "
                         "well as the measured default assumes; repeatable; the limit used is recorded per artifact "
                         "in the manifest (default: docs/TOLERANCES.md)")
-    p.add_argument("--no-cache", dest="use_cache", action="store_false", default=default_of("use_cache"),
-                   help=_switched_off("use_cache"))
+    p.add_argument("--no-cache", action="store_true", help=_switched_off("use_cache"))
     p.add_argument("--keep-work", action="store_true", default=default_of("keep_work"), help=help_of("keep_work"))
-    p.add_argument("--quiet", dest="progress", action="store_false", default=default_of("progress"),
-                   help=_switched_off("progress"))
+    p.add_argument("--quiet", action="store_true", help=_switched_off("progress"))
     p.set_defaults(func=cmd_export)
 
 
@@ -100,9 +97,9 @@ def options_from_args(args, formats, precisions) -> ExportOptions:
     return ExportOptions(
         shapes=args.shapes, formats=formats, precisions=precisions, ios=args.io, calibration=args.calibration,
         holdout=args.holdout, threads=args.threads, pad_mode=args.pad_mode, upsample_mode=args.upsample_mode,
-        int8_tail=args.int8_tail, range_method=args.range_method,
+        int8_tail=not args.no_int8_tail, range_method=args.range_method,
         tolerances=hole_psnr_overrides(args.min_hole_psnr or [], args.io) or None,
-        use_cache=args.use_cache, keep_work=args.keep_work, progress=args.progress)
+        use_cache=not args.no_cache, keep_work=args.keep_work, progress=not args.quiet)
 
 
 def _terminate_as_interrupt(signum, frame):

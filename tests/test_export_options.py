@@ -49,7 +49,7 @@ def test_help_comes_from_the_dataclass():
     helps = {a.dest: a.help for a in sub._actions}
     for name in ("shapes", "pad_mode", "upsample_mode", "range_method", "threads", "calibration", "holdout"):
         assert helps[name] == help_of(name)
-    assert help_of("int8_tail") in helps["int8_tail"]
+    assert help_of("int8_tail") in helps["no_int8_tail"] and help_of("progress") in helps["quiet"]
 
 
 def test_json_round_trip_keeps_every_field():
