@@ -41,6 +41,23 @@ def _network_batch(images: np.ndarray, masks: np.ndarray):
     return x, m
 
 
+def forward_each_sample(generator, images: np.ndarray, masks: np.ndarray, after_conv) -> None:
+    """One float forward per sample (images (N,H,W,3) uint8 RGB, masks (N,H,W[,1]) nonzero = hole),
+    calling ``after_conv(name, module, inputs, output)`` after every ``nn.Conv2d``, in network order."""
+    import torch
+
+    hooks = [module.register_forward_hook(lambda mod, inputs, output, name=name: after_conv(name, mod, inputs, output))
+             for name, module in generator.named_modules() if isinstance(module, torch.nn.Conv2d)]
+    try:
+        x, m = _network_batch(images, masks)
+        with torch.no_grad():
+            for i in range(x.shape[0]):
+                generator(x[i:i + 1], m[i:i + 1])
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def conv_output_stats(generator, images: np.ndarray, masks: np.ndarray, seed: int = 0) -> List[Dict[str, float]]:
     """Per-convolution statistics over a batch, in network order.
 
@@ -53,20 +70,8 @@ def conv_output_stats(generator, images: np.ndarray, masks: np.ndarray, seed: in
 
     gen = generator.eval()
     gathered: Dict[str, List[torch.Tensor]] = {}
-    hooks = []
-    for name, module in gen.named_modules():
-        if isinstance(module, torch.nn.Conv2d):
-            def keep(mod, inputs, output, name=name):
-                gathered.setdefault(name, []).append(output.detach().flatten())
-            hooks.append(module.register_forward_hook(keep))
-    try:
-        x, m = _network_batch(images, masks)
-        with torch.no_grad():
-            for i in range(x.shape[0]):
-                gen(x[i:i + 1], m[i:i + 1])
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_each_sample(gen, images, masks,
+                        lambda name, mod, inputs, output: gathered.setdefault(name, []).append(output.detach().flatten()))
     rng = np.random.default_rng(seed)
     rows = []
     for name, parts in gathered.items():
@@ -98,50 +103,156 @@ def _hole_psnr(a, b, hole) -> float:
     return 100.0 if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
 
 
-def int8_sensitivity(generator, images: np.ndarray, masks: np.ndarray) -> Dict[str, float]:
-    """Hole PSNR (dB, worst sample) of the output when only that convolution's input is rounded to
-    int8 (per-tensor, its own range: what full-integer and dynamic-range kernels both do), the rest
-    float32; key ``"all"``: every convolution's input rounded;
-    ``"weights"``: every weight rounded to symmetric per-output-channel int8 (what the converter
-    does), activations float; ``"weights+all"``: both.
+def _round_weights_int8(weight):
+    """Symmetric per-output-channel int8 rounding of a convolution weight (what the converters do)."""
+    scale = weight.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / 127.0
+    return (weight / scale).round().clamp(-127, 127) * scale
 
-    A simulation of full-integer quantization's activation rounding (weights stay float), so it
-    ranks the layers that cost the most; the real file's number is the parity gate's.
+
+def downstream_convs(generator) -> Dict[str, set]:
+    """For each convolution, the convolutions whose outputs depend on its input (itself included).
+
+    Found by taint: a NaN fed to one convolution's input reaches exactly the outputs that
+    depend on it. Runs at the variant's smallest shape (milliseconds).
+    """
+    import torch
+
+    from models.gmcnn import min_side
+
+    gen = generator.eval()
+    convs = [(n, m) for n, m in gen.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    side = max(min_side(gen.meta.variant), 16)
+    side += -side % 4
+    image, mask = torch.zeros(1, 3, side, side), torch.zeros(1, 1, side, side)
+    out: Dict[str, set] = {}
+    for name, mod in convs:
+        tainted = set()
+        hooks = [mod.register_forward_pre_hook(lambda m, inp: (inp[0] * float("nan"),))]
+        for other, om in convs:
+            hooks.append(om.register_forward_hook(
+                lambda m, i, o, other=other: tainted.add(other) if bool(torch.isnan(o).any()) else None))
+        try:
+            with torch.no_grad():
+                gen(image, mask)
+        finally:
+            for h in hooks:
+                h.remove()
+        out[name] = tainted
+    return out
+
+
+def int8_sensitivity(generator, images: np.ndarray, masks: np.ndarray, rounded: Sequence[str] = ("input",),
+                     whole_model: bool = True, per_sample: Optional[Dict[str, List[float]]] = None) -> Dict[str, float]:
+    """Hole PSNR (dB, worst sample) of the output when only that convolution is rounded to int8,
+    the rest float32. ``rounded`` says what is rounded: ``input`` (per-tensor, over its own range:
+    what full-integer and dynamic-range kernels both do to activations) and/or ``weights``
+    (symmetric per output channel, what the converters do to weights). With ``whole_model``, also
+    key ``"all"``: every convolution's input rounded; ``"weights"``: every weight rounded,
+    activations float; ``"weights+all"``: both.
+
+    A simulation of quantization (ranks the layers that cost the most; the real file's number is
+    the parity gate's). ``per_sample`` (a dict) receives each key's PSNR per sample. Each
+    layer's run recomputes only the convolutions that depend on it (:func:`downstream_convs`);
+    the others replay their float outputs, kept from the sample's float run.
     """
     import torch
 
     gen = generator.eval()
     convs = [(n, m) for n, m in gen.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    live_sets = downstream_convs(gen)
     x, m = _network_batch(images, masks)
-    with torch.no_grad():
-        refs = [gen(x[i:i + 1], m[i:i + 1]) for i in range(x.shape[0])]
+    saved = {name: mod.weight.detach().clone() for name, mod in convs}
+    rounded_weights = {name: _round_weights_int8(w) for name, w in saved.items()}
+    scores: Dict[str, List[float]] = {}
 
-    def worst_with(selected) -> float:
+    def run(i, ref, hole, selected, weights, live, cache):
+        """One forward of sample i with ``selected`` convolutions' inputs and ``weights`` rounded."""
         hooks = [mod.register_forward_pre_hook(lambda mod, inp: (_fake_int8(inp[0]),)) for _, mod in selected]
+        replaced = []
+        for name, mod in convs:
+            if live is not None and name not in live:
+                mod.forward = (lambda *a, out=cache[name]: out)  # not affected: replay the float output
+                replaced.append(mod)
         try:
             with torch.no_grad():
-                return min(_hole_psnr(gen(x[i:i + 1], m[i:i + 1]), refs[i], m[i:i + 1] > 0)
-                           for i in range(x.shape[0]))
+                for name in weights:
+                    dict(convs)[name].weight.copy_(rounded_weights[name])
+                y = gen(x[i:i + 1], m[i:i + 1])
         finally:
+            with torch.no_grad():
+                for name in weights:
+                    dict(convs)[name].weight.copy_(saved[name])
+            for mod in replaced:
+                del mod.forward
             for h in hooks:
                 h.remove()
+        return _hole_psnr(y, ref, hole)
 
-    result = {name: worst_with([(name, mod)]) for name, mod in convs}
-    result["all"] = worst_with(convs)
-    saved = {name: mod.weight.detach().clone() for name, mod in convs}
     try:
-        with torch.no_grad():
-            for _, mod in convs:
-                w = mod.weight
-                scale = w.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / 127.0
-                w.copy_((w / scale).round().clamp(-127, 127) * scale)
-        result["weights"] = worst_with([])
-        result["weights+all"] = worst_with(convs)
+        for i in range(x.shape[0]):
+            cache: Dict[str, object] = {}
+            hooks = [mod.register_forward_hook(lambda mod, inp, out, name=name: cache.__setitem__(name, out))
+                     for name, mod in convs]
+            try:
+                with torch.no_grad():
+                    ref = gen(x[i:i + 1], m[i:i + 1])
+            finally:
+                for h in hooks:
+                    h.remove()
+            hole = m[i:i + 1] > 0
+            for name, mod in convs:
+                selected = [(name, mod)] if "input" in rounded else []
+                weights = [name] if "weights" in rounded else []
+                scores.setdefault(name, []).append(run(i, ref, hole, selected, weights, live_sets[name], cache))
+            if whole_model:
+                names = [n for n, _ in convs]
+                scores.setdefault("all", []).append(run(i, ref, hole, convs, [], None, cache))
+                scores.setdefault("weights", []).append(run(i, ref, hole, [], names, None, cache))
+                scores.setdefault("weights+all", []).append(run(i, ref, hole, convs, names, None, cache))
+            del cache
     finally:
         with torch.no_grad():
             for name, mod in convs:
                 mod.weight.copy_(saved[name])
-    return result
+    if per_sample is not None:
+        per_sample.update(scores)
+    return {k: min(v) for k, v in scores.items()}
+
+
+def layer_snr(generator, images: np.ndarray, masks: np.ndarray, rounded: Sequence[str] = ("input", "weights"),
+              per_sample: Optional[Dict[str, List[float]]] = None) -> Dict[str, float]:
+    """Per convolution, the signal-to-quantization-noise ratio (dB, worst sample) of its own output when
+    only its ``rounded`` parts are rounded to int8 (``input``: per tensor over its own range;
+    ``weights``: symmetric per output channel), everything it is fed staying float32.
+
+    The cheap sensitivity of the export's fallback (:mod:`export.fallback`): one float forward per
+    sample, each convolution computed a second time on its rounded input (about twice a forward),
+    where :func:`int8_sensitivity` runs the network again per layer (44 partial forwards per sample:
+    over 2 hours for the four held-out samples at 512x680 on this 2-core machine). It measures the
+    error a layer adds, not how later layers amplify it, so it ranks the layers by the noise they
+    inject; the parity gate judges the files it leads to.
+    """
+    gen = generator.eval()
+    scores: Dict[str, List[float]] = {}
+
+    def measure(name, mod, inputs, output):
+        inp = inputs[0]
+        weight = mod.weight.data
+        if "weights" in rounded:
+            mod.weight.data = _round_weights_int8(weight)
+        try:  # mod.forward, not mod(...): the layer's own padding, without calling the hooks again
+            q = mod.forward(_fake_int8(inp) if "input" in rounded else inp, *inputs[1:])
+        finally:
+            mod.weight.data = weight
+        noise = float(((q - output) ** 2).sum())
+        signal = float((output ** 2).sum())
+        db = 100.0 if noise == 0 else float(10 * np.log10(max(signal, 1e-30) / noise))
+        scores.setdefault(name, []).append(min(db, 100.0))
+
+    forward_each_sample(gen, images, masks, measure)
+    if per_sample is not None:
+        per_sample.update(scores)
+    return {k: min(v) for k, v in scores.items()}
 
 
 def format_table(rows: Sequence[Dict[str, float]], flag_below: float = 4.0) -> str:
@@ -182,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         from models import load_generator
 
-        from .api import parse_shape
+        from runtime_py.cli import parse_shape
         from .samples import HOLDOUT_DIR, load_samples
 
         torch.set_num_threads(2)

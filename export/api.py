@@ -40,9 +40,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
-from runtime_py.cli import parse_shape  # noqa: F401 (export.activations parses --shape with it)
 from runtime_py.errors import UserError
 from runtime_py.manifest import (MANIFEST_NAME, SCHEMA_VERSION, Artifact, Manifest, ParityResult, artifact_digest,
                                  load_manifest)
@@ -181,11 +180,17 @@ class _Progress:
 # ------------------------------------------------------------------------------ API
 
 def export_artifacts(checkpoint=None, out_dir: Union[str, os.PathLike] = "artifacts",
-                     options: Optional[ExportOptions] = None, **changes) -> Manifest:
+                     options: Optional[ExportOptions] = None, measure: Optional[Callable] = None,
+                     **changes) -> Manifest:
     """Export, gate and describe artifacts; see the module docstring and :class:`export.options.ExportOptions`.
 
     ``changes``: option fields given as keyword arguments (``shapes=...``, ``precisions=...``),
     applied to ``options`` (default: every option's default); the result is checked once.
+    ``measure``: ``measure(path, threads, runs) -> dict`` (``benchmarks.measure.measure_file``: one
+    process per file), which times the pure and the fallback file for the price recorded with a
+    file the sensitivity-guided fallback made (``options.quant_fallback``, :mod:`export.fallback`);
+    without it (export never starts a benchmark process itself) the price has sizes only. The
+    ``gmcnn-mobile`` command passes it. A function, not an option: nothing records it.
     """
     from runtime_py.imageio import check_output_dir, make_output_dir
 
@@ -269,7 +274,8 @@ def export_artifacts(checkpoint=None, out_dir: Union[str, os.PathLike] = "artifa
             old = {}
         for p in plan:
             a = old.get(p.key)
-            if a is not None and a.file == p.file and (out / a.file).exists() and artifact_digest(out / a.file)[0] == a.sha256:
+            if (a is not None and a.file == p.file and (out / a.file).exists() and options.reuses(a.build)
+                    and artifact_digest(out / a.file)[0] == a.sha256):
                 reused[p.key] = a
     todo = [p for p in plan if p.key not in reused]
 
@@ -287,7 +293,7 @@ def export_artifacts(checkpoint=None, out_dir: Union[str, os.PathLike] = "artifa
     try:
         if todo:
             made, failures = _make(todo, gen=gen, ckpt_info=ckpt_info, mods=mods, out=out, options=options,
-                                   temps=temps, show=show)
+                                   temps=temps, show=show, measure=measure)
     finally:
         # anything of this run not renamed to its final name is removed, whatever happened
         for t in list(temps) + list(out.glob(f"{PARTIAL_PREFIX}{os.getpid()}-*")):
@@ -332,9 +338,12 @@ def write_manifest(manifest: Manifest, out: Path) -> Path:
     return target
 
 
-def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temps: List[Path], show):
+def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temps: List[Path], show,
+          measure: Optional[Callable] = None):
     """Convert, gate and move into place every planned artifact; returns (made, failures)."""
     from models.gmcnn import count_macs
+
+    from .fallback import SensitivityCache
 
     made: Dict[str, Artifact] = {}
     failures: Dict[str, str] = {}
@@ -349,6 +358,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
             show(f"samples {p.shape[0]}x{p.shape[1]}: calibration from {calib_dir}, holdout from {holdout_dir}")
             calib[p.shape] = load_samples(calib_dir, p.shape, options.calibration_masks_per_photo, seed=1)
             hold[p.shape] = load_samples(holdout_dir, p.shape, HOLDOUT_MASKS_PER_PHOTO, seed=2)
+    sensitivity = SensitivityCache(gen, hold, show)
 
     def job_for(p: _Planned, mod, extra: Optional[dict] = None, suffix: str = "") -> backends.ConvertJob:
         tmp = out / f"{PARTIAL_PREFIX}{os.getpid()}-{suffix}{p.file}"
@@ -381,7 +391,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                             composite_psnr_db=m["composite_psnr_db"], tolerance=p.tolerance, passed=ok,
                             note=why, details=m["details"])
 
-    def accept(p: _Planned, mod, res, result: ParityResult) -> None:
+    def accept(p: _Planned, mod, res, result: ParityResult, quantization: Optional[dict] = None) -> None:
         if p.shape not in gmacs:
             gmacs[p.shape] = round(count_macs(gen, *p.shape) / 1e9, 4)
         inputs, outputs_info = mod.describe(res.path, p.io, p.shape)
@@ -391,12 +401,14 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         if final.exists() or final.is_symlink():
             _remove(final)
         os.replace(res.path, final)
-        build = {**p.recorded,
+        # a file the fallback made records the fallback setting it was made under (a pure file is the same either way)
+        build = {**p.recorded, **(options.fallback_recorded() if quantization and "fallback" in quantization else {}),
                  "convert_seconds": round(res.seconds, 2),
                  "calibration_samples": len(calib[p.shape]) if p.precision not in ("fp32", "fp16") else 0,
                  "gmacs": gmacs[p.shape]}
-        quantization = mod.quantization_summary(final, p.precision, res.details) \
-            if hasattr(mod, "quantization_summary") else {}
+        quantization = dict(quantization or {})
+        if hasattr(mod, "quantization_summary"):
+            quantization = {**mod.quantization_summary(final, p.precision, res.details), **quantization}
         if quantization:
             build["quantization"] = quantization
         made[p.key] = Artifact(
@@ -414,6 +426,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
             by_key[p.key] = p
         results = backends.convert_all(mod, jobs, progress=show)
 
+        pending = []
         for job in jobs:
             p = by_key[job.key]
             res = results[job.key]
@@ -425,9 +438,71 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
             result = gate(p, mod, res.path)
             if result.passed:
                 accept(p, mod, res, result)
+                show.step()
+            elif options.quant_fallback and p.precision in getattr(mod, "FALLBACK_PRECISIONS", ()):
+                show(f"{p.file}: misses the gate ({result.note}); trying the sensitivity-guided fallback")
+                pending.append((p, res, result))
             else:
                 failures[p.file] = f"parity: {result.note}"
                 show(f"{p.file}: FAILED parity ({result.note})")
                 _remove(res.path)
-            show.step()
+                show.step()
+        for p, res, result in pending:
+            try:
+                _fallback(p, mod, res, result, sensitivity, job_for, gate, accept, failures, options, show, measure)
+            finally:
+                _remove(res.path)
+                show.step()
     return made, failures
+
+
+def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, failures, options, show,
+              measure=None) -> None:
+    """Keep the fewest most sensitive layers of a failing quantized file in float (export.fallback)."""
+    from . import fallback
+
+    limit_db = p.tolerance.get("min_hole_psnr_db", 0.0)
+    samples = fallback.failing_samples(pure_result, limit_db)
+    ranking = sensitivity.ranking(p.shape, fallback.SENSITIVITY_ROUNDING[p.precision], samples)
+    limit = min(options.fallback_limit, len(ranking))
+    show(f"{p.file}: most sensitive layers: " + ", ".join(f"{n} {db:.1f} dB" for n, db in ranking[:5]))
+    built: Dict[int, fallback.Candidate] = {}
+
+    def build(ks):
+        jobs = {k: job_for(p, mod, {"keep_float": [n for n, _ in ranking[:k]]}, suffix=f"k{k}-") for k in ks}
+        show(f"{p.file}: converting {len(ks)} candidate(s) keeping {', '.join(str(k) for k in ks)} layer(s) float")
+        results = backends.convert_all(mod, list(jobs.values()), progress=show)
+        for k, job in jobs.items():
+            res = results[job.key]
+            built[k] = fallback.Candidate(k, res.path, dict(res.details), error=res.error or "")
+            built[k].res = res
+        return {k: built[k] for k in ks}
+
+    def check(c):
+        c.result = gate(p, mod, c.path)
+        show(f"{p.file}: {c.k} layer(s) float: hole PSNR {c.result.hole_psnr_db:.2f} dB "
+             f"({'passes' if c.result.passed else 'fails'})")
+        return c.result.passed
+
+    winner, gated = None, []
+    try:
+        winner, gated = fallback.search(fallback.search_order(limit), build, check)
+        if winner is None:
+            best = max((c for c in gated if c.result is not None), key=lambda c: c.result.hole_psnr_db, default=None)
+            failures[p.file] = fallback.limit_message(p.file, p.precision, limit, ranking, best)
+            show(f"{p.file}: FAILED ({failures[p.file]})")
+            return
+        price = fallback.price(pure.path, winner.path, options.threads, p.fmt, measure)
+        kept = [{"layer": n, "snr_db": round(db, 2)} for n, db in ranking[:winner.k]]
+        record = {"fallback": {
+            "layers_kept_float": kept, "limit": limit, "ranked_on_samples": samples,
+            "sensitivity_rounding": list(fallback.SENSITIVITY_ROUNDING[p.precision]),
+            "pure_file": {"hole_psnr_db": pure_result.hole_psnr_db, "note": pure_result.note},
+            "search": [{"layers": c.k, "hole_psnr_db": c.result.hole_psnr_db, "passed": c.result.passed}
+                       for c in gated if c.result is not None],
+            "price": price, **(winner.details.get("fallback") or {})}}
+        accept(p, mod, winner.res, winner.result, record)
+    finally:
+        for c in built.values():
+            if c.path is not None and c is not winner:
+                _remove(Path(c.path))

@@ -25,7 +25,10 @@ its tools), and
   parity gate then records a structural-only check.
 
 Optional, for quantized precisions: ``CALIBRATED`` (precisions calibrated on photos: their
-cache key and manifest entry record ``options.range_method``) and ``quantization_summary(path, precision, details) -> dict`` (the manifest's
+cache key and manifest entry record ``options.range_method``), ``FALLBACK_PRECISIONS`` (precisions
+whose failing files the export's sensitivity-guided fallback may retry with ``job.extra["keep_float"]``,
+a list of generator convolution names to keep out of quantization; :mod:`export.fallback`), and
+``quantization_summary(path, precision, details) -> dict`` (the manifest's
 ``build.quantization``: weight and activation schemes, per-tensor ranges, quantized MAC share).
 
 Formats are looked up lazily so a missing backend module (Core ML until it lands) gives
@@ -60,7 +63,8 @@ class ConvertJob:
     options: the export's :class:`export.options.ExportOptions` (``pad_mode``, ``int8_tail``,
         ``range_method``, ``threads``, ...), the same value for every job of one export.
     metadata: facts the backend may embed in the file (generator, shape, signature, checkpoint).
-    extra: what this one artifact asks of its backend beyond the export's options (none yet).
+    extra: what this one artifact asks of its backend beyond the export's options:
+        ``keep_float`` (the fallback's candidates: generator convolution names kept out of quantization).
     """
 
     key: str

@@ -10,6 +10,7 @@ from .options import PAD_MODES, RANGE_METHODS, UPSAMPLE_MODES, ExportOptions, de
 DEFAULT_SHAPES = ",".join(f"{rows}x{cols}" for rows, cols in default_of("shapes"))
 DEFAULT_FORMATS = "tflite,coreml"
 DEFAULT_IOS = ",".join(default_of("ios"))
+ON_OFF = ("on", "off")
 
 
 def _switched_off(name: str) -> str:
@@ -50,6 +51,10 @@ def register(sub) -> None:
     p.add_argument("--no-int8-tail", action="store_true", help=_switched_off("int8_tail"))
     p.add_argument("--range-method", choices=RANGE_METHODS, default=default_of("range_method"),
                    help=help_of("range_method"))
+    p.add_argument("--quant-fallback", choices=ON_OFF, default=ON_OFF[not default_of("quant_fallback")],
+                   help=help_of("quant_fallback"))
+    p.add_argument("--quant-fallback-limit", type=int_at_least(1), default=default_of("fallback_limit"),
+                   metavar="LAYERS", help=help_of("fallback_limit"))
     p.add_argument("--min-hole-psnr", action="append", default=None, metavar="PRECISION=DB",
                    help="lower (or raise) the parity gate's hole-PSNR limit of a quantized TFLite precision "
                         "(int8, int8-dynamic), e.g. int8=30, for a model whose activations int8 cannot hold as "
@@ -98,6 +103,7 @@ def options_from_args(args, formats, precisions) -> ExportOptions:
         shapes=args.shapes, formats=formats, precisions=precisions, ios=args.io, calibration=args.calibration,
         holdout=args.holdout, threads=args.threads, pad_mode=args.pad_mode, upsample_mode=args.upsample_mode,
         int8_tail=not args.no_int8_tail, range_method=args.range_method,
+        quant_fallback=args.quant_fallback == "on", fallback_limit=args.quant_fallback_limit,
         tolerances=hole_psnr_overrides(args.min_hole_psnr or [], args.io) or None,
         use_cache=not args.no_cache, keep_work=args.keep_work, progress=not args.quiet)
 
@@ -133,7 +139,9 @@ def cmd_export(args) -> int:
         if len(unmade) < len(formats):
             skipped += [f"{f} (makes no {'/'.join(precisions)})" for f in unmade]
             formats = [f for f in formats if f not in unmade]
-    manifest = export_artifacts(args.checkpoint, args.out, options=options_from_args(args, formats, precisions))
+    # the fallback's price is timed by the function the gmcnn-mobile command sets (benchmarks' measurement)
+    manifest = export_artifacts(args.checkpoint, args.out, options=options_from_args(args, formats, precisions),
+                                measure=getattr(args, "measure_file", None))
     print(f"{'file':<52} {'MB':>7} {'max abs':>9} {'hole dB':>8}  executor")
     for a in manifest.artifacts:
         p = a.parity

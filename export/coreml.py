@@ -7,6 +7,12 @@ Precisions (all compute in fp16 -- Core ML's GPU and Neural Engine are fp16 mach
   (``constexpr_affine_dequantize``), decompressed to fp16 at load time;
 * ``palettized`` -- 6-bit palettized weights (64-entry lookup table per tensor, 1-D k-means
   computed here with NumPy: coremltools' own k-means needs scikit-learn).
+* ``w8a8``       -- ``w8`` weights and int8 activations: ``quantize``/``dequantize`` pairs
+  (iOS 17 ops, linear symmetric, one scale per tensor) around the inputs of convolutions, ELUs
+  and clips, the format recent Neural Engines run in int8. Calibrated on the export's photos
+  by running the fp16 program in the NumPy reference executor (Core ML's own calibration calls
+  ``MLModel.predict``, macOS only), each tensor's range chosen as for TFLite int8
+  (:mod:`export.quant_ranges`, symmetric grid). Deployment target iOS 17 / macOS 14.
 
 Deployment target iOS 16 / macOS 13: the first with image outputs for ML programs and the
 iOS16 weight-compression ops (``constexpr_affine_dequantize``, ``constexpr_lut_to_dense``). The I/O signatures are described in
@@ -33,8 +39,12 @@ from runtime_py.imageio import default_file_mode
 
 from .coreml_io import IOS, coreml_types, example_inputs, tensor_infos, wrap
 
-PRECISIONS = ("fp16", "w8", "palettized")
+PRECISIONS = ("fp16", "w8", "palettized", "w8a8")
 DEFAULT_PRECISIONS = ("fp16", "w8")
+# w8a8 calibrates its activations on photos; w8 files that miss their gate may keep their most
+# sensitive layers' weights in fp16 (export.fallback).
+CALIBRATED = ("w8a8",)
+FALLBACK_PRECISIONS = ("w8",)
 # Tensors smaller than this stay fp16 (biases; compressing them saves nothing worth an op).
 WEIGHT_THRESHOLD = 512
 PALETTE_BITS = 6
@@ -98,17 +108,36 @@ def _palette_lut(weight: np.ndarray):
     return lut.astype(weight.dtype), idx
 
 
-def compress(mlmodel, precision: str):
-    """Apply the weight compression of ``precision`` to a converted fp16 ML program."""
+def weight_const_names(mlmodel, modules) -> Dict[str, str]:
+    """Generator convolution (module name) -> the name of its weight constant in a freshly converted
+    program (``generator_net_layers_b1conv1_weight_to_fp16``: the traced parameter's path). UserError
+    for a module with no weight constant."""
+    consts = [op.inputs["weight"].op.name for op in mlmodel._mil_program.functions["main"].operations
+              if op.op_type == "conv"]
+    out = {}
+    for module in modules:
+        stem = "_" + module.replace(".", "_") + "_weight"
+        found = [c for c in consts if stem in "_" + c]
+        if len(found) != 1:
+            raise UserError(f"convolution {module} has no unique weight constant in the Core ML program")
+        out[module] = found[0]
+    return out
+
+
+def compress(mlmodel, precision: str, keep_float=()):
+    """Apply the weight compression of ``precision`` to a converted fp16 ML program; the weights of
+    the generator convolutions named in ``keep_float`` stay fp16 (w8)."""
     if precision == "fp16":
         return mlmodel
     _ct()  # a missing coremltools is a one-line MissingDependencyError
     import coremltools.optimize.coreml as cto
 
-    if precision == "w8":
+    if precision in ("w8", "w8a8"):
         op_cfg = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
                                              granularity="per_channel", weight_threshold=WEIGHT_THRESHOLD)
-        return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=op_cfg))
+        skip = {name: None for name in weight_const_names(mlmodel, keep_float).values()} if keep_float else None
+        return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=op_cfg,
+                                                                           op_name_configs=skip))
     if precision == "palettized":
         op_cfg = cto.OpPalettizerConfig(mode="custom", lut_function=_palette_lut, weight_threshold=WEIGHT_THRESHOLD)
         return cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=op_cfg))
@@ -199,15 +228,100 @@ def save_atomically(mlmodel, final: Path) -> Path:
     return final
 
 
+def calibrate_activations(mlmodel, io: str, images: np.ndarray, masks: np.ndarray, workdir,
+                          method: str = "minmax") -> Tuple[object, Dict[str, object]]:
+    """int8 activations for a converted fp16 program (iOS 17 target): returns (program with
+    ``quantize``/``dequantize`` pairs, report).
+
+    The program runs in the reference executor on each calibration sample (images (N,H,W,3)
+    uint8, masks (N,H,W[,1]) 255 = hole), which records every op output's min, max and a value
+    subsample; :func:`export.quant_ranges.choose_ranges` picks each tensor's symmetric int8 range
+    (judged after the ELU for tensors that only feed one);
+    tensors meeting at a concatenation share one range (as coremltools does); then coremltools'
+    own passes insert the pairs (``insert_prefix/suffix_quantize_dequantize_pair``).
+    """
+    from coremltools.converters.mil.frontend.milproto import load as milproto_load
+    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+    from coremltools.models import utils as model_utils
+    from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig
+
+    from runtime_py.contract import hole_of
+    from runtime_py.engines.coreml_engine import CoreMLEngine
+    from runtime_py.mil_executor import load_program
+
+    from .quant_ranges import TensorStats, choose_ranges
+
+    ct = _ct()
+    stats: Dict[str, TensorStats] = {}
+    rng = np.random.default_rng(0)
+
+    def keep(name, value):
+        if name in outputs or not np.issubdtype(value.dtype, np.floating):
+            return
+        flat = value.ravel()
+        sub = flat if flat.size <= 1 << 15 else flat[rng.integers(0, flat.size, 1 << 15)]
+        stats.setdefault(name, TensorStats()).add(float(flat.min()), float(flat.max()), sub.astype(np.float32))
+
+    tmp = Path(tempfile.mkdtemp(prefix=".calibrate-", dir=workdir))
+    try:
+        mlmodel.save(str(tmp / "fp16.mlpackage"))
+        program = load_program(tmp / "fp16.mlpackage")
+        outputs = {spec.name for spec in program.outputs}
+        # fed as the runtime's Core ML engine feeds the package (the contract's encoding of each sample)
+        engine = CoreMLEngine(tmp / "fp16.mlpackage", shape=images.shape[1:3], io=io, reference=True)
+        with engine:
+            for image, mask in zip(images, masks.reshape(*masks.shape[:3], 1)):
+                feed = engine.make_feed(image, hole_of(mask[..., 0]))
+                for spec in program.inputs:
+                    keep(spec.name, program._prepare(spec, feed[spec.name]).astype(np.float32))
+                program(feed, observe=lambda step, result: keep(step.outputs[0][0], result))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    consumers: Dict[str, set] = {}
+    for step in program.steps:
+        for v in step.inputs.values():
+            for name in (v if isinstance(v, tuple) else (v,)):
+                consumers.setdefault(name, set()).add(step.op_type)
+    through = {name: "ELU" for name in stats if consumers.get(name) == {"elu"}}
+    chosen = choose_ranges(stats, bits=8, symmetric=True, method=method, through=through)
+    ranges = {name: {"rmin": c["range"][0], "rmax": c["range"][1]} for name, c in chosen.items()}
+    for step in program.steps:  # inputs and output of a concatenation share one range
+        if step.op_type == "concat":
+            group = [n for n in step.inputs["values"] + (step.outputs[0][0],) if n in ranges]
+            lo, hi = min(ranges[n]["rmin"] for n in group), max(ranges[n]["rmax"] for n in group)
+            for n in group:
+                ranges[n] = {"rmin": lo, "rmax": hi}
+    config = OptimizationConfig(global_config=OpLinearQuantizerConfig(mode="linear_symmetric"))
+    passes = []
+    for name in ("insert_prefix_quantize_dequantize_pair", "insert_suffix_quantize_dequantize_pair"):
+        graph_pass = PASS_REGISTRY[f"compression::{name}"]
+        graph_pass.set_options([PassOption("config", config), PassOption("activation_stats", ranges)])
+        passes.append(graph_pass)
+    passes.append(PASS_REGISTRY["common::dequantize_quantize_pair_elimination"])
+    quantized = model_utils._apply_graph_pass(mlmodel, passes, spec_version=ct._SPECIFICATION_VERSION_IOS_17,
+                                              pymil_load_func=milproto_load.load, skip_model_load=True)
+    report = {"scheme": "int8, linear symmetric, one scale per tensor", "activation_bits": 8, "symmetric": True,
+              "method": method, "samples": int(images.shape[0]),
+              "methods": {m: sum(c["method"] == m for c in chosen.values()) for m in {c["method"] for c in chosen.values()}},
+              "tensors": chosen}
+    return quantized, report
+
+
 def convert_generator(generator, shape: Tuple[int, int], precision: str, io: str, workdir, *,
             checkpoint_sha256: str = "", name: Optional[str] = None,
-            progress: Optional[Callable[[str], None]] = None, compute: str = "fp16") -> Path:
+            progress: Optional[Callable[[str], None]] = None, compute: str = "fp16",
+            keep_float=(), calibration=None, range_method: str = "minmax", report: Optional[dict] = None) -> Path:
     """Convert ``generator`` to a Core ML ML program and save it atomically in ``workdir``.
 
     generator: a models.gmcnn.GMCNNGenerator (eval mode); shape: (rows, cols), multiples of 4.
     Returns the path of the written ``.mlpackage`` (``name`` or :func:`artifact_name`).
     ``compute="fp32"`` builds an fp32 program instead: not a shipped precision, it exists so
     tests can check the reference executor's op semantics without fp16 rounding in the way.
+    ``keep_float``: generator convolutions whose weights stay fp16 (w8's fallback).
+    ``calibration`` (w8a8): export.samples.Samples to calibrate the activations on;
+    ``range_method`` as in :func:`export.quant_ranges.choose_ranges`; ``report`` (a dict)
+    receives the calibration report.
     Raises UserError for an unknown precision / I/O signature or an unusable shape.
     """
     if precision not in PRECISIONS:
@@ -227,16 +341,26 @@ def convert_generator(generator, shape: Tuple[int, int], precision: str, io: str
     traced = _trace(generator, (h, w), io)
     inputs, outputs = coreml_types((h, w), io)
     say(f"coreml {h}x{w} {precision} {io}: converting")
+    if precision == "w8a8" and calibration is None:
+        raise UserError("w8a8 needs calibration samples")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mlmodel = ct.convert(
             traced, inputs=inputs, outputs=outputs, convert_to="mlprogram",
-            compute_precision=ct.precision.FLOAT32 if compute == "fp32" else ct.precision.FLOAT16, minimum_deployment_target=ct.target.iOS16,
+            compute_precision=ct.precision.FLOAT32 if compute == "fp32" else ct.precision.FLOAT16,
+            minimum_deployment_target=ct.target.iOS17 if precision == "w8a8" else ct.target.iOS16,
             skip_model_load=True,
         )
+        if precision == "w8a8":
+            say(f"coreml {h}x{w} {precision} {io}: calibrating activations on {len(calibration)} samples "
+                "in the reference executor")
+            mlmodel, calibration_report = calibrate_activations(mlmodel, io, calibration.images, calibration.masks,
+                                                                Path(workdir), range_method)
+            if report is not None:
+                report["calibration"] = calibration_report
         if precision != "fp16":
             say(f"coreml {h}x{w} {precision} {io}: compressing weights")
-            mlmodel = compress(mlmodel, precision)
+            mlmodel = compress(mlmodel, precision, keep_float)
     fill_description(mlmodel, generator, (h, w), precision, io, checkpoint_sha256)
     return save_atomically(mlmodel, Path(workdir) / (name or artifact_name((h, w), precision, io)))
 
@@ -285,12 +409,48 @@ def check_available() -> None:
     _ct()
 
 
-def convert(job) -> Path:
+def convert(job) -> Tuple[Path, Dict[str, object]]:
     """Backend entry (export.backends.ConvertJob): write the package at ``job.out`` and return it."""
     meta = dict(job.metadata)
     out = Path(job.out)
-    return convert_generator(job.generator, tuple(job.shape), job.precision, job.io, out.parent, name=out.name,
-                             checkpoint_sha256=str(meta.get("checkpoint_sha256", "")))
+    report: Dict[str, object] = {}
+    path = convert_generator(job.generator, tuple(job.shape), job.precision, job.io, out.parent, name=out.name,
+                             checkpoint_sha256=str(meta.get("checkpoint_sha256", "")),
+                             keep_float=tuple(job.extra.get("keep_float") or ()),
+                             calibration=job.calibration if job.precision in CALIBRATED else None,
+                             range_method=job.options.range_method, report=report)
+    return path, report
+
+
+WEIGHT_SCHEME = "int8, linear symmetric, one scale per output channel (constexpr_affine_dequantize)"
+
+
+def quantization_summary(path, precision: str, details: Optional[dict] = None) -> Dict[str, object]:
+    """Manifest ``build.quantization`` of a w8 / w8a8 package: weight scheme, the convolution MACs
+    whose weights are int8, and (w8a8) each calibrated tensor's range method and range."""
+    if precision not in ("w8", "w8a8"):
+        return {}
+    from runtime_py.mil_executor import load_program
+
+    program = load_program(path)
+    total = quantized = 0
+    float_convs = []
+    for step in program.steps:
+        if step.op_type != "conv":
+            continue
+        weight = program.constants[step.inputs["weight"]]
+        _, _, oh, ow = step.outputs[0][2]
+        macs = int(oh * ow * np.prod(weight.shape))
+        total += macs
+        if step.inputs["weight"] in program.decompressed:
+            quantized += macs
+        else:
+            float_convs.append(step.name)
+    out: Dict[str, object] = {"weights": WEIGHT_SCHEME, "conv_macs_quantized_fraction": round(quantized / max(total, 1), 4),
+                              "float_convs": float_convs}
+    calibration = (details or {}).get("calibration")
+    out["activations"] = calibration if calibration else {"scheme": "fp16"}
+    return out
 
 
 def describe(path, io: str, shape=None):

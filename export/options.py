@@ -19,6 +19,7 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 
 from runtime_py.errors import UserError
 
+from .fallback import DEFAULT_LIMIT as FALLBACK_LIMIT
 from .quant_ranges import METHODS
 
 DEFAULT_SHAPES: Tuple[Tuple[int, int], ...] = ((512, 680), (1024, 1360))
@@ -76,6 +77,13 @@ class ExportOptions:
         "minmax", "activation ranges of calibrated TFLite files (int8, int16x8): the observed min/max, per "
                   "tensor the method that quantizes held-out calibration samples best (auto), or one method "
                   "for every tensor")
+    quant_fallback: bool = _opt(
+        True, "when a quantized file (TFLite int8, int8-dynamic; Core ML w8) misses its parity gate, keep its most "
+              "sensitive layers in float, the fewest that pass (the manifest lists them and their price); "
+              "off: fail it as is")
+    fallback_limit: int = _opt(
+        FALLBACK_LIMIT, f"the most layers the fallback may keep in float before the file fails "
+                        f"({FALLBACK_LIMIT}: a quarter of GMCNN's 44 convolutions)")
     tolerances: Optional[Mapping[ToleranceKey, Dict[str, float]]] = _opt(
         None, "overrides of the parity gate's rows (runtime_py.tolerances.PARITY), keyed by precision or "
               "(precision, io) (tests use it to force a failure; the command line's --min-hole-psnr)")
@@ -101,6 +109,7 @@ class ExportOptions:
             if getattr(self, name) is not None:
                 set_(name, Path(getattr(self, name)))
         set_("int8_tail", bool(self.int8_tail))
+        set_("quant_fallback", bool(self.quant_fallback))
         if self.tolerances is not None:
             set_("tolerances", dict(self.tolerances))
         self._check()
@@ -113,6 +122,8 @@ class ExportOptions:
             raise UserError("no shapes given")
         if self.threads < 1:
             raise UserError(f"threads must be >= 1, got {self.threads}")
+        if self.fallback_limit < 1:
+            raise UserError(f"the fallback limit must be at least 1 layer, got {self.fallback_limit!r}")
         if self.calibration_masks_per_photo < 1:
             raise UserError(f"calibration masks per photo must be >= 1, got {self.calibration_masks_per_photo}")
         choices = {"pad mode": (self.pad_mode, PAD_MODES), "upsample mode": (self.upsample_mode, UPSAMPLE_MODES),
@@ -142,6 +153,18 @@ class ExportOptions:
         if calibrated:
             out["range_method"] = self.range_method
         return out
+
+    def fallback_recorded(self) -> Dict[str, object]:
+        """The fallback setting, recorded in the manifest entry (``build``) of a file the fallback made:
+        it changed that file. A file that passed its gate as converted is the same with the fallback
+        on or off, so neither its cache key nor its entry records it."""
+        return {"quant_fallback": self.quant_fallback, "fallback_limit": self.fallback_limit}
+
+    def reuses(self, build: Mapping[str, object]) -> bool:
+        """Whether an up-to-date file whose manifest entry has ``build`` is what these options make:
+        a file the fallback made only under the same fallback setting."""
+        made = {k: build[k] for k in self.fallback_recorded() if k in build}
+        return not made or made == self.fallback_recorded()
 
     # ------------------------------------------------------------------ JSON (the TFLite worker's plan)
     def to_json(self) -> Dict[str, object]:

@@ -13,6 +13,10 @@ Precisions (from one saved_model per shape and I/O signature):
   calibrated the same way for a symmetric int16 grid; ELU stays float (LiteRT has no int16
   ELU kernel). On CPUs it runs on LiteRT's reference kernels (slow); it is for NPU delegates.
 
+``int8`` and ``int8-dynamic`` jobs may name convolutions to keep in float
+(``job.extra["keep_float"]``, generator module names; the export's sensitivity-guided
+fallback): :func:`float_nodes` says which TFLite convolutions that makes float.
+
 I/O of the files (NHWC, batch 1; names ``image``, ``mask``, ``output``):
 
 * ``tensor``: float32 image (1,H,W,3) RGB [-1,1], mask (1,H,W,1) {0,1} 1 = hole ->
@@ -49,8 +53,9 @@ PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8", "int16x8")
 # What an export makes unless asked by name: int16x8 runs on LiteRT's reference kernels on CPUs, and its
 # parity gate took over 45 minutes for the 4 held-out samples at 512x680 on this shared 2-core machine.
 DEFAULT_PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
-# Precisions calibrated on photos (their activation ranges are chosen per tensor).
+# Precisions calibrated on photos, and those whose layers the export's fallback may keep in float.
 CALIBRATED = ("int8", "int16x8")
+FALLBACK_PRECISIONS = ("int8", "int8-dynamic")
 EXTRA = "export"
 METADATA_NAME = "gmcnn_mobile"
 # Tools the conversion needs (module name -> what for).
@@ -172,10 +177,21 @@ def convert_many(jobs: Sequence[ConvertJob], progress=None) -> Dict[str, Convert
             if job.precision in CALIBRATED or job.precision == "int8-dynamic":
                 quant = {"calibrated": str(work / f"calibrated_{job.precision}.tflite"),
                          "float_model": str(work / "converter_fp32.tflite"), "float_nodes": []}
+                if job.extra.get("keep_float"):
+                    try:
+                        quant["float_nodes"] = float_nodes(job.generator, work, job.precision, job.extra["keep_float"])
+                    except (OSError, ValueError) as exc:
+                        results[job.key] = ConvertResult(None, error=f"fallback: {exc}")
+                        continue
             arts.append({"precision": job.precision, "io": job.io, "out": str(job.out), "calibration": calib,
                          "quant": quant, "metadata": job.metadata})
             by_out[str(job.out)] = job
+        if not arts:
+            continue
+        # fallback candidates come right after the pure file of the same run: its saved_model is reused
+        reuse = all(job.extra.get("keep_float") for job in group) and (work / "saved_model").is_dir()
         plan["jobs"].append({"name": f"{first.shape[0]}x{first.shape[1]} {first.io}", "onnx": str(onnx_path),
+                             "reuse_saved_model": reuse,
                              "saved_model": str(work / "saved_model"), "log": str(work / "tflite_worker.log"),
                              "cind": cind, "artifacts": arts})
     if plan["jobs"]:
@@ -183,6 +199,56 @@ def convert_many(jobs: Sequence[ConvertJob], progress=None) -> Dict[str, Convert
     for job in jobs:
         results.setdefault(job.key, ConvertResult(None, error="the conversion produced no file"))
     return results
+
+
+def conv_nodes_of(generator, model_bytes: bytes) -> Dict[str, str]:
+    """Generator convolution (module name) -> its CONV_2D in a TFLite file (output tensor name),
+    matched by weights: same shape, least relative difference (int8 filters are dequantized).
+    ValueError if a convolution has no clear match."""
+    import torch
+
+    from . import tflite_graph as g
+
+    model = g.read(model_bytes)
+    tfl = [(name, g.conv_weights(model, i).transpose(0, 3, 1, 2)) for name, i in g.conv_nodes(model)]
+    out: Dict[str, str] = {}
+    taken = set()
+    for module_name, mod in generator.named_modules():
+        if not isinstance(mod, torch.nn.Conv2d):
+            continue
+        w = mod.weight.detach().cpu().numpy()
+        best = sorted((float(np.abs(tw - w).max() / max(np.abs(w).max(), 1e-12)), node)
+                      for node, tw in tfl if tw.shape == w.shape and node not in taken)
+        # int8 weights differ from float32 by at most half a step: 1/254 of the channel's largest
+        if not best or best[0][0] > 1.0 / 200 or (len(best) > 1 and best[1][0] <= 1.0 / 200):
+            raise ValueError(f"convolution {module_name} has no unique match in the TFLite file")
+        out[module_name] = best[0][1]
+        taken.add(best[0][1])
+    return out
+
+
+def float_nodes(generator, work: Path, precision: str, keep_float: Sequence[str]) -> List[str]:
+    """The TFLite convolutions (output tensor names) that keeping the generator convolutions
+    ``keep_float`` out of quantization makes float.
+
+    ``int8-dynamic``: those convolutions (float32 weights, so their inputs are not quantized).
+    ``int8``: those convolutions and the convolutions producing their inputs: a tensor stays
+    float only between float ops, and the error the sensitivity measures is the rounding of a
+    convolution's input. Read from the pure file's converter output in ``work``.
+    """
+    from . import tflite_graph as g
+
+    source = work / (f"calibrated_{precision}.tflite" if precision in CALIBRATED else f"converter_{precision}.tflite")
+    data = source.read_bytes()
+    nodes = conv_nodes_of(generator, data)
+    unknown = [k for k in keep_float if k not in nodes]
+    if unknown:
+        raise ValueError(f"no convolution named {', '.join(unknown)}")
+    chosen = {nodes[k] for k in keep_float}
+    if precision == "int8":
+        producers = g.conv_producers(g.read(data))
+        chosen |= {p for k in keep_float for p in producers[nodes[k]]}
+    return sorted(chosen)
 
 
 #: Marks the worker's JSON event lines on its stdout (the worker imports it from here: no import cycle).

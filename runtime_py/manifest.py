@@ -74,7 +74,7 @@ class Artifact:
     file: str  # relative to the manifest's directory
     format: str  # tflite | coreml
     shape: List[int]  # [rows, cols]
-    precision: str  # fp32 | fp16 | int8-dynamic | int8 | int16x8 (TFLite); fp16 | w8 | palettized (Core ML)
+    precision: str  # fp32 | fp16 | int8-dynamic | int8 | int16x8 (TFLite); fp16 | w8 | palettized | w8a8 (Core ML)
     io: str  # tensor | image
     sha256: str  # artifact_digest(file)[0]
     bytes: int  # artifact_digest(file)[1]

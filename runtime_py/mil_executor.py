@@ -101,6 +101,7 @@ class MILProgram:
     metadata: Dict[str, str] = field(default_factory=dict)
     check: bool = True  # verify each op's output dtype/shape against the program
     mode: str = "fast"  # fast | exact (module docstring)
+    decompressed: set = field(default_factory=set)  # constants made by constexpr_* ops (compressed weights)
 
     # -- feeds
 
@@ -112,8 +113,10 @@ class MILProgram:
             raise UserError(f"input {spec.name!r}: shape {arr.shape} does not match the model's {spec.shape}")
         return arr.astype(spec.dtype, copy=False)
 
-    def __call__(self, feed: Dict[str, object], *, timings: Optional[Dict[str, float]] = None) -> Dict[str, np.ndarray]:
-        """Run the program. ``feed`` maps input names to arrays (see module docstring for layouts)."""
+    def __call__(self, feed: Dict[str, object], *, timings: Optional[Dict[str, float]] = None,
+                 observe: Optional[Callable[[Step, np.ndarray], None]] = None) -> Dict[str, np.ndarray]:
+        """Run the program. ``feed`` maps input names to arrays (see module docstring for layouts).
+        ``observe(step, result)`` is called after every op (calibration reads activations through it)."""
         missing = [s.name for s in self.inputs if s.name not in feed]
         if missing:
             raise UserError(f"missing model input(s) {missing}; the model takes {[s.name for s in self.inputs]}")
@@ -132,6 +135,8 @@ class MILProgram:
             name, dtype, shape = step.outputs[0]
             if self.check:
                 _check_result(step, result, dtype, shape)
+            if observe is not None:
+                observe(step, result)
             env[name] = result
         out = {}
         for spec in self.outputs:
@@ -295,8 +300,9 @@ def load_program(path: Union[str, Path], function: str = "main", mode: Optional[
         else:
             steps.append(step)
     metadata = dict(spec.description.metadata.userDefined)
+    decompressed = {step_out for op in ops if op.op_type.startswith(CONSTEXPR_PREFIX) for step_out in [op.outputs[0].name]}
     return MILProgram(inputs, outputs, steps, constants, dict(counts), spec.specificationVersion, metadata,
-                      mode=mode)
+                      mode=mode, decompressed=decompressed)
 
 
 def load_mlpackage(path: Union[str, Path], mode: Optional[str] = None) -> Callable[[Dict[str, object]], Dict[str, np.ndarray]]:

@@ -14,6 +14,10 @@ Dtype rules -- the point of this module is that an fp16 program is computed in f
   GPU and Neural Engine also accumulate wider than fp16, in an order we cannot reproduce,
   so a last-bit difference per output is expected -- the tolerance tables allow for it.)
 * Weight decompression (``constexpr_*``) produces the dtype of its scale / lookup table.
+* Activation quantization (iOS17 ``quantize`` / ``dequantize``, what ``w8a8`` programs insert
+  around convolutions): ``x / scale`` in fp32, rounded half to even, plus the zero point, clipped
+  to the integer type; back as ``(q - zero_point) * scale`` in fp32, rounded once to the
+  scale's dtype.
 
 Two paths (:func:`op_table`): ``exact`` (:data:`OPS`: each convolution a sum over kernel taps
 of per-tap matrix products, bilinear resampling by gathering the two neighbours) and ``fast``,
@@ -412,6 +416,40 @@ def resize_bilinear(x, target_size_height=1, target_size_width=1, sampling_mode=
     if mode == "DEFAULT":
         return _bilinear(x, ho, wo, False, False)
     raise ValueError(f"resize_bilinear sampling_mode {mode!r} is not implemented")
+
+
+# ------------------------------------------------------------------------ activation quantization
+
+def _along(v: np.ndarray, ndim: int, axis) -> np.ndarray:
+    """A scale or zero point broadcast against a rank-``ndim`` tensor: scalar, or a vector along ``axis``."""
+    v = _as_array(v)
+    if v.ndim == 0 or v.size == 1:
+        return v.reshape(())
+    shape = [1] * ndim
+    shape[int(axis) % ndim] = v.size
+    return v.reshape(shape)
+
+
+@mil_op("quantize")
+def quantize(input, scale, zero_point=None, axis=None, output_dtype="int8"):
+    """iOS17 quantize: clip(round_half_even(input / scale) + zero_point) to int8 / uint8."""
+    x = _as_array(input)
+    target = _np_dtype(str(output_dtype))
+    info = np.iinfo(target)
+    q = np.rint(x.astype(np.float32) / _along(scale, x.ndim, axis).astype(np.float32))
+    if zero_point is not None:
+        q += _along(zero_point, x.ndim, axis).astype(np.float32)
+    return np.clip(q, info.min, info.max).astype(target)
+
+
+@mil_op("dequantize")
+def dequantize(input, scale, zero_point=None, axis=None):
+    """iOS17 dequantize: (input - zero_point) * scale, in the scale's dtype."""
+    q = _as_array(input).astype(np.float32)
+    scale = _as_array(scale)
+    if zero_point is not None:
+        q -= _along(zero_point, q.ndim, axis).astype(np.float32)
+    return (q * _along(scale, q.ndim, axis).astype(np.float32)).astype(scale.dtype)
 
 
 # ------------------------------------------------------------------------ weight decompression

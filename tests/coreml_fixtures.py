@@ -17,6 +17,7 @@ import numpy as np
 TINY_TF_SHAPE = (64, 96)
 TINY_TORCH_SHAPE = (200, 204)
 _CACHE: Dict[tuple, Path] = {}
+_REPORTS: Dict[tuple, dict] = {}
 _GENERATORS: Dict[tuple, object] = {}
 _DIR = None
 
@@ -48,9 +49,24 @@ def tiny_artifact(precision: str = "fp16", io: str = "tensor", variant: str = "t
     key = (variant, cnum, shape, precision, io, compute)
     if key not in _CACHE:
         name = f"{variant}_c{cnum}_{precision}_{io}_{compute}.mlpackage"
+        calibration = None
+        if precision == "w8a8":  # activations calibrated on the export's photos, one mask each
+            from export.samples import CALIBRATION_DIR, load_samples
+
+            calibration = load_samples(CALIBRATION_DIR, shape, 1, seed=1)
+        _REPORTS[key] = {}
         _CACHE[key] = convert_generator(scaled_generator(variant, cnum), shape, precision, io, _workdir(),
-                              checkpoint_sha256="0" * 64, name=name, compute=compute)
+                              checkpoint_sha256="0" * 64, name=name, compute=compute, calibration=calibration,
+                              report=_REPORTS[key])
     return _CACHE[key]
+
+
+def tiny_report(precision: str = "fp16", io: str = "tensor", variant: str = "tf", compute: str = "fp16",
+                cnum: int = 4) -> dict:
+    """The conversion report of :func:`tiny_artifact`'s package (w8a8: its calibration)."""
+    tiny_artifact(precision, io, variant, compute, cnum)
+    shape = TINY_TF_SHAPE if variant == "tf" else TINY_TORCH_SHAPE
+    return _REPORTS[(variant, cnum, shape, precision, io, compute)]
 
 
 def sample_inputs(shape: Tuple[int, int], n: int = 2, seed: int = 0):

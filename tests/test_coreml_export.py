@@ -27,6 +27,7 @@ from runtime_py.mil_executor import load_program  # noqa: E402
 # 512x680) is 4-12x looser and would hide a regression at this size.
 #   tf cnum 4, 64x96:    fp16 compute=fp32 1.01e-6 | fp16 0.00144, 64.31 dB | w8 0.0159, 50.02 dB
 #                        palettized 0.0908, 39.79 dB | w8 image 2 levels, 50.04 dB
+#                        w8a8 (int8 activations, min/max ranges) 0.0612, 43.53 dB
 #   torch cnum 4, 200x204: fp16 0.00276, 60.96 dB
 # Bounds: max abs 1.5x the measurement (image: +1 level), hole PSNR 2 dB under it; fp32 compute 3x (float32 kernel
 # order differs between CPUs).
@@ -35,6 +36,7 @@ TINY_TOLERANCES = {
     ("tf", "fp16"): {"max_abs": 2.2e-3, "hole_psnr_db": 62.0},
     ("tf", "w8"): {"max_abs": 0.024, "max_abs_u8": 3, "hole_psnr_db": 48.0},
     ("tf", "palettized"): {"max_abs": 0.14, "hole_psnr_db": 37.5},
+    ("tf", "w8a8"): {"max_abs": 0.092, "hole_psnr_db": 41.5},
     ("torch", "fp16"): {"max_abs": 4.2e-3, "hole_psnr_db": 59.0},
 }
 
@@ -63,7 +65,7 @@ def test_fp32_program_matches_pytorch_exactly():
     assert diff.max() <= TINY_FP32_COMPUTE_MAX_ABS
 
 
-@pytest.mark.parametrize("precision", ["fp16", "w8", "palettized"])
+@pytest.mark.parametrize("precision", ["fp16", "w8", "palettized", "w8a8"])
 def test_tensor_io_within_tolerance(precision):
     path, out, _, diff, hole_psnr = _compare(precision, "tensor")
     print(f"{precision} tensor: max abs {diff.max():.3g}, hole PSNR {hole_psnr:.2f} dB")
@@ -277,7 +279,8 @@ def test_export_gate_runs_coreml_through_reference_executor(tmp_path, monkeypatc
 
     with pytest.raises(api.ExportFailed) as err:
         api.export_artifacts(gen, tmp_path / "bad", shapes=[TINY_TF_SHAPE], formats=["coreml"], precisions=["w8"],
-                             ios=["image"], tolerances={"w8": {"min_hole_psnr_db": 99.0}}, progress=False)
+                             ios=["image"], tolerances={"w8": {"min_hole_psnr_db": 99.0}}, quant_fallback=False,
+                             progress=False)
     assert "w8" in str(err.value) and "hole PSNR" in str(err.value)
     assert not [p for p in (tmp_path / "bad").iterdir() if p.suffix == ".mlpackage" or p.name.startswith(".partial")]
 
@@ -301,3 +304,58 @@ def test_missing_coremltools_names_the_extra(monkeypatch):
         coreml.check_available()
     with pytest.raises(MissingDependencyError, match="coremltools"):
         load_program(path)
+
+
+def test_w8a8_quantizes_activations_and_runs_in_the_executor():
+    """w8a8: int8 quantize/dequantize pairs around every convolution, ELU and clip input (ranges
+    calibrated by running the fp16 program in the reference executor, chosen per tensor), int8
+    weights; the executor runs it, and the rounding it adds shows against the w8 program."""
+    from coreml_fixtures import tiny_report
+    from export.coreml import quantization_summary
+    from export.quant_ranges import METHODS
+
+    path = tiny_artifact("w8a8", "tensor")
+    program = load_program(path)
+    counts = program.op_counts
+    assert counts["quantize"] == counts["dequantize"] > 80
+    producer = {s.outputs[0][0]: s.op_type for s in program.steps}
+    consumers = [s for s in program.steps if s.op_type in ("conv", "elu", "clip")]
+    assert len(consumers) == 88 and {producer.get(s.inputs["x"]) for s in consumers} == {"dequantize"}
+    q_steps = [s for s in program.steps if s.op_type == "quantize"]
+    assert {str(dt) for s in q_steps for _, dt, _ in s.outputs} == {"int8"}
+    assert program.spec_version >= 8  # iOS 17 ops
+    _, out, _, _, _ = _compare("w8a8", "tensor")
+    _, w8_out, _, _, _ = _compare("w8", "tensor")
+    assert np.abs(out - w8_out).max() > 1e-3
+    calibration = tiny_report("w8a8", "tensor")["calibration"]
+    summary = quantization_summary(path, "w8a8", {"calibration": calibration})
+    assert summary["conv_macs_quantized_fraction"] > 0.8 and "per output channel" in summary["weights"]
+    tensors = summary["activations"]["tensors"]
+    assert calibration["samples"] == 4 and len(tensors) > 86
+    for t in tensors.values():
+        lo, hi = t["range"]
+        assert t["method"] in METHODS and lo == -hi and hi >= max(abs(t["min"]), abs(t["max"])) * 0.01
+
+
+def test_w8_keep_float_leaves_the_named_convolutions_in_fp16(tmp_path):
+    """The fallback's lever for w8: the named convolutions keep fp16 weights, every other large
+    filter is still int8 (decompressed by constexpr_affine_dequantize at load)."""
+    from export.coreml import quantization_summary
+
+    def fp16_convs(path):
+        program = load_program(path)
+        return sorted(s.name for s in program.steps
+                      if s.op_type == "conv" and s.inputs["weight"] not in program.decompressed)
+
+    base = fp16_convs(tiny_artifact("w8", "tensor"))
+    path = convert_generator(scaled_generator("tf"), TINY_TF_SHAPE, "w8", "tensor", tmp_path,
+                             keep_float=("net.layers.b1conv5",))
+    kept = fp16_convs(path)
+    assert len(kept) == len(base) + 1 and set(base) < set(kept)
+    summary = quantization_summary(path, "w8")
+    assert sorted(summary["float_convs"]) == kept
+    assert summary["conv_macs_quantized_fraction"] < quantization_summary(tiny_artifact("w8", "tensor"),
+                                                                          "w8")["conv_macs_quantized_fraction"]
+    with pytest.raises(UserError, match="no unique weight constant"):
+        convert_generator(scaled_generator("tf"), TINY_TF_SHAPE, "w8", "tensor", tmp_path, name="x.mlpackage",
+                          keep_float=("net.layers.nonexistent",))

@@ -89,3 +89,33 @@ def test_sensitivity_ranks_the_blown_up_layer_first():
     assert min(sens, key=sens.get) in (last, "all", "weights+all")
     assert sens[last] < 40.0 < sorted(sens[n] for n, _ in convs)[len(convs) // 2]
     assert sens["all"] <= sens[last] + 1.0
+
+
+def test_layer_snr_ranks_the_blown_up_layer_first_in_one_forward():
+    """The fallback's cheap sensitivity: the same planted layer as above comes first by its own
+    output SNR; the other layers' int8 noise is small; the forward runs once per sample (each
+    convolution's rounded twin computed beside it) and leaves the weights as they were."""
+    from export.activations import layer_snr
+
+    gen = build_generator("tf", 4, seed=0)
+    images, masks = _inputs(n=2)
+    convs = [(n, m) for n, m in gen.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        convs[-2][1].bias[0] += 200.0
+        convs[-1][1].weight[:, 0] = 0.0
+    before = {k: v.clone() for k, v in gen.state_dict().items()}
+    calls = []
+    hook = convs[0][1].register_forward_hook(lambda *a: calls.append(1))
+    per = {}
+    snr = layer_snr(gen, images, masks, per_sample=per)
+    hook.remove()
+    assert len(calls) == 2 and all(len(v) == 2 for v in per.values())
+    assert all(torch.equal(before[k], v) for k, v in gen.state_dict().items())
+    assert set(snr) == {n for n, _ in convs}
+    last = convs[-1][0]
+    assert min(snr, key=snr.get) == last
+    others = sorted(v for k, v in snr.items() if k != last)
+    # int8 rounding of an ordinary layer's input and weights: ~30-40 dB SNR; the planted one's far less
+    assert snr[last] < others[0] - 10 and others[len(others) // 2] > 25.0
+    weights_only = layer_snr(gen, images, masks, rounded=("weights",))
+    assert weights_only[last] > snr[last] + 10  # the planted error is in the input's rounding

@@ -30,13 +30,13 @@ def test_every_flag_reaches_its_field():
     args = parse_export("--shapes", "64x96", "--io", "image", "--calibration", "c", "--holdout", "h",
                         "--threads", "3", "--pad-mode", "mirror_pad", "--upsample-mode", "depth_to_space",
                         "--no-int8-tail", "--range-method", "auto", "--min-hole-psnr", "int8=30", "--no-cache",
-                        "--keep-work", "--quiet")
+                        "--keep-work", "--quiet", "--quant-fallback", "off", "--quant-fallback-limit", "3")
     got = options_from_args(args, ("tflite",), ("int8",))
     expected = ExportOptions(
         shapes=[(64, 96)], formats=["tflite"], precisions=["int8"], ios=["image"], calibration=Path("c"),
         holdout=Path("h"), threads=3, pad_mode="mirror_pad", upsample_mode="depth_to_space", int8_tail=False,
         range_method="auto", tolerances={("int8", "image"): {"min_hole_psnr_db": 30.0, "max_known_pixels_changed": 0}},
-        use_cache=False, keep_work=True, progress=False)
+        use_cache=False, keep_work=True, progress=False, quant_fallback=False, fallback_limit=3)
     assert got == expected
     changed = [f.name for f in dataclasses.fields(ExportOptions) if getattr(got, f.name) == default_of(f.name)]
     assert changed == ["calibration_masks_per_photo"]  # the one option only the API (tests) sets
@@ -49,6 +49,8 @@ def test_help_comes_from_the_dataclass():
     helps = {a.dest: a.help for a in sub._actions}
     for name in ("shapes", "pad_mode", "upsample_mode", "range_method", "threads", "calibration", "holdout"):
         assert helps[name] == help_of(name)
+    assert helps["quant_fallback"] == help_of("quant_fallback")
+    assert helps["quant_fallback_limit"] == help_of("fallback_limit")
     assert help_of("int8_tail") in helps["no_int8_tail"] and help_of("progress") in helps["quiet"]
 
 
@@ -70,11 +72,24 @@ def test_recorded_options_are_the_cache_keys_and_manifests_before_issue_16():
     assert ExportOptions(int8_tail=0).recorded(False)["int8_tail"] is False
 
 
+def test_the_fallback_setting_is_recorded_where_it_changed_the_file():
+    """A file that passed as converted is the same with the fallback on or off: reused under either.
+    A file the fallback made records the setting and is reused only under the same one."""
+    o = ExportOptions()
+    assert "quant_fallback" not in o.recorded(calibrated=True)
+    made = {**o.recorded(calibrated=True), **o.fallback_recorded()}
+    assert made["quant_fallback"] is True and made["fallback_limit"] == default_of("fallback_limit")
+    assert o.reuses(o.recorded(calibrated=True)) and ExportOptions(quant_fallback=False).reuses(o.recorded(True))
+    assert o.reuses(made)
+    assert not ExportOptions(quant_fallback=False).reuses(made) and not ExportOptions(fallback_limit=2).reuses(made)
+
+
 @pytest.mark.parametrize("change, words", [
     (dict(ios=["nchw"]), "unknown I/O signature 'nchw'"), (dict(shapes=[]), "no shapes given"),
     (dict(threads=0), "threads must be >= 1"), (dict(pad_mode="reflect"), "unknown pad mode 'reflect'"),
     (dict(upsample_mode="bilinear"), "unknown upsample mode"), (dict(range_method="kl"), "unknown range method"),
     (dict(calibration_masks_per_photo=0), "calibration masks per photo"),
+    (dict(fallback_limit=0), "fallback limit must be at least 1 layer"),
 ])
 def test_bad_options_are_refused_when_built(change, words):
     with pytest.raises(UserError, match=words):

@@ -267,7 +267,8 @@ def test_failed_gate_leaves_nothing_under_final_names(tiny, tmp_path, monkeypatc
     monkeypatch.setattr(backends, "convert_all", _copying_backend(tiny["out"]))
     with pytest.raises(api.ExportFailed) as err:
         api.export_artifacts(tiny["gen"], tmp_path, shapes=[SHAPE], formats=["tflite"], precisions=["fp32", "int8"],
-                             ios=["tensor"], tolerances={"int8": {"min_hole_psnr_db": 99.0}}, progress=False)
+                             ios=["tensor"], tolerances={"int8": {"min_hole_psnr_db": 99.0}}, quant_fallback=False,
+                             progress=False)
     msg = str(err.value)
     assert "gmcnn_tf_c4_64x96_tensor_int8.tflite" in msg and "hole PSNR" in msg and "short by" in msg
     files = sorted(p.name for p in tmp_path.iterdir())

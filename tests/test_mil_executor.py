@@ -369,3 +369,35 @@ def test_fast_elu_is_elu_up_to_fp32_rounding_near_zero():
     assert np.abs(fast - exact).max() <= 1.2e-7  # measured 7.1e-8 (exp(x)-1 vs expm1 near 0)
     f16 = x.astype(np.float16)
     assert ops.elu_exp(x=f16).dtype == np.float16
+
+
+# ---------------------------------------------------------------------------------- activation quantization
+
+def test_quantize_dequantize_match_coremltools_reference():
+    """iOS17 quantize/dequantize against coremltools' own value inference (per tensor and per channel)."""
+    from coremltools.optimize._utils import dequantize_by_scale_and_zp, quantize_by_scale_and_zp
+
+    r = rng(11)
+    x = (r.normal(0, 3, (1, 4, 5, 6))).astype(np.float16)
+    for scale, zp, axis in ((np.float16(0.05), None, None), (np.float16(0.02), np.int8(3), None),
+                            (np.array([0.01, 0.02, 0.05, 0.1], np.float16), np.array([0, 1, -2, 5], np.int8), 1)):
+        q = ops.quantize(input=x, scale=scale, zero_point=zp, axis=axis, output_dtype="int8")
+        s_b = np.asarray(scale).reshape(1, -1, 1, 1) if axis is not None else np.asarray(scale)
+        z_b = None if zp is None else (np.asarray(zp).reshape(1, -1, 1, 1) if axis is not None else np.asarray(zp))
+        expected = quantize_by_scale_and_zp(x.astype(np.float32), s_b.astype(np.float32), z_b, "int8")
+        assert q.dtype == np.int8
+        np.testing.assert_array_equal(q, expected)
+        y = ops.dequantize(input=q, scale=scale, zero_point=zp, axis=axis)
+        assert y.dtype == np.float16
+        np.testing.assert_allclose(y.astype(np.float32),
+                                   dequantize_by_scale_and_zp(q, s_b.astype(np.float32), z_b), rtol=1e-3)
+
+
+def test_quantize_hand_case_rounds_half_to_even_and_saturates():
+    x = np.array([-1000.0, -0.25, 0.25, 0.75, 1.0, 1000.0], np.float16)
+    q = ops.quantize(input=x, scale=np.float16(0.5), output_dtype="int8")
+    np.testing.assert_array_equal(q, [-128, 0, 0, 2, 2, 127])  # -0.5 -> -0, 0.5 -> 0, 1.5 -> 2
+    u = ops.quantize(input=x, scale=np.float16(0.5), zero_point=np.uint8(128), output_dtype="uint8")
+    np.testing.assert_array_equal(u, [0, 128, 128, 130, 130, 255])
+    np.testing.assert_array_equal(ops.dequantize(input=u, scale=np.float16(0.5), zero_point=np.uint8(128)),
+                                  np.array([-64, 0, 0, 1, 1, 63.5], np.float16))

@@ -17,7 +17,7 @@ ENGINE_KINDS = ("torch", "onnxruntime", "tflite", "coreml")
 DEFAULT_MODEL_SHAPE: Shape = (512, 680)
 _SUFFIX = {"onnxruntime": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage"}
 _MANIFEST_FORMAT = {"onnxruntime": "onnx", "tflite": "tflite", "coreml": "coreml"}
-PRECISION_PREFERENCE = ("fp32", "fp16", "int8-dynamic", "w8", "int8", "palettized", "int16x8")
+PRECISION_PREFERENCE = ("fp32", "fp16", "int8-dynamic", "w8", "int8", "palettized", "w8a8", "int16x8")
 
 
 class EngineSet:

@@ -1,0 +1,161 @@
+"""Sensitivity-guided fallback: a quantized file that misses its parity gate keeps its most
+sensitive layers out of quantization, the fewest that make it pass.
+
+When an artifact of a precision its backend lists in ``FALLBACK_PRECISIONS`` fails the gate
+(TFLite ``int8`` and ``int8-dynamic``), the export (:mod:`export.api`, unless
+``quant_fallback=False`` / ``--quant-fallback off``):
+
+1. ranks the generator's convolutions by the quantization noise each one adds on the held-out
+   samples the file failed on (:func:`export.activations.layer_snr`: the SNR of the layer's own
+   output with only its input and weights rounded to int8, everything before it float32, worst of
+   those samples; lowest first). One float forward per sample, about twice a forward's work: the
+   end-to-end ranking (:func:`export.activations.int8_sensitivity`, the whole network again per
+   layer) ran over 2 hours at 512x680 on this 2-core machine and was given up; the local SNR
+   does not see how later layers amplify an error, which the gate of each candidate does;
+2. converts candidates that keep the first k ranked layers in float (``keep_float`` job
+   option: the backend decides what that means in its format, see :func:`export.tflite.float_nodes`)
+   for k = 1, 2, 4, 8, ... up to the limit, and gates them in that order; then the k between
+   the last failing and the first passing candidate, by bisection. The ranking is close to but
+   not exactly monotone in k, so the smallest passing k found this way is the fewest *by this
+   search*, not proven minimal;
+3. writes the passing candidate under the artifact's name, its manifest entry recording the
+   layers kept float, their sensitivity, the share of convolution MACs still quantized, the
+   search, and the price beside the pure file: size, latency and peak RSS, measured in one run
+   each (``export.measure.measure_file``);
+4. or, when even the limit's candidate fails, fails the artifact with the top layers and their
+   sensitivity and the options that change the outcome.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+# How many ranked layers a file may keep in float by default: a quarter of GMCNN's 44
+# convolutions. Measured need (docs/TOLERANCES.md): see the per-file table there.
+DEFAULT_LIMIT = 11
+# What the sensitivity rounds per layer, for each precision the fallback serves.
+SENSITIVITY_ROUNDING = {"int8": ("input", "weights"), "int8-dynamic": ("input", "weights"), "w8": ("weights",)}
+PRICE_RUNS = 3
+
+
+def search_order(limit: int) -> List[int]:
+    """The first batch of candidate sizes: 1, 2, 4, ... below ``limit``, then ``limit``."""
+    ks, k = [], 1
+    while k < limit:
+        ks.append(k)
+        k *= 2
+    return ks + [limit]
+
+
+@dataclass
+class Candidate:
+    k: int
+    path: object  # Path of the converted file, or None when the conversion failed
+    details: dict
+    result: object = None  # ParityResult once gated
+    error: str = ""
+
+
+class SensitivityCache:
+    """Per (shape, rounding, sample index): every convolution's output SNR (dB) with only it quantized."""
+
+    def __init__(self, generator, holdout: Dict[Tuple[int, int], object], progress: Callable[[str], None]):
+        self.generator = generator
+        self.holdout = holdout
+        self.progress = progress
+        self._scores: Dict[tuple, Dict[str, float]] = {}
+
+    def ranking(self, shape, rounding: Sequence[str], samples: Sequence[int]) -> List[Tuple[str, float]]:
+        """(layer, worst output SNR in dB over ``samples``), most sensitive first."""
+        from .activations import layer_snr
+
+        todo = [i for i in samples if (shape, tuple(rounding), i) not in self._scores]
+        if todo:
+            s = self.holdout[shape]
+            self.progress(f"fallback {shape[0]}x{shape[1]}: output SNR of every convolution ({'+'.join(rounding)} "
+                          f"rounded to int8) on held-out sample(s) {', '.join(str(i) for i in todo)}")
+            per: Dict[str, List[float]] = {}
+            layer_snr(self.generator, s.images[todo], s.masks[todo], rounded=rounding, per_sample=per)
+            for j, i in enumerate(todo):
+                self._scores[(shape, tuple(rounding), i)] = {layer: v[j] for layer, v in per.items()}
+        layers = self._scores[(shape, tuple(rounding), samples[0])]
+        worst = {layer: min(self._scores[(shape, tuple(rounding), i)][layer] for i in samples) for layer in layers}
+        return sorted(worst.items(), key=lambda kv: (kv[1], kv[0]))
+
+
+def failing_samples(result, limit_db: float) -> List[int]:
+    """Indices of the held-out samples whose hole PSNR is under the limit (all, if not recorded)."""
+    per = (result.details or {}).get("hole_psnr_db_per_sample") or []
+    bad = [i for i, v in enumerate(per) if v < limit_db]
+    return bad or list(range(max(result.samples, 1)))
+
+
+def limit_message(file: str, precision: str, limit: int, ranking: Sequence[Tuple[str, float]], best) -> str:
+    top = ", ".join(f"{layer} {db:.1f} dB" for layer, db in ranking[:5])
+    got = best.result.note if best is not None and best.result is not None else "no file converted"
+    return (f"parity: still failing with the {limit} most sensitive layers kept float (best candidate: {got}); "
+            f"most sensitive (output SNR with only that layer rounded to int8): {top}; raise --quant-fallback-limit "
+            f"(at most {len(ranking)}), calibrate on photos closer to yours (--calibration DIR), or drop {precision}")
+
+
+def search(ks_first: Sequence[int], build: Callable[[Sequence[int]], Dict[int, Candidate]],
+           gate: Callable[[Candidate], bool]) -> Tuple[Optional[Candidate], List[Candidate]]:
+    """The smallest passing candidate size: gate ``ks_first`` in order until one passes, then bisect
+    between the last failure and it. ``build(ks)`` converts candidates; returns (winner or None, all gated)."""
+    gated: List[Candidate] = []
+    first = build(ks_first)
+    lo, hi = 0, None
+    for k in ks_first:
+        cand = first[k]
+        ok = cand.path is not None and gate(cand)
+        gated.append(cand)
+        if ok:
+            hi = cand
+            break
+        lo = k
+    if hi is None:
+        return None, gated
+    between = [k for k in range(lo + 1, hi.k)]
+    if between:
+        built = build(between)
+        a, b = 0, len(between)  # passing k lies in between[a:b] or is hi
+        while a < b:
+            mid = (a + b) // 2
+            cand = built[between[mid]]
+            ok = cand.path is not None and gate(cand)
+            gated.append(cand)
+            if ok:
+                hi, b = cand, mid
+            else:
+                a = mid + 1
+    return hi, gated
+
+
+def price(pure_path, fallback_path, threads: int, fmt: str, measure=None, runs: int = PRICE_RUNS) -> Dict[str, object]:
+    """Size of the pure and the fallback file and, for TFLite with a ``measure`` function
+    (``benchmarks.measure.measure_file``: each file in its own process, one after the other),
+    latency (median of ``runs`` after one warm-up) and peak RSS. Without ``measure``, or for Core
+    ML packages (no Core ML runs here to time them), sizes only."""
+    from pathlib import Path
+
+    from runtime_py.manifest import artifact_digest
+
+    timed = fmt == "tflite" and measure is not None
+    out: Dict[str, object] = {"threads": threads, "runs": runs if timed else 0}
+    for label, path in (("pure", pure_path), ("fallback", fallback_path)):
+        row: Dict[str, object] = {"bytes": artifact_digest(Path(path))[1]}
+        if timed:
+            r = measure(Path(path), threads, runs)
+            stats = r.get("stats", {}) if r.get("ok") else {}
+            row.update(latency_median_s=stats.get("median_s"),
+                       peak_rss_mib=round(r.get("peak_rss", 0) / 2 ** 20, 1) if r.get("ok") else None,
+                       error=r.get("error") if not r.get("ok") else None)
+        out[label] = row
+    p, f = out["pure"], out["fallback"]
+    if p.get("latency_median_s") and f.get("latency_median_s"):
+        out["latency_ratio"] = round(f["latency_median_s"] / p["latency_median_s"], 3)
+    out["size_ratio"] = round(f["bytes"] / p["bytes"], 3)
+    if not timed:
+        out["not_timed"] = ("Core ML packages are not run here" if fmt != "tflite" else
+                            "no measure function given (the gmcnn-mobile command gives benchmarks.measure's)")
+    return out

@@ -1,0 +1,202 @@
+"""Sensitivity-guided fallback (export.fallback) on a tiny generator with one planted outlier layer.
+
+b1conv11 gets one output channel 1000 above the rest, which b1conv12 then ignores: in float the
+network is unchanged, but the int8 grid of b1conv12's input spreads over 0..1000 and rounds the
+other channels to a few levels, so int8 and int8-dynamic files fail their gate. The fallback
+must find b1conv12, keep it in float and pass; the manifest must say so.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import lively_generator
+
+SHAPE = (64, 96)
+PLANTED = "net.layers.b1conv12"
+
+
+def planted_generator():
+    import torch
+
+    gen = lively_generator("tf", 4, seed=0)
+    convs = dict(gen.named_modules())
+    with torch.no_grad():
+        convs["net.layers.b1conv11"].bias[0] += 1000.0
+        convs[PLANTED].weight[:, 0] = 0.0
+    return gen
+
+
+@pytest.fixture(scope="module")
+def fallback_export(tmp_path_factory):
+    from benchmarks.measure import measure_file
+    from export.api import export_artifacts
+
+    out = tmp_path_factory.mktemp("fallback_export")
+    gen = planted_generator()
+    manifest = export_artifacts(gen, out, shapes=[SHAPE], formats=["tflite"], precisions=["int8", "int8-dynamic"],
+                                ios=["tensor"], threads=2, keep_work=True, progress=False,
+                                calibration_masks_per_photo=1, measure=measure_file)
+    return {"out": out, "gen": gen, "manifest": manifest}
+
+
+def test_failing_int8_files_pass_with_the_planted_layer_kept_float(fallback_export):
+    from export import tflite_graph
+
+    import torch
+
+    m = fallback_export["manifest"]
+    # the converter leaves filters under 1024 values in float in dynamic-range files
+    small = sum(mod.weight.numel() < 1024 for mod in fallback_export["gen"].modules()
+                if isinstance(mod, torch.nn.Conv2d))
+    for precision, float_convs in (("int8", 2), ("int8-dynamic", small + 1)):
+        a = m.find("tflite", SHAPE, precision, "tensor")
+        q = a.build["quantization"]
+        fb = q["fallback"]
+        assert a.parity.passed and a.parity.hole_psnr_db >= a.parity.tolerance["min_hole_psnr_db"]
+        # the pure file failed, by a wide margin
+        assert fb["pure_file"]["hole_psnr_db"] < a.parity.tolerance["min_hole_psnr_db"] - 5
+        assert [k["layer"] for k in fb["layers_kept_float"]] == [PLANTED]
+        assert fb["layers_kept_float"][0]["snr_db"] < 30.0
+        assert fb["search"][-1] == {"layers": 1, "hole_psnr_db": a.parity.hole_psnr_db, "passed": True}
+        # the setting that made this file is part of its record (a file that passed as converted has none)
+        assert a.build["quant_fallback"] is True and a.build["fallback_limit"] == 11
+        # int8: the planted layer and the layer producing its input (so the tensor between stays
+        # float); int8-dynamic: the planted layer (and the small filters the converter never quantizes)
+        assert len(q["float_convs"]) == float_convs and q["convs"] == 44
+        assert 0.7 < q["conv_macs_quantized_fraction"] < 1.0
+        price = fb["price"]
+        assert price["pure"]["bytes"] < price["fallback"]["bytes"] == a.bytes
+        assert price["pure"]["latency_median_s"] > 0 and price["fallback"]["peak_rss_mib"] > 0
+        # the file itself: exactly those convolutions compute in float
+        rows = tflite_graph.conv_macs(tflite_graph.read((fallback_export["out"] / a.file).read_bytes()))
+        if precision == "int8":
+            assert sorted(r["node"] for r in rows if r["input"] == "float32") == sorted(q["float_convs"])
+        else:
+            assert sorted(r["node"] for r in rows if r["weights"] == "float32") == sorted(q["float_convs"])
+
+
+def test_manifest_records_the_range_of_every_calibrated_tensor(fallback_export):
+    from export.quant_ranges import METHODS
+
+    a = fallback_export["manifest"].find("tflite", SHAPE, "int8", "tensor")
+    act = a.build["quantization"]["activations"]
+    assert act["activation_bits"] == 8 and act["method"] == "minmax"  # the default
+    assert "per output channel" in a.build["quantization"]["weights"]
+    tensors = act["tensors"]
+    assert len(tensors) > 90 and sum(act["methods"].values()) == len(tensors)
+    for name, t in tensors.items():
+        lo, hi = t["range"]
+        assert t["method"] in METHODS and lo <= 0.0 <= hi, (name, t)
+    # the planted channel: b1conv11's output reaches ~1000 and its range says so
+    big = [t for t in tensors.values() if t["max"] > 500]
+    assert big and all(t["range"][1] > 100 for t in big)
+
+
+def _replaying_backend(export_dir: Path):
+    """convert_all stand-in without TensorFlow: the pure int8 file is the worker's converter output
+    post-passed again, every fallback candidate the file the real fallback chose."""
+    from export import tflite
+    from export.backends import ConvertResult
+
+    work = export_dir / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
+    pure, _ = tflite.postprocess((work / "converter_int8.tflite").read_bytes(), "int8", "tensor")
+    chosen = export_dir / f"gmcnn_tf_c4_{SHAPE[0]}x{SHAPE[1]}_tensor_int8.tflite"
+
+    def convert_all(backend, jobs, progress=None):
+        results = {}
+        for job in jobs:
+            if job.extra.get("keep_float"):
+                shutil.copy(chosen, job.out)
+            else:
+                Path(job.out).write_bytes(pure)
+            results[job.key] = ConvertResult(Path(job.out), 0.1)
+        return results
+
+    return convert_all
+
+
+def test_fallback_off_fails_the_file(fallback_export, tmp_path, monkeypatch):
+    from export import api, backends
+
+    monkeypatch.setattr(backends, "convert_all", _replaying_backend(fallback_export["out"]))
+    with pytest.raises(api.ExportFailed) as err:
+        api.export_artifacts(fallback_export["gen"], tmp_path, shapes=[SHAPE], formats=["tflite"],
+                             precisions=["int8"], ios=["tensor"], quant_fallback=False, progress=False,
+                             calibration_masks_per_photo=1)
+    assert "hole PSNR" in str(err.value) and "short by" in str(err.value)
+    assert not list(tmp_path.glob("*.tflite"))
+
+
+def test_a_file_the_fallback_made_is_reused_only_under_the_same_setting(fallback_export, tmp_path, monkeypatch):
+    from export import api, backends
+
+    shutil.copytree(fallback_export["out"], tmp_path / "out")
+    kw = dict(shapes=[SHAPE], formats=["tflite"], precisions=["int8"], ios=["tensor"], threads=2, progress=False,
+              calibration_masks_per_photo=1)
+
+    def no_conversion(backend, jobs, progress=None):
+        raise AssertionError("an up-to-date file was converted again")
+
+    monkeypatch.setattr(backends, "convert_all", no_conversion)
+    again = api.export_artifacts(fallback_export["gen"], tmp_path / "out", keep_work=True, **kw)
+    assert again.export["reused"] == 1
+    monkeypatch.setattr(backends, "convert_all", _replaying_backend(fallback_export["out"]))
+    with pytest.raises(api.ExportFailed, match="short by"):
+        api.export_artifacts(fallback_export["gen"], tmp_path / "out", quant_fallback=False, **kw)
+
+
+def test_at_the_limit_the_error_names_the_layers_and_the_option(fallback_export, tmp_path, monkeypatch):
+    from export import api, backends
+
+    monkeypatch.setattr(backends, "convert_all", _replaying_backend(fallback_export["out"]))
+    with pytest.raises(api.ExportFailed) as err:
+        api.export_artifacts(fallback_export["gen"], tmp_path, shapes=[SHAPE], formats=["tflite"],
+                             precisions=["int8"], ios=["tensor"], fallback_limit=1, progress=False,
+                             tolerances={"int8": {"min_hole_psnr_db": 99.0}}, calibration_masks_per_photo=1)
+    msg = str(err.value)
+    assert f"{PLANTED} " in msg and "dB" in msg and "--quant-fallback-limit" in msg
+    assert "with the 1 most sensitive layers kept float (best candidate: hole PSNR" in msg and "short by" in msg
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in (".work", "manifest.json")]
+    assert leftovers == []
+
+
+def test_search_finds_the_smallest_passing_size():
+    from export.fallback import Candidate, search, search_order
+
+    assert search_order(11) == [1, 2, 4, 8, 11] and search_order(1) == [1] and search_order(8) == [1, 2, 4, 8]
+    for need in (1, 3, 5, 8, 11):
+        built, gated = [], []
+
+        def build(ks):
+            built.extend(ks)
+            return {k: Candidate(k, f"file{k}", {}) for k in ks}
+
+        def gate(c):
+            gated.append(c.k)
+            return c.k >= need
+
+        winner, _ = search(search_order(11), build, gate)
+        assert winner.k == need, (need, gated)
+        assert len(gated) <= 4 + 3  # the doubling pass, then a bisection of at most 3 steps
+    winner, tried = search([1, 2], lambda ks: {k: Candidate(k, "f", {}) for k in ks}, lambda c: False)
+    assert winner is None and [c.k for c in tried] == [1, 2]
+
+
+def test_the_command_prices_with_the_benchmarks_measurement_and_the_api_alone_with_sizes(fallback_export, tmp_path):
+    """gmcnn-mobile export hands the fallback benchmarks' one-process measurement (export never starts
+    a benchmark process itself); without it the price has the sizes and says why it has no times."""
+    from export.fallback import price
+    from gmcnn_mobile.cli import build_parser
+
+    args = build_parser().parse_args(["export", "--out", str(tmp_path)])
+    a = fallback_export["manifest"].find("tflite", SHAPE, "int8", "tensor")
+    path = fallback_export["out"] / a.file
+    r = args.measure_file(path, 1, 1)
+    assert r["ok"] and r["stats"]["median_s"] > 0 and r["peak_rss"] > 0
+    untimed = price(path, path, 1, "tflite")
+    assert untimed["pure"] == {"bytes": a.bytes} and untimed["size_ratio"] == 1.0
+    assert "no measure function" in untimed["not_timed"] and "latency_ratio" not in untimed
