@@ -40,7 +40,7 @@ def register(sub) -> None:
                         "is refused)")
     p.add_argument("--precisions", type=keyword_or("all", comma_list), default="all",
                    help="comma-separated precisions, or 'all': each format's default set (tflite: fp32,fp16,"
-                        "int8-dynamic,int8; coreml: fp16,w8); tflite int16x8 and coreml palettized only by name")
+                        "int8-dynamic,int8; coreml: fp16,w8); tflite int16x8 and coreml palettized, w8a8 only by name")
     p.add_argument("--io", type=comma_list, default=DEFAULT_IOS, help=help_of("ios"))
     p.add_argument("--calibration", type=Path, default=default_of("calibration"), help=help_of("calibration"))
     p.add_argument("--holdout", type=Path, default=default_of("holdout"), help=help_of("holdout"))
