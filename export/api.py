@@ -353,6 +353,10 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     gmacs: Dict[Tuple[int, int], float] = {}
     calib_dir, holdout_dir, threads = options.calibration_dir, options.holdout_dir, options.threads
     work_root = out / WORK_DIR_NAME
+    # scratch files are shared only within this run (the fallback's candidates start from the pure file's
+    # ONNX, calibrated model and converter output): a kept or failed run's may come from another checkpoint,
+    # other photos or options, and the backends would take them for this run's (model.onnx is made only if absent)
+    _remove(work_root)
     for p in todo:
         if p.shape not in calib:
             show(f"samples {p.shape[0]}x{p.shape[1]}: calibration from {calib_dir}, holdout from {holdout_dir}")

@@ -176,7 +176,8 @@ def convert_many(jobs: Sequence[ConvertJob], progress=None) -> Dict[str, Convert
             quant = None
             if job.precision in CALIBRATED or job.precision == "int8-dynamic":
                 quant = {"calibrated": str(work / f"calibrated_{job.precision}.tflite"),
-                         "float_model": str(work / "converter_fp32.tflite"), "float_nodes": []}
+                         "float_model": str(work / "converter_fp32.tflite"), "float_nodes": [],
+                         "converted": str(work / f"converter_{job.precision}.tflite")}
                 if job.extra.get("keep_float"):
                     try:
                         quant["float_nodes"] = float_nodes(job.generator, work, job.precision, job.extra["keep_float"])

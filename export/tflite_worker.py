@@ -23,7 +23,8 @@ Plan (JSON)::
                "cind": {"image": npy, "mask": npy},            # NHWC samples for onnx2tf
                "artifacts": [{"precision": "fp32|fp16|int8-dynamic|int8|int16x8", "io": "tensor|image",
                               "out": path, "calibration": {"image": npy, "mask": npy} | null,
-                              "quant": {"calibrated": path, "float_nodes": [str], "float_model": path} | null,
+                              "quant": {"calibrated": path, "float_nodes": [str], "float_model": path,
+                                        "converted": path} | null,
                               "metadata": {...}}]}]}
 """
 from __future__ import annotations
@@ -180,13 +181,18 @@ def calibrated_model(saved_model: str, precision: str, io: str, calibration: dic
     """The float model with each activation's chosen range (TFLite's calibrated model, before
     quantization); cached at ``quant["calibrated"]`` (fallback candidates reuse it)."""
     cache = quant.get("calibrated")
-    # a fallback candidate reuses the calibration of the pure file made just before it
+    # a fallback candidate reuses the calibration of the pure file made just before it: keeping a
+    # layer float changes which tensors get quantized, not the float model's statistics
     if cache and quant.get("float_nodes") and os.path.exists(cache) and os.path.exists(cache + ".json"):
+        t0 = time.time()
         with open(cache + ".json") as f:
             _CALIBRATION_REPORT.clear()
             _CALIBRATION_REPORT.update(json.load(f))
         with open(cache, "rb") as f:
-            return f.read()
+            data = f.read()
+        _CALIBRATION_REPORT.update(statistics_reused=True, calibrated_model_reused=True,
+                                   seconds=round(time.time() - t0, 2))
+        return data
     conv = _calibrating_converter(saved_model, precision, io, calibration, options)
     conv._experimental_calibrate_only = True  # stop after calibration: quantize_calibrated does the rest
     data = conv.convert()
@@ -233,10 +239,10 @@ def convert_precision(saved_model: str, precision: str, io: str, calibration, op
     ``options``: the export's; calibrated precisions use its ``range_method`` and ``threads``.
     ``quant`` (quantized precisions): ``calibrated`` (cache path of the calibrated model),
     ``float_nodes`` (output tensor names of convolutions kept in float: int8 leaves them out of
-    quantization; int8-dynamic gives them back their float32 weights from ``float_model``).
+    quantization; int8-dynamic gives them back their float32 weights from ``float_model``),
+    ``converted`` (the converter's own file of the pure precision, which an int8-dynamic candidate
+    starts from instead of converting again).
     """
-    import tensorflow as tf
-
     quant = quant or {}
     if precision == "int8" and not quant.get("float_nodes"):
         # the converter in one call, as before the fallback existed (the same bytes); the calibrated
@@ -247,6 +253,13 @@ def convert_precision(saved_model: str, precision: str, io: str, calibration, op
     if precision in ACTIVATION_GRIDS:
         calibrated = calibrated_model(saved_model, precision, io, calibration, options, quant)
         return quantize_calibrated(calibrated, precision, io, quant.get("float_nodes") or ())
+    if precision == "int8-dynamic" and quant.get("float_nodes") and os.path.exists(quant.get("converted") or ""):
+        # a fallback candidate: the converter's output of the pure file made just before it (the
+        # converter is deterministic), with the kept layers' float32 filters given back below
+        with open(quant["converted"], "rb") as f:
+            return _restore_float_weights(f.read(), quant)
+    import tensorflow as tf
+
     conv = tf.lite.TFLiteConverter.from_saved_model(saved_model)
     if precision == "fp16":
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -257,14 +270,20 @@ def convert_precision(saved_model: str, precision: str, io: str, calibration, op
         raise ValueError(f"unknown TFLite precision {precision!r}")
     data = conv.convert()
     if precision == "int8-dynamic" and quant.get("float_nodes"):
-        from . import tflite_graph
-
-        with open(quant["float_model"], "rb") as f:
-            float_model = f.read()
-        model = tflite_graph.read(data)
-        tflite_graph.restore_float_weights(model, tflite_graph.read(float_model), quant["float_nodes"])
-        data = tflite_graph.write(model)
+        data = _restore_float_weights(data, quant)
     return data
+
+
+def _restore_float_weights(data: bytes, quant: dict) -> bytes:
+    """A dynamic-range file whose ``quant["float_nodes"]`` convolutions get back the float32 filters
+    of ``quant["float_model"]`` (the fp32 file of the same saved_model)."""
+    from . import tflite_graph
+
+    with open(quant["float_model"], "rb") as f:
+        float_model = f.read()
+    model = tflite_graph.read(data)
+    tflite_graph.restore_float_weights(model, tflite_graph.read(float_model), quant["float_nodes"])
+    return tflite_graph.write(model)
 
 
 def gpu_analysis(data: bytes) -> str:

@@ -64,6 +64,8 @@ def test_failing_int8_files_pass_with_the_planted_layer_kept_float(fallback_expo
         assert fb["search"][-1] == {"layers": 1, "hole_psnr_db": a.parity.hole_psnr_db, "passed": True}
         # the setting that made this file is part of its record (a file that passed as converted has none)
         assert a.build["quant_fallback"] is True and a.build["fallback_limit"] == 11
+        if precision == "int8":  # the candidate quantized the pure file's calibrated model: no statistics pass
+            assert q["activations"]["calibrated_model_reused"] is True and q["activations"]["statistics_reused"]
         # int8: the planted layer and the layer producing its input (so the tensor between stays
         # float); int8-dynamic: the planted layer (and the small filters the converter never quantizes)
         assert len(q["float_convs"]) == float_convs and q["convs"] == 44
@@ -97,26 +99,83 @@ def test_manifest_records_the_range_of_every_calibrated_tensor(fallback_export):
 
 
 def _replaying_backend(export_dir: Path):
-    """convert_all stand-in without TensorFlow: the pure int8 file is the worker's converter output
-    post-passed again, every fallback candidate the file the real fallback chose."""
+    """convert_all stand-in without TensorFlow (tensor I/O, int8 and int8-dynamic): the pure file is
+    the worker's converter output post-passed again, every fallback candidate the file the real
+    fallback chose."""
     from export import tflite
     from export.backends import ConvertResult
 
     work = export_dir / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
-    pure, _ = tflite.postprocess((work / "converter_int8.tflite").read_bytes(), "int8", "tensor")
-    chosen = export_dir / f"gmcnn_tf_c4_{SHAPE[0]}x{SHAPE[1]}_tensor_int8.tflite"
 
     def convert_all(backend, jobs, progress=None):
         results = {}
         for job in jobs:
             if job.extra.get("keep_float"):
-                shutil.copy(chosen, job.out)
+                shutil.copy(export_dir / f"gmcnn_tf_c4_{SHAPE[0]}x{SHAPE[1]}_tensor_{job.precision}.tflite", job.out)
             else:
-                Path(job.out).write_bytes(pure)
+                raw = (work / f"converter_{job.precision}.tflite").read_bytes()
+                Path(job.out).write_bytes(tflite.postprocess(raw, job.precision, "tensor")[0])
             results[job.key] = ConvertResult(Path(job.out), 0.1)
         return results
 
     return convert_all
+
+
+def test_torch_work_is_done_once_per_shape_for_every_file_and_candidate(fallback_export, tmp_path, monkeypatch):
+    """Issue 17, work done once: the PyTorch reference outputs are computed once per shape and shared by
+    the gate of every file and every fallback candidate; the layer sensitivity once per rounding and
+    sample, shared by the precisions that round the same way (int8 and int8-dynamic)."""
+    from export import activations, api, backends, parity
+
+    calls = {"reference": 0, "sensitivity": [], "gates": 0}
+    real_reference, real_snr, real_compare = parity.reference_outputs_and_peak, activations.layer_snr, parity.compare
+
+    def reference(*args, **kwargs):
+        calls["reference"] += 1
+        return real_reference(*args, **kwargs)
+
+    def snr(generator, images, *args, **kwargs):
+        calls["sensitivity"].append(len(images))
+        return real_snr(generator, images, *args, **kwargs)
+
+    def compare(*args, **kwargs):
+        calls["gates"] += 1
+        return real_compare(*args, **kwargs)
+
+    monkeypatch.setattr(parity, "reference_outputs_and_peak", reference)
+    monkeypatch.setattr(parity, "compare", compare)
+    monkeypatch.setattr(activations, "layer_snr", snr)
+    monkeypatch.setattr(backends, "convert_all", _replaying_backend(fallback_export["out"]))
+    with pytest.raises(api.ExportFailed):  # an unreachable gate: every candidate up to the limit is gated
+        api.export_artifacts(fallback_export["gen"], tmp_path, shapes=[SHAPE], formats=["tflite"],
+                             precisions=["int8", "int8-dynamic"], ios=["tensor"], fallback_limit=2, progress=False,
+                             tolerances={"int8": {"min_hole_psnr_db": 99.0}, "int8-dynamic": {"min_hole_psnr_db": 99.0}},
+                             calibration_masks_per_photo=1)
+    samples = fallback_export["manifest"].artifacts[0].parity.samples
+    assert calls["gates"] == 2 * (1 + 2)  # per precision: the pure file, then 1 and 2 layers kept float
+    assert calls["reference"] == 1 and calls["sensitivity"] == [samples]
+
+
+def test_an_int8_dynamic_candidate_starts_from_the_pure_files_converter_output(fallback_export):
+    """No second conversion for a dynamic-range candidate: the worker gives the kept layers their float32
+    filters in the converter file of the pure int8-dynamic (no saved_model is read, none exists here)."""
+    from export import tflite_graph as g
+    from export.options import ExportOptions
+    from export.tflite_worker import convert_precision
+
+    work = fallback_export["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
+    converted = work / "converter_int8-dynamic.tflite"
+    pure = g.read(converted.read_bytes())
+    pure_weights = {name: pure.subgraphs[0].tensors[g._ids(pure.subgraphs[0].operators[i].inputs)[1]].type
+                    for name, i in g.conv_nodes(pure)}
+    kept = next(name for name, t in pure_weights.items() if t != g.T.FLOAT32)
+    quant = {"float_nodes": [kept], "converted": str(converted), "float_model": str(work / "converter_fp32.tflite")}
+    data = convert_precision(str(work / "no_saved_model"), "int8-dynamic", "tensor", None, ExportOptions(), quant)
+    model = g.read(data)
+    sg = model.subgraphs[0]
+    weights = {name: sg.tensors[g._ids(sg.operators[i].inputs)[1]].type for name, i in g.conv_nodes(model)}
+    assert weights[kept] == g.T.FLOAT32 != pure_weights[kept]
+    assert {n: t for n, t in weights.items() if n != kept} == {n: t for n, t in pure_weights.items() if n != kept}
 
 
 def test_fallback_off_fails_the_file(fallback_export, tmp_path, monkeypatch):

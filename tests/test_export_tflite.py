@@ -261,6 +261,40 @@ def _copying_backend(source_dir: Path, interrupt_after=None):
     return convert_all
 
 
+def test_one_pytorch_reference_per_shape_serves_every_precision_and_signature(tiny, tmp_path, monkeypatch):
+    """Issue 17, work done once: the gate of every file (each precision, each I/O signature) compares
+    with the same PyTorch outputs, computed once per shape."""
+    from export import api, backends, parity
+
+    shapes = []
+    real = parity.reference_outputs_and_peak
+
+    def reference(generator, samples, *args, **kwargs):
+        shapes.append(samples.images.shape[1:3])
+        return real(generator, samples, *args, **kwargs)
+
+    monkeypatch.setattr(parity, "reference_outputs_and_peak", reference)
+    monkeypatch.setattr(backends, "convert_all", _copying_backend(tiny["out"]))
+    m = api.export_artifacts(tiny["gen"], tmp_path, shapes=[SHAPE], formats=["tflite"], precisions=PRECISIONS,
+                             ios=IOS, progress=False, calibration_masks_per_photo=1)
+    assert len(m.artifacts) == len(PRECISIONS) * len(IOS) and all(a.parity.passed for a in m.artifacts)
+    assert shapes == [SHAPE]
+
+
+def test_a_previous_runs_scratch_files_are_not_used(tiny, tmp_path, monkeypatch):
+    """DIR/.work left by a failed or --keep-work run (perhaps of another checkpoint) is cleared before
+    anything is made: the TFLite backend would otherwise convert its model.onnx again."""
+    from export import api, backends
+
+    stale = tmp_path / api.WORK_DIR_NAME / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor" / "model.onnx"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"another checkpoint's graph")
+    monkeypatch.setattr(backends, "convert_all", _copying_backend(tiny["out"]))
+    api.export_artifacts(tiny["gen"], tmp_path, shapes=[SHAPE], formats=["tflite"], precisions=["fp32"],
+                         ios=["tensor"], keep_work=True, progress=False)
+    assert not stale.exists()
+
+
 def test_failed_gate_leaves_nothing_under_final_names(tiny, tmp_path, monkeypatch):
     from export import api, backends
 
@@ -492,9 +526,11 @@ def test_int16x8_converts_and_is_gated(tmp_path):
     from export.parity import TOLERANCES
 
     gen = lively_generator("tf", 4, seed=0)
-    m = export_artifacts(gen, tmp_path, shapes=[SHAPE], formats=["tflite"], precisions=["int16x8"], ios=IOS,
+    m = export_artifacts(gen, tmp_path, shapes=[SHAPE], formats=["tflite"], precisions=["int8", "int16x8"], ios=IOS,
                          threads=2, progress=False, calibration_masks_per_photo=1)
     for io in IOS:
+        # one statistics pass per float model: int16x8 chooses its ranges from int8's (issue 17)
+        assert m.find("tflite", SHAPE, "int8", io).build["quantization"]["activations"]["statistics_reused"] is False
         a = m.find("tflite", SHAPE, "int16x8", io)
         assert a.parity.passed and a.parity.tolerance == TOLERANCES[("int16x8", io)]
         rows = tflite_graph.conv_macs(tflite_graph.read((tmp_path / a.file).read_bytes()))
@@ -504,6 +540,7 @@ def test_int16x8_converts_and_is_gated(tmp_path):
         assert inv["xnnpack_fallback_ops"]["CONV_2D"] == 44
         q = a.build["quantization"]
         assert q["conv_macs_quantized_fraction"] == 1.0 and q["activations"]["activation_bits"] == 16
+        assert q["activations"]["statistics_reused"] is True
         assert all(t["range"][0] == -t["range"][1] for t in q["activations"]["tensors"].values())
         if io == "image":
             assert [t.dtype for t in a.inputs + a.outputs] == ["uint8"] * 3
