@@ -382,7 +382,10 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     def gate(p: _Planned, mod, path: Path) -> ParityResult:
         if p.shape not in refs:
             show(f"parity {p.shape[0]}x{p.shape[1]}: PyTorch fp32 reference on {len(hold[p.shape])} holdout samples")
+            t0 = time.time()
             refs[p.shape] = parity.reference_outputs_and_peak(gen, hold[p.shape])
+            show(f"parity {p.shape[0]}x{p.shape[1]}: reference ready ({time.time() - t0:.1f}s)")
+        t0 = time.time()
         outputs, executor = mod.run(path, p.io, hold[p.shape], threads)
         if outputs is None:
             return ParityResult(executor="structural-only", samples=0, tolerance=p.tolerance, passed=True,
@@ -390,6 +393,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         reference, peak = refs[p.shape]
         m = parity.compare(reference, outputs, hold[p.shape], p.io, peak_activation=peak)
         ok, why = parity.judge(m, p.tolerance)
+        show(f"{Path(path).name}: gated on {len(hold[p.shape])} samples ({time.time() - t0:.1f}s)")
         return ParityResult(executor=executor, samples=len(hold[p.shape]), max_abs=m["max_abs"],
                             mean_abs=m["mean_abs"], hole_psnr_db=m["hole_psnr_db"],
                             composite_psnr_db=m["composite_psnr_db"], tolerance=p.tolerance, passed=ok,
@@ -496,7 +500,9 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             failures[p.file] = fallback.limit_message(p.file, p.precision, limit, ranking, best)
             show(f"{p.file}: FAILED ({failures[p.file]})")
             return
+        t0 = time.time()
         price = fallback.price(pure.path, winner.path, options.threads, p.fmt, measure)
+        show(f"{p.file}: priced against the pure file ({time.time() - t0:.1f}s)")
         kept = [{"layer": n, "snr_db": round(db, 2)} for n, db in ranking[:winner.k]]
         record = {"fallback": {
             "layers_kept_float": kept, "limit": limit, "ranked_on_samples": samples,

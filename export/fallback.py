@@ -27,6 +27,7 @@ When an artifact of a precision its backend lists in ``FALLBACK_PRECISIONS`` fai
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -75,7 +76,9 @@ class SensitivityCache:
             self.progress(f"fallback {shape[0]}x{shape[1]}: output SNR of every convolution ({'+'.join(rounding)} "
                           f"rounded to int8) on held-out sample(s) {', '.join(str(i) for i in todo)}")
             per: Dict[str, List[float]] = {}
+            t0 = time.time()
             layer_snr(self.generator, s.images[todo], s.masks[todo], rounded=rounding, per_sample=per)
+            self.progress(f"fallback {shape[0]}x{shape[1]}: sensitivity ready ({time.time() - t0:.1f}s)")
             for j, i in enumerate(todo):
                 self._scores[(shape, tuple(rounding), i)] = {layer: v[j] for layer, v in per.items()}
         layers = self._scores[(shape, tuple(rounding), samples[0])]
