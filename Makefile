@@ -23,7 +23,7 @@ demo: $(STAMP)
 # pytest-xdist), one test module per unit of work: tests/conftest.py says how they share out.
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -n auto --dist loadgroup --cov --cov-report=term
+	$(PY) -m pytest -q -n auto --dist loadscope --cov --cov-report=term
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -1,5 +1,6 @@
 """How the suite shares out CPU cores when it runs in parallel (``make test``: pytest-xdist, ``-n auto --dist
-loadscope``). A plain ``pytest`` run, or a parallel one with another ``--dist``, gets only the last point.
+loadscope``; ``--dist loadgroup`` gets the same units). A plain ``pytest`` run, or a parallel one with another
+``--dist``, gets only the last point.
 
 * One unit of work per test module, so that a module-scoped fixture (a tiny export: tens of seconds) is built in
   one worker, once; modules that share something built once per process (:data:`SHARED`) form one unit.
@@ -70,8 +71,10 @@ EXPENSIVE_FIRST = ("coreml_fixtures", "tiny_mixed_export", "tests/test_train.py"
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """``--dist loadscope`` with the units and the order above."""
-    if config.getvalue("dist") != "loadscope":
+    """``--dist loadscope`` (or ``loadgroup``) with the units and the order above. Without this, xdist's own
+    ``loadgroup`` makes every test its own unit (no test here has an ``xdist_group`` mark), so a module's fixtures
+    and the shared conversions are built once in every worker that draws one of its tests."""
+    if config.getvalue("dist") not in ("loadscope", "loadgroup"):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
