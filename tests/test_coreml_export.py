@@ -2,6 +2,7 @@
 reference executor against PyTorch within the tolerance table (export.coreml.EXECUTOR_TOLERANCES)."""
 from __future__ import annotations
 
+import importlib.util
 import platform
 import shutil
 import sys
@@ -10,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("coremltools")
+# Not importorskip: importing coremltools (it imports TensorFlow and torch) costs ~10 s of CPU, and every xdist
+# worker collects every module; only the worker that runs these tests pays it (tests/conftest.py groups them).
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("coremltools") is None, reason="could not import 'coremltools'")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from coreml_fixtures import (TINY_TF_SHAPE, TINY_TORCH_SHAPE, composite_u8, sample_inputs,  # noqa: E402
