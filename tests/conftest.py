@@ -9,6 +9,8 @@ loadscope``; ``--dist loadgroup`` gets the same units). A plain ``pytest`` run, 
   workers do not fight over cores. Engines and exports that name a thread count still use it.
 * In every run, OpenMP threads (torch's CPU kernels) that wait for work sleep instead of spinning
   (``OMP_WAIT_POLICY=PASSIVE``), in this process and the ones it starts.
+* Under coverage (``--cov``), third-party imports and coremltools' conversions run untraced (tests/untraced.py):
+  a set trace function slows every Python line, measured or not, ~2x.
 
 A module missing from these lists still runs correctly, only slower (its shared work done twice, or started late).
 """
@@ -18,11 +20,15 @@ import os
 
 import pytest
 
+import untraced
+
 # On a machine with more runnable threads than cores (two workers, other jobs), spinning OpenMP threads burn CPU
 # while they wait for one that is not running. The cnum-4 generator's forward pass at 64x96 with 2 torch threads,
 # load ~9 on 2 cores: 0.44-0.69 s of CPU spinning, 0.035 s passive (1 thread: 0.026 s). Results are the same.
 # It must be set before torch loads OpenMP, which reads it once: conftest.py is imported before any test module.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+untraced.install()
 
 #: Most workers `-n auto` starts: past ~4 the longest group of tests sets the time, and each worker holds up
 #: to ~2 GiB (torch, TensorFlow and coremltools imported).
@@ -63,10 +69,11 @@ SHARED = {
 }
 _UNIT_OF_MODULE = {module: unit for unit, modules in SHARED.items() for module in modules}
 
-#: Units by CPU time, the most expensive first (measured 2 Dec 2026 with coverage; 2 workers): ~100-130 s each for
-#: the first two, 30-60 s for the rest; every other module takes under 20 s.
-EXPENSIVE_FIRST = ("coreml_fixtures", "tiny_mixed_export", "tests/test_train.py", "tests/test_export_torch_variant.py",
-                   "tests/test_faithfulness.py", "tests/test_bench_quick.py", "tests/test_export_activations.py")
+#: Units by CPU time, the most expensive first (measured 2 Dec 2026 with coverage; 2 workers): ~200 s for the
+#: Core ML unit, 50-80 s for the next five, 30-40 s for the rest; every other module takes under 20 s.
+EXPENSIVE_FIRST = ("coreml_fixtures", "tiny_mixed_export", "tests/test_train.py", "tests/test_export_quant_fallback.py",
+                   "tests/test_bench_quick.py", "tests/test_export_torch_variant.py", "tests/test_bench_units.py",
+                   "tests/test_faithfulness.py", "tests/test_export_activations.py")
 
 
 @pytest.hookimpl(optionalhook=True)

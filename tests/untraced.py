@@ -1,0 +1,111 @@
+"""Line coverage without paying for third-party code: its imports and its heaviest entry points run with the
+coverage tracer suspended (``make test``'s ``--cov``). Installed by tests/conftest.py; a run without a tracer is
+untouched.
+
+Why: on Python 3.11 a trace function slows *every* Python line while it is set, including the lines of files
+coverage does not measure; the interpreter only skips calling it. Measured in one process (pytest-cov's
+CTracer, 2 Dec 2026): importing torch + coremltools (which imports TensorFlow) 13.9 s of CPU untraced, 26.7 s
+traced; one tiny Core ML w8 conversion (cnum 4, 64x96) 11.8 s untraced, 29.4 s traced, 15.5 s with this module.
+Every xdist worker imports torch and most import TensorFlow, and the suite makes about a dozen Core ML
+conversions.
+
+What is measured stays the same: only third-party code runs untraced -- the import of a package named in
+:data:`PACKAGES` (none of which imports the project's code), and the functions in :data:`CALLS`, which never
+call back into the project's code (``coremltools.convert`` converts an already traced TorchScript graph;
+weight compression and saving work on the converted program). The project's own lines around them are traced
+as before.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import sys
+from typing import Callable, Dict, Tuple
+
+#: Top-level packages whose modules are imported (executed) untraced.
+PACKAGES = frozenset({
+    "torch", "torchvision", "tensorflow", "tf_keras", "keras", "tensorboard", "coremltools", "onnx", "onnxruntime",
+    "onnxsim", "onnx2tf", "onnx_graphsurgeon", "ai_edge_litert", "tflite_runtime", "numpy", "scipy", "sympy",
+    "matplotlib", "PIL", "cv2", "hypothesis", "safetensors", "google", "jax", "ml_dtypes", "h5py", "pandas",
+})
+
+#: Third-party functions run untraced: module -> attribute paths in it, patched right after the module is
+#: imported. None of them calls the project's code.
+CALLS: Dict[str, Tuple[str, ...]] = {
+    "coremltools": ("convert",),
+    "coremltools.optimize.coreml": ("linear_quantize_weights", "palettize_weights"),
+    "coremltools.models.model": ("MLModel.save",),
+}
+
+
+def untraced(fn: Callable) -> Callable:
+    """``fn`` run with the calling thread's trace function suspended, then restored (coverage's tracer takes
+    itself back at the next call event: it is made for ``sys.settrace(sys.gettrace())``)."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        tracer = sys.gettrace()
+        if tracer is None:
+            return fn(*args, **kwargs)
+        sys.settrace(None)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sys.settrace(tracer)
+
+    call.__wrapped_untraced__ = True
+    return call
+
+
+class _UntracedLoader:
+    """Runs another loader's module creation and execution untraced; the module keeps the real loader."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return untraced(self.loader.create_module)(spec)
+
+    def exec_module(self, module):
+        module.__loader__ = module.__spec__.loader = self.loader
+        untraced(self.loader.exec_module)(module)
+        _patch_calls(module)
+
+
+def _patch_calls(module) -> None:
+    """Replace the :data:`CALLS` of ``module`` with their untraced versions (once)."""
+    for path in CALLS.get(module.__name__, ()):
+        owner_name, _, name = path.rpartition(".")
+        owner = getattr(module, owner_name) if owner_name else module
+        fn = getattr(owner, name)
+        if not getattr(fn, "__wrapped_untraced__", False):
+            setattr(owner, name, untraced(fn))
+
+
+class UntracedImports(importlib.abc.MetaPathFinder):
+    """First on ``sys.meta_path``: a module of :data:`PACKAGES`, imported while a tracer is set, gets the spec the
+    other finders give it, with its loader wrapped in :class:`_UntracedLoader`."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] not in PACKAGES or sys.gettrace() is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is None:
+                continue
+            if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                spec.loader = _UntracedLoader(spec.loader)
+            return spec
+        return None
+
+
+def install() -> None:
+    """Put :class:`UntracedImports` first on ``sys.meta_path`` (once), and patch :data:`CALLS` of modules already
+    imported."""
+    if not any(isinstance(f, UntracedImports) for f in sys.meta_path):
+        sys.meta_path.insert(0, UntracedImports())
+    for module_name in CALLS:
+        if module_name in sys.modules:
+            _patch_calls(sys.modules[module_name])
