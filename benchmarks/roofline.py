@@ -18,7 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple, Union
 
 #: kernel sizes whose dominant layer the benchmark measures (the issue's 7x7 and 3x3)
 ROOFLINE_KERNELS = (7, 3)
@@ -67,49 +67,57 @@ def dominant_convs(layers: Sequence[dict], kernels: Sequence[int] = ROOFLINE_KER
 
 
 _BUILD_CONV = r"""
-import sys, numpy as np, tensorflow as tf
-k, cin, cout, h, w = (int(v) for v in sys.argv[1:6])
-out = sys.argv[6]
-rng = np.random.default_rng(0)
-kernel = tf.constant(rng.normal(0, (1.0 / (k * k * cin)) ** 0.5, (k, k, cin, cout)).astype(np.float32))
-bias = tf.constant(rng.normal(0, 0.05, cout).astype(np.float32))
-@tf.function(input_signature=[tf.TensorSpec([1, h, w, cin], tf.float32, name="x")])
-def conv(x):
-    return tf.nn.elu(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), bias))
-for precision in sys.argv[7].split(","):
-    c = tf.lite.TFLiteConverter.from_concrete_functions([conv.get_concrete_function()], conv)
-    if precision == "int8":
-        def rep():
-            for _ in range(4):
-                yield [rng.uniform(-1, 1, (1, h, w, cin)).astype(np.float32)]
-        c.optimizations = [tf.lite.Optimize.DEFAULT]
-        c.representative_dataset = rep
-        c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        c.inference_input_type = tf.int8
-        c.inference_output_type = tf.int8
-    path = f"{out}/conv{k}x{k}_{cin}to{cout}_{h}x{w}_{precision}.tflite"
-    open(path + ".tmp", "wb").write(c.convert())
-    __import__("os").replace(path + ".tmp", path)
+import os, sys, numpy as np, tensorflow as tf
+out, precisions = sys.argv[1], sys.argv[2].split(",")
+for spec in sys.argv[3:]:
+    k, cin, cout, h, w = (int(v) for v in spec.split(","))
+    rng = np.random.default_rng(0)
+    kernel = tf.constant(rng.normal(0, (1.0 / (k * k * cin)) ** 0.5, (k, k, cin, cout)).astype(np.float32))
+    bias = tf.constant(rng.normal(0, 0.05, cout).astype(np.float32))
+    @tf.function(input_signature=[tf.TensorSpec([1, h, w, cin], tf.float32, name="x")])
+    def conv(x):
+        return tf.nn.elu(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), bias))
+    for precision in precisions:
+        path = f"{out}/conv{k}x{k}_{cin}to{cout}_{h}x{w}_{precision}.tflite"
+        if os.path.exists(path):
+            continue
+        c = tf.lite.TFLiteConverter.from_concrete_functions([conv.get_concrete_function()], conv)
+        if precision == "int8":
+            def rep():
+                for _ in range(4):
+                    yield [rng.uniform(-1, 1, (1, h, w, cin)).astype(np.float32)]
+            c.optimizations = [tf.lite.Optimize.DEFAULT]
+            c.representative_dataset = rep
+            c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            c.inference_input_type = tf.int8
+            c.inference_output_type = tf.int8
+        open(path + ".tmp", "wb").write(c.convert())
+        os.replace(path + ".tmp", path)
 """
 
 
-def build_conv_files(shape: ConvShape, out_dir: Path, precisions: Sequence[str] = PRECISIONS) -> Dict[str, Path]:
+def build_conv_files(shapes: Union[ConvShape, Sequence[ConvShape]], out_dir: Path,
+                     precisions: Sequence[str] = PRECISIONS) -> Dict:
     """One-convolution TFLite files (NHWC float32 input ``x`` (1,rows,cols,C_in), or int8 for ``int8``;
-    weights ~ N(0, 1/fan_in), fixed seed) in ``out_dir``; files already there are reused.
-    Returns {precision: path}."""
+    weights ~ N(0, 1/fan_in), fixed seed) in ``out_dir``; files already there are reused. The missing ones
+    are built in one child process (TensorFlow's import costs seconds).
+    Returns {precision: path} for one shape, {(shape, precision): path} for a sequence of them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {p: out_dir / f"{shape.name(p)}.tflite" for p in precisions}
-    missing = [p for p, path in paths.items() if not path.exists()]
+    many = not isinstance(shapes, ConvShape)
+    shapes = list(shapes) if many else [shapes]
+    paths = {(s, p): out_dir / f"{s.name(p)}.tflite" for s in shapes for p in precisions}
+    missing = [s for s in shapes if any(not paths[(s, p)].exists() for p in precisions)]
     if missing:
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        args = [str(v) for v in (shape.kernel, shape.in_channels, shape.out_channels, shape.rows, shape.cols)]
-        proc = subprocess.run([sys.executable, "-c", _BUILD_CONV, *args, str(out_dir), ",".join(missing)],
+        args = [",".join(str(v) for v in (s.kernel, s.in_channels, s.out_channels, s.rows, s.cols)) for s in missing]
+        proc = subprocess.run([sys.executable, "-c", _BUILD_CONV, str(out_dir), ",".join(precisions), *args],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"building the {shape.describe()} convolution files failed: {tail[0]}")
-    return paths
+            raise RuntimeError(f"building the {', '.join(s.describe() for s in missing)} convolution files failed: "
+                               f"{tail[0]}")
+    return paths if many else {p: path for (_, p), path in paths.items()}
 
 
 def ceiling_precision(precision: str) -> str:

@@ -245,16 +245,16 @@ def plan_roofline(cfg: BenchConfig, checkpoint: Optional[Path], shapes: List[str
     from models.gmcnn import conv_layers
 
     gen = load_generator(checkpoint)
+    convs = {key: dominant_convs(conv_layers(gen, *(int(v) for v in key.split("x")))) for key in shapes}
+    try:  # every shape's files in one child process
+        files = build_conv_files(list(dict.fromkeys(c for cs in convs.values() for c in cs)), cache / "roofline")
+    except (RuntimeError, OSError) as exc:
+        meta["skipped"].append(f"XNNPACK convolution ceiling: {exc}")
+        return []
     specs = []
-    for key in shapes:
-        h, w = (int(v) for v in key.split("x"))
-        files = {}
-        for conv in dominant_convs(conv_layers(gen, h, w)):
-            try:
-                files.update({(conv, p): f for p, f in build_conv_files(conv, cache / "roofline").items()})
-            except (RuntimeError, OSError) as exc:
-                meta["skipped"].append(f"XNNPACK convolution ceiling {conv.describe()}: {exc}")
-        specs += roofline_specs(key, files, cfg.threads, cfg.warmup, cfg.runs)
+    for key, cs in convs.items():
+        specs += roofline_specs(key, {(c, p): f for (c, p), f in files.items() if c in cs}, cfg.threads, cfg.warmup,
+                                cfg.runs)
     return specs
 
 
