@@ -103,6 +103,10 @@ peak_args=()
 if [ "$peak_shape" != none ]; then
     # the export's own held-out samples (photos, masks, preparation), as `python -m export.activations` uses them
     peak_file="$(dirname "$run")/peak_samples_${peak_shape}.npz"
+    if [ -f "$peak_file" ]; then
+        # an earlier call on this machine made it (same photos, masks and seed; written atomically)
+        echo "peak samples: reusing $peak_file"
+    else
     "$python" - "$peak_shape" "$peak_file" <<'PY'
 import sys
 from export.api import HOLDOUT_MASKS_PER_PHOTO
@@ -114,6 +118,7 @@ s = load_samples(HOLDOUT_DIR, parse_shape(sys.argv[1]), HOLDOUT_MASKS_PER_PHOTO,
 save_samples(sys.argv[2], s.images, s.masks, s.names)
 print(f"peak samples: {len(s)} at {sys.argv[1]} ({', '.join(s.names)})")
 PY
+    fi
     peak_args=(--peak-samples "$peak_file")
 fi
 

@@ -467,7 +467,7 @@ def test_device_script_dry_run_packs_trains_resumes_and_hands_back_pieces(tmp_pa
     second = subprocess.run(["bash", "models/train_on_device.sh"], cwd=repo, capture_output=True, text=True,
                             env={**env, "GMCNN_TRAIN_MAX_STEPS": "6", "GMCNN_TRAIN_LR": "1e-4"}, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "continuing the run" in second.stdout
+    assert "continuing the run" in second.stdout and "peak samples: reusing" in second.stdout
     assert json.loads((out / "summary.json").read_text())["step"] == 6
     # without packed photos the script says what to do, in one line
     missing = subprocess.run(["bash", "models/train_on_device.sh"], cwd=repo, capture_output=True, text=True,
