@@ -482,8 +482,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         results = backends.convert_all(mod, list(jobs.values()), progress=show)
         for k, job in jobs.items():
             res = results[job.key]
-            built[k] = fallback.Candidate(k, res.path, dict(res.details), error=res.error or "")
-            built[k].res = res
+            built[k] = fallback.Candidate(k, res.path, dict(res.details), conversion=res)
         return {k: built[k] for k in ks}
 
     def check(c):
@@ -511,7 +510,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             "search": [{"layers": c.k, "hole_psnr_db": c.result.hole_psnr_db, "passed": c.result.passed}
                        for c in gated if c.result is not None],
             "price": price, **(winner.details.get("fallback") or {})}}
-        accept(p, mod, winner.res, winner.result, record)
+        accept(p, mod, winner.conversion, winner.result, record)
     finally:
         for c in built.values():
             if c.path is not None and c is not winner:

@@ -21,7 +21,7 @@ When an artifact of a precision its backend lists in ``FALLBACK_PRECISIONS`` fai
 3. writes the passing candidate under the artifact's name, its manifest entry recording the
    layers kept float, their sensitivity, the share of convolution MACs still quantized, the
    search, and the price beside the pure file: size, latency and peak RSS, measured in one run
-   each (``export.measure.measure_file``);
+   each (``benchmarks.measure.measure_file``, passed in by the command line);
 4. or, when even the limit's candidate fails, fails the artifact with the top layers and their
    sensitivity and the options that change the outcome.
 """
@@ -54,7 +54,7 @@ class Candidate:
     path: object  # Path of the converted file, or None when the conversion failed
     details: dict
     result: object = None  # ParityResult once gated
-    error: str = ""
+    conversion: object = None  # the backend's ConvertResult, which accepting the winner moves into place
 
 
 class SensitivityCache:
@@ -118,7 +118,7 @@ def search(ks_first: Sequence[int], build: Callable[[Sequence[int]], Dict[int, C
         lo = k
     if hi is None:
         return None, gated
-    between = [k for k in range(lo + 1, hi.k)]
+    between = list(range(lo + 1, hi.k))
     if between:
         built = build(between)
         a, b = 0, len(between)  # passing k lies in between[a:b] or is hi
