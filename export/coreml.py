@@ -124,6 +124,19 @@ def weight_const_names(mlmodel, modules) -> Dict[str, str]:
     return out
 
 
+def check_keep_float(generator, modules) -> None:
+    """UserError, before anything is converted, for a name in ``modules`` that is not a convolution of
+    ``generator`` (module names as ``generator.named_modules()`` gives them): it can have no weight constant
+    to keep fp16. :func:`weight_const_names` then finds each one's constant in the converted program."""
+    import torch
+
+    convolutions = {name for name, module in generator.named_modules() if isinstance(module, torch.nn.Conv2d)}
+    for module in modules:
+        if module not in convolutions:
+            raise UserError(f"convolution {module} has no unique weight constant in the Core ML program: "
+                            "the generator has no convolution of that name")
+
+
 def compress(mlmodel, precision: str, keep_float=()):
     """Apply the weight compression of ``precision`` to a converted fp16 ML program; the weights of
     the generator convolutions named in ``keep_float`` stay fp16 (w8)."""
@@ -335,6 +348,8 @@ def convert_generator(generator, shape: Tuple[int, int], precision: str, io: str
         check_shape(generator.meta.variant, h, w)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if keep_float:
+        check_keep_float(generator, keep_float)
     ct = _ct()
     say = progress or (lambda _msg: None)
     say(f"coreml {h}x{w} {precision} {io}: tracing")

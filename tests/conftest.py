@@ -65,7 +65,8 @@ def pytest_configure(config):
 SHARED = {
     "tiny_mixed_export": ("tests/test_export_reference.py", "tests/test_export_tflite.py"),  # the fixture below
     "coreml_fixtures": ("tests/test_coreml_export.py", "tests/test_golden.py",  # coreml_fixtures.tiny_artifact's
-                        "tests/test_artifact_check.py"),                        # conversions
+                        "tests/test_artifact_check.py",                         # conversions, and coremltools'
+                        "tests/test_mil_executor.py"),                          # import (~10 s of CPU)
 }
 _UNIT_OF_MODULE = {module: unit for unit, modules in SHARED.items() for module in modules}
 

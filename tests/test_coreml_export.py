@@ -206,6 +206,28 @@ def test_kmeans_palette():
     np.testing.assert_array_equal(idx6, np.abs(w6[:, None] - lut6[None, :]).argmin(axis=1))  # nearest centre
 
 
+def test_weight_constants_are_found_by_the_traced_parameter_path():
+    """weight_const_names on a program's convolutions (stand-ins: it reads only each op's type and the name of
+    the op making its weight): the one constant ending in the module's path; none or two is a UserError."""
+    from types import SimpleNamespace as Op
+
+    from export.coreml import weight_const_names
+
+    def conv(weight):
+        return Op(op_type="conv", inputs={"weight": Op(op=Op(name=weight))})
+
+    ops = [conv("generator_net_layers_b1conv1_weight_to_fp16"), conv("generator_net_layers_b1conv10_weight_to_fp16"),
+           Op(op_type="elu", inputs={}), conv("generator_net_layers_b2conv1_weight_to_fp16"),
+           conv("copy_net_layers_b2conv1_weight_to_fp16")]
+    model = Op(_mil_program=Op(functions={"main": Op(operations=ops)}))
+    assert weight_const_names(model, ["net.layers.b1conv1", "net.layers.b1conv10"]) == {
+        "net.layers.b1conv1": "generator_net_layers_b1conv1_weight_to_fp16",
+        "net.layers.b1conv10": "generator_net_layers_b1conv10_weight_to_fp16"}
+    for missing_or_twice in ("net.layers.b3conv1", "net.layers.b2conv1"):
+        with pytest.raises(UserError, match=f"convolution {missing_or_twice} has no unique weight constant"):
+            weight_const_names(model, [missing_or_twice])
+
+
 @pytest.mark.skipif(platform.system() != "Darwin", reason="Core ML predict runs only on macOS")
 @pytest.mark.parametrize("precision,io", [("fp16", "tensor"), ("w8", "tensor"), ("w8", "image")])
 def test_reference_executor_matches_real_coreml(precision, io):

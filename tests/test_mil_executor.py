@@ -7,12 +7,18 @@ wiring between the milproto loader and the op implementations is tested too.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from runtime_py import mil_ops as ops
+
+# Not importorskip: importing coremltools (it imports TensorFlow) costs ~10 s of CPU, and every xdist worker collects
+# every module; the tests that build programs import it (tests/conftest.py runs them in the Core ML tests' worker).
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("coremltools") is None, reason="could not import 'coremltools'")
 
 
 def rng(seed=0):
@@ -232,11 +238,10 @@ def test_lut_to_dense_6bit_roundtrip():
 
 # ---------------------------------------------------------------------------------- whole programs via the loader
 
-ct = pytest.importorskip("coremltools")
-
-
 def _save_program(prog, tmp_path, name):
     import warnings
+
+    import coremltools as ct
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -249,6 +254,7 @@ def _save_program(prog, tmp_path, name):
 
 def test_builder_program_through_loader(tmp_path):
     """pad(reflect) -> dilated grouped conv -> elu -> bilinear x2 (align corners), in fp16, end to end."""
+    import coremltools as ct
     from coremltools.converters.mil import Builder as mb
 
     from runtime_py.mil_executor import load_program
@@ -288,6 +294,7 @@ def test_fast_and_exact_paths_agree_on_a_tiny_program(tmp_path):
     they differ by fp32 summation order only. Measured on seeds 0-9: at most 0.00195, one fp16 ulp at the
     output's largest magnitude (2-4; near zero a cancelling sum can differ by many of its own tiny ulps),
     on at most 0.9 % of the outputs."""
+    import coremltools as ct
     from coremltools.converters.mil import Builder as mb
 
     from runtime_py.mil_executor import load_program
@@ -336,6 +343,7 @@ def test_executor_mode_is_checked(monkeypatch):
 
 
 def test_unknown_op_is_one_clear_error(tmp_path):
+    import coremltools as ct
     from coremltools.converters.mil import Builder as mb
 
     from runtime_py.mil_executor import UnsupportedOpError, load_program
