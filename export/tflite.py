@@ -124,7 +124,7 @@ def _export_sources(job: ConvertJob) -> Tuple[Path, Dict[str, str]]:
     from .onnx_export import export_onnx
     from .wrappers import wrap
 
-    work = Path(job.workdir)
+    work = Path(job.workdir).absolute()
     work.mkdir(parents=True, exist_ok=True)
     onnx_path = work / "model.onnx"
     cind = {"image": str(work / "cind_image.npy"), "mask": str(work / "cind_mask.npy")}
@@ -149,7 +149,8 @@ def convert_many(jobs: Sequence[ConvertJob], progress=None) -> Dict[str, Convert
     check_available()
     groups: Dict[Path, List[ConvertJob]] = collections.OrderedDict()
     for job in jobs:
-        groups.setdefault(Path(job.workdir), []).append(job)
+        # absolute: the worker runs in the repository root, not in the caller's folder (--out exported/)
+        groups.setdefault(Path(job.workdir).absolute(), []).append(job)
     results: Dict[str, ConvertResult] = {}
     plan = {"options": jobs[0].options.to_json(), "jobs": []}  # one export's jobs share its options
     by_out: Dict[str, ConvertJob] = {}
@@ -184,9 +185,10 @@ def convert_many(jobs: Sequence[ConvertJob], progress=None) -> Dict[str, Convert
                     except (OSError, ValueError) as exc:
                         results[job.key] = ConvertResult(None, error=f"fallback: {exc}")
                         continue
-            arts.append({"precision": job.precision, "io": job.io, "out": str(job.out), "calibration": calib,
+            out = str(Path(job.out).absolute())
+            arts.append({"precision": job.precision, "io": job.io, "out": out, "calibration": calib,
                          "quant": quant, "metadata": job.metadata})
-            by_out[str(job.out)] = job
+            by_out[out] = job
         if not arts:
             continue
         # fallback candidates come right after the pure file of the same run: its saved_model is reused

@@ -354,20 +354,22 @@ def test_interrupted_export_leaves_nothing_partial(tiny, tmp_path, monkeypatch):
     assert leftovers == [], leftovers
 
 
-def test_onnx2tf_failure_names_its_log(tmp_path):
-    """A broken ONNX file makes onnx2tf fail inside the worker: one error with the log path."""
+def test_onnx2tf_failure_names_its_log(tmp_path, monkeypatch):
+    """A broken ONNX file makes onnx2tf fail inside the worker: one error with the log path. The paths are
+    relative to the caller's folder (``--out exported/``), which is not the worker's: it finds its plan."""
     from export import tflite
     from export.backends import ConvertJob
     from export.samples import CALIBRATION_DIR, load_samples
 
-    work = tmp_path / "work"
+    monkeypatch.chdir(tmp_path)
+    work = Path("work")
     work.mkdir()
     (work / "model.onnx").write_bytes(b"not an onnx file")
     samples = load_samples(CALIBRATION_DIR, SHAPE, 1, limit=1)
     np.save(work / "cind_image.npy", samples.tensor_image())
     np.save(work / "cind_mask.npy", samples.tensor_mask())
     job = ConvertJob(key="k", generator=None, shape=SHAPE, precision="fp32", io="tensor", calibration=samples,
-                     workdir=work, out=tmp_path / "x.tflite")
+                     workdir=work, out=Path("x.tflite"))
     res = tflite.convert_many([job])["k"]
     assert res.path is None and not (tmp_path / "x.tflite").exists()
     assert "onnx2tf failed" in res.error and res.log and Path(res.log).is_file()
