@@ -192,7 +192,9 @@ def export_artifacts(checkpoint=None, out_dir: Union[str, os.PathLike] = "artifa
     without it (export never starts a benchmark process itself) the price has sizes only. The
     ``gmcnn-mobile`` command passes it. A function, not an option: nothing records it.
     """
-    from runtime_py.imageio import check_output_dir, make_output_dir
+    from runtime_py.imageio import check_output_dir
+
+    from .stages import GIB, StageLog
 
     t_start = time.time()
     out = Path(out_dir)
@@ -222,7 +224,21 @@ def export_artifacts(checkpoint=None, out_dir: Union[str, os.PathLike] = "artifa
             raise UserError(f"--precisions {','.join(precisions)} gives no artifact for {', '.join(empty)} ({makes}); "
                             f"add one of its precisions or leave {', '.join(empty)} out of --formats")
 
-    gen, ckpt_info = _resolve_checkpoint(checkpoint)
+    log = StageLog(int(options.memory_budget_gib * GIB))
+    try:
+        return _export(checkpoint, out, options, fmt_list, mods, per_format, measure=measure, log=log,
+                       t_start=t_start)
+    finally:
+        log.close()
+
+
+def _export(checkpoint, out: Path, options: ExportOptions, fmt_list, mods, per_format, *, measure, log,
+            t_start: float) -> Manifest:
+    """:func:`export_artifacts` after the request's checks: plan, make, gate, write (``log`` times each stage)."""
+    from runtime_py.imageio import make_output_dir
+
+    with log.stage("checkpoint"):
+        gen, ckpt_info = _resolve_checkpoint(checkpoint)
     variant, cnum = gen.meta.variant, gen.meta.cnum
     from models.gmcnn import check_shape
 
@@ -231,13 +247,13 @@ def export_artifacts(checkpoint=None, out_dir: Union[str, os.PathLike] = "artifa
             check_shape(variant, rows, cols)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-    for mod in mods.values():  # after the cheap checks: importing a format's tools can take seconds
-        mod.check_available()
-
-    calib_dir, holdout_dir = options.calibration_dir, options.holdout_dir
-    calib_digest, holdout_digest = photo_dir_digest(calib_dir), photo_dir_digest(holdout_dir)
-    tools = tool_versions()
-    code = _code_digest()
+    with log.stage("tools and plan"):
+        for mod in mods.values():  # after the cheap checks: importing a format's tools can take seconds
+            mod.check_available()
+        calib_dir, holdout_dir = options.calibration_dir, options.holdout_dir
+        calib_digest, holdout_digest = photo_dir_digest(calib_dir), photo_dir_digest(holdout_dir)
+        tools = tool_versions()
+        code = _code_digest()
 
     # ----- plan every artifact and its cache key
     plan: List[_Planned] = []
@@ -267,16 +283,8 @@ def export_artifacts(checkpoint=None, out_dir: Union[str, os.PathLike] = "artifa
         _remove(stale)
 
     reused: Dict[str, Artifact] = {}
-    if options.use_cache and (out / MANIFEST_NAME).is_file():
-        try:
-            old = {a.cache_key: a for a in load_manifest(out).artifacts if a.cache_key}
-        except UserError:
-            old = {}
-        for p in plan:
-            a = old.get(p.key)
-            if (a is not None and a.file == p.file and (out / a.file).exists() and options.reuses(a.build)
-                    and artifact_digest(out / a.file)[0] == a.sha256):
-                reused[p.key] = a
+    with log.stage("cache check"):
+        reused = _up_to_date(plan, out, options)
     todo = [p for p in plan if p.key not in reused]
 
     show = _Progress(options.progress, len(todo))
@@ -293,14 +301,43 @@ def export_artifacts(checkpoint=None, out_dir: Union[str, os.PathLike] = "artifa
     try:
         if todo:
             made, failures = _make(todo, gen=gen, ckpt_info=ckpt_info, mods=mods, out=out, options=options,
-                                   temps=temps, show=show, measure=measure)
+                                   temps=temps, show=show, measure=measure, log=log)
     finally:
         # anything of this run not renamed to its final name is removed, whatever happened
         for t in list(temps) + list(out.glob(f"{PARTIAL_PREFIX}{os.getpid()}-*")):
             if t.exists() or t.is_symlink():
                 _remove(t)
         show.close()
+    return _finish(plan, reused, made, failures, out=out, options=options, ckpt_info=ckpt_info, tools=tools,
+                   fmt_list=fmt_list, calib=(calib_dir, calib_digest), holdout=(holdout_dir, holdout_digest),
+                   t_start=t_start, show=show, log=log)
 
+
+def _up_to_date(plan: List["_Planned"], out: Path, options: ExportOptions) -> Dict[str, Artifact]:
+    """The planned artifacts the previous manifest in ``out`` describes and whose files are unchanged."""
+    reused: Dict[str, Artifact] = {}
+    if options.use_cache and (out / MANIFEST_NAME).is_file():
+        try:
+            old = {a.cache_key: a for a in load_manifest(out).artifacts if a.cache_key}
+        except UserError:
+            old = {}
+        for p in plan:
+            a = old.get(p.key)
+            if (a is not None and a.file == p.file and (out / a.file).exists() and options.reuses(a.build)
+                    and artifact_digest(out / a.file)[0] == a.sha256):
+                reused[p.key] = a
+    return reused
+
+
+def _finish(plan, reused, made, failures, *, out: Path, options: ExportOptions, ckpt_info, tools, fmt_list, calib,
+            holdout, t_start: float, show, log) -> Manifest:
+    """Write the manifest and the stage report, clear the work folder, raise ExportFailed for failures."""
+    from .stages import table, write_report
+
+    (calib_dir, calib_digest), (holdout_dir, holdout_digest) = calib, holdout
+    masks_per_photo = options.calibration_masks_per_photo
+    precisions = options.precisions
+    work_root = out / WORK_DIR_NAME
     artifacts = [reused.get(p.key) or made.get(p.key) for p in plan]
     artifacts = [a for a in artifacts if a is not None]
     manifest = Manifest(
@@ -322,6 +359,10 @@ def export_artifacts(checkpoint=None, out_dir: Union[str, os.PathLike] = "artifa
     write_manifest(manifest, out)
     if not failures and not options.keep_work and work_root.exists():
         shutil.rmtree(work_root, ignore_errors=True)
+    report = log.finish()
+    write_report(report, out, PARTIAL_PREFIX)
+    if options.progress:
+        print(table(report), file=sys.stderr, flush=True)
     show(f"export: done in {time.time() - t_start:.1f}s ({len(made)} made, {len(reused)} reused, "
          f"{len(failures)} failed) -> {out / MANIFEST_NAME}")
     if failures:
@@ -339,11 +380,17 @@ def write_manifest(manifest: Manifest, out: Path) -> Path:
 
 
 def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temps: List[Path], show,
-          measure: Optional[Callable] = None):
-    """Convert, gate and move into place every planned artifact; returns (made, failures)."""
+          measure: Optional[Callable] = None, log=None):
+    """Convert, gate and move into place every planned artifact; returns (made, failures).
+
+    ``log`` (:class:`export.stages.StageLog`) times every stage; its budget decides whether the TFLite
+    worker converts while this process converts and gates the other formats (:func:`export.stages.side_by_side`)."""
     from models.gmcnn import count_macs
 
     from .fallback import SensitivityCache
+    from .stages import StageLog, activation_values, side_by_side
+
+    log = log if log is not None else StageLog()
 
     made: Dict[str, Artifact] = {}
     failures: Dict[str, str] = {}
@@ -360,8 +407,9 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     for p in todo:
         if p.shape not in calib:
             show(f"samples {p.shape[0]}x{p.shape[1]}: calibration from {calib_dir}, holdout from {holdout_dir}")
-            calib[p.shape] = load_samples(calib_dir, p.shape, options.calibration_masks_per_photo, seed=1)
-            hold[p.shape] = load_samples(holdout_dir, p.shape, HOLDOUT_MASKS_PER_PHOTO, seed=2)
+            with log.stage(f"samples {p.shape[0]}x{p.shape[1]}"):
+                calib[p.shape] = load_samples(calib_dir, p.shape, options.calibration_masks_per_photo, seed=1)
+                hold[p.shape] = load_samples(holdout_dir, p.shape, HOLDOUT_MASKS_PER_PHOTO, seed=2)
     sensitivity = SensitivityCache(gen, hold, show)
 
     def job_for(p: _Planned, mod, extra: Optional[dict] = None, suffix: str = "") -> backends.ConvertJob:
@@ -383,10 +431,12 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         if p.shape not in refs:
             show(f"parity {p.shape[0]}x{p.shape[1]}: PyTorch fp32 reference on {len(hold[p.shape])} holdout samples")
             t0 = time.time()
-            refs[p.shape] = parity.reference_outputs_and_peak(gen, hold[p.shape])
+            with log.stage(f"reference {p.shape[0]}x{p.shape[1]}"):
+                refs[p.shape] = parity.reference_outputs_and_peak(gen, hold[p.shape])
             show(f"parity {p.shape[0]}x{p.shape[1]}: reference ready ({time.time() - t0:.1f}s)")
         t0 = time.time()
-        outputs, executor = mod.run(path, p.io, hold[p.shape], threads)
+        with log.stage(f"gate {Path(path).name.replace(f'{PARTIAL_PREFIX}{os.getpid()}-', '')}"):
+            outputs, executor = mod.run(path, p.io, hold[p.shape], threads)
         if outputs is None:
             return ParityResult(executor="structural-only", samples=0, tolerance=p.tolerance, passed=True,
                                 note=executor)
@@ -402,8 +452,9 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     def accept(p: _Planned, mod, res, result: ParityResult, quantization: Optional[dict] = None) -> None:
         if p.shape not in gmacs:
             gmacs[p.shape] = round(count_macs(gen, *p.shape) / 1e9, 4)
-        inputs, outputs_info = mod.describe(res.path, p.io, p.shape)
-        inv = mod.inventory(res.path, threads, res.details)
+        with log.stage(f"describe {p.file}"):
+            inputs, outputs_info = mod.describe(res.path, p.io, p.shape)
+            inv = mod.inventory(res.path, threads, res.details)
         final = out / p.file
         sha, size = artifact_digest(res.path)
         if final.exists() or final.is_symlink():
@@ -426,14 +477,14 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         show(f"{p.file}: ok (max abs {result.max_abs if result.max_abs is not None else float('nan'):.2g}, "
              f"hole PSNR {hole}, {size / 1e6:.2f} MB)")
 
-    for fmt in dict.fromkeys(p.fmt for p in todo):
-        mod = mods[fmt]
-        jobs, by_key = [], {}
-        for p in (q for q in todo if q.fmt == fmt):
-            jobs.append(job_for(p, mod))
-            by_key[p.key] = p
-        results = backends.convert_all(mod, jobs, progress=show)
+    def start(fmt: str):
+        """The format's conversions, started (a backend with a worker process keeps converting in the background)."""
+        jobs = [job_for(p, mods[fmt]) for p in todo if p.fmt == fmt]
+        return jobs, backends.start_all(mods[fmt], jobs, progress=show, stages=log)
 
+    def gate_all(fmt: str, jobs, results) -> None:
+        mod = mods[fmt]
+        by_key = {p.key: p for p in todo if p.fmt == fmt}
         pending = []
         for job in jobs:
             p = by_key[job.key]
@@ -457,21 +508,51 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                 show.step()
         for p, res, result in pending:
             try:
-                _fallback(p, mod, res, result, sensitivity, job_for, gate, accept, failures, options, show, measure)
+                _fallback(p, mod, res, result, sensitivity, job_for, gate, accept, failures, options, show, measure,
+                          log)
             finally:
                 _remove(res.path)
                 show.step()
+
+    formats = list(dict.fromkeys(p.fmt for p in todo))
+    background = [f for f in formats if hasattr(mods[f], "start_many")]
+    together = False
+    if background and len(formats) > 1:
+        together, why = side_by_side(log.budget_bytes, activation_values(gen, {p.shape for p in todo}))
+        log.schedule[f"{', '.join(background)} conversion and {', '.join(f for f in formats if f not in background)}"] = why
+        show(f"schedule: {why}")
+    if together:  # the worker converts while this process converts and gates the other formats
+        formats = background + [f for f in formats if f not in background]
+    started, later = [], []
+    try:
+        for fmt in formats:
+            started.append((fmt, *start(fmt)))
+            if together and fmt in background:
+                later.append(started[-1])
+            else:
+                gate_all(*started[-1][:2], started[-1][2].wait())
+        for fmt, jobs, conversion in later:
+            gate_all(fmt, jobs, conversion.wait())
+    finally:
+        for _, _, conversion in started:
+            conversion.cancel()  # stops a worker still converting (an interrupted export); at once otherwise
     return made, failures
 
 
 def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, failures, options, show,
-              measure=None) -> None:
+              measure=None, log=None) -> None:
     """Keep the fewest most sensitive layers of a failing quantized file in float (export.fallback)."""
+    import contextlib
+
     from . import fallback
+
+    def stage(name):
+        return log.stage(f"fallback {name} {p.file}") if log is not None else contextlib.nullcontext()
 
     limit_db = p.tolerance.get("min_hole_psnr_db", 0.0)
     samples = fallback.failing_samples(pure_result, limit_db)
-    ranking = sensitivity.ranking(p.shape, fallback.SENSITIVITY_ROUNDING[p.precision], samples)
+    with stage("sensitivity"):
+        ranking = sensitivity.ranking(p.shape, fallback.SENSITIVITY_ROUNDING[p.precision], samples)
     limit = min(options.fallback_limit, len(ranking))
     show(f"{p.file}: most sensitive layers: " + ", ".join(f"{n} {db:.1f} dB" for n, db in ranking[:5]))
     built: Dict[int, fallback.Candidate] = {}
@@ -479,7 +560,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     def build(ks):
         jobs = {k: job_for(p, mod, {"keep_float": [n for n, _ in ranking[:k]]}, suffix=f"k{k}-") for k in ks}
         show(f"{p.file}: converting {len(ks)} candidate(s) keeping {', '.join(str(k) for k in ks)} layer(s) float")
-        results = backends.convert_all(mod, list(jobs.values()), progress=show)
+        results = backends.convert_all(mod, list(jobs.values()), progress=show, stages=log)
         for k, job in jobs.items():
             res = results[job.key]
             built[k] = fallback.Candidate(k, res.path, dict(res.details), conversion=res)
@@ -500,7 +581,8 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             show(f"{p.file}: FAILED ({failures[p.file]})")
             return
         t0 = time.time()
-        price = fallback.price(pure.path, winner.path, options.threads, p.fmt, measure)
+        with stage("price"):
+            price = fallback.price(pure.path, winner.path, options.threads, p.fmt, measure)
         show(f"{p.file}: priced against the pure file ({time.time() - t0:.1f}s)")
         kept = [{"layer": n, "snr_db": round(db, 2)} for n, db in ranking[:winner.k]]
         record = {"fallback": {

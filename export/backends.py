@@ -10,9 +10,12 @@ its tools), and
 * ``convert(job: ConvertJob) -> Path`` -- write the artifact at ``job.out`` (a temporary
   name chosen by the orchestration; the backend never writes final names) and return it,
   or ``(path, details)`` with a dict for the manifest (e.g. a calibration report).
-  A backend may also define ``convert_many(jobs, progress) -> Dict[str, ConvertResult]``
+  A backend may also define ``convert_many(jobs, progress, stages) -> Dict[str, ConvertResult]``
   to share work between jobs (TFLite converts every precision of one shape and I/O
-  signature from one saved_model); otherwise ``convert`` is called per job.
+  signature from one saved_model); otherwise ``convert`` is called per job. A backend whose
+  conversion runs in a child process may define ``start_many`` (same arguments), which returns
+  at once with an object whose ``wait()`` gives those results and ``cancel()`` stops it: the
+  export then converts and gates another format meanwhile, when the memory budget allows.
 * ``describe(path, io, shape) -> (inputs, outputs)`` -- lists of
   :class:`runtime_py.manifest.TensorInfo`.
 * ``inventory(path, threads) -> dict`` -- op inventory for the manifest (format specific
@@ -112,19 +115,23 @@ def available_formats() -> Tuple[str, ...]:
     return tuple(out)
 
 
-def convert_all(backend: ModuleType, jobs, progress=None) -> Dict[str, ConvertResult]:
-    """Run ``jobs`` through ``backend`` (its ``convert_many`` when it has one)."""
+def convert_all(backend: ModuleType, jobs, progress=None, stages=None) -> Dict[str, ConvertResult]:
+    """Run ``jobs`` through ``backend`` (its ``convert_many`` when it has one). ``stages``: the export's
+    :class:`export.stages.StageLog`, which times each conversion (and measures its peak memory)."""
     if hasattr(backend, "convert_many"):
-        return backend.convert_many(jobs, progress=progress)
+        return backend.convert_many(jobs, progress=progress, stages=stages)
+    import contextlib
     import time
 
     results = {}
     for job in jobs:
         t0 = time.time()
+        name = f"{backend.NAME} {job.shape[0]}x{job.shape[1]} {job.io} {job.precision}"
         if progress:
-            progress(f"{backend.NAME} {job.shape[0]}x{job.shape[1]} {job.io} {job.precision}: converting")
+            progress(f"{name}: converting")
         try:
-            path = backend.convert(job)
+            with stages.stage(f"convert {name}") if stages is not None else contextlib.nullcontext():
+                path = backend.convert(job)
             details = {}
             if isinstance(path, tuple):  # (path, details), e.g. a calibration report
                 path, details = path
@@ -134,3 +141,22 @@ def convert_all(backend: ModuleType, jobs, progress=None) -> Dict[str, ConvertRe
         except Exception as exc:  # one artifact failing must not stop the others
             results[job.key] = ConvertResult(None, time.time() - t0, error=f"{type(exc).__name__}: {exc}")
     return results
+
+
+def start_all(backend: ModuleType, jobs, progress=None, stages=None):
+    """Start ``jobs`` (the backend's ``start_many`` when it has one, else :func:`convert_all` now); returns an
+    object whose ``wait()`` gives the results and ``cancel()`` stops what still runs."""
+    if hasattr(backend, "start_many"):
+        return backend.start_many(jobs, progress=progress, stages=stages)
+    return _Done(convert_all(backend, jobs, progress=progress, stages=stages))
+
+
+class _Done:
+    def __init__(self, results: Dict[str, ConvertResult]):
+        self.results = results
+
+    def wait(self) -> Dict[str, ConvertResult]:
+        return self.results
+
+    def cancel(self) -> None:
+        pass

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime_py.cli import HelpFormatter, comma_list, int_at_least, keyword_or, shape_list
+from runtime_py.cli import HelpFormatter, comma_list, int_at_least, keyword_or, positive_float, shape_list
 
 from .options import PAD_MODES, RANGE_METHODS, UPSAMPLE_MODES, ExportOptions, default_of, help_of
 
@@ -60,6 +60,8 @@ def register(sub) -> None:
                         "(int8, int8-dynamic), e.g. int8=30, for a model whose activations int8 cannot hold as "
                         "well as the measured default assumes; repeatable; the limit used is recorded per artifact "
                         "in the manifest (default: docs/TOLERANCES.md)")
+    p.add_argument("--memory-budget-gib", type=positive_float, default=default_of("memory_budget_gib"),
+                   metavar="GIB", help=help_of("memory_budget_gib"))
     p.add_argument("--no-cache", action="store_true", help=_switched_off("use_cache"))
     p.add_argument("--keep-work", action="store_true", default=default_of("keep_work"), help=help_of("keep_work"))
     p.add_argument("--quiet", action="store_true", help=_switched_off("progress"))
@@ -105,7 +107,8 @@ def options_from_args(args, formats, precisions) -> ExportOptions:
         int8_tail=not args.no_int8_tail, range_method=args.range_method,
         quant_fallback=args.quant_fallback == "on", fallback_limit=args.quant_fallback_limit,
         tolerances=hole_psnr_overrides(args.min_hole_psnr or [], args.io) or None,
-        use_cache=not args.no_cache, keep_work=args.keep_work, progress=not args.quiet)
+        use_cache=not args.no_cache, keep_work=args.keep_work, memory_budget_gib=args.memory_budget_gib,
+        progress=not args.quiet)
 
 
 def _terminate_as_interrupt(signum, frame):

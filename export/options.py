@@ -32,6 +32,8 @@ PAD_MODES = ("slices", "mirror_pad")
 UPSAMPLE_MODES = ("resize", "depth_to_space")
 RANGE_METHODS = (METHODS[0], "auto") + METHODS[1:]  # the default first
 CALIBRATION_MASKS_PER_PHOTO = 3
+# Issue 17: a full default export on a laptop-sized CI runner (8 GiB) leaves room for the rest of the machine.
+DEFAULT_MEMORY_BUDGET_GIB = 6.0
 
 
 def default_threads() -> int:
@@ -92,6 +94,11 @@ class ExportOptions:
                                      "cycle); tests lower it to save time")
     use_cache: bool = _opt(True, "reuse an up-to-date artifact instead of converting it again")
     keep_work: bool = _opt(False, "keep DIR/.work (ONNX, saved_model, logs) after success")
+    memory_budget_gib: float = _opt(
+        DEFAULT_MEMORY_BUDGET_GIB, "peak resident memory the export may use, GiB: the TFLite worker and the Core ML "
+                                   "conversions and gates run side by side only when their estimated peaks fit in "
+                                   "it together, else one after the other (the report at the end gives each "
+                                   "stage's measured peak)")
     progress: bool = _opt(True, "show progress (stage lines and a bar on stderr)")
 
     def __post_init__(self):
@@ -124,6 +131,8 @@ class ExportOptions:
             raise UserError(f"threads must be >= 1, got {self.threads}")
         if self.fallback_limit < 1:
             raise UserError(f"the fallback limit must be at least 1 layer, got {self.fallback_limit!r}")
+        if not self.memory_budget_gib > 0:
+            raise UserError(f"the memory budget must be a positive number of GiB, got {self.memory_budget_gib!r}")
         if self.calibration_masks_per_photo < 1:
             raise UserError(f"calibration masks per photo must be >= 1, got {self.calibration_masks_per_photo}")
         choices = {"pad mode": (self.pad_mode, PAD_MODES), "upsample mode": (self.upsample_mode, UPSAMPLE_MODES),

@@ -144,8 +144,54 @@ def network_feed(samples, io: str) -> Tuple[np.ndarray, np.ndarray]:
     return samples.images.astype(np.float32), samples.masks.astype(np.float32)
 
 
-def convert_many(jobs: Sequence[ConvertJob], progress=None) -> Dict[str, ConvertResult]:
+def convert_many(jobs: Sequence[ConvertJob], progress=None, stages=None) -> Dict[str, ConvertResult]:
     """Convert all jobs with one TensorFlow process; jobs sharing a workdir share one saved_model."""
+    return start_many(jobs, progress, stages).wait()
+
+
+class Conversion:
+    """The TFLite worker converting in the background (:func:`start_many`): ``wait()`` gives the results,
+    ``cancel()`` stops the worker (an interrupted export)."""
+
+    def __init__(self, results: Dict[str, ConvertResult], run=None):
+        self.results = results
+        self._error: Optional[BaseException] = None
+        self._proc: list = []
+        self._thread = None
+        if run is not None:
+            import threading
+
+            self._thread = threading.Thread(target=self._run, args=(run,), name="tflite-worker", daemon=True)
+            self._thread.start()
+
+    def _run(self, run) -> None:
+        try:
+            self.results.update(run(self._proc))
+        except BaseException as exc:  # handed to the waiting thread
+            self._error = exc
+
+    def wait(self) -> Dict[str, ConvertResult]:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.results
+
+    def cancel(self) -> None:
+        while True:  # the worker may be starting right now: kill whatever has started until the thread ends
+            for proc in self._proc:
+                if proc.poll() is None:
+                    proc.kill()
+            if self._thread is None:
+                return
+            self._thread.join(timeout=0.5)
+            if not self._thread.is_alive():
+                return
+
+
+def start_many(jobs: Sequence[ConvertJob], progress=None, stages=None) -> Conversion:
+    """:func:`convert_many` with the TensorFlow worker left running in the background: the ONNX files
+    are made here (this thread: PyTorch), then the worker starts and this returns at once."""
     check_available()
     groups: Dict[Path, List[ConvertJob]] = collections.OrderedDict()
     for job in jobs:
@@ -159,7 +205,8 @@ def convert_many(jobs: Sequence[ConvertJob], progress=None) -> Dict[str, Convert
         _progress(progress, f"tflite {first.shape[0]}x{first.shape[1]} {first.io}: PyTorch -> ONNX (opset 17) + onnxsim")
         t0 = time.time()
         try:
-            onnx_path, cind = _export_sources(first)
+            with _stage(stages, f"onnx + onnxsim {first.shape[0]}x{first.shape[1]} {first.io}"):
+                onnx_path, cind = _export_sources(first)
         except Exception as exc:
             for job in group:
                 results[job.key] = ConvertResult(None, error=f"ONNX export failed: {type(exc).__name__}: {exc}")
@@ -197,11 +244,21 @@ def convert_many(jobs: Sequence[ConvertJob], progress=None) -> Dict[str, Convert
                              "reuse_saved_model": reuse,
                              "saved_model": str(work / "saved_model"), "log": str(work / "tflite_worker.log"),
                              "cind": cind, "artifacts": arts})
-    if plan["jobs"]:
-        results.update(_run_worker(plan, by_out, progress))
-    for job in jobs:
-        results.setdefault(job.key, ConvertResult(None, error="the conversion produced no file"))
-    return results
+    def run(procs):
+        out = _run_worker(plan, by_out, progress, stages, procs) if plan["jobs"] else {}
+        for job in jobs:
+            if job.key not in results and job.key not in out:
+                out[job.key] = ConvertResult(None, error="the conversion produced no file")
+        return out
+
+    return Conversion(results, run)
+
+
+def _stage(stages, name: str):
+    """``stages.stage(name)`` (an :class:`export.stages.StageLog`), or nothing."""
+    import contextlib
+
+    return stages.stage(name) if stages is not None else contextlib.nullcontext()
 
 
 def conv_nodes_of(generator, model_bytes: bytes) -> Dict[str, str]:
@@ -258,7 +315,9 @@ def float_nodes(generator, work: Path, precision: str, keep_float: Sequence[str]
 EVENT_PREFIX = "@@gmcnn "
 
 
-def _run_worker(plan: dict, by_out: Dict[str, ConvertJob], progress) -> Dict[str, ConvertResult]:
+def _run_worker(plan: dict, by_out: Dict[str, ConvertJob], progress, stages=None,
+                procs: Optional[list] = None) -> Dict[str, ConvertResult]:
+    """Run the worker on ``plan`` (its process appended to ``procs``); each stage it reports goes to ``stages``."""
     work = Path(plan["jobs"][0]["saved_model"]).parent
     plan_path = work / "tflite_plan.json"
     plan_path.write_text(json.dumps(plan, indent=1))
@@ -272,6 +331,17 @@ def _run_worker(plan: dict, by_out: Dict[str, ConvertJob], progress) -> Dict[str
     with open(stderr_path, "wb") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "export.tflite_worker", str(plan_path)], stdout=subprocess.PIPE,
                                 stderr=stderr, env=env, cwd=str(root))
+        if procs is not None:
+            procs.append(proc)
+        if stages is not None:
+            from .stages import TFLITE_WORKER
+
+            stages.watch(proc.pid, TFLITE_WORKER)
+
+        def record(name, ev, seconds=None):
+            if stages is not None and "peak_rss" in ev:
+                stages.add(name, TFLITE_WORKER, ev["t_start"] - stages.t0,
+                           ev["seconds"] if seconds is None else seconds, ev["peak_rss"])
         try:
             for raw in proc.stdout:
                 line = raw.decode(errors="replace").rstrip("\n")
@@ -284,8 +354,14 @@ def _run_worker(plan: dict, by_out: Dict[str, ConvertJob], progress) -> Dict[str
                 elif kind == "stage_done":
                     label = f"tflite {ev['job']}: " if ev.get("job") else "tflite: "
                     _progress(progress, f"{label}{ev['stage']} done ({ev['seconds']:.1f}s)")
+                    record(f"{ev['stage']} {ev['job']}", ev)
                 elif kind == "artifact":
                     job = by_out[ev["out"]]
+                    inner = ev.get("inner_stages") or []
+                    for sub in inner:
+                        record(f"{sub['stage']} {ev['job']} {job.precision}", sub)
+                    record(f"convert tflite {ev['job']} {job.precision}", ev,
+                           ev["seconds"] - sum(sub["seconds"] for sub in inner))
                     details = {"inventory_converter": ev["inventory_converter"], "postpass": ev["postpass"],
                                "analyzer": ev["analyzer"]}
                     results[job.key] = ConvertResult(Path(ev["out"]), ev["seconds"], details)
@@ -302,6 +378,9 @@ def _run_worker(plan: dict, by_out: Dict[str, ConvertJob], progress) -> Dict[str
             proc.kill()
             proc.wait()
             raise
+        finally:
+            if stages is not None:
+                stages.unwatch(proc.pid)
     for spec in plan["jobs"]:
         for art in spec["artifacts"]:
             job = by_out[art["out"]]

@@ -37,6 +37,8 @@ import sys
 import time
 import traceback
 
+from runtime_py.memory import peak_rss_bytes, reset_peak_rss
+
 from .options import ExportOptions
 from .tflite import EVENT_PREFIX
 
@@ -69,6 +71,39 @@ def _log_to(path: str):
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+
+
+class _Meter:
+    """This process's peak resident memory per stage (``VmHWM``, restarted at each stage), and the stages measured
+    inside another (calibration inside a conversion): the outer stage's peak is carried across them."""
+
+    def __init__(self):
+        self.carried = 0
+        self.inner: list = []
+
+    def start(self) -> float:
+        self.carried = 0
+        self.inner = []
+        reset_peak_rss()
+        return time.time()
+
+    def peak(self) -> int:
+        return max(self.carried, peak_rss_bytes())
+
+    @contextlib.contextmanager
+    def inner_stage(self, name: str):
+        self.carried = self.peak()
+        reset_peak_rss()
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.inner.append({"stage": name, "t_start": t0, "seconds": round(time.time() - t0, 3),
+                               "peak_rss": peak_rss_bytes()})
+            reset_peak_rss()
+
+
+_METER = _Meter()
 
 
 def check_onnx(onnx_path: str) -> None:
@@ -128,7 +163,8 @@ def _install_calibration() -> None:
         return
 
     def calibrate(self, dataset_gen):
-        data, report = calibrate_ranges(self._model_content, dataset_gen, **_CALIBRATION_SETTINGS)
+        with _METER.inner_stage("calibration"):
+            data, report = calibrate_ranges(self._model_content, dataset_gen, **_CALIBRATION_SETTINGS)
         _CALIBRATION_REPORT.clear()
         _CALIBRATION_REPORT.update(report)
         _CALIBRATED_MODEL[:] = [data]
@@ -300,7 +336,7 @@ def run_job(job: dict, options: ExportOptions, events: _Events) -> None:
     from .tflite import postprocess
 
     name = job["name"]
-    t0 = time.time()
+    t0 = _METER.start()
     if not job.get("reuse_saved_model"):
         events.send(event="stage", job=name, stage="onnx2tf")
         with _log_to(job["log"]):
@@ -312,9 +348,10 @@ def run_job(job: dict, options: ExportOptions, events: _Events) -> None:
                 events.send(event="error", job=name, stage="onnx2tf", message=f"{type(exc).__name__}: {exc}",
                             log=job["log"])
                 return
-        events.send(event="stage_done", job=name, stage="onnx2tf", seconds=round(time.time() - t0, 2))
+        events.send(event="stage_done", job=name, stage="onnx2tf", seconds=round(time.time() - t0, 2), t_start=t0,
+                    peak_rss=_METER.peak())
     for art in job["artifacts"]:
-        t1 = time.time()
+        t1 = _METER.start()
         events.send(event="stage", job=name, stage=f"convert {art['precision']}", out=art["out"])
         quant = art.get("quant") or {}
         with _log_to(job["log"]):
@@ -342,8 +379,9 @@ def run_job(job: dict, options: ExportOptions, events: _Events) -> None:
                 events.send(event="error", job=name, stage=f"convert {art['precision']}", out=art["out"],
                             message=f"{type(exc).__name__}: {exc}", log=job["log"])
                 continue
-        events.send(event="artifact", job=name, out=art["out"], seconds=round(time.time() - t1, 2),
-                    inventory_converter=before, postpass=report, analyzer=analysis)
+        events.send(event="artifact", job=name, out=art["out"], seconds=round(time.time() - t1, 2), t_start=t1,
+                    peak_rss=_METER.peak(), inner_stages=_METER.inner, inventory_converter=before, postpass=report,
+                    analyzer=analysis)
 
 
 def main(argv=None) -> int:

@@ -106,6 +106,20 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return _argument(parse)
 
 
+def _positive_float(text: str) -> float:
+    """A number > 0 (a budget, a size)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise UserError(f"must be a positive number, got {text!r}")
+    return value
+
+
+positive_float = _argument(_positive_float)
+
+
 def int_list(minimum: int = 1) -> Callable[[str], List[int]]:
     """Comma-separated integers, each >= ``minimum``."""
     one = int_at_least(minimum)

@@ -107,7 +107,7 @@ def _replaying_backend(export_dir: Path):
 
     work = export_dir / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
 
-    def convert_all(backend, jobs, progress=None):
+    def convert_all(backend, jobs, progress=None, stages=None):
         results = {}
         for job in jobs:
             if job.extra.get("keep_float"):

@@ -247,7 +247,7 @@ def _copying_backend(source_dir: Path, interrupt_after=None):
     """convert_all stand-in that copies already-converted files (no TensorFlow) and can stop midway."""
     from export.backends import ConvertResult
 
-    def convert_all(backend, jobs, progress=None):
+    def convert_all(backend, jobs, progress=None, stages=None):
         results = {}
         for i, job in enumerate(jobs):
             src = next(source_dir.glob(f"*_{job.io}_{job.precision}.tflite"))
@@ -293,6 +293,78 @@ def test_a_previous_runs_scratch_files_are_not_used(tiny, tmp_path, monkeypatch)
     api.export_artifacts(tiny["gen"], tmp_path, shapes=[SHAPE], formats=["tflite"], precisions=["fp32"],
                          ios=["tensor"], keep_work=True, progress=False)
     assert not stale.exists()
+
+
+def test_stage_report_lists_every_stage_with_its_time_and_peak(tiny_mixed_export):
+    """Issue 17's stage table: the shared TFLite + Core ML export wrote DIR/export_stages.json with a row per
+    stage -- ONNX, onnx2tf, each conversion and calibration in the worker, each Core ML conversion, the
+    reference, each gate -- each with its process, wall time and that process's peak; the whole run's peak
+    (processes summed) is at least each process's, and the default budget let the worker run beside Core ML."""
+    from export.stages import OWN_PROCESS, REPORT_NAME, TFLITE_WORKER
+    from runtime_py.manifest import load_manifest
+
+    report = json.loads((tiny_mixed_export / REPORT_NAME).read_text())
+    names = {s["name"]: s for s in report["stages"]}
+    shape = f"{SHAPE[0]}x{SHAPE[1]}"
+    expected = {"checkpoint", "tools and plan", "cache check", f"samples {shape}", f"reference {shape}"}
+    for io in IOS:
+        expected |= {f"onnx + onnxsim {shape} {io}", f"onnx2tf {shape} {io}", f"calibration {shape} {io} int8"}
+        expected |= {f"convert tflite {shape} {io} {p}" for p in PRECISIONS}
+        expected |= {f"convert coreml {shape} {io} fp16"}
+    expected |= {f"gate {a.file}" for a in load_manifest(tiny_mixed_export).artifacts}
+    expected |= {f"describe {a.file}" for a in load_manifest(tiny_mixed_export).artifacts}
+    assert expected <= set(names), sorted(expected - set(names))
+    for name, stage in names.items():
+        want = TFLITE_WORKER if name.split()[0] in ("onnx2tf", "calibration") or name.startswith("convert tflite") \
+            else OWN_PROCESS
+        assert stage["process"] == want, stage
+        assert stage["seconds"] >= 0 and stage["peak_rss_bytes"] > 50 << 20, stage  # a Python process holds more
+    per_process = report["peak_rss_bytes_per_process"]
+    assert set(per_process) == {OWN_PROCESS, TFLITE_WORKER}
+    assert report["peak_rss_bytes"] >= max(per_process.values())
+    assert report["within_budget"] is True and report["memory_budget_bytes"] == 6 << 30
+    assert list(report["schedule"].values())[0].startswith("side by side")
+
+
+@pytest.mark.parametrize("budget_gib, order", [
+    (0.001, ["start tflite", "wait tflite", "start coreml", "wait coreml"]),
+    (None, ["start tflite", "start coreml", "wait coreml", "wait tflite"]),
+])
+def test_memory_budget_decides_whether_the_worker_runs_beside_core_ml(tiny, tiny_mixed_export, tmp_path,
+                                                                       monkeypatch, budget_gib, order):
+    """The TFLite worker (started in the background) and the Core ML conversions run side by side when their
+    estimated peaks fit the budget (the default 6 GiB, a tiny model), one after the other under a tiny budget;
+    conversion stood in by copies of the shared export's files, the gates run for real."""
+    from export import api, backends
+    from export.stages import REPORT_NAME
+
+    events = []
+
+    class Copies:
+        def __init__(self, backend, jobs):
+            self.backend, self.jobs = backend, jobs
+            events.append(f"start {backend.NAME}")
+
+        def wait(self):
+            events.append(f"wait {self.backend.NAME}")
+            results = {}
+            for job in self.jobs:
+                src = tiny_mixed_export / f"gmcnn_tf_c4_64x96_{job.io}_{job.precision}{self.backend.SUFFIX}"
+                (shutil.copytree if src.is_dir() else shutil.copy)(src, job.out)
+                results[job.key] = backends.ConvertResult(Path(job.out), 0.1)
+            return results
+
+        def cancel(self):
+            pass
+
+    monkeypatch.setattr(backends, "start_all", lambda backend, jobs, progress=None, stages=None: Copies(backend, jobs))
+    budget = {} if budget_gib is None else {"memory_budget_gib": budget_gib}
+    m = api.export_artifacts(tiny["gen"], tmp_path, shapes=[SHAPE], formats=["tflite", "coreml"],
+                             precisions=["fp32", "fp16"], ios=["tensor"], progress=False, **budget)
+    assert events == order
+    assert {a.file.rsplit(".", 1)[1] for a in m.artifacts} == {"tflite", "mlpackage"}
+    schedule = list(json.loads((tmp_path / REPORT_NAME).read_text())["schedule"].values())[0]
+    assert schedule.startswith("one after the other" if budget_gib else "side by side"), schedule
 
 
 def test_failed_gate_leaves_nothing_under_final_names(tiny, tmp_path, monkeypatch):

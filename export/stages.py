@@ -1,0 +1,213 @@
+"""Where an export's time and memory go: wall seconds and peak RSS of every stage, and the memory budget.
+
+:class:`StageLog` records each stage of one export (ONNX + simplify, onnx2tf, calibration, each
+conversion, the PyTorch reference, each gate, the fallback's sensitivity, candidates and price, Core ML
+conversion and gates): its wall seconds, the process it ran in (``export``: the command's own process;
+``tflite worker``: the TensorFlow child process) and that process's peak resident memory during the
+stage. A process's peak is its high-water mark (``VmHWM``), restarted at the start of each stage
+(:func:`runtime_py.memory.reset_peak_rss`); the TFLite worker measures its own stages the same way and
+reports them with its events. The whole run's peak is the largest sum of the processes' resident sizes,
+sampled every :data:`SAMPLE_SECONDS` while the export runs, and never less than any one process's peak.
+The report is printed at the end of the run and written beside the manifest (:data:`REPORT_NAME`).
+
+The budget (``--memory-budget-gib``, :attr:`export.options.ExportOptions.memory_budget_gib`) decides
+what may run side by side: the TFLite worker (conversion and calibration, a child process) and the
+Core ML conversions and gates (this process) run at the same time only when their estimated peaks
+(:func:`estimated_peak`) fit in it together; otherwise one after the other.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from runtime_py.memory import mib, peak_rss_bytes, reset_peak_rss, rss_bytes, rss_of
+
+REPORT_NAME = "export_stages.json"
+SAMPLE_SECONDS = 0.2
+GIB = 1 << 30
+OWN_PROCESS = "export"
+TFLITE_WORKER = "tflite worker"
+
+
+@dataclass
+class Stage:
+    """One stage: ``name`` (e.g. ``gate gmcnn_tf_c32_512x680_tensor_int8.tflite``), ``process`` (where it ran),
+    ``start`` (seconds after the export started), ``seconds`` (wall), ``peak_rss_bytes`` (that process's peak
+    during the stage)."""
+
+    name: str
+    process: str
+    start: float
+    seconds: float
+    peak_rss_bytes: int
+
+
+class StageLog:
+    """The stages of one export and the sampled peak of all its processes together (see the module docstring)."""
+
+    def __init__(self, budget_bytes: Optional[int] = None):
+        self.t0 = time.time()
+        self.budget_bytes = budget_bytes
+        self.stages: List[Stage] = []
+        self.schedule: Dict[str, str] = {}
+        self.peaks: Dict[str, int] = {}  # process -> its peak over the run
+        self.total_peak = 0
+        self._children: Dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._own_peak_restartable = reset_peak_rss()
+        self._sampler = threading.Thread(target=self._sample, name="export-memory-sampler", daemon=True)
+        self._sampler.start()
+
+    # ------------------------------------------------------------------ measuring
+    def _sample(self) -> None:
+        while not self._stop.wait(SAMPLE_SECONDS):
+            with self._lock:
+                pids = list(self._children)
+            total = rss_bytes() + rss_of(pids)
+            with self._lock:
+                self.total_peak = max(self.total_peak, total)
+
+    def _fold_own_peak(self) -> int:
+        peak = peak_rss_bytes()
+        with self._lock:
+            self.peaks[OWN_PROCESS] = max(self.peaks.get(OWN_PROCESS, 0), peak)
+        return peak
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Time ``name`` in this process and record its peak resident memory (the block's high-water mark)."""
+        self._fold_own_peak()
+        reset_peak_rss()
+        start = time.time()
+        try:
+            yield
+        finally:
+            peak = self._fold_own_peak()
+            self.add(name, OWN_PROCESS, start - self.t0, time.time() - start, peak)
+
+    def add(self, name: str, process: str, start: float, seconds: float, peak: int) -> None:
+        """Record a stage measured elsewhere (the TFLite worker's events)."""
+        with self._lock:
+            self.stages.append(Stage(name, process, round(start, 2), round(seconds, 2), int(peak)))
+            self.peaks[process] = max(self.peaks.get(process, 0), int(peak))
+
+    def watch(self, pid: int, process: str) -> None:
+        """Count child process ``pid`` in the sampled total while it runs."""
+        with self._lock:
+            self._children[int(pid)] = process
+
+    def unwatch(self, pid: int) -> None:
+        with self._lock:
+            self._children.pop(int(pid), None)
+
+    def since_start(self) -> float:
+        return time.time() - self.t0
+
+    # ------------------------------------------------------------------ the report
+    def close(self) -> None:
+        """Stop sampling (idempotent)."""
+        self._stop.set()
+        if self._sampler.is_alive():
+            self._sampler.join(timeout=2 * SAMPLE_SECONDS + 1)
+
+    def finish(self) -> dict:
+        """Stop sampling; the report (JSON-ready)."""
+        self.close()
+        self._fold_own_peak()
+        with self._lock:
+            total = max([self.total_peak, rss_bytes()] + list(self.peaks.values()))
+            return {
+                "seconds": round(time.time() - self.t0, 2),
+                "peak_rss_bytes": int(total),
+                "peak_rss_bytes_per_process": dict(self.peaks),
+                "memory_budget_bytes": self.budget_bytes,
+                "within_budget": None if self.budget_bytes is None else bool(total <= self.budget_bytes),
+                "schedule": dict(self.schedule),
+                "sampled_every_seconds": SAMPLE_SECONDS,
+                "stages": [asdict(s) for s in sorted(self.stages, key=lambda s: s.start)],
+            }
+
+
+def table(report: dict) -> str:
+    """The report as a text table: one row per stage, then the whole run."""
+    rows = [f"{'stage':<64} {'process':<13} {'start s':>8} {'wall s':>8} {'peak MiB':>9}"]
+    for s in report["stages"]:
+        rows.append(f"{s['name'][:64]:<64} {s['process']:<13} {s['start']:8.1f} {s['seconds']:8.1f} "
+                    f"{mib(s['peak_rss_bytes']):9.0f}")
+    budget = report.get("memory_budget_bytes")
+    verdict = ""
+    if budget:
+        verdict = f" (budget {budget / GIB:.1f} GiB: {'within' if report['within_budget'] else 'OVER'})"
+    per = ", ".join(f"{p} {mib(v):.0f} MiB" for p, v in report["peak_rss_bytes_per_process"].items())
+    rows.append(f"{'whole run':<64} {'all':<13} {0.0:8.1f} {report['seconds']:8.1f} "
+                f"{mib(report['peak_rss_bytes']):9.0f}{verdict}")
+    if per:
+        rows.append(f"peak per process: {per}")
+    for what, how in report.get("schedule", {}).items():
+        rows.append(f"schedule: {what}: {how}")
+    return "\n".join(rows)
+
+
+def write_report(report: dict, out: Path, partial_prefix: str) -> Path:
+    """``out/export_stages.json``, atomically (temporary name in the same folder, then rename)."""
+    target = Path(out) / REPORT_NAME
+    tmp = Path(out) / f"{partial_prefix}{os.getpid()}-{REPORT_NAME}"
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, target)
+    return target
+
+
+# ---------------------------------------------------------------------- the budget
+
+# Peak resident memory of a group of stages: fixed + the larger of per_value x (the values all convolutions of one
+# forward pass output, models.gmcnn.conv_layers) and per_pixel x (pixels of the shape). Measured with this module's
+# report on the cnum-4 tf model (docs/EXPORT.md, "Stage report and memory budget"; 64x96 for the fixed part,
+# 512x680 for the rest) and checked against the full-size runs of the default model (cnum 32):
+# * TFLite worker: onnx2tf keeps every intermediate tensor of its ONNX and TF runs (~16 B per value: 979 MiB at
+#   cnum 4 512x680; at cnum 32 this predicts 3.4 GiB at 512x680 and 11.8 GiB at 1024x1360, as measured: 3.3-3.6
+#   and 11.3-11.5 GiB); calibration grows with the pixels, not the channels (1,500 MiB at cnum 4 512x680).
+# * Core ML in this process (conversion, reference, gates in the fast executor): 975 MiB at cnum 4 64x96; the
+#   conversion of the cnum-32 model at 512x680 peaked at 2.9 GB (~11 B per value above the fixed part).
+MIB = 1 << 20
+PEAK_MODEL: Dict[str, Tuple[float, float, float]] = {  # group: (fixed bytes, bytes per value, bytes per pixel)
+    TFLITE_WORKER: (650 * MIB, 16.0, 2600.0),
+    "coreml": (975 * MIB, 11.0, 0.0),
+}
+
+
+def activation_values(generator, shapes: Iterable[Tuple[int, int]]) -> Tuple[int, int]:
+    """(values all convolutions of one forward pass output, pixels) at the largest of ``shapes``."""
+    from models.gmcnn import conv_layers
+
+    sizes = [(sum(layer["out_channels"] * layer["out_hw"][0] * layer["out_hw"][1]
+                  for layer in conv_layers(generator, rows, cols)), rows * cols) for rows, cols in shapes]
+    return max(sizes, default=(0, 0))
+
+
+def estimated_peak(group: str, size: Tuple[int, int]) -> int:
+    """Estimated peak resident bytes of ``group`` (a key of :data:`PEAK_MODEL`) for ``size`` = (values, pixels)."""
+    fixed, per_value, per_pixel = PEAK_MODEL[group]
+    values, pixels = size
+    return int(fixed + max(per_value * values, per_pixel * pixels))
+
+
+def side_by_side(budget_bytes: Optional[int], size: Tuple[int, int]) -> Tuple[bool, str]:
+    """Whether the TFLite worker may convert while this process converts and gates Core ML, and why
+    (``size``: :func:`activation_values`)."""
+    worker, coreml = estimated_peak(TFLITE_WORKER, size), estimated_peak("coreml", size)
+    estimate = f"estimated peaks: TFLite worker {worker / GIB:.1f} GiB, Core ML {coreml / GIB:.1f} GiB"
+    if budget_bytes is None:
+        return True, f"side by side ({estimate}; no budget)"
+    over = [name for name, peak in (("the TFLite worker", worker), ("Core ML", coreml)) if peak > budget_bytes]
+    alone = f"; {' and '.join(over)} alone over the budget" if over else ""
+    if worker + coreml <= budget_bytes:
+        return True, f"side by side ({estimate}, together within the budget of {budget_bytes / GIB:.1f} GiB)"
+    return False, (f"one after the other ({estimate}, together over the budget of {budget_bytes / GIB:.1f} GiB"
+                   f"{alone})")
