@@ -237,16 +237,15 @@ def _export(checkpoint, out: Path, options: ExportOptions, fmt_list, mods, per_f
     """:func:`export_artifacts` after the request's checks: plan, make, gate, write (``log`` times each stage)."""
     from runtime_py.imageio import make_output_dir
 
+    previous = _previous_manifest(out, options)
+    gen = None
     with log.stage("checkpoint"):
-        gen, ckpt_info = _resolve_checkpoint(checkpoint)
-    variant, cnum = gen.meta.variant, gen.meta.cnum
-    from models.gmcnn import check_shape
-
-    for rows, cols in options.shapes:
-        try:
-            check_shape(variant, rows, cols)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+        # the same checkpoint file as the previous run's: its manifest entry says what loading it would (no torch)
+        ckpt_info = _known_checkpoint(checkpoint, previous)
+        if ckpt_info is None:
+            gen, ckpt_info = _resolve_checkpoint(checkpoint)
+            _check_shapes(gen, options.shapes)
+    variant, cnum = ckpt_info["meta"]["variant"], ckpt_info["meta"]["cnum"]
     with log.stage("tools and plan"):
         for mod in mods.values():  # after the cheap checks: importing a format's tools can take seconds
             mod.check_available()
@@ -282,10 +281,13 @@ def _export(checkpoint, out: Path, options: ExportOptions, fmt_list, mods, per_f
     for stale in out.glob(PARTIAL_PREFIX + "*"):  # left by an interrupted run
         _remove(stale)
 
-    reused: Dict[str, Artifact] = {}
     with log.stage("cache check"):
-        reused = _up_to_date(plan, out, options)
+        reused = _up_to_date(plan, out, options, previous)
     todo = [p for p in plan if p.key not in reused]
+    if todo and gen is None:  # something must be made: now the generator (and the shapes' check against it)
+        with log.stage("checkpoint load"):
+            gen, ckpt_info = _resolve_checkpoint(checkpoint)
+            _check_shapes(gen, options.shapes)
 
     show = _Progress(options.progress, len(todo))
     show(f"export: {len(plan)} artifact(s), {len(reused)} up to date, {len(todo)} to make "
@@ -313,14 +315,50 @@ def _export(checkpoint, out: Path, options: ExportOptions, fmt_list, mods, per_f
                    t_start=t_start, show=show, log=log)
 
 
-def _up_to_date(plan: List["_Planned"], out: Path, options: ExportOptions) -> Dict[str, Artifact]:
+def _previous_manifest(out: Path, options: ExportOptions) -> Optional[Manifest]:
+    """The manifest a previous run left in ``out``, when the cache is on and it is readable."""
+    if not options.use_cache or not (out / MANIFEST_NAME).is_file():
+        return None
+    try:
+        return load_manifest(out)
+    except UserError:
+        return None
+
+
+def _known_checkpoint(checkpoint, previous: Optional[Manifest]) -> Optional[Dict[str, object]]:
+    """The previous manifest's checkpoint entry (weights digest, meta, parameters) when ``checkpoint`` is a file
+    with the same sha256 as the one it was made from; None otherwise (a generator object, a TF checkpoint's
+    files, another file: the checkpoint is loaded). Reads the file once, imports no torch."""
+    if previous is None or not isinstance(checkpoint, (str, os.PathLike, type(None))):
+        return None
+    from models import default_checkpoint  # the package imports no torch; its generator modules do
+
+    old = dict(previous.checkpoint or {})
+    path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+    if (not path.is_file() or path.suffix == ".index" or ".data-" in path.name
+            or not all(old.get(k) for k in ("sha256", "weights_sha256", "meta", "parameters"))):
+        return None
+    if artifact_digest(path)[0] != old["sha256"]:  # a plain file's sha256 (models.checkpoint.sha256_path)
+        return None
+    return {**old, "path": str(path)}
+
+
+def _check_shapes(gen, shapes) -> None:
+    from models.gmcnn import check_shape
+
+    for rows, cols in shapes:
+        try:
+            check_shape(gen.meta.variant, rows, cols)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
+
+def _up_to_date(plan: List["_Planned"], out: Path, options: ExportOptions,
+                previous: Optional[Manifest]) -> Dict[str, Artifact]:
     """The planned artifacts the previous manifest in ``out`` describes and whose files are unchanged."""
     reused: Dict[str, Artifact] = {}
-    if options.use_cache and (out / MANIFEST_NAME).is_file():
-        try:
-            old = {a.cache_key: a for a in load_manifest(out).artifacts if a.cache_key}
-        except UserError:
-            old = {}
+    if previous is not None:
+        old = {a.cache_key: a for a in previous.artifacts if a.cache_key}
         for p in plan:
             a = old.get(p.key)
             if (a is not None and a.file == p.file and (out / a.file).exists() and options.reuses(a.build)

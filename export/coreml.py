@@ -420,8 +420,13 @@ def predict_samples(path, io: str, images: np.ndarray, masks: np.ndarray, *,
 # ---------------------------------------------------------------------- export backend interface
 
 def check_available() -> None:
-    """Raise MissingDependencyError (naming the extra) when coremltools is not installed."""
-    _ct()
+    """Raise MissingDependencyError (naming the extra) when coremltools is not installed. Looks it up
+    without importing it (coremltools imports TensorFlow and torch: ~10 s, which an export whose files
+    are all up to date does not need)."""
+    import importlib.util
+
+    if importlib.util.find_spec("coremltools") is None:
+        raise MissingDependencyError("coremltools", "export", "Core ML export")
 
 
 def convert(job) -> Tuple[Path, Dict[str, object]]:
@@ -494,21 +499,33 @@ def inventory(path, threads: int = 1, details: Optional[dict] = None) -> Dict[st
     }
 
 
-def executor_name() -> str:
+#: What each path of the reference executor computes (runtime_py.mil_executor), as the manifest names it.
+EXECUTOR_PATHS = {
+    "fast": "fast path: conv as im2col float32 BLAS products, rounded to fp16 where the program computes in fp16",
+    "exact": "exact path: fp16 ops in fp16, fp32-accumulated conv",
+}
+
+
+def executor_name(mode: Optional[str] = None) -> str:
+    """What ran a gate: real Core ML (macOS), or the reference executor and its path (``mode``: fast | exact;
+    None: the default, :func:`runtime_py.mil_executor.default_mode`)."""
     import platform
 
     if platform.system() == "Darwin":
         return f"coreml {_ct().__version__} (macOS predict, compute units ALL)"
-    from runtime_py.mil_executor import EXECUTOR_NAME
+    from runtime_py.mil_executor import EXECUTOR_NAME, default_mode
 
-    return f"{EXECUTOR_NAME} (numpy, program dtypes: fp16 ops in fp16, fp32-accumulated conv)"
+    return f"{EXECUTOR_NAME} (numpy, {EXECUTOR_PATHS[mode or default_mode()]})"
 
 
 def run(path, io: str, samples, threads: int = 2):
     """Execute on export.samples.Samples through the runtime's Core ML engine: ((N,H,W,3) outputs, executor).
-    Real Core ML on macOS, else the reference executor."""
+    Real Core ML on macOS, else the reference executor (its default path, which the executor string names)."""
     from runtime_py.engines.coreml_engine import CoreMLEngine
+    from runtime_py.mil_executor import default_mode
 
     from .parity import run_samples
 
-    return run_samples(CoreMLEngine(path, shape=samples.shape, io=io), samples), executor_name()
+    mode = default_mode()
+    engine = CoreMLEngine(path, shape=samples.shape, io=io, executor_mode=mode)
+    return run_samples(engine, samples), executor_name(mode)

@@ -7,7 +7,10 @@ file's own ``record`` command run in a checkout of that commit (``python tests/t
 record DIR`` prints them); conversion is deterministic: two recordings gave the same digests. Issue 13
 moved the calibration report out of ``op_inventory.postpass``; the two manifest digests were recorded
 again then, with this normalisation, from an export by 769ceb1, whose files and manifest matched
-5bd8cc5's recording under the previous one (which kept the rest of that report). Two
+5bd8cc5's recording under the previous one (which kept the rest of that report). Issue 17 made the
+Core ML parity rows name the reference executor's path that gated them (``exact path: ...`` here, where
+the row said ``program dtypes: ...``); the ``defaults`` manifest digest was recorded again then, by
+the branch that made that change, and every file digest stayed as recorded. Two
 exports of the cnum-4 ``lively_generator`` at 64x96:
 
 * ``defaults``: TFLite fp32, fp16, int8-dynamic, int8 and Core ML fp16, tensor and image signatures;
@@ -73,7 +76,7 @@ REFERENCE = {
         "gmcnn_tf_c4_64x96_tensor_fp32.tflite": "721e06aacdd1a0e6557ee42f3dd9fb17bdfc338946232d6877634f939bc8875b",
         "gmcnn_tf_c4_64x96_tensor_int8-dynamic.tflite": "50ed2a9fefdc6180bf6a263d34658028ff4e7263fdcf630d6f1a498933dd6230",
         "gmcnn_tf_c4_64x96_tensor_int8.tflite": "ae54a53dc7cd56007c5c8c0c75405f6f83048d305623e6fde347ad3b10935e97",
-        "manifest.json": "6dec7695a78caebe4b7589d5e2eb26c1f85b2f1e5198976837f4aeb7ca81d2d3"
+        "manifest.json": "e40c9ad0586ea2ff7d03a333c283c039204cd6910377f4139490de49a2b200d8"
     },
     "options": {
         "gmcnn_tf_c4_64x96_tensor_fp32.tflite": "ee3b12256fedf9f62384680ecb30ff054b5d6edcf30be85c4a76d6bd3b3aa7b3",

@@ -415,6 +415,33 @@ def test_export_command_prints_each_file_and_skips_a_format_that_makes_none_of_t
     assert manifest.find("tflite", SHAPE, "int8", "tensor").parity.tolerance["min_hole_psnr_db"] == 30.0
 
 
+def test_unchanged_rerun_proves_the_files_without_torch_or_tensorflow(tiny, tmp_path, monkeypatch):
+    """Issue 17: a re-run from the same checkpoint file with every file up to date does only what proves the
+    files are the manifest's (the checkpoint's and each file's sha256, the cache keys): in a fresh process it
+    imports neither torch nor TensorFlow nor coremltools and loads no generator."""
+    from export import api, backends
+    from export.stages import REPORT_NAME
+    from models import save_checkpoint
+
+    monkeypatch.setattr(backends, "convert_all", _copying_backend(tiny["out"]))
+    ckpt = save_checkpoint(tiny["gen"], tmp_path / "lively.safetensors")
+    out = tmp_path / "export"
+    request = dict(shapes=[SHAPE], formats=["tflite"], precisions=["fp32", "int8"], ios=["tensor"], progress=False)
+    api.export_artifacts(ckpt, out, **request)
+    code = ("import json, sys\nfrom export.api import export_artifacts\n"
+            f"m = export_artifacts({str(ckpt)!r}, {str(out)!r}, **{request!r})\n"
+            "print(json.dumps([m.export['reused'], m.export['made'], "
+            "sorted(x for x in ('torch', 'tensorflow', 'coremltools') if x in sys.modules)]))")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [2, 0, []]
+    stages = [s["name"] for s in json.loads((out / REPORT_NAME).read_text())["stages"]]
+    assert stages == ["checkpoint", "tools and plan", "cache check"]
+
+
 def test_interrupted_export_leaves_nothing_partial(tiny, tmp_path, monkeypatch):
     from export import api, backends
 
