@@ -573,6 +573,9 @@ CASES: List[Case] = [
     Case("export-bad-min-hole-psnr",
          lambda d, s: ["export", *_ck(s), "--out", d / "exp", "--formats", "tflite", "--min-hole-psnr", "fp32=20"],
          r"only int8-dynamic, int8 can be changed"),
+    Case("export-memory-budget-not-positive",
+         lambda d, s: ["export", *_ck(s), "--out", d / "exp", "--formats", "tflite", "--memory-budget-gib", "0"],
+         r"--memory-budget-gib: must be a positive number"),
     # ----------------------------------------------------------------------------- inpaint
     Case("defect3-inpaint-png-claiming-100000x100000", _bomb_case("bomb.png", lambda: png_claiming(100000, 100000)),
          r"header claims 100000x100000 pixels"),
