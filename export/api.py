@@ -515,10 +515,8 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         show(f"{p.file}: ok (max abs {result.max_abs if result.max_abs is not None else float('nan'):.2g}, "
              f"hole PSNR {hole}, {size / 1e6:.2f} MB)")
 
-    def start(fmt: str):
-        """The format's conversions, started (a backend with a worker process keeps converting in the background)."""
-        jobs = [job_for(p, mods[fmt]) for p in todo if p.fmt == fmt]
-        return jobs, backends.start_all(mods[fmt], jobs, progress=show, stages=log)
+    def jobs_of(fmt: str):
+        return [job_for(p, mods[fmt]) for p in todo if p.fmt == fmt]
 
     def gate_all(fmt: str, jobs, results) -> None:
         mod = mods[fmt]
@@ -561,15 +559,15 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         show(f"schedule: {why}")
     if together:  # the worker converts while this process converts and gates the other formats
         formats = background + [f for f in formats if f not in background]
-    started, later = [], []
+    started = []  # (format, jobs, conversion still running in the background)
     try:
         for fmt in formats:
-            started.append((fmt, *start(fmt)))
+            jobs = jobs_of(fmt)
             if together and fmt in background:
-                later.append(started[-1])
+                started.append((fmt, jobs, backends.start_all(mods[fmt], jobs, progress=show, stages=log)))
             else:
-                gate_all(*started[-1][:2], started[-1][2].wait())
-        for fmt, jobs, conversion in later:
+                gate_all(fmt, jobs, backends.convert_all(mods[fmt], jobs, progress=show, stages=log))
+        for fmt, jobs, conversion in started:
             gate_all(fmt, jobs, conversion.wait())
     finally:
         for _, _, conversion in started:

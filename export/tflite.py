@@ -146,7 +146,11 @@ def network_feed(samples, io: str) -> Tuple[np.ndarray, np.ndarray]:
 
 def convert_many(jobs: Sequence[ConvertJob], progress=None, stages=None) -> Dict[str, ConvertResult]:
     """Convert all jobs with one TensorFlow process; jobs sharing a workdir share one saved_model."""
-    return start_many(jobs, progress, stages).wait()
+    conversion = start_many(jobs, progress, stages)
+    try:
+        return conversion.wait()
+    finally:
+        conversion.cancel()  # an interrupted wait (Ctrl-C, SIGTERM) leaves no worker behind
 
 
 class Conversion:

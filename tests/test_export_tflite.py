@@ -327,8 +327,8 @@ def test_stage_report_lists_every_stage_with_its_time_and_peak(tiny_mixed_export
 
 
 @pytest.mark.parametrize("budget_gib, order", [
-    (0.001, ["start tflite", "wait tflite", "start coreml", "wait coreml"]),
-    (None, ["start tflite", "start coreml", "wait coreml", "wait tflite"]),
+    (0.001, ["convert tflite", "convert coreml"]),
+    (None, ["start tflite", "convert coreml", "wait tflite"]),
 ])
 def test_memory_budget_decides_whether_the_worker_runs_beside_core_ml(tiny, tiny_mixed_export, tmp_path,
                                                                        monkeypatch, budget_gib, order):
@@ -340,24 +340,32 @@ def test_memory_budget_decides_whether_the_worker_runs_beside_core_ml(tiny, tiny
 
     events = []
 
-    class Copies:
-        def __init__(self, backend, jobs):
+    def copies(backend, jobs):
+        results = {}
+        for job in jobs:
+            src = tiny_mixed_export / f"gmcnn_tf_c4_64x96_{job.io}_{job.precision}{backend.SUFFIX}"
+            (shutil.copytree if src.is_dir() else shutil.copy)(src, job.out)
+            results[job.key] = backends.ConvertResult(Path(job.out), 0.1)
+        return results
+
+    class Started:  # a conversion left running in the background
+        def __init__(self, backend, jobs, progress=None, stages=None):
             self.backend, self.jobs = backend, jobs
             events.append(f"start {backend.NAME}")
 
         def wait(self):
             events.append(f"wait {self.backend.NAME}")
-            results = {}
-            for job in self.jobs:
-                src = tiny_mixed_export / f"gmcnn_tf_c4_64x96_{job.io}_{job.precision}{self.backend.SUFFIX}"
-                (shutil.copytree if src.is_dir() else shutil.copy)(src, job.out)
-                results[job.key] = backends.ConvertResult(Path(job.out), 0.1)
-            return results
+            return copies(self.backend, self.jobs)
 
         def cancel(self):
             pass
 
-    monkeypatch.setattr(backends, "start_all", lambda backend, jobs, progress=None, stages=None: Copies(backend, jobs))
+    def convert_all(backend, jobs, progress=None, stages=None):
+        events.append(f"convert {backend.NAME}")
+        return copies(backend, jobs)
+
+    monkeypatch.setattr(backends, "start_all", Started)
+    monkeypatch.setattr(backends, "convert_all", convert_all)
     budget = {} if budget_gib is None else {"memory_budget_gib": budget_gib}
     m = api.export_artifacts(tiny["gen"], tmp_path, shapes=[SHAPE], formats=["tflite", "coreml"],
                              precisions=["fp32", "fp16"], ios=["tensor"], progress=False, **budget)
