@@ -135,3 +135,36 @@ def test_a_tensor_feeding_elu_is_judged_after_the_elu():
     fresh = np.concatenate([rng.uniform(-1, 5, 30_000), -rng.exponential(150.0, 3_000)])
     err = lambda r: np.mean((elu(fake_quantize(fresh, *r)) - elu(fresh)) ** 2)  # noqa: E731
     assert err(after["range"]) < 0.05 * err((after["min"], after["max"]))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_elu_fed_tensor_starts_at_the_elu_floor(method):
+    """A convolution output reaching -300 whose ELU output spans [-1, 78] (GMCNN's, measured): every
+    method stops its lower bound at the ELU floor (-8), where ELU is within 3.4e-4 of -1. The levels
+    go to the positive side: min/max's input step falls from 378 / 255 to 86 / 255, and the error
+    after the ELU and its own quantization (what the next layer gets) ~10x; clipping shifts the
+    values below the floor by far less than that output's step."""
+    from export.quant_ranges import ELU_FLOOR, elu
+
+    rng = np.random.default_rng(8)
+    stats = TensorStats()
+    for i in range(4):
+        x = np.concatenate([rng.uniform(-1, 5, 30_000), -rng.uniform(0, 300, 10_000), [-300.0, 78.0]])
+        stats.add(float(x.min()), float(x.max()), x.astype(np.float32))
+    choice = choose_ranges({"t": stats}, method=method, through={"t": "ELU"})["t"]
+    lo, hi = choice["range"]
+    assert lo >= ELU_FLOOR and (method not in ("minmax", "headroom") or lo == ELU_FLOOR), choice
+    fresh = np.concatenate([rng.uniform(-1, 5, 30_000), -rng.uniform(0, 300, 10_000)])
+    if lo == ELU_FLOOR:  # (mse may clip higher: it weighs each value's error, not the shift they share)
+        below = fresh < lo
+        moved = np.abs(elu(fake_quantize(fresh[below], lo, hi)) - elu(fresh[below]))
+        assert below.sum() > 1000 and moved.max() <= 0.03 * (hi + 1.0) / 255, moved.max()  # 5e-4 vs 6 % of a step
+    if method == "minmax":
+        def after_elu(r):  # what the next layer gets: the ELU of the rounded input, rounded to its own grid
+            return fake_quantize(elu(fake_quantize(fresh, *r)), -1.0, hi)
+
+        unfloored = np.mean((after_elu((-300.0, hi)) - elu(fresh)) ** 2)
+        floored = np.mean((after_elu((lo, hi)) - elu(fresh)) ** 2)
+        assert floored < 0.25 * unfloored, (floored, unfloored)
+    # not fed to an ELU: the tail is the tensor's own and min/max keeps it
+    assert choose_ranges({"t": stats}, method="minmax")["t"]["range"][0] == -300.0
