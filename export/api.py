@@ -580,6 +580,8 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     """Keep the fewest most sensitive layers of a failing quantized file in float (export.fallback)."""
     import contextlib
 
+    from models.gmcnn import conv_layers
+
     from . import fallback
 
     def stage(name):
@@ -591,26 +593,47 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         ranking = sensitivity.ranking(p.shape, fallback.SENSITIVITY_ROUNDING[p.precision], samples)
     limit = min(options.fallback_limit, len(ranking))
     show(f"{p.file}: most sensitive layers: " + ", ".join(f"{n} {db:.1f} dB" for n, db in ranking[:5]))
-    built: Dict[int, fallback.Candidate] = {}
+    macs = {layer["name"]: layer["macs"] for layer in conv_layers(sensitivity.generator, *p.shape)}
+    phases = [(fallback.affordable(ranking, macs, limit), False)]
+    if p.precision in getattr(mod, "FALLBACK_INPUT_PRECISIONS", ()):
+        phases.append((list(ranking[:limit]), True))
+    built: Dict[tuple, fallback.Candidate] = {}
 
-    def build(ks):
-        jobs = {k: job_for(p, mod, {"keep_float": [n for n, _ in ranking[:k]]}, suffix=f"k{k}-") for k in ks}
-        show(f"{p.file}: converting {len(ks)} candidate(s) keeping {', '.join(str(k) for k in ks)} layer(s) float")
-        results = backends.convert_all(mod, list(jobs.values()), progress=show, stages=log)
-        for k, job in jobs.items():
-            res = results[job.key]
-            built[k] = fallback.Candidate(k, res.path, dict(res.details), conversion=res)
-        return {k: built[k] for k in ks}
+    def build_for(layers, inputs_float):
+        tag = "i" if inputs_float else ""
+
+        def build(ks):
+            extra = {k: {"keep_float": [n for n, _ in layers[:k]], **({"keep_float_inputs": True} if inputs_float else {})}
+                     for k in ks}
+            jobs = {k: job_for(p, mod, extra[k], suffix=f"{tag}k{k}-") for k in ks}
+            show(f"{p.file}: converting {len(ks)} candidate(s) keeping {', '.join(str(k) for k in ks)} layer(s) float"
+                 + (" with the convolutions producing their inputs" if inputs_float else ""))
+            results = backends.convert_all(mod, list(jobs.values()), progress=show, stages=log)
+            for k, job in jobs.items():
+                res = results[job.key]
+                built[(inputs_float, k)] = fallback.Candidate(k, res.path, dict(res.details), conversion=res,
+                                                              layers=extra[k]["keep_float"], inputs_float=inputs_float)
+            return {k: built[(inputs_float, k)] for k in ks}
+        return build
 
     def check(c):
         c.result = gate(p, mod, c.path)
-        show(f"{p.file}: {c.k} layer(s) float: hole PSNR {c.result.hole_psnr_db:.2f} dB "
-             f"({'passes' if c.result.passed else 'fails'})")
+        show(f"{p.file}: {c.k} layer(s) float{' with their inputs' if c.inputs_float else ''}: hole PSNR "
+             f"{c.result.hole_psnr_db:.2f} dB ({'passes' if c.result.passed else 'fails'})")
         return c.result.passed
 
     winner, gated = None, []
     try:
-        winner, gated = fallback.search(fallback.search_order(limit), build, check)
+        for layers, inputs_float in phases:
+            if not layers:
+                continue
+            if inputs_float:
+                show(f"{p.file}: no candidate within {fallback.FLOAT_MAC_BUDGET:.0%} of the MACs passed; keeping the "
+                     "inputs of the ranked layers float too")
+            winner, tried = fallback.search(fallback.search_order(len(layers)), build_for(layers, inputs_float), check)
+            gated += tried
+            if winner is not None:
+                break
         if winner is None:
             best = max((c for c in gated if c.result is not None), key=lambda c: c.result.hole_psnr_db, default=None)
             failures[p.file] = fallback.limit_message(p.file, p.precision, limit, ranking, best)
@@ -620,13 +643,15 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         with stage("price"):
             price = fallback.price(pure.path, winner.path, options.threads, p.fmt, measure)
         show(f"{p.file}: priced against the pure file ({time.time() - t0:.1f}s)")
-        kept = [{"layer": n, "snr_db": round(db, 2)} for n, db in ranking[:winner.k]]
+        snr = dict(ranking)
+        kept = [{"layer": n, "snr_db": round(snr[n], 2)} for n in winner.layers]
         record = {"fallback": {
-            "layers_kept_float": kept, "limit": limit, "ranked_on_samples": samples,
+            "layers_kept_float": kept, "inputs_kept_float": winner.inputs_float, "limit": limit,
+            "float_mac_budget": fallback.FLOAT_MAC_BUDGET, "ranked_on_samples": samples,
             "sensitivity_rounding": list(fallback.SENSITIVITY_ROUNDING[p.precision]),
             "pure_file": {"hole_psnr_db": pure_result.hole_psnr_db, "note": pure_result.note},
-            "search": [{"layers": c.k, "hole_psnr_db": c.result.hole_psnr_db, "passed": c.result.passed}
-                       for c in gated if c.result is not None],
+            "search": [{"layers": c.k, "inputs_float": c.inputs_float, "hole_psnr_db": c.result.hole_psnr_db,
+                        "passed": c.result.passed} for c in gated if c.result is not None],
             "price": price, **(winner.details.get("fallback") or {})}}
         accept(p, mod, winner.conversion, winner.result, record)
     finally:

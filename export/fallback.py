@@ -17,7 +17,11 @@ When an artifact of a precision its backend lists in ``FALLBACK_PRECISIONS`` fai
    for k = 1, 2, 4, 8, ... up to the limit, and gates them in that order; then the k between
    the last failing and the first passing candidate, by bisection. The ranking is close to but
    not exactly monotone in k, so the smallest passing k found this way is the fewest *by this
-   search*, not proven minimal;
+   search*, not proven minimal. In two phases: first the layers alone, taken in ranking order
+   while their MACs fit in :data:`FLOAT_MAC_BUDGET` (:func:`affordable`); then, where the backend
+   lists the precision in ``FALLBACK_INPUT_PRECISIONS`` (TFLite ``int8``: a convolution kept float
+   there still reads an input its int8 producer rounded), the first ``limit`` ranked layers with
+   the convolutions producing their inputs (``keep_float_inputs``), whatever their MACs;
 3. writes the passing candidate under the artifact's name, its manifest entry recording the
    layers kept float, their sensitivity, the share of convolution MACs still quantized, the
    search, and the price beside the pure file: size, latency and peak RSS, measured in one run
@@ -34,9 +38,30 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 # How many ranked layers a file may keep in float by default: a quarter of GMCNN's 44
 # convolutions. Measured need (docs/TOLERANCES.md): see the per-file table there.
 DEFAULT_LIMIT = 11
+# The share of the network's convolution MACs the first phase's candidates may keep float
+# (issue 13: an int8 file keeps at least 90 % of them in int8).
+FLOAT_MAC_BUDGET = 0.10
 # What the sensitivity rounds per layer, for each precision the fallback serves.
 SENSITIVITY_ROUNDING = {"int8": ("input", "weights"), "int8-dynamic": ("input", "weights"), "w8": ("weights",)}
 PRICE_RUNS = 3
+
+
+def affordable(ranking: Sequence[Tuple[str, float]], macs: Dict[str, int], limit: int,
+               budget: float = FLOAT_MAC_BUDGET) -> List[Tuple[str, float]]:
+    """The ranked layers the first phase may keep float: in ranking order, each layer whose MACs
+    (``macs``: layer -> MACs of one inference, every convolution) fit in ``budget`` (a share of all of
+    them) with the layers taken before it, at most ``limit`` layers. A layer too costly is passed
+    over, not the end of the list: a cheaper, less sensitive one after it may still fit."""
+    allowed = budget * sum(macs.values())
+    taken: List[Tuple[str, float]] = []
+    used = 0
+    for layer, db in ranking:
+        if len(taken) == limit:
+            break
+        if used + macs[layer] <= allowed:
+            taken.append((layer, db))
+            used += macs[layer]
+    return taken
 
 
 def search_order(limit: int) -> List[int]:
@@ -55,6 +80,8 @@ class Candidate:
     details: dict
     result: object = None  # ParityResult once gated
     conversion: object = None  # the backend's ConvertResult, which accepting the winner moves into place
+    layers: Sequence[str] = ()  # the generator convolutions it keeps float
+    inputs_float: bool = False  # and the convolutions producing their inputs (the second phase)
 
 
 class SensitivityCache:

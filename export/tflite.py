@@ -56,6 +56,9 @@ DEFAULT_PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
 # Precisions calibrated on photos, and those whose layers the export's fallback may keep in float.
 CALIBRATED = ("int8", "int16x8")
 FALLBACK_PRECISIONS = ("int8", "int8-dynamic")
+# Where a convolution kept float alone still reads an input rounded by its int8 producer, so the
+# fallback's second phase keeps the producers float too (job.extra["keep_float_inputs"]).
+FALLBACK_INPUT_PRECISIONS = ("int8",)
 EXTRA = "export"
 METADATA_NAME = "gmcnn_mobile"
 # Tools the conversion needs (module name -> what for).
@@ -232,7 +235,8 @@ def start_many(jobs: Sequence[ConvertJob], progress=None, stages=None) -> Conver
                          "converted": str(work / f"converter_{job.precision}.tflite")}
                 if job.extra.get("keep_float"):
                     try:
-                        quant["float_nodes"] = float_nodes(job.generator, work, job.precision, job.extra["keep_float"])
+                        quant["float_nodes"] = float_nodes(job.generator, work, job.precision, job.extra["keep_float"],
+                                                           bool(job.extra.get("keep_float_inputs")))
                     except (OSError, ValueError) as exc:
                         results[job.key] = ConvertResult(None, error=f"fallback: {exc}")
                         continue
@@ -291,14 +295,17 @@ def conv_nodes_of(generator, model_bytes: bytes) -> Dict[str, str]:
     return out
 
 
-def float_nodes(generator, work: Path, precision: str, keep_float: Sequence[str]) -> List[str]:
+def float_nodes(generator, work: Path, precision: str, keep_float: Sequence[str], inputs: bool = False) -> List[str]:
     """The TFLite convolutions (output tensor names) that keeping the generator convolutions
     ``keep_float`` out of quantization makes float.
 
     ``int8-dynamic``: those convolutions (float32 weights, so their inputs are not quantized).
-    ``int8``: those convolutions and the convolutions producing their inputs: a tensor stays
-    float only between float ops, and the error the sensitivity measures is the rounding of a
-    convolution's input. Read from the pure file's converter output in ``work``.
+    ``int8``: those convolutions; the quantizer leaves the ELU before each one in float (it dequantizes
+    the producer's int8 output, then ELU, then the float convolution), so the convolution's weights,
+    its output and the ELU output it reads are float, while the producing convolution's own output
+    stays int8. With ``inputs``, also the convolutions producing their inputs: then the whole tensor
+    between them is float (it stays float only between float ops). Read from the pure file's
+    converter output in ``work``.
     """
     from . import tflite_graph as g
 
@@ -309,7 +316,7 @@ def float_nodes(generator, work: Path, precision: str, keep_float: Sequence[str]
     if unknown:
         raise ValueError(f"no convolution named {', '.join(unknown)}")
     chosen = {nodes[k] for k in keep_float}
-    if precision == "int8":
+    if precision == "int8" and inputs:
         producers = g.conv_producers(g.read(data))
         chosen |= {p for k in keep_float for p in producers[nodes[k]]}
     return sorted(chosen)

@@ -392,20 +392,22 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def conv_layers(gen: GMCNNGenerator, height: int, width: int) -> List[dict]:
-    """Every convolution of one forward pass at (height, width), in execution order: ``kernel`` (KH, KW),
-    ``in_channels``, ``out_channels``, ``groups``, ``stride``, ``dilation``, ``out_hw`` (rows, cols of its
-    output) and ``macs``. Shapes are propagated on the ``meta`` device, so nothing is computed."""
+    """Every convolution of one forward pass at (height, width), in execution order: ``name`` (the
+    module's), ``kernel`` (KH, KW), ``in_channels``, ``out_channels``, ``groups``, ``stride``, ``dilation``,
+    ``out_hw`` (rows, cols of its output) and ``macs``. Shapes are propagated on the ``meta`` device, so
+    nothing is computed."""
     layers: List[dict] = []
 
     def hook(mod, _inp, out):
         k = mod.kernel_size[0] * mod.kernel_size[1]
-        layers.append({"kernel": tuple(mod.kernel_size), "in_channels": mod.in_channels,
+        layers.append({"name": names[mod], "kernel": tuple(mod.kernel_size), "in_channels": mod.in_channels,
                        "out_channels": mod.out_channels, "groups": mod.groups, "stride": tuple(mod.stride),
                        "dilation": tuple(mod.dilation), "out_hw": (int(out.shape[2]), int(out.shape[3])),
                        "macs": int(out.shape[1] * out.shape[2] * out.shape[3] * (mod.in_channels // mod.groups) * k)})
 
     with torch.device("meta"):
         meta_gen = GMCNNGenerator(gen.meta)
+    names = {m: n for n, m in meta_gen.named_modules()}
     handles = [m.register_forward_hook(hook) for m in meta_gen.modules() if isinstance(m, nn.Conv2d)]
     try:
         with torch.no_grad():

@@ -3,7 +3,9 @@
 b1conv11 gets one output channel 1000 above the rest, which b1conv12 then ignores: in float the
 network is unchanged, but the int8 grid of b1conv12's input spreads over 0..1000 and rounds the
 other channels to a few levels, so int8 and int8-dynamic files fail their gate. The fallback
-must find b1conv12, keep it in float and pass; the manifest must say so.
+must find b1conv12, keep it in float and pass; the manifest must say so. int8-dynamic passes in
+the first phase (b1conv12 alone: its input is then never quantized); int8 needs the second (with
+b1conv12 alone float, b1conv11's int8 output still rounds the tensor before the ELU between them).
 """
 from __future__ import annotations
 
@@ -61,7 +63,14 @@ def test_failing_int8_files_pass_with_the_planted_layer_kept_float(fallback_expo
         assert fb["pure_file"]["hole_psnr_db"] < a.parity.tolerance["min_hole_psnr_db"] - 5
         assert [k["layer"] for k in fb["layers_kept_float"]] == [PLANTED]
         assert fb["layers_kept_float"][0]["snr_db"] < 30.0
-        assert fb["search"][-1] == {"layers": 1, "hole_psnr_db": a.parity.hole_psnr_db, "passed": True}
+        inputs = precision == "int8"
+        assert fb["inputs_kept_float"] is inputs and fb["float_mac_budget"] == 0.1
+        assert fb["search"][-1] == {"layers": 1, "inputs_float": inputs, "hole_psnr_db": a.parity.hole_psnr_db,
+                                    "passed": True}
+        first = [c for c in fb["search"] if not c["inputs_float"]]
+        assert first[0]["layers"] == 1 and (inputs or first == fb["search"])
+        if inputs:  # the first phase, the layers alone within the MAC budget, failed every size it tried
+            assert not any(c["passed"] for c in first) and len(first) >= 2
         # the setting that made this file is part of its record (a file that passed as converted has none)
         assert a.build["quant_fallback"] is True and a.build["fallback_limit"] == 11
         if precision == "int8":  # the candidate quantized the pure file's calibrated model: no statistics pass
@@ -152,7 +161,8 @@ def test_torch_work_is_done_once_per_shape_for_every_file_and_candidate(fallback
                              tolerances={"int8": {"min_hole_psnr_db": 99.0}, "int8-dynamic": {"min_hole_psnr_db": 99.0}},
                              calibration_masks_per_photo=1)
     samples = fallback_export["manifest"].artifacts[0].parity.samples
-    assert calls["gates"] == 2 * (1 + 2)  # per precision: the pure file, then 1 and 2 layers kept float
+    # per precision the pure file, then 1 and 2 layers kept float; int8 once more with their inputs
+    assert calls["gates"] == (1 + 2 + 2) + (1 + 2)
     assert calls["reference"] == 1 and calls["sensitivity"] == [samples]
 
 
@@ -221,6 +231,18 @@ def test_at_the_limit_the_error_names_the_layers_and_the_option(fallback_export,
     assert "with the 1 most sensitive layers kept float (best candidate: hole PSNR" in msg and "short by" in msg
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in (".work", "manifest.json", "export_stages.json")]
     assert leftovers == []
+
+
+def test_the_first_phase_takes_ranked_layers_while_their_macs_fit_the_budget():
+    """In ranking order; a layer too costly is passed over, the cheaper ones after it still taken."""
+    from export.fallback import affordable
+
+    ranking = [("a", 30.0), ("big", 31.0), ("b", 32.0), ("c", 33.0), ("d", 34.0)]
+    macs = {"a": 4, "big": 50, "b": 3, "c": 3, "d": 1, "rest": 39}  # 100 in all
+    assert affordable(ranking, macs, limit=11, budget=0.10) == [("a", 30.0), ("b", 32.0), ("c", 33.0)]
+    assert affordable(ranking, macs, limit=2, budget=0.10) == [("a", 30.0), ("b", 32.0)]
+    assert affordable(ranking, macs, limit=11, budget=0.11) == [("a", 30.0), ("b", 32.0), ("c", 33.0), ("d", 34.0)]
+    assert affordable(ranking, macs, limit=11, budget=0.01) == [("d", 34.0)]
 
 
 def test_search_finds_the_smallest_passing_size():
