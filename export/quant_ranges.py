@@ -39,6 +39,16 @@ sample up 0.7-2.5 dB. The floor is deep on purpose: clipping shifts every value 
 the same amount, a bias the next convolution sums over all its inputs at the floor rather than
 noise that averages out. A floor that kept each value within a quarter of the ELU output's
 int8 step (-2.6 for that tensor) measured 33.4 dB, below plain min/max.
+
+The same bias, the other way: a tensor an ELU *produces* holds many values at exactly -1 (GMCNN:
+most of some layers' outputs), and min/max's grid over [-1, 78.7] has no level at -1 (the integer
+zero point puts the nearest at -0.94): every one of them comes out 0.06 too high, and the next
+convolution sums that shift over all of them. So the range of an activation's output is moved
+to the least one at least as wide whose grid holds the activation's floor exactly
+(:data:`FLOORS`, :func:`floor_on_grid`: one step = 1/n for an integer n). Measured on the shipped
+model at 512x680 (with the ELU floor above, min/max otherwise, ``tensor`` int8): hole PSNR
+35.7 -> 38.7 dB on the worst held-out sample (39.0 / 38.7 / 40.6 / 39.2), the gate's 38 dB held
+with every convolution in int8.
 """
 from __future__ import annotations
 
@@ -108,6 +118,9 @@ def elu(x: np.ndarray) -> np.ndarray:
 
 # The lowest value worth a level of an ELU's input: ELU(-8) = -0.99966 (see the module's docstring).
 ELU_FLOOR = -8.0
+# The value an activation's output sits at for every input far below 0: kept exactly on the grid
+# of the tensors those activations produce (:func:`floor_on_grid`).
+FLOORS = {"ELU": -1.0}
 # Elementwise activations a tensor may feed: its error is measured after them (``through``).
 ACTIVATIONS = {"ELU": elu}
 
@@ -223,12 +236,29 @@ def fit_mse(values, lo, hi, bits, symmetric, through=None):
 FITTERS = {"minmax": fit_minmax, "headroom": fit_headroom, "percentile": fit_percentile, "mse": fit_mse}
 
 
+def floor_on_grid(lo: float, hi: float, floor: float, bits: int = 8, symmetric: bool = False):
+    """The least range at least as wide as [lo, hi] whose grid holds ``floor`` (< 0) exactly, as well as
+    0: its step is -floor / n for the largest integer n that still reaches ``hi`` (asymmetric: the range
+    [floor, (qmax - qmin - n) * step], ``floor`` its lowest level; symmetric: [-qmax * step, qmax * step]).
+    None where no such grid reaches ``hi`` (one step would exceed -floor: ``floor`` then rounds to 0 or
+    a level below, as it must)."""
+    qmin, qmax = levels(bits, symmetric)
+    if symmetric:
+        n = int(np.floor(qmax * -floor / max(abs(lo), abs(hi), 1e-12)))
+        return None if n < 1 else (-qmax * -floor / n, qmax * -floor / n)
+    n = int(np.floor((qmax - qmin) * -floor / (max(hi, 0.0) - floor)))
+    if n < 1 or lo < floor:
+        return None
+    return float(floor), float((qmax - qmin - n) * -floor / n)
+
+
 # ------------------------------------------------------------------ the choice
 
 def choose_range(stats: TensorStats, bits: int = 8, symmetric: bool = False,
-                 methods: Sequence[str] = METHODS, through: str = "") -> Dict[str, object]:
+                 methods: Sequence[str] = METHODS, through: str = "", produced_by: str = "") -> Dict[str, object]:
     """The range of one tensor: {"method", "range": [lo, hi], "min", "max", "heldout_mse": {method: mse}}
-    (and "through" when the error is measured after an activation).
+    (and "through" when the error is measured after an activation; "floor_on_grid" when the range was
+    moved to hold the floor of the activation that produced the tensor, ``produced_by``).
 
     Each method's range is fitted on the even samples and scored on the odd ones, and the other
     way round (with one sample, fitted and scored on it); the lowest summed score wins, ties going
@@ -264,15 +294,24 @@ def choose_range(stats: TensorStats, bits: int = 8, symmetric: bool = False,
            "heldout_mse": {m: float(f"{v:.4g}") for m, v in scores.items()}}
     if through:
         out["through"] = through
+    floor = FLOORS.get(produced_by)
+    # only where the floor is populated (values within half a unit of it); never narrower than chosen
+    moved = floor_on_grid(a, b, floor, bits, symmetric) if floor is not None and lo < floor / 2 else None
+    if moved is not None:
+        out["range"] = [float(v) for v in moved]
+        out["floor_on_grid"] = floor
     return out
 
 
 def choose_ranges(stats: Dict[object, TensorStats], bits: int = 8, symmetric: bool = False,
-                  method: str = "auto", through: Dict[object, str] = None) -> Dict[object, Dict[str, object]]:
+                  method: str = "auto", through: Dict[object, str] = None,
+                  produced_by: Dict[object, str] = None) -> Dict[object, Dict[str, object]]:
     """:func:`choose_range` for every tensor; ``method`` other than ``auto`` forces one method;
-    ``through`` maps tensors to the activation their consumers apply."""
+    ``through`` maps tensors to the activation their consumers apply, ``produced_by`` to the one that
+    produced them."""
     methods = METHODS if method == "auto" else (method,)
     if method != "auto" and method not in METHODS:
         raise ValueError(f"unknown range method {method!r}; choose from auto, {', '.join(METHODS)}")
-    through = through or {}
-    return {key: choose_range(s, bits, symmetric, methods, through.get(key, "")) for key, s in stats.items()}
+    through, produced_by = through or {}, produced_by or {}
+    return {key: choose_range(s, bits, symmetric, methods, through.get(key, ""), produced_by.get(key, ""))
+            for key, s in stats.items()}

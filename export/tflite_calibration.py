@@ -186,6 +186,16 @@ def activation_consumers(model, tensors: Iterable[int]) -> Dict[int, str]:
             if t not in outputs and len(consumers.get(t, ())) == 1 and next(iter(consumers[t])) in ACTIVATIONS}
 
 
+def activation_outputs(model, tensors: Iterable[int]) -> Dict[int, str]:
+    """Tensors an elementwise activation (ELU) produces: tensor -> its op name. Their ranges keep the
+    activation's floor on the grid (:func:`export.quant_ranges.floor_on_grid`)."""
+    from .quant_ranges import FLOORS
+
+    sg = model.subgraphs[0]
+    made = {t: g.op_name(model, op) for op in sg.operators for t in g._ids(op.outputs)}
+    return {t: made[t] for t in tensors if made.get(t) in FLOORS}
+
+
 def activation_tensors(model) -> List[int]:
     sg = model.subgraphs[0]
     return [i for i, t in enumerate(sg.tensors) if t.type == g.T.FLOAT32 and not g._is_constant(model, t)]
@@ -234,7 +244,8 @@ def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], thread
         _STATISTICS[key] = measure_statistics(model_bytes, tensors, samples, threads, grid=method != "minmax")
     stats = _STATISTICS[key]
     t1 = time.time()
-    chosen = choose_ranges(stats, bits, symmetric, method, through=activation_consumers(model, tensors))
+    chosen = choose_ranges(stats, bits, symmetric, method, through=activation_consumers(model, tensors),
+                           produced_by=activation_outputs(model, tensors))
     per_tensor: Dict[str, dict] = {}
     for t, choice in chosen.items():
         lo, hi = choice["range"]

@@ -168,3 +168,32 @@ def test_an_elu_fed_tensor_starts_at_the_elu_floor(method):
         assert floored < 0.25 * unfloored, (floored, unfloored)
     # not fed to an ELU: the tail is the tensor's own and min/max keeps it
     assert choose_ranges({"t": stats}, method="minmax")["t"]["range"][0] == -300.0
+
+
+def test_an_elu_output_range_holds_minus_one_exactly():
+    """An ELU's output: most values at its -1 floor. Min/max over [-1, 78.7] puts no level at -1 (the
+    integer zero point moves the grid: the nearest level is -0.94), so every one of them shifts alike;
+    the chosen range is the least one at least as wide whose grid holds -1 and 0 exactly."""
+    from export.quant_ranges import elu, floor_on_grid
+
+    rng = np.random.default_rng(9)
+    stats = TensorStats()
+    for _ in range(4):
+        x = elu(np.concatenate([rng.uniform(-30, 0, 20_000), rng.uniform(0, 5, 10_000), [78.7]]))
+        stats.add(float(x.min()), float(x.max()), x.astype(np.float32))
+    assert fake_quantize(np.array([-1.0]), -1.0, 78.7)[0] == pytest.approx(-0.94, abs=0.01)  # min/max's grid
+    for bits, symmetric in ((8, False), (16, True)):
+        choice = choose_ranges({"t": stats}, bits, symmetric, method="minmax", produced_by={"t": "ELU"})["t"]
+        lo, hi = choice["range"]
+        assert choice["floor_on_grid"] == -1.0 and hi >= 78.7 and lo <= -1.0
+        q = fake_quantize(np.array([-1.0, 0.0, 78.7]), lo, hi, bits, symmetric)
+        assert q[0] == pytest.approx(-1.0, abs=1e-9) and q[1] == 0.0 and abs(q[2] - 78.7) <= (hi - lo) / (2 ** bits - 1)
+    # int8: a step of 1/3 (84 / 252 levels above 0), the least that reaches 78.7 (1/4 would stop at 62.75)
+    assert choose_ranges({"t": stats}, method="minmax", produced_by={"t": "ELU"})["t"]["range"] == [-1.0, 84.0]
+    assert floor_on_grid(-1.0, 3.1, -1.0) == pytest.approx((-1.0, 255 / 62 - 1))
+    assert floor_on_grid(-1.0, 300.0, -1.0) is None  # a step over 1: -1 cannot be a level
+    # not an activation's output, or its floor never reached: the range stays min/max's
+    assert "floor_on_grid" not in choose_ranges({"t": stats}, method="minmax")["t"]
+    high = TensorStats()
+    high.add(-0.2, 5.0, np.linspace(-0.2, 5.0, 100, dtype=np.float32))
+    assert choose_ranges({"t": high}, method="minmax", produced_by={"t": "ELU"})["t"]["range"] == [-0.2, 5.0]
