@@ -486,10 +486,11 @@ def test_onnx2tf_failure_names_its_log(tmp_path, monkeypatch):
 def test_calibration_ranges_match_an_independent_run(tiny, monkeypatch):
     """calibrate_ranges (XNNPACK, min/max reductions and a value grid inserted) sees each float
     tensor's min/max and values as a plain reference-kernel run with every tensor preserved does;
-    with method="minmax" those are the ranges written into the model."""
+    with method="minmax" those are the ranges written into the model (but for the ELU floors)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     from export import tflite_calibration, tflite_graph
+    from export.quant_ranges import ELU_FLOOR
     from export.samples import CALIBRATION_DIR, load_samples
     from export.tflite_calibration import _grid_stride, activation_tensors, calibrate_ranges, measure_statistics
 
@@ -524,8 +525,15 @@ def test_calibration_ranges_match_an_independent_run(tiny, monkeypatch):
         seen = report["tensors"][tflite_graph.tensor_name(sg.tensors[t])]
         span = max(1e-6, hi[t] - lo[t])
         assert abs(seen["min"] - lo[t]) <= 1e-3 * span and abs(seen["max"] - hi[t]) <= 1e-3 * span, t
-        # the range always holds 0 (quantized zero is exact)
-        assert abs(q.min[0] - min(lo[t], 0.0)) <= 1e-3 * span and abs(q.max[0] - max(hi[t], 0.0)) <= 1e-3 * span
+        # the range written is the one reported: min/max holding 0 (quantized zero is exact), from the ELU
+        # floor up for a tensor fed to an ELU, moved to hold -1 on the grid for one an ELU made
+        assert (q.min[0], q.max[0]) == pytest.approx(tuple(seen["range"]))
+        if "floor_on_grid" in seen:
+            assert seen["range"][0] == -1.0 <= lo[t] and seen["range"][1] >= hi[t] and seen["floor_on_grid"] == -1.0
+            continue
+        floor = ELU_FLOOR if seen.get("through") == "ELU" else -np.inf
+        assert abs(q.min[0] - max(min(lo[t], 0.0), floor)) <= 1e-3 * span
+        assert abs(q.max[0] - max(hi[t], 0.0)) <= 1e-3 * span
 
     # the value grid: every s-th row and column from s//2 (a small grid size forces s > 1 here)
     monkeypatch.setattr(tflite_calibration, "GRID_VALUES", 600)
