@@ -6,14 +6,14 @@ Why: on Python 3.11 a trace function slows *every* Python line while it is set, 
 coverage does not measure; the interpreter only skips calling it. Measured in one process (pytest-cov's
 CTracer, 2 Dec 2026): importing torch + coremltools (which imports TensorFlow) 13.9 s of CPU untraced, 26.7 s
 traced; one tiny Core ML w8 conversion (cnum 4, 64x96) 11.8 s untraced, 29.4 s traced, 15.5 s with this module;
-a w8a8 conversion 33.4 s with only ``coremltools.convert`` untraced, 15.9 s with every call below.
+a w8a8 conversion 33.4 s with only ``coremltools.convert`` untraced, 24.4 s with every call below.
 Every xdist worker imports torch and most import TensorFlow, and the suite makes about a dozen Core ML
 conversions.
 
 What is measured stays the same: only third-party code runs untraced -- the import of a package named in
 :data:`PACKAGES` (none of which imports the project's code), and the functions in :data:`CALLS`, which never
 call back into the project's code (``coremltools.convert`` converts an already traced TorchScript graph;
-linear weight quantization, graph passes and saving work on the converted program; the .tflite schema's object
+linear weight quantization and saving work on the converted program; the .tflite schema's object
 API and matplotlib's drawing take data only). The project's own lines around them are traced as before.
 """
 from __future__ import annotations
@@ -34,10 +34,11 @@ PACKAGES = frozenset({
 #: imported. None of them calls the project's code.
 CALLS: Dict[str, Tuple[str, ...]] = {
     "coremltools": ("convert",),
-    # not palettize_weights: it calls the export's own palette function (export.coreml._palette_lut) per weight
+    # Not palettize_weights, nor coremltools.models.utils._apply_graph_pass (w8a8's activation passes, ~8 s of CPU
+    # traced; palettize_weights runs through it): palettization calls the export's own palette function
+    # (export.coreml._palette_lut), whose lines the report must see.
     "coremltools.optimize.coreml": ("linear_quantize_weights",),
     "coremltools.models.model": ("MLModel.save",),
-    "coremltools.models.utils": ("_apply_graph_pass",),  # w8a8's quantize/dequantize pairs (coremltools' own passes)
     # the .tflite object API under export.tflite_graph.read/write (unpacking and packing every table of a file):
     # 10 x (3 reads, 1 write) of the tiny int8 file 6.75 s of CPU traced, 2.47 s untraced
     "ai_edge_litert.schema_py_generated": ("ModelT.InitFromPackedBuf", "ModelT.Pack"),
