@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Dict, List
 
-from .stats import peak_rss_bytes, rss_bytes
+from runtime_py.memory import peak_rss_bytes, rss_bytes
 
 #: The mask every pipeline-cost run uses: an object-like blob of medium size, recorded seed.
 PIPELINE_MASK = {"kind": "blob", "size": "medium", "seed": 20261125}

@@ -1,11 +1,9 @@
-"""Summaries of timing samples and process memory readings (:mod:`runtime_py.memory`), with no heavy imports."""
+"""Summaries of timing samples, with no heavy imports (process memory readings: :mod:`runtime_py.memory`)."""
 from __future__ import annotations
 
 from typing import Dict, Sequence
 
 import numpy as np
-
-from runtime_py.memory import mib, peak_rss_bytes, rss_bytes  # noqa: F401 (the benchmarks' readings)
 
 
 def summarize(seconds: Sequence[float]) -> Dict[str, float]:

@@ -25,8 +25,9 @@ from typing import Dict
 import numpy as np
 
 from runtime_py.contract import denormalize, layout_of, mask_pixels
+from runtime_py.memory import peak_rss_bytes, rss_bytes
 
-from .stats import peak_rss_bytes, rss_bytes, summarize
+from .stats import summarize
 
 
 def synthetic_pair(height: int, width: int, seed: int = 0):

@@ -61,7 +61,7 @@ class StageLog:
         self._children: Dict[int, str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._own_peak_restartable = reset_peak_rss()
+        reset_peak_rss()
         self._sampler = threading.Thread(target=self._sample, name="export-memory-sampler", daemon=True)
         self._sampler.start()
 

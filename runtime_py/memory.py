@@ -13,11 +13,16 @@ from typing import Iterable
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+def _statm_rss(pid) -> int:
+    """Resident size (bytes) of process ``pid`` (``"self"`` for this one) from /proc/PID/statm."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * PAGE_SIZE
+
+
 def rss_bytes() -> int:
     """Current resident set size of this process (bytes), from /proc (psutil if /proc is missing)."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * PAGE_SIZE
+        return _statm_rss("self")
     except OSError:
         import psutil
 
@@ -61,8 +66,7 @@ def rss_of(pids: Iterable[int]) -> int:
     total = 0
     for pid in pids:
         try:
-            with open(f"/proc/{int(pid)}/statm") as f:
-                total += int(f.read().split()[1]) * PAGE_SIZE
+            total += _statm_rss(int(pid))
         except (OSError, ValueError, IndexError):
             continue
     return total

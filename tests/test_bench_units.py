@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from benchmarks import android, quality, readme, report, stats
+from runtime_py import memory
 from runtime_py.engines import delegation as xnnpack
 from benchmarks.spawn import run_in_subprocess
 from helpers import photo
@@ -27,12 +28,12 @@ def test_rss_readings_grow_with_allocation():
     # 64 MiB of new pages from the kernel, touched. Not np.ones: in a process that ran other tests first the
     # allocator may hand back freed memory that is still resident (seen in a pytest-xdist worker: RSS unchanged).
     block = mmap.mmap(-1, 64 << 20)
-    before = stats.rss_bytes()
+    before = memory.rss_bytes()
     pages = np.frombuffer(block, np.uint8)
     pages[:] = 1
-    after = stats.rss_bytes()
+    after = memory.rss_bytes()
     assert after - before > 48 << 20
-    assert stats.peak_rss_bytes() >= after
+    assert memory.peak_rss_bytes() >= after
     del pages
     block.close()
 
