@@ -594,44 +594,45 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     limit = min(options.fallback_limit, len(ranking))
     show(f"{p.file}: most sensitive layers: " + ", ".join(f"{n} {db:.1f} dB" for n, db in ranking[:5]))
     macs = {layer["name"]: layer["macs"] for layer in conv_layers(sensitivity.generator, *p.shape)}
-    phases = [(fallback.affordable(ranking, macs, limit), False)]
-    if p.precision in getattr(mod, "FALLBACK_INPUT_PRECISIONS", ()):
-        phases.append((list(ranking[:limit]), True))
+    phases = fallback.phases(ranking, macs, limit, p.precision in getattr(mod, "FALLBACK_INPUT_PRECISIONS", ()))
+    # by (layers kept float, with their inputs): the second phase's first candidates are often the first's
     built: Dict[tuple, fallback.Candidate] = {}
 
-    def build_for(layers, inputs_float):
-        tag = "i" if inputs_float else ""
-
+    def build_for(phase):
         def build(ks):
-            extra = {k: {"keep_float": [n for n, _ in layers[:k]], **({"keep_float_inputs": True} if inputs_float else {})}
-                     for k in ks}
-            jobs = {k: job_for(p, mod, extra[k], suffix=f"{tag}k{k}-") for k in ks}
-            show(f"{p.file}: converting {len(ks)} candidate(s) keeping {', '.join(str(k) for k in ks)} layer(s) float"
-                 + (" with the convolutions producing their inputs" if inputs_float else ""))
-            results = backends.convert_all(mod, list(jobs.values()), progress=show, stages=log)
+            names = {k: [n for n, _ in phase.layers[:k]] for k in ks}
+            todo = [k for k in ks if (tuple(names[k]), phase.inputs_float) not in built]
+            extra = {k: {"keep_float": names[k], **({"keep_float_inputs": True} if phase.inputs_float else {})}
+                     for k in todo}
+            jobs = {k: job_for(p, mod, extra[k], suffix=f"p{phase.number}k{k}-") for k in todo}
+            if todo:
+                show(f"{p.file}: converting {len(todo)} candidate(s) keeping {', '.join(str(k) for k in todo)} "
+                     f"layer(s) float" + (" with the convolutions producing their inputs" if phase.inputs_float else ""))
+                results = backends.convert_all(mod, list(jobs.values()), progress=show, stages=log)
             for k, job in jobs.items():
                 res = results[job.key]
-                built[(inputs_float, k)] = fallback.Candidate(k, res.path, dict(res.details), conversion=res,
-                                                              layers=extra[k]["keep_float"], inputs_float=inputs_float)
-            return {k: built[(inputs_float, k)] for k in ks}
+                built[(tuple(names[k]), phase.inputs_float)] = fallback.Candidate(
+                    k, res.path, dict(res.details), conversion=res, layers=names[k], inputs_float=phase.inputs_float,
+                    phase=phase.number)
+            return {k: built[(tuple(names[k]), phase.inputs_float)] for k in ks}
         return build
 
     def check(c):
-        c.result = gate(p, mod, c.path)
-        show(f"{p.file}: {c.k} layer(s) float{' with their inputs' if c.inputs_float else ''}: hole PSNR "
-             f"{c.result.hole_psnr_db:.2f} dB ({'passes' if c.result.passed else 'fails'})")
+        if c.result is None:  # else gated in an earlier phase
+            c.result = gate(p, mod, c.path)
+            show(f"{p.file}: {c.k} layer(s) float{' with their inputs' if c.inputs_float else ''}: hole PSNR "
+                 f"{c.result.hole_psnr_db:.2f} dB ({'passes' if c.result.passed else 'fails'})")
         return c.result.passed
 
     winner, gated = None, []
     try:
-        for layers, inputs_float in phases:
-            if not layers:
-                continue
-            if inputs_float:
+        for phase in phases:
+            if phase.number == 2:
                 show(f"{p.file}: no candidate within {fallback.FLOAT_MAC_BUDGET:.0%} of the MACs passed; keeping the "
-                     "inputs of the ranked layers float too")
-            winner, tried = fallback.search(fallback.search_order(len(layers)), build_for(layers, inputs_float), check)
-            gated += tried
+                     f"first {len(phase.layers)} ranked layers float whatever their MACs"
+                     + (", with the convolutions producing their inputs" if phase.inputs_float else ""))
+            winner, tried = fallback.search(fallback.search_order(len(phase.layers)), build_for(phase), check)
+            gated += [c for c in tried if not any(c is g for g in gated)]  # once, in the phase that built it
             if winner is not None:
                 break
         if winner is None:
@@ -650,8 +651,10 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             "float_mac_budget": fallback.FLOAT_MAC_BUDGET, "ranked_on_samples": samples,
             "sensitivity_rounding": list(fallback.SENSITIVITY_ROUNDING[p.precision]),
             "pure_file": {"hole_psnr_db": pure_result.hole_psnr_db, "note": pure_result.note},
-            "search": [{"layers": c.k, "inputs_float": c.inputs_float, "hole_psnr_db": c.result.hole_psnr_db,
-                        "passed": c.result.passed} for c in gated if c.result is not None],
+            "phase": winner.phase,
+            "search": [{"phase": c.phase, "layers": c.k, "inputs_float": c.inputs_float,
+                        "hole_psnr_db": c.result.hole_psnr_db, "passed": c.result.passed}
+                       for c in gated if c.result is not None],
             "price": price, **(winner.details.get("fallback") or {})}}
         accept(p, mod, winner.conversion, winner.result, record)
     finally:

@@ -17,11 +17,13 @@ When an artifact of a precision its backend lists in ``FALLBACK_PRECISIONS`` fai
    for k = 1, 2, 4, 8, ... up to the limit, and gates them in that order; then the k between
    the last failing and the first passing candidate, by bisection. The ranking is close to but
    not exactly monotone in k, so the smallest passing k found this way is the fewest *by this
-   search*, not proven minimal. In two phases: first the layers alone, taken in ranking order
-   while their MACs fit in :data:`FLOAT_MAC_BUDGET` (:func:`affordable`); then, where the backend
-   lists the precision in ``FALLBACK_INPUT_PRECISIONS`` (TFLite ``int8``: a convolution kept float
-   there still reads an input its int8 producer rounded), the first ``limit`` ranked layers with
-   the convolutions producing their inputs (``keep_float_inputs``), whatever their MACs;
+   search*, not proven minimal. In two phases (:func:`phases`): first the layers alone, taken in
+   ranking order while their MACs fit in :data:`FLOAT_MAC_BUDGET` (:func:`affordable`); then the
+   first ``limit`` ranked layers whatever their MACs: where the backend lists the precision in
+   ``FALLBACK_INPUT_PRECISIONS`` (TFLite ``int8``: a convolution kept float there still reads an
+   input its int8 producer rounded) with the convolutions producing their inputs
+   (``keep_float_inputs``), elsewhere (TFLite ``int8-dynamic``, Core ML ``w8``) alone. A candidate
+   the first phase already gated (the same layers) is not converted or gated again;
 3. writes the passing candidate under the artifact's name, its manifest entry recording the
    layers kept float, their sensitivity, the share of convolution MACs still quantized, the
    search, and the price beside the pure file: size, latency and peak RSS, measured in one run
@@ -64,6 +66,32 @@ def affordable(ranking: Sequence[Tuple[str, float]], macs: Dict[str, int], limit
     return taken
 
 
+@dataclass
+class Phase:
+    number: int  # 1: within the MAC budget; 2: whatever the MACs
+    layers: List[Tuple[str, float]]  # its ranked layers, (name, output SNR dB), a candidate keeps a prefix float
+    inputs_float: bool  # and the convolutions producing their inputs
+
+
+def phases(ranking: Sequence[Tuple[str, float]], macs: Dict[str, int], limit: int, with_inputs: bool,
+           budget: Optional[float] = None) -> List[Phase]:
+    """The fallback's phases for a file whose ranked layers are ``ranking`` (most sensitive first):
+
+    1. the layers alone while their MACs fit in ``budget`` (:func:`affordable`; default
+       :data:`FLOAT_MAC_BUDGET`);
+    2. the first ``limit`` ranked layers whatever their MACs, with the convolutions producing their
+       inputs where ``with_inputs`` (the backend lists the precision in ``FALLBACK_INPUT_PRECISIONS``),
+       else alone; left out when it would repeat the first (every ranked layer fitted the budget).
+
+    A phase with no layers (no single layer fits the budget) is left out."""
+    first = Phase(1, affordable(ranking, macs, limit, FLOAT_MAC_BUDGET if budget is None else budget), False)
+    second = Phase(2, list(ranking[:limit]), with_inputs)
+    out = [first] if first.layers else []
+    if second.layers and (with_inputs or second.layers != first.layers):
+        out.append(second)
+    return out
+
+
 def search_order(limit: int) -> List[int]:
     """The first batch of candidate sizes: 1, 2, 4, ... below ``limit``, then ``limit``."""
     ks, k = [], 1
@@ -81,7 +109,8 @@ class Candidate:
     result: object = None  # ParityResult once gated
     conversion: object = None  # the backend's ConvertResult, which accepting the winner moves into place
     layers: Sequence[str] = ()  # the generator convolutions it keeps float
-    inputs_float: bool = False  # and the convolutions producing their inputs (the second phase)
+    inputs_float: bool = False  # and the convolutions producing their inputs (int8's second phase)
+    phase: int = 1  # the phase that first built it (a later phase reuses a candidate of the same layers)
 
 
 class SensitivityCache:

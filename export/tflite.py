@@ -57,7 +57,8 @@ DEFAULT_PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
 CALIBRATED = ("int8", "int16x8")
 FALLBACK_PRECISIONS = ("int8", "int8-dynamic")
 # Where a convolution kept float alone still reads an input rounded by its int8 producer, so the
-# fallback's second phase keeps the producers float too (job.extra["keep_float_inputs"]).
+# fallback's second phase keeps the producers float too (job.extra["keep_float_inputs"]); int8-dynamic's
+# second phase keeps the layers alone.
 FALLBACK_INPUT_PRECISIONS = ("int8",)
 EXTRA = "export"
 METADATA_NAME = "gmcnn_mobile"

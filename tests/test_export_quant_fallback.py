@@ -6,6 +6,8 @@ other channels to a few levels, so int8 and int8-dynamic files fail their gate. 
 must find b1conv12, keep it in float and pass; the manifest must say so. int8-dynamic passes in
 the first phase (b1conv12 alone: its input is then never quantized); int8 needs the second (with
 b1conv12 alone float, b1conv11's int8 output still rounds the tensor before the ELU between them).
+With a MAC budget too small for b1conv12, int8-dynamic passes in its own second phase (the ranked
+layers alone whatever their MACs).
 """
 from __future__ import annotations
 
@@ -65,10 +67,12 @@ def test_failing_int8_files_pass_with_the_planted_layer_kept_float(fallback_expo
         assert fb["layers_kept_float"][0]["snr_db"] < 30.0
         inputs = precision == "int8"
         assert fb["inputs_kept_float"] is inputs and fb["float_mac_budget"] == 0.1
-        assert fb["search"][-1] == {"layers": 1, "inputs_float": inputs, "hole_psnr_db": a.parity.hole_psnr_db,
-                                    "passed": True}
-        first = [c for c in fb["search"] if not c["inputs_float"]]
+        assert fb["search"][-1] == {"phase": 1 + inputs, "layers": 1, "inputs_float": inputs,
+                                    "hole_psnr_db": a.parity.hole_psnr_db, "passed": True}
+        assert fb["phase"] == 1 + inputs
+        first = [c for c in fb["search"] if c["phase"] == 1]
         assert first[0]["layers"] == 1 and (inputs or first == fb["search"])
+        assert not any(c["inputs_float"] for c in first)
         if inputs:  # the first phase, the layers alone within the MAC budget, failed every size it tried
             assert not any(c["passed"] for c in first) and len(first) >= 2
         # the setting that made this file is part of its record (a file that passed as converted has none)
@@ -128,6 +132,88 @@ def _replaying_backend(export_dir: Path):
         return results
 
     return convert_all
+
+
+def _dynamic_range_backend(export_dir: Path):
+    """convert_all stand-in without TensorFlow for tensor I/O int8-dynamic: every file made as the
+    worker makes it from the fixture's converter output, a candidate with its kept layers' float32
+    filters given back (the real candidate, not a replay of the file the fallback chose)."""
+    from export import tflite
+    from export.backends import ConvertResult
+    from export.options import ExportOptions
+    from export.tflite_worker import convert_precision
+
+    work = export_dir / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
+    converted = work / "converter_int8-dynamic.tflite"
+
+    def convert_all(backend, jobs, progress=None, stages=None):
+        results = {}
+        for job in jobs:
+            assert job.precision == "int8-dynamic"
+            raw = converted.read_bytes()
+            if job.extra.get("keep_float"):
+                quant = {"converted": str(converted), "float_model": str(work / "converter_fp32.tflite"),
+                         "float_nodes": tflite.float_nodes(job.generator, work, job.precision, job.extra["keep_float"])}
+                raw = convert_precision(str(work / "no_saved_model"), job.precision, "tensor", None, ExportOptions(),
+                                        quant)
+            Path(job.out).write_bytes(tflite.postprocess(raw, job.precision, "tensor", metadata=job.metadata)[0])
+            results[job.key] = ConvertResult(Path(job.out), 0.1)
+        return results
+
+    return convert_all
+
+
+def test_int8_dynamic_keeps_layers_float_beyond_the_mac_budget_in_a_second_phase(fallback_export, tmp_path,
+                                                                                monkeypatch):
+    """With a budget under the planted layer's MACs (4.5 % of the network's at cnum 4), the first
+    phase keeps only cheaper layers float and fails; the second keeps the ranked layers whatever
+    their MACs, passes with the planted layer alone and records the phase and the price (sizes here;
+    the timed price is the command's, tested above)."""
+    from export import api, backends, fallback
+    from models.gmcnn import conv_layers
+
+    macs = {layer["name"]: layer["macs"] for layer in conv_layers(fallback_export["gen"], *SHAPE)}
+    share = macs[PLANTED] / sum(macs.values())
+    budget = 0.04
+    assert budget < share < 0.05
+    monkeypatch.setattr(fallback, "FLOAT_MAC_BUDGET", budget)
+    monkeypatch.setattr(backends, "convert_all", _dynamic_range_backend(fallback_export["out"]))
+    m = api.export_artifacts(fallback_export["gen"], tmp_path, shapes=[SHAPE], formats=["tflite"],
+                             precisions=["int8-dynamic"], ios=["tensor"], threads=2, progress=False,
+                             fallback_limit=2, calibration_masks_per_photo=1)
+    a = m.find("tflite", SHAPE, "int8-dynamic", "tensor")
+    q = a.build["quantization"]
+    fb = q["fallback"]
+    assert a.parity.passed and fb["phase"] == 2 and fb["float_mac_budget"] == budget and fb["limit"] == 2
+    assert [k["layer"] for k in fb["layers_kept_float"]] == [PLANTED] and fb["inputs_kept_float"] is False
+    first = [c for c in fb["search"] if c["phase"] == 1]
+    assert first and not any(c["passed"] for c in first)
+    assert fb["search"][-1] == {"phase": 2, "layers": 1, "inputs_float": False, "hole_psnr_db": a.parity.hole_psnr_db,
+                                "passed": True}
+    # each candidate gated once: the first phase's layers fitted the budget, the planted one did not
+    assert len({(c["phase"], c["layers"]) for c in fb["search"]}) == len(fb["search"])
+    # the file the real export's first phase made under the full budget, and its price: the share of the
+    # MACs still quantized (the planted layer's 4.5 % less, and the small filters the converter leaves float)
+    real = fallback_export["manifest"].find("tflite", SHAPE, "int8-dynamic", "tensor")
+    assert a.sha256 == real.sha256 and q["float_convs"] == real.build["quantization"]["float_convs"]
+    assert q["conv_macs_quantized_fraction"] == real.build["quantization"]["conv_macs_quantized_fraction"] < 1 - share
+    assert fb["price"]["pure"]["bytes"] < fb["price"]["fallback"]["bytes"] == a.bytes
+
+
+def test_the_second_phase_keeps_the_ranked_layers_whatever_their_macs():
+    from export.fallback import phases
+
+    ranking = [("a", 30.0), ("big", 31.0), ("b", 32.0)]
+    macs = {"a": 4, "big": 50, "b": 3, "rest": 43}
+    alone, with_inputs = phases(ranking, macs, 11, False, 0.10), phases(ranking, macs, 2, True, 0.10)
+    assert [(ph.number, ph.layers, ph.inputs_float) for ph in alone] == [
+        (1, [("a", 30.0), ("b", 32.0)], False), (2, ranking, False)]
+    assert [(ph.number, [n for n, _ in ph.layers], ph.inputs_float) for ph in with_inputs] == [
+        (1, ["a", "b"], False), (2, ["a", "big"], True)]
+    # every ranked layer fits: a second phase alone would repeat the first; none fits: the second alone
+    assert [ph.number for ph in phases(ranking, macs, 11, False, 0.6)] == [1]
+    assert [ph.number for ph in phases(ranking, macs, 11, True, 0.6)] == [1, 2]
+    assert [(ph.number, ph.layers) for ph in phases(ranking, macs, 11, False, 0.01)] == [(2, ranking)]
 
 
 def test_torch_work_is_done_once_per_shape_for_every_file_and_candidate(fallback_export, tmp_path, monkeypatch):
