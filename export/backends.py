@@ -12,7 +12,8 @@ its tools), and
   or ``(path, details)`` with a dict for the manifest (e.g. a calibration report).
   A backend may also define ``convert_many(jobs, progress, stages) -> Dict[str, ConvertResult]``
   to share work between jobs (TFLite converts every precision of one shape and I/O
-  signature from one saved_model); otherwise ``convert`` is called per job. A backend whose
+  signature from one saved_model; Core ML compresses each precision from one converted
+  program and calls :func:`convert_each`); otherwise ``convert`` is called per job. A backend whose
   conversion runs in a child process may define ``start_many`` (same arguments), which returns
   at once with an object whose ``wait()`` gives those results and ``cancel()`` stops it: the
   export then converts and gates another format meanwhile, when the memory budget allows.
@@ -120,6 +121,12 @@ def convert_all(backend: ModuleType, jobs, progress=None, stages=None) -> Dict[s
     :class:`export.stages.StageLog`, which times each conversion (and measures its peak memory)."""
     if hasattr(backend, "convert_many"):
         return backend.convert_many(jobs, progress=progress, stages=stages)
+    return convert_each(backend, jobs, progress, stages)
+
+
+def convert_each(backend: ModuleType, jobs, progress=None, stages=None, convert=None) -> Dict[str, ConvertResult]:
+    """``convert`` (default ``backend.convert``) on each job in turn, each timed as its own stage; an error is
+    that job's result (a :class:`runtime_py.errors.UserError` stops the export)."""
     import contextlib
     import time
 
@@ -131,7 +138,7 @@ def convert_all(backend: ModuleType, jobs, progress=None, stages=None) -> Dict[s
             progress(f"{name}: converting")
         try:
             with stages.stage(f"convert {name}") if stages is not None else contextlib.nullcontext():
-                path = backend.convert(job)
+                path = (convert or backend.convert)(job)
             details = {}
             if isinstance(path, tuple):  # (path, details), e.g. a calibration report
                 path, details = path

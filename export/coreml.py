@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -321,10 +322,39 @@ def calibrate_activations(mlmodel, io: str, images: np.ndarray, masks: np.ndarra
     return quantized, report
 
 
+def _converted_program(generator, shape: Tuple[int, int], io: str, compute: str, target, say, converted=None):
+    """The fp16 (``compute``) ML program of ``generator`` behind signature ``io`` at ``shape`` for deployment
+    ``target``, as ``ct.convert`` makes it; taken from ``converted`` (a dict this fills) when an earlier call
+    made it. Compression and calibration build new programs and leave it unchanged, so every precision of
+    one shape and signature starts from one conversion; only the latest shape and signature's are kept."""
+    ct = _ct()
+    h, w = shape
+    key = (id(generator), h, w, io, compute, str(target))
+    if converted is not None and key in converted:
+        return converted[key]
+    say(f"coreml {h}x{w} {io}: tracing")
+    traced = _trace(generator, (h, w), io)
+    inputs, outputs = coreml_types((h, w), io)
+    say(f"coreml {h}x{w} {io}: converting")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mlmodel = ct.convert(
+            traced, inputs=inputs, outputs=outputs, convert_to="mlprogram",
+            compute_precision=ct.precision.FLOAT32 if compute == "fp32" else ct.precision.FLOAT16,
+            minimum_deployment_target=target, skip_model_load=True,
+        )
+    if converted is not None:
+        for other in [k for k in converted if k[:4] != key[:4]]:
+            del converted[other]
+        converted[key] = mlmodel
+    return mlmodel
+
+
 def convert_generator(generator, shape: Tuple[int, int], precision: str, io: str, workdir, *,
             checkpoint_sha256: str = "", name: Optional[str] = None,
             progress: Optional[Callable[[str], None]] = None, compute: str = "fp16",
-            keep_float=(), calibration=None, range_method: str = "minmax", report: Optional[dict] = None) -> Path:
+            keep_float=(), calibration=None, range_method: str = "minmax", report: Optional[dict] = None,
+            converted: Optional[dict] = None) -> Path:
     """Convert ``generator`` to a Core ML ML program and save it atomically in ``workdir``.
 
     generator: a models.gmcnn.GMCNNGenerator (eval mode); shape: (rows, cols), multiples of 4.
@@ -334,7 +364,9 @@ def convert_generator(generator, shape: Tuple[int, int], precision: str, io: str
     ``keep_float``: generator convolutions whose weights stay fp16 (w8's fallback).
     ``calibration`` (w8a8): export.samples.Samples to calibrate the activations on;
     ``range_method`` as in :func:`export.quant_ranges.choose_ranges`; ``report`` (a dict)
-    receives the calibration report.
+    receives the calibration report. ``converted``: a dict shared by calls that may reuse one conversion
+    (:func:`convert_many`): the program converted for this shape, I/O signature and deployment target is
+    compressed again instead of converted again (the same package bytes).
     Raises UserError for an unknown precision / I/O signature or an unusable shape.
     """
     if precision not in PRECISIONS:
@@ -352,20 +384,13 @@ def convert_generator(generator, shape: Tuple[int, int], precision: str, io: str
         check_keep_float(generator, keep_float)
     ct = _ct()
     say = progress or (lambda _msg: None)
-    say(f"coreml {h}x{w} {precision} {io}: tracing")
-    traced = _trace(generator, (h, w), io)
-    inputs, outputs = coreml_types((h, w), io)
-    say(f"coreml {h}x{w} {precision} {io}: converting")
     if precision == "w8a8" and calibration is None:
         raise UserError("w8a8 needs calibration samples")
+    target = ct.target.iOS17 if precision == "w8a8" else ct.target.iOS16
+    converted_program = _converted_program(generator, (h, w), io, compute, target, say, converted)
+    mlmodel = converted_program
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mlmodel = ct.convert(
-            traced, inputs=inputs, outputs=outputs, convert_to="mlprogram",
-            compute_precision=ct.precision.FLOAT32 if compute == "fp32" else ct.precision.FLOAT16,
-            minimum_deployment_target=ct.target.iOS17 if precision == "w8a8" else ct.target.iOS16,
-            skip_model_load=True,
-        )
         if precision == "w8a8":
             say(f"coreml {h}x{w} {precision} {io}: calibrating activations on {len(calibration)} samples "
                 "in the reference executor")
@@ -376,6 +401,10 @@ def convert_generator(generator, shape: Tuple[int, int], precision: str, io: str
         if precision != "fp16":
             say(f"coreml {h}x{w} {precision} {io}: compressing weights")
             mlmodel = compress(mlmodel, precision, keep_float)
+    if mlmodel is converted_program and converted is not None:
+        # fp16 is the converted program itself, described below: no other precision may start from it now
+        # (a copy of the program would do, but its metadata map serialises in another order: other bytes)
+        converted.pop(next(k for k, v in converted.items() if v is mlmodel))
     fill_description(mlmodel, generator, (h, w), precision, io, checkpoint_sha256)
     return save_atomically(mlmodel, Path(workdir) / (name or artifact_name((h, w), precision, io)))
 
@@ -429,8 +458,24 @@ def check_available() -> None:
         raise MissingDependencyError("coremltools", "export", "Core ML export")
 
 
-def convert(job) -> Tuple[Path, Dict[str, object]]:
-    """Backend entry (export.backends.ConvertJob): write the package at ``job.out`` and return it."""
+def convert_many(jobs, progress=None, stages=None):
+    """Backend entry: every job through :func:`convert` (each its own stage), the program of each shape, I/O
+    signature and deployment target converted once and compressed per precision (fp16, w8, palettized,
+    w8a8's calibration, the fallback's keep-float candidates)."""
+    from . import backends
+
+    converted: Dict[tuple, object] = {}
+    groups = {}  # fp16 last in its shape and signature: it takes the converted program itself
+    for job in jobs:
+        groups.setdefault((tuple(job.shape), job.io), []).append(job)
+    ordered = [job for group in groups.values() for job in sorted(group, key=lambda job: job.precision == "fp16")]
+    return backends.convert_each(sys.modules[__name__], ordered, progress, stages,
+                                 convert=lambda job: convert(job, converted))
+
+
+def convert(job, converted: Optional[dict] = None) -> Tuple[Path, Dict[str, object]]:
+    """Backend entry (export.backends.ConvertJob): write the package at ``job.out`` and return it.
+    ``converted``: as in :func:`convert_generator`."""
     meta = dict(job.metadata)
     out = Path(job.out)
     report: Dict[str, object] = {}
@@ -438,7 +483,7 @@ def convert(job) -> Tuple[Path, Dict[str, object]]:
                              checkpoint_sha256=str(meta.get("checkpoint_sha256", "")),
                              keep_float=tuple(job.extra.get("keep_float") or ()),
                              calibration=job.calibration if job.precision in CALIBRATED else None,
-                             range_method=job.options.range_method, report=report)
+                             range_method=job.options.range_method, report=report, converted=converted)
     return path, report
 
 

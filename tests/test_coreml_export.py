@@ -365,10 +365,15 @@ def test_w8a8_quantizes_activations_and_runs_in_the_executor():
         assert t["method"] in METHODS and lo == -hi and hi >= max(abs(t["min"]), abs(t["max"])) * 0.01
 
 
-def test_w8_keep_float_leaves_the_named_convolutions_in_fp16(tmp_path):
+def test_w8_keep_float_leaves_the_named_convolutions_in_fp16(tmp_path, monkeypatch):
     """The fallback's lever for w8: the named convolutions keep fp16 weights, every other large
-    filter is still int8 (decompressed by constexpr_affine_dequantize at load)."""
+    filter is still int8 (decompressed by constexpr_affine_dequantize at load). Converted once (issue 17):
+    the plain w8 package and the candidate compress one converted program (ct.convert runs once), and the
+    plain one is the package a conversion of its own writes."""
+    import coremltools as ct
+
     from export.coreml import quantization_summary
+    from test_export_reference import package_digest
 
     def fp16_convs(path):
         program = load_program(path)
@@ -376,8 +381,16 @@ def test_w8_keep_float_leaves_the_named_convolutions_in_fp16(tmp_path):
                       if s.op_type == "conv" and s.inputs["weight"] not in program.decompressed)
 
     base = fp16_convs(tiny_artifact("w8", "tensor"))
-    path = convert_generator(scaled_generator("tf"), TINY_TF_SHAPE, "w8", "tensor", tmp_path,
-                             keep_float=("net.layers.b1conv5",))
+    conversions = []
+    real_convert = ct.convert
+    monkeypatch.setattr(ct, "convert", lambda *a, **k: conversions.append(1) or real_convert(*a, **k))
+    converted, gen = {}, scaled_generator("tf")
+    plain = convert_generator(gen, TINY_TF_SHAPE, "w8", "tensor", tmp_path, checkpoint_sha256="0" * 64,
+                              converted=converted)
+    path = convert_generator(gen, TINY_TF_SHAPE, "w8", "tensor", tmp_path, name="keep.mlpackage",
+                             keep_float=("net.layers.b1conv5",), converted=converted)
+    assert len(conversions) == 1 and len(converted) == 1
+    assert package_digest(plain) == package_digest(tiny_artifact("w8", "tensor"))
     kept = fp16_convs(path)
     assert len(kept) == len(base) + 1 and set(base) < set(kept)
     summary = quantization_summary(path, "w8")
