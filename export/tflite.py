@@ -140,6 +140,13 @@ def _export_sources(job: ConvertJob) -> Tuple[Path, Dict[str, str]]:
     return onnx_path, cind
 
 
+def artifact_file(job: ConvertJob) -> str:
+    """The file name of ``job``'s artifact: its ``out`` without the export's temporary prefix
+    (``.partial-<pid>-``, :data:`export.api.PARTIAL_PREFIX`)."""
+    name = Path(job.out).name
+    return name.split("-", 2)[-1] if name.startswith(".partial-") else name
+
+
 def network_feed(samples, io: str) -> Tuple[np.ndarray, np.ndarray]:
     """(image, mask) NHWC float32 arrays as the saved_model takes them: [-1,1]/{0,1} for ``tensor``,
     0..255 values for ``image`` (the uint8 boundary is added after conversion)."""
@@ -202,7 +209,14 @@ def start_many(jobs: Sequence[ConvertJob], progress=None, stages=None) -> Conver
     are made here (this thread: PyTorch), then the worker starts and this returns at once."""
     check_available()
     groups: Dict[Path, List[ConvertJob]] = collections.OrderedDict()
-    for job in jobs:
+    # per shape the tensor signature first: its calibration pass is kept for the image signature's
+    # (tflite_calibration.calibrate_ranges' share), which wraps the same network
+    calibrated = [(tuple(job.shape), job.io) for job in jobs
+                  if job.precision in CALIBRATED and not job.extra.get("keep_float")]
+    shares = {shape for shape, io in calibrated if io == "image" and (shape, "tensor") in calibrated}
+    shape_order = {shape: i for i, shape in enumerate(dict.fromkeys(tuple(job.shape) for job in jobs))}
+    for job in sorted(jobs, key=lambda job: (shape_order[tuple(job.shape)],
+                                             tuple(job.shape) in shares and job.io != "tensor")):
         # absolute: the worker runs in the repository root, not in the caller's folder (--out exported/)
         groups.setdefault(Path(job.workdir).absolute(), []).append(job)
     results: Dict[str, ConvertResult] = {}
@@ -233,7 +247,10 @@ def start_many(jobs: Sequence[ConvertJob], progress=None, stages=None) -> Conver
             if job.precision in CALIBRATED or job.precision == "int8-dynamic":
                 quant = {"calibrated": str(work / f"calibrated_{job.precision}.tflite"),
                          "float_model": str(work / "converter_fp32.tflite"), "float_nodes": [],
-                         "converted": str(work / f"converter_{job.precision}.tflite")}
+                         "converted": str(work / f"converter_{job.precision}.tflite"), "share": None}
+                if job.precision in CALIBRATED and tuple(job.shape) in shares and not job.extra.get("keep_float"):
+                    quant["share"] = ({"reuse": True} if job.io == "image" else
+                                      {"keep": str(work), "source": artifact_file(job)})
                 if job.extra.get("keep_float"):
                     try:
                         quant["float_nodes"] = float_nodes(job.generator, work, job.precision, job.extra["keep_float"],

@@ -28,7 +28,8 @@ chosen range is what the converter gets as the tensor's ``min``/``max``.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
@@ -51,7 +52,7 @@ def _grid_stride(shape) -> int:
     return s
 
 
-def range_probe(model_bytes: bytes, tensors: List[int], grid: bool = False) -> tuple:
+def range_probe(model_bytes: bytes, tensors: List[int], grid: bool = False, keep: Sequence[int] = ()) -> tuple:
     """The model with a REDUCE_MIN and a REDUCE_MAX over each of ``tensors`` placed right after the
     op that makes it; the scalars are the graph's outputs. Returns (bytes, {tensor: (min_out, max_out,
     grid_out)}); ``grid_out`` is None unless ``grid``.
@@ -60,7 +61,8 @@ def range_probe(model_bytes: bytes, tensors: List[int], grid: bool = False) -> t
     starting at s//2; :func:`_grid_stride`): a SLICE to whole multiples of s where needed, a
     RESHAPE to (H/s, s, W/s, s*C) and a SLICE of one row and column of each s x s block.
     Only these small outputs leave the graph, so the interpreter still frees each tensor after
-    its last use: one pass over the samples, at little more memory than inference.
+    its last use: one pass over the samples, at little more memory than inference. ``keep``: tensors
+    (made by ops) that leave the graph whole as well.
     """
     model = g.read(model_bytes)
     sg = model.subgraphs[0]
@@ -115,7 +117,7 @@ def range_probe(model_bytes: bytes, tensors: List[int], grid: bool = False) -> t
         for t in after.get(i, []):
             probe(t)
     sg.operators = new_ops
-    sg.outputs = [o for outs in probes.values() for o in outs if o is not None]
+    sg.outputs = [o for outs in probes.values() for o in outs if o is not None] + list(keep)
     model.signatureDefs = []
     return g.write(model), probes
 
@@ -137,13 +139,19 @@ def _feeds(model, probed, samples):
 
 
 def measure_statistics(model_bytes: bytes, tensors: List[int], samples: Iterable[Dict[str, np.ndarray]],
-                       threads: int = 2, grid: bool = True) -> Dict[int, TensorStats]:
+                       threads: int = 2, grid: bool = True, keep: Sequence[int] = (),
+                       on_sample: Optional[Callable[[int, Dict[int, np.ndarray]], None]] = None
+                       ) -> Dict[int, TensorStats]:
     """Per tensor, over ``samples`` (dicts keyed by signature input name, or lists in input order),
     in one pass: each sample's exact min and max and (``grid``) up to SAMPLE_VALUES of its values.
+    ``keep``: graph inputs and tensors made by ops whose whole values ``on_sample(index, {tensor: values})``
+    receives for each sample.
 
     The probed model runs in the runtime's TFLite engine (XNNPACK, ``threads`` threads; the bytes
     without a manifest entry, every probe an output of the graph, read by tensor name)."""
-    probed_bytes, probes = range_probe(model_bytes, tensors, grid=grid)
+    model = g.read(model_bytes)
+    graph_inputs = set(g._ids(model.subgraphs[0].inputs))
+    probed_bytes, probes = range_probe(model_bytes, tensors, grid=grid, keep=[t for t in keep if t not in graph_inputs])
     probed = g.read(probed_bytes)
     probed_sg = probed.subgraphs[0]
     name = {t: g.tensor_name(probed_sg.tensors[t]) for outs in probes.values() for t in outs if t is not None}
@@ -152,8 +160,11 @@ def measure_statistics(model_bytes: bytes, tensors: List[int], samples: Iterable
     stats: Dict[int, TensorStats] = {t: TensorStats() for t in probes}
     rng = np.random.default_rng(0)
     with TFLiteEngine(model_content=probed_bytes, threads=threads, xnnpack=True) as engine:
-        for feed in _feeds(g.read(model_bytes), probed, samples):
+        for index, feed in enumerate(_feeds(model, probed, samples)):
             out = engine.infer(feed)
+            if on_sample is not None:
+                on_sample(index, {t: feed[g.tensor_name(probed_sg.tensors[t])] if t in graph_inputs
+                                  else out[g.tensor_name(probed_sg.tensors[t])] for t in keep})
             for t, (lo_t, hi_t, grid_t) in probes.items():
                 values = np.zeros(0, np.float32)
                 if grid_t is not None:
@@ -205,6 +216,7 @@ def activation_tensors(model) -> List[int]:
 # same float model on the same samples, so the second reuses the first's pass (only the range choice
 # differs).
 _STATISTICS: Dict[str, Dict[int, TensorStats]] = {}
+_SHARED_REPORT: Dict[str, Optional[dict]] = {}  # how the statistics of _STATISTICS were shared, by the same key
 
 
 def _statistics_key(model_bytes: bytes, samples, grid: bool) -> str:
@@ -219,8 +231,116 @@ def _statistics_key(model_bytes: bytes, samples, grid: bool) -> str:
     return h.hexdigest()
 
 
+# Within the measured calibration inputs of two signatures, the largest difference allowed between the tensor
+# signature's input and the value the other graph computes in its place: the image graph normalises as
+# x * (1/127.5) - 1 where the tensor samples hold x / 127.5 - 1 (measured: at most 1.2e-7, one float32 step
+# near 1); a different photo or mask differs by at least one pixel level, 1/127.5.
+SHARED_INPUT_TOLERANCE = 1e-5
+
+
+@dataclass
+class Shareable:
+    """One calibration pass kept for another graph of the same network (the ``image`` signature wraps the
+    ``tensor`` signature's network in its own I/O ops): the float model measured, its statistics, and the
+    values of its graph inputs and outputs per sample (``.npy`` files, read memory-mapped)."""
+
+    source: str
+    model: bytes
+    stats: Dict[int, TensorStats]
+    grid: bool
+    values: Dict[int, str]
+
+    def value(self, tensor: int, index: int) -> np.ndarray:
+        return np.load(self.values[tensor], mmap_mode="r")[index]
+
+
+_SHAREABLE: List[Shareable] = []  # the last pass kept for sharing
+
+
+def _measure_to_share(model_bytes: bytes, tensors, samples, threads: int, grid: bool, folder: str,
+                      source: str) -> Dict[int, TensorStats]:
+    """:func:`measure_statistics`, keeping the pass for :func:`_shared_statistics` (its graph inputs' and
+    outputs' values per sample written to ``folder``)."""
+    import os
+
+    sg = g.read(model_bytes).subgraphs[0]
+    keep = g._ids(sg.inputs) + g._ids(sg.outputs)
+    paths = {t: os.path.join(folder, f"shared_calibration_{t}.npy") for t in keep}
+    files: Dict[int, np.ndarray] = {}
+
+    def write(index, values):
+        for t, v in values.items():
+            if t not in files:
+                files[t] = np.lib.format.open_memmap(paths[t], mode="w+", dtype=np.float32,
+                                                     shape=(len(samples),) + tuple(np.shape(v)))
+            files[t][index] = v
+
+    stats = measure_statistics(model_bytes, tensors, samples, threads, grid=grid, keep=keep, on_sample=write)
+    for f in files.values():
+        f.flush()
+    files.clear()
+    _SHAREABLE[:] = [Shareable(source, model_bytes, stats, grid, paths)]
+    return stats
+
+
+def _shared_statistics(model_bytes: bytes, tensors: List[int], samples, threads: int, grid: bool):
+    """The statistics of ``model_bytes``'s ``tensors`` taken from the kept pass (:class:`Shareable`) where
+    this graph computes that pass's network, and measured here only for its own ops (fed the kept network
+    outputs: a model of those ops alone); returns (stats, report) or (None, reason) when it does not apply:
+    another network, other samples, or own ops reading more of the network than its outputs."""
+    if not _SHAREABLE:
+        return None, "nothing kept"
+    kept = _SHAREABLE[0]
+    if grid and not kept.grid:
+        return None, "the kept pass has no value samples"
+    inner, model = g.read(kept.model), g.read(model_bytes)
+    where = g.embedding(inner, model)
+    if where is None:
+        return None, "another network"
+    sg = model.subgraphs[0]
+    inner_inputs = g._ids(inner.subgraphs[0].inputs)
+    network = {b for a, b in where.items() if a not in inner_inputs}  # tensors the shared network makes
+    producer = {t: i for i, op in enumerate(sg.operators) for t in g._ids(op.outputs)}
+    network_ops = {producer[t] for t in network}
+    own_ops = [i for i in range(len(sg.operators)) if i not in network_ops]
+    inputs = g._ids(sg.inputs)
+    fed = sorted({t for i in own_ops for t in g._ids(sg.operators[i].inputs) if t in network})
+    of = {b: a for a, b in where.items()}
+    own = [t for t in tensors if t not in network]
+    if (any(of[t] not in kept.values for t in fed)
+            or any(t not in inputs and producer.get(t) not in own_ops for t in own)
+            or any(len(s.mins) != len(samples) for s in kept.stats.values())):
+        return None, "the graph's own ops read more of the network than its outputs"
+    standing_in = {where[a]: a for a in inner_inputs}  # this graph's tensors in the network inputs' places
+    key_tensor = (dict(g.signature_io(model)[0]) if model.signatureDefs
+                  else {g.tensor_name(sg.tensors[t]): t for t in inputs})
+
+    def own_samples():
+        for index, sample in enumerate(samples):
+            by_tensor = ({key_tensor[k]: v for k, v in sample.items()} if isinstance(sample, dict)
+                         else dict(zip(inputs, sample)))
+            yield [by_tensor[t] for t in inputs] + [kept.value(of[t], index) for t in fed]
+
+    worst = [0.0]
+
+    def compare(index, values):
+        for t, v in values.items():
+            want = kept.value(standing_in[t], index)
+            worst[0] = max(worst[0], float(np.max(np.abs(np.asarray(v, np.float32).reshape(want.shape) - want))))
+
+    own_stats = measure_statistics(g.cut(model_bytes, own_ops, inputs + fed), own, own_samples(), threads,
+                                   grid=grid, keep=sorted(standing_in), on_sample=compare)
+    if worst[0] > SHARED_INPUT_TOLERANCE:
+        return None, f"other samples (network inputs differ by {worst[0]:.3g})"
+    stats = {t: kept.stats[of[t]] for t in tensors if t in network}
+    stats.update(own_stats)
+    return stats, {"statistics_shared_from": kept.source, "tensors_shared": len(network & set(tensors)),
+                   "tensors_measured": len(own), "ops_measured": len(own_ops),
+                   "network_input_difference": worst[0]}
+
+
 def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], threads: int = 2, bits: int = 8,
-                     symmetric: bool = False, method: str = "minmax") -> tuple:
+                     symmetric: bool = False, method: str = "minmax", share: Optional[dict] = None) -> tuple:
     """The float model with a chosen ``min``/``max`` on every float activation; returns (bytes, report).
 
     ``bits``/``symmetric``: the activation grid the ranges are chosen for (8/False: int8; 16/True:
@@ -228,6 +348,11 @@ def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], thread
     :data:`export.quant_ranges.METHODS` on held-out samples) or one method for every tensor.
     ``report["tensors"]`` maps each tensor's name to its method, chosen range, observed min/max
     and held-out errors; ``report["methods"]`` counts the tensors per method.
+
+    ``share`` (issue 17: one pass per shape for both I/O signatures): ``{"keep": folder, "source": file}``
+    keeps this pass for another graph of the same network; ``{"reuse": True}`` takes the kept pass's
+    statistics for the tensors this graph's copy of that network makes and measures only its own ops
+    (``report["shared"]`` says from which file, or why not).
     """
     import collections
     import time
@@ -237,12 +362,26 @@ def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], thread
     sg = model.subgraphs[0]
     samples = list(dataset())
     tensors = activation_tensors(model)
-    key = _statistics_key(model_bytes, samples, method != "minmax")
+    grid = method != "minmax"
+    key = _statistics_key(model_bytes, samples, grid)
     reused = key in _STATISTICS
+    shared = None
     if not reused:
+        stats = None
+        if share and share.get("reuse"):
+            stats, shared = _shared_statistics(model_bytes, tensors, samples, threads, grid)
+            if stats is None:
+                shared = {"statistics_shared_from": None, "why_not": shared}
+        if stats is None and share and share.get("keep"):
+            stats = _measure_to_share(model_bytes, tensors, samples, threads, grid, share["keep"], share["source"])
+        if stats is None:
+            stats = measure_statistics(model_bytes, tensors, samples, threads, grid=grid)
         _STATISTICS.clear()
-        _STATISTICS[key] = measure_statistics(model_bytes, tensors, samples, threads, grid=method != "minmax")
+        _SHARED_REPORT.clear()
+        _STATISTICS[key] = stats
+        _SHARED_REPORT[key] = shared
     stats = _STATISTICS[key]
+    shared = _SHARED_REPORT.get(key)
     t1 = time.time()
     chosen = choose_ranges(stats, bits, symmetric, method, through=activation_consumers(model, tensors),
                            produced_by=activation_outputs(model, tensors))
@@ -256,6 +395,6 @@ def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], thread
         per_tensor[g.tensor_name(sg.tensors[t]) or f"tensor{t}"] = choice
     report = {"tensors": per_tensor, "methods": dict(collections.Counter(c["method"] for c in chosen.values())),
               "activation_bits": bits, "symmetric": symmetric, "method": method, "samples": len(samples),
-              "statistics_reused": reused,
+              "statistics_reused": reused, **({"shared": shared} if shared else {}),
               "threads": threads, "seconds": round(time.time() - t0, 2), "choice_seconds": round(time.time() - t1, 2)}
     return g.write(model), report

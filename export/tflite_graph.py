@@ -752,3 +752,116 @@ def read_metadata(data: bytes, name: str) -> Optional[dict]:
         if key == name:
             return json.loads(bytes(model.buffers[m.buffer].data).decode())
     return None
+
+
+# ------------------------------------------------------------------ one network inside another
+
+def _op_key(model, op) -> tuple:
+    """What an op computes apart from its inputs: type, options, arity."""
+    options = op.builtinOptions
+    fields = ()
+    if options is not None:
+        fields = tuple(sorted((k, np.asarray(v).tolist() if isinstance(v, (np.ndarray, list)) else v)
+                              for k, v in vars(options).items()))
+    custom = bytes(op.customOptions) if op.customOptions is not None else b""
+    return op_name(model, op), op.builtinOptionsType, repr(fields), custom, len(_ids(op.inputs)), len(_ids(op.outputs))
+
+
+def _constant_key(model, tensor) -> tuple:
+    data = model.buffers[tensor.buffer].data
+    return tensor.type, tuple(_ids(tensor.shape)), bytes(np.asarray(data, np.uint8))
+
+
+def embedding(inner, outer) -> Optional[Dict[int, int]]:
+    """Where the network of ``inner`` sits inside ``outer``: {inner tensor: outer tensor} for every
+    non-constant tensor of ``inner`` (its inputs included), or None when ``outer`` does not compute
+    ``inner``'s outputs from some of its tensors with the same ops.
+
+    Matched backwards from each output of ``inner``: two tensors correspond when their producers have
+    the same type, options and arity, their constant inputs the same contents and their other inputs
+    correspond in order; an input of ``inner`` corresponds to whichever ``outer`` tensor of its shape
+    stands in that place (in the ``image`` graph: the normalised image and the binarised hole, made by
+    ``outer``'s own ops). Each ``inner`` tensor gets one ``outer`` tensor, and no two the same one.
+    """
+    sgs = {"i": inner.subgraphs[0], "o": outer.subgraphs[0]}
+    models = {"i": inner, "o": outer}
+    producer = {side: {t: (k, op) for op in sg.operators for k, t in enumerate(_ids(op.outputs))}
+                for side, sg in sgs.items()}
+    constant_keys: Dict[tuple, tuple] = {}
+
+    def constant(side, t):
+        tensor = sgs[side].tensors[t]
+        if not _is_constant(models[side], tensor):
+            return None
+        if (side, t) not in constant_keys:
+            constant_keys[side, t] = _constant_key(models[side], tensor)
+        return constant_keys[side, t]
+
+    inner_inputs = set(_ids(sgs["i"].inputs))
+
+    def match(a: int, b: int, mapping: Dict[int, int]) -> bool:
+        stack = [(a, b)]
+        while stack:
+            a, b = stack.pop()
+            if (a < 0) != (b < 0):
+                return False
+            if a < 0:
+                continue
+            ca, cb = constant("i", a), constant("o", b)
+            if ca is not None or cb is not None:
+                if ca != cb:
+                    return False
+                continue
+            ta, tb = sgs["i"].tensors[a], sgs["o"].tensors[b]
+            if ta.type != tb.type or _ids(ta.shape) != _ids(tb.shape):
+                return False
+            if a in mapping:
+                if mapping[a] != b:
+                    return False
+                continue
+            mapping[a] = b
+            if a in inner_inputs:
+                continue
+            if a not in producer["i"] or b not in producer["o"]:
+                return False
+            (ka, opa), (kb, opb) = producer["i"][a], producer["o"][b]
+            if ka != kb or _op_key(inner, opa) != _op_key(outer, opb):
+                return False
+            stack.extend(zip(_ids(opa.inputs), _ids(opb.inputs)))
+        return True
+
+    mapping: Dict[int, int] = {}
+    for a in _ids(sgs["i"].outputs):
+        for b in sorted(producer["o"]):
+            trial = dict(mapping)
+            if match(a, b, trial):
+                mapping = trial
+                break
+        else:
+            return None
+    needed = set(_ids(sgs["i"].outputs))  # every non-constant tensor the outputs depend on must have its place
+    for op in reversed(sgs["i"].operators):
+        if needed & set(_ids(op.outputs)):
+            needed |= {t for t in _ids(op.inputs) if t >= 0}
+    needed = {t for t in needed if not _is_constant(inner, sgs["i"].tensors[t])}
+    if len(set(mapping.values())) != len(mapping) or set(mapping) != needed:
+        return None
+    return mapping
+
+
+def cut(data: bytes, ops: Sequence[int], inputs: Sequence[int]) -> bytes:
+    """The model of ``data`` made of subgraph 0's ops ``ops`` (indices, in graph order) alone, with ``inputs``
+    as its graph inputs (tensors the kept ops read that others made) and no outputs yet; tensors keep their
+    numbers, the constants no kept op reads are dropped, signatures go."""
+    model = read(data)
+    sg = model.subgraphs[0]
+    keep = set(ops)
+    sg.operators = [op for i, op in enumerate(sg.operators) if i in keep]
+    sg.inputs = list(inputs)
+    sg.outputs = []
+    read_by_kept = {t for op in sg.operators for t in _ids(op.inputs) if t >= 0}
+    for i, tensor in enumerate(sg.tensors):
+        if i not in read_by_kept and tensor.buffer and _is_constant(model, tensor):
+            model.buffers[tensor.buffer].data = None
+    model.signatureDefs = []
+    return write(model)

@@ -24,7 +24,8 @@ Plan (JSON)::
                "artifacts": [{"precision": "fp32|fp16|int8-dynamic|int8|int16x8", "io": "tensor|image",
                               "out": path, "calibration": {"image": npy, "mask": npy} | null,
                               "quant": {"calibrated": path, "float_nodes": [str], "float_model": path,
-                                        "converted": path} | null,
+                                        "converted": path,
+                                        "share": {"keep": dir, "source": file} | {"reuse": true} | null} | null,
                               "metadata": {...}}]}]}
 """
 from __future__ import annotations
@@ -147,7 +148,7 @@ _CALIBRATION_REPORT: dict = {}
 # Precisions with calibrated activations: (activation bits, symmetric grid) -- TFLite's int8 scheme
 # (scale and zero point) and its 16x8 scheme (int16 activations, zero point 0).
 ACTIVATION_GRIDS = {"int8": (8, False), "int16x8": (16, True)}
-_CALIBRATION_SETTINGS = {"bits": 8, "symmetric": False, "method": "minmax", "threads": 2}
+_CALIBRATION_SETTINGS = {"bits": 8, "symmetric": False, "method": "minmax", "threads": 2, "share": None}
 _CALIBRATED_MODEL: list = []  # the float model with the chosen ranges, as the last calibration returned it
 
 
@@ -174,9 +175,11 @@ def _install_calibration() -> None:
     calibrator.Calibrator.calibrate = calibrate
 
 
-def _calibrating_converter(saved_model: str, precision: str, io: str, calibration: dict, options: ExportOptions):
+def _calibrating_converter(saved_model: str, precision: str, io: str, calibration: dict, options: ExportOptions,
+                           share: dict = None):
     """The TFLite converter of a calibrated precision, calibrating with :func:`_install_calibration`'s
-    hook (each activation's range chosen by ``options.range_method``, ``options.threads`` threads)."""
+    hook (each activation's range chosen by ``options.range_method``, ``options.threads`` threads;
+    ``share``: as :func:`export.tflite_calibration.calibrate_ranges` takes it)."""
     import numpy as np
     import tensorflow as tf
 
@@ -187,7 +190,8 @@ def _calibrating_converter(saved_model: str, precision: str, io: str, calibratio
             yield {"image": images[i : i + 1], "mask": masks[i : i + 1]}
 
     bits, symmetric = ACTIVATION_GRIDS[precision]
-    _CALIBRATION_SETTINGS.update(bits=bits, symmetric=symmetric, method=options.range_method, threads=options.threads)
+    _CALIBRATION_SETTINGS.update(bits=bits, symmetric=symmetric, method=options.range_method, threads=options.threads,
+                                 share=share)
     _install_calibration()
     _CALIBRATION_REPORT.clear()
     _CALIBRATED_MODEL.clear()
@@ -229,7 +233,7 @@ def calibrated_model(saved_model: str, precision: str, io: str, calibration: dic
         _CALIBRATION_REPORT.update(statistics_reused=True, calibrated_model_reused=True,
                                    seconds=round(time.time() - t0, 2))
         return data
-    conv = _calibrating_converter(saved_model, precision, io, calibration, options)
+    conv = _calibrating_converter(saved_model, precision, io, calibration, options, quant.get("share"))
     conv._experimental_calibrate_only = True  # stop after calibration: quantize_calibrated does the rest
     data = conv.convert()
     _keep_calibrated(cache)
@@ -283,7 +287,7 @@ def convert_precision(saved_model: str, precision: str, io: str, calibration, op
     if precision == "int8" and not quant.get("float_nodes"):
         # the converter in one call, as before the fallback existed (the same bytes); the calibrated
         # model is kept for the fallback's candidates
-        data = _calibrating_converter(saved_model, precision, io, calibration, options).convert()
+        data = _calibrating_converter(saved_model, precision, io, calibration, options, quant.get("share")).convert()
         _keep_calibrated(quant.get("calibrated"))
         return data
     if precision in ACTIVATION_GRIDS:

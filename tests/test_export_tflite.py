@@ -552,6 +552,58 @@ def test_calibration_ranges_match_an_independent_run(tiny, monkeypatch):
     assert strided > 20
 
 
+def test_image_calibration_shares_the_tensor_signatures_pass(tiny, tmp_path):
+    """One calibration pass per shape: the image graph's statistics come from the tensor graph's pass for every
+    tensor of the network it wraps, measured only for its own I/O ops (fed the kept network outputs), and its
+    ranges match a pass of its own within the last bits of the two normalisations; other samples, or another
+    network, fall back to a pass of its own. The export's image int8 file records where its statistics came from."""
+    from export import tflite_calibration, tflite_graph
+    from export.samples import CALIBRATION_DIR, load_samples
+    from export.tflite import network_feed
+    from export.tflite_calibration import calibrate_ranges
+
+    work = tiny["out"] / ".work"
+    models = {io: (work / f"tflite_{SHAPE[0]}x{SHAPE[1]}_{io}" / "converter_fp32.tflite").read_bytes() for io in IOS}
+    samples = load_samples(CALIBRATION_DIR, SHAPE, 1, seed=4)
+
+    def feeds(io, samples=samples):
+        image, mask = network_feed(samples, io)
+        return lambda: iter([{"image": image[i:i + 1], "mask": mask[i:i + 1]} for i in range(len(samples))])
+
+    _, kept = calibrate_ranges(models["tensor"], feeds("tensor"), share={"keep": str(tmp_path), "source": "t.tflite"})
+    graph = tflite_graph.read(models["tensor"]).subgraphs[0]
+    assert "shared" not in kept and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"shared_calibration_{t}.npy" for t in list(graph.inputs) + list(graph.outputs))  # values of each sample
+    own_data, own = calibrate_ranges(models["image"], feeds("image"))
+    tflite_calibration._STATISTICS.clear()  # the pass just made would be reused as it is (same model and samples)
+    shared_data, shared = calibrate_ranges(models["image"], feeds("image"), share={"reuse": True})
+    info = shared["shared"]
+    assert info["statistics_shared_from"] == "t.tflite" and info["tensors_shared"] == len(kept["tensors"]) - 2
+    # the image graph's own ops: normalisation, hole, composite and clamp (measured on the cnum-4 model: its 2
+    # inputs and 13 ops' outputs of 111 tensors)
+    assert info["tensors_measured"] == len(own["tensors"]) - info["tensors_shared"] <= 16
+    assert 0 < info["network_input_difference"] <= tflite_calibration.SHARED_INPUT_TOLERANCE
+    assert set(shared["tensors"]) == set(own["tensors"])
+    for name, mine in own["tensors"].items():
+        lo, hi = mine["range"]
+        # the two normalisations differ in the last float32 bit: ranges agree to 1e-5 of their span (measured
+        # on this model: at most 4e-7)
+        assert shared["tensors"][name]["range"] == pytest.approx([lo, hi], abs=1e-5 * (hi - lo)), name
+    assert shared_data != own_data
+
+    other = load_samples(CALIBRATION_DIR, SHAPE, 1, seed=5)
+    _, again = calibrate_ranges(models["image"], feeds("image", other), share={"reuse": True})
+    assert again["shared"]["statistics_shared_from"] is None and "other samples" in again["shared"]["why_not"]
+    calibrate_ranges(models["image"], feeds("image"), share={"keep": str(tmp_path), "source": "i.tflite"})
+    _, swapped = calibrate_ranges(models["tensor"], feeds("tensor"), share={"reuse": True})
+    assert swapped["shared"] == {"statistics_shared_from": None, "why_not": "another network"}
+
+    by_file = {(a.precision, a.io): a for a in tiny["manifest"].artifacts}
+    record = by_file["int8", "image"].build["quantization"]["activations"]["shared"]
+    assert record["statistics_shared_from"] == by_file["int8", "tensor"].file, record
+    assert "shared" not in by_file["int8", "tensor"].build["quantization"]["activations"]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_nearest_upsample_rewrite_is_exact_and_delegated(tiny, precision):
     """upsample_mode='depth_to_space': the 3 nearest resizes become CONCATENATION + DEPTH_TO_SPACE,
