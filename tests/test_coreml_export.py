@@ -275,7 +275,7 @@ def test_full_size_fast_executor_path_matches_the_exact_one(tmp_path, monkeypatc
 
 
 def _copy_cached(precision, io):
-    def convert(job):
+    def convert(job, converted=None):  # export.coreml.convert's signature (convert_many passes its conversions)
         shutil.copytree(tiny_artifact(precision, io), job.out)
         return job.out
 
