@@ -111,6 +111,27 @@ def test_manifest_records_the_range_of_every_calibrated_tensor(fallback_export):
     assert big and all(t["range"][1] > 100 for t in big)
 
 
+def test_every_key_of_the_quantization_record_is_documented(fallback_export):
+    """docs/MANIFEST.md's `build.quantization` section names every key the export writes there (each
+    key of the record, of its activations and their tensors, and of the fallback's record)."""
+    import re
+
+    from test_export_manifest import DOC
+
+    section = DOC.read_text().split("## `build.quantization`", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`([a-z_0-9]+)`", section)) | set(re.findall(r'"([a-z_0-9]+)"', section))
+    written = set()
+    for a in fallback_export["manifest"].artifacts:
+        q = a.build["quantization"]
+        fb = q["fallback"]
+        price = fb["price"]
+        parts = [q, q["activations"], fb, fb["pure_file"], price, price["pure"], price["fallback"],
+                 *q["activations"].get("tensors", {}).values(), *fb["search"], *fb["layers_kept_float"]]
+        written |= {key for part in parts for key in part}
+    assert "floor_on_grid" in written and "phase" in written  # the record's newest keys are among those checked
+    assert written <= documented, f"undocumented build.quantization keys: {sorted(written - documented)}"
+
+
 def _replaying_backend(export_dir: Path):
     """convert_all stand-in without TensorFlow (tensor I/O, int8 and int8-dynamic): the pure file is
     the worker's converter output post-passed again, every fallback candidate the file the real
