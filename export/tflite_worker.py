@@ -114,6 +114,58 @@ def check_onnx(onnx_path: str) -> None:
     onnx.checker.check_model(onnx.load(onnx_path))
 
 
+def _values_bytes(onnx_path: str) -> int:
+    """Bytes of every value the ONNX graph computes (float32 sizes; its nodes' outputs, shapes inferred):
+    what onnx2tf's validation run of ONNX Runtime returns at once."""
+    import numpy as np
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(onnx_path))
+    total = 0
+    for info in list(model.graph.value_info) + list(model.graph.output):
+        dims = [d.dim_value for d in info.type.tensor_type.shape.dim]
+        total += 4 * int(np.prod(dims)) if dims and all(dims) else 0
+    return total
+
+
+@contextlib.contextmanager
+def _onnx_outputs_on_disk(folder: str, onnx_path: str):
+    """onnx2tf's validation run of ONNX Runtime (every intermediate value of the graph, which its strict mode
+    compares each converted op against) writes its outputs to memory-mapped files in ``folder`` instead of
+    holding them in RAM: onnx2tf does that only when they exceed 80 % of the available memory, so its view of
+    the available memory says none is. The same values, so the same conversion (the tiny reference export's
+    bytes; the default model's fp32 file at 512x680); the pages are the page cache's, written back and dropped
+    under memory pressure, and the folder is removed after. Yields whether it applies: not when the disk has
+    no room for them (onnx2tf would then skip its validation silently and convert otherwise) or onnx2tf's
+    internals differ from the pinned version's."""
+    import shutil
+    import types
+
+    try:
+        from onnx2tf.utils import common_functions
+    except ImportError:  # pragma: no cover - another onnx2tf layout
+        yield False
+        return
+    real = getattr(common_functions, "psutil", None)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        if real is None or real.disk_usage(folder).free < 2 * _values_bytes(onnx_path):
+            yield False
+            return
+
+        def virtual_memory():
+            return real.virtual_memory()._replace(available=-1)
+
+        common_functions.psutil = types.SimpleNamespace(cpu_count=real.cpu_count, disk_usage=real.disk_usage,
+                                                        virtual_memory=virtual_memory)
+        try:
+            yield True
+        finally:
+            common_functions.psutil = real
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_onnx2tf(onnx_path: str, saved_model: str, cind: dict) -> None:
     import numpy as np
     import onnx2tf
@@ -124,15 +176,20 @@ def run_onnx2tf(onnx_path: str, saved_model: str, cind: dict) -> None:
     for name, path in cind.items():
         channels = int(np.load(path, mmap_mode="r").shape[-1])
         params.append([name, path, [0.0] * channels, [1.0] * channels])
+    folder = os.path.join(os.path.dirname(saved_model), "onnx2tf_validation_outputs")
     try:
-        model = onnx2tf.convert(
-            input_onnx_file_path=onnx_path,
-            output_folder_path=saved_model,
-            not_use_onnxsim=True,  # the exporter already ran onnxsim
-            custom_input_op_name_np_data_path=params,
-            disable_model_save=True,  # we write the saved_model ourselves, and no .tflite
-            verbosity="info",
-        )
+        with _onnx_outputs_on_disk(folder, onnx_path) as on_disk:
+            print(f"gmcnn-mobile: onnx2tf's validation outputs {'on disk in ' + folder if on_disk else 'in memory'}",
+                  flush=True)
+            model = onnx2tf.convert(
+                input_onnx_file_path=onnx_path,
+                output_folder_path=saved_model,
+                not_use_onnxsim=True,  # the exporter already ran onnxsim
+                custom_input_op_name_np_data_path=params,
+                disable_model_save=True,  # we write the saved_model ourselves, and no .tflite
+                verbosity="info",
+                onnxruntime_output_memmap=on_disk, onnxruntime_output_memmap_dir=folder if on_disk else None,
+            )
     except SystemExit as exc:  # onnx2tf reports errors by exiting
         raise RuntimeError(f"onnx2tf exited with status {exc.code}") from None
     if model is None:

@@ -606,6 +606,43 @@ def test_image_calibration_shares_the_tensor_signatures_pass(tiny, tmp_path, mon
     assert "shared" not in by_file["int8", "tensor"].build["quantization"]["activations"]
 
 
+def test_onnx2tf_validation_outputs_go_to_disk_when_there_is_room(tiny, tmp_path, monkeypatch):
+    """onnx2tf's ONNX Runtime outputs (every intermediate value) were memory-mapped files in the export (its log
+    says so) and are gone after it; with too little disk for them they stay in memory, and onnx2tf's view of
+    the memory is its own again after the block (stand-in onnx2tf modules: no TensorFlow import here)."""
+    import collections
+    import sys
+    import types
+
+    from export import tflite_worker
+
+    for io in IOS:
+        work = tiny["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_{io}"
+        assert "onnxruntime output memmap enabled" in (work / "tflite_worker.log").read_text()
+        assert not (work / "onnx2tf_validation_outputs").exists()
+    onnx_path = str(tiny["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor" / "model.onnx")
+    values = tflite_worker._values_bytes(onnx_path)
+    assert 4 << 20 < values < 8 << 20  # 5.0 MiB measured for the cnum-4 model at 64x96
+    memory = collections.namedtuple("svmem", "total available")
+    disk = types.SimpleNamespace(free=0)
+    real = types.SimpleNamespace(cpu_count=lambda logical=True: 2, disk_usage=lambda path: disk,
+                                 virtual_memory=lambda: memory(1 << 34, 1 << 33))
+    common = types.ModuleType("onnx2tf.utils.common_functions")
+    common.psutil = real
+    utils = types.ModuleType("onnx2tf.utils")
+    utils.common_functions = common
+    monkeypatch.setitem(sys.modules, "onnx2tf", types.ModuleType("onnx2tf"))
+    monkeypatch.setitem(sys.modules, "onnx2tf.utils", utils)
+    monkeypatch.setitem(sys.modules, "onnx2tf.utils.common_functions", common)
+    folder = tmp_path / "outputs"
+    for free, applies in ((values, False), (2 * values, True)):
+        disk.free = free
+        with tflite_worker._onnx_outputs_on_disk(str(folder), onnx_path) as on_disk:
+            assert on_disk == applies and folder.is_dir()
+            assert common.psutil.virtual_memory().available == (-1 if applies else 1 << 33)
+        assert common.psutil is real and not folder.exists()
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_nearest_upsample_rewrite_is_exact_and_delegated(tiny, precision):
     """upsample_mode='depth_to_space': the 3 nearest resizes become CONCATENATION + DEPTH_TO_SPACE,
