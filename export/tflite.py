@@ -31,6 +31,7 @@ only LiteRT.
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib.util
 import json
 import os
@@ -282,8 +283,6 @@ def start_many(jobs: Sequence[ConvertJob], progress=None, stages=None) -> Conver
 
 def _stage(stages, name: str):
     """``stages.stage(name)`` (an :class:`export.stages.StageLog`), or nothing."""
-    import contextlib
-
     return stages.stage(name) if stages is not None else contextlib.nullcontext()
 
 
@@ -344,72 +343,110 @@ def float_nodes(generator, work: Path, precision: str, keep_float: Sequence[str]
 EVENT_PREFIX = "@@gmcnn "
 
 
+class _Worker:
+    """A TensorFlow child process (``python -m export.tflite_worker``) converting the plans it is handed on its
+    stdin, one at a time, each with its own stderr file (the first one's takes what it prints at start)."""
+
+    def __init__(self, stderr_path: Path):
+        root = Path(__file__).resolve().parent.parent
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        with open(stderr_path, "ab") as stderr:
+            self.proc = subprocess.Popen([sys.executable, "-m", "export.tflite_worker"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=str(root))
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def submit(self, plan_path: Path, stderr_path: Path) -> None:
+        try:
+            self.proc.stdin.write((json.dumps({"plan": str(plan_path), "stderr": str(stderr_path)}) + "\n").encode())
+            self.proc.stdin.flush()
+        except OSError:  # it has stopped: reading its output finds the end and says so
+            pass
+
+    def events(self):
+        """The plan's event lines (dicts) up to its ``finished`` one, or to the worker's end (then waited for)."""
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line.startswith(EVENT_PREFIX):
+                ev = json.loads(line[len(EVENT_PREFIX):])
+                yield ev
+                if ev.get("event") == "finished":
+                    return
+        self.proc.wait()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Let it finish its plan and exit (end of its stdin); killed if it does not within ``timeout`` s."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class _Kept:
+    """The one worker :func:`kept_worker` keeps for this process, and the lock of whoever converts with it."""
+
+    def __init__(self):
+        import threading
+
+        self.lock = threading.Lock()
+        self.worker: Optional[_Worker] = None
+        self.depth = 0
+
+
+_KEPT = _Kept()
+
+
+@contextlib.contextmanager
+def kept_worker():
+    """Within the block, this process's TFLite conversions go to one worker, started at the first of them and
+    closed at the end of the block (a worker that stopped or was killed is replaced at the next), instead of one
+    worker per conversion call. For the test suite (tests/conftest.py: one per test process): each start spends
+    ~7 s of CPU importing TensorFlow and onnx2tf. Exports do not use it: a user's export gets a fresh converter.
+    The worker's environment is this process's when it starts."""
+    with _KEPT.lock:
+        _KEPT.depth += 1
+    try:
+        yield
+    finally:
+        with _KEPT.lock:
+            _KEPT.depth -= 1
+            worker, _KEPT.worker = (_KEPT.worker, None) if _KEPT.depth == 0 else (None, _KEPT.worker)
+        if worker is not None:
+            worker.close()
+
+
 def _run_worker(plan: dict, by_out: Dict[str, ConvertJob], progress, stages=None,
                 procs: Optional[list] = None) -> Dict[str, ConvertResult]:
-    """Run the worker on ``plan`` (its process appended to ``procs``); each stage it reports goes to ``stages``."""
+    """Run the worker on ``plan`` (its process in ``procs`` while it converts it); each stage it reports goes to
+    ``stages``."""
     work = Path(plan["jobs"][0]["saved_model"]).parent
+    stderr_path = work / "tflite_worker.stderr.log"
+    stderr_path.write_bytes(b"")
     plan_path = work / "tflite_plan.json"
     plan_path.write_text(json.dumps(plan, indent=1))
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    results: Dict[str, ConvertResult] = {}
-    failed_jobs = {}
-    stderr_path = work / "tflite_worker.stderr.log"
-    with open(stderr_path, "wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "export.tflite_worker", str(plan_path)], stdout=subprocess.PIPE,
-                                stderr=stderr, env=env, cwd=str(root))
-        if procs is not None:
-            procs.append(proc)
-        if stages is not None:
-            from .stages import TFLITE_WORKER
-
-            stages.watch(proc.pid, TFLITE_WORKER)
-
-        def record(name, ev, seconds=None):
-            if stages is not None and "peak_rss" in ev:
-                stages.add(name, TFLITE_WORKER, ev["t_start"] - stages.t0,
-                           ev["seconds"] if seconds is None else seconds, ev["peak_rss"])
+    with _KEPT.lock if _KEPT.depth else contextlib.nullcontext():
+        kept = _KEPT.depth > 0
+        worker = _KEPT.worker if kept and _KEPT.worker is not None and _KEPT.worker.alive() else _Worker(stderr_path)
+        if kept:
+            _KEPT.worker = worker
         try:
-            for raw in proc.stdout:
-                line = raw.decode(errors="replace").rstrip("\n")
-                if not line.startswith(EVENT_PREFIX):
-                    continue
-                ev = json.loads(line[len(EVENT_PREFIX):])
-                kind = ev.get("event")
-                if kind == "stage":
-                    _progress(progress, f"tflite {ev['job']}: {ev['stage']}")
-                elif kind == "stage_done":
-                    label = f"tflite {ev['job']}: " if ev.get("job") else "tflite: "
-                    _progress(progress, f"{label}{ev['stage']} done ({ev['seconds']:.1f}s)")
-                    record(f"{ev['stage']} {ev['job']}", ev)
-                elif kind == "artifact":
-                    job = by_out[ev["out"]]
-                    inner = ev.get("inner_stages") or []
-                    for sub in inner:
-                        record(f"{sub['stage']} {ev['job']} {job.precision}", sub)
-                    record(f"convert tflite {ev['job']} {job.precision}", ev,
-                           ev["seconds"] - sum(sub["seconds"] for sub in inner))
-                    details = {"inventory_converter": ev["inventory_converter"], "postpass": ev["postpass"],
-                               "analyzer": ev["analyzer"]}
-                    results[job.key] = ConvertResult(Path(ev["out"]), ev["seconds"], details)
-                    _progress(progress, f"tflite {ev['job']} {job.precision}: converted ({ev['seconds']:.1f}s)")
-                elif kind == "error":
-                    msg = f"{ev['stage']} failed: {ev['message']} (log: {ev['log']})"
-                    if ev.get("out"):
-                        job = by_out[ev["out"]]
-                        results[job.key] = ConvertResult(None, error=msg, log=ev["log"])
-                    else:
-                        failed_jobs[ev["job"]] = (msg, ev["log"])
-            proc.wait()
+            results, failed_jobs = _converted(worker, plan_path, stderr_path, by_out, progress, stages, procs)
         except BaseException:
-            proc.kill()
-            proc.wait()
+            worker.kill()
             raise
-        finally:
-            if stages is not None:
-                stages.unwatch(proc.pid)
+        if not kept:
+            worker.close()
     for spec in plan["jobs"]:
         for art in spec["artifacts"]:
             job = by_out[art["out"]]
@@ -420,9 +457,62 @@ def _run_worker(plan: dict, by_out: Dict[str, ConvertJob], progress, stages=None
                 results[job.key] = ConvertResult(None, error=msg, log=log)
             else:
                 results[job.key] = ConvertResult(
-                    None, error=f"the TensorFlow worker stopped (exit {proc.returncode}); log: {stderr_path}",
+                    None, error=f"the TensorFlow worker stopped (exit {worker.proc.returncode}); log: {stderr_path}",
                     log=str(stderr_path))
     return results
+
+
+def _converted(worker: _Worker, plan_path: Path, stderr_path: Path, by_out: Dict[str, ConvertJob], progress,
+               stages, procs: Optional[list]):
+    """Hand ``plan_path`` (its stderr to ``stderr_path``) to ``worker`` and follow its events: (results by job key, job name -> (message, log)
+    of the jobs that failed as a whole)."""
+    results: Dict[str, ConvertResult] = {}
+    failed_jobs = {}
+    if procs is not None:
+        procs.append(worker.proc)
+    if stages is not None:
+        from .stages import TFLITE_WORKER
+
+        stages.watch(worker.proc.pid, TFLITE_WORKER)
+
+    def record(name, ev, seconds=None):
+        if stages is not None and "peak_rss" in ev:
+            stages.add(name, TFLITE_WORKER, ev["t_start"] - stages.t0,
+                       ev["seconds"] if seconds is None else seconds, ev["peak_rss"])
+    try:
+        worker.submit(plan_path, stderr_path)
+        for ev in worker.events():
+            kind = ev.get("event")
+            if kind == "stage":
+                _progress(progress, f"tflite {ev['job']}: {ev['stage']}")
+            elif kind == "stage_done":
+                label = f"tflite {ev['job']}: " if ev.get("job") else "tflite: "
+                _progress(progress, f"{label}{ev['stage']} done ({ev['seconds']:.1f}s)")
+                record(f"{ev['stage']} {ev['job']}", ev)
+            elif kind == "artifact":
+                job = by_out[ev["out"]]
+                inner = ev.get("inner_stages") or []
+                for sub in inner:
+                    record(f"{sub['stage']} {ev['job']} {job.precision}", sub)
+                record(f"convert tflite {ev['job']} {job.precision}", ev,
+                       ev["seconds"] - sum(sub["seconds"] for sub in inner))
+                details = {"inventory_converter": ev["inventory_converter"], "postpass": ev["postpass"],
+                           "analyzer": ev["analyzer"]}
+                results[job.key] = ConvertResult(Path(ev["out"]), ev["seconds"], details)
+                _progress(progress, f"tflite {ev['job']} {job.precision}: converted ({ev['seconds']:.1f}s)")
+            elif kind == "error":
+                msg = f"{ev['stage']} failed: {ev['message']} (log: {ev['log']})"
+                if ev.get("out"):
+                    job = by_out[ev["out"]]
+                    results[job.key] = ConvertResult(None, error=msg, log=ev["log"])
+                else:
+                    failed_jobs[ev["job"]] = (msg, ev["log"])
+    finally:
+        if stages is not None:
+            stages.unwatch(worker.proc.pid)
+        if procs is not None and worker.alive():
+            procs.remove(worker.proc)  # converted: Conversion.cancel leaves a kept worker alone
+    return results, failed_jobs
 
 
 def convert(job: ConvertJob) -> Path:

@@ -219,6 +219,11 @@ _STATISTICS: Dict[str, Dict[int, TensorStats]] = {}
 _SHARED_REPORT: Dict[str, Optional[dict]] = {}  # how the statistics of _STATISTICS were shared, by the same key
 
 
+def forget_statistics() -> None:
+    """Drop the kept statistics (a worker converting another export's plan measures its own, as a fresh one)."""
+    _STATISTICS.clear()
+
+
 def _statistics_key(model_bytes: bytes, samples, grid: bool) -> str:
     import hashlib
 

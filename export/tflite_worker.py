@@ -1,6 +1,12 @@
-"""The TensorFlow half of the TFLite export, run as one child process per export.
+"""The TensorFlow half of the TFLite export, run as a child process.
 
-    python -m export.tflite_worker PLAN.json
+    python -m export.tflite_worker PLAN.json     # one plan, then exit
+    python -m export.tflite_worker               # plans from stdin until EOF: one JSON line each,
+                                                 # {"plan": PLAN.json, "stderr": file for its fd 2}
+
+An export starts one worker per conversion call (:func:`export.tflite.convert_many`: the plan on
+stdin, then EOF); within :func:`export.tflite.kept_worker` (the test suite) one worker converts the plans
+of every conversion in turn.
 
 For each job of the plan (one ONNX file = one shape and I/O signature): onnx2tf writes a
 saved_model, then the TFLite converter makes each requested precision from that
@@ -445,16 +451,57 @@ def run_job(job: dict, options: ExportOptions, events: _Events) -> None:
                     analyzer=analysis)
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    with open(argv[0]) as f:
+def _stderr_to(path: str) -> None:
+    """Send fd 2 (outside a job's log) to ``path``, the plan's own file (a worker converts several plans)."""
+    sys.stderr.flush()
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 2)
+
+
+_PLANS_RUN: list = []  # the plans this process has converted
+
+
+def _as_if_fresh() -> None:
+    """Put back the global state a plan leaves behind, as a fresh process has it, so that a plan converted after
+    another one writes the same files and reports: the layers' names, which the .tflite tensor names are made of,
+    come from tf_keras' per-name counters (``model_2/tf.nn.elu_86`` where a fresh process writes
+    ``model/tf.nn.elu_1``); onnx2tf seeds every random generator when it is imported (seeded again); the
+    calibration's kept statistics (a plan measures its own)."""
+    from .tflite_calibration import forget_statistics
+
+    forget_statistics()
+    if "tf_keras" in sys.modules:
+        import tf_keras
+
+        tf_keras.backend.clear_session()
+        tf_keras.utils.set_random_seed(0)
+
+
+def run_plan(plan_path: str, events: _Events) -> None:
+    """Convert every job of the plan at ``plan_path``; the last event says ``finished``."""
+    with open(plan_path) as f:
         plan = json.load(f)
-    events = _Events()
+    if _PLANS_RUN:
+        _as_if_fresh()
+    _PLANS_RUN.append(plan_path)
     t0 = time.time()
     options = ExportOptions.from_json(plan["options"])
     for job in plan["jobs"]:
         run_job(job, options, events)
-    events.send(event="finished", seconds=round(time.time() - t0, 2))
+    events.send(event="finished", plan=plan_path, seconds=round(time.time() - t0, 2))
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    events = _Events()
+    if argv:
+        run_plan(argv[0], events)
+        return 0
+    for line in sys.stdin:
+        if line.strip():
+            request = json.loads(line)
+            _stderr_to(request["stderr"])  # first: a plan that cannot be read says so in its own log
+            run_plan(request["plan"], events)
     return 0
 
 

@@ -9,6 +9,7 @@ loadscope``; ``--dist loadgroup`` gets the same units). A plain ``pytest`` run, 
   workers do not fight over cores. Engines and exports that name a thread count still use it.
 * In every run, OpenMP threads (torch's CPU kernels) that wait for work sleep instead of spinning
   (``OMP_WAIT_POLICY=PASSIVE``), in this process and the ones it starts.
+* Each test process converts TFLite files with one TensorFlow worker (:func:`one_tflite_worker`).
 * Under coverage (``--cov``), third-party imports and coremltools' conversions run untraced (tests/untraced.py):
   a set trace function slows every Python line, measured or not, ~2x.
 
@@ -98,6 +99,17 @@ def pytest_xdist_make_scheduler(config, log):
             super()._assign_work_unit(node)
 
     return ModuleUnits(config, log)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_tflite_worker():
+    """Every TFLite conversion of a test process goes to one TensorFlow worker (export.tflite.kept_worker), closed
+    at the end of the session: a worker per conversion spent ~7 s of CPU importing TensorFlow and onnx2tf each
+    time. tests/test_export_reference.py's pinned digests hold for files converted after others in it."""
+    from export import tflite
+
+    with tflite.kept_worker():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -483,6 +483,50 @@ def test_onnx2tf_failure_names_its_log(tmp_path, monkeypatch):
     assert str(res.log) in res.error
 
 
+def test_a_kept_worker_converts_plan_after_plan_and_a_stopped_one_is_replaced(tmp_path, monkeypatch):
+    """Within kept_worker one TensorFlow worker takes every conversion (here: onnx2tf failing on a broken ONNX
+    file, which reports its error and leaves the worker running); one killed between conversions is replaced at
+    the next, one that stops while converting gives one error naming its log, and the block's end closes it."""
+    from export import tflite
+    from export.backends import ConvertJob
+    from export.samples import CALIBRATION_DIR, load_samples
+
+    samples = load_samples(CALIBRATION_DIR, SHAPE, 1, limit=1)
+    monkeypatch.setattr(tflite, "_KEPT", tflite._Kept())  # not the test session's worker (tests/conftest.py)
+
+    def job(name):
+        work = tmp_path / name
+        work.mkdir()
+        (work / "model.onnx").write_bytes(b"not an onnx file")
+        np.save(work / "cind_image.npy", samples.tensor_image())
+        np.save(work / "cind_mask.npy", samples.tensor_mask())
+        return ConvertJob(key=name, generator=None, shape=SHAPE, precision="fp32", io="tensor", calibration=samples,
+                          workdir=work, out=tmp_path / f"{name}.tflite")
+
+    with tflite.kept_worker():
+        first = tflite.convert_many([job("a")])["a"]
+        worker = tflite._KEPT.worker
+        second = tflite.convert_many([job("b")])["b"]
+        assert tflite._KEPT.worker is worker and worker.alive()
+        assert "onnx2tf failed" in first.error and "onnx2tf failed" in second.error
+        assert str(tmp_path / "b") in second.error  # each plan's own log
+        worker.kill()
+        third = tflite.convert_many([job("c")])["c"]
+        replacement = tflite._KEPT.worker
+        assert replacement is not worker and replacement.alive() and "onnx2tf failed" in third.error
+        # stopped while converting (here: handed a plan that is not there): one error naming the plan's stderr
+        # log, which holds the worker's traceback; the next conversion gets a new worker
+        submit = tflite._Worker.submit
+        with monkeypatch.context() as m:
+            m.setattr(tflite._Worker, "submit", lambda self, plan, log: submit(self, tmp_path / "no_plan.json", log))
+            fourth = tflite.convert_many([job("d")])["d"]
+        assert fourth.path is None and "the TensorFlow worker stopped (exit 1)" in fourth.error
+        assert "no_plan.json" in Path(fourth.log).read_text() and not replacement.alive()
+        assert "onnx2tf failed" in tflite.convert_many([job("e")])["e"].error
+        replacement = tflite._KEPT.worker
+    assert tflite._KEPT.worker is None and not replacement.alive()
+
+
 def test_calibration_ranges_match_an_independent_run(tiny, monkeypatch):
     """calibrate_ranges (XNNPACK, min/max reductions and a value grid inserted) sees each float
     tensor's min/max and values as a plain reference-kernel run with every tensor preserved does;
