@@ -219,11 +219,6 @@ _STATISTICS: Dict[str, Dict[int, TensorStats]] = {}
 _SHARED_REPORT: Dict[str, Optional[dict]] = {}  # how the statistics of _STATISTICS were shared, by the same key
 
 
-def forget_statistics() -> None:
-    """Drop the kept statistics (a worker converting another export's plan measures its own, as a fresh one)."""
-    _STATISTICS.clear()
-
-
 def _statistics_key(model_bytes: bytes, samples, grid: bool) -> str:
     import hashlib
 
@@ -260,6 +255,14 @@ class Shareable:
 
 
 _SHAREABLE: List[Shareable] = []  # the last pass kept for sharing
+
+
+def forget_statistics() -> None:
+    """Drop every pass kept between calls (a worker converting another export's plan measures and shares its
+    own, as a fresh one does)."""
+    _STATISTICS.clear()
+    _SHARED_REPORT.clear()
+    _SHAREABLE.clear()
 
 
 def _measure_to_share(model_bytes: bytes, tensors, samples, threads: int, grid: bool, folder: str,
