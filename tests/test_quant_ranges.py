@@ -137,6 +137,16 @@ def test_a_tensor_feeding_elu_is_judged_after_the_elu():
     assert err(after["range"]) < 0.05 * err((after["min"], after["max"]))
 
 
+def _conv_output_stats(rng, bulk, tail, extremes, samples=4):
+    """Statistics of a convolution output feeding an ELU: per sample ``bulk`` = (lo, hi, n) uniform values,
+    ``tail`` = (depth, n) uniform in [-depth, 0], and the ``extremes`` every sample reaches."""
+    stats = TensorStats()
+    for _ in range(samples):
+        x = np.concatenate([rng.uniform(*bulk), -rng.uniform(0, tail[0], tail[1]), extremes])
+        stats.add(float(x.min()), float(x.max()), x.astype(np.float32))
+    return stats
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_an_elu_fed_tensor_starts_at_the_elu_floor(method):
     """A convolution output reaching -300 whose ELU output spans [-1, 78] (GMCNN's, measured): every
@@ -147,10 +157,7 @@ def test_an_elu_fed_tensor_starts_at_the_elu_floor(method):
     from export.quant_ranges import ELU_FLOOR, elu
 
     rng = np.random.default_rng(8)
-    stats = TensorStats()
-    for i in range(4):
-        x = np.concatenate([rng.uniform(-1, 5, 30_000), -rng.uniform(0, 300, 10_000), [-300.0, 78.0]])
-        stats.add(float(x.min()), float(x.max()), x.astype(np.float32))
+    stats = _conv_output_stats(rng, (-1, 5, 30_000), (300, 10_000), [-300.0, 78.0])
     choice = choose_ranges({"t": stats}, method=method, through={"t": "ELU"})["t"]
     lo, hi = choice["range"]
     # every method, mse included (left to itself it clips higher: it weighs each value's error, not the
@@ -175,11 +182,7 @@ def test_an_elu_fed_tensor_starts_at_the_elu_floor(method):
 def test_an_elu_fed_tensor_above_the_floor_keeps_its_observed_minimum(method):
     """A convolution output whose minimum (-4.4) is above the ELU floor, as the first convolution of each
     of GMCNN's branches: no method clips its negative side (percentile would at its 0.01 % point)."""
-    rng = np.random.default_rng(9)
-    stats = TensorStats()
-    for _ in range(4):
-        x = np.concatenate([rng.uniform(-1, 3, 30_000), -rng.uniform(0, 4.0, 3_000), [-4.4, 3.2]])
-        stats.add(float(x.min()), float(x.max()), x.astype(np.float32))
+    stats = _conv_output_stats(np.random.default_rng(9), (-1, 3, 30_000), (4.0, 3_000), [-4.4, 3.2])
     choice = choose_ranges({"t": stats}, method=method, through={"t": "ELU"})["t"]
     assert choice["range"][0] == pytest.approx(-4.4, abs=1e-6), choice
 
