@@ -484,15 +484,24 @@ def test_onnx2tf_failure_names_its_log(tmp_path, monkeypatch):
 
 
 def test_a_kept_worker_converts_plan_after_plan_and_a_stopped_one_is_replaced(tmp_path, monkeypatch):
-    """Within kept_worker one TensorFlow worker takes every conversion (here: onnx2tf failing on a broken ONNX
-    file, which reports its error and leaves the worker running); one killed between conversions is replaced at
-    the next, one that stops while converting gives one error naming its log, and the block's end closes it."""
+    """Outside kept_worker each conversion call gets its own worker, closed when it returns; within it one
+    TensorFlow worker takes every conversion (here: onnx2tf failing on a broken ONNX file, which reports its
+    error and leaves the worker running); one killed between conversions is replaced at the next, one that stops
+    while converting gives one error naming its log, and the block's end closes it."""
     from export import tflite
     from export.backends import ConvertJob
     from export.samples import CALIBRATION_DIR, load_samples
 
     samples = load_samples(CALIBRATION_DIR, SHAPE, 1, limit=1)
     monkeypatch.setattr(tflite, "_KEPT", tflite._Kept())  # not the test session's worker (tests/conftest.py)
+    started = []
+
+    class Recorded(tflite._Worker):
+        def __init__(self, stderr_path):
+            super().__init__(stderr_path)
+            started.append(self)
+
+    monkeypatch.setattr(tflite, "_Worker", Recorded)
 
     def job(name):
         work = tmp_path / name
@@ -503,6 +512,9 @@ def test_a_kept_worker_converts_plan_after_plan_and_a_stopped_one_is_replaced(tm
         return ConvertJob(key=name, generator=None, shape=SHAPE, precision="fp32", io="tensor", calibration=samples,
                           workdir=work, out=tmp_path / f"{name}.tflite")
 
+    # outside the block, as in an export: a worker for the call, closed (exit 0) when the call returns
+    assert "onnx2tf failed" in tflite.convert_many([job("one-shot")])["one-shot"].error
+    assert len(started) == 1 and started[0].proc.returncode == 0 and tflite._KEPT.worker is None
     with tflite.kept_worker():
         first = tflite.convert_many([job("a")])["a"]
         worker = tflite._KEPT.worker
@@ -518,13 +530,13 @@ def test_a_kept_worker_converts_plan_after_plan_and_a_stopped_one_is_replaced(tm
         # log, which holds the worker's traceback; the next conversion gets a new worker
         submit = tflite._Worker.submit
         with monkeypatch.context() as m:
-            m.setattr(tflite._Worker, "submit", lambda self, plan, log: submit(self, tmp_path / "no_plan.json", log))
+            m.setattr(Recorded, "submit", lambda self, plan, log: submit(self, tmp_path / "no_plan.json", log))
             fourth = tflite.convert_many([job("d")])["d"]
         assert fourth.path is None and "the TensorFlow worker stopped (exit 1)" in fourth.error
         assert "no_plan.json" in Path(fourth.log).read_text() and not replacement.alive()
         assert "onnx2tf failed" in tflite.convert_many([job("e")])["e"].error
         replacement = tflite._KEPT.worker
-    assert tflite._KEPT.worker is None and not replacement.alive()
+    assert tflite._KEPT.worker is None and not replacement.alive() and len(started) == 4
 
 
 def test_calibration_ranges_match_an_independent_run(tiny, monkeypatch):
