@@ -286,7 +286,7 @@ def calibrate_activations(mlmodel, io: str, images: np.ndarray, masks: np.ndarra
         engine = CoreMLEngine(tmp / "fp16.mlpackage", shape=images.shape[1:3], io=io, reference=True)
         with engine:
             for image, mask in zip(images, masks.reshape(*masks.shape[:3], 1)):
-                feed = engine.make_feed(image, hole_of(mask[..., 0]))
+                feed = program.unbatched(engine.make_feed(image, hole_of(mask[..., 0])))
                 for spec in program.inputs:
                     keep(spec.name, program._prepare(spec, feed[spec.name]).astype(np.float32))
                 program(feed, observe=lambda step, result: keep(step.outputs[0][0], result))
@@ -306,7 +306,14 @@ def calibrate_activations(mlmodel, io: str, images: np.ndarray, masks: np.ndarra
             lo, hi = min(ranges[n]["rmin"] for n in group), max(ranges[n]["rmax"] for n in group)
             for n in group:
                 ranges[n] = {"rmin": lo, "rmax": hi}
-    config = OptimizationConfig(global_config=OpLinearQuantizerConfig(mode="linear_symmetric"))
+    outside = {}
+    if io == "image":
+        # the image signature's own ops around the network (normalising the photo and the mask, compositing the
+        # prediction into the known pixels) stay float: int8 there moved half the known pixels by a level
+        convs = [i for i, step in enumerate(program.steps) if step.op_type == "conv"]
+        outside = {step.name: None for step in program.steps[:convs[0]] + program.steps[convs[-1] + 1:]}
+    config = OptimizationConfig(global_config=OpLinearQuantizerConfig(mode="linear_symmetric"),
+                                op_name_configs=outside)
     passes = []
     for name in ("insert_prefix_quantize_dequantize_pair", "insert_suffix_quantize_dequantize_pair"):
         graph_pass = PASS_REGISTRY[f"compression::{name}"]

@@ -147,9 +147,15 @@ class MILProgram:
 
     def predict(self, feed: Dict[str, object]) -> Dict[str, np.ndarray]:
         """``__call__`` with batch-of-one image arrays in and out (runtime_py.engines convention)."""
-        out = self({k: _drop_batch(v) for k, v in feed.items()})
+        out = self(self.unbatched(feed))
         kinds = {s.name: s.kind for s in self.outputs}
         return {k: (v[None] if kinds[k] == "image" else v) for k, v in out.items()}
+
+    @staticmethod
+    def unbatched(feed: Dict[str, object]) -> Dict[str, object]:
+        """An engine's feed (uint8 images batch-of-one: (1,H,W,3) RGB, (1,H,W,1) mask) as ``__call__`` takes it
+        ((H,W,3), (H,W,1)); float tensors unchanged."""
+        return {k: _drop_batch(v) for k, v in feed.items()}
 
 
 def _drop_batch(value):
