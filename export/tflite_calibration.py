@@ -29,7 +29,7 @@ chosen range is what the converter gets as the tensor's ``min``/``max``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -214,9 +214,8 @@ def activation_tensors(model) -> List[int]:
 
 # The statistics of the last calibration: int8 and int16x8 files of one saved_model calibrate the
 # same float model on the same samples, so the second reuses the first's pass (only the range choice
-# differs).
-_STATISTICS: Dict[str, Dict[int, TensorStats]] = {}
-_SHARED_REPORT: Dict[str, Optional[dict]] = {}  # how the statistics of _STATISTICS were shared, by the same key
+# differs). Each entry: (statistics, the report's "shared" record of how they were shared, or None).
+_STATISTICS: Dict[str, Tuple[Dict[int, TensorStats], Optional[dict]]] = {}
 
 
 def _statistics_key(model_bytes: bytes, samples, grid: bool) -> str:
@@ -261,7 +260,6 @@ def forget_statistics() -> None:
     """Drop every pass kept between calls (a worker converting another export's plan measures and shares its
     own, as a fresh one does)."""
     _STATISTICS.clear()
-    _SHARED_REPORT.clear()
     _SHAREABLE.clear()
 
 
@@ -385,11 +383,8 @@ def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], thread
         if stats is None:
             stats = measure_statistics(model_bytes, tensors, samples, threads, grid=grid)
         _STATISTICS.clear()
-        _SHARED_REPORT.clear()
-        _STATISTICS[key] = stats
-        _SHARED_REPORT[key] = shared
-    stats = _STATISTICS[key]
-    shared = _SHARED_REPORT.get(key)
+        _STATISTICS[key] = (stats, shared)
+    stats, shared = _STATISTICS[key]
     t1 = time.time()
     chosen = choose_ranges(stats, bits, symmetric, method, through=activation_consumers(model, tensors),
                            produced_by=activation_outputs(model, tensors))

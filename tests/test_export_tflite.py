@@ -618,7 +618,7 @@ def test_image_calibration_shares_the_tensor_signatures_pass(tiny, tmp_path, mon
     from export.tflite import network_feed
     from export.tflite_calibration import calibrate_ranges
 
-    for cache in ("_STATISTICS", "_SHARED_REPORT", "_SHAREABLE"):  # an earlier test's pass is no use here
+    for cache in ("_STATISTICS", "_SHAREABLE"):  # an earlier test's pass is no use here
         monkeypatch.setattr(tflite_calibration, cache, type(getattr(tflite_calibration, cache))())
     work = tiny["out"] / ".work"
     models = {io: (work / f"tflite_{SHAPE[0]}x{SHAPE[1]}_{io}" / "converter_fp32.tflite").read_bytes() for io in IOS}
