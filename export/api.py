@@ -301,9 +301,10 @@ def _export(checkpoint, out: Path, options: ExportOptions, fmt_list, mods, per_f
     work_root = out / WORK_DIR_NAME
     temps: List[Path] = []
     try:
-        if todo:
-            made, failures = _make(todo, gen=gen, ckpt_info=ckpt_info, mods=mods, out=out, options=options,
-                                   temps=temps, show=show, measure=measure, log=log)
+        if todo:  # each backend's converter (TFLite: one TensorFlow worker) serves the whole run, then closes
+            with backends.session([mods[fmt] for fmt in dict.fromkeys(p.fmt for p in todo)], stages=log):
+                made, failures = _make(todo, gen=gen, ckpt_info=ckpt_info, mods=mods, out=out, options=options,
+                                       temps=temps, show=show, measure=measure, log=log)
     finally:
         # anything of this run not renamed to its final name is removed, whatever happened
         for t in list(temps) + list(out.glob(f"{PARTIAL_PREFIX}{os.getpid()}-*")):

@@ -17,6 +17,9 @@ its tools), and
   conversion runs in a child process may define ``start_many`` (same arguments), which returns
   at once with an object whose ``wait()`` gives those results and ``cancel()`` stops it: the
   export then converts and gates another format meanwhile, when the memory budget allows.
+* ``session(stages) -> context manager`` (optional) -- what the backend keeps for the whole of one
+  export run, opened before its first conversion and closed when the export ends or fails
+  (TFLite: one TensorFlow worker for every conversion call; :func:`session`).
 * ``describe(path, io, shape) -> (inputs, outputs)`` -- lists of
   :class:`runtime_py.manifest.TensorInfo`.
 * ``inventory(path, threads) -> dict`` -- op inventory for the manifest (format specific
@@ -40,12 +43,13 @@ a clear error only when that format is asked for.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 from runtime_py.errors import UserError
 
@@ -114,6 +118,17 @@ def available_formats() -> Tuple[str, ...]:
         if importlib.util.find_spec(name) is not None:
             out.append(fmt)
     return tuple(out)
+
+
+@contextlib.contextmanager
+def session(modules: Iterable[ModuleType], stages=None):
+    """Every backend's ``session(stages)`` (those that have one) for the block: one export run's conversions.
+    ``stages``: the export's :class:`export.stages.StageLog`."""
+    with contextlib.ExitStack() as stack:
+        for backend in modules:
+            if hasattr(backend, "session"):
+                stack.enter_context(backend.session(stages))
+        yield
 
 
 def convert_all(backend: ModuleType, jobs, progress=None, stages=None) -> Dict[str, ConvertResult]:

@@ -394,7 +394,8 @@ class _Worker:
 
 
 class _Kept:
-    """The one worker :func:`kept_worker` keeps for this process, and the lock of whoever converts with it."""
+    """The one worker :func:`kept_worker` keeps for this process, the lock of whoever converts with it, and the
+    stage logs of the exports within the block: the worker counts in their summed memory while it lives, idle too."""
 
     def __init__(self):
         import threading
@@ -402,28 +403,70 @@ class _Kept:
         self.lock = threading.Lock()
         self.worker: Optional[_Worker] = None
         self.depth = 0
+        self.logs: list = []
+
+    def take(self, stderr_path: Path) -> "_Worker":
+        """The kept worker, started now when there is none or it has stopped (called holding :attr:`lock`)."""
+        if self.worker is None or not self.worker.alive():
+            self._unwatch(self.worker, self.logs)
+            self.worker = _Worker(stderr_path)
+            from .stages import TFLITE_WORKER
+
+            for log in self.logs:
+                log.watch(self.worker.proc.pid, TFLITE_WORKER)
+        return self.worker
+
+    @staticmethod
+    def _unwatch(worker: Optional["_Worker"], logs) -> None:
+        if worker is not None:
+            for log in logs:
+                log.unwatch(worker.proc.pid)
 
 
 _KEPT = _Kept()
 
 
 @contextlib.contextmanager
-def kept_worker():
+def kept_worker(stages=None):
     """Within the block, this process's TFLite conversions go to one worker, started at the first of them and
     closed at the end of the block (a worker that stopped or was killed is replaced at the next), instead of one
-    worker per conversion call. For the test suite (tests/conftest.py: one per test process): each start spends
-    ~7 s of CPU importing TensorFlow and onnx2tf. Exports do not use it: a user's export gets a fresh converter.
-    The worker's environment is this process's when it starts."""
+    worker per conversion call: each start spends ~7 s of CPU importing TensorFlow and onnx2tf. An export keeps
+    one for its whole run (:func:`session`), the test suite one per test process (tests/conftest.py); blocks
+    nest, and the outermost one closes the worker. ``stages`` (an :class:`export.stages.StageLog`): the worker
+    counts in its summed memory while the block lasts, between conversions too. The worker's environment is
+    this process's when it starts."""
+    from .stages import TFLITE_WORKER
+
     with _KEPT.lock:
         _KEPT.depth += 1
+        if stages is not None:
+            _KEPT.logs.append(stages)
+            if _KEPT.worker is not None and _KEPT.worker.alive():
+                stages.watch(_KEPT.worker.proc.pid, TFLITE_WORKER)
+    failed = True
     try:
         yield
+        failed = False
     finally:
         with _KEPT.lock:
             _KEPT.depth -= 1
+            if stages is not None:
+                _KEPT.logs.remove(stages)
+                _KEPT._unwatch(_KEPT.worker, [stages])
             worker, _KEPT.worker = (_KEPT.worker, None) if _KEPT.depth == 0 else (None, _KEPT.worker)
         if worker is not None:
-            worker.close()
+            # ended by an error or Ctrl-C: stopped now, not after whatever plan it may still be given
+            if failed:
+                worker.kill()
+            else:
+                worker.close()
+
+
+def session(stages=None):
+    """The converter of one export (:func:`export.backends.session`): one TensorFlow worker for every conversion
+    call of the run -- the files, then each batch of the fallback's candidates -- closed when the export ends or
+    fails (:func:`kept_worker`; a conversion that is interrupted kills it at once)."""
+    return kept_worker(stages)
 
 
 def _run_worker(plan: dict, by_out: Dict[str, ConvertJob], progress, stages=None,
@@ -437,11 +480,12 @@ def _run_worker(plan: dict, by_out: Dict[str, ConvertJob], progress, stages=None
     plan_path.write_text(json.dumps(plan, indent=1))
     with _KEPT.lock if _KEPT.depth else contextlib.nullcontext():
         kept = _KEPT.depth > 0
-        worker = _KEPT.worker if kept and _KEPT.worker is not None and _KEPT.worker.alive() else _Worker(stderr_path)
-        if kept:
-            _KEPT.worker = worker
+        worker = _KEPT.take(stderr_path) if kept else _Worker(stderr_path)
+        # a kept worker counts in the summed memory of the exports within kept_worker already, idle or not
+        watch = stages if stages is not None and not (kept and any(log is stages for log in _KEPT.logs)) else None
         try:
-            results, failed_jobs = _converted(worker, plan_path, stderr_path, by_out, progress, stages, procs)
+            results, failed_jobs = _converted(worker, plan_path, stderr_path, by_out, progress, watch, procs,
+                                              stages)
         except BaseException:
             worker.kill()
             raise
@@ -463,17 +507,18 @@ def _run_worker(plan: dict, by_out: Dict[str, ConvertJob], progress, stages=None
 
 
 def _converted(worker: _Worker, plan_path: Path, stderr_path: Path, by_out: Dict[str, ConvertJob], progress,
-               stages, procs: Optional[list]):
-    """Hand ``plan_path`` (its stderr to ``stderr_path``) to ``worker`` and follow its events: (results by job key, job name -> (message, log)
-    of the jobs that failed as a whole)."""
+               watch, procs: Optional[list], stages=None):
+    """Hand ``plan_path`` (its stderr to ``stderr_path``) to ``worker`` and follow its events: (results by job key,
+    job name -> (message, log) of the jobs that failed as a whole). ``stages`` records the stages the worker reports;
+    ``watch`` (a stage log too, or None) counts the worker in its summed memory while it converts."""
+    from .stages import TFLITE_WORKER
+
     results: Dict[str, ConvertResult] = {}
     failed_jobs = {}
     if procs is not None:
         procs.append(worker.proc)
-    if stages is not None:
-        from .stages import TFLITE_WORKER
-
-        stages.watch(worker.proc.pid, TFLITE_WORKER)
+    if watch is not None:
+        watch.watch(worker.proc.pid, TFLITE_WORKER)
 
     def record(name, ev, seconds=None):
         if stages is not None and "peak_rss" in ev:
@@ -508,8 +553,8 @@ def _converted(worker: _Worker, plan_path: Path, stderr_path: Path, by_out: Dict
                 else:
                     failed_jobs[ev["job"]] = (msg, ev["log"])
     finally:
-        if stages is not None:
-            stages.unwatch(worker.proc.pid)
+        if watch is not None:
+            watch.unwatch(worker.proc.pid)
         if procs is not None and worker.alive():
             procs.remove(worker.proc)  # converted: Conversion.cancel leaves a kept worker alone
     return results, failed_jobs

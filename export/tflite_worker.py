@@ -4,9 +4,10 @@
     python -m export.tflite_worker               # plans from stdin until EOF: one JSON line each,
                                                  # {"plan": PLAN.json, "stderr": file for its fd 2}
 
-An export starts one worker per conversion call (:func:`export.tflite.convert_many`: the plan on
-stdin, then EOF); within :func:`export.tflite.kept_worker` (the test suite) one worker converts the plans
-of every conversion in turn.
+An export keeps one worker for its whole run (:func:`export.tflite.session`, a
+:func:`export.tflite.kept_worker` block: the plan of each conversion call on stdin in turn, EOF at the
+end); so does the test suite, per test process. A conversion call outside such a block gets a worker of
+its own (its plan, then EOF).
 
 For each job of the plan (one ONNX file = one shape and I/O signature): onnx2tf writes a
 saved_model, then the TFLite converter makes each requested precision from that

@@ -483,7 +483,26 @@ def test_onnx2tf_failure_names_its_log(tmp_path, monkeypatch):
     assert str(res.log) in res.error
 
 
-def test_a_kept_worker_converts_plan_after_plan_and_a_stopped_one_is_replaced(tmp_path, monkeypatch):
+@pytest.fixture
+def recorded_workers(monkeypatch):
+    """The TensorFlow workers started in the test, in order; kept ones are the test's, not the session's worker
+    (tests/conftest.py)."""
+    from export import tflite
+
+    monkeypatch.setattr(tflite, "_KEPT", tflite._Kept())
+    started = []
+
+    class Recorded(tflite._Worker):
+        def __init__(self, stderr_path):
+            super().__init__(stderr_path)
+            started.append(self)
+
+    monkeypatch.setattr(tflite, "_Worker", Recorded)
+    return started
+
+
+def test_a_kept_worker_converts_plan_after_plan_and_a_stopped_one_is_replaced(tmp_path, monkeypatch,
+                                                                              recorded_workers):
     """Outside kept_worker each conversion call gets its own worker, closed when it returns; within it one
     TensorFlow worker takes every conversion (here: onnx2tf failing on a broken ONNX file, which reports its
     error and leaves the worker running); one killed between conversions is replaced at the next, one that stops
@@ -493,15 +512,8 @@ def test_a_kept_worker_converts_plan_after_plan_and_a_stopped_one_is_replaced(tm
     from export.samples import CALIBRATION_DIR, load_samples
 
     samples = load_samples(CALIBRATION_DIR, SHAPE, 1, limit=1)
-    monkeypatch.setattr(tflite, "_KEPT", tflite._Kept())  # not the test session's worker (tests/conftest.py)
-    started = []
-
-    class Recorded(tflite._Worker):
-        def __init__(self, stderr_path):
-            super().__init__(stderr_path)
-            started.append(self)
-
-    monkeypatch.setattr(tflite, "_Worker", Recorded)
+    started = recorded_workers
+    Recorded = tflite._Worker
 
     def job(name):
         work = tmp_path / name
@@ -512,7 +524,7 @@ def test_a_kept_worker_converts_plan_after_plan_and_a_stopped_one_is_replaced(tm
         return ConvertJob(key=name, generator=None, shape=SHAPE, precision="fp32", io="tensor", calibration=samples,
                           workdir=work, out=tmp_path / f"{name}.tflite")
 
-    # outside the block, as in an export: a worker for the call, closed (exit 0) when the call returns
+    # outside the block (a conversion call outside an export): a worker for the call, closed (exit 0) when it returns
     assert "onnx2tf failed" in tflite.convert_many([job("one-shot")])["one-shot"].error
     assert len(started) == 1 and started[0].proc.returncode == 0 and tflite._KEPT.worker is None
     with tflite.kept_worker():
@@ -537,6 +549,44 @@ def test_a_kept_worker_converts_plan_after_plan_and_a_stopped_one_is_replaced(tm
         assert "onnx2tf failed" in tflite.convert_many([job("e")])["e"].error
         replacement = tflite._KEPT.worker
     assert tflite._KEPT.worker is None and not replacement.alive() and len(started) == 4
+
+
+@pytest.mark.parametrize("interrupted", [None, "between conversions", "while converting"])
+def test_an_export_converts_with_one_worker_closed_when_it_ends_or_fails(tmp_path, monkeypatch, recorded_workers,
+                                                                         interrupted):
+    """An export's conversion calls (the files, then each batch of fallback candidates: here the same jobs twice)
+    all go to one TensorFlow worker, counted in the export's summed memory between them too; it is closed (exit
+    0) when the export ends, failed files or not, and killed when Ctrl-C interrupts the export between two
+    conversions or during one: no process is left behind. The ONNX files are broken, so onnx2tf fails at once."""
+    from export import api, backends, onnx_export, tflite
+
+    started = recorded_workers
+    monkeypatch.setattr(onnx_export, "export_onnx", lambda module, io, shape, path, **kw: path.write_bytes(b"no onnx"))
+    if interrupted == "while converting":
+        def events(self):
+            raise KeyboardInterrupt
+            yield  # a generator, as the worker's events are
+
+        monkeypatch.setattr(tflite._Worker, "events", events)
+    convert_all, watched = backends.convert_all, []
+
+    def twice(mod, jobs, progress=None, stages=None):
+        first = convert_all(mod, jobs, progress, stages)
+        watched.append(set(stages._children))
+        if interrupted == "between conversions":
+            raise KeyboardInterrupt
+        second = convert_all(mod, jobs, progress, stages)
+        assert all("onnx2tf failed" in r.error for r in list(first.values()) + list(second.values()))
+        return second
+
+    monkeypatch.setattr(backends, "convert_all", twice)
+    with pytest.raises(KeyboardInterrupt if interrupted else api.ExportFailed):
+        api.export_artifacts(lively_generator("tf", 4, seed=0), tmp_path, shapes=[SHAPE], formats=["tflite"],
+                             precisions=["fp32", "fp16"], ios=["tensor"], progress=False)
+    assert len(started) == 1 and tflite._KEPT.worker is None and tflite._KEPT.depth == 0 and not tflite._KEPT.logs
+    assert started[0].proc.returncode == (0 if interrupted is None else -9)
+    if interrupted != "while converting":
+        assert watched == [{started[0].proc.pid}]  # the idle worker counts in the export's summed memory
 
 
 def test_calibration_ranges_match_an_independent_run(tiny, monkeypatch):
