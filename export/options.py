@@ -95,10 +95,11 @@ class ExportOptions:
     use_cache: bool = _opt(True, "reuse an up-to-date artifact instead of converting it again")
     keep_work: bool = _opt(False, "keep DIR/.work (ONNX, saved_model, logs) after success")
     memory_budget_gib: float = _opt(
-        DEFAULT_MEMORY_BUDGET_GIB, "peak resident memory the export may use, GiB: the TFLite worker and the Core ML "
-                                   "conversions and gates run side by side only when their estimated peaks fit in "
-                                   "it together, else one after the other (the report at the end gives each "
-                                   "stage's measured peak)")
+        DEFAULT_MEMORY_BUDGET_GIB, "peak anonymous memory (what the system cannot reclaim without swap; not "
+                                   "mapped files) the export's processes may use together, GiB: the TFLite worker "
+                                   "and the Core ML conversions and gates run side by side only when their "
+                                   "estimated peaks fit in it together, else one after the other (the report at "
+                                   "the end gives each stage's measured resident and anonymous peaks)")
     progress: bool = _opt(True, "show progress (stage lines and a bar on stderr)")
 
     def __post_init__(self):

@@ -523,7 +523,7 @@ def _converted(worker: _Worker, plan_path: Path, stderr_path: Path, by_out: Dict
     def record(name, ev, seconds=None):
         if stages is not None and "peak_rss" in ev:
             stages.add(name, TFLITE_WORKER, ev["t_start"] - stages.t0,
-                       ev["seconds"] if seconds is None else seconds, ev["peak_rss"])
+                       ev["seconds"] if seconds is None else seconds, ev["peak_rss"], ev.get("peak_anon", 0))
     try:
         worker.submit(plan_path, stderr_path)
         for ev in worker.events():

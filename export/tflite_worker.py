@@ -45,7 +45,7 @@ import sys
 import time
 import traceback
 
-from runtime_py.memory import peak_rss_bytes, reset_peak_rss
+from runtime_py.memory import AnonPeak, anon_rss_bytes, mib, peak_rss_bytes, reset_peak_rss
 
 from .options import ExportOptions
 from .tflite import EVENT_PREFIX
@@ -82,33 +82,44 @@ def _log_to(path: str):
 
 
 class _Meter:
-    """This process's peak resident memory per stage (``VmHWM``, restarted at each stage), and the stages measured
-    inside another (calibration inside a conversion): the outer stage's peak is carried across them."""
+    """This process's peaks per stage -- resident (``VmHWM``, restarted at each stage) and anonymous (sampled,
+    :class:`runtime_py.memory.AnonPeak`) -- and the stages measured inside another (calibration inside a
+    conversion): the outer stage's peaks are carried across them."""
 
     def __init__(self):
-        self.carried = 0
+        self.carried = (0, 0)
         self.inner: list = []
+        self._anon = None  # its sampling thread starts with the first stage, in the worker only
+
+    def _reset(self) -> None:
+        reset_peak_rss()
+        self._anon.reset()
 
     def start(self) -> float:
-        self.carried = 0
+        if self._anon is None:
+            self._anon = AnonPeak()
+        self.carried = (0, 0)
         self.inner = []
-        reset_peak_rss()
+        self._reset()
         return time.time()
 
     def peak(self) -> int:
-        return max(self.carried, peak_rss_bytes())
+        return max(self.carried[0], peak_rss_bytes())
+
+    def peak_anon(self) -> int:
+        return max(self.carried[1], self._anon.peak())
 
     @contextlib.contextmanager
     def inner_stage(self, name: str):
-        self.carried = self.peak()
-        reset_peak_rss()
+        self.carried = (self.peak(), self.peak_anon())
+        self._reset()
         t0 = time.time()
         try:
             yield
         finally:
             self.inner.append({"stage": name, "t_start": t0, "seconds": round(time.time() - t0, 3),
-                               "peak_rss": peak_rss_bytes()})
-            reset_peak_rss()
+                               "peak_rss": peak_rss_bytes(), "peak_anon": self._anon.peak()})
+            self._reset()
 
 
 _METER = _Meter()
@@ -417,7 +428,7 @@ def run_job(job: dict, options: ExportOptions, events: _Events) -> None:
                             log=job["log"])
                 return
         events.send(event="stage_done", job=name, stage="onnx2tf", seconds=round(time.time() - t0, 2), t_start=t0,
-                    peak_rss=_METER.peak())
+                    peak_rss=_METER.peak(), peak_anon=_METER.peak_anon())
     for art in job["artifacts"]:
         t1 = _METER.start()
         events.send(event="stage", job=name, stage=f"convert {art['precision']}", out=art["out"])
@@ -448,8 +459,8 @@ def run_job(job: dict, options: ExportOptions, events: _Events) -> None:
                             message=f"{type(exc).__name__}: {exc}", log=job["log"])
                 continue
         events.send(event="artifact", job=name, out=art["out"], seconds=round(time.time() - t1, 2), t_start=t1,
-                    peak_rss=_METER.peak(), inner_stages=_METER.inner, inventory_converter=before, postpass=report,
-                    analyzer=analysis)
+                    peak_rss=_METER.peak(), peak_anon=_METER.peak_anon(), inner_stages=_METER.inner,
+                    inventory_converter=before, postpass=report, analyzer=analysis)
 
 
 def _stderr_to(path: str) -> None:
@@ -478,8 +489,34 @@ def _as_if_fresh() -> None:
         tf_keras.utils.set_random_seed(0)
 
 
+#: A plan that leaves the worker holding more anonymous memory than this gives back what it can
+#: (:func:`_release_memory`); below it (tiny models: ~250 MiB, TensorFlow's own) the 0.1 s of CPU buys ~30 MiB.
+RELEASE_ABOVE_BYTES = 512 << 20
+
+
+def _release_memory() -> None:
+    """Give back what a finished plan leaves allocated, so that the worker holds little while it waits for the
+    next plan (an export keeps it for the whole run, gates included): tf_keras' global graph state (onnx2tf's
+    Keras model), unreachable objects, and the C allocator's free pages (glibc's ``malloc_trim``). Said in the
+    plan's stderr log, with this process's anonymous memory before and after."""
+    import ctypes
+    import gc
+
+    before, t0 = anon_rss_bytes(), time.process_time()
+    if "tf_keras" in sys.modules:
+        sys.modules["tf_keras"].backend.clear_session()
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    print(f"gmcnn-mobile: plan done; anonymous memory {mib(before):.0f} MiB, {mib(anon_rss_bytes()):.0f} MiB "
+          f"after releasing what it left ({time.process_time() - t0:.2f} s of CPU)", file=sys.stderr, flush=True)
+
+
 def run_plan(plan_path: str, events: _Events) -> None:
-    """Convert every job of the plan at ``plan_path``; the last event says ``finished``."""
+    """Convert every job of the plan at ``plan_path``, then release what it left when that is much; the last event
+    says ``finished``."""
     with open(plan_path) as f:
         plan = json.load(f)
     if _PLANS_RUN:
@@ -489,6 +526,8 @@ def run_plan(plan_path: str, events: _Events) -> None:
     options = ExportOptions.from_json(plan["options"])
     for job in plan["jobs"]:
         run_job(job, options, events)
+    if anon_rss_bytes() > RELEASE_ABOVE_BYTES:
+        _release_memory()
     events.send(event="finished", plan=plan_path, seconds=round(time.time() - t0, 2))
 
 

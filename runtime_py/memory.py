@@ -3,20 +3,36 @@
 Readings come from /proc on Linux (psutil where /proc is missing); nothing here imports more than
 the standard library. Used by the benchmarks (one process per measured file) and by the export's
 stage report (:mod:`export.stages`: the peak of each stage, in the export's process and its worker).
+
+Two measures: the resident set (RSS; its peak ``VmHWM``), and its anonymous part (``RssAnon``: heap,
+stacks, private allocations). The rest of the RSS is pages of files (shared libraries, memory-mapped
+files), which the system writes back or drops under memory pressure; anonymous pages can only be
+swapped, so they are what running out of memory is about. The kernel keeps no peak of the anonymous
+part: :class:`AnonPeak` samples it.
 """
 from __future__ import annotations
 
 import os
 import resource
-from typing import Iterable
+import threading
+from typing import Iterable, Optional, Tuple
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+def _statm(pid) -> Tuple[int, int]:
+    """(resident, anonymous resident) bytes of process ``pid`` (``"self"`` for this one) from /proc/PID/statm,
+    whose third field counts the resident pages backed by files or shared memory (``RssFile + RssShmem``):
+    the rest of the resident pages are ``RssAnon``."""
+    with open(f"/proc/{pid}/statm") as f:
+        fields = f.read().split()
+    resident, shared = int(fields[1]), int(fields[2])
+    return resident * PAGE_SIZE, (resident - shared) * PAGE_SIZE
+
+
 def _statm_rss(pid) -> int:
     """Resident size (bytes) of process ``pid`` (``"self"`` for this one) from /proc/PID/statm."""
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * PAGE_SIZE
+    return _statm(pid)[0]
 
 
 def rss_bytes() -> int:
@@ -61,15 +77,65 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def rss_of(pids: Iterable[int]) -> int:
-    """Summed current resident size of the processes ``pids`` (bytes); a process that has ended counts 0."""
-    total = 0
+def anon_rss_bytes() -> int:
+    """Current anonymous resident size of this process (bytes; ``RssAnon``), 0 where /proc is missing."""
+    try:
+        return _statm("self")[1]
+    except OSError:
+        return 0
+
+
+def resident_of(pids: Iterable) -> Tuple[int, int]:
+    """Summed current (resident, anonymous resident) bytes of the processes ``pids`` (``"self"`` for this one);
+    a process that has ended counts 0."""
+    total, anon = 0, 0
     for pid in pids:
         try:
-            total += _statm_rss(int(pid))
+            rss, private = _statm(pid if pid == "self" else int(pid))
         except (OSError, ValueError, IndexError):
             continue
-    return total
+        total, anon = total + rss, anon + private
+    return total, anon
+
+
+def rss_of(pids: Iterable[int]) -> int:
+    """Summed current resident size of the processes ``pids`` (bytes); a process that has ended counts 0."""
+    return resident_of(pids)[0]
+
+
+class AnonPeak:
+    """Peak anonymous resident memory of this process since the last :meth:`reset`, sampled: every ``every``
+    seconds by a thread of its own, or (``every=None``) by whoever calls :meth:`observe`. :meth:`peak` also counts
+    the moment it is asked; a rise and fall between two samples is missed."""
+
+    def __init__(self, every: Optional[float] = 0.2):
+        self._lock = threading.Lock()
+        self._peak = anon_rss_bytes()
+        self._stop = threading.Event()
+        self._thread = None
+        if every is not None:
+            self._thread = threading.Thread(target=self._sample, args=(every,), name="anon-peak", daemon=True)
+            self._thread.start()
+
+    def _sample(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.observe(anon_rss_bytes())
+
+    def observe(self, value: int) -> None:
+        with self._lock:
+            self._peak = max(self._peak, int(value))
+
+    def reset(self) -> None:
+        with self._lock:
+            self._peak = anon_rss_bytes()
+
+    def peak(self) -> int:
+        self.observe(anon_rss_bytes())
+        with self._lock:
+            return self._peak
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 def mib(n_bytes) -> float:

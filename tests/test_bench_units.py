@@ -38,6 +38,31 @@ def test_rss_readings_grow_with_allocation():
     block.close()
 
 
+def test_anonymous_readings_count_private_memory_not_mapped_files(tmp_path):
+    """RssAnon (what the stage report's budget counts) grows with private memory, not with the pages of a file
+    mapped and read, which the RSS counts too; AnonPeak's thread catches a peak that has passed."""
+    import mmap
+    import time
+
+    peak = memory.AnonPeak(every=0.01)
+    private = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # new pages, as above
+    before = memory.anon_rss_bytes()
+    np.frombuffer(private, np.uint8)[:] = 1
+    grown = memory.anon_rss_bytes() - before
+    time.sleep(0.1)
+    private.close()
+    assert grown > 48 << 20
+    assert peak.peak() >= before + grown - (8 << 20) > memory.anon_rss_bytes() + (32 << 20)
+    peak.close()
+    path = tmp_path / "pages"
+    path.write_bytes(bytes(64 << 20))
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        rss, anon = memory.resident_of(["self"])
+        assert int(np.frombuffer(mapped, np.uint8).sum()) == 0  # every page read in
+        rss_read, anon_read = memory.resident_of(["self"])
+    assert rss_read - rss > 48 << 20 and abs(anon_read - anon) < 8 << 20
+
+
 def _op(index, name, inputs, outputs):
     return {"index": index, "op_name": name, "inputs": np.array(inputs), "outputs": np.array(outputs)}
 
