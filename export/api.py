@@ -568,6 +568,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                 started.append((fmt, jobs, backends.start_all(mods[fmt], jobs, progress=show, stages=log)))
             else:
                 gate_all(fmt, jobs, backends.convert_all(mods[fmt], jobs, progress=show, stages=log))
+                backends.done(mods[fmt])  # its files gated, fallbacks included: its converter may go now
         for fmt, jobs, conversion in started:
             gate_all(fmt, jobs, conversion.wait())
     finally:

@@ -19,7 +19,9 @@ its tools), and
   export then converts and gates another format meanwhile, when the memory budget allows.
 * ``session(stages) -> context manager`` (optional) -- what the backend keeps for the whole of one
   export run, opened before its first conversion and closed when the export ends or fails
-  (TFLite: one TensorFlow worker for every conversion call; :func:`session`).
+  (TFLite: one TensorFlow worker for every conversion call; :func:`session`); with it, ``done()``
+  (optional) -- the export converts nothing more in this format: what the session keeps may go
+  before the session ends (:func:`done`).
 * ``describe(path, io, shape) -> (inputs, outputs)`` -- lists of
   :class:`runtime_py.manifest.TensorInfo`.
 * ``inventory(path, threads) -> dict`` -- op inventory for the manifest (format specific
@@ -129,6 +131,13 @@ def session(modules: Iterable[ModuleType], stages=None):
             if hasattr(backend, "session"):
                 stack.enter_context(backend.session(stages))
         yield
+
+
+def done(backend: ModuleType) -> None:
+    """The export converts nothing more in ``backend``'s format: its ``done()`` where it has one (TFLite: the
+    worker closes instead of waiting idle through the other formats' conversions and gates)."""
+    if hasattr(backend, "done"):
+        backend.done()
 
 
 def convert_all(backend: ModuleType, jobs, progress=None, stages=None) -> Dict[str, ConvertResult]:

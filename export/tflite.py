@@ -469,6 +469,17 @@ def session(stages=None):
     return kept_worker(stages)
 
 
+def done() -> None:
+    """The export converts no more TFLite files (:func:`export.backends.done`): its worker is closed now, where
+    only the export's :func:`session` keeps it (not within an outer :func:`kept_worker`: the test suite's), rather
+    than held idle through the other formats' work; a later conversion would start a new one."""
+    with _KEPT.lock:
+        worker, _KEPT.worker = (_KEPT.worker, None) if _KEPT.depth == 1 else (None, _KEPT.worker)
+        _KEPT._unwatch(worker, _KEPT.logs)
+    if worker is not None:
+        worker.close()
+
+
 def _run_worker(plan: dict, by_out: Dict[str, ConvertJob], progress, stages=None,
                 procs: Optional[list] = None) -> Dict[str, ConvertResult]:
     """Run the worker on ``plan`` (its process in ``procs`` while it converts it); each stage it reports goes to

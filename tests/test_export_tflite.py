@@ -489,6 +489,19 @@ def test_onnx2tf_failure_names_its_log(tmp_path, monkeypatch):
     assert str(res.log) in res.error
 
 
+def _broken_job(folder: Path, name: str, samples):
+    """A TFLite conversion job whose ONNX file is not one: onnx2tf fails at once, in a worker that stays up."""
+    from export.backends import ConvertJob
+
+    work = folder / name
+    work.mkdir()
+    (work / "model.onnx").write_bytes(b"not an onnx file")
+    np.save(work / "cind_image.npy", samples.tensor_image())
+    np.save(work / "cind_mask.npy", samples.tensor_mask())
+    return ConvertJob(key=name, generator=None, shape=SHAPE, precision="fp32", io="tensor", calibration=samples,
+                      workdir=work, out=folder / f"{name}.tflite")
+
+
 @pytest.fixture
 def recorded_workers(monkeypatch):
     """The TensorFlow workers started in the test, in order; kept ones are the test's, not the session's worker
@@ -514,7 +527,6 @@ def test_a_kept_worker_converts_plan_after_plan_and_a_stopped_one_is_replaced(tm
     error and leaves the worker running); one killed between conversions is replaced at the next, one that stops
     while converting gives one error naming its log, and the block's end closes it."""
     from export import tflite
-    from export.backends import ConvertJob
     from export.samples import CALIBRATION_DIR, load_samples
 
     samples = load_samples(CALIBRATION_DIR, SHAPE, 1, limit=1)
@@ -522,13 +534,7 @@ def test_a_kept_worker_converts_plan_after_plan_and_a_stopped_one_is_replaced(tm
     Recorded = tflite._Worker
 
     def job(name):
-        work = tmp_path / name
-        work.mkdir()
-        (work / "model.onnx").write_bytes(b"not an onnx file")
-        np.save(work / "cind_image.npy", samples.tensor_image())
-        np.save(work / "cind_mask.npy", samples.tensor_mask())
-        return ConvertJob(key=name, generator=None, shape=SHAPE, precision="fp32", io="tensor", calibration=samples,
-                          workdir=work, out=tmp_path / f"{name}.tflite")
+        return _broken_job(tmp_path, name, samples)
 
     # outside the block (a conversion call outside an export): a worker for the call, closed (exit 0) when it returns
     assert "onnx2tf failed" in tflite.convert_many([job("one-shot")])["one-shot"].error
@@ -593,6 +599,29 @@ def test_an_export_converts_with_one_worker_closed_when_it_ends_or_fails(tmp_pat
     assert started[0].proc.returncode == (0 if interrupted is None else -9)
     if interrupted != "while converting":
         assert watched == [{started[0].proc.pid}]  # the idle worker counts in the export's summed memory
+
+
+def test_an_export_done_with_tflite_closes_its_worker_but_not_an_outer_blocks(tmp_path, recorded_workers):
+    """When an export has gated its TFLite files it closes its worker (export.backends.done) instead of holding it
+    idle through the Core ML half; a worker kept by an outer kept_worker block (the test suite's) stays."""
+    from export import tflite
+    from export.backends import done
+    from export.samples import CALIBRATION_DIR, load_samples
+
+    samples = load_samples(CALIBRATION_DIR, SHAPE, 1, limit=1)
+
+    def convert(name):
+        assert "onnx2tf failed" in tflite.convert_many([_broken_job(tmp_path, name, samples)])[name].error
+
+    with tflite.session():
+        convert("alone")
+        done(tflite)
+        assert recorded_workers[0].proc.returncode == 0 and tflite._KEPT.worker is None
+    with tflite.kept_worker(), tflite.session():
+        convert("nested")
+        done(tflite)
+        assert recorded_workers[1].alive() and tflite._KEPT.worker is recorded_workers[1]
+    assert recorded_workers[1].proc.returncode == 0 and len(recorded_workers) == 2
 
 
 def test_the_worker_gives_back_what_a_plan_left(capfd):
