@@ -198,20 +198,22 @@ def write_report(report: dict, out: Path, partial_prefix: str) -> Path:
 
 # ---------------------------------------------------------------------- the budget
 
-# Peak resident memory of a group of stages: fixed + the larger of per_value x (the values all convolutions of one
-# forward pass output, models.gmcnn.conv_layers) and per_pixel x (pixels of the shape). Measured with this module's
-# report on the cnum-4 tf model (docs/EXPORT.md, "Stage report and memory budget"; 64x96 for the fixed part,
-# 512x680 for the rest) and checked against the full-size runs of the default model (cnum 32):
-# * TFLite worker: onnx2tf keeps every intermediate tensor of its ONNX and TF runs (~16 B per value: 979 MiB at
-#   cnum 4 512x680; at cnum 32 this predicts 3.4 GiB at 512x680 and 11.8 GiB at 1024x1360, as measured: 3.3-3.6
-#   and 11.3-11.5 GiB); calibration grows with the pixels, not the channels (1,500 MiB at cnum 4 512x680).
+# Peak anonymous memory of a group of stages: fixed + the larger of per_value x (the values all convolutions of one
+# forward pass output, models.gmcnn.conv_layers) and per_pixel x (pixels of the shape).
+# * TFLite worker: fixed 270 MiB (its anonymous peak in the tiny cnum-4 export at 64x96: TensorFlow's own);
+#   per value from int8 calibration of the default model (cnum 32) at 1024x1360, its largest stage: 6,947 MiB
+#   anonymous read from /proc during the stage (docs/EXPORT.md, "Stage report and memory budget"), ~9.3 B per
+#   value, rounded up to 9.6 for what reading every 15 s can miss; onnx2tf, with its validation outputs on
+#   disk, needs less (1,089 MiB at 512x680: ~4.6 B per value).
+#   per_pixel: calibration of the cnum-4 model grows with the pixels (1,500 MiB resident at 512x680, the resident
+#   figure: an upper bound).
 # * Core ML in this process (conversion, reference, gates in the fast executor): 975 MiB at cnum 4 64x96; the
-#   conversion of the cnum-32 model at 512x680 peaked at 2.9 GB (~11 B per value above the fixed part).
-# The budget is of anonymous memory (the module docstring); these figures were fitted to resident peaks, which are
-# never below the anonymous ones: an upper bound.
+#   conversion of the cnum-32 model at 512x680 peaked at 2.9 GB (~11 B per value above the fixed part). Resident
+#   figures, not yet measured as anonymous: an upper bound (the process's anonymous peak in the tiny export was
+#   516 MiB of its 993 MiB resident).
 MIB = 1 << 20
 PEAK_MODEL: Dict[str, Tuple[float, float, float]] = {  # group: (fixed bytes, bytes per value, bytes per pixel)
-    TFLITE_WORKER: (650 * MIB, 16.0, 2600.0),
+    TFLITE_WORKER: (270 * MIB, 9.6, 2600.0),
     "coreml": (975 * MIB, 11.0, 0.0),
 }
 
