@@ -141,6 +141,20 @@ def downstream_convs(generator) -> Dict[str, set]:
     return out
 
 
+def _float_forward(gen, convs, x, m, keep):
+    """The float32 output of one forward (x (1,C,H,W), m (1,1,H,W): :func:`_network_batch`'s), calling
+    ``keep(name, output)`` after each of ``convs`` ((name, module) pairs)."""
+    import torch
+
+    hooks = [mod.register_forward_hook(lambda mod, inp, out, name=name: keep(name, out)) for name, mod in convs]
+    try:
+        with torch.no_grad():
+            return gen(x, m)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def int8_sensitivity(generator, images: np.ndarray, masks: np.ndarray, rounded: Sequence[str] = ("input",),
                      whole_model: bool = True, per_sample: Optional[Dict[str, List[float]]] = None) -> Dict[str, float]:
     """Hole PSNR (dB, worst sample) of the output when only that convolution is rounded to int8,
@@ -191,14 +205,7 @@ def int8_sensitivity(generator, images: np.ndarray, masks: np.ndarray, rounded: 
     try:
         for i in range(x.shape[0]):
             cache: Dict[str, object] = {}
-            hooks = [mod.register_forward_hook(lambda mod, inp, out, name=name: cache.__setitem__(name, out))
-                     for name, mod in convs]
-            try:
-                with torch.no_grad():
-                    ref = gen(x[i:i + 1], m[i:i + 1])
-            finally:
-                for h in hooks:
-                    h.remove()
+            ref = _float_forward(gen, convs, x[i:i + 1], m[i:i + 1], cache.__setitem__)
             hole = m[i:i + 1] > 0
             for name, mod in convs:
                 selected = [(name, mod)] if "input" in rounded else []
@@ -253,6 +260,99 @@ def layer_snr(generator, images: np.ndarray, masks: np.ndarray, rounded: Sequenc
     if per_sample is not None:
         per_sample.update(scores)
     return {k: min(v) for k, v in scores.items()}
+
+
+def direct_consumers(downstream: Dict[str, set]) -> Dict[str, set]:
+    """For each convolution, the convolutions that read its output with no convolution between them
+    (from :func:`downstream_convs`: those depending on its output that depend on no other of them)."""
+    out: Dict[str, set] = {}
+    for name, down in downstream.items():
+        after = down - {name}
+        out[name] = {d for d in after if not any(d in downstream[e] - {e} for e in after - {d})}
+    return out
+
+
+def rounded_hole_psnr(generator, images: np.ndarray, masks: np.ndarray, configs: Dict[str, Sequence[str]],
+                      rounded: Sequence[str] = ("input", "weights"),
+                      downstream: Optional[Dict[str, set]] = None) -> Dict[str, List[float]]:
+    """Per config (name -> the convolutions rounded to int8, every other one float32), the hole PSNR (dB)
+    of the output against float32, one value per sample (images (N,H,W,3) uint8 RGB, masks (N,H,W[,1])
+    nonzero = hole). ``rounded`` as in :func:`layer_snr`: ``input`` per tensor over its own range,
+    ``weights`` symmetric per output channel.
+
+    What a file keeping the other convolutions out of quantization would lose, simulated in PyTorch,
+    error building up along the network included (which :func:`layer_snr` does not see). The export's
+    fallback ranks whole branches by it and predicts its per-layer candidates with it
+    (:mod:`export.fallback`). Per sample: one float forward, then per config only the convolutions that
+    depend on a rounded one (:func:`downstream_convs`); the others replay the float forward's outputs,
+    kept only where a recomputed convolution reads them (a branch's last output, not the whole branch:
+    a few tensors, not a forward's worth, at full size). A replayed output nothing recomputed reads is a
+    NaN placeholder, so a wrong reading of the graph shows as NaN and raises, never as a wrong number.
+    ``downstream``: :func:`downstream_convs` of the generator, where the caller has it already.
+    """
+    import torch
+
+    gen = generator.eval()
+    convs = dict((n, m) for n, m in gen.named_modules() if isinstance(m, torch.nn.Conv2d))
+    unknown = sorted({c for layers in configs.values() for c in layers} - set(convs))
+    if unknown:
+        raise ValueError(f"not convolutions of this generator: {', '.join(unknown)}")
+    down = downstream if downstream is not None else downstream_convs(gen)
+    readers = direct_consumers(down)
+    plans = {}
+    for key, layers in configs.items():
+        live = set().union(*(down[c] for c in layers)) if layers else set()
+        kept = {c for c in convs if c not in live and readers[c] & live}
+        plans[key] = (list(layers), live, kept)
+    needed = set().union(*(kept for _, _, kept in plans.values())) if plans else set()
+    x, m = _network_batch(images, masks)
+    scores: Dict[str, List[float]] = {key: [] for key in configs}
+    for i in range(x.shape[0]):
+        cache: Dict[str, object] = {}
+        shapes: Dict[str, tuple] = {}
+
+        def keep(name, out):
+            shapes[name] = tuple(out.shape)
+            if name in needed:
+                cache[name] = out
+
+        ref = _float_forward(gen, convs.items(), x[i:i + 1], m[i:i + 1], keep)
+        hole = m[i:i + 1] > 0
+        for key, (layers, live, kept) in plans.items():
+            if not layers:
+                scores[key].append(100.0)
+                continue
+            nan = torch.tensor(float("nan"))
+            replaced, hooks, saved = [], [], {}
+            for name, mod in convs.items():
+                if name not in live:
+                    out = cache[name] if name in kept else nan.expand(shapes[name])
+                    mod.forward = (lambda *a, out=out: out)
+                    replaced.append(mod)
+            try:
+                with torch.no_grad():
+                    for name in layers:
+                        mod = convs[name]
+                        if "weights" in rounded:
+                            saved[name] = mod.weight.data
+                            mod.weight.data = _round_weights_int8(mod.weight.data)
+                        if "input" in rounded:
+                            hooks.append(mod.register_forward_pre_hook(lambda mod, inp: (_fake_int8(inp[0]),)
+                                                                       + tuple(inp[1:])))
+                    y = gen(x[i:i + 1], m[i:i + 1])
+            finally:
+                for name, w in saved.items():
+                    convs[name].weight.data = w
+                for mod in replaced:
+                    del mod.forward
+                for h in hooks:
+                    h.remove()
+            if bool(torch.isnan(y).any()):
+                raise RuntimeError(f"config {key!r}: a replayed convolution output reached the network output "
+                                   "(the generator's graph is not what downstream_convs found)")
+            scores[key].append(_hole_psnr(y, ref, hole))
+        del cache
+    return scores
 
 
 def format_table(rows: Sequence[Dict[str, float]], flag_below: float = 4.0) -> str:

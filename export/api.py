@@ -40,7 +40,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 from runtime_py.errors import UserError
 from runtime_py.manifest import (MANIFEST_NAME, SCHEMA_VERSION, Artifact, Manifest, ParityResult, artifact_digest,
@@ -466,24 +468,44 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                                    calibration=calib[p.shape], workdir=workdir, out=tmp, options=options,
                                    metadata=meta, extra=dict(extra or {}))
 
-    def gate(p: _Planned, mod, path: Path) -> ParityResult:
+    def gate(p: _Planned, mod, path: Path, first: Sequence[int] = ()) -> ParityResult:
+        """The parity gate of one file on every held-out sample; with ``first`` (sample indices: a fallback
+        candidate, the samples its pure file failed, worst first), those one at a time first, stopping at
+        the first that fails (the result then covers the samples run: ``details.samples_gated``)."""
+        samples = hold[p.shape]
         if p.shape not in refs:
-            show(f"parity {p.shape[0]}x{p.shape[1]}: PyTorch fp32 reference on {len(hold[p.shape])} holdout samples")
+            show(f"parity {p.shape[0]}x{p.shape[1]}: PyTorch fp32 reference on {len(samples)} holdout samples")
             t0 = time.time()
             with log.stage(f"reference {p.shape[0]}x{p.shape[1]}"):
-                refs[p.shape] = parity.reference_outputs_and_peak(gen, hold[p.shape])
+                refs[p.shape] = parity.reference_outputs_and_peak(gen, samples)
             show(f"parity {p.shape[0]}x{p.shape[1]}: reference ready ({time.time() - t0:.1f}s)")
-        t0 = time.time()
-        with log.stage(f"gate {Path(path).name.replace(f'{PARTIAL_PREFIX}{os.getpid()}-', '')}"):
-            outputs, executor = mod.run(path, p.io, hold[p.shape], threads)
-        if outputs is None:
-            return ParityResult(executor="structural-only", samples=0, tolerance=p.tolerance, passed=True,
-                                note=executor)
         reference, peak = refs[p.shape]
-        m = parity.compare(reference, outputs, hold[p.shape], p.io, peak_activation=peak)
+        t0 = time.time()
+        rest = [i for i in range(len(samples)) if i not in first]
+        runs = [[i] for i in first] + ([rest] if rest else [])
+        outputs, ran = {}, []
+        with log.stage(f"gate {Path(path).name.replace(f'{PARTIAL_PREFIX}{os.getpid()}-', '')}"):
+            for n, indices in enumerate(runs):
+                chunk = samples if len(runs) == 1 else samples.subset(indices)
+                out, executor = mod.run(path, p.io, chunk, threads)
+                if out is None:
+                    return ParityResult(executor="structural-only", samples=0, tolerance=p.tolerance, passed=True,
+                                        note=executor)
+                outputs.update(zip(indices, out))
+                ran += indices
+                if n < len(runs) - 1:
+                    m = parity.compare(reference[indices], out, chunk, p.io, peak_activation=peak)
+                    if not parity.judge(m, p.tolerance)[0]:
+                        break
+        ran.sort()
+        gated = samples if len(ran) == len(samples) else samples.subset(ran)
+        m = parity.compare(reference[ran], np.stack([outputs[i] for i in ran]), gated, p.io, peak_activation=peak)
+        if len(ran) < len(samples):
+            m["details"]["samples_gated"] = ran
         ok, why = parity.judge(m, p.tolerance)
-        show(f"{Path(path).name}: gated on {len(hold[p.shape])} samples ({time.time() - t0:.1f}s)")
-        return ParityResult(executor=executor, samples=len(hold[p.shape]), max_abs=m["max_abs"],
+        stopped = f" (stopped at a failing one of {len(samples)})" if len(ran) < len(samples) else ""
+        show(f"{Path(path).name}: gated on {len(ran)} samples{stopped} ({time.time() - t0:.1f}s)")
+        return ParityResult(executor=executor, samples=len(ran), max_abs=m["max_abs"],
                             mean_abs=m["mean_abs"], hole_psnr_db=m["hole_psnr_db"],
                             composite_psnr_db=m["composite_psnr_db"], tolerance=p.tolerance, passed=ok,
                             note=why, details=m["details"])
@@ -582,34 +604,40 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     """Keep the fewest most sensitive layers of a failing quantized file in float (export.fallback)."""
     import contextlib
 
-    from models.gmcnn import conv_layers
+    from models.gmcnn import conv_branches, conv_layers
 
     from . import fallback
+    from .activations import direct_consumers
 
     def stage(name):
         return log.stage(f"fallback {name} {p.file}") if log is not None else contextlib.nullcontext()
 
     limit_db = p.tolerance.get("min_hole_psnr_db", 0.0)
     samples = fallback.failing_samples(pure_result, limit_db)
+    rounding = fallback.SENSITIVITY_ROUNDING[p.precision]
     with stage("sensitivity"):
-        ranking = sensitivity.ranking(p.shape, fallback.SENSITIVITY_ROUNDING[p.precision], samples)
+        ranking = sensitivity.ranking(p.shape, rounding, samples)
     limit = min(options.fallback_limit, len(ranking))
     show(f"{p.file}: most sensitive layers: " + ", ".join(f"{n} {db:.1f} dB" for n, db in ranking[:5]))
     macs = {layer["name"]: layer["macs"] for layer in conv_layers(sensitivity.generator, *p.shape)}
-    phases = fallback.phases(ranking, macs, limit, p.precision in getattr(mod, "FALLBACK_INPUT_PRECISIONS", ()))
+    with_inputs = p.precision in getattr(mod, "FALLBACK_INPUT_PRECISIONS", ())
+    phases = fallback.phases(ranking, macs, limit, with_inputs)
     # by (layers kept float, with their inputs): the second phase's first candidates are often the first's
     built: Dict[tuple, fallback.Candidate] = {}
+    branch_record: Dict[str, object] = {}
+    branch_phase = None
 
     def build_for(phase):
         def build(ks):
-            names = {k: [n for n, _ in phase.layers[:k]] for k in ks}
+            names = {k: phase.kept(k) for k in ks}
             todo = [k for k in ks if (tuple(names[k]), phase.inputs_float) not in built]
             extra = {k: {"keep_float": names[k], **({"keep_float_inputs": True} if phase.inputs_float else {})}
                      for k in todo}
             jobs = {k: job_for(p, mod, extra[k], suffix=f"p{phase.number}k{k}-") for k in todo}
             if todo:
+                what = "branch(es)" if phase.branches is not None else "layer(s)"
                 show(f"{p.file}: converting {len(todo)} candidate(s) keeping {', '.join(str(k) for k in todo)} "
-                     f"layer(s) float" + (" with the convolutions producing their inputs" if phase.inputs_float else ""))
+                     f"{what} float" + (" with the convolutions producing their inputs" if phase.inputs_float else ""))
                 results = backends.convert_all(mod, list(jobs.values()), progress=show, stages=log)
             for k, job in jobs.items():
                 res = results[job.key]
@@ -621,25 +649,68 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
 
     def check(c):
         if c.result is None:  # else gated in an earlier phase
-            c.result = gate(p, mod, c.path)
-            show(f"{p.file}: {c.k} layer(s) float{' with their inputs' if c.inputs_float else ''}: hole PSNR "
-                 f"{c.result.hole_psnr_db:.2f} dB ({'passes' if c.result.passed else 'fails'})")
+            c.result = gate(p, mod, c.path, first=samples)
+            what = (f"{c.k} branch(es) ({len(c.layers)} layers)" if c.phase == fallback.BRANCH_PHASE
+                    else f"{c.k} layer(s)")
+            show(f"{p.file}: {what} float{' with their inputs' if c.inputs_float else ''}: hole PSNR "
+                 f"{c.result.hole_psnr_db:.2f} dB on {c.result.samples} sample(s) "
+                 f"({'passes' if c.result.passed else 'fails'})")
         return c.result.passed
+
+    def then(rest):
+        """The phases after the first: the second and the branch phase, in the order the simulation says."""
+        nonlocal branch_phase
+        branches = conv_branches(sensitivity.generator)
+        configs = {f"branch {b}": layers for b, layers in branches.items()}
+        second = next((ph for ph in rest if ph.number == 2), None)
+        if second is not None:
+            kept = set(second.kept(second.size))
+            if second.inputs_float:
+                readers = direct_consumers(sensitivity.downstream())
+                kept |= {c for c, r in readers.items() if r & kept}
+            configs["phase 2"] = [n for n, _ in ranking if n not in kept]
+        with stage("branch simulation"):
+            sim = sensitivity.simulated(p.shape, rounding, samples, configs)
+        scores = {b: sim[f"branch {b}"] for b in branches}
+        predicted = sim.get("phase 2")
+        branch_phase = fallback.branch_phase(scores, branches, options.fallback_branch_limit)
+        order = fallback.after_first(rest, branch_phase, predicted, limit_db)
+        show(f"{p.file}: hole PSNR with only one branch rounded: "
+             + ", ".join(f"{b} {db:.1f} dB" for b, db in sorted(scores.items(), key=lambda kv: kv[1]))
+             + (f"; the second phase's largest candidate predicted at {predicted:.1f} dB" if predicted is not None
+                else "") + f"; trying phase(s) {', '.join(str(ph.number) for ph in order)}")
+        branch_record.update({
+            "ranking": [{"branch": b, "hole_psnr_db": round(db, 2), "layers": len(branches[b])}
+                        for b, db in sorted(scores.items(), key=lambda kv: (kv[1], kv[0]))],
+            "limit": options.fallback_branch_limit,
+            "phase_2_predicted_hole_psnr_db": round(predicted, 2) if predicted is not None else None,
+            "order": [ph.number for ph in order]})
+        return order
 
     winner, gated = None, []
     try:
-        for phase in phases:
+        todo = [ph for ph in phases if ph.number == 1]
+        rest = [ph for ph in phases if ph.number != 1]
+        while todo or rest is not None:
+            if not todo:
+                todo, rest = then(rest), None
+                continue
+            phase = todo.pop(0)
             if phase.number == 2:
                 show(f"{p.file}: no candidate within {fallback.FLOAT_MAC_BUDGET:.0%} of the MACs passed; keeping the "
                      f"first {len(phase.layers)} ranked layers float whatever their MACs"
                      + (", with the convolutions producing their inputs" if phase.inputs_float else ""))
-            winner, tried = fallback.search(fallback.search_order(len(phase.layers)), build_for(phase), check)
+            elif phase.number == fallback.BRANCH_PHASE:
+                show(f"{p.file}: keeping whole branches float, most costly first: "
+                     + ", ".join(f"{b} ({len(layers)} layers)" for b, _, layers in phase.branches))
+            winner, tried = fallback.search(fallback.search_order(phase.size), build_for(phase), check)
             gated += [c for c in tried if not any(c is g for g in gated)]  # once, in the phase that built it
             if winner is not None:
                 break
         if winner is None:
             best = max((c for c in gated if c.result is not None), key=lambda c: c.result.hole_psnr_db, default=None)
-            failures[p.file] = fallback.limit_message(p.file, p.precision, limit, ranking, best)
+            failures[p.file] = fallback.limit_message(p.file, p.precision, limit, ranking, best, branch_phase,
+                                                      options.fallback_branch_limit)
             show(f"{p.file}: FAILED ({failures[p.file]})")
             return
         t0 = time.time()
@@ -648,15 +719,20 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         show(f"{p.file}: priced against the pure file ({time.time() - t0:.1f}s)")
         snr = dict(ranking)
         kept = [{"layer": n, "snr_db": round(snr[n], 2)} for n in winner.layers]
+        if winner.phase == fallback.BRANCH_PHASE:
+            branch_record["kept_float"] = [b for b, _, _ in branch_phase.branches[:winner.k]]
         record = {"fallback": {
             "layers_kept_float": kept, "inputs_kept_float": winner.inputs_float, "limit": limit,
             "float_mac_budget": fallback.FLOAT_MAC_BUDGET, "ranked_on_samples": samples,
-            "sensitivity_rounding": list(fallback.SENSITIVITY_ROUNDING[p.precision]),
+            "sensitivity_rounding": list(rounding),
             "pure_file": {"hole_psnr_db": pure_result.hole_psnr_db, "note": pure_result.note},
             "phase": winner.phase,
-            "search": [{"phase": c.phase, "layers": c.k, "inputs_float": c.inputs_float,
-                        "hole_psnr_db": c.result.hole_psnr_db, "passed": c.result.passed}
+            "search": [{"phase": c.phase, "layers": len(c.layers), "inputs_float": c.inputs_float,
+                        **({"branches": c.k} if c.phase == fallback.BRANCH_PHASE else {}),
+                        "hole_psnr_db": c.result.hole_psnr_db, "samples": c.result.samples,
+                        "passed": c.result.passed}
                        for c in gated if c.result is not None],
+            **({"branches": branch_record} if branch_record else {}),
             "price": price, **(winner.details.get("fallback") or {})}}
         accept(p, mod, winner.conversion, winner.result, record)
     finally:

@@ -22,14 +22,19 @@ When an artifact of a precision its backend lists in ``FALLBACK_PRECISIONS`` fai
    first ``limit`` ranked layers whatever their MACs: where the backend lists the precision in
    ``FALLBACK_INPUT_PRECISIONS`` (TFLite ``int8``: a convolution kept float there still reads an
    input its int8 producer rounded) with the convolutions producing their inputs
-   (``keep_float_inputs``), elsewhere (TFLite ``int8-dynamic``, Core ML ``w8``) alone. A candidate
-   the first phase already gated (the same layers) is not converted or gated again;
+   (``keep_float_inputs``), elsewhere (TFLite ``int8-dynamic``, Core ML ``w8``) alone; and a third,
+   whole branches of the network (:func:`branch_phase`: ranked by the output's hole PSNR with only
+   that branch rounded, :func:`export.activations.rounded_hole_psnr`, which sees an error building
+   up along a branch; at most ``branch_limit`` layers), tried before the second when the same
+   simulation puts the second's largest candidate under the gate (:func:`after_first`). A candidate
+   the first phase already gated (the same layers) is not converted or gated again; a candidate's
+   gate runs the samples the pure file failed first, worst first, and stops at the first it fails;
 3. writes the passing candidate under the artifact's name, its manifest entry recording the
    layers kept float, their sensitivity, the share of convolution MACs still quantized, the
    search, and the price beside the pure file: size, latency and peak RSS, measured in one run
    each (``benchmarks.measure.measure_file``, passed in by the command line);
-4. or, when even the limit's candidate fails, fails the artifact with the top layers and their
-   sensitivity and the options that change the outcome.
+4. or, when even the limits' candidates fail, fails the artifact with the top layers and their
+   sensitivity, the branches tried, and the options that change the outcome.
 """
 from __future__ import annotations
 
@@ -40,6 +45,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 # How many ranked layers a file may keep in float by default: a quarter of GMCNN's 44
 # convolutions. Measured need (docs/TOLERANCES.md): see the per-file table there.
 DEFAULT_LIMIT = 11
+# How many layers the branch phase's candidates may keep in float by default: half of GMCNN's 44
+# convolutions, so any one branch (b3, the largest, has 16; the second branch, 14, is what Core ML w8
+# needs at 1024x1360 on the shipped model: docs/TOLERANCES.md), or a branch with the merge.
+DEFAULT_BRANCH_LIMIT = 22
 # The share of the network's convolution MACs the first phase's candidates may keep float
 # (issue 13: an int8 file keeps at least 90 % of them in int8).
 FLOAT_MAC_BUDGET = 0.10
@@ -68,9 +77,26 @@ def affordable(ranking: Sequence[Tuple[str, float]], macs: Dict[str, int], limit
 
 @dataclass
 class Phase:
-    number: int  # 1: within the MAC budget; 2: whatever the MACs
+    number: int  # 1: within the MAC budget; 2: whatever the MACs; 3: whole branches (BRANCH_PHASE)
     layers: List[Tuple[str, float]]  # its ranked layers, (name, output SNR dB), a candidate keeps a prefix float
     inputs_float: bool  # and the convolutions producing their inputs
+    # the branch phase: its ranked branches, (branch, hole PSNR dB with only that branch rounded, its
+    # convolutions); a candidate keeps the convolutions of a prefix float
+    branches: Optional[List[Tuple[str, float, List[str]]]] = None
+
+    @property
+    def size(self) -> int:
+        """The largest candidate: how many ranked layers (or branches) it keeps float."""
+        return len(self.branches) if self.branches is not None else len(self.layers)
+
+    def kept(self, k: int) -> List[str]:
+        """The convolutions the phase's k-th candidate keeps float."""
+        if self.branches is not None:
+            return [layer for _, _, layers in self.branches[:k] for layer in layers]
+        return [name for name, _ in self.layers[:k]]
+
+
+BRANCH_PHASE = 3
 
 
 def phases(ranking: Sequence[Tuple[str, float]], macs: Dict[str, int], limit: int, with_inputs: bool,
@@ -90,6 +116,36 @@ def phases(ranking: Sequence[Tuple[str, float]], macs: Dict[str, int], limit: in
     if second.layers and (with_inputs or second.layers != first.layers):
         out.append(second)
     return out
+
+
+def branch_phase(scores: Dict[str, float], branches: Dict[str, List[str]], limit: int) -> Optional[Phase]:
+    """The branch phase (number :data:`BRANCH_PHASE`) for a file whose per-layer phases failed: the
+    generator's branches (``branches``: name -> convolutions, :func:`models.gmcnn.conv_branches`) ranked by
+    ``scores`` (name -> hole PSNR in dB with only that branch rounded to int8, the rest float32: lowest
+    first), each taken while the layers of those taken fit in ``limit`` (a branch too large is passed over,
+    as :func:`affordable` does with MACs). A candidate keeps the first k of them float, their layers
+    alone (a whole branch float has no rounded tensor inside it). None when no branch fits."""
+    ranked = sorted(scores.items(), key=lambda kv: (kv[1], kv[0]))
+    taken, used = [], 0
+    for name, db in ranked:
+        if used + len(branches[name]) <= limit:
+            taken.append((name, db, list(branches[name])))
+            used += len(branches[name])
+    return Phase(BRANCH_PHASE, [], False, taken) if taken else None
+
+
+def after_first(rest: Sequence[Phase], branch: Optional[Phase], predicted_db: Optional[float],
+                limit_db: float) -> List[Phase]:
+    """The phases to try after the first failed: the second (``rest``) and the branch phase, the branch
+    phase first when the simulation predicts the second's largest candidate fails the gate
+    (``predicted_db``: its hole PSNR from :func:`export.activations.rounded_hole_psnr`, worst sample, under
+    ``limit_db``); the other order otherwise. Both are tried either way: a wrong prediction costs time (or
+    a file with more layers float than the second phase would have needed), never a file that passes."""
+    second = list(rest)
+    extra = [branch] if branch is not None else []
+    if predicted_db is not None and predicted_db < limit_db:
+        return extra + second
+    return second + extra
 
 
 def search_order(limit: int) -> List[int]:
@@ -114,13 +170,15 @@ class Candidate:
 
 
 class SensitivityCache:
-    """Per (shape, rounding, sample index): every convolution's output SNR (dB) with only it quantized."""
+    """Per (shape, rounding, sample index): every convolution's output SNR (dB) with only it quantized; per
+    (shape, rounding, rounded convolutions, sample index): the simulated output's hole PSNR (dB)."""
 
     def __init__(self, generator, holdout: Dict[Tuple[int, int], object], progress: Callable[[str], None]):
         self.generator = generator
         self.holdout = holdout
         self.progress = progress
-        self._scores: Dict[tuple, Dict[str, float]] = {}
+        self._scores: Dict[tuple, object] = {}
+        self._downstream: Optional[Dict[str, set]] = None
 
     def ranking(self, shape, rounding: Sequence[str], samples: Sequence[int]) -> List[Tuple[str, float]]:
         """(layer, worst output SNR in dB over ``samples``), most sensitive first."""
@@ -142,19 +200,61 @@ class SensitivityCache:
         return sorted(worst.items(), key=lambda kv: (kv[1], kv[0]))
 
 
+    def downstream(self) -> Dict[str, set]:
+        """:func:`export.activations.downstream_convs` of the generator, found once."""
+        from .activations import downstream_convs
+
+        if self._downstream is None:
+            self._downstream = downstream_convs(self.generator)
+        return self._downstream
+
+    def simulated(self, shape, rounding: Sequence[str], samples: Sequence[int],
+                  configs: Dict[str, Sequence[str]]) -> Dict[str, float]:
+        """Per config (name -> convolutions rounded to int8, the rest float32), the output's hole PSNR in
+        dB, worst over ``samples`` (:func:`export.activations.rounded_hole_psnr`); each (config, sample)
+        simulated once per export."""
+        from .activations import rounded_hole_psnr
+
+        key = {name: (shape, tuple(rounding), frozenset(layers)) for name, layers in configs.items()}
+        todo = [i for i in samples if any((*key[name], i) not in self._scores for name in configs)]
+        if todo:
+            s = self.holdout[shape]
+            missing = {name: layers for name, layers in configs.items()
+                       if any((*key[name], i) not in self._scores for i in todo)}
+            self.progress(f"fallback {shape[0]}x{shape[1]}: output hole PSNR with {', '.join(missing)} rounded to "
+                          f"int8 ({'+'.join(rounding)}) on held-out sample(s) {', '.join(str(i) for i in todo)}")
+            t0 = time.time()
+            per = rounded_hole_psnr(self.generator, s.images[todo], s.masks[todo], missing, rounded=rounding,
+                                    downstream=self.downstream())
+            self.progress(f"fallback {shape[0]}x{shape[1]}: simulation ready ({time.time() - t0:.1f}s)")
+            for name, values in per.items():
+                for j, i in enumerate(todo):
+                    self._scores[(*key[name], i)] = values[j]
+        return {name: min(self._scores[(*key[name], i)] for i in samples) for name in configs}
+
+
 def failing_samples(result, limit_db: float) -> List[int]:
-    """Indices of the held-out samples whose hole PSNR is under the limit (all, if not recorded)."""
+    """Indices of the held-out samples whose hole PSNR is under the limit, worst first (all, in order, if
+    not recorded): the order the gate of a candidate runs them in, stopping at the first that fails."""
     per = (result.details or {}).get("hole_psnr_db_per_sample") or []
-    bad = [i for i, v in enumerate(per) if v < limit_db]
+    bad = sorted((i for i, v in enumerate(per) if v < limit_db), key=lambda i: (per[i], i))
     return bad or list(range(max(result.samples, 1)))
 
 
-def limit_message(file: str, precision: str, limit: int, ranking: Sequence[Tuple[str, float]], best) -> str:
+def limit_message(file: str, precision: str, limit: int, ranking: Sequence[Tuple[str, float]], best,
+                  branch: Optional[Phase] = None, branch_limit: Optional[int] = None) -> str:
     top = ", ".join(f"{layer} {db:.1f} dB" for layer, db in ranking[:5])
     got = best.result.note if best is not None and best.result is not None else "no file converted"
+    branches = ""
+    if branch_limit is not None:
+        tried = (", ".join(f"{name} {db:.1f} dB ({len(layers)} layers)" for name, db, layers in branch.branches)
+                 if branch is not None else "none fits")
+        branches = (f"; whole branches kept float, up to {branch_limit} layers (hole PSNR with only that branch "
+                    f"rounded: {tried}) failed too: raise --quant-fallback-branch-limit")
     return (f"parity: still failing with the {limit} most sensitive layers kept float (best candidate: {got}); "
             f"most sensitive (output SNR with only that layer rounded to int8): {top}; raise --quant-fallback-limit "
-            f"(at most {len(ranking)}), calibrate on photos closer to yours (--calibration DIR), or drop {precision}")
+            f"(at most {len(ranking)}){branches}, calibrate on photos closer to yours (--calibration DIR), or drop "
+            f"{precision}")
 
 
 def search(ks_first: Sequence[int], build: Callable[[Sequence[int]], Dict[int, Candidate]],

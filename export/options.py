@@ -19,6 +19,7 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 
 from runtime_py.errors import UserError
 
+from .fallback import DEFAULT_BRANCH_LIMIT as FALLBACK_BRANCH_LIMIT
 from .fallback import DEFAULT_LIMIT as FALLBACK_LIMIT
 from .quant_ranges import METHODS
 
@@ -86,6 +87,11 @@ class ExportOptions:
     fallback_limit: int = _opt(
         FALLBACK_LIMIT, f"the most layers the fallback may keep in float before the file fails "
                         f"({FALLBACK_LIMIT}: a quarter of GMCNN's 44 convolutions)")
+    fallback_branch_limit: int = _opt(
+        FALLBACK_BRANCH_LIMIT, f"when the per-layer candidates up to the fallback limit fail: the most layers the "
+                               f"fallback's branch phase may keep in float, whole branches of the network taken "
+                               f"most costly first ({FALLBACK_BRANCH_LIMIT}: half of GMCNN's 44 convolutions, any "
+                               f"one of its branches)")
     tolerances: Optional[Mapping[ToleranceKey, Dict[str, float]]] = _opt(
         None, "overrides of the parity gate's rows (runtime_py.tolerances.PARITY), keyed by precision or "
               "(precision, io) (tests use it to force a failure; the command line's --min-hole-psnr)")
@@ -132,6 +138,8 @@ class ExportOptions:
             raise UserError(f"threads must be >= 1, got {self.threads}")
         if self.fallback_limit < 1:
             raise UserError(f"the fallback limit must be at least 1 layer, got {self.fallback_limit!r}")
+        if self.fallback_branch_limit < 1:
+            raise UserError(f"the fallback's branch limit must be at least 1 layer, got {self.fallback_branch_limit!r}")
         if not self.memory_budget_gib > 0:
             raise UserError(f"the memory budget must be a positive number of GiB, got {self.memory_budget_gib!r}")
         if self.calibration_masks_per_photo < 1:
@@ -168,7 +176,8 @@ class ExportOptions:
         """The fallback setting, recorded in the manifest entry (``build``) of a file the fallback made:
         it changed that file. A file that passed its gate as converted is the same with the fallback
         on or off, so neither its cache key nor its entry records it."""
-        return {"quant_fallback": self.quant_fallback, "fallback_limit": self.fallback_limit}
+        return {"quant_fallback": self.quant_fallback, "fallback_limit": self.fallback_limit,
+                "fallback_branch_limit": self.fallback_branch_limit}
 
     def reuses(self, build: Mapping[str, object]) -> bool:
         """Whether an up-to-date file whose manifest entry has ``build`` is what these options make:

@@ -56,6 +56,11 @@ class Samples:
         """(N, H, W, 1) float32 in {0, 1}, 1 = hole (:func:`runtime_py.contract.mask_tensor`)."""
         return mask_tensor(self.masks)
 
+    def subset(self, indices: Sequence[int]) -> "Samples":
+        """The samples at ``indices``, in that order."""
+        idx = list(indices)
+        return Samples(self.images[idx], self.masks[idx], [self.names[i] for i in idx])
+
     def digest(self) -> str:
         h = hashlib.sha256()
         h.update(self.images.tobytes())

@@ -418,6 +418,18 @@ def conv_layers(gen: GMCNNGenerator, height: int, width: int) -> List[dict]:
     return layers
 
 
+def conv_branches(gen: GMCNNGenerator) -> Dict[str, List[str]]:
+    """The generator's convolutions by branch, module names (as ``named_modules`` gives them) in execution
+    order: ``b1``, ``b2``, ``b3``, the three columns from the input (7x7, 5x5, 3x3 kernels) whose outputs are
+    concatenated, and ``merge``, the two convolutions after the concatenation. Same keys for both variants."""
+    net = gen.net
+    if isinstance(net, GMCNNTFNet):
+        return {b: [f"net.layers.{s.name}" for s in specs] for b, specs in net.specs.items()}
+    columns = {"b1": "EB1", "b2": "EB2", "b3": "EB3", "merge": "decoding_layers"}
+    return {b: [f"net.{attr}.{i}" for i, m in enumerate(getattr(net, attr)) if isinstance(m, nn.Conv2d)]
+            for b, attr in columns.items()}
+
+
 def count_macs(gen: GMCNNGenerator, height: int, width: int) -> int:
     """Multiply-accumulates of one forward pass at (height, width), convolutions only (meta device)."""
     return sum(layer["macs"] for layer in conv_layers(gen, height, width))

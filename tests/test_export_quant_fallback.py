@@ -68,15 +68,26 @@ def test_failing_int8_files_pass_with_the_planted_layer_kept_float(fallback_expo
         inputs = precision == "int8"
         assert fb["inputs_kept_float"] is inputs and fb["float_mac_budget"] == 0.1
         assert fb["search"][-1] == {"phase": 1 + inputs, "layers": 1, "inputs_float": inputs,
-                                    "hole_psnr_db": a.parity.hole_psnr_db, "passed": True}
+                                    "hole_psnr_db": a.parity.hole_psnr_db, "samples": a.parity.samples,
+                                    "passed": True}
         assert fb["phase"] == 1 + inputs
         first = [c for c in fb["search"] if c["phase"] == 1]
         assert first[0]["layers"] == 1 and (inputs or first == fb["search"])
         assert not any(c["inputs_float"] for c in first)
         if inputs:  # the first phase, the layers alone within the MAC budget, failed every size it tried
             assert not any(c["passed"] for c in first) and len(first) >= 2
+            # each stopped at the first held-out sample it failed (the pure file failed them all)
+            assert all(c["samples"] == 1 for c in first)
+            # then the simulation: the second phase's largest candidate (the planted layer and its producer
+            # among those kept float) predicted to pass, so it went before the branches
+            br = fb["branches"]
+            assert br["order"] == [2, 3] and br["phase_2_predicted_hole_psnr_db"] >= 38.0
+            assert [r["branch"] for r in br["ranking"]][0] == "b1" and "kept_float" not in br
+        else:  # passed in the first phase: no simulation ran
+            assert "branches" not in fb
         # the setting that made this file is part of its record (a file that passed as converted has none)
         assert a.build["quant_fallback"] is True and a.build["fallback_limit"] == 11
+        assert a.build["fallback_branch_limit"] == 22
         if precision == "int8":  # the candidate quantized the pure file's calibrated model: no statistics pass
             assert q["activations"]["calibrated_model_reused"] is True and q["activations"]["statistics_reused"]
         # int8: the planted layer and the layer producing its input (so the tensor between stays
@@ -210,7 +221,7 @@ def test_int8_dynamic_keeps_layers_float_beyond_the_mac_budget_in_a_second_phase
     first = [c for c in fb["search"] if c["phase"] == 1]
     assert first and not any(c["passed"] for c in first)
     assert fb["search"][-1] == {"phase": 2, "layers": 1, "inputs_float": False, "hole_psnr_db": a.parity.hole_psnr_db,
-                                "passed": True}
+                                "samples": a.parity.samples, "passed": True}
     # each candidate gated once: the first phase's layers fitted the budget, the planted one did not
     assert len({(c["phase"], c["layers"]) for c in fb["search"]}) == len(fb["search"])
     # the file the real export's first phase made under the full budget, and its price: the share of the
@@ -239,12 +250,14 @@ def test_the_second_phase_keeps_the_ranked_layers_whatever_their_macs():
 
 def test_torch_work_is_done_once_per_shape_for_every_file_and_candidate(fallback_export, tmp_path, monkeypatch):
     """Issue 17, work done once: the PyTorch reference outputs are computed once per shape and shared by
-    the gate of every file and every fallback candidate; the layer sensitivity once per rounding and
-    sample, shared by the precisions that round the same way (int8 and int8-dynamic)."""
-    from export import activations, api, backends, parity
+    the gate of every file and every fallback candidate; the layer sensitivity and the branch simulation
+    once per rounding and sample, shared by the precisions that round the same way (int8 and
+    int8-dynamic). A candidate that fails stops at the first held-out sample it fails."""
+    from export import activations, api, backends, parity, tflite
 
-    calls = {"reference": 0, "sensitivity": [], "gates": 0}
-    real_reference, real_snr, real_compare = parity.reference_outputs_and_peak, activations.layer_snr, parity.compare
+    calls = {"reference": 0, "sensitivity": [], "simulated": [], "runs": []}
+    real_reference, real_snr = parity.reference_outputs_and_peak, activations.layer_snr
+    real_sim, real_run = activations.rounded_hole_psnr, tflite.run
 
     def reference(*args, **kwargs):
         calls["reference"] += 1
@@ -254,23 +267,34 @@ def test_torch_work_is_done_once_per_shape_for_every_file_and_candidate(fallback
         calls["sensitivity"].append(len(images))
         return real_snr(generator, images, *args, **kwargs)
 
-    def compare(*args, **kwargs):
-        calls["gates"] += 1
-        return real_compare(*args, **kwargs)
+    def simulated(generator, images, masks, configs, *args, **kwargs):
+        calls["simulated"].append((len(images), sorted(configs)))
+        return real_sim(generator, images, masks, configs, *args, **kwargs)
+
+    def run(path, io, samples, threads=2):
+        calls["runs"].append(len(samples))
+        return real_run(path, io, samples, threads)
 
     monkeypatch.setattr(parity, "reference_outputs_and_peak", reference)
-    monkeypatch.setattr(parity, "compare", compare)
     monkeypatch.setattr(activations, "layer_snr", snr)
+    monkeypatch.setattr(activations, "rounded_hole_psnr", simulated)
+    monkeypatch.setattr(tflite, "run", run)
     monkeypatch.setattr(backends, "convert_all", _replaying_backend(fallback_export["out"]))
-    with pytest.raises(api.ExportFailed):  # an unreachable gate: every candidate up to the limit is gated
+    with pytest.raises(api.ExportFailed) as err:  # an unreachable gate: every candidate up to the limits is gated
         api.export_artifacts(fallback_export["gen"], tmp_path, shapes=[SHAPE], formats=["tflite"],
                              precisions=["int8", "int8-dynamic"], ios=["tensor"], fallback_limit=2, progress=False,
                              tolerances={"int8": {"min_hole_psnr_db": 99.0}, "int8-dynamic": {"min_hole_psnr_db": 99.0}},
                              calibration_masks_per_photo=1)
     samples = fallback_export["manifest"].artifacts[0].parity.samples
-    # per precision the pure file, then 1 and 2 layers kept float; int8 once more with their inputs
-    assert calls["gates"] == (1 + 2 + 2) + (1 + 2)
     assert calls["reference"] == 1 and calls["sensitivity"] == [samples]
+    # int8's simulation: the four branches and its second phase's largest candidate; int8-dynamic's second
+    # phase would repeat its first (left out) and its branches were simulated already
+    assert calls["simulated"] == [(samples, ["branch b1", "branch b2", "branch b3", "branch merge", "phase 2"])]
+    # the two pure files on every sample; every candidate on one (each fails the first it runs); per
+    # precision at least 1 and 2 layers, then 1 and 2 branches; int8 1 and 2 more with their inputs
+    assert calls["runs"].count(samples) == 2 and set(calls["runs"]) == {samples, 1}
+    assert calls["runs"].count(1) >= (2 + 2 + 2) + (2 + 2)
+    assert str(err.value).count("--quant-fallback-branch-limit") == 2
 
 
 def test_an_int8_dynamic_candidate_starts_from_the_pure_files_converter_output(fallback_export):
@@ -331,10 +355,14 @@ def test_at_the_limit_the_error_names_the_layers_and_the_option(fallback_export,
     monkeypatch.setattr(backends, "convert_all", _replaying_backend(fallback_export["out"]))
     with pytest.raises(api.ExportFailed) as err:
         api.export_artifacts(fallback_export["gen"], tmp_path, shapes=[SHAPE], formats=["tflite"],
-                             precisions=["int8"], ios=["tensor"], fallback_limit=1, progress=False,
-                             tolerances={"int8": {"min_hole_psnr_db": 99.0}}, calibration_masks_per_photo=1)
+                             precisions=["int8"], ios=["tensor"], fallback_limit=1, fallback_branch_limit=2,
+                             progress=False, tolerances={"int8": {"min_hole_psnr_db": 99.0}},
+                             calibration_masks_per_photo=1)
     msg = str(err.value)
     assert f"{PLANTED} " in msg and "dB" in msg and "--quant-fallback-limit" in msg
+    # the branch phase too: within 2 layers only the merge fits
+    assert "whole branches kept float, up to 2 layers (hole PSNR with only that branch rounded: merge " in msg
+    assert "(2 layers)) failed too: raise --quant-fallback-branch-limit" in msg
     assert "with the 1 most sensitive layers kept float (best candidate: hole PSNR" in msg and "short by" in msg
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in (".work", "manifest.json", "export_stages.json")]
     assert leftovers == []
