@@ -202,9 +202,9 @@ def write_report(report: dict, out: Path, partial_prefix: str) -> Path:
 # forward pass output, models.gmcnn.conv_layers) and per_pixel x (pixels of the shape).
 # * TFLite worker: fixed 270 MiB (its anonymous peak in the tiny cnum-4 export at 64x96: TensorFlow's own);
 #   per value from int8 calibration of the default model (cnum 32) at 1024x1360, its largest stage: 6,947 MiB
-#   anonymous read from /proc during the stage (docs/EXPORT.md, "Stage report and memory budget"), ~9.3 B per
-#   value, rounded up to 9.6 for what reading every 15 s can miss; onnx2tf, with its validation outputs on
-#   disk, needs less (1,089 MiB at 512x680: ~4.6 B per value).
+#   anonymous (the stage report, sampled every 0.2 s; docs/EXPORT.md, "Stage report and memory budget"), ~9.3 B
+#   per value, rounded up to 9.6; onnx2tf, with its validation outputs on disk, needs less (1,089 MiB at
+#   512x680, 2,720 MiB at 1024x1360).
 #   per_pixel: calibration of the cnum-4 model grows with the pixels (1,500 MiB resident at 512x680, the resident
 #   figure: an upper bound).
 # * Core ML in this process (conversion, reference, gates in the fast executor): 975 MiB at cnum 4 64x96; the
