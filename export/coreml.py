@@ -160,6 +160,9 @@ def compress(mlmodel, precision: str, keep_float=()):
 
 # ---------------------------------------------------------------------- metadata
 
+CONVERSION_DATE_KEY = "com.github.apple.coremltools.conversion_date"
+
+
 def _metadata(generator, shape, precision: str, io: str, checkpoint_sha256: str) -> Dict[str, str]:
     meta = generator.meta
     return {
@@ -205,6 +208,10 @@ def fill_description(mlmodel, generator, shape, precision: str, io: str, checkpo
             target = mlmodel.input_description if name != "output" else mlmodel.output_description
             target[name] = desc
     mlmodel.user_defined_metadata.update(_metadata(generator, shape, precision, io, checkpoint_sha256))
+    # coremltools stamps the day of conversion into the metadata, so the same checkpoint gave other
+    # package bytes on another day; the manifest's ``created`` keeps the time instead.
+    if CONVERSION_DATE_KEY in mlmodel.user_defined_metadata:
+        del mlmodel.user_defined_metadata[CONVERSION_DATE_KEY]
 
 
 # ---------------------------------------------------------------------- conversion
