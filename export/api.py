@@ -673,6 +673,8 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             sim = sensitivity.simulated(p.shape, rounding, samples, configs)
         scores = {b: sim[f"branch {b}"] for b in branches}
         predicted = sim.get("phase 2")
+        if second is not None:
+            predictions[(tuple(second.kept(second.size)), second.inputs_float)] = predicted
         branch_phase = fallback.branch_phase(scores, branches, options.fallback_branch_limit)
         order = fallback.after_first(rest, branch_phase, predicted, limit_db)
         show(f"{p.file}: hole PSNR with only one branch rounded: "
@@ -683,22 +685,44 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             "ranking": [{"branch": b, "hole_psnr_db": round(db, 2), "layers": len(branches[b])}
                         for b, db in sorted(scores.items(), key=lambda kv: (kv[1], kv[0]))],
             "limit": options.fallback_branch_limit,
-            "phase_2_predicted_hole_psnr_db": round(predicted, 2) if predicted is not None else None,
-            "order": [ph.number for ph in order]})
+            "phase_2_predicted_hole_psnr_db": round(predicted, 2) if predicted is not None else None})
         return order
 
+    def first_or_last(first):
+        """Phase 1 first, or last where the simulation puts its largest candidate far under the gate. On the
+        worst failing sample alone: more samples could only lower the prediction, and this one runs for every
+        file the fallback serves, those that pass in phase 1 included."""
+        if not first:
+            return first, []
+        kept = set(first[0].kept(first[0].size))
+        with stage("phase 1 simulation"):
+            sim = sensitivity.simulated(p.shape, rounding, samples[:1],
+                                        {"phase 1": [n for n, _ in ranking if n not in kept]})
+        predictions[(tuple(first[0].kept(first[0].size)), first[0].inputs_float)] = sim["phase 1"]
+        deferred = fallback.defer_first(sim["phase 1"], limit_db)
+        show(f"{p.file}: the first phase's largest candidate ({first[0].size} layer(s) float) predicted at "
+             f"{sim['phase 1']:.1f} dB" + (f", over {fallback.DEFER_MARGIN_DB:g} dB under the gate: trying it "
+                                           "after the others" if deferred else ""))
+        first_record.update(phase_1_predicted_hole_psnr_db=round(sim["phase 1"], 2), phase_1_deferred=deferred)
+        return ([], first) if deferred else (first, [])
+
     winner, gated = None, []
+    first_record: Dict[str, object] = {}
+    # (layers kept float, with their inputs) -> the simulated hole PSNR of that candidate, where simulated
+    predictions: Dict[tuple, float] = {}
     try:
-        todo = [ph for ph in phases if ph.number == 1]
+        todo, last = first_or_last([ph for ph in phases if ph.number == 1])
         rest = [ph for ph in phases if ph.number != 1]
         while todo or rest is not None:
             if not todo:
-                todo, rest = then(rest), None
+                todo, rest = then(rest) + last, None
+                branch_record["order"] = [ph.number for ph in todo]
                 continue
             phase = todo.pop(0)
             if phase.number == 2:
-                show(f"{p.file}: no candidate within {fallback.FLOAT_MAC_BUDGET:.0%} of the MACs passed; keeping the "
-                     f"first {len(phase.layers)} ranked layers float whatever their MACs"
+                show(f"{p.file}: " + ("" if last else f"no candidate within {fallback.FLOAT_MAC_BUDGET:.0%} of the MACs "
+                                                        "passed; ")
+                     + f"keeping the first {len(phase.layers)} ranked layers float whatever their MACs"
                      + (", with the convolutions producing their inputs" if phase.inputs_float else ""))
             elif phase.number == fallback.BRANCH_PHASE:
                 show(f"{p.file}: keeping whole branches float, most costly first: "
@@ -730,8 +754,11 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             "search": [{"phase": c.phase, "layers": len(c.layers), "inputs_float": c.inputs_float,
                         **({"branches": c.k} if c.phase == fallback.BRANCH_PHASE else {}),
                         "hole_psnr_db": c.result.hole_psnr_db, "samples": c.result.samples,
-                        "passed": c.result.passed}
+                        "passed": c.result.passed,
+                        **({"predicted_hole_psnr_db": round(predictions[(tuple(c.layers), c.inputs_float)], 2)}
+                           if (tuple(c.layers), c.inputs_float) in predictions else {})}
                        for c in gated if c.result is not None],
+            **first_record,
             **({"branches": branch_record} if branch_record else {}),
             "price": price, **(winner.details.get("fallback") or {})}}
         accept(p, mod, winner.conversion, winner.result, record)

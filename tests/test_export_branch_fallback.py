@@ -118,20 +118,18 @@ def test_a_branch_wide_error_passes_with_the_branch_kept_float(w8sim, tmp_path, 
     gate = a.parity.tolerance["min_hole_psnr_db"]
     assert a.parity.passed and a.parity.samples == 4
     assert fb["pure_file"]["hole_psnr_db"] < gate - 10
-    # phase 1 (at most 2 layers, as limited) failed; the simulation put the second phase's largest candidate
-    # under the gate and the second branch first, so the branch phase went first and passed with b2 alone
+    # the simulation put phase 1's largest candidate (the one cheapest convolution) far under the gate, so phase 1
+    # waits; it put the second phase's largest candidate under the gate and the second branch first, so the
+    # branch phase went first and passed with b2 alone: neither per-layer phase was gated
+    assert fb["phase_1_deferred"] is True and fb["phase_1_predicted_hole_psnr_db"] < gate - fallback.DEFER_MARGIN_DB
     assert [r["branch"] for r in br["ranking"]][0] == "b2" and br["ranking"][0]["layers"] == 14
     assert br["ranking"][0]["hole_psnr_db"] < gate < br["ranking"][1]["hole_psnr_db"]
-    assert br["phase_2_predicted_hole_psnr_db"] < gate and br["order"] == [3, 2] and br["limit"] == 22
+    assert br["phase_2_predicted_hole_psnr_db"] < gate and br["order"] == [3, 2, 1] and br["limit"] == 22
     assert fb["phase"] == 3 and br["kept_float"] == ["b2"]
     assert [k["layer"] for k in fb["layers_kept_float"]] == b2 and fb["limit"] == 2
     assert json.loads((tmp_path / a.file).read_text())["keep_float"] == b2  # the file is the candidate's
-    phases = [c["phase"] for c in fb["search"]]
-    assert phases == [1] * (len(phases) - 1) + [3] and len(phases) >= 2  # phase 2 never gated
-    # each failing candidate stopped at the first held-out sample it failed; the winner ran them all
-    assert all(c["samples"] == 1 and not c["passed"] for c in fb["search"][:-1])
-    assert fb["search"][-1] == {"phase": 3, "layers": 14, "inputs_float": False, "branches": 1,
-                                "hole_psnr_db": a.parity.hole_psnr_db, "samples": a.parity.samples, "passed": True}
+    assert fb["search"] == [{"phase": 3, "layers": 14, "inputs_float": False, "branches": 1,
+                             "hole_psnr_db": a.parity.hole_psnr_db, "samples": a.parity.samples, "passed": True}]
     assert a.parity.hole_psnr_db >= gate + 10
     # every key the record writes is documented
     from test_export_manifest import DOC
@@ -139,6 +137,34 @@ def test_a_branch_wide_error_passes_with_the_branch_kept_float(w8sim, tmp_path, 
     section = DOC.read_text().split("## `build.quantization`", 1)[1].split("\n## ", 1)[0]
     written = {k for part in (fb, br, *br["ranking"], *fb["search"]) for k in part}
     assert all(f"`{k}`" in section or f'"{k}"' in section for k in written), written
+
+
+def test_a_deferred_first_phase_is_still_tried_when_the_others_fail(w8sim, tmp_path, monkeypatch):
+    """No branch fits a branch limit of 1 layer: phase 1, predicted far under the gate, waits behind phase 2;
+    when phase 2 fails it is gated all the same, its candidates stopping at the first sample they fail, and the
+    file fails naming the options."""
+    from export import api, fallback
+    from models.gmcnn import conv_layers
+
+    gen = planted_generator()
+    macs = [layer["macs"] for layer in conv_layers(gen, *SHAPE)]
+    monkeypatch.setattr(fallback, "FLOAT_MAC_BUDGET", 1.5 * min(macs) / sum(macs))
+    searched = []
+    search = fallback.search
+
+    def spy(ks_first, build, gate):
+        winner, tried = search(ks_first, build, gate)
+        searched.append([(c.phase, c.k, c.result.samples, c.result.passed) for c in tried])
+        return winner, tried
+
+    monkeypatch.setattr(fallback, "search", spy)
+    with pytest.raises(api.ExportFailed) as err:
+        api.export_artifacts(gen, tmp_path, shapes=[SHAPE], formats=["w8sim"], precisions=["w8"], ios=["tensor"],
+                             fallback_limit=2, fallback_branch_limit=1, progress=False, calibration_masks_per_photo=1)
+    # phase 2 (1 and 2 layers) first, then the deferred phase 1 (its one layer), every candidate failing on one sample
+    assert searched == [[(2, 1, 1, False), (2, 2, 1, False)], [(1, 1, 1, False)]]
+    assert "--quant-fallback-branch-limit" in str(err.value) and "none fits" in str(err.value)
+    assert not list(tmp_path.glob("gmcnn*"))  # nothing written under the artifact's name
 
 
 def test_the_branch_phase_takes_branches_that_fit_its_limit_most_costly_first():
@@ -152,13 +178,32 @@ def test_the_branch_phase_takes_branches_that_fit_its_limit_most_costly_first():
     assert ph.kept(1) == branches["b2"] and ph.kept(2) == branches["b2"] + ["m"]
     assert branch_phase(scores, branches, 20).kept(4) == [*branches["b2"], *branches["b1"], "d1", "d2", "m"]
     assert branch_phase({"b1": 30.0}, {"b1": ["x", "y"]}, 1) is None  # no branch fits
-    # the order after phase 1: the branches first only where phase 2's largest candidate is predicted to fail
+    # the order after phase 1: the branches first unless phase 2's largest candidate is predicted over the gate
+    # by the margin
     second = phases([("a1", 30.0), ("c1", 31.0)], {"a1": 50, "c1": 50}, 2, False, 0.1)
     assert [p.number for p in second] == [2]
-    assert [p.number for p in after_first(second, ph, 35.0, 38.0)] == [3, 2]
-    assert [p.number for p in after_first(second, ph, 38.0, 38.0)] == [2, 3]
+    assert [p.number for p in after_first(second, ph, 35.0, 38.0, margin_db=0.0)] == [3, 2]
+    assert [p.number for p in after_first(second, ph, 38.0, 38.0, margin_db=0.0)] == [2, 3]
+    assert [p.number for p in after_first(second, ph, 39.5, 38.0, margin_db=2.0)] == [3, 2]
+    assert [p.number for p in after_first(second, ph, 40.0, 38.0, margin_db=2.0)] == [2, 3]
     assert [p.number for p in after_first(second, ph, None, 38.0)] == [2, 3]
+    # the default margin (fallback.ORDER_MARGIN_DB): Core ML w8 at 1024x1360 on the shipped model, phase 2's
+    # largest candidate predicted at 33.2 dB against a 33 dB gate (gated 31.40): the branches first
+    assert [p.number for p in after_first(second, ph, 33.2, 33.0)] == [3, 2]
     assert [p.number for p in after_first([], None, 20.0, 38.0)] == []
+
+
+def test_the_first_phase_waits_only_when_predicted_far_under_the_gate():
+    from export.fallback import DEFER_MARGIN_DB, ORDER_MARGIN_DB, defer_first
+
+    assert defer_first(30.0, 38.0, margin_db=5.0) and not defer_first(33.0, 38.0, margin_db=5.0)
+    assert not defer_first(None, 38.0) and not defer_first(37.9, 38.0, margin_db=0.5)
+    # the defaults, set from the predicted-against-gated pairs in docs/TOLERANCES.md: wider than the one
+    # under-prediction (0.72 dB), so a phase 1 that would pass goes first; as wide as w8's over-prediction of
+    # its phase 2 (33.2 predicted, 31.40 gated against a 33 dB gate), which now goes after the branches
+    assert 0.72 < DEFER_MARGIN_DB and 33.2 - 33.0 < ORDER_MARGIN_DB and 1.8 <= ORDER_MARGIN_DB
+    assert defer_first(33.0 - DEFER_MARGIN_DB - 0.01, 33.0) and not defer_first(33.0 - DEFER_MARGIN_DB, 33.0)
+    assert not defer_first(43.85, 40.0)  # 512x680 int8-dynamic image: phase 1's largest, which passed, stays first
 
 
 def test_the_simulation_is_a_forward_with_those_weights_rounded():

@@ -83,8 +83,14 @@ def test_failing_int8_files_pass_with_the_planted_layer_kept_float(fallback_expo
             br = fb["branches"]
             assert br["order"] == [2, 3] and br["phase_2_predicted_hole_psnr_db"] >= 38.0
             assert [r["branch"] for r in br["ranking"]][0] == "b1" and "kept_float" not in br
-        else:  # passed in the first phase: no simulation ran
+            # the simulation of the first phase's largest candidate (the planted layer alone, its input float
+            # there) over-predicts int8, whose producer still rounds that input: int8's first phase is never
+            # deferred on a prediction too low, only tried in vain
+            largest = max(first, key=lambda c: c["layers"])
+            assert largest["predicted_hole_psnr_db"] >= a.parity.tolerance["min_hole_psnr_db"] > largest["hole_psnr_db"]
+        else:  # passed in the first phase: only its largest candidate was simulated, the branches never
             assert "branches" not in fb
+        assert fb["phase_1_deferred"] is False and fb["phase_1_predicted_hole_psnr_db"] > 0
         # the setting that made this file is part of its record (a file that passed as converted has none)
         assert a.build["quant_fallback"] is True and a.build["fallback_limit"] == 11
         assert a.build["fallback_branch_limit"] == 22
@@ -195,12 +201,15 @@ def _dynamic_range_backend(export_dir: Path):
     return convert_all
 
 
+@pytest.mark.parametrize("defer", [True, False], ids=["phase-1-deferred", "phase-1-first"])
 def test_int8_dynamic_keeps_layers_float_beyond_the_mac_budget_in_a_second_phase(fallback_export, tmp_path,
-                                                                                monkeypatch):
+                                                                                monkeypatch, defer):
     """With a budget under the planted layer's MACs (4.5 % of the network's at cnum 4), the first
-    phase keeps only cheaper layers float and fails; the second keeps the ranked layers whatever
-    their MACs, passes with the planted layer alone and records the phase and the price (sizes here;
-    the timed price is the command's, tested above)."""
+    phase keeps only cheaper layers float; the second keeps the ranked layers whatever their MACs,
+    passes with the planted layer alone and records the phase and the price (sizes here; the timed
+    price is the command's, tested above). The simulation puts the first phase's largest candidate far
+    under the gate, so by default it waits behind the second and is never gated; with no margin that
+    lets it wait (DEFER_MARGIN_DB infinite) it goes first and fails, and the file is the same."""
     from export import api, backends, fallback
     from models.gmcnn import conv_layers
 
@@ -209,6 +218,9 @@ def test_int8_dynamic_keeps_layers_float_beyond_the_mac_budget_in_a_second_phase
     budget = 0.04
     assert budget < share < 0.05
     monkeypatch.setattr(fallback, "FLOAT_MAC_BUDGET", budget)
+    margin = fallback.DEFER_MARGIN_DB
+    if not defer:
+        monkeypatch.setattr(fallback, "DEFER_MARGIN_DB", float("inf"))
     monkeypatch.setattr(backends, "convert_all", _dynamic_range_backend(fallback_export["out"]))
     m = api.export_artifacts(fallback_export["gen"], tmp_path, shapes=[SHAPE], formats=["tflite"],
                              precisions=["int8-dynamic"], ios=["tensor"], threads=2, progress=False,
@@ -219,7 +231,16 @@ def test_int8_dynamic_keeps_layers_float_beyond_the_mac_budget_in_a_second_phase
     assert a.parity.passed and fb["phase"] == 2 and fb["float_mac_budget"] == budget and fb["limit"] == 2
     assert [k["layer"] for k in fb["layers_kept_float"]] == [PLANTED] and fb["inputs_kept_float"] is False
     first = [c for c in fb["search"] if c["phase"] == 1]
-    assert first and not any(c["passed"] for c in first)
+    gate = a.parity.tolerance["min_hole_psnr_db"]
+    assert fb["phase_1_deferred"] is defer and fb["phase_1_predicted_hole_psnr_db"] < gate - margin
+    if defer:
+        assert not first and fb["branches"]["order"] == [2, 3, 1]
+    else:
+        assert first and not any(c["passed"] for c in first) and fb["branches"]["order"] == [2, 3]
+        # the largest candidate's row carries its prediction, which its gate confirmed (w8-like: a dynamic-range
+        # file rounds what the simulation rounds)
+        largest = max(first, key=lambda c: c["layers"])
+        assert largest["predicted_hole_psnr_db"] == fb["phase_1_predicted_hole_psnr_db"] < gate
     assert fb["search"][-1] == {"phase": 2, "layers": 1, "inputs_float": False, "hole_psnr_db": a.parity.hole_psnr_db,
                                 "samples": a.parity.samples, "passed": True}
     # each candidate gated once: the first phase's layers fitted the budget, the planted one did not
@@ -287,9 +308,12 @@ def test_torch_work_is_done_once_per_shape_for_every_file_and_candidate(fallback
                              calibration_masks_per_photo=1)
     samples = fallback_export["manifest"].artifacts[0].parity.samples
     assert calls["reference"] == 1 and calls["sensitivity"] == [samples]
-    # int8's simulation: the four branches and its second phase's largest candidate; int8-dynamic's second
-    # phase would repeat its first (left out) and its branches were simulated already
-    assert calls["simulated"] == [(samples, ["branch b1", "branch b2", "branch b3", "branch merge", "phase 2"])]
+    # int8's simulations: its first phase's largest candidate on the worst sample (far under this gate: the
+    # phase waits), then the four branches and its second phase's largest candidate; int8-dynamic's first
+    # phase is int8's (the same layers alone, the same rounding), its second would repeat its first (left
+    # out) and its branches were simulated already
+    assert calls["simulated"] == [(1, ["phase 1"]),
+                                  (samples, ["branch b1", "branch b2", "branch b3", "branch merge", "phase 2"])]
     # the two pure files on every sample; every candidate on one (each fails the first it runs); per
     # precision at least 1 and 2 layers, then 1 and 2 branches; int8 1 and 2 more with their inputs
     assert calls["runs"].count(samples) == 2 and set(calls["runs"]) == {samples, 1}
