@@ -104,8 +104,10 @@ class ExportOptions:
         DEFAULT_MEMORY_BUDGET_GIB, "peak anonymous memory (what the system cannot reclaim without swap; not "
                                    "mapped files) the export's processes may use together, GiB: the TFLite worker "
                                    "and the Core ML conversions and gates run side by side only when their "
-                                   "estimated peaks fit in it together, else one after the other (the report at "
-                                   "the end gives each stage's measured resident and anonymous peaks)")
+                                   "estimated peaks fit in it together, else one after the other; int8 calibration "
+                                   "measures the graph in groups of ops, one pass over the samples each, when one "
+                                   "pass would not fit in what the budget leaves (the report at the end gives each "
+                                   "stage's measured resident and anonymous peaks)")
     progress: bool = _opt(True, "show progress (stage lines and a bar on stderr)")
 
     def __post_init__(self):

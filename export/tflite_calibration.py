@@ -52,6 +52,25 @@ def _grid_stride(shape) -> int:
     return s
 
 
+def _probes_after(model, tensors) -> Dict[int, List[int]]:
+    """``tensors`` by the index of the op that makes each (-1: graph inputs), in ``tensors``' order: where
+    :func:`range_probe` puts their probes, and (in graph order) the order a pass reads them in."""
+    producer = {t: i for i, op in enumerate(model.subgraphs[0].operators) for t in g._ids(op.outputs)}
+    after: Dict[int, List[int]] = {}
+    for t in tensors:
+        after.setdefault(producer.get(t, -1), []).append(t)
+    return after
+
+
+def _grid_size(shape) -> int:
+    """Values of the grid :func:`range_probe` takes of a tensor of ``shape`` (0: none, not a (1,H,W,C) tensor)."""
+    shape = [int(v) for v in shape]
+    if len(shape) != 4 or shape[0] != 1:
+        return 0
+    s = _grid_stride(shape)
+    return (shape[1] // s) * (shape[2] // s) * shape[3]
+
+
 def range_probe(model_bytes: bytes, tensors: List[int], grid: bool = False, keep: Sequence[int] = ()) -> tuple:
     """The model with a REDUCE_MIN and a REDUCE_MAX over each of ``tensors`` placed right after the
     op that makes it; the scalars are the graph's outputs. Returns (bytes, {tensor: (min_out, max_out,
@@ -67,10 +86,7 @@ def range_probe(model_bytes: bytes, tensors: List[int], grid: bool = False, keep
     model = g.read(model_bytes)
     sg = model.subgraphs[0]
     axes = g._const_tensor(model, np.arange(4, dtype=np.int32), "range_probe/axes")
-    after: Dict[int, List[int]] = {}
-    producer = {t: i for i, op in enumerate(sg.operators) for t in g._ids(op.outputs)}
-    for t in tensors:
-        after.setdefault(producer.get(t, -1), []).append(t)
+    after = _probes_after(model, tensors)
     probes: Dict[int, tuple] = {}
     new_ops = []
 
@@ -140,16 +156,35 @@ def _feeds(model, probed, samples):
 
 def measure_statistics(model_bytes: bytes, tensors: List[int], samples: Iterable[Dict[str, np.ndarray]],
                        threads: int = 2, grid: bool = True, keep: Sequence[int] = (),
-                       on_sample: Optional[Callable[[int, Dict[int, np.ndarray]], None]] = None
+                       on_sample: Optional[Callable[[int, Dict[int, np.ndarray]], None]] = None,
+                       memory_bytes: Optional[int] = None, folder: Optional[str] = None,
+                       progress: Optional[Callable[[str], None]] = None, report: Optional[dict] = None
                        ) -> Dict[int, TensorStats]:
     """Per tensor, over ``samples`` (dicts keyed by signature input name, or lists in input order),
     in one pass: each sample's exact min and max and (``grid``) up to SAMPLE_VALUES of its values.
     ``keep``: graph inputs and tensors made by ops whose whole values ``on_sample(index, {tensor: values})``
-    receives for each sample.
+    receives for each sample (in parts, one call per group, when the pass is grouped).
 
     The probed model runs in the runtime's TFLite engine (XNNPACK, ``threads`` threads; the bytes
-    without a manifest entry, every probe an output of the graph, read by tensor name)."""
+    without a manifest entry, every probe an output of the graph, read by tensor name).
+
+    ``memory_bytes`` (issue 17: the memory budget): what a pass may add to this process's anonymous memory.
+    When the estimate of one pass over the whole graph (:func:`pass_estimate`) exceeds it, the graph's ops are
+    measured in groups (:func:`calibration_groups`, the fewest that fit; :func:`_measure_in_groups`), each a
+    pass over the samples of a model of those ops alone, the values one group hands the next kept in
+    memory-mapped files under ``folder``; the statistics are the same as one pass's. ``progress`` gets a line
+    per group; ``report["groups"]`` receives the plan and each group's measured seconds and anonymous peak."""
     model = g.read(model_bytes)
+    if memory_bytes is not None:
+        groups = calibration_groups(model, tensors, memory_bytes)
+        if report is not None:
+            report["groups"] = {"count": len(groups), "memory_bytes": int(memory_bytes),
+                                "whole_graph_estimate_bytes": pass_estimate(model, range(len(model.subgraphs[0].operators))),
+                                "passes": [{"ops": [grp.ops[0], grp.ops[-1]], "tensors": len(grp.tensors),
+                                            "estimated_bytes": grp.estimate} for grp in groups]}
+        if len(groups) > 1:
+            return _measure_in_groups(model_bytes, model, tensors, groups, list(samples), threads, grid, keep, on_sample,
+                                      folder, progress, report)
     graph_inputs = set(g._ids(model.subgraphs[0].inputs))
     probed_bytes, probes = range_probe(model_bytes, tensors, grid=grid, keep=[t for t in keep if t not in graph_inputs])
     probed = g.read(probed_bytes)
@@ -172,6 +207,227 @@ def measure_statistics(model_bytes: bytes, tensors: List[int], samples: Iterable
                     if values.size > SAMPLE_VALUES:
                         values = values[rng.integers(0, values.size, SAMPLE_VALUES)]
                 stats[t].add(float(out[name[lo_t]]), float(out[name[hi_t]]), values.copy())
+    return stats
+
+
+# ------------------------------------------------------------------ calibration in groups (the memory budget)
+
+# What one pass of the probed model costs in anonymous memory, by what XNNPACK allocates (issue 17; measured with
+# LiteRT 2.1.0's XNNPACK, docs/EXPORT.md "Calibration within the memory budget"):
+# * each convolution with a kernel larger than 1x1 keeps an indirection buffer of one pointer per output pixel and
+#   kernel tap, for the interpreter's whole life (one 7x7 convolution 8->8 at 1024x1360: 521 MiB after
+#   allocate_tensors, exactly pixels x 49 x 8 B); a bilinear resize one of 4 pointers and 2 weights per pixel;
+#   GMCNN at 512x680: 627 MiB of them;
+# * the values the ops make, of which XNNPACK's workspace holds a share at once (its planner reuses memory between
+#   values whose lives do not overlap): fitted to the default model at 512x680, whose whole probed pass added
+#   1,503 MiB anonymous to the process (627 + 27 MiB of the buffers above, 0.40 of its 2,141 MiB of values),
+#   rounded up;
+# * the group's inputs and kept outputs (fed and read back whole), and the model bytes (flatbuffer copies).
+POINTER_BYTES = 8
+VALUE_SHARE = 0.45
+
+
+@dataclass
+class Group:
+    """Consecutive ops (indices in graph order) measured in one pass of their own: ``inputs`` (graph inputs, or
+    values an earlier group made, in feed order), ``keep`` (values it makes that later groups read), ``tensors``
+    (what it measures) and its estimated anonymous bytes."""
+
+    ops: List[int]
+    inputs: List[int]
+    keep: List[int]
+    tensors: List[int]
+    estimate: int
+
+
+def _tensor_bytes(sg, t: int) -> int:
+    return 4 * int(np.prod([int(v) for v in g._ids(sg.tensors[t].shape)] or [1]))
+
+
+def _persistent_bytes(model, op) -> int:
+    """What XNNPACK keeps for ``op`` while the interpreter lives: a convolution's indirection buffer (output
+    pixels x kernel taps pointers; none for 1x1), a bilinear resize's (4 pointers and 2 float weights per pixel)."""
+    sg = model.subgraphs[0]
+    name = g.op_name(model, op)
+    outs = g._ids(op.outputs)
+    if not outs:
+        return 0
+    shape = [int(v) for v in g._ids(sg.tensors[outs[0]].shape)]
+    pixels = shape[1] * shape[2] if len(shape) == 4 else 0
+    if name in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+        w = [int(v) for v in g._ids(sg.tensors[g._ids(op.inputs)[1]].shape)]
+        taps = w[1] * w[2]
+        return pixels * taps * POINTER_BYTES if taps > 1 else 0
+    if name == "RESIZE_BILINEAR":
+        return pixels * (4 * POINTER_BYTES + 2 * 4)
+    return 0
+
+
+def pass_estimate(model, ops) -> int:
+    """Estimated anonymous bytes of one probed pass over ``ops`` (indices in graph order) as a model of their own:
+    XNNPACK's persistent buffers, VALUE_SHARE of the values they make, their inputs and kept outputs."""
+    return _group(model, list(ops), _readers(model)).estimate
+
+
+def _readers(model) -> Dict[int, int]:
+    """tensor -> the last op reading it (graph outputs: past the last op)."""
+    sg = model.subgraphs[0]
+    last = {t: i for i, op in enumerate(sg.operators) for t in g._ids(op.inputs) if t >= 0}
+    for t in g._ids(sg.outputs):
+        last[t] = len(sg.operators)
+    return last
+
+
+def _group(model, ops: List[int], last_reader: Dict[int, int], tensors: Sequence[int] = ()) -> Group:
+    sg = model.subgraphs[0]
+    made, inputs = [], []
+    for i in ops:
+        op = sg.operators[i]
+        for t in g._ids(op.inputs):
+            if t >= 0 and t not in made and t not in inputs and not g._is_constant(model, sg.tensors[t]):
+                inputs.append(t)
+        made.extend(g._ids(op.outputs))
+    end = ops[-1] if ops else -1
+    keep = [t for t in made if last_reader.get(t, -1) > end]
+    chosen = set(tensors)
+    probed = [t for t in made if t in chosen]
+    persistent = sum(_persistent_bytes(model, sg.operators[i]) for i in ops)
+    values = sum(_tensor_bytes(sg, t) for t in made)
+    boundary = sum(_tensor_bytes(sg, t) for t in inputs + keep)
+    return Group(list(ops), inputs, keep, probed, int(persistent + VALUE_SHARE * values + boundary))
+
+
+def calibration_groups(model, tensors: Sequence[int], memory_bytes: int) -> List[Group]:
+    """The fewest runs of consecutive ops whose passes each fit ``memory_bytes`` (:func:`pass_estimate`; an op
+    that does not fit alone is a group of its own): one group when the whole graph fits. Graph inputs among
+    ``tensors`` are measured by the first group that reads them."""
+    sg = model.subgraphs[0]
+    n = len(sg.operators)
+    last_reader = _readers(model)
+    whole = _group(model, list(range(n)), last_reader, tensors)
+    if whole.estimate <= memory_bytes or n < 2:
+        groups = [whole]
+    else:
+        groups, start = [], 0
+        while start < n:
+            end = start + 1
+            best = _group(model, [start], last_reader, tensors)
+            while end < n:
+                candidate = _group(model, list(range(start, end + 1)), last_reader, tensors)
+                if candidate.estimate > memory_bytes:
+                    break
+                best, end = candidate, end + 1
+            groups.append(best)
+            start = end
+    graph_inputs = [t for t in g._ids(sg.inputs) if t in set(tensors)]
+    for t in graph_inputs:
+        first = next((grp for grp in groups if t in grp.inputs), groups[0])
+        if t not in first.inputs:
+            first.inputs.append(t)
+        first.tensors.insert(0, t)
+    return groups
+
+
+def _measure_in_groups(model_bytes: bytes, model, tensors: List[int], groups: List[Group], samples: list, threads: int,
+                       grid: bool,
+                       keep: Sequence[int], on_sample, folder: Optional[str], progress, report: Optional[dict]
+                       ) -> Dict[int, TensorStats]:
+    """:func:`measure_statistics` group by group: each group's ops alone (:func:`export.tflite_graph.cut`) with
+    their probes, a pass over every sample; the values later groups read go to memory-mapped ``.npy`` files
+    (page cache, not anonymous memory) in a temporary folder under ``folder``. Each tensor's statistics are
+    those of one pass over the whole graph: the same ops on the same values (XNNPACK's kernels, ``threads``
+    threads), added sample by sample, and each value subsample drawn from the random generator state the one
+    pass would have reached at that tensor and sample."""
+    import shutil
+    import tempfile
+    import time
+
+    from runtime_py.engines.base import role_of
+    from runtime_py.memory import AnonPeak
+
+    sg = model.subgraphs[0]
+    graph_inputs = g._ids(sg.inputs)
+    keep = list(keep)
+    key_tensor = (dict(g.signature_io(model)[0]) if model.signatureDefs
+                  else {g.tensor_name(sg.tensors[t]): t for t in graph_inputs})
+
+    def fed(sample) -> Dict[int, np.ndarray]:
+        by = ({key_tensor[k]: v for k, v in sample.items()} if isinstance(sample, dict)
+              else dict(zip(graph_inputs, sample)))
+        return {t: np.asarray(v, dtype=np.float32) for t, v in by.items()}
+
+    # the generator states of the one pass: it draws, sample by sample, in its probes' order, for each tensor
+    # whose value grid exceeds SAMPLE_VALUES
+    measured = {t for grp in groups for t in grp.tensors}
+    order = [t for _, ts in sorted(_probes_after(model, [t for t in tensors if t in measured]).items()) for t in ts]
+    sizes = {t: _grid_size(g._ids(sg.tensors[t].shape)) if grid else 0 for t in order}
+    rng = np.random.default_rng(0)
+    states: Dict[Tuple[int, int], dict] = {}
+    for index in range(len(samples)):
+        for t in order:
+            if sizes[t] > SAMPLE_VALUES:
+                states[index, t] = rng.bit_generator.state
+                rng.integers(0, sizes[t], SAMPLE_VALUES)
+
+    stats: Dict[int, TensorStats] = {t: TensorStats() for t in order}
+    image = next(t for i, t in enumerate(graph_inputs) if role_of(g.tensor_name(sg.tensors[t]), i) == "image")
+    shape = tuple(int(v) for v in g._ids(sg.tensors[image].shape)[1:3])
+    passes = report["groups"]["passes"] if report is not None and "groups" in report else None
+    work = tempfile.mkdtemp(prefix="calibration-groups-", dir=folder)
+    stored: Dict[int, np.ndarray] = {}
+    try:
+        for number, grp in enumerate(groups, 1):
+            t0 = time.time()
+            if progress is not None:
+                progress(f"calibration group {number}/{len(groups)}: ops {grp.ops[0]}-{grp.ops[-1]}, "
+                         f"{len(grp.tensors)} tensors, estimated {grp.estimate / (1 << 20):.0f} MiB")
+            peak = AnonPeak()
+            made = {o for i in grp.ops for o in g._ids(sg.operators[i].outputs)}
+            wanted = grp.keep + [t for t in keep if t in made and t not in grp.keep]
+            # the graph's image input comes first, read or not: the engine takes the image's role and shape from it
+            inputs = [image] + [t for t in grp.inputs if t != image]
+            probed_bytes, probes = range_probe(g.cut(model_bytes, grp.ops, inputs), grp.tensors, grid=grid,
+                                               keep=wanted)
+            probed_sg = g.read(probed_bytes).subgraphs[0]
+            name = {t: g.tensor_name(probed_sg.tensors[t]) for t in inputs + wanted}
+            name.update({o: g.tensor_name(probed_sg.tensors[o]) for outs in probes.values() for o in outs
+                         if o is not None})
+            if len(set(name.values())) != len(name):
+                raise ValueError("calibration groups: two inputs or outputs of a group share a tensor name")
+            with TFLiteEngine(model_content=probed_bytes, shape=shape, threads=threads, xnnpack=True) as engine:
+                for index, sample in enumerate(samples):
+                    given = fed(sample)
+                    feed = {name[t]: (given[t] if t in given else np.asarray(stored[t][index])) for t in inputs}
+                    out = engine.infer(feed)
+                    for t in grp.keep:
+                        if t not in stored:
+                            path = f"{work}/value_{t}.npy"
+                            stored[t] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                                                  shape=(len(samples),) + tuple(out[name[t]].shape))
+                        stored[t][index] = out[name[t]]
+                    if on_sample is not None:
+                        mine = {t: given[t] for t in keep if t in graph_inputs and number == 1}
+                        mine.update({t: out[name[t]] for t in keep if t in wanted})
+                        if mine:
+                            on_sample(index, mine)
+                    for t, (lo_t, hi_t, grid_t) in probes.items():
+                        values = np.zeros(0, np.float32)
+                        if grid_t is not None:
+                            values = out[name[grid_t]].ravel()
+                            if values.size > SAMPLE_VALUES:
+                                draw = np.random.default_rng()
+                                draw.bit_generator.state = states[index, t]
+                                values = values[draw.integers(0, values.size, SAMPLE_VALUES)]
+                        stats[t].add(float(out[name[lo_t]]), float(out[name[hi_t]]), values.copy())
+            for t in [t for t in stored if all(t not in later.inputs for later in groups[number:])]:
+                del stored[t]  # no later group reads it
+            if passes is not None:
+                passes[number - 1].update(t_start=t0, seconds=round(time.time() - t0, 2),
+                                          peak_rss_bytes=int(peak.resident_peak()), peak_anon_bytes=int(peak.peak()))
+            peak.close()
+    finally:
+        stored.clear()
+        shutil.rmtree(work, ignore_errors=True)
     return stats
 
 
@@ -214,8 +470,9 @@ def activation_tensors(model) -> List[int]:
 
 # The statistics of the last calibration: int8 and int16x8 files of one saved_model calibrate the
 # same float model on the same samples, so the second reuses the first's pass (only the range choice
-# differs). Each entry: (statistics, the report's "shared" record of how they were shared, or None).
-_STATISTICS: Dict[str, Tuple[Dict[int, TensorStats], Optional[dict]]] = {}
+# differs). Each entry: (statistics, the report's "shared" record of how they were shared, or None, and its
+# "groups" record of how the pass was grouped, or None).
+_STATISTICS: Dict[str, Tuple[Dict[int, TensorStats], Optional[dict], Optional[dict]]] = {}
 
 
 def _statistics_key(model_bytes: bytes, samples, grid: bool) -> str:
@@ -263,15 +520,15 @@ def forget_statistics() -> None:
     _SHAREABLE.clear()
 
 
-def _measure_to_share(model_bytes: bytes, tensors, samples, threads: int, grid: bool, folder: str,
-                      source: str) -> Dict[int, TensorStats]:
-    """:func:`measure_statistics`, keeping the pass for :func:`_shared_statistics` (its graph inputs' and
-    outputs' values per sample written to ``folder``)."""
+def _measure_to_share(model_bytes: bytes, tensors, samples, threads: int, grid: bool, keep_folder: str,
+                      source: str, **grouping) -> Dict[int, TensorStats]:
+    """:func:`measure_statistics` (``grouping``: its memory arguments), keeping the pass for
+    :func:`_shared_statistics` (its graph inputs' and outputs' values per sample written to ``keep_folder``)."""
     import os
 
     sg = g.read(model_bytes).subgraphs[0]
     keep = g._ids(sg.inputs) + g._ids(sg.outputs)
-    paths = {t: os.path.join(folder, f"shared_calibration_{t}.npy") for t in keep}
+    paths = {t: os.path.join(keep_folder, f"shared_calibration_{t}.npy") for t in keep}
     files: Dict[int, np.ndarray] = {}
 
     def write(index, values):
@@ -281,7 +538,8 @@ def _measure_to_share(model_bytes: bytes, tensors, samples, threads: int, grid: 
                                                      shape=(len(samples),) + tuple(np.shape(v)))
             files[t][index] = v
 
-    stats = measure_statistics(model_bytes, tensors, samples, threads, grid=grid, keep=keep, on_sample=write)
+    stats = measure_statistics(model_bytes, tensors, samples, threads, grid=grid, keep=keep, on_sample=write,
+                               **grouping)
     for f in files.values():
         f.flush()
     files.clear()
@@ -346,7 +604,9 @@ def _shared_statistics(model_bytes: bytes, tensors: List[int], samples, threads:
 
 
 def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], threads: int = 2, bits: int = 8,
-                     symmetric: bool = False, method: str = "minmax", share: Optional[dict] = None) -> tuple:
+                     symmetric: bool = False, method: str = "minmax", share: Optional[dict] = None,
+                     memory_bytes: Optional[int] = None, folder: Optional[str] = None,
+                     progress: Optional[Callable[[str], None]] = None) -> tuple:
     """The float model with a chosen ``min``/``max`` on every float activation; returns (bytes, report).
 
     ``bits``/``symmetric``: the activation grid the ranges are chosen for (8/False: int8; 16/True:
@@ -359,6 +619,9 @@ def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], thread
     keeps this pass for another graph of the same network; ``{"reuse": True}`` takes the kept pass's
     statistics for the tensors this graph's copy of that network makes and measures only its own ops
     (``report["shared"]`` says from which file, or why not).
+
+    ``memory_bytes``, ``folder``, ``progress`` (issue 17): the pass over the samples in groups when one pass would
+    not fit ``memory_bytes`` (:func:`measure_statistics`); ``report["groups"]`` records the plan.
     """
     import collections
     import time
@@ -372,19 +635,22 @@ def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], thread
     key = _statistics_key(model_bytes, samples, grid)
     reused = key in _STATISTICS
     shared = None
+    grouping: dict = {}
     if not reused:
         stats = None
         if share and share.get("reuse"):
             stats, shared = _shared_statistics(model_bytes, tensors, samples, threads, grid)
             if stats is None:
                 shared = {"statistics_shared_from": None, "why_not": shared}
+        measure = dict(memory_bytes=memory_bytes, folder=folder, progress=progress, report=grouping)
         if stats is None and share and share.get("keep"):
-            stats = _measure_to_share(model_bytes, tensors, samples, threads, grid, share["keep"], share["source"])
+            stats = _measure_to_share(model_bytes, tensors, samples, threads, grid, share["keep"], share["source"],
+                                      **measure)
         if stats is None:
-            stats = measure_statistics(model_bytes, tensors, samples, threads, grid=grid)
+            stats = measure_statistics(model_bytes, tensors, samples, threads, grid=grid, **measure)
         _STATISTICS.clear()
-        _STATISTICS[key] = (stats, shared)
-    stats, shared = _STATISTICS[key]
+        _STATISTICS[key] = (stats, shared, grouping.get("groups"))
+    stats, shared, groups = _STATISTICS[key]
     t1 = time.time()
     chosen = choose_ranges(stats, bits, symmetric, method, through=activation_consumers(model, tensors),
                            produced_by=activation_outputs(model, tensors))
@@ -399,5 +665,6 @@ def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], thread
     report = {"tensors": per_tensor, "methods": dict(collections.Counter(c["method"] for c in chosen.values())),
               "activation_bits": bits, "symmetric": symmetric, "method": method, "samples": len(samples),
               "statistics_reused": reused, **({"shared": shared} if shared else {}),
+              **({"groups": groups} if groups else {}),
               "threads": threads, "seconds": round(time.time() - t0, 2), "choice_seconds": round(time.time() - t1, 2)}
     return g.write(model), report

@@ -223,7 +223,9 @@ _CALIBRATION_REPORT: dict = {}
 # Precisions with calibrated activations: (activation bits, symmetric grid) -- TFLite's int8 scheme
 # (scale and zero point) and its 16x8 scheme (int16 activations, zero point 0).
 ACTIVATION_GRIDS = {"int8": (8, False), "int16x8": (16, True)}
-_CALIBRATION_SETTINGS = {"bits": 8, "symmetric": False, "method": "minmax", "threads": 2, "share": None}
+_CALIBRATION_SETTINGS = {"bits": 8, "symmetric": False, "method": "minmax", "threads": 2, "share": None,
+                         "folder": None, "progress": None}
+_CALIBRATION_BUDGET: list = []  # the export's memory budget (bytes), set per plan
 _CALIBRATED_MODEL: list = []  # the float model with the chosen ranges, as the last calibration returned it
 
 
@@ -240,7 +242,15 @@ def _install_calibration() -> None:
 
     def calibrate(self, dataset_gen):
         with _METER.inner_stage("calibration"):
-            data, report = calibrate_ranges(self._model_content, dataset_gen, **_CALIBRATION_SETTINGS)
+            memory = calibration_memory(_CALIBRATION_BUDGET[0]) if _CALIBRATION_BUDGET else None
+            data, report = calibrate_ranges(self._model_content, dataset_gen, memory_bytes=memory,
+                                            **_CALIBRATION_SETTINGS)
+        passes = (report.get("groups") or {}).get("passes", [])
+        if len(passes) > 1:  # the stage report gets a row per group, inside the calibration's
+            for number, row in enumerate(passes, 1):
+                _METER.inner.append({"stage": f"calibration group {number}/{len(passes)}", "t_start": row["t_start"],
+                                     "seconds": row["seconds"], "peak_rss": row["peak_rss_bytes"],
+                                     "peak_anon": row["peak_anon_bytes"], "within": "calibration"})
         _CALIBRATION_REPORT.clear()
         _CALIBRATION_REPORT.update(report)
         _CALIBRATED_MODEL[:] = [data]
@@ -248,6 +258,15 @@ def _install_calibration() -> None:
 
     calibrate._gmcnn = True
     calibrator.Calibrator.calibrate = calibrate
+
+
+def calibration_memory(budget_bytes: int) -> int:
+    """What the memory budget leaves a calibration pass (issue 17): ``budget_bytes`` less the anonymous memory this
+    worker and the export process that started it hold as the calibration starts. (When the schedule runs Core ML
+    beside this worker, the budget already holds both estimates: ``export.stages.side_by_side``.)"""
+    from runtime_py.memory import resident_of
+
+    return max(0, int(budget_bytes) - resident_of(["self", os.getppid()])[1])
 
 
 def _calibrating_converter(saved_model: str, precision: str, io: str, calibration: dict, options: ExportOptions,
@@ -266,7 +285,8 @@ def _calibrating_converter(saved_model: str, precision: str, io: str, calibratio
 
     bits, symmetric = ACTIVATION_GRIDS[precision]
     _CALIBRATION_SETTINGS.update(bits=bits, symmetric=symmetric, method=options.range_method, threads=options.threads,
-                                 share=share)
+                                 share=share, folder=os.path.dirname(os.path.abspath(saved_model)))
+    _CALIBRATION_BUDGET[:] = [int(options.memory_budget_gib * (1 << 30))]
     _install_calibration()
     _CALIBRATION_REPORT.clear()
     _CALIBRATED_MODEL.clear()
@@ -415,6 +435,7 @@ def run_job(job: dict, options: ExportOptions, events: _Events) -> None:
     from .tflite import postprocess
 
     name = job["name"]
+    _CALIBRATION_SETTINGS["progress"] = lambda line: events.send(event="stage", job=name, stage=line)
     t0 = _METER.start()
     if not job.get("reuse_saved_model"):
         events.send(event="stage", job=name, stage="onnx2tf")

@@ -106,11 +106,13 @@ def rss_of(pids: Iterable[int]) -> int:
 class AnonPeak:
     """Peak anonymous resident memory of this process since the last :meth:`reset`, sampled: every ``every``
     seconds by a thread of its own, or (``every=None``) by whoever calls :meth:`observe`. :meth:`peak` also counts
-    the moment it is asked; a rise and fall between two samples is missed."""
+    the moment it is asked; a rise and fall between two samples is missed. Its own thread samples the whole
+    resident size too (:meth:`resident_peak`: a peak within a stage that does not restart ``VmHWM``)."""
 
     def __init__(self, every: Optional[float] = 0.2):
         self._lock = threading.Lock()
         self._peak = anon_rss_bytes()
+        self._resident = rss_bytes()
         self._stop = threading.Event()
         self._thread = None
         if every is not None:
@@ -120,6 +122,9 @@ class AnonPeak:
     def _sample(self, every: float) -> None:
         while not self._stop.wait(every):
             self.observe(anon_rss_bytes())
+            resident = rss_bytes()
+            with self._lock:
+                self._resident = max(self._resident, resident)
 
     def observe(self, value: int) -> None:
         with self._lock:
@@ -128,6 +133,13 @@ class AnonPeak:
     def reset(self) -> None:
         with self._lock:
             self._peak = anon_rss_bytes()
+            self._resident = rss_bytes()
+
+    def resident_peak(self) -> int:
+        resident = rss_bytes()
+        with self._lock:
+            self._resident = max(self._resident, resident)
+            return self._resident
 
     def peak(self) -> int:
         self.observe(anon_rss_bytes())

@@ -715,6 +715,54 @@ def test_calibration_ranges_match_an_independent_run(tiny, monkeypatch):
     assert strided > 20
 
 
+def test_calibration_in_groups_measures_what_one_pass_does(tiny, tmp_path, monkeypatch):
+    """Issue 17's memory budget: when one probed pass would not fit what the budget leaves, calibration measures
+    the graph in groups of consecutive ops (each a pass of its own over the samples, the fewest that fit, each
+    within the budget by its estimate), a progress line per group, the report recording them; the statistics are
+    one pass's -- min/max and the value subsamples, drawn from the generator states one pass reaches -- so the
+    calibrated model (what the converter quantizes into the int8 file) is the same bytes."""
+    from export import tflite_calibration, tflite_graph
+    from export.samples import CALIBRATION_DIR, load_samples
+    from export.tflite_calibration import activation_tensors, calibrate_ranges, measure_statistics, pass_estimate
+
+    work = tiny["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
+    model = (work / "converter_fp32.tflite").read_bytes()
+    graph = tflite_graph.read(model)
+    ops = len(graph.subgraphs[0].operators)
+    tensors = activation_tensors(graph)
+    samples = load_samples(CALIBRATION_DIR, SHAPE, 1, seed=4)
+    feeds = [{"image": samples.tensor_image()[i:i + 1], "mask": samples.tensor_mask()[i:i + 1]}
+             for i in range(len(samples))]
+    whole = pass_estimate(graph, range(ops))
+    one = measure_statistics(model, tensors, feeds, threads=2, grid=True)
+    lines, report = [], {}
+    grouped = measure_statistics(model, tensors, feeds, threads=2, grid=True, memory_bytes=whole // 3,
+                                 folder=str(tmp_path), progress=lines.append, report=report)
+    passes = report["groups"]["passes"]
+    assert 2 <= report["groups"]["count"] == len(passes) == len(lines), report["groups"]
+    assert report["groups"]["whole_graph_estimate_bytes"] == whole > whole // 3
+    assert [p["ops"][0] for p in passes] == [0] + [p["ops"][1] + 1 for p in passes[:-1]] and passes[-1]["ops"][1] == ops - 1
+    assert all(p["estimated_bytes"] <= whole // 3 and p["seconds"] >= 0 and p["peak_anon_bytes"] > 0 for p in passes)
+    assert sum(p["tensors"] for p in passes) == len(tensors) and all("calibration group" in line for line in lines)
+    assert list(tmp_path.iterdir()) == []  # the values handed between groups are gone
+    assert set(grouped) == set(one) == set(tensors)
+    for t in tensors:
+        assert grouped[t].mins == one[t].mins and grouped[t].maxs == one[t].maxs, t
+        assert len(grouped[t].parts) == len(feeds) and all(
+            np.array_equal(a, b) for a, b in zip(grouped[t].parts, one[t].parts)), t
+
+    monkeypatch.setattr(tflite_calibration, "_STATISTICS", {})
+    for method in ("minmax", "mse"):
+        made = {}
+        for memory in (10 * whole, whole // 3):
+            tflite_calibration._STATISTICS.clear()  # a pass of its own each time
+            made[memory] = calibrate_ranges(model, lambda: iter(feeds), threads=2, method=method, memory_bytes=memory,
+                                            folder=str(tmp_path))
+        (data_one, report_one), (data_groups, report_groups) = made.values()
+        assert report_one["groups"]["count"] == 1 and report_groups["groups"]["count"] >= 2
+        assert data_groups == data_one, method
+
+
 def test_image_calibration_shares_the_tensor_signatures_pass(tiny, tmp_path, monkeypatch):
     """One calibration pass per shape: the image graph's statistics come from the tensor graph's pass for every
     tensor of the network it wraps, measured only for its own I/O ops (fed the kept network outputs), and its
@@ -767,6 +815,26 @@ def test_image_calibration_shares_the_tensor_signatures_pass(tiny, tmp_path, mon
     record = by_file["int8", "image"].build["quantization"]["activations"]["shared"]
     assert record["statistics_shared_from"] == by_file["int8", "tensor"].file, record
     assert "shared" not in by_file["int8", "tensor"].build["quantization"]["activations"]
+
+
+def test_an_export_under_a_small_budget_calibrates_in_groups_into_the_same_int8_file(tiny, tmp_path):
+    """An export whose memory budget leaves calibration less than one pass needs (here nothing: every op a group
+    of its own) writes the int8 file the default budget wrote, byte for byte; the manifest's calibration record
+    and the stage report (a row per group, in the worker) say how it was grouped."""
+    from export.api import export_artifacts
+    from export.stages import REPORT_NAME, TFLITE_WORKER
+
+    m = export_artifacts(tiny["gen"], tmp_path, shapes=[SHAPE], formats=["tflite"], precisions=["int8"],
+                         ios=["tensor"], threads=2, progress=False, calibration_masks_per_photo=1,
+                         memory_budget_gib=0.001)
+    made = m.artifacts[0]
+    before = next(a for a in tiny["manifest"].artifacts if (a.precision, a.io) == ("int8", "tensor"))
+    assert made.sha256 == before.sha256
+    groups = made.build["quantization"]["activations"]["groups"]
+    assert groups["count"] >= 2 and groups["memory_bytes"] == 0 and len(groups["passes"]) == groups["count"]
+    rows = [s for s in json.loads((tmp_path / REPORT_NAME).read_text())["stages"] if "calibration group" in s["name"]]
+    assert len(rows) == groups["count"] and {r["process"] for r in rows} == {TFLITE_WORKER}
+    assert all(r["peak_anon_bytes"] > 0 and r["peak_rss_bytes"] >= r["peak_anon_bytes"] for r in rows)
 
 
 def test_onnx2tf_validation_outputs_go_to_disk_when_there_is_room(tiny, tmp_path, monkeypatch):
