@@ -400,8 +400,8 @@ def _finish(plan, reused, made, failures, *, out: Path, options: ExportOptions, 
     write_manifest(manifest, out)
     if not failures and not options.keep_work and work_root.exists():
         shutil.rmtree(work_root, ignore_errors=True)
-    report = log.finish()
-    write_report(report, out, PARTIAL_PREFIX)
+    report = log.finish({"made": len(made), "reused": len(reused), "failed": len(failures)})
+    write_report(report, out, PARTIAL_PREFIX, reused_only=not made and not failures)
     if options.progress:
         print(table(report), file=sys.stderr, flush=True)
     show(f"export: done in {time.time() - t_start:.1f}s ({len(made)} made, {len(reused)} reused, "

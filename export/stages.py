@@ -15,7 +15,8 @@ The TFLite worker measures its own stages the same way and reports them with its
 peaks are the largest sums of the processes' resident and anonymous sizes, sampled every
 :data:`SAMPLE_SECONDS` while the export runs (the worker between its conversions too), and never less than
 any one process's peak. The report is printed at the end of the run and written beside the manifest
-(:data:`REPORT_NAME`).
+(:data:`REPORT_NAME`); a run that made nothing (every file reused) records itself inside the report of the run
+that made the files instead of replacing it (:func:`write_report`).
 
 The budget (``--memory-budget-gib``, :attr:`export.options.ExportOptions.memory_budget_gib`) is of
 anonymous memory, summed over the processes: it decides what may run side by side -- the TFLite worker
@@ -143,8 +144,9 @@ class StageLog:
         if self._sampler.is_alive():
             self._sampler.join(timeout=2 * SAMPLE_SECONDS + 1)
 
-    def finish(self) -> dict:
-        """Stop sampling; the report (JSON-ready). The budget's verdict is on the summed anonymous peak."""
+    def finish(self, artifacts: Optional[Dict[str, int]] = None) -> dict:
+        """Stop sampling; the report (JSON-ready). The budget's verdict is on the summed anonymous peak.
+        ``artifacts``: the run's counts of files made, reused and failed, recorded as they are."""
         self.close()
         self.sample()
         self._fold_own_peak()
@@ -153,6 +155,7 @@ class StageLog:
             anon = max([self.total_anon_peak] + list(self.anon_peaks.values()))
             return {
                 "seconds": round(time.time() - self.t0, 2),
+                **({"artifacts": dict(artifacts)} if artifacts is not None else {}),
                 "peak_rss_bytes": int(total),
                 "peak_rss_bytes_per_process": dict(self.peaks),
                 "peak_anon_bytes": int(anon),
@@ -187,9 +190,20 @@ def table(report: dict) -> str:
     return "\n".join(rows)
 
 
-def write_report(report: dict, out: Path, partial_prefix: str) -> Path:
-    """``out/export_stages.json``, atomically (temporary name in the same folder, then rename)."""
+def write_report(report: dict, out: Path, partial_prefix: str, reused_only: bool = False) -> Path:
+    """``out/export_stages.json``, atomically (temporary name in the same folder, then rename).
+
+    ``reused_only``: the run made nothing and failed nothing (every file reused). It keeps the report of the run
+    that made the files: its own report goes into that one under ``last_reuse`` (replacing an earlier re-run's),
+    the rest left as it was; it is the file itself only when there is no earlier report to keep."""
     target = Path(out) / REPORT_NAME
+    if reused_only:
+        try:
+            previous = json.loads(target.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if isinstance(previous, dict) and isinstance(previous.get("stages"), list):
+            report = {**{k: v for k, v in previous.items() if k != "last_reuse"}, "last_reuse": report}
     tmp = Path(out) / f"{partial_prefix}{os.getpid()}-{REPORT_NAME}"
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, target)

@@ -432,9 +432,10 @@ def test_export_command_prints_each_file_and_skips_a_format_that_makes_none_of_t
 def test_unchanged_rerun_proves_the_files_without_torch_or_tensorflow(tiny, tmp_path, monkeypatch):
     """Issue 17: a re-run from the same checkpoint file with every file up to date does only what proves the
     files are the manifest's (the checkpoint's and each file's sha256, the cache keys): in a fresh process it
-    imports neither torch nor TensorFlow nor coremltools and loads no generator."""
+    imports neither torch nor TensorFlow nor coremltools and loads no generator. The stage report stays the one
+    of the run that made the files, the re-run's own inside it (``last_reuse``, the latest re-run's only)."""
     from export import api, backends
-    from export.stages import REPORT_NAME
+    from export.stages import REPORT_NAME, write_report
     from models import save_checkpoint
 
     monkeypatch.setattr(backends, "convert_all", _copying_backend(tiny["out"]))
@@ -442,6 +443,7 @@ def test_unchanged_rerun_proves_the_files_without_torch_or_tensorflow(tiny, tmp_
     out = tmp_path / "export"
     request = dict(shapes=[SHAPE], formats=["tflite"], precisions=["fp32", "int8"], ios=["tensor"], progress=False)
     api.export_artifacts(ckpt, out, **request)
+    first = json.loads((out / REPORT_NAME).read_text())
     code = ("import json, sys\nfrom export.api import export_artifacts\n"
             f"m = export_artifacts({str(ckpt)!r}, {str(out)!r}, **{request!r})\n"
             "print(json.dumps([m.export['reused'], m.export['made'], "
@@ -452,8 +454,15 @@ def test_unchanged_rerun_proves_the_files_without_torch_or_tensorflow(tiny, tmp_
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [2, 0, []]
-    stages = [s["name"] for s in json.loads((out / REPORT_NAME).read_text())["stages"]]
-    assert stages == ["checkpoint", "tools and plan", "cache check"]
+    # the stage report stays the one of the run that made the files; the re-run records itself inside it
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert first["artifacts"] == {"made": 2, "reused": 0, "failed": 0} and "last_reuse" not in first
+    assert {k: v for k, v in report.items() if k != "last_reuse"} == first
+    rerun = report["last_reuse"]
+    assert rerun["artifacts"] == {"made": 0, "reused": 2, "failed": 0}
+    assert [s["name"] for s in rerun["stages"]] == ["checkpoint", "tools and plan", "cache check"]
+    write_report({"stages": [], "seconds": 0.5}, out, api.PARTIAL_PREFIX, reused_only=True)  # a second re-run
+    assert json.loads((out / REPORT_NAME).read_text()) == {**first, "last_reuse": {"stages": [], "seconds": 0.5}}
 
 
 def test_interrupted_export_leaves_nothing_partial(tiny, tmp_path, monkeypatch):
