@@ -476,7 +476,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         if p.shape not in refs:
             show(f"parity {p.shape[0]}x{p.shape[1]}: PyTorch fp32 reference on {len(samples)} holdout samples")
             t0 = time.time()
-            with log.stage(f"reference {p.shape[0]}x{p.shape[1]}"):
+            with log.stage(f"reference {p.shape[0]}x{p.shape[1]}", give_back=True):
                 refs[p.shape] = parity.reference_outputs_and_peak(gen, samples)
             show(f"parity {p.shape[0]}x{p.shape[1]}: reference ready ({time.time() - t0:.1f}s)")
         reference, peak = refs[p.shape]
@@ -484,7 +484,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         rest = [i for i in range(len(samples)) if i not in first]
         runs = [[i] for i in first] + ([rest] if rest else [])
         outputs, ran = {}, []
-        with log.stage(f"gate {Path(path).name.replace(f'{PARTIAL_PREFIX}{os.getpid()}-', '')}"):
+        with log.stage(f"gate {Path(path).name.replace(f'{PARTIAL_PREFIX}{os.getpid()}-', '')}", give_back=True):
             for n, indices in enumerate(runs):
                 chunk = samples if len(runs) == 1 else samples.subset(indices)
                 out, executor = mod.run(path, p.io, chunk, threads)
@@ -513,7 +513,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     def accept(p: _Planned, mod, res, result: ParityResult, quantization: Optional[dict] = None) -> None:
         if p.shape not in gmacs:
             gmacs[p.shape] = round(count_macs(gen, *p.shape) / 1e9, 4)
-        with log.stage(f"describe {p.file}"):
+        with log.stage(f"describe {p.file}", give_back=True):
             inputs, outputs_info = mod.describe(res.path, p.io, p.shape)
             inv = mod.inventory(res.path, threads, res.details)
         final = out / p.file

@@ -161,7 +161,7 @@ def convert_each(backend: ModuleType, jobs, progress=None, stages=None, convert=
         if progress:
             progress(f"{name}: converting")
         try:
-            with stages.stage(f"convert {name}") if stages is not None else contextlib.nullcontext():
+            with stages.stage(f"convert {name}", give_back=True) if stages is not None else contextlib.nullcontext():
                 path = (convert or backend.convert)(job)
             details = {}
             if isinstance(path, tuple):  # (path, details), e.g. a calibration report

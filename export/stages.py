@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from runtime_py.memory import AnonPeak, mib, peak_rss_bytes, reset_peak_rss, resident_of
+from runtime_py.memory import give_back as _give_back  # the stage() argument takes the name
 
 REPORT_NAME = "export_stages.json"
 SAMPLE_SECONDS = 0.2
@@ -104,9 +105,11 @@ class StageLog:
         return peak, anon
 
     @contextlib.contextmanager
-    def stage(self, name: str):
+    def stage(self, name: str, give_back: bool = False):
         """Time ``name`` in this process and record its peaks (the block's resident high-water mark, and its
-        anonymous peak as sampled)."""
+        anonymous peak as sampled). ``give_back``: after it, return to the system what the stage freed
+        (:func:`runtime_py.memory.give_back`; the heavy stages: ONNX export, PyTorch reference, conversions, gates),
+        so that the next stage does not start above what the process holds."""
         self._fold_own_peak()
         reset_peak_rss()
         self._own_anon.reset()
@@ -115,6 +118,8 @@ class StageLog:
             yield
         finally:
             peak, anon = self._fold_own_peak()
+            if give_back:
+                _give_back()
             self.add(name, OWN_PROCESS, start - self.t0, time.time() - start, peak, anon)
 
     def add(self, name: str, process: str, start: float, seconds: float, peak: int, anon: int = 0) -> None:

@@ -228,7 +228,7 @@ def start_many(jobs: Sequence[ConvertJob], progress=None, stages=None) -> Conver
         _progress(progress, f"tflite {first.shape[0]}x{first.shape[1]} {first.io}: PyTorch -> ONNX (opset 17) + onnxsim")
         t0 = time.time()
         try:
-            with _stage(stages, f"onnx + onnxsim {first.shape[0]}x{first.shape[1]} {first.io}"):
+            with _stage(stages, f"onnx + onnxsim {first.shape[0]}x{first.shape[1]} {first.io}", give_back=True):
                 onnx_path, cind = _export_sources(first)
         except Exception as exc:
             for job in group:
@@ -281,9 +281,9 @@ def start_many(jobs: Sequence[ConvertJob], progress=None, stages=None) -> Conver
     return Conversion(results, run)
 
 
-def _stage(stages, name: str):
-    """``stages.stage(name)`` (an :class:`export.stages.StageLog`), or nothing."""
-    return stages.stage(name) if stages is not None else contextlib.nullcontext()
+def _stage(stages, name: str, give_back: bool = False):
+    """``stages.stage(name, give_back)`` (an :class:`export.stages.StageLog`), or nothing."""
+    return stages.stage(name, give_back) if stages is not None else contextlib.nullcontext()
 
 
 def conv_nodes_of(generator, model_bytes: bytes) -> Dict[str, str]:

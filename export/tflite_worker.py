@@ -520,17 +520,12 @@ def _release_memory() -> None:
     next plan (an export keeps it for the whole run, gates included): tf_keras' global graph state (onnx2tf's
     Keras model), unreachable objects, and the C allocator's free pages (glibc's ``malloc_trim``). Said in the
     plan's stderr log, with this process's anonymous memory before and after."""
-    import ctypes
-    import gc
+    from runtime_py.memory import give_back
 
     before, t0 = anon_rss_bytes(), time.process_time()
     if "tf_keras" in sys.modules:
         sys.modules["tf_keras"].backend.clear_session()
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    give_back()
     print(f"gmcnn-mobile: plan done; anonymous memory {mib(before):.0f} MiB, {mib(anon_rss_bytes()):.0f} MiB "
           f"after releasing what it left ({time.process_time() - t0:.2f} s of CPU)", file=sys.stderr, flush=True)
 

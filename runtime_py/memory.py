@@ -150,5 +150,22 @@ class AnonPeak:
         self._stop.set()
 
 
+def give_back() -> int:
+    """Return to the system what this process has freed but the C allocator still holds: unreachable Python
+    objects collected, then glibc's ``malloc_trim`` (nothing where the C library is not glibc). Returns the bytes
+    of anonymous memory given back. A PyTorch forward pass at 512x680 left 346 MiB of freed heap this way
+    (571 -> 225 MiB after it; docs/EXPORT.md, the memory section)."""
+    import ctypes
+    import gc
+
+    before = anon_rss_bytes()
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    return max(0, before - anon_rss_bytes())
+
+
 def mib(n_bytes) -> float:
     return float(n_bytes) / (1 << 20)
