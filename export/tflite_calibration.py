@@ -221,7 +221,8 @@ def measure_statistics(model_bytes: bytes, tensors: List[int], samples: Iterable
 # * the values the ops make, of which XNNPACK's workspace holds a share at once (its planner reuses memory between
 #   values whose lives do not overlap): fitted to the default model at 512x680, whose whole probed pass added
 #   1,503 MiB anonymous to the process (627 + 27 MiB of the buffers above, 0.40 of its 2,141 MiB of values),
-#   rounded up;
+#   rounded up; and never less than one op's inputs and output (a group of a few wide ops: the tail after the
+#   branches' concatenation measured +728 MiB at 512x680 where the share alone said 404 in all);
 # * the group's inputs and kept outputs (fed and read back whole), and the model bytes (flatbuffer copies).
 POINTER_BYTES = 8
 VALUE_SHARE = 0.45
@@ -293,8 +294,14 @@ def _group(model, ops: List[int], last_reader: Dict[int, int], tensors: Sequence
     probed = [t for t in made if t in chosen]
     persistent = sum(_persistent_bytes(model, sg.operators[i]) for i in ops)
     values = sum(_tensor_bytes(sg, t) for t in made)
-    boundary = sum(_tensor_bytes(sg, t) for t in inputs + keep)
-    return Group(list(ops), inputs, keep, probed, int(persistent + VALUE_SHARE * values + boundary))
+    # a few large ops alone (the tail's concatenation) hold more than the share: at least one op's inputs and output
+    # (those of them not counted with the boundary below)
+    boundary_tensors = set(inputs) | set(keep)
+    widest = max((sum(_tensor_bytes(sg, t) for t in g._ids(sg.operators[i].inputs) + g._ids(sg.operators[i].outputs)
+                      if t >= 0 and t not in boundary_tensors and not g._is_constant(model, sg.tensors[t]))
+                  for i in ops), default=0)
+    boundary = sum(_tensor_bytes(sg, t) for t in boundary_tensors)
+    return Group(list(ops), inputs, keep, probed, int(persistent + max(VALUE_SHARE * values, widest) + boundary))
 
 
 def calibration_groups(model, tensors: Sequence[int], memory_bytes: int) -> List[Group]:
@@ -343,7 +350,7 @@ def _measure_in_groups(model_bytes: bytes, model, tensors: List[int], groups: Li
     import time
 
     from runtime_py.engines.base import role_of
-    from runtime_py.memory import AnonPeak
+    from runtime_py.memory import AnonPeak, give_back
 
     sg = model.subgraphs[0]
     graph_inputs = g._ids(sg.inputs)
@@ -421,6 +428,7 @@ def _measure_in_groups(model_bytes: bytes, model, tensors: List[int], groups: Li
                         stats[t].add(float(out[name[lo_t]]), float(out[name[hi_t]]), values.copy())
             for t in [t for t in stored if all(t not in later.inputs for later in groups[number:])]:
                 del stored[t]  # no later group reads it
+            give_back()  # what this group's interpreter freed, before the next one's
             if passes is not None:
                 passes[number - 1].update(t_start=t0, seconds=round(time.time() - t0, 2),
                                           peak_rss_bytes=int(peak.resident_peak()), peak_anon_bytes=int(peak.peak()))
