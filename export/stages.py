@@ -224,6 +224,9 @@ def write_report(report: dict, out: Path, partial_prefix: str, reused_only: bool
 #   anonymous (the stage report, sampled every 0.2 s; docs/EXPORT.md, "Stage report and memory budget"), ~9.3 B
 #   per value, rounded up to 9.6; onnx2tf, with its validation outputs on disk, needs less (1,089 MiB at
 #   512x680, 2,720 MiB at 1024x1360).
+#   That is calibration in one pass: under a budget it would exceed, calibration measures the graph in groups that
+#   fit what the budget leaves (export.tflite_calibration.calibration_groups), so this figure is the worker's peak
+#   when nothing bounds it, an upper bound otherwise.
 #   per_pixel: calibration of the cnum-4 model grows with the pixels (1,500 MiB resident at 512x680, the resident
 #   figure: an upper bound).
 # * Core ML in this process (conversion, reference, gates in the fast executor): 975 MiB at cnum 4 64x96; the
