@@ -350,7 +350,7 @@ def _measure_in_groups(model_bytes: bytes, model, tensors: List[int], groups: Li
     import time
 
     from runtime_py.engines.base import role_of
-    from runtime_py.memory import AnonPeak, give_back
+    from runtime_py.memory import AnonPeak, anon_rss_bytes, give_back
 
     sg = model.subgraphs[0]
     graph_inputs = g._ids(sg.inputs)
@@ -388,7 +388,7 @@ def _measure_in_groups(model_bytes: bytes, model, tensors: List[int], groups: Li
             if progress is not None:
                 progress(f"calibration group {number}/{len(groups)}: ops {grp.ops[0]}-{grp.ops[-1]}, "
                          f"{len(grp.tensors)} tensors, estimated {grp.estimate / (1 << 20):.0f} MiB")
-            peak = AnonPeak()
+            peak, at_start = AnonPeak(), anon_rss_bytes()
             made = {o for i in grp.ops for o in g._ids(sg.operators[i].outputs)}
             wanted = grp.keep + [t for t in keep if t in made and t not in grp.keep]
             # the graph's image input comes first, read or not: the engine takes the image's role and shape from it
@@ -430,7 +430,7 @@ def _measure_in_groups(model_bytes: bytes, model, tensors: List[int], groups: Li
                 del stored[t]  # no later group reads it
             give_back()  # what this group's interpreter freed, before the next one's
             if passes is not None:
-                passes[number - 1].update(t_start=t0, seconds=round(time.time() - t0, 2),
+                passes[number - 1].update(t_start=t0, seconds=round(time.time() - t0, 2), anon_at_start_bytes=int(at_start),
                                           peak_rss_bytes=int(peak.resident_peak()), peak_anon_bytes=int(peak.peak()))
             peak.close()
     finally:
