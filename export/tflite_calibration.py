@@ -358,10 +358,10 @@ def _measure_in_groups(model_bytes: bytes, model, tensors: List[int], groups: Li
     key_tensor = (dict(g.signature_io(model)[0]) if model.signatureDefs
                   else {g.tensor_name(sg.tensors[t]): t for t in graph_inputs})
 
-    def fed(sample) -> Dict[int, np.ndarray]:
-        by = ({key_tensor[k]: v for k, v in sample.items()} if isinstance(sample, dict)
-              else dict(zip(graph_inputs, sample)))
-        return {t: np.asarray(v, dtype=np.float32) for t, v in by.items()}
+    def fed(sample) -> Dict[int, np.ndarray]:  # as _feeds reads a sample: a list is in the signature's input order
+        if not isinstance(sample, dict):
+            sample = dict(zip(list(key_tensor), sample))
+        return {key_tensor[k]: np.asarray(v, dtype=np.float32) for k, v in sample.items()}
 
     # the generator states of the one pass: it draws, sample by sample, in its probes' order, for each tensor
     # whose value grid exceeds SAMPLE_VALUES

@@ -759,6 +759,11 @@ def test_calibration_in_groups_measures_what_one_pass_does(tiny, tmp_path, monke
         assert grouped[t].mins == one[t].mins and grouped[t].maxs == one[t].maxs, t
         assert len(grouped[t].parts) == len(feeds) and all(
             np.array_equal(a, b) for a, b in zip(grouped[t].parts, one[t].parts)), t
+    # samples as lists are in the signature's input order, grouped or not
+    order = list(dict(tflite_graph.signature_io(graph)[0]))
+    listed = measure_statistics(model, tensors, [[f[k] for k in order] for f in feeds], threads=2, grid=False,
+                                memory_bytes=whole // 3)
+    assert all(listed[t].mins == one[t].mins and listed[t].maxs == one[t].maxs for t in tensors)
 
     monkeypatch.setattr(tflite_calibration, "_STATISTICS", {})
     for method in ("minmax", "mse"):
