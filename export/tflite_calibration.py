@@ -300,7 +300,8 @@ def _group(model, ops: List[int], last_reader: Dict[int, int], tensors: Sequence
     widest = max((sum(_tensor_bytes(sg, t) for t in g._ids(sg.operators[i].inputs) + g._ids(sg.operators[i].outputs)
                       if t >= 0 and t not in boundary_tensors and not g._is_constant(model, sg.tensors[t]))
                   for i in ops), default=0)
-    boundary = sum(_tensor_bytes(sg, t) for t in boundary_tensors)
+    # inputs once (the interpreter's copy), kept outputs twice (the interpreter's and the one read out)
+    boundary = sum(_tensor_bytes(sg, t) for t in inputs) + 2 * sum(_tensor_bytes(sg, t) for t in keep)
     return Group(list(ops), inputs, keep, probed, int(persistent + max(VALUE_SHARE * values, widest) + boundary))
 
 
@@ -426,6 +427,7 @@ def _measure_in_groups(model_bytes: bytes, model, tensors: List[int], groups: Li
                                 draw.bit_generator.state = states[index, t]
                                 values = values[draw.integers(0, values.size, SAMPLE_VALUES)]
                         stats[t].add(float(out[name[lo_t]]), float(out[name[hi_t]]), values.copy())
+                    del out, given, feed  # before the next sample's: the kept outputs are whole tensors
             for t in [t for t in stored if all(t not in later.inputs for later in groups[number:])]:
                 del stored[t]  # no later group reads it
             give_back()  # what this group's interpreter freed, before the next one's
