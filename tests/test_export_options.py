@@ -85,7 +85,7 @@ def test_the_fallback_setting_is_recorded_where_it_changed_the_file():
     assert o.reuses(o.recorded(calibrated=True)) and ExportOptions(quant_fallback=False).reuses(o.recorded(True))
     assert o.reuses(made)
     assert not ExportOptions(quant_fallback=False).reuses(made) and not ExportOptions(fallback_limit=2).reuses(made)
-    assert made["fallback_branch_limit"] == 22 and not ExportOptions(fallback_branch_limit=14).reuses(made)
+    assert made["fallback_branch_limit"] == 33 and not ExportOptions(fallback_branch_limit=14).reuses(made)
 
 
 @pytest.mark.parametrize("change, words", [
