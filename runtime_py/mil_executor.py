@@ -30,6 +30,11 @@ the program computes in fp16) and ``exact`` (the op-by-op path: per-tap products
 bilinear weights). The environment variable ``GMCNN_MIL_EXECUTOR=exact`` switches the default,
 e.g. for an export whose gate should run the exact path.
 
+A run holds a value only until the last op that reads it (:meth:`MILProgram.release_plan`); program
+inputs that no op reads, constants and program outputs stay until the end. Holding every value
+to the end of the run is what made the executor the export's largest stage (issue 17;
+docs/COREML.md, "Memory").
+
 Only :func:`load_mlpackage` / :func:`load_program` import coremltools; executing a loaded
 program needs NumPy alone.
 """
@@ -102,6 +107,27 @@ class MILProgram:
     check: bool = True  # verify each op's output dtype/shape against the program
     mode: str = "fast"  # fast | exact (module docstring)
     decompressed: set = field(default_factory=set)  # constants made by constexpr_* ops (compressed weights)
+    release: bool = True  # drop each value after its last reader (False: keep all to the end, as before issue 17)
+    _release_plan: Optional[List[Tuple[str, ...]]] = field(default=None, init=False, repr=False, compare=False)
+
+    def release_plan(self) -> List[Tuple[str, ...]]:
+        """For each step (same index as :attr:`steps`), the names of the values no later step reads: the step's
+        inputs read for the last time, and its own result when nothing reads it. Constants and program outputs
+        never appear. Computed once per program."""
+        if self._release_plan is None:
+            last: Dict[str, int] = {}
+            for i, step in enumerate(self.steps):
+                for v in step.inputs.values():
+                    for n in (v if isinstance(v, tuple) else (v,)):
+                        last[n] = i
+                last.setdefault(step.outputs[0][0], i)
+            kept = set(self.constants) | {spec.name for spec in self.outputs}
+            plan: List[List[str]] = [[] for _ in self.steps]
+            for n, i in last.items():
+                if n not in kept:
+                    plan[i].append(n)
+            self._release_plan = [tuple(names) for names in plan]
+        return self._release_plan
 
     # -- feeds
 
@@ -116,7 +142,8 @@ class MILProgram:
     def __call__(self, feed: Dict[str, object], *, timings: Optional[Dict[str, float]] = None,
                  observe: Optional[Callable[[Step, np.ndarray], None]] = None) -> Dict[str, np.ndarray]:
         """Run the program. ``feed`` maps input names to arrays (see module docstring for layouts).
-        ``observe(step, result)`` is called after every op (calibration reads activations through it)."""
+        ``observe(step, result)`` is called after every op (calibration reads activations through it), before
+        the values that op read for the last time are released."""
         missing = [s.name for s in self.inputs if s.name not in feed]
         if missing:
             raise UserError(f"missing model input(s) {missing}; the model takes {[s.name for s in self.inputs]}")
@@ -124,7 +151,8 @@ class MILProgram:
         for spec in self.inputs:
             env[spec.name] = self._prepare(spec, feed[spec.name])
         ops = op_table(self.mode)
-        for step in self.steps:
+        plan = self.release_plan() if self.release else [()] * len(self.steps)
+        for step, done in zip(self.steps, plan):
             kwargs = {
                 k: (tuple(env[n] for n in v) if isinstance(v, tuple) else env[v]) for k, v in step.inputs.items()
             }
@@ -138,6 +166,10 @@ class MILProgram:
             if observe is not None:
                 observe(step, result)
             env[name] = result
+            for n in done:
+                del env[n]
+            # the loop's own names would keep this op's inputs and result alive through the next op
+            del kwargs, result
         out = {}
         for spec in self.outputs:
             value = np.asarray(env[spec.name])
