@@ -325,6 +325,125 @@ def test_fast_and_exact_paths_agree_on_a_tiny_program(tmp_path):
         assert np.mean(diff > 0) <= 0.02, f"seed {seed}: {np.mean(diff > 0):.2%} of outputs differ"
 
 
+def _branching_program(tmp_path):
+    """x -> fp16 -> conv a -> elu b -> add(a, b) c -> x2 upsample d -> fp32 e; e and fp32(b) are both outputs, and
+    fp32(b) is read again by upsample_nearest_neighbor (an output some later op reads). Returns the loaded program and a feed."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+
+    from runtime_py.mil_executor import load_program
+
+    r = rng(21)
+    w = (r.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float16)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 3, 6, 8))], opset_version=ct.target.iOS16)
+    def prog(x):
+        a = mb.conv(x=mb.cast(x=x, dtype="fp16"), weight=w, pad_type="same")
+        b = mb.elu(x=a, alpha=np.float16(1.0))
+        b32 = mb.cast(x=b, dtype="fp32")
+        c = mb.add(x=a, y=b)
+        d = mb.upsample_bilinear(x=c, scale_factor_height=2, scale_factor_width=2, align_corners=True)
+        e = mb.add(x=mb.cast(x=d, dtype="fp32"), y=mb.upsample_nearest_neighbor(x=b32, scale_factor_height=2,
+                                                                            scale_factor_width=2))
+        return e, b32
+
+    program = load_program(_save_program(prog, tmp_path, "branching.mlpackage"))
+    return program, {program.inputs[0].name: r.standard_normal((1, 3, 6, 8)).astype(np.float32)}
+
+
+def _alive_at_each_step(program, feed):
+    """Run ``program`` and return, per step, the names of the earlier steps' results still allocated when that
+    step's result is observed (weak references: a value counts only while something still holds it), and the
+    outputs."""
+    import weakref
+
+    refs, alive = {}, []
+
+    def observe(step, result):
+        alive.append({n for n, ref in refs.items() if ref() is not None})
+        refs[step.outputs[0][0]] = weakref.ref(result)
+
+    return alive, program(feed, observe=observe)
+
+
+def test_each_value_is_released_after_its_last_reader(tmp_path):
+    import dataclasses
+
+    program, feed = _branching_program(tmp_path)
+    steps = program.steps
+    outputs = {s.name for s in program.outputs}
+    last_read = {}
+    for i, step in enumerate(steps):
+        for v in step.inputs.values():
+            for n in (v if isinstance(v, tuple) else (v,)):
+                last_read[n] = i
+    alive, out = _alive_at_each_step(program, feed)
+    for j in range(len(steps)):
+        expected = {s.outputs[0][0] for s in steps[:j]
+                    if s.outputs[0][0] in outputs or last_read.get(s.outputs[0][0], -1) >= j}
+        assert alive[j] == expected, f"step {j} ({steps[j].op_type})"
+    # the conv's result is read by elu and by add: alive through add, gone after it
+    conv = next(s.outputs[0][0] for s in steps if s.op_type == "conv")
+    add = next(j for j, s in enumerate(steps) if s.op_type == "add" and conv in s.inputs.values())
+    assert conv in alive[add] and conv not in alive[add + 1]
+    # outputs stay to the end, the one read again too
+    assert outputs <= {s.outputs[0][0] for s in steps} and outputs <= alive[-1] | {steps[-1].outputs[0][0]}
+    assert set(out) == outputs
+    # without release every result is still allocated at the last step: what the assertions above rule out
+    kept, out_kept = _alive_at_each_step(dataclasses.replace(program, release=False), feed)
+    assert kept[-1] == {s.outputs[0][0] for s in steps[:-1]} != alive[-1]
+    for name in outputs:
+        np.testing.assert_array_equal(out[name], out_kept[name])
+
+
+def test_release_plan_never_names_constants_or_outputs(tmp_path):
+    program, feed = _branching_program(tmp_path)
+    plan = program.release_plan()
+    assert len(plan) == len(program.steps) and program.release_plan() is plan  # computed once
+    released = [n for names in plan for n in names]
+    assert len(released) == len(set(released))
+    assert not set(released) & (set(program.constants) | {s.name for s in program.outputs})
+    # every value some step makes or reads, other than those, is released exactly once
+    made = {s.outputs[0][0] for s in program.steps} | {s.name for s in program.inputs}
+    assert set(released) == made - {s.name for s in program.outputs}
+    constants = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in program.constants.items()}
+    first, second = program(feed), program(feed)  # a second run finds every constant as the first did
+    assert program.constants.keys() == constants.keys()
+    for k, v in constants.items():
+        np.testing.assert_array_equal(program.constants[k], v)
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name])
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_release_gives_bitwise_identical_outputs_on_the_tiny_generator(mode):
+    """The tiny generator's fp16 package (coreml_fixtures.tiny_artifact): the same bytes out with and without
+    release, and at most a few earlier results allocated at once with it instead of all of them."""
+    import dataclasses
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from coreml_fixtures import TINY_TF_SHAPE, sample_inputs, tiny_artifact
+
+    from runtime_py.mil_executor import load_program
+
+    program = load_program(tiny_artifact("fp16", "tensor"), mode=mode)
+    images, masks = sample_inputs(TINY_TF_SHAPE, n=1)
+    feed = {spec.name: (np.transpose(images, (0, 3, 1, 2)).astype(np.float32) / 127.5 - 1.0 if spec.shape[1] == 3
+                        else (np.transpose(masks, (0, 3, 1, 2)) >= 128).astype(np.float32))
+            for spec in program.inputs}
+    alive, released = _alive_at_each_step(program, feed)
+    kept_alive, kept = _alive_at_each_step(dataclasses.replace(program, release=False), feed)
+    assert released.keys() == kept.keys()
+    for name in kept:
+        assert released[name].tobytes() == kept[name].tobytes()
+    # measured 3 of 106 (both modes): the three branches' last results waiting for their concat
+    most, all_ = max(map(len, alive)), len(program.steps) - 1
+    assert max(map(len, kept_alive)) == all_ == 106
+    assert most <= 6, f"{most} of {all_} earlier results allocated at once with release"
+
+
 def test_executor_mode_is_checked(monkeypatch):
     from runtime_py.errors import UserError
     from runtime_py.mil_executor import MODE_ENV, default_mode, load_program
