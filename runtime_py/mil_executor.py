@@ -32,8 +32,8 @@ e.g. for an export whose gate should run the exact path.
 
 A run holds a value only until the last op that reads it (:meth:`MILProgram.release_plan`); program
 inputs that no op reads, constants and program outputs stay until the end. Holding every value
-to the end of the run is what made the executor the export's largest stage (issue 17;
-docs/COREML.md, "Memory").
+to the end of the run made the Core ML gate at 1024x1360 an export's largest stage (issue 17;
+docs/COREML.md, "Executor memory").
 
 Only :func:`load_mlpackage` / :func:`load_program` import coremltools; executing a loaded
 program needs NumPy alone.
