@@ -124,7 +124,7 @@ def test_a_branch_wide_error_passes_with_the_branch_kept_float(w8sim, tmp_path, 
     assert fb["phase_1_deferred"] is True and fb["phase_1_predicted_hole_psnr_db"] < gate - fallback.DEFER_MARGIN_DB
     assert [r["branch"] for r in br["ranking"]][0] == "b2" and br["ranking"][0]["layers"] == 14
     assert br["ranking"][0]["hole_psnr_db"] < gate < br["ranking"][1]["hole_psnr_db"]
-    assert br["phase_2_predicted_hole_psnr_db"] < gate and br["order"] == [3, 2, 1] and br["limit"] == 22
+    assert br["phase_2_predicted_hole_psnr_db"] < gate and br["order"] == [3, 2, 1] and br["limit"] == fallback.DEFAULT_BRANCH_LIMIT
     assert fb["phase"] == 3 and br["kept_float"] == ["b2"]
     assert [k["layer"] for k in fb["layers_kept_float"]] == b2 and fb["limit"] == 2
     assert json.loads((tmp_path / a.file).read_text())["keep_float"] == b2  # the file is the candidate's
