@@ -30,11 +30,11 @@ test-slow: $(STAMP)
 
 # Benchmarks: export the default model's TFLite artifacts (reused while up to date), then
 # measure them; the report lands in bench-results/ (see docs/benchmarks/).
-# The shipped model's int8 and int8-dynamic files fail the export gate's 38/40 dB: 34-37 dB hole PSNR
-# against PyTorch at 512x680, and 8-9 dB at 1024x1360, where its activations reach 1.1e4 on the held-out
-# samples (docs/TOLERANCES.md). Their cost is what any int8 file of this graph costs, so the benchmark
-# lowers the gate to measure them; each file's parity and the limit used are in the manifest.
-BENCH_EXPORT_FLAGS ?= --min-hole-psnr int8=5 --min-hole-psnr int8-dynamic=5
+# int8-dynamic files pass their gate with default flags at both shapes (the fallback keeps layers float:
+# 3 at 512x680, three of the four branches at 1024x1360, docs/TOLERANCES.md). The shipped model's int8
+# file at 1024x1360 has not yet been exported with the fallback's default limits (7.6 dB as converted,
+# against 38), so the benchmark still lowers the int8 gate to measure it; the limit used is in the manifest.
+BENCH_EXPORT_FLAGS ?= --min-hole-psnr int8=5
 bench: $(STAMP)
 	$(VENV)/bin/gmcnn-mobile export --out artifacts --formats tflite --io tensor $(BENCH_EXPORT_FLAGS)
 	$(VENV)/bin/gmcnn-mobile bench --artifacts artifacts --out bench-results
