@@ -853,15 +853,32 @@ def cut(data: bytes, ops: Sequence[int], inputs: Sequence[int]) -> bytes:
     """The model of ``data`` made of subgraph 0's ops ``ops`` (indices, in graph order) alone, with ``inputs``
     as its graph inputs (tensors the kept ops read that others made) and no outputs yet; tensors keep their
     numbers, the constants no kept op reads are dropped, signatures go."""
-    model = read(data)
-    sg = model.subgraphs[0]
+    return write(cut_model(read(data), ops, inputs))
+
+
+def cut_model(model, ops: Sequence[int], inputs: Sequence[int]):
+    """:func:`cut` of a ``ModelT`` already read: a new ``ModelT`` that shares with ``model`` (left as it is) the
+    tensor, op and buffer objects it keeps unchanged, so that a caller cutting one model many times (a grouped
+    calibration: a cut per group) reads the file once instead of once per cut. Whoever changes the cut model may
+    append to its lists (new tensors, ops, buffers, op codes) but must not change a shared object in place."""
+    import copy
+
+    cut_ = copy.copy(model)
+    cut_.__dict__.pop("_gmcnn_consts", None)  # _const_tensor's cache names tensors of ``model``'s lists
+    cut_.operatorCodes = None if model.operatorCodes is None else list(model.operatorCodes)
+    cut_.buffers = None if model.buffers is None else list(model.buffers)
+    sg = copy.copy(model.subgraphs[0])
+    cut_.subgraphs = [sg] + list(model.subgraphs[1:])
     keep = set(ops)
     sg.operators = [op for i, op in enumerate(sg.operators) if i in keep]
+    sg.tensors = None if sg.tensors is None else list(sg.tensors)
     sg.inputs = list(inputs)
     sg.outputs = []
     read_by_kept = {t for op in sg.operators for t in _ids(op.inputs) if t >= 0}
-    for i, tensor in enumerate(sg.tensors):
-        if i not in read_by_kept and tensor.buffer and _is_constant(model, tensor):
-            model.buffers[tensor.buffer].data = None
-    model.signatureDefs = []
-    return write(model)
+    for i, tensor in enumerate(sg.tensors or []):
+        if i not in read_by_kept and tensor.buffer and _is_constant(cut_, tensor):
+            dropped = copy.copy(cut_.buffers[tensor.buffer])
+            dropped.data = None
+            cut_.buffers[tensor.buffer] = dropped
+    cut_.signatureDefs = []
+    return cut_
