@@ -759,6 +759,17 @@ def test_calibration_in_groups_measures_what_one_pass_does(tiny, tmp_path, monke
         assert grouped[t].mins == one[t].mins and grouped[t].maxs == one[t].maxs, t
         assert len(grouped[t].parts) == len(feeds) and all(
             np.array_equal(a, b) for a, b in zip(grouped[t].parts, one[t].parts)), t
+    # a group's model is cut from the one read of the file (tflite_graph.cut_model): the same bytes as a cut of
+    # the file, and the model it was cut from unchanged by the cut or by the probes added to it
+    from export.tflite_calibration import probe_model
+
+    before = tflite_graph.write(graph)
+    middle, inputs = passes[1]["ops"], list(tflite_graph._ids(graph.subgraphs[0].inputs))
+    span = list(range(middle[0], middle[1] + 1))
+    piece = tflite_graph.cut_model(graph, span, inputs)
+    assert tflite_graph.write(piece) == tflite_graph.cut(model, span, inputs)
+    probe_model(piece, [t for t in tensors if t in graph.subgraphs[0].operators[span[0]].outputs], grid=True)
+    assert tflite_graph.write(graph) == before
     # samples as lists are in the signature's input order, grouped or not
     order = list(dict(tflite_graph.signature_io(graph)[0]))
     listed = measure_statistics(model, tensors, [[f[k] for k in order] for f in feeds], threads=2, grid=False,
