@@ -694,11 +694,12 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         file the fallback serves, those that pass in phase 1 included."""
         if not first:
             return first, []
-        kept = set(first[0].kept(first[0].size))
+        kept = first[0].kept(first[0].size)
+        floats = set(kept)
         with stage("phase 1 simulation"):
             sim = sensitivity.simulated(p.shape, rounding, samples[:1],
-                                        {"phase 1": [n for n, _ in ranking if n not in kept]})
-        predictions[(tuple(first[0].kept(first[0].size)), first[0].inputs_float)] = sim["phase 1"]
+                                        {"phase 1": [n for n, _ in ranking if n not in floats]})
+        predictions[(tuple(kept), first[0].inputs_float)] = sim["phase 1"]
         deferred = fallback.defer_first(sim["phase 1"], limit_db)
         show(f"{p.file}: the first phase's largest candidate ({first[0].size} layer(s) float) predicted at "
              f"{sim['phase 1']:.1f} dB" + (f", over {fallback.DEFER_MARGIN_DB:g} dB under the gate: trying it "

@@ -140,11 +140,6 @@ MEASURED_PARITY = ("max_abs", "mean_abs", "hole_psnr_db", "composite_psnr_db")
 INT8_SCALE_RTOL = 2e-5
 
 
-def _is_activation(model, tensor) -> bool:
-    data = model.buffers[tensor.buffer].data if tensor.buffer < len(model.buffers) else None
-    return data is None or len(data) == 0
-
-
 def int8_activation_quantization(data: bytes) -> dict:
     """{tensor name: [scale, zero point]} of every quantized activation (non-constant tensor) of a .tflite file."""
     from export import tflite_graph as g
@@ -153,7 +148,7 @@ def int8_activation_quantization(data: bytes) -> dict:
     out = {}
     for t in model.subgraphs[0].tensors:
         q = t.quantization
-        if q is not None and q.scale is not None and len(q.scale) and _is_activation(model, t):
+        if q is not None and q.scale is not None and len(q.scale) and not g._is_constant(model, t):
             out[g.tensor_name(t)] = [float(q.scale[0]), int(q.zeroPoint[0])]
     return out
 
@@ -167,7 +162,7 @@ def int8_normalised_digest(data: bytes) -> str:
 
     model = g.read(data)
     for t in model.subgraphs[0].tensors:
-        if _is_activation(model, t):
+        if not g._is_constant(model, t):
             t.quantization = None
         elif t.type == g.schema.TensorType.INT32:
             buf = model.buffers[t.buffer]
@@ -292,7 +287,7 @@ def test_int8_comparison_sees_a_moved_range_and_allows_kernel_rounding(exported)
     moved[name][1] = q[name][1] + 1
     assert int8_quantization_differences(moved, q) == []
     model = g.read(data)
-    weight = next(t for t in model.subgraphs[0].tensors if t.type == g.schema.TensorType.INT8 and not _is_activation(model, t))
+    weight = next(t for t in model.subgraphs[0].tensors if t.type == g.schema.TensorType.INT8 and g._is_constant(model, t))
     model.buffers[weight.buffer].data[0] ^= 1
     assert int8_normalised_digest(g.write(model)) != int8_normalised_digest(data)
     assert int8_normalised_digest(g.write(g.read(data))) == int8_normalised_digest(data)
