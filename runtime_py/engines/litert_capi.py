@@ -247,3 +247,7 @@ class CompiledModel:
             getattr(self._lib, destroy)(handle)
         self._in_arrays = self._out_arrays = []
         self._content = None
+
+    def __del__(self):  # an engine deactivates it; this frees one dropped without that
+        if getattr(self, "_handles", None):
+            self.close()
