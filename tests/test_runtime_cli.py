@@ -173,3 +173,25 @@ def test_trace_path_that_is_a_file(files, tmp_path, capsys):
     assert inpaint(files, tmp_path / "o.png", "--trace", str(tmp_path / "t")) == 2
     assert "the --trace folder names an existing file" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_transient_indirection_flag_gives_the_same_bytes_and_needs_xnnpack(files, tmp_path, capsys):
+    """``--transient-indirection`` runs the tflite engine through LiteRT's C API: the same output file; with
+    ``--no-xnnpack`` (or another engine) it is one error line and no output."""
+    pytest.importorskip("ai_edge_litert", reason="LiteRT is part of the runtime extra")
+    from pathlib import Path
+
+    model = Path(__file__).resolve().parent / "data" / "runtime_tflite" / "tensor.tflite"
+    base = ["inpaint", str(files / "photo.png"), str(files / "mask.png"), "--engine", "tflite",
+            "--artifacts", str(model), "--threads", "1", "--quiet"]
+    outs = [tmp_path / "kept.png", tmp_path / "transient.png"]
+    assert main([*base, "-o", str(outs[0])]) == 0
+    assert main([*base, "-o", str(outs[1]), "--transient-indirection"]) == 0
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    capsys.readouterr()
+    bad = tmp_path / "bad.png"
+    for extra in (["--no-xnnpack"], ["--engine", "onnxruntime"]):
+        assert main([*base, "-o", str(bad), "--transient-indirection", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--transient-indirection is an XNNPACK option" in err[0], err
+        assert not bad.exists()

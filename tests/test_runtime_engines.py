@@ -14,6 +14,7 @@ import pytest
 
 from helpers import MODEL_SHAPE, blob_hole, export_onnx, make_checkpoint, photo, torch_engines
 from runtime_py.engines import open_engines
+from runtime_py.engines.tflite_engine import TFLiteEngine
 from runtime_py.engines.torch_engine import TorchEngine
 from runtime_py.errors import UserError
 from runtime_py.pipeline import Pipeline, PipelineConfig
@@ -187,6 +188,70 @@ def test_tflite_single_file_and_bad_file(tflite_files, tmp_path):
     bad.write_bytes(b"not a flatbuffer")
     with pytest.raises(UserError, match="LiteRT cannot load"):
         open_engines("tflite", artifacts=bad)
+
+
+@pytest.mark.parametrize("io", ["tensor", "image"])
+def test_tflite_engine_with_transient_indirection_matches_the_interpreter(tflite_files, io):
+    """The C API route (runtime_py.engines.litert_capi) declares the interpreter's tensors (names, order,
+    shapes, dtypes, roles) and gives its output bytes; it says nothing on stderr that LiteRT says on every
+    creation (its INFO lines, the missing NPU/GPU libraries)."""
+    path = tflite_files / f"{io}.tflite"
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    hole = rng.random((16, 24)) < 0.3
+    results = []
+    for transient in (False, True):
+        with TFLiteEngine(path, io=io, threads=2, transient_indirection=transient) as eng:
+            results.append((eng.input_specs(), eng.output_specs(), eng.infer(eng.make_feed(img, hole))))
+            assert ("transient indirection" in eng.describe()) == transient
+    (specs_in, specs_out, out), (t_in, t_out, t_res) = results
+    assert t_in == specs_in and t_out == specs_out
+    assert set(t_res) == set(out) and all(np.array_equal(t_res[k], out[k]) and t_res[k].dtype == out[k].dtype
+                                          for k in out)
+    code = textwrap.dedent(f'''
+        from runtime_py.engines.tflite_engine import TFLiteEngine
+        with TFLiteEngine({str(path)!r}, io={io!r}, transient_indirection=True) as e:
+            e.infer(e.make_feed(__import__("numpy").zeros((16, 24, 3), "uint8"), __import__("numpy").ones((16, 24), bool)))
+    ''')
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=120,
+                       env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_tflite_engine_loads_litert_c_api_only_for_transient_indirection(tflite_files):
+    """Importing the engine and its C API module maps no LiteRT library; the C API's ctypes handle is opened by
+    the first engine that asks for transient indirection buffers, not by the interpreter route (whose own
+    extension maps the same libLiteRt.so as a dependency)."""
+    code = textwrap.dedent(f'''
+        import numpy as np
+        from runtime_py.engines import litert_capi
+        from runtime_py.engines.tflite_engine import TFLiteEngine
+        def state():
+            return ("libLiteRt.so" in open("/proc/self/maps").read(), litert_capi._LIB is not None)
+        states = [state()]
+        for transient in (False, True):
+            with TFLiteEngine({str(tflite_files / "tensor.tflite")!r}, transient_indirection=transient) as e:
+                e.infer(e.make_feed(np.zeros((16, 24, 3), np.uint8), np.ones((16, 24), bool)))
+            states.append(state())
+        print(states)
+    ''')
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=120,
+                       env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[(False, False), (True, False), (True, True)]"
+
+
+def test_tflite_engine_transient_indirection_refuses_what_it_cannot_do(tflite_files, tmp_path):
+    with pytest.raises(ValueError, match="XNNPACK option"):
+        TFLiteEngine(tflite_files / "tensor.tflite", xnnpack=False, transient_indirection=True)
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"not a flatbuffer")
+    messages = []
+    for transient in (False, True):
+        with pytest.raises(UserError, match="LiteRT cannot load it") as exc:
+            TFLiteEngine(bad, transient_indirection=transient).activate()
+        messages.append(str(exc.value))
+    assert messages[0] == messages[1] and "\n" not in messages[1]  # both routes: the same one line
 
 
 # ---------------------------------------------------------------------------------- coreml

@@ -86,14 +86,16 @@ def _pick_precision(candidates: List[str], precision: str) -> Optional[str]:
 
 
 def engine_for_artifact(directory: os.PathLike, art, threads: Optional[int] = None, xnnpack: bool = True,
-                        verify: bool = True) -> Engine:
+                        verify: bool = True, transient_indirection: bool = False) -> Engine:
     """The (not yet activated) engine for one manifest artifact of ``directory``; activating it
-    first checks the file against ``art`` (sha256 and size) unless ``verify`` is False."""
+    first checks the file against ``art`` (sha256 and size) unless ``verify`` is False.
+    ``transient_indirection``: TFLite only (:class:`~runtime_py.engines.tflite_engine.TFLiteEngine`)."""
     file = str(Path(directory) / art.file)
     if art.format == "tflite":
         from .tflite_engine import TFLiteEngine
 
-        return TFLiteEngine(file, threads=threads, xnnpack=xnnpack, artifact=art, verify=verify)
+        return TFLiteEngine(file, threads=threads, xnnpack=xnnpack, artifact=art, verify=verify,
+                            transient_indirection=transient_indirection)
     if art.format == "coreml":
         from .coreml_engine import CoreMLEngine
 
@@ -117,7 +119,8 @@ def _entry_beside(file: Path):
     return None
 
 
-def _artifact_set(kind, artifacts, threads, model_shape, precision, io, xnnpack, verify) -> EngineSet:
+def _artifact_set(kind, artifacts, threads, model_shape, precision, io, xnnpack, verify,
+                  transient_indirection: bool = False) -> EngineSet:
     from ..manifest import MANIFEST_NAME, load_manifest
 
     path = Path(artifacts)
@@ -133,7 +136,8 @@ def _artifact_set(kind, artifacts, threads, model_shape, precision, io, xnnpack,
         if kind == "tflite":
             from .tflite_engine import TFLiteEngine
 
-            return TFLiteEngine(file, shape=shape, io=io, threads=threads, xnnpack=xnnpack)
+            return TFLiteEngine(file, shape=shape, io=io, threads=threads, xnnpack=xnnpack,
+                                transient_indirection=transient_indirection)
         raise UserError(f"{file}: the coreml engine needs the export manifest; pass --artifacts DIR")
 
     if path.suffix == suffix and not (path.is_dir() and (path / MANIFEST_NAME).exists()):
@@ -141,7 +145,7 @@ def _artifact_set(kind, artifacts, threads, model_shape, precision, io, xnnpack,
         # a file with no manifest has nothing to be checked against and is used as it is.
         art = _entry_beside(path)
         if art is not None and art.format == _MANIFEST_FORMAT[kind]:
-            probe = engine_for_artifact(path.parent, art, threads, xnnpack, verify).activate()
+            probe = engine_for_artifact(path.parent, art, threads, xnnpack, verify, transient_indirection).activate()
             source = f"{path}, {art.precision}" + ("" if verify else ", not verified")
         else:
             probe = single(None, str(path)).activate()  # reads the fixed shape from the file
@@ -176,7 +180,7 @@ def _artifact_set(kind, artifacts, threads, model_shape, precision, io, xnnpack,
                         + (f" at precision {precision}" if precision != "auto" else ""))
 
     def factory(shape):
-        return engine_for_artifact(path, by_shape[shape], threads, xnnpack, verify)
+        return engine_for_artifact(path, by_shape[shape], threads, xnnpack, verify, transient_indirection)
 
     base = tuple(model_shape) if model_shape else min(by_shape, key=lambda s: s[0] * s[1])
     if base not in by_shape:
@@ -188,16 +192,22 @@ def _artifact_set(kind, artifacts, threads, model_shape, precision, io, xnnpack,
 
 def open_engines(kind: str = "torch", artifacts: Optional[os.PathLike] = None, checkpoint: Optional[os.PathLike] = None,
                  threads: Optional[int] = None, model_shape: Optional[Shape] = None, precision: str = "auto",
-                 io: str = "tensor", xnnpack: bool = True, verify: bool = True) -> EngineSet:
+                 io: str = "tensor", xnnpack: bool = True, verify: bool = True,
+                 transient_indirection: bool = False) -> EngineSet:
     """An EngineSet for ``kind``: torch from a checkpoint (any shape), the others from exported artifacts
     (a directory with manifest.json, or one model file).
 
     Every artifact listed in a manifest is checked against its entry (sha256 and size) before it
     runs; ``verify=False`` skips the check (for artifacts edited on purpose). A single model file
     is checked against the manifest beside it when that lists it, and otherwise used as it is
-    (the set's description then says "no manifest: not verified")."""
+    (the set's description then says "no manifest: not verified"). ``transient_indirection`` (tflite, with
+    XNNPACK): XNNPACK builds its indirection buffers per run instead of keeping them
+    (:class:`~runtime_py.engines.tflite_engine.TFLiteEngine`)."""
     if kind not in ENGINE_KINDS:
         raise UserError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}")
+    if transient_indirection and (kind != "tflite" or not xnnpack):
+        raise UserError("--transient-indirection is an XNNPACK option: it needs the tflite engine with XNNPACK "
+                        f"(here: the {kind} engine{'' if xnnpack else ', --no-xnnpack'})")
     if kind == "torch":
         if artifacts is not None:
             raise UserError("--artifacts is for the onnxruntime/tflite/coreml engines; the torch engine takes --checkpoint")
@@ -206,7 +216,7 @@ def open_engines(kind: str = "torch", artifacts: Optional[os.PathLike] = None, c
         raise UserError(f"--checkpoint is for the torch engine; the {kind} engine takes --artifacts DIR")
     if artifacts is None:
         raise UserError(f"the {kind} engine needs --artifacts DIR (an export directory with manifest.json)")
-    return _artifact_set(kind, artifacts, threads, model_shape, precision, io, xnnpack, verify)
+    return _artifact_set(kind, artifacts, threads, model_shape, precision, io, xnnpack, verify, transient_indirection)
 
 
 __all__ = ["Engine", "EngineSet", "TensorSpec", "ENGINE_KINDS", "open_engines", "engine_for_artifact",
