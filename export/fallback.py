@@ -61,14 +61,6 @@ FLOAT_MAC_BUDGET = 0.10
 # int16x8 rounds its inputs on the 16x8 files' symmetric int16 grid, its weights to int8 like the others).
 SENSITIVITY_ROUNDING = {"int8": ("input", "weights"), "int8-dynamic": ("input", "weights"),
                         "int16x8": ("input16", "weights"), "w8": ("weights",)}
-
-
-def rounding_words(rounding: Sequence[str]) -> str:
-    """What a sensitivity rounding does, in words: ``input and weights rounded to int8``, ``input rounded to
-    int16, weights to int8``, ``weights rounded to int8``."""
-    if "input16" in rounding:
-        return "input rounded to int16" + (", weights to int8" if "weights" in rounding else "")
-    return " and ".join(part for part in ("input", "weights") if part in rounding) + " rounded to int8"
 PRICE_RUNS = 3
 # How far the simulation of a candidate (export.activations.rounded_hole_psnr) is trusted, from the 13 pairs
 # of predicted and gated hole PSNR on the shipped model in docs/TOLERANCES.md ("Predicted against gated"):
@@ -78,6 +70,14 @@ PRICE_RUNS = 3
 # phases have failed when its largest candidate is predicted more than DEFER_MARGIN_DB under the gate.
 ORDER_MARGIN_DB = 2.0
 DEFER_MARGIN_DB = 2.0
+
+
+def rounding_words(rounding: Sequence[str]) -> str:
+    """What a sensitivity rounding does, in words: ``input and weights rounded to int8``, ``input rounded to
+    int16, weights to int8``, ``weights rounded to int8``."""
+    if "input16" in rounding:
+        return "input rounded to int16" + (", weights to int8" if "weights" in rounding else "")
+    return " and ".join(part for part in ("input", "weights") if part in rounding) + " rounded to int8"
 
 
 def affordable(ranking: Sequence[Tuple[str, float]], macs: Dict[str, int], limit: int,

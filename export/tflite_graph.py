@@ -602,7 +602,6 @@ def float_convs_16x8(model, float_model, names: Iterable[str]) -> int:
     inserted_after: Dict[int, list] = collections.defaultdict(list)
     dequantized: Dict[int, int] = {}  # int16 input -> its DEQUANTIZE's float tensor, shared by the convs reading it
     maybe_dead: set = set()  # ops whose outputs may have lost their last reader
-    conv_float = _opcode_index(model, OP.CONV_2D, 1)
     changed = 0
     for name in sorted(wanted, key=lambda n: ours[n]):  # graph order: a shared DEQUANTIZE goes before its first reader
         i = ours[name]
@@ -649,7 +648,7 @@ def float_convs_16x8(model, float_model, names: Iterable[str]) -> int:
             inserted_after[i].append(q)
         op.inputs = [xf, new_w, new_b]
         op.outputs = [yf]
-        op.opcodeIndex = conv_float
+        op.opcodeIndex = _opcode_index(model, OP.CONV_2D, 1)  # the float kernel's version
         if op.builtinOptions is not None and hasattr(op.builtinOptions, "quantizedBiasType"):
             op.builtinOptions.quantizedBiasType = T.FLOAT32  # the option's default: no quantized bias
         changed += 1
