@@ -53,7 +53,7 @@ def _made_float(work: Path, names):
     return model, changed
 
 
-def _hole_psnr(path_a: Path, path_b: Path, tmp_path: Path) -> float:
+def _hole_psnr(path_a: Path, path_b: Path) -> float:
     """Hole PSNR (dB, worst held-out sample, as the gate computes it) of one tensor file's outputs against another's."""
     from export import parity, tflite
     from export.samples import HOLDOUT_DIR, load_samples
@@ -126,7 +126,7 @@ def test_a_16x8_file_with_one_layer_kept_float_runs_with_that_layer_float(int16_
                                   g.conv_weights(calibrated, dict(g.conv_nodes(calibrated))[name]))
     path = tmp_path / "one_float.tflite"
     path.write_bytes(g.write(model))
-    db = _hole_psnr(work / "converter_int16x8.tflite", path, tmp_path)
+    db = _hole_psnr(work / "converter_int16x8.tflite", path)
     print(f"one layer float against the pure file: {db:.2f} dB")
     assert db > 0
 
@@ -148,7 +148,7 @@ def test_a_convolution_fed_by_an_int16_concatenation_reads_it_dequantized(int16_
         == "CONCATENATION"
     path = tmp_path / "concat_float.tflite"
     path.write_bytes(g.write(model))
-    db = _hole_psnr(work / "converter_int16x8.tflite", path, tmp_path)
+    db = _hole_psnr(work / "converter_int16x8.tflite", path)
     print(f"concat-fed layer float against the pure file: {db:.2f} dB")
     assert db > 0
 
@@ -170,8 +170,8 @@ def test_keeping_every_convolution_float_approaches_fp32(int16_export, tmp_path)
     path = tmp_path / "all_float.tflite"
     path.write_bytes(g.write(model))
     fp32 = int16_export["out"] / int16_export["manifest"].find("tflite", SHAPE, "fp32", "tensor").file
-    pure_db = _hole_psnr(fp32, work / "converter_int16x8.tflite", tmp_path)
-    all_db = _hole_psnr(fp32, path, tmp_path)
+    pure_db = _hole_psnr(fp32, work / "converter_int16x8.tflite")
+    all_db = _hole_psnr(fp32, path)
     assert pure_db < 35 and all_db > 60 and all_db > pure_db + 30
 
 
