@@ -126,9 +126,9 @@ def test_a_16x8_file_with_one_layer_kept_float_runs_with_that_layer_float(int16_
                                   g.conv_weights(calibrated, dict(g.conv_nodes(calibrated))[name]))
     path = tmp_path / "one_float.tflite"
     path.write_bytes(g.write(model))
-    db = _hole_psnr(work / "converter_int16x8.tflite", path)
-    print(f"one layer float against the pure file: {db:.2f} dB")
-    assert db > 0
+    # only that layer's rounding changed: close to the pure file (measured 65.4 dB); a wrong filter, bias or
+    # wiring would move the output as much as the planted outlier does (the pure file is 28 dB from fp32)
+    assert _hole_psnr(work / "converter_int16x8.tflite", path) > 55
 
 
 def test_a_convolution_fed_by_an_int16_concatenation_reads_it_dequantized(int16_export, tmp_path):
@@ -148,9 +148,7 @@ def test_a_convolution_fed_by_an_int16_concatenation_reads_it_dequantized(int16_
         == "CONCATENATION"
     path = tmp_path / "concat_float.tflite"
     path.write_bytes(g.write(model))
-    db = _hole_psnr(work / "converter_int16x8.tflite", path)
-    print(f"concat-fed layer float against the pure file: {db:.2f} dB")
-    assert db > 0
+    assert _hole_psnr(work / "converter_int16x8.tflite", path) > 55  # measured 65.8 dB
 
 
 def test_keeping_every_convolution_float_approaches_fp32(int16_export, tmp_path):
