@@ -95,6 +95,33 @@ def _fake_int8(t):
     return ((t - lo) / step).round() * step + lo
 
 
+def _fake_int16(t):
+    """Per-tensor symmetric int16 rounding of ``t`` over its own largest magnitude: TFLite's 16x8 activation
+    grid (zero point 0, -32767..32767, a calibrated scale of max |t| / 32767)."""
+    step = max(float(t.abs().max()), 1e-12) / 32767.0
+    return (t / step).round().clamp(-32767, 32767) * step
+
+
+#: What ``rounded`` may name: ``input`` (int8 per tensor over its own range: full-integer and dynamic-range
+#: int8 files), ``input16`` (int16 symmetric per tensor over its own largest magnitude: 16x8 files),
+#: ``weights`` (int8 symmetric per output channel: every TFLite quantized file and Core ML w8).
+ROUNDINGS = ("input", "input16", "weights")
+
+
+def _round_input(t, rounded: Sequence[str]):
+    """A convolution input as ``rounded`` (:data:`ROUNDINGS`) rounds it: int16 grid for ``input16``, int8 for
+    ``input``, unchanged otherwise."""
+    if "input16" in rounded:
+        return _fake_int16(t)
+    if "input" in rounded:
+        return _fake_int8(t)
+    return t
+
+
+def _rounds_input(rounded: Sequence[str]) -> bool:
+    return "input" in rounded or "input16" in rounded
+
+
 def _hole_psnr(a, b, hole) -> float:
     """8-bit PSNR between two (1,3,H,W) [-1,1] outputs over the hole pixels (hole: (1,1,H,W) bool)."""
     pa = ((a.clamp(-1, 1) + 1) * 127.5).round()
@@ -229,8 +256,9 @@ def int8_sensitivity(generator, images: np.ndarray, masks: np.ndarray, rounded: 
 def layer_snr(generator, images: np.ndarray, masks: np.ndarray, rounded: Sequence[str] = ("input", "weights"),
               per_sample: Optional[Dict[str, List[float]]] = None) -> Dict[str, float]:
     """Per convolution, the signal-to-quantization-noise ratio (dB, worst sample) of its own output when
-    only its ``rounded`` parts are rounded to int8 (``input``: per tensor over its own range;
-    ``weights``: symmetric per output channel), everything it is fed staying float32.
+    only its ``rounded`` parts are rounded (:data:`ROUNDINGS`: ``input`` to int8 per tensor over its own
+    range, ``input16`` to int16 symmetric over its own largest magnitude; ``weights`` to int8 symmetric per
+    output channel), everything it is fed staying float32.
 
     The cheap sensitivity of the export's fallback (:mod:`export.fallback`): one float forward per
     sample, each convolution computed a second time on its rounded input (about twice a forward),
@@ -248,7 +276,7 @@ def layer_snr(generator, images: np.ndarray, masks: np.ndarray, rounded: Sequenc
         if "weights" in rounded:
             mod.weight.data = _round_weights_int8(weight)
         try:  # mod.forward, not mod(...): the layer's own padding, without calling the hooks again
-            q = mod.forward(_fake_int8(inp) if "input" in rounded else inp, *inputs[1:])
+            q = mod.forward(_round_input(inp, rounded), *inputs[1:])
         finally:
             mod.weight.data = weight
         noise = float(((q - output) ** 2).sum())
@@ -277,8 +305,8 @@ def rounded_hole_psnr(generator, images: np.ndarray, masks: np.ndarray, configs:
                       downstream: Optional[Dict[str, set]] = None) -> Dict[str, List[float]]:
     """Per config (name -> the convolutions rounded to int8, every other one float32), the hole PSNR (dB)
     of the output against float32, one value per sample (images (N,H,W,3) uint8 RGB, masks (N,H,W[,1])
-    nonzero = hole). ``rounded`` as in :func:`layer_snr`: ``input`` per tensor over its own range,
-    ``weights`` symmetric per output channel.
+    nonzero = hole). ``rounded`` as in :func:`layer_snr`: ``input`` per tensor over its own range to int8,
+    ``input16`` to int16 symmetric (16x8 files), ``weights`` symmetric per output channel to int8.
 
     What a file keeping the other convolutions out of quantization would lose, simulated in PyTorch,
     error building up along the network included (which :func:`layer_snr` does not see). The export's
@@ -336,9 +364,9 @@ def rounded_hole_psnr(generator, images: np.ndarray, masks: np.ndarray, configs:
                         if "weights" in rounded:
                             saved[name] = mod.weight.data
                             mod.weight.data = _round_weights_int8(mod.weight.data)
-                        if "input" in rounded:
-                            hooks.append(mod.register_forward_pre_hook(lambda mod, inp: (_fake_int8(inp[0]),)
-                                                                       + tuple(inp[1:])))
+                        if _rounds_input(rounded):
+                            hooks.append(mod.register_forward_pre_hook(
+                                lambda mod, inp: (_round_input(inp[0], rounded),) + tuple(inp[1:])))
                     y = gen(x[i:i + 1], m[i:i + 1])
             finally:
                 for name, w in saved.items():

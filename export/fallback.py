@@ -2,12 +2,13 @@
 sensitive layers out of quantization, the fewest that make it pass.
 
 When an artifact of a precision its backend lists in ``FALLBACK_PRECISIONS`` fails the gate
-(TFLite ``int8`` and ``int8-dynamic``), the export (:mod:`export.api`, unless
+(TFLite ``int8``, ``int8-dynamic`` and ``int16x8``, Core ML ``w8``), the export (:mod:`export.api`, unless
 ``quant_fallback=False`` / ``--quant-fallback off``):
 
 1. ranks the generator's convolutions by the quantization noise each one adds on the held-out
    samples the file failed on (:func:`export.activations.layer_snr`: the SNR of the layer's own
-   output with only its input and weights rounded to int8, everything before it float32, worst of
+   output with only its input and weights rounded to int8 -- ``int16x8``: its input to int16
+   (:data:`SENSITIVITY_ROUNDING`) -- everything before it float32, worst of
    those samples; lowest first). One float forward per sample, about twice a forward's work: the
    end-to-end ranking (:func:`export.activations.int8_sensitivity`, the whole network again per
    layer) ran over 2 hours at 512x680 on this 2-core machine and was given up; the local SNR
@@ -20,8 +21,8 @@ When an artifact of a precision its backend lists in ``FALLBACK_PRECISIONS`` fai
    search*, not proven minimal. In two phases (:func:`phases`): first the layers alone, taken in
    ranking order while their MACs fit in :data:`FLOAT_MAC_BUDGET` (:func:`affordable`); then the
    first ``limit`` ranked layers whatever their MACs: where the backend lists the precision in
-   ``FALLBACK_INPUT_PRECISIONS`` (TFLite ``int8``: a convolution kept float there still reads an
-   input its int8 producer rounded) with the convolutions producing their inputs
+   ``FALLBACK_INPUT_PRECISIONS`` (TFLite ``int8`` and ``int16x8``: a convolution kept float there still
+   reads an input its integer producer rounded) with the convolutions producing their inputs
    (``keep_float_inputs``), elsewhere (TFLite ``int8-dynamic``, Core ML ``w8``) alone; and a third,
    whole branches of the network (:func:`branch_phase`: ranked by the output's hole PSNR with only
    that branch rounded, :func:`export.activations.rounded_hole_psnr`, which sees an error building
@@ -56,8 +57,10 @@ DEFAULT_BRANCH_LIMIT = 33
 # The share of the network's convolution MACs the first phase's candidates may keep float
 # (issue 13: an int8 file keeps at least 90 % of them in int8).
 FLOAT_MAC_BUDGET = 0.10
-# What the sensitivity rounds per layer, for each precision the fallback serves.
-SENSITIVITY_ROUNDING = {"int8": ("input", "weights"), "int8-dynamic": ("input", "weights"), "w8": ("weights",)}
+# What the sensitivity rounds per layer, for each precision the fallback serves (export.activations.ROUNDINGS:
+# int16x8 rounds its inputs on the 16x8 files' symmetric int16 grid, its weights to int8 like the others).
+SENSITIVITY_ROUNDING = {"int8": ("input", "weights"), "int8-dynamic": ("input", "weights"),
+                        "int16x8": ("input16", "weights"), "w8": ("weights",)}
 PRICE_RUNS = 3
 # How far the simulation of a candidate (export.activations.rounded_hole_psnr) is trusted, from the 13 pairs
 # of predicted and gated hole PSNR on the shipped model in docs/TOLERANCES.md ("Predicted against gated"):
@@ -67,6 +70,14 @@ PRICE_RUNS = 3
 # phases have failed when its largest candidate is predicted more than DEFER_MARGIN_DB under the gate.
 ORDER_MARGIN_DB = 2.0
 DEFER_MARGIN_DB = 2.0
+
+
+def rounding_words(rounding: Sequence[str]) -> str:
+    """What a sensitivity rounding does, in words: ``input and weights rounded to int8``, ``input rounded to
+    int16, weights to int8``, ``weights rounded to int8``."""
+    if "input16" in rounding:
+        return "input rounded to int16" + (", weights to int8" if "weights" in rounding else "")
+    return " and ".join(part for part in ("input", "weights") if part in rounding) + " rounded to int8"
 
 
 def affordable(ranking: Sequence[Tuple[str, float]], macs: Dict[str, int], limit: int,
@@ -210,8 +221,8 @@ class SensitivityCache:
         todo = [i for i in samples if (shape, tuple(rounding), i) not in self._scores]
         if todo:
             s = self.holdout[shape]
-            self.progress(f"fallback {shape[0]}x{shape[1]}: output SNR of every convolution ({'+'.join(rounding)} "
-                          f"rounded to int8) on held-out sample(s) {', '.join(str(i) for i in todo)}")
+            self.progress(f"fallback {shape[0]}x{shape[1]}: output SNR of every convolution ({rounding_words(rounding)}) "
+                          f"on held-out sample(s) {', '.join(str(i) for i in todo)}")
             per: Dict[str, List[float]] = {}
             t0 = time.time()
             layer_snr(self.generator, s.images[todo], s.masks[todo], rounded=rounding, per_sample=per)
@@ -244,8 +255,8 @@ class SensitivityCache:
             s = self.holdout[shape]
             missing = {name: layers for name, layers in configs.items()
                        if any((*key[name], i) not in self._scores for i in todo)}
-            self.progress(f"fallback {shape[0]}x{shape[1]}: output hole PSNR with {', '.join(missing)} rounded to "
-                          f"int8 ({'+'.join(rounding)}) on held-out sample(s) {', '.join(str(i) for i in todo)}")
+            self.progress(f"fallback {shape[0]}x{shape[1]}: output hole PSNR with {', '.join(missing)} rounded "
+                          f"({rounding_words(rounding)}) on held-out sample(s) {', '.join(str(i) for i in todo)}")
             t0 = time.time()
             per = rounded_hole_psnr(self.generator, s.images[todo], s.masks[todo], missing, rounded=rounding,
                                     downstream=self.downstream())
@@ -275,7 +286,8 @@ def limit_message(file: str, precision: str, limit: int, ranking: Sequence[Tuple
         branches = (f"; whole branches kept float, up to {branch_limit} layers (hole PSNR with only that branch "
                     f"rounded: {tried}) failed too: raise --quant-fallback-branch-limit")
     return (f"parity: still failing with the {limit} most sensitive layers kept float (best candidate: {got}); "
-            f"most sensitive (output SNR with only that layer rounded to int8): {top}; raise --quant-fallback-limit "
+            f"most sensitive (output SNR with only that layer's "
+            f"{rounding_words(SENSITIVITY_ROUNDING.get(precision, ('input', 'weights')))}): {top}; raise --quant-fallback-limit "
             f"(at most {len(ranking)}){branches}, calibrate on photos closer to yours (--calibration DIR), or drop "
             f"{precision}")
 

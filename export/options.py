@@ -81,8 +81,8 @@ class ExportOptions:
                   "tensor the method that quantizes held-out calibration samples best (auto), or one method "
                   "for every tensor")
     quant_fallback: bool = _opt(
-        True, "when a quantized file (TFLite int8, int8-dynamic; Core ML w8) misses its parity gate, keep its most "
-              "sensitive layers in float, the fewest that pass (the manifest lists them and their price); "
+        True, "when a quantized file (TFLite int8, int8-dynamic, int16x8; Core ML w8) misses its parity gate, keep "
+              "its most sensitive layers in float, the fewest that pass (the manifest lists them and their price); "
               "off: fail it as is")
     fallback_limit: int = _opt(
         FALLBACK_LIMIT, f"the most layers the fallback may keep in float before the file fails "

@@ -13,7 +13,7 @@ Precisions (from one saved_model per shape and I/O signature):
   calibrated the same way for a symmetric int16 grid; ELU stays float (LiteRT has no int16
   ELU kernel). On CPUs it runs on LiteRT's reference kernels (slow); it is for NPU delegates.
 
-``int8`` and ``int8-dynamic`` jobs may name convolutions to keep in float
+``int8``, ``int8-dynamic`` and ``int16x8`` jobs may name convolutions to keep in float
 (``job.extra["keep_float"]``, generator module names; the export's sensitivity-guided
 fallback): :func:`float_nodes` says which TFLite convolutions that makes float.
 
@@ -56,11 +56,13 @@ PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8", "int16x8")
 DEFAULT_PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
 # Precisions calibrated on photos, and those whose layers the export's fallback may keep in float.
 CALIBRATED = ("int8", "int16x8")
-FALLBACK_PRECISIONS = ("int8", "int8-dynamic")
-# Where a convolution kept float alone still reads an input rounded by its int8 producer, so the
-# fallback's second phase keeps the producers float too (job.extra["keep_float_inputs"]); int8-dynamic's
-# second phase keeps the layers alone.
-FALLBACK_INPUT_PRECISIONS = ("int8",)
+FALLBACK_PRECISIONS = ("int8", "int8-dynamic", "int16x8")
+# Where a convolution kept float alone still reads an input rounded by its integer producer, so the
+# fallback's second phase keeps the producers float too (job.extra["keep_float_inputs"]): int8, and int16x8,
+# whose float convolution reads the float ELU output, but the ELU reads the producer's int16 output
+# (tflite_graph.float_convs_16x8). int8-dynamic's second phase keeps the layers alone (its float
+# convolutions' inputs are never quantized).
+FALLBACK_INPUT_PRECISIONS = ("int8", "int16x8")
 EXTRA = "export"
 METADATA_NAME = "gmcnn_mobile"
 # Tools the conversion needs (module name -> what for).
@@ -321,8 +323,13 @@ def float_nodes(generator, work: Path, precision: str, keep_float: Sequence[str]
     the producer's int8 output, then ELU, then the float convolution), so the convolution's weights,
     its output and the ELU output it reads are float, while the producing convolution's own output
     stays int8. With ``inputs``, also the convolutions producing their inputs: then the whole tensor
-    between them is float (it stays float only between float ops). Read from the pure file's
-    converter output in ``work``.
+    between them is float (it stays float only between float ops). ``int16x8``: those convolutions, made
+    float in the 16x8 quantizer's output (:func:`export.tflite_graph.float_convs_16x8`): they read the ELU
+    output before its int16 QUANTIZE (a DEQUANTIZE where an int16 concatenation or resize feeds them) and
+    their float output goes straight to the ELU after them; that ELU's input is still the producing
+    convolution's int16 output, rounded, unless ``inputs`` keeps the producer float too (as for int8).
+    Read from the pure file's calibrated model
+    (calibrated precisions) or converter output in ``work``.
     """
     from . import tflite_graph as g
 
@@ -333,7 +340,7 @@ def float_nodes(generator, work: Path, precision: str, keep_float: Sequence[str]
     if unknown:
         raise ValueError(f"no convolution named {', '.join(unknown)}")
     chosen = {nodes[k] for k in keep_float}
-    if precision == "int8" and inputs:
+    if precision in FALLBACK_INPUT_PRECISIONS and inputs:
         producers = g.conv_producers(g.read(data))
         chosen |= {p for k in keep_float for p in producers[nodes[k]]}
     return sorted(chosen)

@@ -526,6 +526,145 @@ def restore_float_weights(model, float_model, names: Iterable[str]) -> int:
     return changed
 
 
+# The 16x8 quantizer names the int16 tensor of a float one it must keep apart (the graph's last convolution, whose
+# float output the graph returns) after it with this suffix; the other convolutions keep their float names.
+INT16_SUFFIX = "_int16"
+
+
+def _existing_opcode(model, builtin: int) -> int:
+    """An operator code of ``builtin`` the file already has (the version its converter chose for the types it
+    uses), or a new one of version 1."""
+    for i, code in enumerate(model.operatorCodes):
+        if max(int(code.builtinCode), int(code.deprecatedBuiltinCode)) == builtin:
+            return i
+    return _opcode_index(model, builtin)
+
+
+def _copy_constant(model, source, tensor, name: str) -> int:
+    """A new constant tensor of subgraph 0 holding a copy of ``tensor`` of model ``source`` (its bytes, shape and
+    type; no quantization)."""
+    buf = schema.BufferT()
+    buf.data = np.frombuffer(bytes(source.buffers[tensor.buffer].data), np.uint8).copy()
+    model.buffers.append(buf)
+    t = schema.TensorT()
+    t.shape = list(_ids(tensor.shape))
+    t.type = tensor.type
+    t.buffer = len(model.buffers) - 1
+    t.name = name
+    t.quantization = None
+    model.subgraphs[0].tensors.append(t)
+    return len(model.subgraphs[0].tensors) - 1
+
+
+def _rounds_to(float_filter: np.ndarray, int8_tensor, dequantized: np.ndarray) -> bool:
+    """Whether ``dequantized`` (an int8 filter per output channel, as float) is ``float_filter`` rounded: within
+    half a step of its channel's scale everywhere. The scale, not the channel's largest weight: a quantizer may
+    widen a channel's scale so that a large bias fits its integer type (the 16x8 quantizer does, rounding that
+    channel's weights to zero)."""
+    scale = np.asarray(int8_tensor.quantization.scale, np.float32).reshape(-1, *([1] * (float_filter.ndim - 1)))
+    return bool(np.all(np.abs(dequantized - float_filter) <= 0.5 * scale * (1 + 1e-3) + 1e-12))
+
+
+def float_convs_16x8(model, float_model, names: Iterable[str]) -> int:
+    """Make the named CONV_2Ds of a 16x8 file (int16 activations, int8 filters per output channel, int64 biases)
+    compute in float32 with the filters and biases of ``float_model`` (the calibrated float model the file was
+    quantized from: same graph, same convolution names). The 16x8 quantizer has no list of float nodes
+    (``mlir_quantize`` has one, but its int16 path writes conv outputs with a nonzero zero point, which LiteRT's
+    16x8 kernels refuse), so this is done on its output. Returns how many changed; an unknown name, or one
+    whose filters do not match, is a ValueError.
+
+    For each named convolution (by output tensor name; the quantizer's ``_int16`` name of the last one is
+    accepted under its float name):
+
+    * its input: the float tensor the int16 one was quantized from, where a QUANTIZE of a float tensor made it
+      (an ELU output: the convolution then reads it unrounded, as in the float model), else a DEQUANTIZE of
+      the int16 tensor (a concatenation or resize kept in int16 made it);
+    * its output: a float32 tensor with the convolution's float name; the DEQUANTIZEs that read the int16
+      output (the ELU after it) read this one instead and go, and a QUANTIZE to the old int16 tensor (its
+      scale kept) is added only where an int16 op or the graph output still reads it;
+    * the QUANTIZEs and DEQUANTIZEs no op reads any more, and the int8 filters and int64 biases, are removed.
+
+    Two float convolutions in a row thus keep the whole tensor between them (ELU included) in float.
+    """
+    wanted = set(names)
+    theirs = dict(conv_nodes(float_model))
+    ours: Dict[str, int] = {}
+    for name, i in conv_nodes(model):
+        plain = name[: -len(INT16_SUFFIX)] if name.endswith(INT16_SUFFIX) and name not in theirs else name
+        ours[plain] = i
+    unknown = sorted((wanted - set(ours)) | (wanted - set(theirs)))
+    if unknown:
+        raise ValueError(f"no convolution named {unknown[:3]}")
+    sg, fsg = model.subgraphs[0], float_model.subgraphs[0]
+    model.__dict__.pop("_gmcnn_consts", None)
+    idx = _Index(model)
+    inserted_before: Dict[int, list] = collections.defaultdict(list)
+    inserted_after: Dict[int, list] = collections.defaultdict(list)
+    dequantized: Dict[int, int] = {}  # int16 input -> its DEQUANTIZE's float tensor, shared by the convs reading it
+    maybe_dead: set = set()  # ops whose outputs may have lost their last reader
+    changed = 0
+    for name in sorted(wanted, key=lambda n: ours[n]):  # graph order: a shared DEQUANTIZE goes before its first reader
+        i = ours[name]
+        op = sg.operators[i]
+        x, w, b = (_ids(op.inputs) + [-1])[:3]
+        y = _ids(op.outputs)[0]
+        if sg.tensors[x].type == T.FLOAT32:
+            continue  # float already
+        if sg.tensors[x].type != T.INT16 or sg.tensors[w].type != T.INT8:
+            raise ValueError(f"{name}: not a 16x8 convolution ({DTYPE_NAMES.get(sg.tensors[x].type)} input, "
+                             f"{DTYPE_NAMES.get(sg.tensors[w].type)} filter)")
+        fop = fsg.operators[theirs[name]]
+        fw, fb = (fsg.tensors[t] if t >= 0 else None for t in (_ids(fop.inputs) + [-1])[1:3])
+        if (fw.type != T.FLOAT32 or list(_ids(fw.shape)) != list(_ids(sg.tensors[w].shape))
+                or (fb is None) != (b < 0) or not _rounds_to(conv_weights(float_model, theirs[name]), sg.tensors[w],
+                                                             conv_weights(model, i))):
+            raise ValueError(f"{name}: filters differ between the 16x8 file and the float model")
+        new_w = _copy_constant(model, float_model, fw, tensor_name(fw))
+        new_b = _copy_constant(model, float_model, fb, tensor_name(fb)) if fb is not None else -1
+        p = idx.producer.get(x)
+        if p is not None and idx.name(p) == "QUANTIZE" and sg.tensors[_ids(sg.operators[p].inputs)[0]].type == T.FLOAT32:
+            xf = _ids(sg.operators[p].inputs)[0]
+            maybe_dead.add(id(sg.operators[p]))
+        elif x in dequantized:
+            xf = dequantized[x]
+        else:
+            xf = dequantized[x] = _new_tensor(model, sg.tensors[x], T.FLOAT32, tensor_name(sg.tensors[x]) + "/float")
+            deq = _new_op(model, OP.DEQUANTIZE, [x], [xf])
+            deq.opcodeIndex = _existing_opcode(model, OP.DEQUANTIZE)
+            inserted_before[i].append(deq)
+        yf = _new_tensor(model, sg.tensors[y], T.FLOAT32, name)
+        still_int16 = y in idx.graph_outputs
+        for c in idx.consumers.get(y, []):
+            z = _ids(sg.operators[c].outputs)[0]
+            if idx.name(c) == "DEQUANTIZE" and z not in idx.graph_outputs:
+                for r in idx.consumers.get(z, []):
+                    sg.operators[r].inputs = [yf if t == z else t for t in _ids(sg.operators[r].inputs)]
+                maybe_dead.add(id(sg.operators[c]))
+            else:
+                still_int16 = True
+        if still_int16:
+            q = _new_op(model, OP.QUANTIZE, [yf], [y])
+            q.opcodeIndex = _existing_opcode(model, OP.QUANTIZE)
+            inserted_after[i].append(q)
+        op.inputs = [xf, new_w, new_b]
+        op.outputs = [yf]
+        op.opcodeIndex = _opcode_index(model, OP.CONV_2D, 1)  # the float kernel's version
+        if op.builtinOptions is not None and hasattr(op.builtinOptions, "quantizedBiasType"):
+            op.builtinOptions.quantizedBiasType = T.FLOAT32  # the option's default: no quantized bias
+        changed += 1
+    sg.operators = [new for i, op in enumerate(sg.operators)
+                    for new in inserted_before[i] + [op] + inserted_after[i]]
+    while True:  # the (de)quantizations left without a reader, and what that leaves unread in turn
+        idx = _Index(model)
+        dead = [k for k, op in enumerate(sg.operators) if id(op) in maybe_dead
+                and not any(idx.consumers.get(t) or t in idx.graph_outputs for t in _ids(op.outputs))]
+        if not dead:
+            break
+        sg.operators = [op for k, op in enumerate(sg.operators) if k not in set(dead)]
+    _prune_tensors(model)
+    return changed
+
+
 # XNNPACK's delegate takes CONCATENATION with at most this many inputs (measured: 5 in, 7 out).
 XNNPACK_CONCAT_FAN_IN = 5
 

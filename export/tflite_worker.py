@@ -343,7 +343,9 @@ def quantize_calibrated(calibrated: bytes, precision: str, io: str, float_nodes=
     ``denylisted_nodes``); ``image`` files take and give uint8. int16x8: the converter's 16x8
     quantizer (int16 activations, symmetric; int8 per-channel weights; int64 biases) with float
     fallback allowed, because LiteRT has no int16 ELU (the 43 ELUs stay float between
-    DEQUANTIZE and QUANTIZE).
+    DEQUANTIZE and QUANTIZE); it takes no list of float nodes, so the named convolutions are made
+    float in its output afterwards (:func:`export.tflite_graph.float_convs_16x8`: the float filters
+    and biases of ``calibrated``, their inputs and outputs float).
     """
     import numpy as np
 
@@ -355,15 +357,20 @@ def quantize_calibrated(calibrated: bytes, precision: str, io: str, float_nodes=
         return mlir_quantize(calibrated, disable_per_channel=False, input_data_type=io_type,
                              output_data_type=io_type, denylisted_nodes=list(float_nodes) or None)
     if precision == "int16x8":
-        if float_nodes:
-            raise ValueError("int16x8 files have no float fallback")
         from tensorflow.lite.python.optimize import calibrator
 
         # the converter's 16x8 path calibrates and quantizes in one call; the model already holds
         # the chosen ranges, so its quantizer runs with nothing fed (it keeps those min/max)
-        return calibrator.Calibrator(calibrated)._calibrator.QuantizeModel(
+        data = calibrator.Calibrator(calibrated)._calibrator.QuantizeModel(
             np.dtype(np.float32).num, np.dtype(np.float32).num, True, np.dtype(np.int16).num,
             np.dtype(np.int64).num, False, False)
+        if float_nodes:
+            from . import tflite_graph
+
+            model = tflite_graph.read(data)
+            tflite_graph.float_convs_16x8(model, tflite_graph.read(calibrated), float_nodes)
+            data = tflite_graph.write(model)
+        return data
     raise ValueError(f"{precision} has no calibrated activations")
 
 

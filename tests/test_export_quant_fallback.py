@@ -23,13 +23,14 @@ SHAPE = (64, 96)
 PLANTED = "net.layers.b1conv12"
 
 
-def planted_generator():
+def planted_generator(outlier: float = 1000.0):
+    """The tiny generator with b1conv11's first output channel ``outlier`` above the rest, which b1conv12 ignores."""
     import torch
 
     gen = lively_generator("tf", 4, seed=0)
     convs = dict(gen.named_modules())
     with torch.no_grad():
-        convs["net.layers.b1conv11"].bias[0] += 1000.0
+        convs["net.layers.b1conv11"].bias[0] += outlier
         convs[PLANTED].weight[:, 0] = 0.0
     return gen
 
