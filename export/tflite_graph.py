@@ -476,6 +476,59 @@ def conv_producers(model) -> Dict[str, List[str]]:
     return out
 
 
+#: Ops that only move or combine activations: between two float convolutions an int8 file would
+#: still round their outputs on their own calibrated ranges unless they are denylisted too.
+_PASS_THROUGH_OPS = ("RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR", "CONCATENATION", "PAD", "MIRROR_PAD",
+                     "STRIDED_SLICE", "SLICE")
+
+
+def ops_between_convs(model, float_convs: Iterable[str]) -> List[str]:
+    """Output names of the resizes, concatenations, pads and slices that lie between convolutions of
+    ``float_convs`` only: walking back from each such convolution's input through non-convolution ops,
+    every op of :data:`_PASS_THROUGH_OPS` whose own input reaches convolutions, all of them in
+    ``float_convs``. Ops fed by an integer convolution or by the graph's inputs alone are left out."""
+    idx = _Index(model)
+    sg = idx.sg
+    chosen = set(float_convs)
+    conv_out = {tensor_name(sg.tensors[_ids(sg.operators[i].outputs)[0]]): i for _, i in conv_nodes(model)}
+
+    def upstream_convs(op_index: int, memo: Dict[int, frozenset]) -> frozenset:
+        if op_index in memo:
+            return memo[op_index]
+        memo[op_index] = frozenset()  # a cycle cannot occur in a TFLite graph; this only stops recursion
+        found = set()
+        for u in _ids(sg.operators[op_index].inputs):
+            if u < 0 or u not in idx.producer or _is_constant(model, sg.tensors[u]):
+                continue
+            p = idx.producer[u]
+            if idx.name(p) == "CONV_2D":
+                found.add(tensor_name(sg.tensors[u]))
+            else:
+                found |= upstream_convs(p, memo)
+        memo[op_index] = frozenset(found)
+        return memo[op_index]
+
+    memo: Dict[int, frozenset] = {}
+    out, seen = set(), set()
+    for name in chosen:
+        if name not in conv_out:
+            continue
+        stack = [_ids(sg.operators[conv_out[name]].inputs)[0]]
+        while stack:
+            t = stack.pop()
+            if t in seen or t not in idx.producer:
+                continue
+            seen.add(t)
+            p = idx.producer[t]
+            if idx.name(p) == "CONV_2D":
+                continue
+            convs = upstream_convs(p, memo)
+            if idx.name(p) in _PASS_THROUGH_OPS and convs and convs <= chosen:
+                out.add(tensor_name(sg.tensors[_ids(sg.operators[p].outputs)[0]]))
+            stack.extend(u for u in _ids(sg.operators[p].inputs) if u >= 0 and not _is_constant(model, sg.tensors[u]))
+    return sorted(out)
+
+
 def conv_macs(model) -> List[Dict[str, object]]:
     """Per CONV_2D: output name, multiply-accumulates of one inference, and the types of its
     input activation and filter (``int8``/``int16`` activations compute in integers; an int8

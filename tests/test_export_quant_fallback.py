@@ -441,3 +441,46 @@ def test_the_command_prices_with_the_benchmarks_measurement_and_the_api_alone_wi
     untimed = price(path, path, 1, "tflite")
     assert untimed["pure"] == {"bytes": a.bytes} and untimed["size_ratio"] == 1.0
     assert "no measure function" in untimed["not_timed"] and "latency_ratio" not in untimed
+
+
+def test_int8_float_convolutions_take_the_resizes_between_them_out_of_int8(fallback_export):
+    """A resize or concatenation between float convolutions only is denylisted with them (at 1024x1360 the
+    shipped model's int8 upsamplings alone held every convolution float at 16.9 dB); one that an integer
+    convolution feeds is not, and the quantizer leaves exactly the listed ones float."""
+    import torch
+
+    from export import tflite
+    from export import tflite_graph as g
+    from export.tflite_worker import quantize_calibrated
+
+    work = fallback_export["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
+    calibrated = (work / "calibrated_int8.tflite").read_bytes()
+    model = g.read(calibrated)
+    sg = model.subgraphs[0]
+
+    def outputs_of(kind):
+        return {g.tensor_name(sg.tensors[g._ids(op.outputs)[0]]) for op in sg.operators
+                if g.op_name(model, op).startswith(kind)}
+
+    resizes, convs = outputs_of("RESIZE_"), [name for name, _ in g.conv_nodes(model)]
+    assert resizes
+    every = set(g.ops_between_convs(model, convs))
+    assert resizes <= every and not every & set(convs)
+    producers = g.conv_producers(model)
+    # a resize between two convolutions loses its place when its producing convolution stays int8
+    resize_consumer = next(c for c in convs if any(r in every for r in g.ops_between_convs(model, [c] + producers[c])))
+    without = set(g.ops_between_convs(model, [c for c in convs if c not in producers[resize_consumer]]))
+    assert without < every
+
+    gen = fallback_export["gen"]
+    names = [n for n, m in gen.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    nodes = tflite.float_nodes(gen, work, "int8", names)
+    assert resizes <= set(nodes)
+    q = g.read(quantize_calibrated(calibrated, "int8", "tensor", nodes))
+    qsg = q.subgraphs[0]
+    resize_types = {g.tensor_name(qsg.tensors[g._ids(op.outputs)[0]]): qsg.tensors[g._ids(op.outputs)[0]].type
+                    for op in qsg.operators if g.op_name(q, op).startswith("RESIZE_")}
+    assert resize_types and all(t == g.T.FLOAT32 for t in resize_types.values())
+    pure = g.read(quantize_calibrated(calibrated, "int8", "tensor", [n for n in nodes if n not in resizes]))
+    assert any(pure.subgraphs[0].tensors[g._ids(op.outputs)[0]].type == g.T.INT8
+               for op in pure.subgraphs[0].operators if g.op_name(pure, op).startswith("RESIZE_"))
