@@ -179,7 +179,8 @@ def measure_statistics(model_bytes: bytes, tensors: List[int], samples: Iterable
     ``keep``: graph inputs and tensors made by ops whose whole values ``on_sample(index, {tensor: values})``
     receives for each sample (in parts, one call per group, when the pass is grouped).
 
-    The probed model runs in the runtime's TFLite engine (XNNPACK, ``threads`` threads; the bytes
+    The probed model runs in the runtime's TFLite engine (XNNPACK, ``threads`` threads, transient indirection buffers
+    per :data:`TRANSIENT_INDIRECTION`; the bytes
     without a manifest entry, every probe an output of the graph, read by tensor name).
 
     ``memory_bytes`` (issue 17: the memory budget): what a pass may add to this process's anonymous memory.
