@@ -43,6 +43,14 @@ from .quant_ranges import TensorStats, choose_ranges
 GRID_VALUES = 1 << 18
 SAMPLE_VALUES = 1 << 15
 
+#: Calibration's passes run with XNNPACK's transient indirection buffers (issue 17): through LiteRT's C API
+#: (``TFLiteEngine(transient_indirection=True)``, runtime_py/engines/litert_capi.py), which runs a probed model or
+#: a group's cut model as it runs a file -- every probe, kept value and grid is an output of that graph, read by
+#: tensor name -- so the statistics are the interpreter's, without the convolutions' indirection buffers kept for
+#: the pass's whole life (docs/EXPORT.md "Calibration with transient indirection buffers"). The grouping estimate
+#: (:func:`pass_estimate`) follows this switch.
+TRANSIENT_INDIRECTION = True
+
 def _grid_stride(shape) -> int:
     """Stride of the value grid of an NHWC tensor: the least s with (H/s)(W/s)C <= GRID_VALUES."""
     _, h, w, c = shape
@@ -171,7 +179,8 @@ def measure_statistics(model_bytes: bytes, tensors: List[int], samples: Iterable
     ``keep``: graph inputs and tensors made by ops whose whole values ``on_sample(index, {tensor: values})``
     receives for each sample (in parts, one call per group, when the pass is grouped).
 
-    The probed model runs in the runtime's TFLite engine (XNNPACK, ``threads`` threads; the bytes
+    The probed model runs in the runtime's TFLite engine (XNNPACK, ``threads`` threads, transient indirection buffers
+    per :data:`TRANSIENT_INDIRECTION`; the bytes
     without a manifest entry, every probe an output of the graph, read by tensor name).
 
     ``memory_bytes`` (issue 17: the memory budget): what a pass may add to this process's anonymous memory.
@@ -200,7 +209,8 @@ def measure_statistics(model_bytes: bytes, tensors: List[int], samples: Iterable
         raise ValueError("range_probe: two probe outputs share a tensor name")
     stats: Dict[int, TensorStats] = {t: TensorStats() for t in probes}
     rng = np.random.default_rng(0)
-    with TFLiteEngine(model_content=probed_bytes, threads=threads, xnnpack=True) as engine:
+    with TFLiteEngine(model_content=probed_bytes, threads=threads, xnnpack=True,
+                      transient_indirection=TRANSIENT_INDIRECTION) as engine:
         for index, feed in enumerate(_feeds(model, probed, samples)):
             out = engine.infer(feed)
             if on_sample is not None:
@@ -230,6 +240,12 @@ def measure_statistics(model_bytes: bytes, tensors: List[int], samples: Iterable
 #   rounded up; and never less than one op's inputs and output (a group of a few wide ops: the tail after the
 #   branches' concatenation measured +728 MiB at 512x680 where the share alone said 404 in all);
 # * the group's inputs and kept outputs (fed and read back whole), and the model bytes (flatbuffer copies).
+# With TRANSIENT_INDIRECTION (the passes now) no convolution keeps its buffer; XNNPACK builds the running one's in
+# its workspace, so the estimate counts the group's largest instead of their sum, the rest unchanged. Measured, one
+# pass of one sample (anonymous added; docs/EXPORT.md "Calibration with transient indirection buffers"): 512x680
+# whole graph 1,454 -> 960 MiB (estimate 1,631 -> 1,133), ops 0-56 929 -> 799 (901 -> 715), 57-90 878 -> 525
+# (725 -> 527), 91-95 631 -> 582 (632 -> 608); 1024x1360 whole -> 3,571 (6,523 -> 4,534), 0-61 -> 3,360 (3,965
+# -> 3,177), 62-90 -> 1,938 (2,664 -> 1,920), 91-95 -> 2,346 (2,529 -> 2,433): within 10 % where under, as before.
 POINTER_BYTES = 8
 VALUE_SHARE = 0.45
 
@@ -251,29 +267,46 @@ def _tensor_bytes(sg, t: int) -> int:
     return 4 * int(np.prod([int(v) for v in g._ids(sg.tensors[t].shape)] or [1]))
 
 
-def _persistent_bytes(model, op) -> int:
-    """What XNNPACK keeps for ``op`` while the interpreter lives: a convolution's indirection buffer (output
-    pixels x kernel taps pointers; none for 1x1), a bilinear resize's (4 pointers and 2 float weights per pixel)."""
+def _indirection_bytes(model, op) -> int:
+    """A convolution's indirection buffer: output pixels x kernel taps pointers (none for 1x1; 0 for other ops)."""
+    sg = model.subgraphs[0]
+    outs = g._ids(op.outputs)
+    if not outs or g.op_name(model, op) not in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+        return 0
+    shape = [int(v) for v in g._ids(sg.tensors[outs[0]].shape)]
+    pixels = shape[1] * shape[2] if len(shape) == 4 else 0
+    w = [int(v) for v in g._ids(sg.tensors[g._ids(op.inputs)[1]].shape)]
+    taps = w[1] * w[2]
+    return pixels * taps * POINTER_BYTES if taps > 1 else 0
+
+
+def _persistent_bytes(model, op, transient: Optional[bool] = None) -> int:
+    """What XNNPACK keeps for ``op`` while the interpreter lives: a convolution's indirection buffer
+    (:func:`_indirection_bytes`), a bilinear resize's (4 pointers and 2 float weights per pixel).
+    ``transient`` (default :data:`TRANSIENT_INDIRECTION`): XNNPACK builds a convolution's buffer per run instead,
+    so none is kept for it (the resize's is still counted: too small to tell in the measurements)."""
+    if transient is None:
+        transient = TRANSIENT_INDIRECTION
     sg = model.subgraphs[0]
     name = g.op_name(model, op)
     outs = g._ids(op.outputs)
     if not outs:
         return 0
-    shape = [int(v) for v in g._ids(sg.tensors[outs[0]].shape)]
-    pixels = shape[1] * shape[2] if len(shape) == 4 else 0
     if name in ("CONV_2D", "DEPTHWISE_CONV_2D"):
-        w = [int(v) for v in g._ids(sg.tensors[g._ids(op.inputs)[1]].shape)]
-        taps = w[1] * w[2]
-        return pixels * taps * POINTER_BYTES if taps > 1 else 0
+        return 0 if transient else _indirection_bytes(model, op)
     if name == "RESIZE_BILINEAR":
+        shape = [int(v) for v in g._ids(sg.tensors[outs[0]].shape)]
+        pixels = shape[1] * shape[2] if len(shape) == 4 else 0
         return pixels * (4 * POINTER_BYTES + 2 * 4)
     return 0
 
 
-def pass_estimate(model, ops) -> int:
+def pass_estimate(model, ops, transient: Optional[bool] = None) -> int:
     """Estimated anonymous bytes of one probed pass over ``ops`` (indices in graph order) as a model of their own:
-    XNNPACK's persistent buffers, VALUE_SHARE of the values they make, their inputs and kept outputs."""
-    return _group(model, list(ops), _readers(model)).estimate
+    XNNPACK's persistent buffers, VALUE_SHARE of the values they make, their inputs and kept outputs; with
+    ``transient`` (default :data:`TRANSIENT_INDIRECTION`) no convolution's buffer is kept, the largest one is
+    built per run instead."""
+    return _group(model, list(ops), _readers(model), transient=transient).estimate
 
 
 def _readers(model) -> Dict[int, int]:
@@ -285,7 +318,10 @@ def _readers(model) -> Dict[int, int]:
     return last
 
 
-def _group(model, ops: List[int], last_reader: Dict[int, int], tensors: Sequence[int] = ()) -> Group:
+def _group(model, ops: List[int], last_reader: Dict[int, int], tensors: Sequence[int] = (),
+           transient: Optional[bool] = None) -> Group:
+    if transient is None:
+        transient = TRANSIENT_INDIRECTION
     sg = model.subgraphs[0]
     made, inputs = [], []
     for i in ops:
@@ -298,7 +334,9 @@ def _group(model, ops: List[int], last_reader: Dict[int, int], tensors: Sequence
     keep = [t for t in made if last_reader.get(t, -1) > end]
     chosen = set(tensors)
     probed = [t for t in made if t in chosen]
-    persistent = sum(_persistent_bytes(model, sg.operators[i]) for i in ops)
+    persistent = sum(_persistent_bytes(model, sg.operators[i], transient) for i in ops)
+    if transient:  # the buffer of the convolution running, in XNNPACK's workspace: at most the group's largest
+        persistent += max((_indirection_bytes(model, sg.operators[i]) for i in ops), default=0)
     values = sum(_tensor_bytes(sg, t) for t in made)
     # a few large ops alone (the tail's concatenation) hold more than the share: at least one op's inputs and output
     # (those of them not counted with the boundary below)
@@ -417,7 +455,8 @@ def _measure_in_groups(model_bytes: bytes, model, tensors: List[int], groups: Li
                          if o is not None})
             if len(set(name.values())) != len(name):
                 raise ValueError("calibration groups: two inputs or outputs of a group share a tensor name")
-            with TFLiteEngine(model_content=probed_bytes, shape=shape, threads=threads, xnnpack=True) as engine:
+            with TFLiteEngine(model_content=probed_bytes, shape=shape, threads=threads, xnnpack=True,
+                              transient_indirection=TRANSIENT_INDIRECTION) as engine:
                 for index, sample in enumerate(samples):
                     given = fed(sample)
                     feed = {name[t]: (given[t] if t in given else np.asarray(stored[t][index])) for t in inputs}

@@ -151,7 +151,7 @@ def test_transient_indirection_buffers_are_not_kept(tiny):
     path = tiny["out"] / tiny["manifest"].find("tflite", SHAPE, "fp32", "tensor").file
     model = tflite_graph.read(path.read_bytes())
     convs = [op for op in model.subgraphs[0].operators if tflite_graph.op_name(model, op) == "CONV_2D"]
-    buffers = sum(tflite_calibration._persistent_bytes(model, op) for op in convs) / 2**20
+    buffers = sum(tflite_calibration._persistent_bytes(model, op, transient=False) for op in convs) / 2**20
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     kept_mib, transient_mib = (float(subprocess.run([sys.executable, "-c", _FIRST_RUN_MEMORY, str(path), flag],
                                                     capture_output=True, text=True, env=env, check=True).stdout)
@@ -813,7 +813,11 @@ def test_calibration_in_groups_measures_what_one_pass_does(tiny, tmp_path, monke
     assert 2 <= report["groups"]["count"] == len(passes) == len(lines), report["groups"]
     assert report["groups"]["whole_graph_estimate_bytes"] == whole > whole // 3
     assert [p["ops"][0] for p in passes] == [0] + [p["ops"][1] + 1 for p in passes[:-1]] and passes[-1]["ops"][1] == ops - 1
-    assert all(p["estimated_bytes"] <= whole // 3 and p["seconds"] >= 0 and p["peak_anon_bytes"] > 0 for p in passes)
+    # each group within the budget by its estimate, but for an op that does not fit alone (a group of its own: with
+    # transient indirection buffers a convolution's buffer and widest values can exceed a third of the whole's)
+    assert all((p["estimated_bytes"] <= whole // 3 or p["ops"][0] == p["ops"][1]) and p["seconds"] >= 0
+               and p["peak_anon_bytes"] > 0 for p in passes)
+    assert any(p["ops"][0] < p["ops"][1] for p in passes)
     assert sum(p["tensors"] for p in passes) == len(tensors) and all("calibration group" in line for line in lines)
     assert list(tmp_path.iterdir()) == []  # the values handed between groups are gone
     assert set(grouped) == set(one) == set(tensors)
@@ -848,6 +852,90 @@ def test_calibration_in_groups_measures_what_one_pass_does(tiny, tmp_path, monke
         (data_one, report_one), (data_groups, report_groups) = made.values()
         assert report_one["groups"]["count"] == 1 and report_groups["groups"]["count"] >= 2
         assert data_groups == data_one, method
+
+
+def test_calibration_passes_run_with_transient_indirection_buffers_to_the_interpreters_statistics(tiny, tmp_path,
+                                                                                                 monkeypatch):
+    """Issue 17: calibration's passes -- one over the whole graph, or a group's cut model each -- run through
+    LiteRT's C API with XNNPACK's transient indirection buffers (tflite_calibration.TRANSIENT_INDIRECTION), every
+    sample of every pass with the flag; their statistics (min, max, value subsamples) are the Python interpreter's
+    (buffers kept) to the bit, so is the calibrated model the converter quantizes, with minmax and mse, in one pass
+    or in groups. (The default model at 512x680: the same calibrated bytes, docs/EXPORT.md.)"""
+    from export import tflite_calibration, tflite_graph
+    from export.samples import CALIBRATION_DIR, load_samples
+    from export.tflite_calibration import activation_tensors, calibrate_ranges, measure_statistics, pass_estimate
+    from runtime_py.engines import litert_capi
+
+    flags = []
+    real_run = litert_capi.CompiledModel.run
+    monkeypatch.setattr(litert_capi.CompiledModel, "run", lambda self, feed: flags.append(self.xnnpack_flags)
+                        or real_run(self, feed))
+    monkeypatch.setattr(tflite_calibration, "_STATISTICS", {})
+    work = tiny["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
+    model = (work / "converter_fp32.tflite").read_bytes()
+    graph = tflite_graph.read(model)
+    tensors = activation_tensors(graph)
+    samples = load_samples(CALIBRATION_DIR, SHAPE, 1, seed=4)
+    feeds = [{"image": samples.tensor_image()[i:i + 1], "mask": samples.tensor_mask()[i:i + 1]}
+             for i in range(len(samples))]
+    memory = pass_estimate(graph, range(len(graph.subgraphs[0].operators)), transient=True) // 3
+    made = {}
+    for transient in (False, True):
+        monkeypatch.setattr(tflite_calibration, "TRANSIENT_INDIRECTION", transient)
+        flags.clear()
+        report = {}
+        whole = measure_statistics(model, tensors, feeds, threads=2, grid=True)
+        grouped = measure_statistics(model, tensors, feeds, threads=2, grid=True, memory_bytes=memory,
+                                     folder=str(tmp_path), report=report)
+        passes = 1 + report["groups"]["count"]
+        assert report["groups"]["count"] >= 2
+        if transient:  # every sample of every pass through the C API, with the flag
+            assert len(flags) == passes * len(feeds), (len(flags), passes)
+            assert all(f & litert_capi.XNNPACK_FLAG_TRANSIENT_INDIRECTION_BUFFER for f in flags), flags
+        else:
+            assert flags == []
+        files = []
+        for method in ("minmax", "mse"):
+            tflite_calibration._STATISTICS.clear()  # a pass of its own each time
+            files.append(calibrate_ranges(model, lambda: iter(feeds), threads=2, method=method)[0])
+        made[transient] = whole, grouped, files
+    (kept_one, kept_groups, kept_files), (one, groups, files) = made[False], made[True]
+    for t in tensors:
+        for mine, theirs in ((one, kept_one), (groups, kept_groups), (groups, kept_one)):
+            assert mine[t].mins == theirs[t].mins and mine[t].maxs == theirs[t].maxs, t
+            assert len(mine[t].parts) == len(feeds) and all(
+                np.array_equal(a, b) for a, b in zip(mine[t].parts, theirs[t].parts)), t
+    assert files == kept_files
+
+
+def test_the_grouping_estimate_keeps_no_convolution_buffer_with_transient_indirection(tiny, monkeypatch):
+    """With transient indirection buffers a pass keeps no convolution's indirection buffer; XNNPACK builds the
+    running convolution's in its workspace, so a group's estimate counts its largest buffer instead of their sum
+    (measured, default model: the whole pass at 512x680 1,454 -> 960 MiB, at 1024x1360 ops 62-90 3,419 -> 1,938 MiB;
+    docs/EXPORT.md). A budget the kept buffers' estimate exceeds and the transient one fits is one pass, not several."""
+    from export import tflite_calibration, tflite_graph
+    from export.tflite_calibration import _indirection_bytes, activation_tensors, calibration_groups, pass_estimate
+
+    graph = tflite_graph.read((tiny["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor" /
+                               "converter_fp32.tflite").read_bytes())
+    sg = graph.subgraphs[0]
+    ops = range(len(sg.operators))
+    buffers = [_indirection_bytes(graph, sg.operators[i]) for i in ops]
+    # pixels x taps x 8 B (a 3x3 convolution at full resolution among them) for each of GMCNN's 44 convolutions,
+    # none of them 1x1; none for other ops
+    conv = [i for i in ops if tflite_graph.op_name(graph, sg.operators[i]) == "CONV_2D"]
+    assert all(buffers[i] for i in conv) and len(conv) == 44 and SHAPE[0] * SHAPE[1] * 9 * 8 in buffers
+    assert all(buffers[i] == 0 for i in ops if i not in conv)
+    kept, transient = pass_estimate(graph, ops, transient=False), pass_estimate(graph, ops, transient=True)
+    assert kept - transient == sum(buffers) - max(buffers) > 0
+    for i in conv:  # a convolution alone: its buffer either way
+        assert pass_estimate(graph, [i], transient=False) == pass_estimate(graph, [i], transient=True)
+    assert tflite_calibration.TRANSIENT_INDIRECTION and pass_estimate(graph, ops) == transient  # the default
+    tensors = activation_tensors(graph)
+    budget = (kept + transient) // 2
+    assert len(calibration_groups(graph, tensors, budget)) == 1
+    monkeypatch.setattr(tflite_calibration, "TRANSIENT_INDIRECTION", False)
+    assert len(calibration_groups(graph, tensors, budget)) >= 2
 
 
 def test_image_calibration_shares_the_tensor_signatures_pass(tiny, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ outputs are every range probe; :func:`export.tflite_calibration.measure_statisti
 ``transient_indirection=True`` runs the file through LiteRT's C API instead of its Python interpreter
 (:mod:`runtime_py.engines.litert_capi`: the same XNNPACK, asked to build its indirection buffers per run rather
 than keep them: 627 MiB less at 512x680 and 2.45 GiB less at 1024x1360 for the default model; the same output
-bytes; docs/EXPORT.md "Transient indirection buffers"). The export's gates use it.
+bytes; docs/EXPORT.md "Transient indirection buffers"). The export's gates and int8 calibration use it.
 NHWC 'tensor' signature: image (1,H,W,3) float32 [-1,1] RGB, mask (1,H,W,1) float32
 {0,1} -> (1,H,W,3) float32 [-1,1]. 'image' signature: uint8 RGB image, uint8 mask
 255 = hole -> uint8 RGB composite. Quantized int8 I/O uses each tensor's own
