@@ -66,13 +66,9 @@ __all__ = ["NAME", "SUFFIX", "EXTRA", "PRECISIONS", "IOS", "check_available", "c
 
 
 def _ct():
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import coremltools as ct
-    except ImportError as exc:
-        raise MissingDependencyError("coremltools", "export", "Core ML export") from exc
-    return ct
+    from runtime_py.mil_executor import import_coremltools
+
+    return import_coremltools("Core ML export")
 
 
 def artifact_name(shape: Tuple[int, int], precision: str, io: str) -> str:

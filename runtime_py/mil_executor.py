@@ -40,6 +40,8 @@ program needs NumPy alone.
 """
 from __future__ import annotations
 
+import contextlib
+
 import os
 import time
 from collections import Counter
@@ -237,13 +239,48 @@ def tensor_to_image(value: np.ndarray, spec: TensorSpec) -> np.ndarray:
 
 # ------------------------------------------------------------------------ loading
 
-def _import_coremltools():
+@contextlib.contextmanager
+def quiet_coremltools():
+    """Silence what importing coremltools says on every run off macOS: its "untested torch/tensorflow
+    version" notices and one "Failed to load _ML...Proxy: No module named 'coremltools.libcoremlpython'"
+    per missing native proxy (eight lines a process; Linux has no Core ML runtime, and the reference
+    executor is how packages run here), and TensorFlow's C++ start-up lines when coremltools brings
+    TensorFlow in (``TF_CPP_MIN_LOG_LEVEL`` 2 unless set). Its errors still get through."""
+    import logging
     import warnings
 
+    # coremltools imports TensorFlow when it is installed: its C++ start-up lines (CUDA stubs, CPU
+    # features) are not the user's business either, unless they asked for them
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logger = logging.getLogger("coremltools")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():  # "untested torch/tensorflow version" notices
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import coremltools  # noqa: F401
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def import_coremltools(purpose: str = "reading .mlpackage files"):
+    """``coremltools``, imported quietly (:func:`quiet_coremltools`); MissingDependencyError naming
+    ``purpose`` without it."""
+    try:
+        with quiet_coremltools():
+            import coremltools
+            # the native proxies' modules are imported on first use of MLModel / compute plans
+            import coremltools.models.compute_plan  # noqa: F401
+            import coremltools.models.model  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError("coremltools", "export", purpose) from exc
+    return coremltools
+
+
+def _import_coremltools():
+    coremltools = import_coremltools()
+    try:
+        with quiet_coremltools():
             from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
             from coremltools.converters.mil.mil import types
     except ImportError as exc:

@@ -17,7 +17,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 
 from ..contract import layout_for, signature_infos
-from ..errors import MissingDependencyError, UserError
+from ..errors import UserError
 from .base import Engine, TensorSpec, role_of
 
 #: factory(path) -> object with ``predict(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]``
@@ -65,10 +65,9 @@ class CoreMLEngine(Engine):
         if not self.reference:
             if platform.system() != "Darwin":
                 raise UserError(f"{self.path}: Core ML predict runs only on macOS (use the reference executor)")
-            try:
-                import coremltools as ct
-            except ImportError:
-                raise MissingDependencyError("coremltools", "export", "the coreml engine") from None
+            from ..mil_executor import import_coremltools
+
+            ct = import_coremltools("the coreml engine")
             self.model = ct.models.MLModel(self.path, compute_units=getattr(ct.ComputeUnit, self.compute_units))
             self._predict = self._predict_coreml
         else:
