@@ -453,27 +453,32 @@ def conv_weights(model, op_index: int) -> np.ndarray:
     raise ValueError(f"convolution filter of type {DTYPE_NAMES.get(t.type, t.type)}")
 
 
+def _walk_back(idx: "_Index", tensor: int):
+    """From ``tensor`` back through non-convolution ops: yields ``("conv", tensor)`` for each CONV_2D
+    output reached (not walked past) and ``("op", op_index)`` for each other op passed through."""
+    model, sg = idx.model, idx.sg
+    stack, seen = [tensor], set()
+    while stack:
+        t = stack.pop()
+        if t in seen or t not in idx.producer:
+            continue
+        seen.add(t)
+        p = idx.producer[t]
+        if idx.name(p) == "CONV_2D":
+            yield "conv", t
+            continue
+        yield "op", p
+        stack.extend(u for u in _ids(sg.operators[p].inputs) if u >= 0 and not _is_constant(model, sg.tensors[u]))
+
+
 def conv_producers(model) -> Dict[str, List[str]]:
     """For each CONV_2D (by output name), the CONV_2Ds whose outputs reach its input through
     non-convolution ops only (activations, resizes, concatenations, pads, (de)quantization)."""
     idx = _Index(model)
     sg = idx.sg
-    out = {}
-    for name, i in conv_nodes(model):
-        found, stack, seen = [], [_ids(sg.operators[i].inputs)[0]], set()
-        while stack:
-            t = stack.pop()
-            if t in seen or t not in idx.producer:
-                continue
-            seen.add(t)
-            p = idx.producer[t]
-            if idx.name(p) == "CONV_2D":
-                found.append(tensor_name(sg.tensors[t]))
-                continue
-            stack.extend(u for u in _ids(sg.operators[p].inputs)
-                         if u >= 0 and not _is_constant(model, sg.tensors[u]))
-        out[name] = sorted(set(found))
-    return out
+    return {name: sorted({tensor_name(sg.tensors[t]) for kind, t in _walk_back(idx, _ids(sg.operators[i].inputs)[0])
+                          if kind == "conv"})
+            for name, i in conv_nodes(model)}
 
 
 #: Ops that only move or combine activations: between two float convolutions an int8 file would
@@ -485,47 +490,22 @@ _PASS_THROUGH_OPS = ("RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR", "CONCATENATIO
 def ops_between_convs(model, float_convs: Iterable[str]) -> List[str]:
     """Output names of the resizes, concatenations, pads and slices that lie between convolutions of
     ``float_convs`` only: walking back from each such convolution's input through non-convolution ops,
-    every op of :data:`_PASS_THROUGH_OPS` whose own input reaches convolutions, all of them in
+    every op of :data:`_PASS_THROUGH_OPS` whose own inputs reach convolutions, all of them in
     ``float_convs``. Ops fed by an integer convolution or by the graph's inputs alone are left out."""
     idx = _Index(model)
     sg = idx.sg
     chosen = set(float_convs)
-    conv_out = {tensor_name(sg.tensors[_ids(sg.operators[i].outputs)[0]]): i for _, i in conv_nodes(model)}
-
-    def upstream_convs(op_index: int, memo: Dict[int, frozenset]) -> frozenset:
-        if op_index in memo:
-            return memo[op_index]
-        memo[op_index] = frozenset()  # a cycle cannot occur in a TFLite graph; this only stops recursion
-        found = set()
-        for u in _ids(sg.operators[op_index].inputs):
-            if u < 0 or u not in idx.producer or _is_constant(model, sg.tensors[u]):
+    conv_ops = dict(conv_nodes(model))
+    out = set()
+    for name in chosen & set(conv_ops):
+        for kind, p in _walk_back(idx, _ids(sg.operators[conv_ops[name]].inputs)[0]):
+            if kind != "op" or idx.name(p) not in _PASS_THROUGH_OPS:
                 continue
-            p = idx.producer[u]
-            if idx.name(p) == "CONV_2D":
-                found.add(tensor_name(sg.tensors[u]))
-            else:
-                found |= upstream_convs(p, memo)
-        memo[op_index] = frozenset(found)
-        return memo[op_index]
-
-    memo: Dict[int, frozenset] = {}
-    out, seen = set(), set()
-    for name in chosen:
-        if name not in conv_out:
-            continue
-        stack = [_ids(sg.operators[conv_out[name]].inputs)[0]]
-        while stack:
-            t = stack.pop()
-            if t in seen or t not in idx.producer:
-                continue
-            seen.add(t)
-            p = idx.producer[t]
-            if idx.name(p) == "CONV_2D":
-                continue
-            convs = upstream_convs(p, memo)
-            if idx.name(p) in _PASS_THROUGH_OPS and convs and convs <= chosen:
+            convs = {tensor_name(sg.tensors[t]) for u in _ids(sg.operators[p].inputs)
+                     if u >= 0 and not _is_constant(idx.model, sg.tensors[u])
+                     for kind2, t in _walk_back(idx, u) if kind2 == "conv"}
+            if convs and convs <= chosen:
                 out.add(tensor_name(sg.tensors[_ids(sg.operators[p].outputs)[0]]))
-            stack.extend(u for u in _ids(sg.operators[p].inputs) if u >= 0 and not _is_constant(model, sg.tensors[u]))
     return sorted(out)
 
 
