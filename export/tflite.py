@@ -343,14 +343,15 @@ def float_nodes(generator, work: Path, precision: str, keep_float: Sequence[str]
     if unknown:
         raise ValueError(f"no convolution named {', '.join(unknown)}")
     chosen = {nodes[k] for k in keep_float}
+    graph = g.read(data) if precision == "int8" or (precision in FALLBACK_INPUT_PRECISIONS and inputs) else None
     if precision in FALLBACK_INPUT_PRECISIONS and inputs:
-        producers = g.conv_producers(g.read(data))
+        producers = g.conv_producers(graph)
         chosen |= {p for k in keep_float for p in producers[nodes[k]]}
     if precision == "int8":
         # the resizes and concatenations between float convolutions would still be int8 on their own
         # ranges: at 1024x1360 the shipped model's upsamplings alone hold every convolution float at
         # 16.9 dB (42.5 dB with them float too)
-        chosen |= set(g.ops_between_convs(g.read(data), chosen))
+        chosen |= set(g.ops_between_convs(graph, chosen))
     return sorted(chosen)
 
 
