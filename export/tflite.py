@@ -692,8 +692,10 @@ def quantization_summary(path: Path, precision: str, details: Optional[dict] = N
     else:
         quantized = [r for r in rows if r["input"] in ("int8", "int16")]
     total = sum(r["macs"] for r in rows) or 1
+    # the biases as the file stores them: int32 (int8), int64 (int16x8), float32 (int8-dynamic's hybrid convolutions)
+    biases = sorted({r["bias"] for r in quantized if r["bias"] != "none"})
     out: Dict[str, object] = {
-        "weights": WEIGHT_SCHEME + ("; biases int64" if precision == "int16x8" else "; biases int32"),
+        "weights": WEIGHT_SCHEME + (f"; biases {', '.join(biases)}" if biases else ""),
         "conv_macs_quantized_fraction": round(sum(r["macs"] for r in quantized) / total, 4),
         "convs_quantized": len(quantized), "convs": len(rows),
         "float_convs": [r["node"] for r in rows if r not in quantized],

@@ -511,18 +511,22 @@ def ops_between_convs(model, float_convs: Iterable[str]) -> List[str]:
 
 def conv_macs(model) -> List[Dict[str, object]]:
     """Per CONV_2D: output name, multiply-accumulates of one inference, and the types of its
-    input activation and filter (``int8``/``int16`` activations compute in integers; an int8
-    filter with a float32 input is a dynamic-range (hybrid) convolution)."""
+    input activation, filter and bias (``int8``/``int16`` activations compute in integers; an int8
+    filter with a float32 input is a dynamic-range (hybrid) convolution, its bias float32; bias
+    ``none`` without one)."""
     sg = model.subgraphs[0]
     rows = []
     for name, i in conv_nodes(model):
         op = sg.operators[i]
-        x, w = (sg.tensors[t] for t in _ids(op.inputs)[:2])
+        ins = _ids(op.inputs)
+        x, w = (sg.tensors[t] for t in ins[:2])
+        b = sg.tensors[ins[2]] if len(ins) > 2 and ins[2] >= 0 else None
         o = sg.tensors[_ids(op.outputs)[0]]
         cout, kh, kw, cin = (int(v) for v in _ids(w.shape))
         _, oh, ow, _ = (int(v) for v in _ids(o.shape))
         rows.append({"node": name, "macs": oh * ow * cout * kh * kw * cin,
-                     "input": DTYPE_NAMES.get(x.type, str(x.type)), "weights": DTYPE_NAMES.get(w.type, str(w.type))})
+                     "input": DTYPE_NAMES.get(x.type, str(x.type)), "weights": DTYPE_NAMES.get(w.type, str(w.type)),
+                     "bias": "none" if b is None else DTYPE_NAMES.get(b.type, str(b.type))})
     return rows
 
 

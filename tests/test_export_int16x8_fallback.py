@@ -93,6 +93,7 @@ def test_a_failing_int16x8_file_passes_with_the_planted_layer_and_its_producer_k
     types = {name: _types(model, i) for name, i in convs.items()}
     assert sorted(n for n, t in types.items() if t == ("float32",) * 4) == sorted(q["float_convs"])
     assert all(t == ("int16", "int8", "int64", "int16") for n, t in types.items() if n not in q["float_convs"])
+    assert q["weights"].endswith("; biases int64")
     assert g.op_counts(model)["ELU"] == 43
 
 

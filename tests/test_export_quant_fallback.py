@@ -106,6 +106,8 @@ def test_failing_int8_files_pass_with_the_planted_layer_kept_float(fallback_expo
         assert price["pure"]["latency_median_s"] > 0 and price["fallback"]["peak_rss_mib"] > 0
         # the file itself: exactly those convolutions compute in float
         rows = tflite_graph.conv_macs(tflite_graph.read((fallback_export["out"] / a.file).read_bytes()))
+        # the manifest names the biases the file stores (hybrid convolutions keep float ones)
+        assert q["weights"].endswith("; biases int32" if precision == "int8" else "; biases float32")
         if precision == "int8":
             assert sorted(r["node"] for r in rows if r["input"] == "float32") == sorted(q["float_convs"])
         else:
