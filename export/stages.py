@@ -220,10 +220,11 @@ def write_report(report: dict, out: Path, partial_prefix: str, reused_only: bool
 # Peak anonymous memory of a group of stages: fixed + the larger of per_value x (the values all convolutions of one
 # forward pass output, models.gmcnn.conv_layers) and per_pixel x (pixels of the shape).
 # * TFLite worker: fixed 270 MiB (its anonymous peak in the tiny cnum-4 export at 64x96: TensorFlow's own);
-#   per value from int8 calibration of the default model (cnum 32) at 1024x1360, its largest stage: 6,947 MiB
-#   anonymous (the stage report, sampled every 0.2 s; docs/EXPORT.md, "Stage report and memory budget"), ~9.3 B
-#   per value, rounded up to 9.6; onnx2tf, with its validation outputs on disk, needs less (1,089 MiB at
-#   512x680, 2,720 MiB at 1024x1360).
+#   per value from int8 calibration of the default model (cnum 32) at 1024x1360, its largest stage: 4,730 MiB
+#   anonymous with the calibration passes on transient indirection buffers (2026-12-03, the stage report of
+#   `export --formats tflite --precisions int8 --io tensor --shapes 1024x1360`, sampled every 0.2 s; 6,947 MiB
+#   before them), 6.2 B per value above the fixed part, rounded up to 6.4; onnx2tf, with its validation
+#   outputs on disk, needs less (1,089 MiB at 512x680, 2,711 MiB at 1024x1360).
 #   That is calibration in one pass: under a budget it would exceed, calibration measures the graph in groups that
 #   fit what the budget leaves (export.tflite_calibration.calibration_groups), so this figure is the worker's peak
 #   when nothing bounds it, an upper bound otherwise.
@@ -235,7 +236,7 @@ def write_report(report: dict, out: Path, partial_prefix: str, reused_only: bool
 #   516 MiB of its 993 MiB resident).
 MIB = 1 << 20
 PEAK_MODEL: Dict[str, Tuple[float, float, float]] = {  # group: (fixed bytes, bytes per value, bytes per pixel)
-    TFLITE_WORKER: (270 * MIB, 9.6, 2600.0),
+    TFLITE_WORKER: (270 * MIB, 6.4, 2600.0),
     "coreml": (975 * MIB, 11.0, 0.0),
 }
 
