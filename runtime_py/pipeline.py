@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from .errors import UserError
-from .geometry import (Window, context_window, erode, mask_bbox, needs_rotation, resize_image, resize_image_part,
+from .geometry import (Window, context_window, copy_where, erode, mask_bbox, needs_rotation, resize_image, resize_image_part,
                        resize_mask, rotate_in, rotate_out, rotated_back, round_to_u8, scaled_radius)
 from .tiling import run_tiled
 from .trace import Trace
@@ -278,7 +278,7 @@ class Pipeline:
                 up_box, hole_box = rotate_out(up_box), rotate_out(hole_box)
                 at = rotated_back(at, image.shape[0])
             result = image.copy()
-            np.copyto(result[at.slices], up_box, where=hole_box[:, :, None])
+            copy_where(result[at.slices], up_box, hole_box)
         self.trace.add("output", result, "final: input outside the mask, pipeline result inside")
         if self.trace.enabled:
             self.stats.stage_seconds["trace"] = self.trace.seconds
