@@ -68,8 +68,12 @@ def resize_image(img: np.ndarray, shape: Shape) -> np.ndarray:
     return resize_image_part(img, (rows, cols), None)
 
 
-def resize_image_part(img: np.ndarray, shape: Shape, part: Optional["Window"]) -> np.ndarray:
+def resize_image_part(img: np.ndarray, shape: Shape, part: Optional["Window"],
+                      target: Optional[np.ndarray] = None) -> np.ndarray:
     """``resize_image(img, shape)[part.slices]``, rounded only inside ``part`` (None: everywhere).
+
+    ``target``: what :func:`resample_target` gave for this resize, resampled into (its contents are
+    overwritten), so that its memory can be faulted in at a time of the caller's choosing.
 
     The resampling itself covers the whole target (cut out of a resize of a crop, edge pixels
     would be replicated at the crop's border instead of the image's); the rounding touches only
@@ -78,16 +82,38 @@ def resize_image_part(img: np.ndarray, shape: Shape, part: Optional["Window"]) -
     rows, cols = int(shape[0]), int(shape[1])
     if img.shape[:2] == (rows, cols):
         return (img if part is None else img[part.slices]).copy()
-    out = _resampled(img, (rows, cols), _interpolation(img.shape[:2], (rows, cols), cv2.INTER_CUBIC))
+    out = _resampled(img, (rows, cols), _interpolation(img.shape[:2], (rows, cols), cv2.INTER_CUBIC), target)
     return round_to_u8(out if part is None else out[part.slices])
 
 
-def _resampled(img: np.ndarray, shape: Shape, method: int) -> np.ndarray:
+def resample_target(src_shape: Shape, dst_shape: Shape, channels: int = 3) -> Optional[np.ndarray]:
+    """The (rows, cols, channels) float32 array an image resize from ``src_shape`` to ``dst_shape``
+    resamples into in one OpenCV call, every page already written (so faulted in); None when the
+    resize makes no such array (the same shape, or an area downscale run in passes)."""
+    rows, cols = int(dst_shape[0]), int(dst_shape[1])
+    if tuple(src_shape[:2]) == (rows, cols) or _in_passes(src_shape, (rows, cols)):
+        return None
+    target = np.empty((rows, cols, channels), np.float32)
+    target.fill(0.0)
+    return target
+
+
+def _in_passes(src_shape: Shape, shape: Shape) -> bool:
+    return (_interpolation(src_shape[:2], shape, cv2.INTER_CUBIC) == cv2.INTER_AREA
+            and not (_integer_scale(src_shape[0], shape[0]) or _integer_scale(src_shape[1], shape[1])))
+
+
+def _resampled(img: np.ndarray, shape: Shape, method: int, target: Optional[np.ndarray] = None) -> np.ndarray:
     """``cv2.resize(img.astype(np.float32), (cols, rows), interpolation=method)``, every bit of it."""
     rows, cols = shape
-    if method == cv2.INTER_AREA and not (_integer_scale(img.shape[0], rows) or _integer_scale(img.shape[1], cols)):
+    if _in_passes(img.shape, shape):
         return _area_in_passes(img, shape)
-    return cv2.resize(img.astype(np.float32), (cols, rows), interpolation=method)
+    if target is None:
+        return cv2.resize(img.astype(np.float32), (cols, rows), interpolation=method)
+    if target.shape != (rows, cols) + img.shape[2:] or target.dtype != np.float32:
+        raise ValueError(f"resample target {target.shape} {target.dtype} for a resize to {(rows, cols) + img.shape[2:]}")
+    out = cv2.resize(img.astype(np.float32), (cols, rows), dst=target, interpolation=method)
+    return out
 
 
 # Why running OpenCV's two INTER_AREA passes one by one changes no byte (float32 images; the generic

@@ -147,6 +147,26 @@ def test_resize_image_part_is_the_formula_inside_the_box(src, dst):
     np.testing.assert_array_equal(resize_image_part(img, dst, None), whole)
 
 
+@pytest.mark.parametrize("src,dst", [p for p in SHAPE_PAIRS if p[0] != p[1]])
+def test_resize_into_a_resample_target_is_the_formula(src, dst):
+    """A target made (and its pages written) ahead of the resize gives the same bytes; one is made
+    exactly when the resize resamples into a whole float32 array in one call; a wrong one is refused."""
+    from runtime_py.geometry import resample_target
+
+    rng = np.random.default_rng(sum(dst))
+    img = rng.integers(0, 256, (*src, 3), np.uint8)
+    target = resample_target(src, dst)
+    one_call = not (dst[0] <= src[0] and dst[1] <= src[1]) or (src[0] % dst[0] == 0 or src[1] % dst[1] == 0)
+    assert (target is not None) == one_call
+    if target is None:
+        return
+    assert target.shape == (*dst, 3) and target.dtype == np.float32
+    box = Window(dst[0] // 4, dst[1] // 3, dst[0] // 2 + 1, dst[1] - 1)
+    np.testing.assert_array_equal(resize_image_part(img, dst, box, target), formula_resize_image(img, dst)[box.slices])
+    with pytest.raises(ValueError):
+        resize_image_part(img, dst, box, np.zeros((dst[0] + 1, dst[1], 3), np.float32))
+
+
 # axis lengths (source, destination): the 12 MP crop's, integer factors 2 and 3, one pixel less,
 # primes, a large factor, scales just over an integer (the 1e-3 overlap rule's neighbourhood), the same length
 AXES = [(2814, 512), (3738, 680), (1024, 512), (1360, 680), (1536, 512), (681, 680), (997, 512), (1021, 509),
