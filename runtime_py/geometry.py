@@ -125,7 +125,8 @@ def _resampled(img: np.ndarray, shape: Shape, method: int, target: Optional[np.n
 #   the same order.
 # It takes a different path (block sums, ``resizeAreaFast``) when both of a call's scales are
 # integers, so the passes run one by one only when neither scale is. (INTER_CUBIC's passes do not
-# split like this: the test finds a last-bit difference at 68,010 of 31.6 M values of an upscale.)
+# split like this: a check found last-bit differences at 68,010 of the 31.6 M values of a
+# 512x680 -> 2814x3738 upscale.)
 
 _AREA_BAND_BYTES = 1 << 21
 
