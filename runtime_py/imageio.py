@@ -339,7 +339,7 @@ def compose_output(src: SourceImage, result_rgb8: np.ndarray, hole: np.ndarray) 
     result_rgb8: (H,W,3) uint8 RGB; hole: (H,W) bool. Grey inputs get
     ``round(0.299 R + 0.587 G + 0.114 B)`` in the hole; 16-bit inputs get ``v8 * 257``.
     """
-    from .geometry import mask_bbox
+    from .geometry import copy_where, mask_bbox
 
     out = src.pixels.copy()
     box = mask_bbox(hole)
@@ -351,11 +351,11 @@ def compose_output(src: SourceImage, result_rgb8: np.ndarray, hole: np.ndarray) 
         r, g, b = (result_rgb8[:, :, i].astype(np.float32) for i in range(3))
         new = np.floor(0.299 * r + 0.587 * g + 0.114 * b + 0.5).clip(0, 255).astype(np.uint8)
         new = new.astype(np.uint16) * 257 if src.depth == 16 else new
-        np.copyto(dst, new, where=hole)
+        copy_where(dst, new, hole)
         return out
-    bgr = result_rgb8[:, :, ::-1]
+    bgr = cv2.cvtColor(result_rgb8, cv2.COLOR_RGB2BGR)  # a channel swap into a packed array, as copy_where likes
     bgr = bgr.astype(np.uint16) * 257 if src.depth == 16 else bgr
-    np.copyto(dst[:, :, :3], bgr, where=hole[:, :, None])
+    copy_where(dst[:, :, :3], bgr, hole)
     return out
 
 

@@ -20,7 +20,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from .errors import UserError
-from .geometry import (Window, context_window, erode, mask_bbox, needs_rotation, resize_image, resize_image_part,
+from .geometry import (Window, context_window, copy_where, erode, mask_bbox, needs_rotation, resample_target, resize_image,
+                       resize_image_part,
                        resize_mask, rotate_in, rotate_out, rotated_back, round_to_u8, scaled_radius)
 from .tiling import run_tiled
 from .trace import Trace
@@ -254,9 +255,19 @@ class Pipeline:
             self.trace.add("crop_image", work, f"context window {window.as_list()}")
             self.trace.add("crop_mask", work_hole, "mask inside the context window")
 
+        # The last resize's float32 target (126 MB for a 12 MP crop) is written here, before the model
+        # runs: first touches of fresh memory right after a model run took 40-250 ms on the measured
+        # machine, 25-30 ms mostly before one. A TFLite engine's memory stays while the run lasts, so
+        # the target would lie next to it anyway: the peak RSS of a 12 MP baseline run is the same
+        # (1,716 MiB both ways; docs/PIPELINE.md); an engine that frees memory after each run (torch)
+        # can peak higher by up to the target's size.
+        fits = work.shape[0] <= s1[0] and work.shape[1] <= s1[1]
+        last_from = (2 * s1[0], 2 * s1[1]) if self.config.two_step and not fits else s1
+        with self._stage("resize"):
+            target = resample_target(last_from, work.shape[:2])
         top = self._pass1(work, work_hole)
         if self.config.two_step:
-            if work.shape[0] <= s1[0] and work.shape[1] <= s1[1]:
+            if fits:
                 self.stats.passes.append({"pass": 2, "skipped": "pass 1 already ran at full resolution"})
             else:
                 top = self._pass2(work, work_hole, top)
@@ -266,7 +277,8 @@ class Pipeline:
         # on the box (docs/PIPELINE.md "Back to full resolution").
         box = mask_bbox(work_hole)
         with self._stage("resize"):
-            up_box = resize_image_part(top, work.shape[:2], box)
+            up_box = resize_image_part(top, work.shape[:2], box, target)
+            del target
         if self.trace.enabled:
             self.trace.add("upscaled", resize_image(top, work.shape[:2]),
                            f"last composite resized to {work.shape[0]}x{work.shape[1]}")
@@ -278,7 +290,7 @@ class Pipeline:
                 up_box, hole_box = rotate_out(up_box), rotate_out(hole_box)
                 at = rotated_back(at, image.shape[0])
             result = image.copy()
-            np.copyto(result[at.slices], up_box, where=hole_box[:, :, None])
+            copy_where(result[at.slices], up_box, hole_box)
         self.trace.add("output", result, "final: input outside the mask, pipeline result inside")
         if self.trace.enabled:
             self.stats.stage_seconds["trace"] = self.trace.seconds
