@@ -345,7 +345,8 @@ def quantize_calibrated(calibrated: bytes, precision: str, io: str, float_nodes=
     fallback allowed, because LiteRT has no int16 ELU (the 43 ELUs stay float between
     DEQUANTIZE and QUANTIZE); it takes no list of float nodes, so the named convolutions are made
     float in its output afterwards (:func:`export.tflite_graph.float_convs_16x8`: the float filters
-    and biases of ``calibrated``, their inputs and outputs float).
+    and biases of ``calibrated``, their inputs and outputs float); its bilinear resizes always run in float
+    (:func:`export.tflite_graph.float_resizes_16x8`).
     """
     import numpy as np
 
@@ -364,13 +365,13 @@ def quantize_calibrated(calibrated: bytes, precision: str, io: str, float_nodes=
         data = calibrator.Calibrator(calibrated)._calibrator.QuantizeModel(
             np.dtype(np.float32).num, np.dtype(np.float32).num, True, np.dtype(np.int16).num,
             np.dtype(np.int64).num, False, False)
-        if float_nodes:
-            from . import tflite_graph
+        from . import tflite_graph
 
-            model = tflite_graph.read(data)
+        model = tflite_graph.read(data)
+        tflite_graph.float_resizes_16x8(model)  # LiteRT's int16 bilinear resize is far coarser than int16
+        if float_nodes:
             tflite_graph.float_convs_16x8(model, tflite_graph.read(calibrated), float_nodes)
-            data = tflite_graph.write(model)
-        return data
+        return tflite_graph.write(model)
     raise ValueError(f"{precision} has no calibrated activations")
 
 
