@@ -689,8 +689,7 @@ def float_convs_16x8(model, float_model, names: Iterable[str]) -> int:
         if op.builtinOptions is not None and hasattr(op.builtinOptions, "quantizedBiasType"):
             op.builtinOptions.quantizedBiasType = T.FLOAT32  # the option's default: no quantized bias
         changed += 1
-    sg.operators = [new for i, op in enumerate(sg.operators)
-                    for new in inserted_before[i] + [op] + inserted_after[i]]
+    _splice(sg, inserted_before, inserted_after)
     while True:  # the (de)quantizations left without a reader, and what that leaves unread in turn
         idx = _Index(model)
         dead = [k for k, op in enumerate(sg.operators) if id(op) in maybe_dead
@@ -735,9 +734,13 @@ def float_resizes_16x8(model) -> int:
         op.outputs = [yf]
         op.opcodeIndex = _opcode_index(model, OP.RESIZE_BILINEAR, 1)  # the float kernel's version
         changed += 1
-    sg.operators = [new for i, op in enumerate(sg.operators)
-                    for new in inserted_before[i] + [op] + inserted_after[i]]
+    _splice(sg, inserted_before, inserted_after)
     return changed
+
+
+def _splice(sg, before: Dict[int, list], after: Dict[int, list]) -> None:
+    """Put the new ops ``before[i]`` / ``after[i]`` around subgraph ``sg``'s op ``i``, for every ``i``."""
+    sg.operators = [new for i, op in enumerate(sg.operators) for new in before.get(i, []) + [op] + after.get(i, [])]
 
 
 # XNNPACK's delegate takes CONCATENATION with at most this many inputs (measured: 5 in, 7 out).

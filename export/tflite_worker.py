@@ -335,6 +335,19 @@ def calibrated_model(saved_model: str, precision: str, io: str, calibration: dic
     return data
 
 
+def quantize_16x8(calibrated: bytes) -> bytes:
+    """The converter's 16x8 quantizer's own output for a calibrated float model (int16 activations, int8
+    per-channel weights, int64 biases, float fallback), before :func:`quantize_calibrated`'s rewrites."""
+    import numpy as np
+    from tensorflow.lite.python.optimize import calibrator
+
+    # the converter's 16x8 path calibrates and quantizes in one call; the model already holds
+    # the chosen ranges, so its quantizer runs with nothing fed (it keeps those min/max)
+    return calibrator.Calibrator(calibrated)._calibrator.QuantizeModel(
+        np.dtype(np.float32).num, np.dtype(np.float32).num, True, np.dtype(np.int16).num,
+        np.dtype(np.int64).num, False, False)
+
+
 def quantize_calibrated(calibrated: bytes, precision: str, io: str, float_nodes=()) -> bytes:
     """Quantize a calibrated float model as the converter would, leaving the convolutions whose
     output tensors are named in ``float_nodes`` in float.
@@ -348,8 +361,6 @@ def quantize_calibrated(calibrated: bytes, precision: str, io: str, float_nodes=
     and biases of ``calibrated``, their inputs and outputs float); its bilinear resizes always run in float
     (:func:`export.tflite_graph.float_resizes_16x8`).
     """
-    import numpy as np
-
     if precision == "int8":
         from tensorflow.lite.python.convert import mlir_quantize
         import tensorflow as tf
@@ -358,16 +369,9 @@ def quantize_calibrated(calibrated: bytes, precision: str, io: str, float_nodes=
         return mlir_quantize(calibrated, disable_per_channel=False, input_data_type=io_type,
                              output_data_type=io_type, denylisted_nodes=list(float_nodes) or None)
     if precision == "int16x8":
-        from tensorflow.lite.python.optimize import calibrator
-
-        # the converter's 16x8 path calibrates and quantizes in one call; the model already holds
-        # the chosen ranges, so its quantizer runs with nothing fed (it keeps those min/max)
-        data = calibrator.Calibrator(calibrated)._calibrator.QuantizeModel(
-            np.dtype(np.float32).num, np.dtype(np.float32).num, True, np.dtype(np.int16).num,
-            np.dtype(np.int64).num, False, False)
         from . import tflite_graph
 
-        model = tflite_graph.read(data)
+        model = tflite_graph.read(quantize_16x8(calibrated))
         tflite_graph.float_resizes_16x8(model)  # LiteRT's int16 bilinear resize is far coarser than int16
         if float_nodes:
             tflite_graph.float_convs_16x8(model, tflite_graph.read(calibrated), float_nodes)

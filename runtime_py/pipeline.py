@@ -20,9 +20,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from .errors import UserError
-from .geometry import (Window, context_window, copy_where, erode, mask_bbox, needs_rotation, resample_target, resize_image,
-                       resize_image_part,
-                       resize_mask, rotate_in, rotate_out, rotated_back, round_to_u8, scaled_radius)
+from .geometry import (Window, context_window, copy_where, erode, mask_bbox, needs_rotation, resample_target,
+                       resize_image, resize_image_part, resize_mask, rotate_in, rotate_out, rotated_back, round_to_u8,
+                       scaled_radius)
 from .tiling import run_tiled
 from .trace import Trace
 
@@ -180,9 +180,13 @@ class Pipeline:
             x = self._model(engine, x, m, label)
         return x
 
-    def _pass2(self, work: np.ndarray, hole: np.ndarray, step1: np.ndarray) -> np.ndarray:
+    @property
+    def _pass2_shape(self) -> Tuple[int, int]:
         s1 = self.engines.base_shape
-        s2 = (2 * s1[0], 2 * s1[1])
+        return (2 * s1[0], 2 * s1[1])
+
+    def _pass2(self, work: np.ndarray, hole: np.ndarray, step1: np.ndarray) -> np.ndarray:
+        s1, s2 = self.engines.base_shape, self._pass2_shape
         with self._stage("resize"):
             img2 = resize_image(work, s2)
             hole2 = resize_mask(hole, s2)
@@ -262,7 +266,7 @@ class Pipeline:
         # (1,716 MiB both ways; docs/PIPELINE.md); an engine that frees memory after each run (torch)
         # can peak higher by up to the target's size.
         fits = work.shape[0] <= s1[0] and work.shape[1] <= s1[1]
-        last_from = (2 * s1[0], 2 * s1[1]) if self.config.two_step and not fits else s1
+        last_from = self._pass2_shape if self.config.two_step and not fits else s1
         with self._stage("resize"):
             target = resample_target(last_from, work.shape[:2])
         top = self._pass1(work, work_hole)

@@ -218,15 +218,6 @@ def test_the_int16_rounding_of_the_simulation_is_the_16x8_grid():
     assert all(int16[k] >= int8[k] for k in int8)
 
 
-def _raw_16x8(calibrated: bytes) -> bytes:
-    """The converter's 16x8 quantizer's own output for ``calibrated``: what quantize_calibrated rewrites."""
-    from tensorflow.lite.python.optimize import calibrator
-
-    return calibrator.Calibrator(calibrated)._calibrator.QuantizeModel(
-        np.dtype(np.float32).num, np.dtype(np.float32).num, True, np.dtype(np.int16).num,
-        np.dtype(np.int64).num, False, False)
-
-
 def _tensors(model_bytes: bytes, sample) -> dict:
     """Every tensor LiteRT keeps of one run of a tensor-I/O file on ``sample`` (image, mask), dequantized, by name."""
     from ai_edge_litert.interpreter import Interpreter
@@ -253,6 +244,7 @@ def test_the_16x8_files_bilinear_resizes_run_in_float(int16_export):
     DEQUANTIZE and a QUANTIZE back to its int16 tensor; nearest-neighbour resizes, which copy values, stay int16."""
     from export import tflite_graph as g
     from export.samples import HOLDOUT_DIR, load_samples
+    from export.tflite_worker import quantize_16x8
 
     work = int16_export["work"]
     model = g.read((work / "converter_int16x8.tflite").read_bytes())
@@ -278,7 +270,7 @@ def test_the_16x8_files_bilinear_resizes_run_in_float(int16_export):
     s = load_samples(HOLDOUT_DIR, SHAPE, 1, seed=2, limit=1)
     sample = (image_tensor(s.images[:1]), mask_tensor(s.masks[:1]))
     ref = _tensors(calibrated, sample)
-    raw = _tensors(_raw_16x8(calibrated), sample)
+    raw = _tensors(quantize_16x8(calibrated), sample)
     ours = _tensors((work / "converter_int16x8.tflite").read_bytes(), sample)
 
     def snr(a, b):
