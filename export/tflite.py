@@ -326,7 +326,9 @@ def float_nodes(generator, work: Path, precision: str, keep_float: Sequence[str]
     between them is float (it stays float only between float ops). For ``int8`` also the resizes,
     concatenations, pads and slices lying between float convolutions only
     (:func:`export.tflite_graph.ops_between_convs`): left to the quantizer they round on their own
-    calibrated ranges. ``int16x8``: those convolutions, made
+    calibrated ranges; and the ops joining the graph's inputs or outputs to float convolutions with no
+    convolution between (:func:`export.tflite_graph.io_path_ops`: the normalisation, the hole and the
+    masked input; an ``image`` file's compositing). ``int16x8``: those convolutions, made
     float in the 16x8 quantizer's output (:func:`export.tflite_graph.float_convs_16x8`): they read the ELU
     output before its int16 QUANTIZE (a DEQUANTIZE where an int16 concatenation or resize feeds them) and
     their float output goes straight to the ELU after them; that ELU's input is still the producing
@@ -352,6 +354,9 @@ def float_nodes(generator, work: Path, precision: str, keep_float: Sequence[str]
         # ranges: at 1024x1360 the shipped model's upsamplings alone hold every convolution float at
         # 16.9 dB (42.5 dB with them float too)
         chosen |= set(g.ops_between_convs(graph, chosen))
+        # the path from the graph's inputs to a float convolution, and from one to the outputs, too:
+        # rounded there, the input reaches the float branch on the int8 grid anyway
+        chosen |= set(g.io_path_ops(graph, chosen))
     return sorted(chosen)
 
 
