@@ -190,6 +190,19 @@ def test_tflite_single_file_and_bad_file(tflite_files, tmp_path):
         open_engines("tflite", artifacts=bad)
 
 
+def test_an_engine_not_yet_activated_inpaints(tflite_files):
+    """``inpaint`` on a fresh engine: its feed is built from input specs that exist only once activated."""
+    from runtime_py.engines.tflite_engine import TFLiteEngine
+
+    engine = TFLiteEngine(tflite_files / "tensor.tflite", shape=(16, 24), io="tensor", threads=1)
+    assert not engine.is_active
+    image = np.full((16, 24, 3), 128, np.uint8)
+    hole = np.zeros((16, 24), bool)
+    hole[4:10, 6:14] = True
+    out = engine.inpaint(image, hole)
+    assert out.shape == (16, 24, 3) and engine.is_active
+
+
 @pytest.mark.parametrize("io", ["tensor", "image"])
 def test_tflite_engine_with_transient_indirection_matches_the_interpreter(tflite_files, io):
     """The C API route (runtime_py.engines.litert_capi) declares the interpreter's tensors (names, order,

@@ -179,6 +179,7 @@ class Engine:
         return self.decode_output(out)
 
     def make_feed(self, image: np.ndarray, hole: np.ndarray) -> Dict[str, np.ndarray]:
+        self.activate()  # the input specs are read from the model when it is activated
         feed = {}
         for s in self.input_specs():
             x = encode(s.role, self.io, image, hole)
