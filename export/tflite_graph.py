@@ -527,7 +527,7 @@ def io_path_ops(model, float_convs: Iterable[str]) -> List[str]:
     chosen = set(float_convs)
     conv_ops = {i: name for name, i in conv_nodes(model)}
     # tensors no convolution has touched: the graph's inputs, then every op output computed from them alone
-    untouched = {t for t in _ids(sg.inputs)}
+    untouched = set(_ids(sg.inputs))
     for i, op in enumerate(sg.operators):
         if i in conv_ops:
             continue
@@ -539,25 +539,21 @@ def io_path_ops(model, float_convs: Iterable[str]) -> List[str]:
     for i in reversed(range(len(sg.operators))):
         if i not in conv_ops and any(t in reaching for t in _ids(sg.operators[i].outputs)):
             reaching.update(t for t in _ids(sg.operators[i].inputs) if t >= 0)
-    out, tail_inputs = set(), []
-    for i, name in conv_ops.items():
-        if name not in chosen:
-            continue
+    float_ops = [i for i, name in conv_ops.items() if name in chosen]
+    out = set()
+    for i in float_ops:
         for kind, p in _walk_back(idx, _ids(sg.operators[i].inputs)[0]):
             if kind == "op" and all(t in untouched for t in _ids(sg.operators[p].outputs)):
                 out.add(tensor_name(sg.tensors[_ids(sg.operators[p].outputs)[0]]))
-        stack = list(_ids(sg.operators[i].outputs))
-        seen = set()
-        while stack:
-            t = stack.pop()
-            if t in seen or t not in reaching:
-                continue
-            seen.add(t)
-            for c in idx.consumers.get(t, []):
-                if c not in conv_ops and any(u in reaching for u in _ids(sg.operators[c].outputs)):
-                    out.add(tensor_name(sg.tensors[_ids(sg.operators[c].outputs)[0]]))
-                    stack.extend(_ids(sg.operators[c].outputs))
-                    tail_inputs.extend(_ids(sg.operators[c].inputs))
+    # the tail, in execution order: ops fed by a float convolution or the tail that reach the outputs
+    fed = {t for i in float_ops for t in _ids(sg.operators[i].outputs)}
+    tail_inputs = []
+    for i, op in enumerate(sg.operators):
+        outs = _ids(op.outputs)
+        if i not in conv_ops and any(t in fed for t in _ids(op.inputs)) and any(t in reaching for t in outs):
+            out.add(tensor_name(sg.tensors[outs[0]]))
+            fed.update(outs)
+            tail_inputs.extend(_ids(op.inputs))
     # what the tail reads from the inputs (the pixels, the hole) is computed in float too
     for t in tail_inputs:
         if t >= 0 and t in untouched:
