@@ -30,7 +30,7 @@ and round once to the program's dtype at the end of each op, so they differ by f
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -97,16 +97,43 @@ def clip(x, alpha, beta):
     return np.minimum(np.maximum(x, lo), hi)
 
 
-def _elu_with(x, alpha, expm1_inplace):
-    x = _as_array(x)
-    xf = x.astype(np.float32)
+def _elu_fp32(xf: np.ndarray, alpha, expm1_inplace) -> np.ndarray:
     # max(x,0) + alpha*expm1(min(x,0)): exactly x for x > 0 (expm1(0) = 0), in place, no masks
     neg = np.minimum(xf, 0)
     expm1_inplace(neg)
     neg *= np.float32(alpha)
     np.maximum(xf, 0, out=xf)
     xf += neg
-    return xf.astype(x.dtype)
+    return xf
+
+
+# fp16 ELU results for all 65,536 fp16 bit patterns, per (expm1 variant, alpha): an fp16 program's elu is
+# then one table lookup per value (8x faster than exp in fp32 at 512x680, 43 elus a run), bit for bit
+# what the fp32 evaluation rounded to fp16 gives, because each entry is that evaluation.
+_FP16_ELU_TABLES: Dict[Tuple[str, float], np.ndarray] = {}
+
+
+def _fp16_elu_table(alpha, expm1_inplace, variant: str) -> np.ndarray:
+    key = (variant, float(np.float32(alpha)))
+    table = _FP16_ELU_TABLES.get(key)
+    if table is None:
+        every_half = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+        with np.errstate(invalid="ignore", over="ignore"):  # the NaN and infinity patterns
+            table = _elu_fp32(every_half.astype(np.float32), alpha, expm1_inplace).astype(np.float16)
+        table.flags.writeable = False
+        _FP16_ELU_TABLES[key] = table
+    return table
+
+
+def _elu_with(x, alpha, expm1_inplace, variant: str):
+    x = _as_array(x)
+    if x.dtype == np.float16:
+        return np.asarray(np.take(_fp16_elu_table(alpha, expm1_inplace, variant), x.view(np.uint16)))
+    return _elu_fp32(x.astype(np.float32), alpha, expm1_inplace).astype(x.dtype)
+
+
+def _expm1_inplace(v: np.ndarray) -> None:
+    np.expm1(v, out=v)
 
 
 def _exp_minus_one_inplace(v: np.ndarray) -> None:
@@ -116,14 +143,15 @@ def _exp_minus_one_inplace(v: np.ndarray) -> None:
 
 @mil_op("elu")
 def elu(x, alpha=1.0):
-    """``x`` where x > 0, else ``alpha * (exp(x) - 1)``; evaluated in fp32, rounded once to x's dtype."""
-    return _elu_with(x, alpha, lambda v: np.expm1(v, out=v))
+    """``x`` where x > 0, else ``alpha * (exp(x) - 1)``; evaluated in fp32, rounded once to x's dtype
+    (fp16 x: read from a table of that evaluation over every fp16 value)."""
+    return _elu_with(x, alpha, _expm1_inplace, "expm1")
 
 
 def elu_exp(x, alpha=1.0):
     """:func:`elu` with ``exp(x) - 1`` (SIMD in NumPy) for ``expm1(x)`` (scalar, ~5x slower): for x near 0
     the fp32 result is off by up to ~6e-8 absolute, an fp16 ulp only where |x| < 2**-14."""
-    return _elu_with(x, alpha, _exp_minus_one_inplace)
+    return _elu_with(x, alpha, _exp_minus_one_inplace, "exp")
 
 
 @mil_op("round")

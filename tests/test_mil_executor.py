@@ -498,6 +498,23 @@ def test_fast_elu_is_elu_up_to_fp32_rounding_near_zero():
     assert ops.elu_exp(x=f16).dtype == np.float16
 
 
+def test_fp16_elu_table_is_the_fp32_evaluation_rounded_once():
+    """fp16 elu reads a table; every entry must be what evaluating that value in fp32 and rounding gives, per
+    variant and alpha (NaN, infinities, subnormals and a non-contiguous view included)."""
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.standard_normal(20_001) * 6, [np.nan, np.inf, -np.inf, 0.0, -0.0, -6e-8, 6e-8, -70000.0]])
+    x = values.astype(np.float16).reshape(1, 1, -1)[..., ::3]  # strided
+    for fn, expm1_inplace in ((ops.elu, ops._expm1_inplace), (ops.elu_exp, ops._exp_minus_one_inplace)):
+        for alpha in (np.float16(1.0), np.float16(0.7), 0.7):
+            with np.errstate(invalid="ignore", over="ignore"):
+                want = ops._elu_fp32(x.astype(np.float32), alpha, expm1_inplace).astype(np.float16)
+            got = fn(x=x, alpha=alpha)
+            assert got.dtype == np.float16 and got.shape == x.shape
+            np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+    # each alpha (0.7 and fp16's 0.7002) and each variant has its own table
+    assert not np.array_equal(ops.elu(x=x, alpha=1.0), ops.elu(x=x, alpha=0.7))
+
+
 # ---------------------------------------------------------------------------------- activation quantization
 
 def test_quantize_dequantize_match_coremltools_reference():
