@@ -282,9 +282,10 @@ def headline_tables(results: dict) -> str:
             row.append(size or "–")
             rows.append(row)
         counts = " and ".join(str(t) for t in threads)
-        ceiling_note = (" `% of conv ceiling`: the model's convolution GMAC/s over XNNPACK's own GMAC/s on the "
-                        "model's dominant convolutions alone (one-convolution TFLite files, same shape, threads and "
-                        "run; int8 ceiling for the int8 precisions, fp32 for the rest)" if with_ceiling else "")
+        ceiling_note = (" `% of conv ceiling`: the model's convolution GMAC/s (median run) over XNNPACK's own GMAC/s "
+                        "on the model's dominant convolutions alone (one-convolution TFLite files, same shape, threads "
+                        "and run, their fastest run; int8 ceiling for the int8 precisions, fp32 for the rest)"
+                        if with_ceiling else "")
         parts.append(f"Model latency (median) at {counts} thread{'s' if threads != [1] else ''} and peak RSS at "
                      f"{tmax}, tensor I/O{'.' + ceiling_note if ceiling_note else ''}:\n\n" + md_table(header, rows))
         ceiling = conv_ceiling_table(results.get("latency", {}))
@@ -306,12 +307,13 @@ def _percent(fraction) -> str:
 
 def conv_ceiling_table(lat: dict) -> str:
     """The XNNPACK one-convolution measurements (benchmarks.roofline) as a table, '' when there are none."""
-    rows = [[r["model_shape"], r["conv"], r["precision"], r["threads"], fmt(r.get("median_s"), 3),
+    rows = [[r["model_shape"], r["conv"], r["precision"], r["threads"], fmt(r.get("min_s"), 3), fmt(r.get("median_s"), 3),
              fmt(r.get("gmac_per_s"), 1) if "gmac_per_s" in r else "failed: " + str(r.get("error", ""))[:60]]
             for r in lat.get("roofline_rows", [])]
     if not rows:
         return ""
-    return md_table(["model shape", "convolution", "precision", "threads", "median s", "GMAC/s"], rows)
+    return md_table(["model shape", "convolution", "precision", "threads", "fastest s", "median s",
+                     "GMAC/s (fastest run)"], rows)
 
 
 def machine_line(meta: dict) -> str:
@@ -378,8 +380,9 @@ def render_markdown(results: dict, plots: Dict[str, str]) -> str:
                 "(after load and tensor allocation), `added` is the peak RSS minus that (what inference adds). "
                 "`init` is load + allocate, `first` the first inference (kept apart from the timed runs, as are "
                 "the warm-up runs). GMAC/s counts convolution MACs of the checkpoint at that shape over the median; "
-                "`% conv` compares it with XNNPACK's own speed on the model's dominant convolutions (below; the "
-                "int8 ceiling for int8 and int8-dynamic files, fp32 for the rest), `% SGEMM` with the "
+                "`% conv` compares it with XNNPACK's own speed on the model's dominant convolutions (below: the "
+                "fastest of at least 10 runs; the int8 ceiling for int8 and int8-dynamic files, fp32 for the rest), "
+                "`% SGEMM` with the "
                 "numpy/OpenBLAS SGEMM figure (context only: other kernels than XNNPACK's), both at the same "
                 "thread count in this run.\n"]
         ceiling = conv_ceiling_table(lat)

@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 
+from benchmarks.roofline import ROOFLINE_RUNS
 from helpers import run_cli, write_photos
 
 SHAPES = [(64, 88)]
@@ -67,8 +68,10 @@ def test_quick_bench_writes_every_file(tiny_export, capsys):
     assert set(ceiling) == {"fp32", "int8"} and min(ceiling.values()) > 0
     assert {r["conv"].split()[0] for r in res["latency"]["roofline_rows"]} == {"7x7", "3x3"}
     assert all(0 < lat[f"tflite {p} tensor 64x88 2t"]["fraction_of_xnnpack_conv"] for p in ("fp32", "int8-dynamic"))
-    raw = [r for r in res["latency"]["raw"] if r["spec"]["kind"] == "tflite"]
-    assert all(len(r["runs_s"]) == 2 and len(r["warmup_s"]) == 1 for r in raw)  # quick: 2 timed, 1 warm-up
+    raw = [r for r in res["latency"]["raw"] if r["spec"]["kind"] == "tflite" and r["spec"].get("role") != "roofline"]
+    assert raw and all(len(r["runs_s"]) == 2 and len(r["warmup_s"]) == 1 for r in raw)  # quick: 2 timed, 1 warm-up
+    ceiling_runs = [r for r in res["latency"]["raw"] if r["spec"].get("role") == "roofline"]
+    assert ceiling_runs and all(len(r["runs_s"]) == ROOFLINE_RUNS for r in ceiling_runs)
     assert len({r["pid"] for r in res["latency"]["raw"]}) == len(res["latency"]["raw"])  # one process each
     assert any("benchmark_model" in c["shell"] and "--num_threads=2" in c["shell"] for c in res["android"])
 
