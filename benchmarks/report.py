@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .quality import SCORE_KEYS, summarize as summarize_quality
+from .roofline import ROOFLINE_RUNS
 
 #: the checkout; paths of this machine in results and reports are written relative to it
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -381,7 +382,8 @@ def render_markdown(results: dict, plots: Dict[str, str]) -> str:
                 "`init` is load + allocate, `first` the first inference (kept apart from the timed runs, as are "
                 "the warm-up runs). GMAC/s counts convolution MACs of the checkpoint at that shape over the median; "
                 "`% conv` compares it with XNNPACK's own speed on the model's dominant convolutions (below: the "
-                "fastest of at least 10 runs; the int8 ceiling for int8 and int8-dynamic files, fp32 for the rest), "
+                f"fastest of at least {ROOFLINE_RUNS} runs; the int8 ceiling for int8 and int8-dynamic files, fp32 for "
+                "the rest), "
                 "`% SGEMM` with the "
                 "numpy/OpenBLAS SGEMM figure (context only: other kernels than XNNPACK's), both at the same "
                 "thread count in this run.\n"]
