@@ -25,7 +25,7 @@ image inputs may carry a leading batch axis of 1 ((1,H,W,3), (1,H,W,1)) and imag
 come back as (1,H,W,3).
 
 Two execution paths (``mode``, :mod:`runtime_py.mil_ops`): ``fast`` (the default, and what the
-export's parity gate runs: convolutions as im2col float32 BLAS products, rounded to fp16 where
+export's parity gate runs: convolutions through ONNX Runtime's float32 convolution, rounded to fp16 where
 the program computes in fp16) and ``exact`` (the op-by-op path: per-tap products, gathered
 bilinear weights). The environment variable ``GMCNN_MIL_EXECUTOR=exact`` switches the default,
 e.g. for an export whose gate should run the exact path.

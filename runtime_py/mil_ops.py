@@ -21,8 +21,8 @@ Dtype rules -- the point of this module is that an fp16 program is computed in f
 
 Two paths (:func:`op_table`): ``exact`` (:data:`OPS`: each convolution a sum over kernel taps
 of per-tap matrix products, bilinear resampling by gathering the two neighbours) and ``fast``,
-the default and what the parity gate runs (:data:`FAST_OVERRIDES`: ``conv`` as im2col, one
-float32 BLAS matrix product per band of output rows; ``upsample_bilinear`` as two
+the default and what the parity gate runs (:data:`FAST_OVERRIDES`: ``conv`` through ONNX
+Runtime's float32 convolution (:mod:`runtime_py.mil_kernels`); ``upsample_bilinear`` as two
 interpolation-matrix products; ``elu`` through ``exp`` instead of ``expm1``). Both compute in fp32
 and round once to the program's dtype at the end of each op, so they differ by fp32 rounding only
 (measured bounds: tests/test_mil_executor.py, tests/test_coreml_export.py).
@@ -33,6 +33,8 @@ import math
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .mil_kernels import conv2d_float32, to_float16, to_float32
 
 OPS: Dict[str, Callable[..., np.ndarray]] = {}
 
@@ -295,20 +297,20 @@ def conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilatio
     return y.astype(out_dtype)
 
 
-#: bytes of one im2col band (the kernel patches of a run of output rows): bounds the extra memory
-#: (a whole 7x7 128-channel im2col at 128x170 is 546 MB) while keeping the matrix products few and
-#: large -- on the shared 2-core machine 8 MiB bands ran the 7x7 layer at 1.3 GMAC/s, 64 MiB at 4.4,
-#: the per-tap exact path at 4.8, SGEMM itself at 7.2 (load average 5.6, same process, best of 2).
-IM2COL_BAND_BYTES = 64 << 20
+#: float32 bytes of input one fast-path convolution call widens at a time: a wider input is convolved in
+#: bands of output rows, each from its own rows of the input. ONNX Runtime holds a reordered copy of its
+#: input, so the 208-channel layer at 1024x1360 in one call (a 1,105 MiB float32 input) raised the
+#: executor's peak by about 1 GiB over the im2col path it replaced (docs/COREML.md, "Executor memory").
+FAST_CONV_BAND_BYTES = 256 << 20
 
 
-def conv_im2col(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilations=None, groups=1,
-                band_bytes: int = IM2COL_BAND_BYTES):
-    """:func:`conv` as im2col: per band of output rows, a (C_in/groups*KH*KW, rows*W_out) float32
-    patch matrix and one BLAS product with the (C_out/groups, C_in/groups*KH*KW) weight matrix.
+def conv_fast(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilations=None, groups=1,
+              band_bytes: int = FAST_CONV_BAND_BYTES):
+    """:func:`conv` through ONNX Runtime's float32 convolution (:mod:`runtime_py.mil_kernels`).
 
     Same inputs, layouts and dtype rule as :func:`conv` (fp32 products and sums, one rounding to
-    x's dtype after the bias); only the order of the fp32 additions differs.
+    x's dtype after the bias); only the order of the fp32 additions differs. An input wider than
+    ``band_bytes`` in float32 is convolved in bands of output rows (each output is still one sum).
     """
     x, weight = _as_array(x), _as_array(weight)
     if x.ndim != 4:
@@ -321,32 +323,29 @@ def conv_im2col(x, weight, bias=None, strides=None, pad_type="valid", pad=None, 
     if cin != cin_g * groups or cout % groups:
         raise ValueError(f"conv: channels {cin} -> {cout} do not divide into {groups} groups with weight {weight.shape}")
     (pt, pb), (pl, pr) = conv_padding(pad_type, pad, (kh, kw), (dh, dw))
-    xp = np.zeros((n, cin, h + pt + pb, w + pl + pr), np.float32)
-    xp[:, :, pt:pt + h, pl:pl + w] = x
     ho = (h + pt + pb - ((kh - 1) * dh + 1)) // sh + 1
     wo = (w + pl + pr - ((kw - 1) * dw + 1)) // sw + 1
-    k = cin_g * kh * kw
-    cout_g = cout // groups
-    # weight row order (c, i, j) matches the patch matrix's row order below
-    wmat = weight.astype(np.float32).reshape(groups, cout_g, k)
-    y = np.empty((n, cout, ho, wo), np.float32)
-    rows = max(1, min(ho, band_bytes // (4 * k * wo)))
-    band = np.empty((cin_g, kh, kw, rows, wo), np.float32)
-    for b in range(n):
-        for g in range(groups):
-            xs = xp[b, g * cin_g:(g + 1) * cin_g]
-            for r0 in range(0, ho, rows):
-                m = min(rows, ho - r0)
-                patches = band[:, :, :, :m]
-                for i in range(kh):
-                    top = r0 * sh + i * dh
-                    for j in range(kw):
-                        patches[:, i, j] = xs[:, top:top + (m - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw]
-                cols = patches.reshape(k, m * wo) if m == rows else np.ascontiguousarray(patches).reshape(k, m * wo)
-                np.matmul(wmat[g], cols, out=y[b, g * cout_g:(g + 1) * cout_g, r0:r0 + m].reshape(cout_g, m * wo))
-    if bias is not None:
-        y += _as_array(bias).astype(np.float32).reshape(1, -1, 1, 1)
-    return y.astype(x.dtype)
+    w32 = weight.astype(np.float32)
+    b32 = np.zeros(cout, np.float32) if bias is None else _as_array(bias).astype(np.float32)
+
+    def narrow(y32):
+        return to_float16(y32) if x.dtype == np.float16 else y32.astype(x.dtype, copy=False)
+
+    band = max(1, band_bytes // (4 * n * cin * w * sh))  # output rows per call
+    if band >= ho:
+        return narrow(conv2d_float32(to_float32(x), w32, b32, (pt, pl, pb, pr), (sh, sw), (dh, dw), groups, (ho, wo)))
+    y = np.empty((n, cout, ho, wo), x.dtype)
+    for o0 in range(0, ho, band):
+        o1 = min(ho, o0 + band)
+        top, bottom = o0 * sh - pt, (o1 - 1) * sh - pt + (kh - 1) * dh + 1  # input rows the band reads
+        src0, src1 = max(top, 0), min(bottom, h)
+        if src1 <= src0:  # the band reads padding only
+            y[:, :, o0:o1] = narrow(np.broadcast_to(b32.reshape(1, -1, 1, 1), (n, cout, o1 - o0, wo)))
+            continue
+        y[:, :, o0:o1] = narrow(conv2d_float32(to_float32(x[:, :, src0:src1]), w32, b32,
+                                               (src0 - top, pl, bottom - src1, pr), (sh, sw), (dh, dw), groups,
+                                               (o1 - o0, wo)))
+    return y
 
 
 # ------------------------------------------------------------------------ resampling
@@ -357,8 +356,15 @@ def upsample_nearest_neighbor(x, scale_factor_height=1, scale_factor_width=1):
     x = _as_array(x)
     h, w = x.shape[-2:]
     ho, wo = int(math.floor(h * float(scale_factor_height))), int(math.floor(w * float(scale_factor_width)))
-    rows = np.minimum(np.floor(np.arange(ho) / float(scale_factor_height)).astype(np.int64), h - 1)
-    cols = np.minimum(np.floor(np.arange(wo) / float(scale_factor_width)).astype(np.int64), w - 1)
+    sh, sw = float(scale_factor_height), float(scale_factor_width)
+    if sh.is_integer() and sw.is_integer() and (ho, wo) == (h * int(sh), w * int(sw)):
+        # each pixel an sh x sw block: one contiguous copy (the gathers below leave a strided
+        # result that the next convolution would copy again)
+        lead = x.shape[:-2]
+        blocks = np.broadcast_to(x[..., :, None, :, None], (*lead, h, int(sh), w, int(sw)))
+        return blocks.reshape(*lead, ho, wo)
+    rows = np.minimum(np.floor(np.arange(ho) / sh).astype(np.int64), h - 1)
+    cols = np.minimum(np.floor(np.arange(wo) / sw).astype(np.int64), w - 1)
     return x[..., rows, :][..., :, cols]
 
 
@@ -415,9 +421,9 @@ def upsample_bilinear_matmul(x, scale_factor_height=1, scale_factor_width=1, ali
     rows = _interpolation_matrix(h, ho, align_corners, hpc)
     cols = _interpolation_matrix(w, wo, align_corners, hpc).T.copy()
     lead = x.shape[:-2]
-    wide = x.astype(np.float32).reshape(-1, w) @ cols          # (..., H, Wo) as one product
-    y = np.matmul(rows, wide.reshape(-1, h, wo))              # (..., Ho, Wo), one product per channel
-    return y.reshape(*lead, ho, wo).astype(x.dtype)
+    wide = to_float32(x).reshape(-1, w) @ cols                # (..., H, Wo) as one product
+    y = np.matmul(rows, wide.reshape(-1, h, wo)).reshape(*lead, ho, wo)  # one product per channel
+    return to_float16(y) if x.dtype == np.float16 else y.astype(x.dtype)
 
 
 @mil_op("upsample_bilinear")
@@ -520,7 +526,7 @@ def constexpr_lut_to_dense(indices, lut, shape):
 
 
 #: ops the fast path computes differently (see the module docstring); every other op is shared
-FAST_OVERRIDES: Dict[str, Callable[..., np.ndarray]] = {"conv": conv_im2col, "upsample_bilinear": upsample_bilinear_matmul,
+FAST_OVERRIDES: Dict[str, Callable[..., np.ndarray]] = {"conv": conv_fast, "upsample_bilinear": upsample_bilinear_matmul,
                                                          "elu": elu_exp}
 EXECUTOR_MODES = ("fast", "exact")
 

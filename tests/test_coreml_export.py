@@ -31,6 +31,11 @@ from runtime_py.mil_executor import load_program  # noqa: E402
 #   tf cnum 4, 64x96:    fp16 compute=fp32 1.01e-6 | fp16 0.00144, 64.31 dB | w8 0.0159, 50.02 dB
 #                        palettized 0.0908, 39.79 dB | w8 image 2 levels, 50.04 dB
 #                        w8a8 (int8 activations, min/max ranges) 0.0612, 43.53 dB | w8a8 image 6 levels, 43.69 dB
+#                        (im2col fast path; the exact path 7 levels, 43.48 dB; the ONNX Runtime fast path, 2026-12-03:
+#                        w8a8 tensor 0.0703, 43.28 dB, image 9 levels, 43.28 dB -- with quantized activations the
+#                        fp32 summation order decides which side of a rounding step a few values land on, so its
+#                        image bound is the largest of those three orders plus their spread, 9 + 3 levels, for the
+#                        kernels another CPU's ONNX Runtime picks)
 #   torch cnum 4, 200x204: fp16 0.00276, 60.96 dB
 # Bounds: max abs 1.5x the measurement (image: +1 level), hole PSNR 2 dB under it; fp32 compute 3x (float32 kernel
 # order differs between CPUs).
@@ -39,7 +44,7 @@ TINY_TOLERANCES = {
     ("tf", "fp16"): {"max_abs": 2.2e-3, "hole_psnr_db": 62.0},
     ("tf", "w8"): {"max_abs": 0.024, "max_abs_u8": 3, "hole_psnr_db": 48.0},
     ("tf", "palettized"): {"max_abs": 0.14, "hole_psnr_db": 37.5},
-    ("tf", "w8a8"): {"max_abs": 0.092, "max_abs_u8": 7, "hole_psnr_db": 41.5},
+    ("tf", "w8a8"): {"max_abs": 0.106, "max_abs_u8": 12, "hole_psnr_db": 41.2},
     ("torch", "fp16"): {"max_abs": 4.2e-3, "hole_psnr_db": 59.0},
 }
 
@@ -261,10 +266,11 @@ def test_full_size_cnum32_matches_pytorch(tmp_path, precision):
 
 @pytest.mark.slow
 def test_full_size_fast_executor_path_matches_the_exact_one(tmp_path, monkeypatch):
-    """The shipped model at 512x680, fp16 tensor program, one sample: the gate's fast path (im2col conv,
-    matrix bilinear, exp-based elu) against the exact op-by-op path. Measured on this sample (2026-12-02):
+    """The shipped model at 512x680, fp16 tensor program, one sample: the gate's fast path (convolutions in ONNX
+    Runtime, matrix bilinear, exp-based elu) against the exact op-by-op path. Measured on this sample (2026-12-03):
     max |fast - exact| 0.0029 (3 fp16 ulps at 1.0), mean 2.4e-4, 68 % of the outputs differ (fp32 summation
-    order through 44 convolutions); on a held-out photo 0.0039 and 3.2e-4 (docs/COREML.md). Output in [-1, 1]."""
+    order through 44 convolutions); on a held-out photo 0.0039 and 2.3e-4 (docs/COREML.md). The im2col path
+    before it measured the same on this sample (0.0029, 2.4e-4). Output in [-1, 1]."""
     from models import load_generator
     from runtime_py.mil_executor import MODE_ENV
 

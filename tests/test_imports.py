@@ -114,9 +114,10 @@ def test_upward_name_check_catches_a_subprocess_target(tmp_path, monkeypatch):
 
 
 #: The constructors that open a model for inference, and the only files allowed to call them: the engines and
-#: the Core ML reference executor they wrap (which reads an ML program with ``MLModel(skip_model_load=True)``).
+#: the Core ML reference executor they wrap (which reads an ML program with ``MLModel(skip_model_load=True)``,
+#: and whose fast path runs each convolution as a one-node ONNX model in an onnxruntime session).
 RUNNER_CONSTRUCTORS = ("Interpreter", "InferenceSession", "MLModel")
-RUNNER_HOMES = ("runtime_py/engines/", "runtime_py/mil_executor.py")
+RUNNER_HOMES = ("runtime_py/engines/", "runtime_py/mil_executor.py", "runtime_py/mil_kernels.py")
 
 
 def runner_constructions(root: Path):

@@ -34,8 +34,9 @@ def test_conv_hand_case():
     np.testing.assert_array_equal(y, np.full((1, 1, 2, 2), -3.5, np.float32))
 
 
-# the exact per-tap conv and the fast im2col conv (a 1 KB band forces several bands and a short last one)
-CONVS = {"exact": ops.conv, "im2col": lambda **kw: ops.conv_im2col(band_bytes=1024, **kw)}
+# the exact per-tap conv and the fast path's (ONNX Runtime), whole and in bands of one output row
+CONVS = {"exact": ops.conv, "fast": ops.conv_fast,
+         "fast-bands": lambda **kw: ops.conv_fast(band_bytes=1, **kw)}
 
 
 @pytest.mark.parametrize("impl", CONVS)
@@ -449,7 +450,7 @@ def test_executor_mode_is_checked(monkeypatch):
     from runtime_py.mil_executor import MODE_ENV, default_mode, load_program
 
     assert ops.op_table("exact") is ops.OPS
-    assert ops.op_table("fast")["conv"] is ops.conv_im2col
+    assert ops.op_table("fast")["conv"] is ops.conv_fast
     monkeypatch.delenv(MODE_ENV, raising=False)
     assert default_mode() == "fast"
     monkeypatch.setenv(MODE_ENV, "exact")
@@ -513,6 +514,67 @@ def test_fp16_elu_table_is_the_fp32_evaluation_rounded_once():
             np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
     # each alpha (0.7 and fp16's 0.7002) and each variant has its own table
     assert not np.array_equal(ops.elu(x=x, alpha=1.0), ops.elu(x=x, alpha=0.7))
+
+
+# ---------------------------------------------------------------------------------- the fast path's kernels
+
+def test_f16c_conversions_give_numpys_bits():
+    """to_float32 on every float16 bit pattern, to_float16 on float32 values of every class (subnormal in either
+    type, halfway cases, overflow to infinity, NaN, random bit patterns), strided and 4-D inputs included."""
+    from runtime_py.mil_kernels import to_float16, to_float32
+
+    every_half = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).reshape(4, 128, 128)
+    wide = to_float32(every_half)
+    assert wide.dtype == np.float32 and wide.shape == every_half.shape
+    want = every_half.astype(np.float32)
+    assert np.array_equal(np.isnan(wide), np.isnan(want))
+    np.testing.assert_array_equal(wide[~np.isnan(want)].view(np.uint32), want[~np.isnan(want)].view(np.uint32))
+
+    r = rng(17)
+    special = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 65504, 65519.99, 65520, 6e-8, 2.98e-8, 2.99e-8, 1e-45,
+                        1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11], np.float32)
+    values = np.concatenate([r.standard_normal(60_000).astype(np.float32) * s for s in (1e-7, 1e-5, 1, 1e4, 1e5)]
+                            + [special, r.integers(0, 2 ** 32, 60_000, dtype=np.uint64).astype(np.uint32).view(np.float32)])
+    x = values[: values.size // 6 * 6].reshape(2, 3, -1, 2)[..., ::2]  # 4-D and strided
+    with np.errstate(over="ignore", invalid="ignore"):
+        want16 = x.astype(np.float16)
+    got16 = to_float16(x)
+    assert got16.dtype == np.float16 and got16.shape == x.shape
+    assert np.array_equal(np.isnan(got16), np.isnan(want16))
+    np.testing.assert_array_equal(got16[~np.isnan(want16)].view(np.uint16), want16[~np.isnan(want16)].view(np.uint16))
+    assert to_float16(got16) is got16 and to_float32(wide) is wide  # already that dtype: no copy
+
+
+def test_conv_model_bytes_are_a_valid_onnx_model():
+    """The hand-written protobuf parses with the onnx package, passes its checker and runs in onnxruntime."""
+    onnx = pytest.importorskip("onnx")
+    from runtime_py.mil_kernels import _session, conv_onnx_model
+
+    r = rng(5)
+    w, b = r.standard_normal((6, 2, 3, 5)).astype(np.float32), r.standard_normal(6).astype(np.float32)
+    model = conv_onnx_model(w, b, (1, 4, 9, 11), (1, 6, 4, 5), (1, 2, 0, 1), (2, 2), (1, 1), 2)
+    proto = onnx.load_from_string(model)
+    onnx.checker.check_model(proto, full_check=True)
+    (node,) = proto.graph.node
+    assert node.op_type == "Conv" and {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute} == {
+        "kernel_shape": [3, 5], "pads": [1, 2, 0, 1], "strides": [2, 2], "dilations": [1, 1], "group": 2}
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(proto.graph.initializer[0]), w)
+    x = r.standard_normal((1, 4, 9, 11)).astype(np.float32)
+    (y,) = _session(model).run(None, {"x": x})
+    ref = F.conv2d(F.pad(torch.from_numpy(x), (2, 1, 1, 0)), torch.from_numpy(w), torch.from_numpy(b), stride=2, groups=2)
+    np.testing.assert_allclose(y, ref.numpy(), atol=1e-5)
+
+
+def test_fast_conv_without_onnxruntime_names_the_package_and_the_exact_path(monkeypatch):
+    import sys
+
+    from runtime_py.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    x, w = np.ones((1, 1, 3, 3), np.float16), np.ones((1, 1, 1, 1), np.float16)
+    with pytest.raises(MissingDependencyError, match=r"onnxruntime is not installed.*GMCNN_MIL_EXECUTOR=exact"):
+        ops.conv_fast(x=x, weight=w)
+    assert ops.conv(x=x, weight=w).dtype == np.float16  # the exact path needs NumPy alone
 
 
 # ---------------------------------------------------------------------------------- activation quantization
