@@ -556,7 +556,7 @@ def inventory(path, threads: int = 1, details: Optional[dict] = None) -> Dict[st
 
 #: What each path of the reference executor computes (runtime_py.mil_executor), as the manifest names it.
 EXECUTOR_PATHS = {
-    "fast": "fast path: conv as im2col float32 BLAS products, rounded to fp16 where the program computes in fp16",
+    "fast": "fast path: conv as float32 ONNX Runtime Conv, rounded to fp16 where the program computes in fp16",
     "exact": "exact path: fp16 ops in fp16, fp32-accumulated conv",
 }
 
