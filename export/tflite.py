@@ -625,12 +625,79 @@ def engine(path: Path, threads: int = 1, io: str = "tensor", xnnpack: bool = Tru
 GATE_TRANSIENT_INDIRECTION = True
 
 
+#: How the gate's processes that share a file's samples are named in the export's memory report.
+GATE_PROCESS = "tflite gate process"
+
+
+def reference_kernel_convs(path: Path) -> int:
+    """How many of the file's convolutions read int16 activations (int16x8): XNNPACK has no int16 kernels, so
+    LiteRT runs them on its reference kernels, which use one thread whatever the interpreter is given."""
+    from . import tflite_graph as g
+
+    return sum(r["input"] == "int16" for r in g.conv_macs(g.read(Path(path).read_bytes())))
+
+
+def gate_processes(path: Path, threads: int, n_samples: int) -> int:
+    """Processes :func:`run` shares the samples between: one per thread (at most one per sample) for a file with
+    convolutions on LiteRT's single-threaded reference kernels (:func:`reference_kernel_convs`), so that each
+    thread's core runs one sample; 1 for a file XNNPACK runs, which uses the threads itself."""
+    if threads < 2 or n_samples < 2:
+        return 1
+    return min(int(threads), n_samples) if reference_kernel_convs(path) else 1
+
+
+def _run_share(path: str, io: str, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """One gate process's share of the samples (a child of :func:`run`), on one thread."""
+    from .parity import run_samples
+    from .samples import Samples
+
+    eng = engine(Path(path), 1, io, transient_indirection=GATE_TRANSIENT_INDIRECTION)
+    return run_samples(eng, Samples(images, masks, [""] * len(images)))
+
+
+def _run_in_processes(path: Path, io: str, samples, processes: int) -> np.ndarray:
+    """The outputs of :func:`run` from ``processes`` fresh interpreters (spawned: the export holds PyTorch and
+    threads, which a fork would copy), each on a contiguous share of the samples; in the samples' order. The
+    export's memory report counts them while they run (the stage logs of :func:`kept_worker`)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    shares = [s for s in np.array_split(np.arange(len(samples)), processes) if len(s)]
+    with _KEPT.lock:
+        logs = list(_KEPT.logs)
+    pool = ProcessPoolExecutor(max_workers=len(shares), mp_context=multiprocessing.get_context("spawn"))
+    watched: List[int] = []
+    try:
+        futures = [pool.submit(_run_share, str(path), io, samples.images[s], samples.masks[s]) for s in shares]
+        for pid in list(getattr(pool, "_processes", {}) or {}):
+            for log in logs:
+                log.watch(pid, GATE_PROCESS)
+            watched.append(pid)
+        try:
+            return np.concatenate([f.result() for f in futures])
+        except BrokenProcessPool:
+            raise RuntimeError(f"{path}: a gate process stopped without a result (killed, or out of memory?)") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for pid in watched:
+            for log in logs:
+                log.unwatch(pid)
+
+
 def run(path: Path, io: str, samples, threads: int = 2):
     """Execute the file on ``samples`` through the TFLite engine; returns (outputs (N,H,W,3), executor).
 
-    ``tensor``: float32 in [-1, 1]; ``image``: uint8 (:func:`export.parity.run_samples`)."""
+    ``tensor``: float32 in [-1, 1]; ``image``: uint8 (:func:`export.parity.run_samples`). A file whose
+    convolutions run on LiteRT's single-threaded reference kernels (int16x8) has its samples shared between
+    ``threads`` processes of one thread each (:func:`gate_processes`): the same outputs, about ``threads`` times
+    sooner where there are that many cores."""
     from .parity import run_samples
 
+    processes = gate_processes(path, threads, len(samples))
+    if processes > 1:
+        return (_run_in_processes(path, io, samples, processes),
+                f"litert-{litert_version()} reference kernels (int16 activations), {processes} processes x 1 thread")
     eng = engine(path, threads, io, transient_indirection=GATE_TRANSIENT_INDIRECTION)
     return run_samples(eng, samples), f"litert-{litert_version()} xnnpack {threads} threads"
 

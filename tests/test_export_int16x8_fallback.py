@@ -287,3 +287,42 @@ def test_the_16x8_files_bilinear_resizes_run_in_float(int16_export):
         assert snr(ours[name], exact) > 80
         gains.append(snr(ours[name], exact) - snr(raw[name], exact))
     assert max(gains) > 30 and min(gains) >= 0
+
+
+def test_the_gate_shares_an_int16x8_files_samples_between_processes(int16_export):
+    """int16x8 convolutions run on LiteRT's single-threaded reference kernels, so the gate gives each of its
+    threads a process with a contiguous share of the samples: the outputs are those of one interpreter, in the
+    samples' order, and each process counts in the export's memory report while it runs. A file that XNNPACK
+    runs (fp32) keeps one interpreter with the threads."""
+    from export import tflite
+    from export.samples import HOLDOUT_DIR, load_samples
+
+    pure = int16_export["work"] / "converter_int16x8.tflite"
+    fp32 = int16_export["out"] / int16_export["manifest"].find("tflite", SHAPE, "fp32", "tensor").file
+    samples = load_samples(HOLDOUT_DIR, SHAPE, 2, seed=2).subset([3, 0, 2])  # shares of 2 and 1
+
+    class Log:
+        def __init__(self):
+            self.events = []
+
+        def watch(self, pid, process):
+            self.events.append(("watch", pid, process))
+
+        def unwatch(self, pid):
+            self.events.append(("unwatch", pid, None))
+
+    log = Log()
+    with tflite.kept_worker(log):
+        shared, executor = tflite.run(pure, "tensor", samples, threads=2)
+    alone, executor_alone = tflite.run(pure, "tensor", samples, threads=1)
+    assert "reference kernels" in executor and "2 processes x 1 thread" in executor
+    assert executor_alone.endswith("xnnpack 1 threads")
+    np.testing.assert_array_equal(shared, alone)
+    gate_pids = [pid for kind, pid, process in log.events if kind == "watch" and process == tflite.GATE_PROCESS]
+    assert len(set(gate_pids)) == 2
+    assert {pid for kind, pid, _ in log.events if kind == "unwatch"} >= set(gate_pids)
+    assert tflite.reference_kernel_convs(pure) == 44 and tflite.reference_kernel_convs(fp32) == 0
+    assert tflite.gate_processes(fp32, 2, 3) == 1 and tflite.gate_processes(pure, 1, 3) == 1
+    assert tflite.gate_processes(pure, 4, 3) == 3
+    _, executor_fp32 = tflite.run(fp32, "tensor", samples, threads=2)
+    assert executor_fp32.endswith("xnnpack 2 threads")
