@@ -663,14 +663,14 @@ def _run_in_processes(path: Path, io: str, samples, processes: int) -> np.ndarra
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    shares = [s for s in np.array_split(np.arange(len(samples)), processes) if len(s)]
+    shares = np.array_split(np.arange(len(samples)), processes)  # processes <= samples: none empty
     with _KEPT.lock:
         logs = list(_KEPT.logs)
     pool = ProcessPoolExecutor(max_workers=len(shares), mp_context=multiprocessing.get_context("spawn"))
     watched: List[int] = []
     try:
         futures = [pool.submit(_run_share, str(path), io, samples.images[s], samples.masks[s]) for s in shares]
-        for pid in list(getattr(pool, "_processes", {}) or {}):
+        for pid in list(pool._processes):  # spawned at submit; the test counts them
             for log in logs:
                 log.watch(pid, GATE_PROCESS)
             watched.append(pid)
