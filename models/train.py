@@ -150,7 +150,8 @@ def he_init_(gen, seed: int, prefixes: Optional[Sequence[str]] = None) -> List[s
             if prefixes is not None and not any(short.startswith(p) for p in prefixes):
                 continue
             fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-            m.weight.normal_(0.0, math.sqrt(2.0 / fan_in), generator=g)
+            # drawn on the CPU (where the seeded generator lives) so that a GPU run gets the same weights
+            m.weight.copy_(torch.empty(m.weight.shape).normal_(0.0, math.sqrt(2.0 / fan_in), generator=g))
             m.bias.zero_()
             done.append(short)
     return done
@@ -300,12 +301,20 @@ def config_from_state(saved: dict) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in saved.items() if k in known})
 
 
-def learning_rate(cfg: TrainConfig, step: int, optimizer_from: int) -> float:
+def learning_rate(cfg: TrainConfig, step: int, optimizer_from: int, elapsed_s: float = 0.0) -> float:
     """cfg.lr after a linear warm-up over cfg.warmup_steps steps counted from ``optimizer_from``, the step at
-    which the optimiser's state was created (fresh Adam moments are noisy; a resumed run keeps its state)."""
-    if cfg.warmup_steps <= 0:
-        return cfg.lr
-    return cfg.lr * min(1.0, (step - optimizer_from + 1) / cfg.warmup_steps)
+    which the optimiser's state was created (fresh Adam moments are noisy; a resumed run keeps its state),
+    and, over the last cfg.lr_decay_minutes of this call's cfg.max_minutes (``elapsed_s`` = seconds since
+    the call started), a cosine fall to cfg.lr * cfg.lr_final_fraction. The decay follows the clock because
+    a lent GPU is budgeted in minutes, not steps: one call then both trains and anneals."""
+    lr = cfg.lr
+    if cfg.warmup_steps > 0:
+        lr *= min(1.0, (step - optimizer_from + 1) / cfg.warmup_steps)
+    if cfg.lr_decay_minutes > 0:
+        decay_s = min(cfg.lr_decay_minutes, cfg.max_minutes) * 60
+        left = min(max(cfg.max_minutes * 60 - elapsed_s, 0.0), decay_s) / decay_s  # 1 before the decay, 0 at the end
+        lr *= cfg.lr_final_fraction + (1 - cfg.lr_final_fraction) * 0.5 * (1 - math.cos(math.pi * left))
+    return lr
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -324,6 +333,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError("--max-hole and --hole-start must be fractions of the image in (0, 0.9]")
     if min(cfg.warmup_steps, cfg.hole_ramp_steps) < 0 or cfg.clip_grad_norm < 0 or cfg.activation_penalty < 0:
         raise UserError("--warmup-steps, --hole-ramp-steps, --clip-grad-norm and --activation-penalty must not be negative")
+    if cfg.lr_decay_minutes < 0 or not 0 < cfg.lr_final_fraction <= 1:
+        raise UserError("--lr-decay-minutes must not be negative and --lr-final-fraction must be in (0, 1]")
     if cfg.activation_limit <= 0:
         raise UserError("--activation-limit must be positive")
     if cfg.amp not in ("off", "bf16"):
@@ -345,7 +356,8 @@ class _StopFlag:
 
 
 def _phase_of(cfg: TrainConfig) -> dict:
-    return {"crop": cfg.crop, "batch_size": cfg.batch_size, "lr": cfg.lr, "whole_fraction": cfg.whole_fraction,
+    return {"crop": cfg.crop, "batch_size": cfg.batch_size, "lr": cfg.lr, "lr_decay_minutes": cfg.lr_decay_minutes,
+            "lr_final_fraction": cfg.lr_final_fraction, "whole_fraction": cfg.whole_fraction,
             "whole_size": list(cfg.whole_size), "whole_batch_size": cfg.whole_batch_size, "max_hole": cfg.max_hole,
             "hole_start": cfg.hole_start, "hole_ramp_steps": cfg.hole_ramp_steps}
 
@@ -541,7 +553,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
             timer["checkpoint_s"] += time.monotonic() - t1
         entry = {"kind": "val", "step": step, "trained_s": round(trained_s, 1), **scores, "best": improved}
         record(entry)
+        validations.append(entry)
         return entry
+
+    validations: List[dict] = []
 
     stop = _StopFlag()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -574,7 +589,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
                 raise UserError(f"loss became {values['loss']} by step {step}; lower --lr (or clip gradients) and --resume")
             entry = {"kind": "train", "step": step, "trained_s": round(trained_s, 1),
                      **{k: values[k] / n for k in ("loss", "rec", "ae", "grad_norm")},
-                     "lr": learning_rate(cfg, step - 1, optimizer_from), "batches": dict(window["kinds"]),
+                     "lr": learning_rate(cfg, step - 1, optimizer_from, time.monotonic() - wall_start), "batches": dict(window["kinds"]),
                      "steps_per_s": round(window["timed"] / elapsed, 2) if window["timed"] and elapsed > 0 else None}
             if penalty is not None:
                 entry["penalty"] = values["penalty"] / n
@@ -585,7 +600,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
         window.update(start=time.monotonic(), timed=0, logged=0, kinds={})
 
     def one_step(net, images, masks):
-        lr_now = learning_rate(cfg, step, optimizer_from)
+        lr_now = learning_rate(cfg, step, optimizer_from, time.monotonic() - wall_start)
         for group in opt.param_groups:
             group["lr"] = lr_now
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -659,7 +674,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
                 # before them would also book them to the steps
                 window["start"] = time.monotonic()
         flush()
-        final = run_validation()
+        # a periodic validation at this very step already scored these weights (seen on a GPU: 10 s twice)
+        final = validations[-1] if validations and validations[-1]["step"] == step else run_validation()
         save_last()
     finally:
         batches.close()

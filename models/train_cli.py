@@ -55,6 +55,11 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (betas 0.5, 0.9 as the reference)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
                    help="linear learning-rate warm-up from the step the optimiser state was created (0 = none)")
+    p.add_argument("--lr-decay-minutes", type=float, default=d.lr_decay_minutes,
+                   help="cosine learning-rate decay over the last minutes of --max-minutes, to --lr x "
+                        "--lr-final-fraction at the end (0 = constant rate)")
+    p.add_argument("--lr-final-fraction", type=float, default=d.lr_final_fraction,
+                   help="the learning rate at the end of --lr-decay-minutes, as a fraction of --lr")
     p.add_argument("--clip-grad-norm", type=float, default=d.clip_grad_norm,
                    help="clip the gradient's global L2 norm to this (0 = no clipping; the log shows the norm)")
     p.add_argument("--activation-penalty", type=float, default=d.activation_penalty,
@@ -111,6 +116,7 @@ def cmd_train(args) -> int:
         batch_size=args.batch_size, whole_fraction=args.whole_fraction, whole_size=args.whole_size,
         whole_batch_size=args.whole_batch_size, max_hole=args.max_hole, hole_start=args.hole_start,
         hole_ramp_steps=args.hole_ramp_steps, lr=args.lr, warmup_steps=args.warmup_steps,
+        lr_decay_minutes=args.lr_decay_minutes, lr_final_fraction=args.lr_final_fraction,
         clip_grad_norm=args.clip_grad_norm, activation_penalty=args.activation_penalty,
         activation_limit=args.activation_limit, max_minutes=args.max_minutes, max_steps=args.max_steps,
         val_photos=list(VALIDATION if args.val_photos is None else args.val_photos),

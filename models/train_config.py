@@ -38,6 +38,8 @@ class TrainConfig:
     hole_ramp_steps: int = 0
     lr: float = 2e-4
     warmup_steps: int = 0
+    lr_decay_minutes: float = 0.0
+    lr_final_fraction: float = 0.1
     clip_grad_norm: float = 0.0
     activation_penalty: float = 0.0
     activation_limit: float = 50.0

@@ -3,7 +3,7 @@
 # small enough for the device tool's file limits (8 files, 16 MiB each).
 #
 # The recipe (issue 14, "default model v2"): continue from the shipped weights (their step count goes on),
-# re-initialise the dead first branch b1 without changing the output, train on the packed training
+# (v2 only: GMCNN_TRAIN_REINIT=b1) re-initialise the dead first branch b1 without changing the output, train on the packed training
 # photos with 256x256 crops (batch 16) and, on half of the steps, whole photos at 512x680 (batch 8), holes
 # of up to 40 % of the image (strokes, rectangles, blobs; the cap grows from 30 % over 2,000 steps),
 # learning-rate warm-up (the optimiser state starts fresh), gradient clipping, and a penalty on
@@ -13,12 +13,13 @@
 #
 # 1. Here, before the call (from the repository root of the checkout the device tool sends):
 #      gmcnn-mobile pack-photos --data ../shared/data        # -> .devdata/photos, sized to fit the 64 MiB
-# 2. The call (device `run`, carry [".devdata"], timeout_s 590; one call, then give_back):
-#      GMCNN_TRAIN_MINUTES=9 bash models/train_on_device.sh
-#    Training stops at 9 minutes of wall time, set-up and validation included; converting and splitting
+# 2. The call (device `run`, carry [".devdata"], timeout_s 600; one call, then give_back):
+#      GMCNN_TRAIN_MINUTES=9.2 bash models/train_on_device.sh   (v2: 573 s of command wall)
+#    Training stops at 9.2 minutes of wall time, set-up and validation included; converting and splitting
 #    the checkpoint takes seconds. The run lives in GMCNN_TRAIN_RUN (/tmp/gmcnn_train/run), so a second call
 #    on the same, still warm machine (warm for 30 s after a call) resumes it: only if status leaves >= 200 s,
-#    GMCNN_TRAIN_MINUTES=2.5 GMCNN_TRAIN_LR=5e-5 bash models/train_on_device.sh (timeout_s 190); else give_back.
+#    GMCNN_TRAIN_MINUTES=2.4 GMCNN_TRAIN_LR=5e-5 GMCNN_TRAIN_LR_DECAY_MINUTES=1.5 bash models/train_on_device.sh (timeout_s 190);
+#    else give_back.
 #    If the first call fails within its first minute, its output tail says why; fix and call again.
 # 3. Back here (FILES_AT = the files_at folder of the call's reply):
 #      mkdir -p runs/gpu && cat FILES_AT/best_fp16.safetensors.part-* > runs/gpu/best_fp16.safetensors
@@ -34,7 +35,7 @@
 # GMCNN_TRAIN_INIT (checkpoint to continue from; "none" = He init from scratch), GMCNN_TRAIN_REINIT (branches,
 # e.g. "b1"; "" = none), GMCNN_TRAIN_BATCH, GMCNN_TRAIN_CROP, GMCNN_TRAIN_WHOLE (HxW), GMCNN_TRAIN_WHOLE_FRACTION,
 # GMCNN_TRAIN_WHOLE_BATCH, GMCNN_TRAIN_MAX_HOLE, GMCNN_TRAIN_HOLE_RAMP, GMCNN_TRAIN_LR, GMCNN_TRAIN_WARMUP,
-# GMCNN_TRAIN_CLIP, GMCNN_TRAIN_PENALTY, GMCNN_TRAIN_COMPILE (off; default / max-autotune-no-cudagraphs to try
+# GMCNN_TRAIN_LR_DECAY_MINUTES, GMCNN_TRAIN_LR_FINAL_FRACTION, GMCNN_TRAIN_CLIP, GMCNN_TRAIN_PENALTY, GMCNN_TRAIN_COMPILE (off; default / max-autotune-no-cudagraphs to try
 # torch.compile: its compile time shows as warm-up in the log, and a failure falls back to eager),
 # GMCNN_TRAIN_VAL_EVERY (minutes), GMCNN_TRAIN_VAL_SIZE, GMCNN_TRAIN_PEAK_SHAPE ("none" = no 1024x1360
 # peak samples), GMCNN_TRAIN_CNUM (without an init checkpoint), GMCNN_TRAIN_DEVICE (cuda; cpu for a dry run),
@@ -43,10 +44,12 @@
 # GMCNN_TRAIN_RUN (run folder; resumed when it holds last.pt), OUT (set by the device tool).
 set -euo pipefail
 
-minutes=${GMCNN_TRAIN_MINUTES:-9}
+minutes=${GMCNN_TRAIN_MINUTES:-9.2}
 max_steps=${GMCNN_TRAIN_MAX_STEPS:-0}
 init=${GMCNN_TRAIN_INIT:-models/weights/gmcnn_tf_c32_photos.safetensors}
-reinit=${GMCNN_TRAIN_REINIT-b1}
+# v2 re-initialised v1's dead branch b1 (GMCNN_TRAIN_REINIT=b1); v2's b1 is alive (no layer over 95 % at ELU's
+# floor), so continuing from it re-initialises nothing unless asked
+reinit=${GMCNN_TRAIN_REINIT-}
 batch=${GMCNN_TRAIN_BATCH:-16}
 crop=${GMCNN_TRAIN_CROP:-256}
 whole=${GMCNN_TRAIN_WHOLE:-512x680}
@@ -56,6 +59,9 @@ max_hole=${GMCNN_TRAIN_MAX_HOLE:-0.4}
 hole_ramp=${GMCNN_TRAIN_HOLE_RAMP:-2000}
 lr=${GMCNN_TRAIN_LR:-2e-4}
 warmup=${GMCNN_TRAIN_WARMUP:-500}
+# one call both trains and anneals: the rate falls (cosine) to a tenth over the budget's last 3 minutes
+lr_decay=${GMCNN_TRAIN_LR_DECAY_MINUTES:-3}
+lr_final=${GMCNN_TRAIN_LR_FINAL_FRACTION:-0.1}
 # measured on the shipped model (CPU, batches of 4 128x128 crops, holes up to 40 %): gradient norm 7.2-12.6
 # before and after re-initialising b1; clipping at 20 leaves such steps alone and only stops spikes
 clip=${GMCNN_TRAIN_CLIP:-20}
@@ -129,7 +135,7 @@ set +e
     --threads "$threads" \
     --crop "$crop" --batch-size "$batch" --whole-fraction "$whole_fraction" --whole-size "$whole" \
     --whole-batch-size "$whole_batch" --max-hole "$max_hole" --hole-ramp-steps "$hole_ramp" --lr "$lr" \
-    --warmup-steps "$warmup" --clip-grad-norm "$clip" --activation-penalty "$penalty" --compile "$compile" \
+    --lr-decay-minutes "$lr_decay" --lr-final-fraction "$lr_final" --warmup-steps "$warmup" --clip-grad-norm "$clip" --activation-penalty "$penalty" --compile "$compile" \
     --val-size "$val_size" "${peak_args[@]}" --max-minutes "$minutes" --max-steps "$max_steps" \
     --val-every-minutes "$val_every" --checkpoint-every-minutes 3 --log-every 20 \
     2> >(tr '\r' '\n' | grep -v -E '^(train|decode):' >&2) > "$OUT/summary.json"
