@@ -707,6 +707,27 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         first_record.update(phase_1_predicted_hole_psnr_db=round(sim["phase 1"], 2), phase_1_deferred=deferred)
         return ([], first) if deferred else (first, [])
 
+    def alone_first(phase):
+        """Each branch kept float alone, in the phase's order, until one passes: (that candidate, phase); else
+        (None, the phase re-ranked by what the files measured)."""
+        measured = {}
+        for single in fallback.singles(phase):
+            (candidate,) = build_for(single)([1]).values()
+            passed = check(candidate)
+            if not any(candidate is g for g in gated):
+                gated.append(candidate)
+            name = single.branches[0][0]
+            measured[name] = candidate.result.hole_psnr_db
+            branch_record.setdefault("alone_float", []).append(
+                {"branch": name, "hole_psnr_db": candidate.result.hole_psnr_db,
+                 "samples": candidate.result.samples, "passed": passed})
+            if passed:
+                return candidate, phase
+        again = fallback.reranked(phase, measured)
+        show(f"{p.file}: no branch passes kept float alone; keeping whole branches float in the order their files "
+             "measured: " + ", ".join(f"{b} {measured[b]:.1f} dB" for b, _, _ in again.branches))
+        return None, again
+
     winner, gated = None, []
     first_record: Dict[str, object] = {}
     # (layers kept float, with their inputs) -> the simulated hole PSNR of that candidate, where simulated
@@ -728,6 +749,10 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             elif phase.number == fallback.BRANCH_PHASE:
                 show(f"{p.file}: keeping whole branches float, most costly first: "
                      + ", ".join(f"{b} ({len(layers)} layers)" for b, _, layers in phase.branches))
+            if phase.number == fallback.BRANCH_PHASE and phase.size > 1:
+                winner, phase = alone_first(phase)
+                if winner is not None:
+                    break
             winner, tried = fallback.search(fallback.search_order(phase.size), build_for(phase), check)
             gated += [c for c in tried if not any(c is g for g in gated)]  # once, in the phase that built it
             if winner is not None:
@@ -745,7 +770,8 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         snr = dict(ranking)
         kept = [{"layer": n, "snr_db": round(snr[n], 2)} for n in winner.layers]
         if winner.phase == fallback.BRANCH_PHASE:
-            branch_record["kept_float"] = [b for b, _, _ in branch_phase.branches[:winner.k]]
+            kept_layers = set(winner.layers)
+            branch_record["kept_float"] = [b for b, _, layers in branch_phase.branches if set(layers) <= kept_layers]
         record = {"fallback": {
             "layers_kept_float": kept, "inputs_kept_float": winner.inputs_float, "limit": limit,
             "float_mac_budget": fallback.FLOAT_MAC_BUDGET, "ranked_on_samples": samples,

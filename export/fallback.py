@@ -26,7 +26,9 @@ When an artifact of a precision its backend lists in ``FALLBACK_PRECISIONS`` fai
    (``keep_float_inputs``), elsewhere (TFLite ``int8-dynamic``, Core ML ``w8``) alone; and a third,
    whole branches of the network (:func:`branch_phase`: ranked by the output's hole PSNR with only
    that branch rounded, :func:`export.activations.rounded_hole_psnr`, which sees an error building
-   up along a branch; at most ``branch_limit`` layers), tried before the second unless the same
+   up along a branch; at most ``branch_limit`` layers; each branch is first gated kept float alone, in that
+   order (:func:`singles`), and when none passes the cumulative candidates follow the order those files
+   measured, :func:`reranked`), tried before the second unless the same
    simulation puts the second's largest candidate :data:`ORDER_MARGIN_DB` over the gate
    (:func:`after_first`). Before the first phase, the simulation of its largest candidate decides
    whether it goes first or, predicted more than :data:`DEFER_MARGIN_DB` under the gate, last
@@ -155,6 +157,22 @@ def branch_phase(scores: Dict[str, float], branches: Dict[str, List[str]], limit
             taken.append((name, db, list(branches[name])))
             used += len(branches[name])
     return Phase(BRANCH_PHASE, [], False, taken) if taken else None
+
+
+def singles(phase: Phase) -> List[Phase]:
+    """The branch phase's branches one at a time (its order): each a phase whose one candidate keeps only that
+    branch float. Gated before the cumulative candidates because the simulation that ranks the branches can be
+    far off for a file's own arithmetic (TFLite int8-dynamic at 512x680 on the default model v2: branch b2
+    simulated at 55.3 dB with only it rounded, measured 38.2 dB in the file; kept float alone, it passes)."""
+    return [Phase(BRANCH_PHASE, [], False, [branch]) for branch in phase.branches]
+
+
+def reranked(phase: Phase, measured: Dict[str, float]) -> Phase:
+    """The branch phase with its branches ordered by ``measured`` (branch -> the file's hole PSNR in dB with only
+    that branch kept float: highest first, the most costly branch), for the cumulative candidates after no
+    branch passed alone."""
+    order = sorted(phase.branches, key=lambda b: (-measured.get(b[0], float("-inf")), b[0]))
+    return Phase(BRANCH_PHASE, [], False, order)
 
 
 def after_first(rest: Sequence[Phase], branch: Optional[Phase], predicted_db: Optional[float],

@@ -167,6 +167,51 @@ def test_a_deferred_first_phase_is_still_tried_when_the_others_fail(w8sim, tmp_p
     assert not list(tmp_path.glob("gmcnn*"))  # nothing written under the artifact's name
 
 
+def test_a_branch_the_simulation_ranks_last_is_found_kept_float_alone(w8sim, tmp_path, monkeypatch):
+    """The simulation that ranks the branches is made to put b2 (the one that matters) last, as it did for the
+    default model v2's TFLite int8-dynamic file (b2 simulated at 55.3 dB, 38.2 dB in the file): each branch is
+    then gated kept float alone, in that order, and b2 passes alone, where the cumulative candidates would have
+    kept every branch float before reaching it."""
+    from export import api, fallback
+    from models.gmcnn import conv_branches, conv_layers
+
+    gen = planted_generator()
+    macs = [layer["macs"] for layer in conv_layers(gen, *SHAPE)]
+    monkeypatch.setattr(fallback, "FLOAT_MAC_BUDGET", 1.5 * min(macs) / sum(macs))
+    simulated = fallback.SensitivityCache.simulated
+
+    def b2_looks_harmless(self, shape, rounding, samples, configs):
+        out = simulated(self, shape, rounding, samples, configs)
+        return {name: (90.0 if name == "branch b2" else db) for name, db in out.items()}
+
+    monkeypatch.setattr(fallback.SensitivityCache, "simulated", b2_looks_harmless)
+    # a branch limit of all 44 layers, so that b2, ranked last, is in the phase at all
+    m = api.export_artifacts(gen, tmp_path, shapes=[SHAPE], formats=["w8sim"], precisions=["w8"], ios=["tensor"],
+                             fallback_limit=2, fallback_branch_limit=44, progress=False, calibration_masks_per_photo=1)
+    a = m.find("w8sim", SHAPE, "w8", "tensor")
+    fb = a.build["quantization"]["fallback"]
+    br = fb["branches"]
+    gate = a.parity.tolerance["min_hole_psnr_db"]
+    assert a.parity.passed and fb["phase"] == 3 and br["kept_float"] == ["b2"]
+    assert [r["branch"] for r in br["ranking"]][-1] == "b2"  # ranked least costly by the (planted) simulation
+    alone = br["alone_float"]
+    assert [r["branch"] for r in alone] == [r["branch"] for r in br["ranking"]]  # in the ranking's order, b2 last
+    assert [r["passed"] for r in alone] == [False, False, False, True]
+    assert all(r["hole_psnr_db"] < gate for r in alone[:-1]) and alone[-1]["hole_psnr_db"] >= gate
+    assert [k["layer"] for k in fb["layers_kept_float"]] == conv_branches(gen)["b2"]
+    assert [c["layers"] for c in fb["search"] if c["phase"] == 3] == [len(conv_branches(gen)[r["branch"]]) for r in alone]
+
+
+def test_branches_that_fail_alone_are_taken_in_the_order_their_files_measured():
+    from export.fallback import BRANCH_PHASE, Phase, reranked, singles
+
+    ph = Phase(BRANCH_PHASE, [], False, [("merge", 30.0, ["m"]), ("b3", 31.0, ["d1", "d2"]), ("b2", 50.0, ["c1"])])
+    assert [s.kept(1) for s in singles(ph)] == [["m"], ["d1", "d2"], ["c1"]]
+    again = reranked(ph, {"merge": 37.7, "b3": 38.3, "b2": 39.9})
+    assert [b for b, _, _ in again.branches] == ["b2", "b3", "merge"] and again.kept(2) == ["c1", "d1", "d2"]
+    assert again.number == BRANCH_PHASE and again.size == 3
+
+
 def test_the_branch_phase_takes_branches_that_fit_its_limit_most_costly_first():
     from export.fallback import BRANCH_PHASE, after_first, branch_phase, phases
 
