@@ -537,7 +537,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
         timer["checkpoint_s"] += time.monotonic() - t0
 
     def run_validation() -> dict:
-        nonlocal best_key
+        nonlocal best_key, last_validation
         t0 = time.monotonic()
         scores = validate(gen, val_images, val_masks, device, peak_samples=peak_samples)
         key = (bool(scores["well_conditioned"]), float(scores["val_hole_psnr"]))
@@ -553,10 +553,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
             timer["checkpoint_s"] += time.monotonic() - t1
         entry = {"kind": "val", "step": step, "trained_s": round(trained_s, 1), **scores, "best": improved}
         record(entry)
-        validations.append(entry)
+        last_validation = entry
         return entry
 
-    validations: List[dict] = []
+    last_validation: Optional[dict] = None
 
     stop = _StopFlag()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -589,7 +589,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
                 raise UserError(f"loss became {values['loss']} by step {step}; lower --lr (or clip gradients) and --resume")
             entry = {"kind": "train", "step": step, "trained_s": round(trained_s, 1),
                      **{k: values[k] / n for k in ("loss", "rec", "ae", "grad_norm")},
-                     "lr": learning_rate(cfg, step - 1, optimizer_from, time.monotonic() - wall_start), "batches": dict(window["kinds"]),
+                     "lr": learning_rate(cfg, step - 1, optimizer_from, time.monotonic() - wall_start),
+                     "batches": dict(window["kinds"]),
                      "steps_per_s": round(window["timed"] / elapsed, 2) if window["timed"] and elapsed > 0 else None}
             if penalty is not None:
                 entry["penalty"] = values["penalty"] / n
@@ -675,7 +676,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Dict
                 window["start"] = time.monotonic()
         flush()
         # a periodic validation at this very step already scored these weights (seen on a GPU: 10 s twice)
-        final = validations[-1] if validations and validations[-1]["step"] == step else run_validation()
+        final = last_validation if last_validation and last_validation["step"] == step else run_validation()
         save_last()
     finally:
         batches.close()

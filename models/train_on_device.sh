@@ -3,9 +3,9 @@
 # small enough for the device tool's file limits (8 files, 16 MiB each).
 #
 # The recipe (issue 14, "default model v2"): continue from the shipped weights (their step count goes on),
-# (v2 only: GMCNN_TRAIN_REINIT=b1) re-initialise the dead first branch b1 without changing the output, train on the packed training
-# photos with 256x256 crops (batch 16) and, on half of the steps, whole photos at 512x680 (batch 8), holes
-# of up to 40 % of the image (strokes, rectangles, blobs; the cap grows from 30 % over 2,000 steps),
+# (v2 only: GMCNN_TRAIN_REINIT=b1) re-initialise the dead first branch b1 without changing the output,
+# train on the packed training photos with 256x256 crops (batch 16) and, on half of the steps, whole photos
+# at 512x680 (batch 8), holes of up to 40 % of the image (strokes, rectangles, blobs; the cap grows from 30 % over 2,000 steps),
 # learning-rate warm-up (the optimiser state starts fresh), gradient clipping, and a penalty on
 # convolution outputs beyond 50 (they broke int8). Validation every 2 minutes on the 10 validation
 # photos at 512x680, plus the peak activation on the export's held-out samples at 1024x1360; the best
@@ -35,7 +35,8 @@
 # GMCNN_TRAIN_INIT (checkpoint to continue from; "none" = He init from scratch), GMCNN_TRAIN_REINIT (branches,
 # e.g. "b1"; "" = none), GMCNN_TRAIN_BATCH, GMCNN_TRAIN_CROP, GMCNN_TRAIN_WHOLE (HxW), GMCNN_TRAIN_WHOLE_FRACTION,
 # GMCNN_TRAIN_WHOLE_BATCH, GMCNN_TRAIN_MAX_HOLE, GMCNN_TRAIN_HOLE_RAMP, GMCNN_TRAIN_LR, GMCNN_TRAIN_WARMUP,
-# GMCNN_TRAIN_LR_DECAY_MINUTES, GMCNN_TRAIN_LR_FINAL_FRACTION, GMCNN_TRAIN_CLIP, GMCNN_TRAIN_PENALTY, GMCNN_TRAIN_COMPILE (off; default / max-autotune-no-cudagraphs to try
+# GMCNN_TRAIN_LR_DECAY_MINUTES, GMCNN_TRAIN_LR_FINAL_FRACTION, GMCNN_TRAIN_CLIP, GMCNN_TRAIN_PENALTY,
+# GMCNN_TRAIN_COMPILE (off; default / max-autotune-no-cudagraphs to try
 # torch.compile: its compile time shows as warm-up in the log, and a failure falls back to eager),
 # GMCNN_TRAIN_VAL_EVERY (minutes), GMCNN_TRAIN_VAL_SIZE, GMCNN_TRAIN_PEAK_SHAPE ("none" = no 1024x1360
 # peak samples), GMCNN_TRAIN_CNUM (without an init checkpoint), GMCNN_TRAIN_DEVICE (cuda; cpu for a dry run),
@@ -135,7 +136,8 @@ set +e
     --threads "$threads" \
     --crop "$crop" --batch-size "$batch" --whole-fraction "$whole_fraction" --whole-size "$whole" \
     --whole-batch-size "$whole_batch" --max-hole "$max_hole" --hole-ramp-steps "$hole_ramp" --lr "$lr" \
-    --lr-decay-minutes "$lr_decay" --lr-final-fraction "$lr_final" --warmup-steps "$warmup" --clip-grad-norm "$clip" --activation-penalty "$penalty" --compile "$compile" \
+    --lr-decay-minutes "$lr_decay" --lr-final-fraction "$lr_final" --warmup-steps "$warmup" \
+    --clip-grad-norm "$clip" --activation-penalty "$penalty" --compile "$compile" \
     --val-size "$val_size" "${peak_args[@]}" --max-minutes "$minutes" --max-steps "$max_steps" \
     --val-every-minutes "$val_every" --checkpoint-every-minutes 3 --log-every 20 \
     2> >(tr '\r' '\n' | grep -v -E '^(train|decode):' >&2) > "$OUT/summary.json"
