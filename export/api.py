@@ -188,7 +188,7 @@ def export_artifacts(checkpoint=None, out_dir: Union[str, os.PathLike] = "artifa
 
     ``changes``: option fields given as keyword arguments (``shapes=...``, ``precisions=...``),
     applied to ``options`` (default: every option's default); the result is checked once.
-    ``measure``: ``measure(path, threads, runs) -> dict`` (``benchmarks.measure.measure_file``: one
+    ``measure``: ``measure(path, threads, runs, warmup=1) -> dict`` (``benchmarks.measure.measure_file``: one
     process per file), which times the pure and the fallback file for the price recorded with a
     file the sensitivity-guided fallback made (``options.quant_fallback``, :mod:`export.fallback`);
     without it (export never starts a benchmark process itself) the price has sizes only. The
@@ -606,7 +606,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
 
     from models.gmcnn import conv_branches, conv_layers
 
-    from . import fallback
+    from . import fallback, tflite
     from .activations import direct_consumers
 
     def stage(name):
@@ -765,7 +765,8 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             return
         t0 = time.time()
         with stage("price"):
-            price = fallback.price(pure.path, winner.path, options.threads, p.fmt, measure)
+            reference = p.fmt == "tflite" and tflite.reference_kernel_convs(pure.path) > 0
+            price = fallback.price(pure.path, winner.path, options.threads, p.fmt, measure, reference_kernels=reference)
         show(f"{p.file}: priced against the pure file ({time.time() - t0:.1f}s)")
         snr = dict(ranking)
         kept = [{"layer": n, "snr_db": round(snr[n], 2)} for n in winner.layers]

@@ -343,21 +343,42 @@ def search(ks_first: Sequence[int], build: Callable[[Sequence[int]], Dict[int, C
     return hi, gated
 
 
-def price(pure_path, fallback_path, threads: int, fmt: str, measure=None, runs: int = PRICE_RUNS) -> Dict[str, object]:
+def price(pure_path, fallback_path, threads: int, fmt: str, measure=None, runs: int = PRICE_RUNS,
+          reference_kernels: bool = False) -> Dict[str, object]:
     """Size of the pure and the fallback file and, for TFLite with a ``measure`` function
-    (``benchmarks.measure.measure_file``: each file in its own process, one after the other),
-    latency (median of ``runs`` after one warm-up) and peak RSS. Without ``measure``, or for Core
-    ML packages (no Core ML runs here to time them), sizes only."""
+    (``benchmarks.measure.measure_file``: each file in its own process), latency (median of ``runs`` after
+    one warm-up, the files one after the other) and peak RSS. Without ``measure``, or for Core ML packages (no
+    Core ML runs here to time them), sizes only.
+
+    ``reference_kernels``: the files' convolutions run on LiteRT's single-threaded reference kernels (int16x8,
+    one inference of the default model 1.5 min at 512x680 and 15 min at 1024x1360 here): each file is timed
+    once, without a warm-up, on one thread, the two side by side on their own cores (one core each is what
+    those kernels use whatever the thread count) -- the ratio, not a benchmark's latency, is what the price
+    is for."""
+    from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
     from runtime_py.manifest import artifact_digest
 
     timed = fmt == "tflite" and measure is not None
+    if reference_kernels:
+        threads, runs, warmup = 1, 1, 0
+    else:
+        warmup = 1
     out: Dict[str, object] = {"threads": threads, "runs": runs if timed else 0}
-    for label, path in (("pure", pure_path), ("fallback", fallback_path)):
+    labelled = (("pure", pure_path), ("fallback", fallback_path))
+    measured: Dict[str, dict] = {}
+    if timed and reference_kernels:
+        out.update(warmup_runs=0, side_by_side=True)
+        with ThreadPoolExecutor(max_workers=2) as pool:  # each call waits on its own benchmark process
+            futures = {label: pool.submit(measure, Path(path), threads, runs, warmup) for label, path in labelled}
+            measured = {label: f.result() for label, f in futures.items()}
+    elif timed:
+        measured = {label: measure(Path(path), threads, runs) for label, path in labelled}
+    for label, path in labelled:
         row: Dict[str, object] = {"bytes": artifact_digest(Path(path))[1]}
         if timed:
-            r = measure(Path(path), threads, runs)
+            r = measured[label]
             stats = r.get("stats", {}) if r.get("ok") else {}
             row.update(latency_median_s=stats.get("median_s"),
                        peak_rss_mib=round(r.get("peak_rss", 0) / 2 ** 20, 1) if r.get("ok") else None,

@@ -35,10 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _measure_file(path, threads: int, runs: int) -> dict:
+def _measure_file(path, threads: int, runs: int, warmup: int = 1) -> dict:
     from benchmarks.measure import measure_file
 
-    return measure_file(path, threads, runs)
+    return measure_file(path, threads, runs, warmup)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

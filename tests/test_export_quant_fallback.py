@@ -486,3 +486,31 @@ def test_int8_float_convolutions_take_the_resizes_between_them_out_of_int8(fallb
     pure = g.read(quantize_calibrated(calibrated, "int8", "tensor", [n for n in nodes if n not in resizes]))
     assert any(pure.subgraphs[0].tensors[g._ids(op.outputs)[0]].type == g.T.INT8
                for op in pure.subgraphs[0].operators if g.op_name(pure, op).startswith("RESIZE_"))
+
+
+def test_reference_kernel_files_are_priced_once_each_side_by_side_on_one_thread(tmp_path):
+    """An int16x8 inference on LiteRT's reference kernels takes minutes (15 at 1024x1360 here): the price times
+    each file once, without a warm-up, on one thread, the pure and the fallback file at the same time (the
+    barrier breaks if the two measurements run one after the other)."""
+    import threading
+
+    from export.fallback import price
+
+    pure, fb = tmp_path / "pure.tflite", tmp_path / "fallback.tflite"
+    pure.write_bytes(b"p" * 100)
+    fb.write_bytes(b"f" * 150)
+    calls, both_running = [], threading.Barrier(2, timeout=20)
+
+    def measure(path, threads, runs, warmup=1):
+        calls.append((path.name, threads, runs, warmup))
+        both_running.wait()
+        return {"ok": True, "stats": {"median_s": 2.0 if path == fb else 1.0}, "peak_rss": 2 ** 20}
+
+    out = price(pure, fb, 2, "tflite", measure, reference_kernels=True)
+    assert sorted(calls) == [("fallback.tflite", 1, 1, 0), ("pure.tflite", 1, 1, 0)]
+    assert out["threads"] == 1 and out["runs"] == 1 and out["warmup_runs"] == 0 and out["side_by_side"]
+    assert out["latency_ratio"] == 2.0 and out["size_ratio"] == 1.5 and out["pure"]["peak_rss_mib"] == 1.0
+    calls.clear()
+    timed = price(pure, fb, 2, "tflite", lambda path, threads, runs: calls.append((path.name, threads, runs))
+                  or {"ok": True, "stats": {"median_s": 1.0}, "peak_rss": 1})
+    assert calls == [("pure.tflite", 2, 3), ("fallback.tflite", 2, 3)] and "side_by_side" not in timed
