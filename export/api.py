@@ -541,6 +541,9 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     def jobs_of(fmt: str):
         return [job_for(p, mods[fmt]) for p in todo if p.fmt == fmt]
 
+    # (format, shape, precision) -> the layers the first file of that kind kept float (export.fallback.Seed)
+    seeds: Dict[tuple, object] = {}
+
     def gate_all(fmt: str, jobs, results) -> None:
         mod = mods[fmt]
         by_key = {p.key: p for p in todo if p.fmt == fmt}
@@ -568,7 +571,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         for p, res, result in pending:
             try:
                 _fallback(p, mod, res, result, sensitivity, job_for, gate, accept, failures, options, show, measure,
-                          log)
+                          log, seeds)
             finally:
                 _remove(res.path)
                 show.step()
@@ -600,8 +603,12 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
 
 
 def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, failures, options, show,
-              measure=None, log=None) -> None:
-    """Keep the fewest most sensitive layers of a failing quantized file in float (export.fallback)."""
+              measure=None, log=None, seeds: Optional[Dict[tuple, object]] = None) -> None:
+    """Keep the fewest most sensitive layers of a failing quantized file in float (export.fallback).
+
+    ``seeds``: (format, shape, precision) -> :class:`export.fallback.Seed`, shared by the run's files: the first
+    file of a kind to pass through the fallback leaves its layers there, and the next (the other I/O signature
+    of the same network) gates them first, before any sensitivity or search of its own."""
     import contextlib
 
     from models.gmcnn import conv_branches, conv_layers
@@ -615,13 +622,8 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     limit_db = p.tolerance.get("min_hole_psnr_db", 0.0)
     samples = fallback.failing_samples(pure_result, limit_db)
     rounding = fallback.SENSITIVITY_ROUNDING[p.precision]
-    with stage("sensitivity"):
-        ranking = sensitivity.ranking(p.shape, rounding, samples)
-    limit = min(options.fallback_limit, len(ranking))
-    show(f"{p.file}: most sensitive layers: " + ", ".join(f"{n} {db:.1f} dB" for n, db in ranking[:5]))
-    macs = {layer["name"]: layer["macs"] for layer in conv_layers(sensitivity.generator, *p.shape)}
-    with_inputs = p.precision in getattr(mod, "FALLBACK_INPUT_PRECISIONS", ())
-    phases = fallback.phases(ranking, macs, limit, with_inputs)
+    seed_key = (p.fmt, tuple(p.shape), p.precision)
+    seed = (seeds or {}).get(seed_key)
     # by (layers kept float, with their inputs): the second phase's first candidates are often the first's
     built: Dict[tuple, fallback.Candidate] = {}
     branch_record: Dict[str, object] = {}
@@ -728,13 +730,35 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
              "measured: " + ", ".join(f"{b} {measured[b]:.1f} dB" for b, _, _ in again.branches))
         return None, again
 
+    def seeded():
+        """The seed's layers (another I/O signature's passing set) as the one candidate of phase 0."""
+        phase = fallback.seed_phase(seed)
+        (candidate,) = build_for(phase)([phase.size]).values()
+        show(f"{p.file}: first the {len(seed.layers)} layer(s) {seed.file} keeps float"
+             + (" with their inputs" if seed.inputs_float else ""))
+        check(candidate)
+        gated.append(candidate)
+        return candidate if candidate.result.passed else None
+
     winner, gated = None, []
     first_record: Dict[str, object] = {}
     # (layers kept float, with their inputs) -> the simulated hole PSNR of that candidate, where simulated
     predictions: Dict[tuple, float] = {}
+    ranking, limit = list(seed.ranking) if seed is not None else [], options.fallback_limit
     try:
-        todo, last = first_or_last([ph for ph in phases if ph.number == 1])
-        rest = [ph for ph in phases if ph.number != 1]
+        winner = seeded() if seed is not None else None
+        if winner is None:
+            with stage("sensitivity"):
+                ranking = sensitivity.ranking(p.shape, rounding, samples)
+            limit = min(options.fallback_limit, len(ranking))
+            show(f"{p.file}: most sensitive layers: " + ", ".join(f"{n} {db:.1f} dB" for n, db in ranking[:5]))
+            macs = {layer["name"]: layer["macs"] for layer in conv_layers(sensitivity.generator, *p.shape)}
+            with_inputs = p.precision in getattr(mod, "FALLBACK_INPUT_PRECISIONS", ())
+            phases = fallback.phases(ranking, macs, limit, with_inputs)
+            todo, last = first_or_last([ph for ph in phases if ph.number == 1])
+            rest = [ph for ph in phases if ph.number != 1]
+        else:
+            todo, rest = [], None
         while todo or rest is not None:
             if not todo:
                 todo, rest = then(rest) + last, None
@@ -773,12 +797,18 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         if winner.phase == fallback.BRANCH_PHASE:
             kept_layers = set(winner.layers)
             branch_record["kept_float"] = [b for b, _, layers in branch_phase.branches if set(layers) <= kept_layers]
+        if seed is None and seeds is not None:
+            seeds[seed_key] = fallback.Seed(p.file, list(winner.layers), winner.inputs_float, tuple(ranking),
+                                            branch_record.get("kept_float"))
+        elif winner.phase == fallback.SEED_PHASE and seed.branches_kept_float:
+            branch_record["kept_float"] = list(seed.branches_kept_float)
         record = {"fallback": {
             "layers_kept_float": kept, "inputs_kept_float": winner.inputs_float, "limit": limit,
             "float_mac_budget": fallback.FLOAT_MAC_BUDGET, "ranked_on_samples": samples,
             "sensitivity_rounding": list(rounding),
             "pure_file": {"hole_psnr_db": pure_result.hole_psnr_db, "note": pure_result.note},
             "phase": winner.phase,
+            **({"seeded_from": seed.file} if seed is not None else {}),
             "search": [{"phase": c.phase, "layers": len(c.layers), "inputs_float": c.inputs_float,
                         **({"branches": c.k} if c.phase == fallback.BRANCH_PHASE else {}),
                         "hole_psnr_db": c.result.hole_psnr_db, "samples": c.result.samples,

@@ -5,6 +5,9 @@ When an artifact of a precision its backend lists in ``FALLBACK_PRECISIONS`` fai
 (TFLite ``int8``, ``int8-dynamic`` and ``int16x8``, Core ML ``w8``), the export (:mod:`export.api`, unless
 ``quant_fallback=False`` / ``--quant-fallback off``):
 
+0. where another file of the same format, shape and precision (the other I/O signature) passed through the
+   fallback earlier in the same run, gates that file's layers first (:class:`Seed`) and stops there if they
+   pass; else, or for the first file of its kind:
 1. ranks the generator's convolutions by the quantization noise each one adds on the held-out
    samples the file failed on (:func:`export.activations.layer_snr`: the SNR of the layer's own
    output with only its input and weights rounded to int8 -- ``int16x8``: its input to int16
@@ -102,7 +105,8 @@ def affordable(ranking: Sequence[Tuple[str, float]], macs: Dict[str, int], limit
 
 @dataclass
 class Phase:
-    number: int  # 1: within the MAC budget; 2: whatever the MACs; 3: whole branches (BRANCH_PHASE)
+    number: int  # 0: another file's passing layers (SEED_PHASE); 1: within the MAC budget; 2: whatever the
+    # MACs; 3: whole branches (BRANCH_PHASE)
     layers: List[Tuple[str, float]]  # its ranked layers, (name, output SNR dB), a candidate keeps a prefix float
     inputs_float: bool  # and the convolutions producing their inputs
     # the branch phase: its ranked branches, (branch, hole PSNR dB with only that branch rounded, its
@@ -122,6 +126,27 @@ class Phase:
 
 
 BRANCH_PHASE = 3
+SEED_PHASE = 0
+
+
+@dataclass(frozen=True)
+class Seed:
+    """What a passing fallback file leaves for the next file of its kind (format, shape and precision) in the
+    same export run -- the other I/O signature, which wraps the same network: that file gates these layers
+    first (phase :data:`SEED_PHASE`) and runs its own sensitivity and search only if they fail it. At
+    1024x1360 on the default model v2 the image files' searches took as long as the tensor files' (branch
+    simulations, several candidates each) to keep the same branches float."""
+    file: str  # the file that found them
+    layers: List[str]  # the convolutions it keeps float
+    inputs_float: bool  # with the convolutions producing their inputs
+    ranking: Tuple[Tuple[str, float], ...]  # its sensitivity ranking, (layer, output SNR dB), most sensitive first
+    branches_kept_float: Optional[List[str]] = None  # where it passed in the branch phase
+
+
+def seed_phase(seed: Seed) -> Phase:
+    """Phase :data:`SEED_PHASE`: one candidate, the seed's layers float (with their inputs where the seed's were)."""
+    snr = dict(seed.ranking)
+    return Phase(SEED_PHASE, [(name, snr.get(name, float("nan"))) for name in seed.layers], seed.inputs_float)
 
 
 def phases(ranking: Sequence[Tuple[str, float]], macs: Dict[str, int], limit: int, with_inputs: bool,
