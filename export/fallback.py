@@ -37,7 +37,8 @@ When an artifact of a precision its backend lists in ``FALLBACK_PRECISIONS`` fai
    whether it goes first or, predicted more than :data:`DEFER_MARGIN_DB` under the gate, last
    (:func:`defer_first`): a phase waits, never is dropped. A candidate
    the first phase already gated (the same layers) is not converted or gated again; a candidate's
-   gate runs the samples the pure file failed first, worst first, and stops at the first it fails;
+   gate runs the samples the pure file failed first, worst first, and stops at the first it fails (a file on
+   LiteRT's single-threaded reference kernels, int16x8: as many at a time as the gate has threads);
 3. writes the passing candidate under the artifact's name, its manifest entry recording the
    layers kept float, their sensitivity, the share of convolution MACs still quantized, the
    search, and the price beside the pure file: size, latency and peak RSS, measured in one run

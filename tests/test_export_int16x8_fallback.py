@@ -80,6 +80,9 @@ def test_a_failing_int16x8_file_passes_with_the_planted_layer_and_its_producer_k
     # every size it tried; the second, with the producer float too, passed with one layer
     first = [c for c in fb["search"] if c["phase"] == 1]
     assert first and not any(c["passed"] for c in first)
+    # each failing candidate stopped after its first chunk: two failing samples side by side, one process each
+    # (reference kernels take one thread; threads=2), not one sample at a time
+    assert len(fb["ranked_on_samples"]) >= 2 and all(c["samples"] == 2 for c in first)
     assert fb["phase"] == 2 and fb["inputs_kept_float"] is True
     assert fb["search"][-1] == {"phase": 2, "layers": 1, "inputs_float": True, "hole_psnr_db": a.parity.hole_psnr_db,
                                 "samples": a.parity.samples, "passed": True}
