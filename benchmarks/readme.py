@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import headline_tables, machine_line, portable, write_atomic
+from .report import headline_tables, portable, write_atomic
 
 START = "<!-- bench:start -->"
 END = "<!-- bench:end -->"
@@ -13,8 +13,9 @@ def readme_section(results: dict, report_link: str = "docs/benchmarks/report.md"
     """The headline tables, the machine they were measured on and the one command that reproduces them;
     the notes, every merged run and its command stay in the full report."""
     results = portable(results)
-    meta = results["meta"]
-    lines = [START, "## Benchmarks", "", machine_line(meta), "", headline_tables(results), "",
+    lines = [START, "## Benchmarks", "", "Each table follows the line that says when, on which CPU, at what load and from which "
+             "checkpoint its newest run measured it; rows that run did not measure again stay from earlier runs "
+             "([the report](" + report_link + ") lists every run and its command).", "", headline_tables(results), "",
              "Reproduce (from the repository root; exports the default model to `artifacts/` and writes "
              "`bench-results/`):", "", "```sh", "make bench", "```", "",
              f"`make bench` runs `gmcnn-mobile bench --artifacts artifacts --out bench-results`; add "

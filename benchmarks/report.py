@@ -287,6 +287,7 @@ def headline_tables(results: dict) -> str:
                         "on the model's dominant convolutions alone (one-convolution TFLite files, same shape, threads "
                         "and run, their fastest run; int8 ceiling for the int8 precisions, fp32 for the rest)"
                         if with_ceiling else "")
+        parts += [line for line in [section_machine_line(results, "latency")] if line]
         parts.append(f"Model latency (median) at {counts} thread{'s' if threads != [1] else ''} and peak RSS at "
                      f"{tmax}, tensor I/O{'.' + ceiling_note if ceiling_note else ''}:\n\n" + md_table(header, rows))
         ceiling = conv_ceiling_table(results.get("latency", {}))
@@ -297,6 +298,7 @@ def headline_tables(results: dict) -> str:
         summ = summarize_quality([r for r in q if r["group"] in ("mode", "classical")], by=("method",))
         rows = [[s["method"], s["n"], fmt(s["hole_psnr"]), fmt(s["hole_ssim"], 3), fmt(s["band_psnr"]),
                  fmt(s["band_ssim"], 3), fmt(s["seconds"], 1)] for s in _order_methods(summ)]
+        parts += [line for line in [section_machine_line(results, "quality")] if line]
         parts.append("Quality per mode (mean over photos and mask kinds/sizes):\n\n" +
                      md_table(["method", "cases", "hole PSNR", "hole SSIM", "band PSNR", "band SSIM", "s/case"], rows))
     return "\n\n".join(parts)
@@ -317,7 +319,19 @@ def conv_ceiling_table(lat: dict) -> str:
                      "GMAC/s (fastest run)"], rows)
 
 
-def machine_line(meta: dict) -> str:
+def section_machine_line(results: dict, section: str) -> str:
+    """Where one section's rows were measured: the machine its source recorded (``benchmarks.run.section_machine``),
+    else -- results from before sections recorded one -- the run's (or the last merged run's)."""
+    src = (results.get(section) or {}).get("source") or {}
+    machine = src.get("machine")
+    if not machine:
+        return machine_line(results["meta"]) if results.get("meta") else ""
+    line = machine_line({**machine, "versions": {"ai-edge-litert": machine.get("litert") or "?"}}, merged=False)
+    model = src.get("model_sha256")
+    return line[:-1] + f"; the artifacts' checkpoint sha256 {model[:8]}..." if model else line
+
+
+def machine_line(meta: dict, merged: bool = True) -> str:
     """CPU, its SIMD flags, thread counts and load of the run (or runs, when merged)."""
     simd = meta.get("cpu_simd") or {}
     flags = (f"; CPU flags {' '.join(simd.get('present', [])) or 'none of note'}"
@@ -325,7 +339,7 @@ def machine_line(meta: dict) -> str:
     threads = ", ".join(str(t) for t in meta.get("threads", [])) or "?"
     load = meta.get("load_avg_start")
     load_text = f"1-minute load average {load:.1f} at the start" if isinstance(load, (int, float)) else "load not recorded"
-    merged = len(meta.get("merged_from", []))
+    merged = len(meta.get("merged_from", [])) if merged else 0
     return (f"Measured {meta['started'][:10]} on {meta['cpu']} ({meta['cpu_count']} cores{flags}), "
             f"{threads} thread(s), {load_text}"
             + (f" of the last of {merged + 1} merged runs" if merged else "")
@@ -347,8 +361,11 @@ def _source_line(section: dict) -> List[str]:
     src = section.get("source") if isinstance(section, dict) else None
     if not src:
         return []
+    machine = src.get("machine")
+    where = (" " + machine_line({**machine, "versions": {"ai-edge-litert": machine.get("litert") or "?"}}, merged=False)
+             if machine else "")
     return [f"Measured by `{src.get('command')}` ({src.get('started')}), artifacts `{src.get('artifacts')}`, "
-            f"checkpoint `{src.get('checkpoint') or 'from the manifest'}`.\n"]
+            f"checkpoint `{src.get('checkpoint') or 'from the manifest'}`.{where}\n"]
 
 
 def render_markdown(results: dict, plots: Dict[str, str]) -> str:

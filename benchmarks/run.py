@@ -158,6 +158,15 @@ def machine_meta(cfg: BenchConfig) -> dict:
     }
 
 
+def section_machine(meta: dict, threads=None) -> dict:
+    """What a section's tables need to say where they were measured (kept with the section, so that a merged
+    report names each section's own machine, not the last merged run's); ``threads``: the section's thread
+    counts (latency: ``--threads``; pipeline and quality: ``--pipeline-threads``), default the run's."""
+    keys = ("started", "cpu", "cpu_count", "cpu_simd", "load_avg_start")
+    return {**{k: meta.get(k) for k in keys}, "threads": list(threads if threads is not None else meta.get("threads", [])),
+            "litert": (meta.get("versions") or {}).get("ai-edge-litert")}
+
+
 #: SIMD features that decide which kernels XNNPACK and OpenBLAS run
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16",
               "avx512_fp16", "amx_tile")
@@ -502,7 +511,9 @@ def run_bench(cfg: BenchConfig) -> Dict[str, Path]:
               "started": meta["started"]}
     for section in cfg.sections:
         if isinstance(results.get(section), dict):
-            results[section]["source"] = dict(source)
+            threads = cfg.threads if section == "latency" else [cfg.pipeline_threads]
+            results[section]["source"] = dict(source, machine=section_machine(meta, threads),
+                                              model_sha256=(manifest.checkpoint or {}).get("sha256"))
     previous = cfg.out / "results.json"
     if cfg.merge and previous.is_file():
         import json

@@ -280,6 +280,33 @@ def test_readme_section_replaced_between_markers(tmp_path):
     assert path2.read_text().startswith("# y\n\n" + readme.START)
 
 
+def test_each_readme_table_names_the_machine_its_own_run_measured_it_on(tmp_path):
+    """A merge keeps each section's source: the latency table says the machine of the run that timed it, the
+    quality table that of the run that scored it, even when another run was merged in after it."""
+    from benchmarks.merge import merge_results
+    from benchmarks.run import section_machine
+
+    old, new = _fake_results(), _fake_results()
+    for res, cpu, day, simd in ((old, "old cpu", "2026-12-03", ["avx2"]), (new, "new cpu", "2026-12-04", ["amx_tile"])):
+        res["meta"].update(cpu=cpu, started=f"{day}T00:00:00+00:00", cpu_simd={"present": simd, "absent": []})
+        for section in ("latency", "pipeline", "quality"):
+            res[section]["source"] = {"command": f"bench {cpu}", "started": day, "machine": section_machine(res["meta"]),
+                                      "model_sha256": cpu[0] * 64}
+    del new["quality"]  # the new run timed latency (and the pipeline) only
+    merged = merge_results(old, new, lambda raw, macs: {"rows": new["latency"]["rows"]})
+    path = tmp_path / "README.md"
+    readme.update_readme(path, merged)
+    text = path.read_text()
+    lat, qual = text.index("Model latency (median)"), text.index("Quality per mode")
+    new_line = "Measured 2026-12-04 on new cpu (2 cores; CPU flags amx_tile), 2 thread(s)"
+    old_line = "Measured 2026-12-03 on old cpu (2 cores; CPU flags avx2), 2 thread(s)"
+    assert text.count(new_line) == 1 and text.count(old_line) == 1
+    assert text.index(new_line) < lat < text.index(old_line) < qual
+    assert "XNNPACK; the artifacts' checkpoint sha256 nnnnnnnn..." in text[:lat]
+    assert "XNNPACK; the artifacts' checkpoint sha256 oooooooo..." in text[lat:qual]
+    assert "merged runs" not in text  # each line is its section's own run
+
+
 def test_plan_latency_covers_every_artifact_thread_count_and_reference():
     from types import SimpleNamespace as NS
 
