@@ -655,10 +655,12 @@ def _run_share(path: str, io: str, images: np.ndarray, masks: np.ndarray) -> np.
     return run_samples(eng, Samples(images, masks, [""] * len(images)))
 
 
-def _run_in_processes(path: Path, io: str, samples, processes: int) -> np.ndarray:
+def _run_in_processes(path: Path, io: str, samples, processes: int, share=_run_share) -> np.ndarray:
     """The outputs of :func:`run` from ``processes`` fresh interpreters (spawned: the export holds PyTorch and
     threads, which a fork would copy), each on a contiguous share of the samples; in the samples' order. The
-    export's memory report counts them while they run (the stage logs of :func:`kept_worker`)."""
+    export's memory report counts them while they run (the stage logs of :func:`kept_worker`). Interrupted
+    (Ctrl-C, or the export's SIGTERM), it terminates the processes at once: each runs minutes of reference
+    kernels, which an orderly shutdown would wait for. ``share``: what each process runs (a test's stand-in)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
@@ -668,17 +670,23 @@ def _run_in_processes(path: Path, io: str, samples, processes: int) -> np.ndarra
         logs = list(_KEPT.logs)
     pool = ProcessPoolExecutor(max_workers=len(shares), mp_context=multiprocessing.get_context("spawn"))
     watched: List[int] = []
+    finished = False
     try:
-        futures = [pool.submit(_run_share, str(path), io, samples.images[s], samples.masks[s]) for s in shares]
+        futures = [pool.submit(share, str(path), io, samples.images[s], samples.masks[s]) for s in shares]
         for pid in list(pool._processes):  # spawned at submit; the test counts them
             for log in logs:
                 log.watch(pid, GATE_PROCESS)
             watched.append(pid)
         try:
-            return np.concatenate([f.result() for f in futures])
+            outputs = np.concatenate([f.result() for f in futures])
         except BrokenProcessPool:
             raise RuntimeError(f"{path}: a gate process stopped without a result (killed, or out of memory?)") from None
+        finished = True
+        return outputs
     finally:
+        if not finished:
+            for process in list((pool._processes or {}).values()):
+                process.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
         for pid in watched:
             for log in logs:

@@ -263,3 +263,11 @@ def run_cli(*argv) -> Tuple[int, str, str]:
         except SystemExit as exc:  # argparse: --help, usage errors
             rc = exc.code
     return rc, out.getvalue(), err.getvalue()
+
+
+def slow_gate_share(path, io, images, masks):
+    """A stand-in for a gate process's share of int16x8 samples (minutes of reference kernels): it only sleeps."""
+    import time
+
+    time.sleep(600)
+    return images

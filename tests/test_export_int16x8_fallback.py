@@ -329,3 +329,32 @@ def test_the_gate_shares_an_int16x8_files_samples_between_processes(int16_export
     assert tflite.gate_processes(pure, 4, 3) == 3
     _, executor_fp32 = tflite.run(fp32, "tensor", samples, threads=2)
     assert executor_fp32.endswith("xnnpack 2 threads")
+
+
+def test_an_interrupted_gate_terminates_its_processes_at_once():
+    """Ctrl-C (or the export command's SIGTERM, which raises the same) in a gate whose processes each run minutes
+    of reference kernels: the processes are terminated, not waited for, and none is left behind."""
+    import multiprocessing
+    import signal
+    import time
+
+    from export import tflite
+    from export.samples import Samples
+
+    from helpers import slow_gate_share
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    samples = Samples(np.zeros((2, 8, 8, 3), np.float32), np.zeros((2, 8, 8, 1), np.float32), ["a", "b"])
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 8.0)  # after the spawned processes have started their share
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tflite._run_in_processes(Path("unused.tflite"), "tensor", samples, 2, share=slow_gate_share)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - t0 < 30  # the share sleeps 600 s
+    assert multiprocessing.active_children() == []
