@@ -493,7 +493,8 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         elif rest:
             runs.append(rest)
         outputs, ran = {}, []
-        with log.stage(f"gate {Path(path).name.replace(f'{PARTIAL_PREFIX}{os.getpid()}-', '')}", give_back=True):
+        name = Path(path).name.replace(f"{PARTIAL_PREFIX}{os.getpid()}-", "")
+        with log.stage(f"gate {name}", give_back=True):
             for n, indices in enumerate(runs):
                 chunk = samples if len(runs) == 1 else samples.subset(indices)
                 out, executor = mod.run(path, p.io, chunk, threads)
@@ -505,7 +506,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                 if n < len(runs) - 1:
                     m = parity.compare(reference[indices], out, chunk, p.io, peak_activation=peak)
                     if width > 1:
-                        show(f"{Path(path).name}: {len(ran)} of {len(samples)} samples gated, hole PSNR "
+                        show(f"{name}: {len(ran)} of {len(samples)} samples gated, hole PSNR "
                              f"{m['hole_psnr_db']:.2f} dB on the last {len(indices)} ({time.time() - t0:.0f}s)")
                     if indices[0] in first and not parity.judge(m, p.tolerance)[0]:
                         break
