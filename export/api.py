@@ -759,7 +759,8 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     first_record: Dict[str, object] = {}
     # (layers kept float, with their inputs) -> the simulated hole PSNR of that candidate, where simulated
     predictions: Dict[tuple, float] = {}
-    ranking, limit = list(seed.ranking) if seed is not None else [], options.fallback_limit
+    ranking = list(seed.ranking) if seed is not None else []
+    limit = min(options.fallback_limit, len(ranking) or options.fallback_limit)
     try:
         winner = seeded() if seed is not None else None
         if winner is None:
