@@ -377,10 +377,10 @@ def price(pure_path, fallback_path, threads: int, fmt: str, measure=None, runs: 
     Core ML runs here to time them), sizes only.
 
     ``reference_kernels``: the files' convolutions run on LiteRT's single-threaded reference kernels (int16x8,
-    one inference of the default model 1.5 min at 512x680 and 15 min at 1024x1360 here): each file is timed
-    once, without a warm-up, on one thread, the two side by side on their own cores (one core each is what
-    those kernels use whatever the thread count) -- the ratio, not a benchmark's latency, is what the price
-    is for."""
+    one inference of the default model about 2 min at 512x680 here): each file's first inference is the one
+    timed (no warm-up, no further runs: ``measure`` with ``runs`` 0), on one thread, the two files side by side
+    on their own cores (one core each is what those kernels use whatever the thread count) -- the ratio, not a
+    benchmark's latency, is what the price is for."""
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
@@ -388,16 +388,14 @@ def price(pure_path, fallback_path, threads: int, fmt: str, measure=None, runs: 
 
     timed = fmt == "tflite" and measure is not None
     if reference_kernels:
-        threads, runs, warmup = 1, 1, 0
-    else:
-        warmup = 1
+        threads, runs = 1, 1
     out: Dict[str, object] = {"threads": threads, "runs": runs if timed else 0}
     labelled = (("pure", pure_path), ("fallback", fallback_path))
     measured: Dict[str, dict] = {}
     if timed and reference_kernels:
-        out.update(warmup_runs=0, side_by_side=True)
+        out.update(warmup_runs=0, first_inference_timed=True, side_by_side=True)
         with ThreadPoolExecutor(max_workers=2) as pool:  # each call waits on its own benchmark process
-            futures = {label: pool.submit(measure, Path(path), threads, runs, warmup) for label, path in labelled}
+            futures = {label: pool.submit(measure, Path(path), threads, 0, 0) for label, path in labelled}
             measured = {label: f.result() for label, f in futures.items()}
     elif timed:
         measured = {label: measure(Path(path), threads, runs) for label, path in labelled}
