@@ -326,9 +326,14 @@ def section_machine_line(results: dict, section: str) -> str:
     machine = src.get("machine")
     if not machine:
         return machine_line(results["meta"]) if results.get("meta") else ""
-    line = machine_line({**machine, "versions": {"ai-edge-litert": machine.get("litert") or "?"}}, merged=False)
+    line = _recorded_machine_line(machine)
     model = src.get("model_sha256")
     return line[:-1] + f"; the artifacts' checkpoint sha256 {model[:8]}..." if model else line
+
+
+def _recorded_machine_line(machine: dict) -> str:
+    """:func:`machine_line` of a section's recorded machine (``benchmarks.run.section_machine``)."""
+    return machine_line({**machine, "versions": {"ai-edge-litert": machine.get("litert") or "?"}}, merged=False)
 
 
 def machine_line(meta: dict, merged: bool = True) -> str:
@@ -362,8 +367,7 @@ def _source_line(section: dict) -> List[str]:
     if not src:
         return []
     machine = src.get("machine")
-    where = (" " + machine_line({**machine, "versions": {"ai-edge-litert": machine.get("litert") or "?"}}, merged=False)
-             if machine else "")
+    where = " " + _recorded_machine_line(machine) if machine else ""
     return [f"Measured by `{src.get('command')}` ({src.get('started')}), artifacts `{src.get('artifacts')}`, "
             f"checkpoint `{src.get('checkpoint') or 'from the manifest'}`.{where}\n"]
 
