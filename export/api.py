@@ -642,13 +642,13 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     branch_record: Dict[str, object] = {}
     branch_phase = None
 
-    def build_for(phase):
+    def build_for(phase, tag: str = ""):
         def build(ks):
             names = {k: phase.kept(k) for k in ks}
             todo = [k for k in ks if (tuple(names[k]), phase.inputs_float) not in built]
             extra = {k: {"keep_float": names[k], **({"keep_float_inputs": True} if phase.inputs_float else {})}
                      for k in todo}
-            jobs = {k: job_for(p, mod, extra[k], suffix=f"p{phase.number}k{k}-") for k in todo}
+            jobs = {k: job_for(p, mod, extra[k], suffix=f"p{phase.number}{tag}k{k}-") for k in todo}
             if todo:
                 what = "branch(es)" if phase.branches is not None else "layer(s)"
                 show(f"{p.file}: converting {len(todo)} candidate(s) keeping {', '.join(str(k) for k in todo)} "
@@ -662,9 +662,9 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             return {k: built[(tuple(names[k]), phase.inputs_float)] for k in ks}
         return build
 
-    def check(c):
+    def check(c, first: Sequence[int] = ()):
         if c.result is None:  # else gated in an earlier phase
-            c.result = gate(p, mod, c.path, first=samples)
+            c.result = gate(p, mod, c.path, first=first or samples)
             what = (f"{c.k} branch(es) ({len(c.layers)} layers)" if c.phase == fallback.BRANCH_PHASE
                     else f"{c.k} layer(s)")
             show(f"{p.file}: {what} float{' with their inputs' if c.inputs_float else ''}: hole PSNR "
@@ -745,6 +745,47 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
              "measured: " + ", ".join(f"{b} {measured[b]:.1f} dB" for b, _, _ in again.branches))
         return None, again
 
+    def pruned(start):
+        """The passing candidate ``start`` with as many of its float convolutions quantized again as still pass
+        (:func:`export.fallback.prune`; with their producers, where it kept them float too, as layers of their
+        own); ``start`` itself when none can go."""
+        layers = list(start.layers)
+        if start.inputs_float:
+            readers = direct_consumers(sensitivity.downstream())
+            kept = set(layers)
+            layers += sorted(c for c, r in readers.items() if r & kept and c not in kept)
+        if len(layers) < 2:
+            return start
+        macs = {layer["name"]: layer["macs"] for layer in conv_layers(sensitivity.generator, *p.shape)}
+        snr = dict(ranking)
+        order = fallback.prune_order(layers, macs, snr)
+        # the samples the passing candidate came closest to failing on, worst first
+        first = fallback.failing_samples(start.result, float("inf"))
+        passing: Dict[tuple, fallback.Candidate] = {}
+
+        def passes(left):
+            phase = fallback.Phase(fallback.PRUNE_PHASE, [(n, snr.get(n, float("nan"))) for n in left], False)
+            (candidate,) = build_for(phase, tag=f"c{len(gated)}")([phase.size]).values()
+            ok = candidate.path is not None and check(candidate, first)
+            if not any(candidate is g for g in gated):
+                gated.append(candidate)
+            if ok:
+                passing[tuple(left)] = candidate
+            return ok
+
+        show(f"{p.file}: pruning the {len(layers)} float convolution(s), most MACs first, at most "
+             f"{options.fallback_prune_gates} candidate(s)")
+        left, tried = fallback.prune(layers, order, passes, options.fallback_prune_gates)
+        winner_ = passing.get(tuple(left), start)
+        removed = [n for n in layers if n not in left]
+        prune_record.update({"from_phase": start.phase, "from_layers": len(layers),
+                             "from_inputs_float": start.inputs_float, "candidates": tried,
+                             "max_candidates": options.fallback_prune_gates, "quantized_again": removed})
+        show(f"{p.file}: " + (f"{len(removed)} of {len(layers)} float convolution(s) quantized again, "
+                              f"{len(left)} left float" if removed else "no float convolution could be quantized again")
+             + f" ({tried} candidate(s))")
+        return winner_
+
     def seeded():
         """The seed's layers (another I/O signature's passing set) as the one candidate of phase 0."""
         phase = fallback.seed_phase(seed)
@@ -757,6 +798,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
 
     winner, gated = None, []
     first_record: Dict[str, object] = {}
+    prune_record: Dict[str, object] = {}
     # (layers kept float, with their inputs) -> the simulated hole PSNR of that candidate, where simulated
     predictions: Dict[tuple, float] = {}
     ranking = list(seed.ranking) if seed is not None else []
@@ -803,14 +845,19 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
                                                       options.fallback_branch_limit)
             show(f"{p.file}: FAILED ({failures[p.file]})")
             return
+        # a file on LiteRT's reference kernels (int16x8) is not pruned: its gate takes minutes a sample
+        reference = p.fmt == "tflite" and tflite.reference_kernel_convs(pure.path) > 0
+        found = winner
+        if options.fallback_prune_gates and winner.phase != fallback.SEED_PHASE and not reference:
+            with stage("pruning"):
+                winner = pruned(winner)
         t0 = time.time()
         with stage("price"):
-            reference = p.fmt == "tflite" and tflite.reference_kernel_convs(pure.path) > 0
             price = fallback.price(pure.path, winner.path, options.threads, p.fmt, measure, reference_kernels=reference)
         show(f"{p.file}: priced against the pure file ({time.time() - t0:.1f}s)")
         snr = dict(ranking)
         kept = [{"layer": n, "snr_db": round(snr[n], 2)} for n in winner.layers]
-        if winner.phase == fallback.BRANCH_PHASE:
+        if found.phase == fallback.BRANCH_PHASE:
             kept_layers = set(winner.layers)
             branch_record["kept_float"] = [b for b, _, layers in branch_phase.branches if set(layers) <= kept_layers]
         if seed is None and seeds is not None:
@@ -834,6 +881,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
                        for c in gated if c.result is not None],
             **first_record,
             **({"branches": branch_record} if branch_record else {}),
+            **({"pruning": prune_record} if prune_record else {}),
             "price": price, **(winner.details.get("fallback") or {})}}
         accept(p, mod, winner.conversion, winner.result, record)
     finally:

@@ -57,6 +57,8 @@ def register(sub) -> None:
                    metavar="LAYERS", help=help_of("fallback_limit"))
     p.add_argument("--quant-fallback-branch-limit", type=int_at_least(1), default=default_of("fallback_branch_limit"),
                    metavar="LAYERS", help=help_of("fallback_branch_limit"))
+    p.add_argument("--quant-fallback-prune", type=int_at_least(0), default=default_of("fallback_prune_gates"),
+                   metavar="CANDIDATES", help=help_of("fallback_prune_gates"))
     p.add_argument("--min-hole-psnr", action="append", default=None, metavar="PRECISION=DB",
                    help="lower (or raise) the parity gate's hole-PSNR limit of a quantized TFLite precision "
                         "(int8, int8-dynamic), e.g. int8=30, for a model whose activations int8 cannot hold as "
@@ -108,7 +110,7 @@ def options_from_args(args, formats, precisions) -> ExportOptions:
         holdout=args.holdout, threads=args.threads, pad_mode=args.pad_mode, upsample_mode=args.upsample_mode,
         int8_tail=not args.no_int8_tail, range_method=args.range_method,
         quant_fallback=args.quant_fallback == "on", fallback_limit=args.quant_fallback_limit,
-        fallback_branch_limit=args.quant_fallback_branch_limit,
+        fallback_branch_limit=args.quant_fallback_branch_limit, fallback_prune_gates=args.quant_fallback_prune,
         tolerances=hole_psnr_overrides(args.min_hole_psnr or [], args.io) or None,
         use_cache=not args.no_cache, keep_work=args.keep_work, memory_budget_gib=args.memory_budget_gib,
         progress=not args.quiet)

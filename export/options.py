@@ -21,6 +21,7 @@ from runtime_py.errors import UserError
 
 from .fallback import DEFAULT_BRANCH_LIMIT as FALLBACK_BRANCH_LIMIT
 from .fallback import DEFAULT_LIMIT as FALLBACK_LIMIT
+from .fallback import DEFAULT_PRUNE_GATES as FALLBACK_PRUNE_GATES
 from .quant_ranges import METHODS
 
 DEFAULT_SHAPES: Tuple[Tuple[int, int], ...] = ((512, 680), (1024, 1360))
@@ -92,6 +93,10 @@ class ExportOptions:
                                f"fallback's branch phase may keep in float, whole branches of the network taken "
                                f"most costly first ({FALLBACK_BRANCH_LIMIT}: three quarters of GMCNN's 44 "
                                f"convolutions; the shipped model at 1024x1360 needs b2, b3 and the merge, 32)")
+    fallback_prune_gates: int = _opt(
+        FALLBACK_PRUNE_GATES, "once a fallback candidate passes: how many smaller candidates (its float layers "
+                              "quantized again, most MACs first, while the file still passes) the fallback may "
+                              "convert and gate; 0: keep the candidate the search found")
     tolerances: Optional[Mapping[ToleranceKey, Dict[str, float]]] = _opt(
         None, "overrides of the parity gate's rows (runtime_py.tolerances.PARITY), keyed by precision or "
               "(precision, io) (tests use it to force a failure; the command line's --min-hole-psnr)")
@@ -142,6 +147,8 @@ class ExportOptions:
             raise UserError(f"the fallback limit must be at least 1 layer, got {self.fallback_limit!r}")
         if self.fallback_branch_limit < 1:
             raise UserError(f"the fallback's branch limit must be at least 1 layer, got {self.fallback_branch_limit!r}")
+        if self.fallback_prune_gates < 0:
+            raise UserError(f"the fallback's pruning candidates must be 0 or more, got {self.fallback_prune_gates!r}")
         if not self.memory_budget_gib > 0:
             raise UserError(f"the memory budget must be a positive number of GiB, got {self.memory_budget_gib!r}")
         if self.calibration_masks_per_photo < 1:
@@ -179,7 +186,8 @@ class ExportOptions:
         it changed that file. A file that passed its gate as converted is the same with the fallback
         on or off, so neither its cache key nor its entry records it."""
         return {"quant_fallback": self.quant_fallback, "fallback_limit": self.fallback_limit,
-                "fallback_branch_limit": self.fallback_branch_limit}
+                "fallback_branch_limit": self.fallback_branch_limit,
+                "fallback_prune_gates": self.fallback_prune_gates}
 
     def reuses(self, build: Mapping[str, object]) -> bool:
         """Whether an up-to-date file whose manifest entry has ``build`` is what these options make:

@@ -109,8 +109,9 @@ def test_a_branch_wide_error_passes_with_the_branch_kept_float(w8sim, tmp_path, 
     gen = planted_generator()
     macs = [layer["macs"] for layer in conv_layers(gen, *SHAPE)]
     monkeypatch.setattr(fallback, "FLOAT_MAC_BUDGET", 1.5 * min(macs) / sum(macs))
+    # the branch phase as found (test_export_fallback_prune.py prunes this file)
     m = api.export_artifacts(gen, tmp_path, shapes=[SHAPE], formats=["w8sim"], precisions=["w8"], ios=["tensor"],
-                             fallback_limit=2, progress=False, calibration_masks_per_photo=1)
+                             fallback_limit=2, fallback_prune_gates=0, progress=False, calibration_masks_per_photo=1)
     a = m.find("w8sim", SHAPE, "w8", "tensor")
     fb = a.build["quantization"]["fallback"]
     br = fb["branches"]
@@ -187,7 +188,8 @@ def test_a_branch_the_simulation_ranks_last_is_found_kept_float_alone(w8sim, tmp
     monkeypatch.setattr(fallback.SensitivityCache, "simulated", b2_looks_harmless)
     # a branch limit of all 44 layers, so that b2, ranked last, is in the phase at all
     m = api.export_artifacts(gen, tmp_path, shapes=[SHAPE], formats=["w8sim"], precisions=["w8"], ios=["tensor"],
-                             fallback_limit=2, fallback_branch_limit=44, progress=False, calibration_masks_per_photo=1)
+                             fallback_limit=2, fallback_branch_limit=44, fallback_prune_gates=0, progress=False,
+                             calibration_masks_per_photo=1)
     a = m.find("w8sim", SHAPE, "w8", "tensor")
     fb = a.build["quantization"]["fallback"]
     br = fb["branches"]

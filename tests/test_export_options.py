@@ -31,14 +31,14 @@ def test_every_flag_reaches_its_field():
                         "--threads", "3", "--pad-mode", "mirror_pad", "--upsample-mode", "depth_to_space",
                         "--no-int8-tail", "--range-method", "auto", "--min-hole-psnr", "int8=30", "--no-cache",
                         "--keep-work", "--quiet", "--quant-fallback", "off", "--quant-fallback-limit", "3",
-                        "--quant-fallback-branch-limit", "16", "--memory-budget-gib", "2.5")
+                        "--quant-fallback-branch-limit", "16", "--quant-fallback-prune", "0", "--memory-budget-gib", "2.5")
     got = options_from_args(args, ("tflite",), ("int8",))
     expected = ExportOptions(
         shapes=[(64, 96)], formats=["tflite"], precisions=["int8"], ios=["image"], calibration=Path("c"),
         holdout=Path("h"), threads=3, pad_mode="mirror_pad", upsample_mode="depth_to_space", int8_tail=False,
         range_method="auto", tolerances={("int8", "image"): {"min_hole_psnr_db": 30.0, "max_known_pixels_changed": 0}},
         use_cache=False, keep_work=True, progress=False, quant_fallback=False, fallback_limit=3, fallback_branch_limit=16,
-        memory_budget_gib=2.5)
+        fallback_prune_gates=0, memory_budget_gib=2.5)
     assert got == expected
     changed = [f.name for f in dataclasses.fields(ExportOptions) if getattr(got, f.name) == default_of(f.name)]
     assert changed == ["calibration_masks_per_photo"]  # the one option only the API (tests) sets
@@ -54,6 +54,7 @@ def test_help_comes_from_the_dataclass():
     assert helps["quant_fallback"] == help_of("quant_fallback")
     assert helps["quant_fallback_limit"] == help_of("fallback_limit")
     assert helps["quant_fallback_branch_limit"] == help_of("fallback_branch_limit")
+    assert helps["quant_fallback_prune"] == help_of("fallback_prune_gates")
     assert help_of("int8_tail") in helps["no_int8_tail"] and help_of("progress") in helps["quiet"]
 
 
@@ -86,6 +87,7 @@ def test_the_fallback_setting_is_recorded_where_it_changed_the_file():
     assert o.reuses(made)
     assert not ExportOptions(quant_fallback=False).reuses(made) and not ExportOptions(fallback_limit=2).reuses(made)
     assert made["fallback_branch_limit"] == 33 and not ExportOptions(fallback_branch_limit=14).reuses(made)
+    assert made["fallback_prune_gates"] == 12 and not ExportOptions(fallback_prune_gates=0).reuses(made)
 
 
 @pytest.mark.parametrize("change, words", [
@@ -95,6 +97,7 @@ def test_the_fallback_setting_is_recorded_where_it_changed_the_file():
     (dict(calibration_masks_per_photo=0), "calibration masks per photo"),
     (dict(fallback_limit=0), "fallback limit must be at least 1 layer"),
     (dict(fallback_branch_limit=0), "branch limit must be at least 1 layer"),
+    (dict(fallback_prune_gates=-1), "pruning candidates must be 0 or more"),
 ])
 def test_bad_options_are_refused_when_built(change, words):
     with pytest.raises(UserError, match=words):

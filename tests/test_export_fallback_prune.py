@@ -1,0 +1,118 @@
+"""The fallback's pruning (export.fallback.prune, phase 4): a passing candidate's float convolutions go back to
+quantization, most MACs first, while the file still passes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_export_branch_fallback import SHAPE, planted_generator, w8sim  # noqa: F401 (a fixture)
+
+
+def _needs(*needed):
+    """A stand-in gate that passes while every layer of ``needed`` is still float, and records each call."""
+    calls = []
+
+    def passes(left):
+        calls.append(list(left))
+        return set(needed) <= set(left)
+
+    return passes, calls
+
+
+def test_prune_keeps_exactly_the_layers_the_gate_needs():
+    from export.fallback import prune
+
+    layers = list("abcdefgh")
+    passes, calls = _needs("c", "f")
+    left, tried = prune(layers, layers, passes, max_candidates=50)
+    assert left == ["c", "f"] and tried == len(calls)
+    assert all(c for c in calls)  # never the empty set (the pure file, which failed)
+    # the first candidate takes half the layers out at once: with a and b..d out it fails (c is needed)
+    assert calls[0] == list("efgh")
+
+
+def test_prune_stops_after_its_candidates_and_keeps_what_passed_last():
+    from export.fallback import prune
+
+    layers = list("abcdefgh")
+    passes, calls = _needs("h")
+    left, tried = prune(layers, layers, passes, max_candidates=1)
+    assert tried == 1 == len(calls) and left == list("efgh")  # a..d went in the one candidate it could try
+    left, tried = prune(layers, layers, _needs("a", "h")[0], max_candidates=0)
+    assert left == layers and tried == 0
+
+
+def test_prune_follows_the_order_it_is_given_and_returns_the_layers_in_their_own():
+    from export.fallback import prune
+
+    passes, calls = _needs("b")
+    left, _ = prune(["a", "b", "c"], ["c", "b", "a"], passes, max_candidates=10)
+    assert left == ["b"]
+    assert calls[0] == ["a", "b"]  # c first (the order's first half, rounded down to one layer)
+    passes, _ = _needs()
+    left, _ = prune(["a", "b", "c"], ["c", "b", "a"], passes, max_candidates=10)
+    assert len(left) == 1  # everything passes, but one layer always stays: none at all is the pure file
+
+
+def test_prune_order_takes_the_costliest_layers_first_and_the_least_sensitive_among_equals():
+    from export.fallback import prune_order
+
+    macs = {"a": 10, "b": 30, "c": 30, "d": 5}
+    snr = {"a": 20.0, "b": 12.0, "c": 40.0, "d": float("nan")}
+    assert prune_order(["a", "b", "c", "d"], macs, snr) == ["c", "b", "a", "d"]
+
+
+def test_a_branch_kept_float_is_pruned_to_the_layers_the_file_needs(w8sim, tmp_path, monkeypatch):  # noqa: F811
+    """The planted second branch (test_export_branch_fallback) passes kept float whole, with a wide margin; pruning
+    quantizes some of its convolutions again, keeps the file over its gate and records every candidate."""
+    from export import api, fallback
+    from models.gmcnn import conv_branches, conv_layers
+
+    gen = planted_generator()
+    macs = {layer["name"]: layer["macs"] for layer in conv_layers(gen, *SHAPE)}
+    monkeypatch.setattr(fallback, "FLOAT_MAC_BUDGET", 1.5 * min(macs.values()) / sum(macs.values()))
+    m = api.export_artifacts(gen, tmp_path, shapes=[SHAPE], formats=["w8sim"], precisions=["w8"], ios=["tensor"],
+                             fallback_limit=2, fallback_prune_gates=8, progress=False, calibration_masks_per_photo=1)
+    a = m.find("w8sim", SHAPE, "w8", "tensor")
+    fb = a.build["quantization"]["fallback"]
+    b2 = conv_branches(gen)["b2"]
+    gate = a.parity.tolerance["min_hole_psnr_db"]
+    kept = [k["layer"] for k in fb["layers_kept_float"]]
+    pr = fb["pruning"]
+    assert a.parity.passed and a.parity.hole_psnr_db >= gate and a.parity.samples == 4
+    assert fb["phase"] == fallback.PRUNE_PHASE and pr["from_phase"] == fallback.BRANCH_PHASE
+    assert pr["from_layers"] == len(b2) and pr["max_candidates"] == 8 and 1 <= pr["candidates"] <= 8
+    assert set(kept) < set(b2) and sorted(kept + pr["quantized_again"]) == sorted(b2)
+    assert json.loads((tmp_path / a.file).read_text())["keep_float"] == kept  # the file is the pruned candidate's
+    assert a.build["fallback_prune_gates"] == 8
+    pruning = [c for c in fb["search"] if c["phase"] == fallback.PRUNE_PHASE]
+    assert 1 <= len(pruning) <= pr["candidates"]
+    passed = [c for c in pruning if c["passed"]]
+    assert passed and passed[-1]["layers"] == len(kept) and passed[-1]["hole_psnr_db"] == a.parity.hole_psnr_db
+    # each candidate that passed kept fewer layers float than the one before it
+    assert all(x["layers"] > y["layers"] for x, y in zip(passed, passed[1:]))
+    # a failing one stopped at the sample it failed, most often the first: the one the branch candidate came
+    # closest to failing on
+    failed = [c for c in pruning if not c["passed"]]
+    assert failed and all(c["hole_psnr_db"] < gate for c in failed) and failed[0]["samples"] == 1
+    # the costliest convolutions went first: none left float costs more than every one quantized again
+    assert max(macs[n] for n in pr["quantized_again"]) >= max(macs[n] for n in kept)
+    assert a.build["quantization"].get("float_convs") == kept
+    # the candidates that lost are gone
+    assert sorted(p.name for p in tmp_path.glob("*.json") if p.name.startswith("gmcnn")) == [a.file]
+
+
+def test_pruning_off_keeps_the_search_s_candidate(w8sim, tmp_path, monkeypatch):  # noqa: F811
+    from export import api, fallback
+    from models.gmcnn import conv_branches, conv_layers
+
+    gen = planted_generator()
+    macs = [layer["macs"] for layer in conv_layers(gen, *SHAPE)]
+    monkeypatch.setattr(fallback, "FLOAT_MAC_BUDGET", 1.5 * min(macs) / sum(macs))
+    m = api.export_artifacts(gen, tmp_path, shapes=[SHAPE], formats=["w8sim"], precisions=["w8"], ios=["tensor"],
+                             fallback_limit=2, fallback_prune_gates=0, progress=False, calibration_masks_per_photo=1)
+    fb = m.find("w8sim", SHAPE, "w8", "tensor").build["quantization"]["fallback"]
+    assert fb["phase"] == fallback.BRANCH_PHASE and "pruning" not in fb
+    assert [k["layer"] for k in fb["layers_kept_float"]] == conv_branches(gen)["b2"]
+
