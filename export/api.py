@@ -776,7 +776,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         show(f"{p.file}: pruning the {len(layers)} float convolution(s), most MACs first, at most "
              f"{options.fallback_prune_gates} candidate(s)")
         left, tried = fallback.prune(layers, order, passes, options.fallback_prune_gates)
-        winner_ = passing.get(tuple(left), start)
+        smallest = passing.get(tuple(left), start)
         removed = [n for n in layers if n not in left]
         prune_record.update({"from_phase": start.phase, "from_layers": len(layers),
                              "from_inputs_float": start.inputs_float, "candidates": tried,
@@ -784,7 +784,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         show(f"{p.file}: " + (f"{len(removed)} of {len(layers)} float convolution(s) quantized again, "
                               f"{len(left)} left float" if removed else "no float convolution could be quantized again")
              + f" ({tried} candidate(s))")
-        return winner_
+        return smallest
 
     def seeded():
         """The seed's layers (another I/O signature's passing set) as the one candidate of phase 0."""
