@@ -365,6 +365,12 @@ def prune(layers: Sequence[str], order: Sequence[str], passes: Callable[[List[st
     return current, tried
 
 
+def move_to_front(order: Sequence[int], sample: int) -> List[int]:
+    """``order`` (held-out sample indices) with ``sample`` first: the sample a pruning candidate just failed on is
+    the likeliest to fail the next one, which then stops after one inference instead of several."""
+    return [sample] + [i for i in order if i != sample]
+
+
 def failing_samples(result, limit_db: float) -> List[int]:
     """Indices of the held-out samples whose hole PSNR is under the limit, worst first (all, in order, if
     not recorded): the order the gate of a candidate runs them in, stopping at the first that fails."""

@@ -55,6 +55,12 @@ def test_prune_follows_the_order_it_is_given_and_returns_the_layers_in_their_own
     assert len(left) == 1  # everything passes, but one layer always stays: none at all is the pure file
 
 
+def test_move_to_front():
+    from export.fallback import move_to_front
+
+    assert move_to_front([2, 0, 3, 1], 3) == [3, 2, 0, 1] and move_to_front([2, 0], 2) == [2, 0]
+
+
 def test_prune_order_takes_the_costliest_layers_first_and_the_least_sensitive_among_equals():
     from export.fallback import prune_order
 
@@ -72,6 +78,14 @@ def test_a_branch_kept_float_is_pruned_to_the_layers_the_file_needs(w8sim, tmp_p
     gen = planted_generator()
     macs = {layer["name"]: layer["macs"] for layer in conv_layers(gen, *SHAPE)}
     monkeypatch.setattr(fallback, "FLOAT_MAC_BUDGET", 1.5 * min(macs.values()) / sum(macs.values()))
+    fronts = []
+    real_front = fallback.move_to_front
+
+    def spy(order, sample):
+        fronts.append((list(order), sample))
+        return real_front(order, sample)
+
+    monkeypatch.setattr(fallback, "move_to_front", spy)
     m = api.export_artifacts(gen, tmp_path, shapes=[SHAPE], formats=["w8sim"], precisions=["w8"], ios=["tensor"],
                              fallback_limit=2, fallback_prune_gates=8, progress=False, calibration_masks_per_photo=1)
     a = m.find("w8sim", SHAPE, "w8", "tensor")
@@ -96,6 +110,10 @@ def test_a_branch_kept_float_is_pruned_to_the_layers_the_file_needs(w8sim, tmp_p
     # closest to failing on
     failed = [c for c in pruning if not c["passed"]]
     assert failed and all(c["hole_psnr_db"] < gate for c in failed) and failed[0]["samples"] == 1
+    # after each failing candidate the sample it failed on goes first, and the next candidate gates in that order
+    assert len(fronts) == len(failed) and sorted(fronts[0][0]) == [0, 1, 2, 3]
+    assert all(after[0][0] == before[1] for before, after in zip(fronts, fronts[1:]))
+    assert all(order[c["samples"] - 1] == sample for (order, sample), c in zip(fronts, failed))
     # the costliest convolutions went first: none left float costs more than every one quantized again
     assert max(macs[n] for n in pr["quantized_again"]) >= max(macs[n] for n in kept)
     assert a.build["quantization"].get("float_convs") == kept
