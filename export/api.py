@@ -662,6 +662,12 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             return {k: built[(tuple(names[k]), phase.inputs_float)] for k in ks}
         return build
 
+    def producers(layers) -> set:
+        """The convolutions whose output a convolution of ``layers`` reads with no convolution between: what a
+        candidate keeping its layers float "with their inputs" keeps float too."""
+        readers = direct_consumers(sensitivity.downstream())
+        return {c for c, r in readers.items() if r & set(layers)}
+
     def check(c, first: Sequence[int] = ()):
         if c.result is None:  # else gated in an earlier phase
             c.result = gate(p, mod, c.path, first=first or samples)
@@ -681,8 +687,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         if second is not None:
             kept = set(second.kept(second.size))
             if second.inputs_float:
-                readers = direct_consumers(sensitivity.downstream())
-                kept |= {c for c, r in readers.items() if r & kept}
+                kept |= producers(kept)
             configs["phase 2"] = [n for n, _ in ranking if n not in kept]
         # on the worst failing sample alone, as for phase 1: the simulation only orders what the files' own gates
         # then decide (at 1024x1360 on default model v2, 4 samples took 470 s of the int8-dynamic file's search)
@@ -751,12 +756,9 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         own); ``start`` itself when none can go."""
         layers = list(start.layers)
         if start.inputs_float:
-            readers = direct_consumers(sensitivity.downstream())
-            kept = set(layers)
-            layers += sorted(c for c, r in readers.items() if r & kept and c not in kept)
+            layers += sorted(producers(layers) - set(layers))
         if len(layers) < 2:
             return start
-        macs = {layer["name"]: layer["macs"] for layer in conv_layers(sensitivity.generator, *p.shape)}
         snr = dict(ranking)
         order = fallback.prune_order(layers, macs, snr)
         # every held-out sample, the ones the passing candidate came closest to failing on first; then the one the
@@ -810,6 +812,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     predictions: Dict[tuple, float] = {}
     ranking = list(seed.ranking) if seed is not None else []
     limit = min(options.fallback_limit, len(ranking) or options.fallback_limit)
+    macs = {layer["name"]: layer["macs"] for layer in conv_layers(sensitivity.generator, *p.shape)}
     try:
         winner = seeded() if seed is not None else None
         if winner is None:
@@ -817,7 +820,6 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
                 ranking = sensitivity.ranking(p.shape, rounding, samples)
             limit = min(options.fallback_limit, len(ranking))
             show(f"{p.file}: most sensitive layers: " + ", ".join(f"{n} {db:.1f} dB" for n, db in ranking[:5]))
-            macs = {layer["name"]: layer["macs"] for layer in conv_layers(sensitivity.generator, *p.shape)}
             with_inputs = p.precision in getattr(mod, "FALLBACK_INPUT_PRECISIONS", ())
             phases = fallback.phases(ranking, macs, limit, with_inputs)
             todo, last = first_or_last([ph for ph in phases if ph.number == 1])
