@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -56,6 +57,20 @@ def forward_each_sample(generator, images: np.ndarray, masks: np.ndarray, after_
     finally:
         for h in hooks:
             h.remove()
+
+
+def conv_input_means(generator, images: np.ndarray, masks: np.ndarray) -> Dict[str, np.ndarray]:
+    """Per convolution (module name), the mean of each input channel over the samples' pixels: float64 (C_in,),
+    one float forward per sample (images (N,H,W,3) uint8 RGB, masks (N,H,W[,1]) nonzero = hole). The input
+    before the convolution's own padding, as the network feeds it."""
+    sums: Dict[str, np.ndarray] = {}
+
+    def after_conv(name, module, inputs, output):
+        mean = inputs[0].double().mean(dim=(0, 2, 3)).numpy()
+        sums[name] = sums.get(name, 0) + mean
+
+    forward_each_sample(generator, images, masks, after_conv)
+    return {name: total / len(images) for name, total in sums.items()}
 
 
 def conv_output_stats(generator, images: np.ndarray, masks: np.ndarray, seed: int = 0) -> List[Dict[str, float]]:
@@ -104,8 +119,10 @@ def _fake_int16(t):
 
 #: What ``rounded`` may name: ``input`` (int8 per tensor over its own range: full-integer and dynamic-range
 #: int8 files), ``input16`` (int16 symmetric per tensor over its own largest magnitude: 16x8 files),
-#: ``weights`` (int8 symmetric per output channel: every TFLite quantized file and Core ML w8).
-ROUNDINGS = ("input", "input16", "weights")
+#: ``weights`` (int8 symmetric per output channel: every TFLite quantized file and Core ML w8), ``bias`` (with
+#: ``weights``: the bias corrected for the rounded weights' mean output shift, as int8-dynamic files are,
+#: :func:`corrected_bias`; the caller gives the input means).
+ROUNDINGS = ("input", "input16", "weights", "bias")
 
 
 def _round_input(t, rounded: Sequence[str]):
@@ -134,6 +151,37 @@ def _round_weights_int8(weight):
     """Symmetric per-output-channel int8 rounding of a convolution weight (what the converters do)."""
     scale = weight.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / 127.0
     return (weight / scale).round().clamp(-127, 127) * scale
+
+
+def corrected_bias(bias, weight, rounded_weight, input_mean):
+    """``bias`` (O,) minus the mean output shift that rounding ``weight`` to ``rounded_weight`` (O, I, kh, kw) puts
+    on an input with the per-channel means ``input_mean`` (I,): what export.tflite_graph.correct_conv_biases
+    writes into a file."""
+    import torch
+
+    shift = (rounded_weight - weight).double().sum(dim=(2, 3)) @ torch.as_tensor(input_mean, dtype=torch.float64)
+    return bias - shift.to(bias.dtype)
+
+
+def input_means(generator, samples, cache: Optional[Path] = None) -> Dict[str, np.ndarray]:
+    """:func:`conv_input_means` of ``samples`` (:class:`export.samples.Samples`), kept in ``cache`` (.npz) when
+    given: the export measures them once per shape and run for the files' bias correction and the fallback's
+    simulation of it."""
+    if cache is not None and cache.is_file():
+        with np.load(cache) as saved:
+            return {k: saved[k] for k in saved.files}
+    means = conv_input_means(generator, samples.images, samples.masks)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".partial.npz")
+        np.savez(tmp, **means)
+        os.replace(tmp, cache)
+    return means
+
+
+def means_cache(work_root: Path, shape) -> Path:
+    """Where an export keeps :func:`input_means` of its calibration samples at ``shape``."""
+    return Path(work_root) / f"conv_input_means_{shape[0]}x{shape[1]}.npz"
 
 
 def downstream_convs(generator) -> Dict[str, set]:
@@ -254,7 +302,8 @@ def int8_sensitivity(generator, images: np.ndarray, masks: np.ndarray, rounded: 
 
 
 def layer_snr(generator, images: np.ndarray, masks: np.ndarray, rounded: Sequence[str] = ("input", "weights"),
-              per_sample: Optional[Dict[str, List[float]]] = None) -> Dict[str, float]:
+              per_sample: Optional[Dict[str, List[float]]] = None,
+              bias_means: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, float]:
     """Per convolution, the signal-to-quantization-noise ratio (dB, worst sample) of its own output when
     only its ``rounded`` parts are rounded (:data:`ROUNDINGS`: ``input`` to int8 per tensor over its own
     range, ``input16`` to int16 symmetric over its own largest magnitude; ``weights`` to int8 symmetric per
@@ -269,16 +318,22 @@ def layer_snr(generator, images: np.ndarray, masks: np.ndarray, rounded: Sequenc
     """
     gen = generator.eval()
     scores: Dict[str, List[float]] = {}
+    _check_bias_means(rounded, bias_means)
 
     def measure(name, mod, inputs, output):
         inp = inputs[0]
         weight = mod.weight.data
+        bias = mod.bias.data if mod.bias is not None else None
         if "weights" in rounded:
             mod.weight.data = _round_weights_int8(weight)
+            if "bias" in rounded and bias is not None:
+                mod.bias.data = corrected_bias(bias, weight, mod.weight.data, bias_means[name])
         try:  # mod.forward, not mod(...): the layer's own padding, without calling the hooks again
             q = mod.forward(_round_input(inp, rounded), *inputs[1:])
         finally:
             mod.weight.data = weight
+            if bias is not None:
+                mod.bias.data = bias
         noise = float(((q - output) ** 2).sum())
         signal = float((output ** 2).sum())
         db = 100.0 if noise == 0 else float(10 * np.log10(max(signal, 1e-30) / noise))
@@ -302,7 +357,8 @@ def direct_consumers(downstream: Dict[str, set]) -> Dict[str, set]:
 
 def rounded_hole_psnr(generator, images: np.ndarray, masks: np.ndarray, configs: Dict[str, Sequence[str]],
                       rounded: Sequence[str] = ("input", "weights"),
-                      downstream: Optional[Dict[str, set]] = None) -> Dict[str, List[float]]:
+                      downstream: Optional[Dict[str, set]] = None,
+                      bias_means: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, List[float]]:
     """Per config (name -> the convolutions rounded to int8, every other one float32), the hole PSNR (dB)
     of the output against float32, one value per sample (images (N,H,W,3) uint8 RGB, masks (N,H,W[,1])
     nonzero = hole). ``rounded`` as in :func:`layer_snr`: ``input`` per tensor over its own range to int8,
@@ -317,9 +373,11 @@ def rounded_hole_psnr(generator, images: np.ndarray, masks: np.ndarray, configs:
     a few tensors, not a forward's worth, at full size). A replayed output nothing recomputed reads is a
     NaN placeholder, so a wrong reading of the graph shows as NaN and raises, never as a wrong number.
     ``downstream``: :func:`downstream_convs` of the generator, where the caller has it already.
+    ``bias_means``: each convolution's input means (:func:`input_means`), needed when ``rounded`` names ``bias``.
     """
     import torch
 
+    _check_bias_means(rounded, bias_means)
     gen = generator.eval()
     convs = dict((n, m) for n, m in gen.named_modules() if isinstance(m, torch.nn.Conv2d))
     unknown = sorted({c for layers in configs.values() for c in layers} - set(convs))
@@ -351,7 +409,7 @@ def rounded_hole_psnr(generator, images: np.ndarray, masks: np.ndarray, configs:
                 scores[key].append(100.0)
                 continue
             nan = torch.tensor(float("nan"))
-            replaced, hooks, saved = [], [], {}
+            replaced, hooks, saved, saved_bias = [], [], {}, {}
             for name, mod in convs.items():
                 if name not in live:
                     out = cache[name] if name in kept else nan.expand(shapes[name])
@@ -364,6 +422,10 @@ def rounded_hole_psnr(generator, images: np.ndarray, masks: np.ndarray, configs:
                         if "weights" in rounded:
                             saved[name] = mod.weight.data
                             mod.weight.data = _round_weights_int8(mod.weight.data)
+                            if "bias" in rounded and mod.bias is not None:
+                                saved_bias[name] = mod.bias.data
+                                mod.bias.data = corrected_bias(mod.bias.data, saved[name], mod.weight.data,
+                                                               bias_means[name])
                         if _rounds_input(rounded):
                             hooks.append(mod.register_forward_pre_hook(
                                 lambda mod, inp: (_round_input(inp[0], rounded),) + tuple(inp[1:])))
@@ -371,6 +433,8 @@ def rounded_hole_psnr(generator, images: np.ndarray, masks: np.ndarray, configs:
             finally:
                 for name, w in saved.items():
                     convs[name].weight.data = w
+                for name, b in saved_bias.items():
+                    convs[name].bias.data = b
                 for mod in replaced:
                     del mod.forward
                 for h in hooks:
@@ -381,6 +445,11 @@ def rounded_hole_psnr(generator, images: np.ndarray, masks: np.ndarray, configs:
             scores[key].append(_hole_psnr(y, ref, hole))
         del cache
     return scores
+
+
+def _check_bias_means(rounded: Sequence[str], bias_means) -> None:
+    if "bias" in rounded and (bias_means is None or "weights" not in rounded):
+        raise ValueError("rounding 'bias' needs 'weights' rounded too and the convolutions' input means")
 
 
 def format_table(rows: Sequence[Dict[str, float]], flag_below: float = 4.0) -> str:

@@ -265,7 +265,8 @@ def _export(checkpoint, out: Path, options: ExportOptions, fmt_list, mods, per_f
                 for precision in per_format[fmt]:
                     tol = parity.tolerance_for(precision, io, options.tolerances,
                                                getattr(mods[fmt], "PARITY_TOLERANCES", None))
-                    recorded = options.recorded(calibrated=precision in getattr(mods[fmt], "CALIBRATED", ()))
+                    recorded = options.recorded(calibrated=precision in getattr(mods[fmt], "CALIBRATED", ()),
+                                                bias_corrected=precision in getattr(mods[fmt], "BIAS_CORRECTED", ()))
                     key_src = {
                         "format": fmt, "shape": list(shape), "precision": precision, "io": io,
                         "weights": ckpt_info["weights_sha256"], "options": recorded, "tolerance": tol,
@@ -428,6 +429,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     worker converts while this process converts and gates the other formats (:func:`export.stages.side_by_side`)."""
     from models.gmcnn import count_macs
 
+    from .activations import input_means, means_cache
     from .fallback import SensitivityCache
     from .stages import StageLog, activation_values, side_by_side
 
@@ -451,7 +453,8 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
             with log.stage(f"samples {p.shape[0]}x{p.shape[1]}"):
                 calib[p.shape] = load_samples(calib_dir, p.shape, options.calibration_masks_per_photo, seed=1)
                 hold[p.shape] = load_samples(holdout_dir, p.shape, HOLDOUT_MASKS_PER_PHOTO, seed=2)
-    sensitivity = SensitivityCache(gen, hold, show)
+    sensitivity = SensitivityCache(gen, hold, show, bias_means=lambda shape: input_means(
+        gen, calib[shape], means_cache(work_root, shape)))
 
     def job_for(p: _Planned, mod, extra: Optional[dict] = None, suffix: str = "") -> backends.ConvertJob:
         tmp = out / f"{PARTIAL_PREFIX}{os.getpid()}-{suffix}{p.file}"
@@ -635,6 +638,8 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     limit_db = p.tolerance.get("min_hole_psnr_db", 0.0)
     samples = fallback.failing_samples(pure_result, limit_db)
     rounding = fallback.SENSITIVITY_ROUNDING[p.precision]
+    if options.bias_correction and p.precision in getattr(mod, "BIAS_CORRECTED", ()):
+        rounding = (*rounding, "bias")  # the file's biases are corrected: so are the simulation's
     seed_key = (p.fmt, tuple(p.shape), p.precision)
     seed = (seeds or {}).get(seed_key)
     # by (layers kept float, with their inputs): the second phase's first candidates are often the first's

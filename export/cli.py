@@ -49,6 +49,7 @@ def register(sub) -> None:
     p.add_argument("--upsample-mode", choices=UPSAMPLE_MODES, default=default_of("upsample_mode"),
                    help=help_of("upsample_mode"))
     p.add_argument("--no-int8-tail", action="store_true", help=_switched_off("int8_tail"))
+    p.add_argument("--no-bias-correction", action="store_true", help=_switched_off("bias_correction"))
     p.add_argument("--range-method", choices=RANGE_METHODS, default=default_of("range_method"),
                    help=help_of("range_method"))
     p.add_argument("--quant-fallback", choices=ON_OFF, default=ON_OFF[not default_of("quant_fallback")],
@@ -108,7 +109,8 @@ def options_from_args(args, formats, precisions) -> ExportOptions:
     return ExportOptions(
         shapes=args.shapes, formats=formats, precisions=precisions, ios=args.io, calibration=args.calibration,
         holdout=args.holdout, threads=args.threads, pad_mode=args.pad_mode, upsample_mode=args.upsample_mode,
-        int8_tail=not args.no_int8_tail, range_method=args.range_method,
+        int8_tail=not args.no_int8_tail, bias_correction=not args.no_bias_correction,
+        range_method=args.range_method,
         quant_fallback=args.quant_fallback == "on", fallback_limit=args.quant_fallback_limit,
         fallback_branch_limit=args.quant_fallback_branch_limit, fallback_prune_gates=args.quant_fallback_prune,
         tolerances=hole_psnr_overrides(args.min_hole_psnr or [], args.io) or None,

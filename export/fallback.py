@@ -96,7 +96,8 @@ def rounding_words(rounding: Sequence[str]) -> str:
     int16, weights to int8``, ``weights rounded to int8``."""
     if "input16" in rounding:
         return "input rounded to int16" + (", weights to int8" if "weights" in rounding else "")
-    return " and ".join(part for part in ("input", "weights") if part in rounding) + " rounded to int8"
+    words = " and ".join(part for part in ("input", "weights") if part in rounding) + " rounded to int8"
+    return words + (", biases corrected" if "bias" in rounding else "")
 
 
 def affordable(ranking: Sequence[Tuple[str, float]], macs: Dict[str, int], limit: int,
@@ -265,10 +266,13 @@ class SensitivityCache:
     """Per (shape, rounding, sample index): every convolution's output SNR (dB) with only it quantized; per
     (shape, rounding, rounded convolutions, sample index): the simulated output's hole PSNR (dB)."""
 
-    def __init__(self, generator, holdout: Dict[Tuple[int, int], object], progress: Callable[[str], None]):
+    def __init__(self, generator, holdout: Dict[Tuple[int, int], object], progress: Callable[[str], None],
+                 bias_means: Optional[Callable[[Tuple[int, int]], Dict[str, object]]] = None):
         self.generator = generator
         self.holdout = holdout
         self.progress = progress
+        # shape -> each convolution's input means: a rounding with ``bias`` (int8-dynamic's corrected biases) needs them
+        self.bias_means = bias_means
         self._scores: Dict[tuple, object] = {}
         self._downstream: Optional[Dict[str, set]] = None
 
@@ -283,7 +287,8 @@ class SensitivityCache:
                           f"on held-out sample(s) {', '.join(str(i) for i in todo)}")
             per: Dict[str, List[float]] = {}
             t0 = time.time()
-            layer_snr(self.generator, s.images[todo], s.masks[todo], rounded=rounding, per_sample=per)
+            layer_snr(self.generator, s.images[todo], s.masks[todo], rounded=rounding, per_sample=per,
+                      bias_means=self._means(shape, rounding))
             self.progress(f"fallback {shape[0]}x{shape[1]}: sensitivity ready ({time.time() - t0:.1f}s)")
             for j, i in enumerate(todo):
                 self._scores[(shape, tuple(rounding), i)] = {layer: v[j] for layer, v in per.items()}
@@ -291,6 +296,9 @@ class SensitivityCache:
         worst = {layer: min(self._scores[(shape, tuple(rounding), i)][layer] for i in samples) for layer in layers}
         return sorted(worst.items(), key=lambda kv: (kv[1], kv[0]))
 
+
+    def _means(self, shape, rounding: Sequence[str]):
+        return self.bias_means(shape) if "bias" in rounding and self.bias_means is not None else None
 
     def downstream(self) -> Dict[str, set]:
         """:func:`export.activations.downstream_convs` of the generator, found once."""
@@ -317,7 +325,7 @@ class SensitivityCache:
                           f"({rounding_words(rounding)}) on held-out sample(s) {', '.join(str(i) for i in todo)}")
             t0 = time.time()
             per = rounded_hole_psnr(self.generator, s.images[todo], s.masks[todo], missing, rounded=rounding,
-                                    downstream=self.downstream())
+                                    downstream=self.downstream(), bias_means=self._means(shape, rounding))
             self.progress(f"fallback {shape[0]}x{shape[1]}: simulation ready ({time.time() - t0:.1f}s)")
             for name, values in per.items():
                 for j, i in enumerate(todo):

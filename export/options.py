@@ -81,6 +81,9 @@ class ExportOptions:
         "minmax", "activation ranges of calibrated TFLite files (int8, int16x8): the observed min/max, per "
                   "tensor the method that quantizes held-out calibration samples best (auto), or one method "
                   "for every tensor")
+    bias_correction: bool = _opt(
+        True, "int8-dynamic: correct each int8 convolution's bias for the mean output shift its rounded weights "
+              "cause (the rounding error times the mean of each input channel over the calibration samples)")
     quant_fallback: bool = _opt(
         True, "when a quantized file (TFLite int8, int8-dynamic, int16x8; Core ML w8) misses its parity gate, keep "
               "its most sensitive layers in float, the fewest that pass (the manifest lists them and their price); "
@@ -131,6 +134,7 @@ class ExportOptions:
                 set_(name, Path(getattr(self, name)))
         set_("int8_tail", bool(self.int8_tail))
         set_("quant_fallback", bool(self.quant_fallback))
+        set_("bias_correction", bool(self.bias_correction))
         if self.tolerances is not None:
             set_("tolerances", dict(self.tolerances))
         self._check()
@@ -172,13 +176,16 @@ class ExportOptions:
 
         return self.holdout if self.holdout is not None else HOLDOUT_DIR
 
-    def recorded(self, calibrated: bool) -> Dict[str, object]:
+    def recorded(self, calibrated: bool, bias_corrected: bool = False) -> Dict[str, object]:
         """The options that shape one artifact's file: part of its cache key and of its manifest entry's
-        ``build`` (``range_method`` only for precisions calibrated on photos)."""
+        ``build`` (``range_method`` only for precisions calibrated on photos, ``bias_correction`` only for
+        those the backend corrects)."""
         out: Dict[str, object] = {"pad_mode": self.pad_mode, "upsample_mode": self.upsample_mode,
                                   "int8_tail": self.int8_tail}
         if calibrated:
             out["range_method"] = self.range_method
+        if bias_corrected:
+            out["bias_correction"] = self.bias_correction
         return out
 
     def fallback_recorded(self) -> Dict[str, object]:

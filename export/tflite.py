@@ -57,6 +57,9 @@ DEFAULT_PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
 # Precisions calibrated on photos, and those whose layers the export's fallback may keep in float.
 CALIBRATED = ("int8", "int16x8")
 FALLBACK_PRECISIONS = ("int8", "int8-dynamic", "int16x8")
+# Precisions whose int8 convolutions get their biases corrected for the rounded weights' mean output shift
+# (options.bias_correction, :func:`correct_biases`): int8-dynamic's error is mostly its weights' (docs/TOLERANCES.md).
+BIAS_CORRECTED = ("int8-dynamic",)
 # Where a convolution kept float alone still reads an input rounded by its integer producer, so the
 # fallback's second phase keeps the producers float too (job.extra["keep_float_inputs"]): int8, and int16x8,
 # whose float convolution reads the float ELU output, but the ELU reads the producer's int16 output
@@ -276,6 +279,15 @@ def start_many(jobs: Sequence[ConvertJob], progress=None, stages=None) -> Conver
     def run(procs):
         out = _run_worker(plan, by_out, progress, stages, procs) if plan["jobs"] else {}
         for job in jobs:
+            res = out.get(job.key)
+            if res is None or res.path is None or job.precision not in BIAS_CORRECTED or not job.options.bias_correction:
+                continue
+            try:
+                with _stage(stages, f"bias correction {job.shape[0]}x{job.shape[1]} {job.io} {job.precision}"):
+                    res.details["bias_correction"] = correct_biases(job, Path(res.path))
+            except (OSError, ValueError) as exc:
+                out[job.key] = ConvertResult(None, error=f"bias correction: {exc}")
+        for job in jobs:
             if job.key not in results and job.key not in out:
                 out[job.key] = ConvertResult(None, error="the conversion produced no file")
         return out
@@ -358,6 +370,26 @@ def float_nodes(generator, work: Path, precision: str, keep_float: Sequence[str]
         # rounded there, the input reaches the float branch on the int8 grid anyway
         chosen |= set(g.io_path_ops(graph, chosen))
     return sorted(chosen)
+
+
+def correct_biases(job: ConvertJob, path: Path) -> Dict[str, object]:
+    """Correct, in the file at ``path`` (a dynamic-range file of ``job``), each int8 convolution's bias for the mean
+    output shift of its rounded weights (:func:`export.tflite_graph.correct_conv_biases`), with each convolution's
+    input channel means over ``job.calibration`` measured by PyTorch (:func:`export.activations.input_means`:
+    once per shape and run, kept in the run's work folder, where the fallback's simulation reads them too). Returns the manifest's record:
+    ``{"layers": corrected convolutions, "samples": calibration samples}``."""
+    from . import tflite_graph as g
+    from .activations import input_means, means_cache
+
+    means = input_means(job.generator, job.calibration, means_cache(Path(job.workdir).parent, job.shape))
+    data = path.read_bytes()
+    nodes = conv_nodes_of(job.generator, data)
+    convs = dict(job.generator.named_modules())
+    filters = {node: convs[k].weight.detach().cpu().numpy().transpose(0, 2, 3, 1) for k, node in nodes.items()}
+    model = g.read(data)
+    changed = g.correct_conv_biases(model, filters, {node: means[k] for k, node in nodes.items()})
+    path.write_bytes(g.write(model))
+    return {"layers": changed, "samples": int(len(job.calibration.images))}
 
 
 #: Marks the worker's JSON event lines on its stdout (the worker imports it from here: no import cycle).
@@ -783,6 +815,8 @@ def quantization_summary(path: Path, precision: str, details: Optional[dict] = N
     calibration = ((details or {}).get("postpass") or {}).get("calibration")
     if precision == "int8-dynamic":
         out["activations"] = {"scheme": "int8, quantized at run time per tensor (dynamic range)"}
+        if (details or {}).get("bias_correction"):
+            out["bias_correction"] = details["bias_correction"]
     elif calibration:
         out["activations"] = {"scheme": "int16, symmetric" if precision == "int16x8" else "int8, scale and zero point",
                               **calibration}

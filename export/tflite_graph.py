@@ -616,6 +616,45 @@ def restore_float_weights(model, float_model, names: Iterable[str]) -> int:
     return changed
 
 
+def correct_conv_biases(model, float_filters: Dict[str, np.ndarray], input_means: Dict[str, np.ndarray]) -> int:
+    """Bias correction of a dynamic-range file (int8 filters, float32 biases): each named CONV_2D whose filter is
+    int8 gets ``bias[o] -= sum over taps and input channels of (dequantized - float filter)[o] * input mean``, the
+    mean shift its rounded weights put on its output where its input has the calibration samples' channel means.
+
+    ``float_filters``: output tensor name -> the convolution's float32 filter (O, H, W, I); ``input_means``: the
+    same names -> its input's per-channel mean (I,). A convolution with a float32 filter (kept float) or no bias is
+    left alone. Returns how many biases changed; a filter of another shape is a ValueError."""
+    sg = model.subgraphs[0]
+    changed = 0
+    for name, i in conv_nodes(model):
+        if name not in float_filters or name not in input_means:
+            continue
+        ids = _ids(sg.operators[i].inputs)
+        w = sg.tensors[ids[1]]
+        if w.type != T.INT8 or len(ids) < 3 or ids[2] < 0:
+            continue
+        b = sg.tensors[ids[2]]
+        if b.type != T.FLOAT32:
+            continue
+        error = conv_weights(model, i) - float_filters[name]  # (O, H, W, I)
+        mean = np.asarray(input_means[name], np.float64)
+        if error.shape[-1] != mean.shape[0]:
+            raise ValueError(f"{name}: {mean.shape[0]} input means for a filter of {error.shape[-1]} input channels")
+        shift = error.astype(np.float64).sum(axis=(1, 2)) @ mean
+        bias = np.frombuffer(bytes(model.buffers[b.buffer].data), np.float32).astype(np.float64)
+        if bias.shape != shift.shape:
+            raise ValueError(f"{name}: {bias.shape[0]} biases for {shift.shape[0]} output channels")
+        old = b.buffer
+        buf = schema.BufferT()
+        buf.data = np.frombuffer((bias - shift).astype(np.float32).tobytes(), np.uint8).copy()
+        model.buffers.append(buf)
+        b.buffer = len(model.buffers) - 1
+        if old and not any(t.buffer == old for t in sg.tensors):
+            model.buffers[old].data = None
+        changed += 1
+    return changed
+
+
 # The 16x8 quantizer names the int16 tensor of a float one it must keep apart (the graph's last convolution, whose
 # float output the graph returns) after it with this suffix; the other convolutions keep their float names.
 INT16_SUFFIX = "_int16"

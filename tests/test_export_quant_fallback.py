@@ -183,7 +183,8 @@ def _replaying_backend(export_dir: Path):
 def _dynamic_range_backend(export_dir: Path):
     """convert_all stand-in without TensorFlow for tensor I/O int8-dynamic: every file made as the
     worker makes it from the fixture's converter output, a candidate with its kept layers' float32
-    filters given back (the real candidate, not a replay of the file the fallback chose)."""
+    filters given back (the real candidate, not a replay of the file the fallback chose), then its biases
+    corrected as the backend corrects them."""
     from export import tflite
     from export.backends import ConvertResult
     from export.options import ExportOptions
@@ -204,6 +205,8 @@ def _dynamic_range_backend(export_dir: Path):
                                         quant)
             Path(job.out).write_bytes(tflite.postprocess(raw, job.precision, "tensor", metadata=job.metadata)[0])
             results[job.key] = ConvertResult(Path(job.out), 0.1)
+            if job.options.bias_correction:  # as the backend's conversion does after the worker
+                results[job.key].details["bias_correction"] = tflite.correct_biases(job, Path(job.out))
         return results
 
     return convert_all
@@ -281,7 +284,7 @@ def test_torch_work_is_done_once_per_shape_for_every_file_and_candidate(fallback
     """Issue 17, work done once: the PyTorch reference outputs are computed once per shape and shared by
     the gate of every file and every fallback candidate; the layer sensitivity and the branch simulation
     once per rounding and sample, shared by the precisions that round the same way (int8 and
-    int8-dynamic). A candidate that fails stops at the first held-out sample it fails."""
+    int8-dynamic without its bias correction, which the simulation of a corrected file models). A candidate that fails stops at the first held-out sample it fails."""
     from export import activations, api, backends, parity, tflite
 
     calls = {"reference": 0, "sensitivity": [], "simulated": [], "runs": []}
@@ -313,7 +316,7 @@ def test_torch_work_is_done_once_per_shape_for_every_file_and_candidate(fallback
         api.export_artifacts(fallback_export["gen"], tmp_path, shapes=[SHAPE], formats=["tflite"],
                              precisions=["int8", "int8-dynamic"], ios=["tensor"], fallback_limit=2, progress=False,
                              tolerances={"int8": {"min_hole_psnr_db": 99.0}, "int8-dynamic": {"min_hole_psnr_db": 99.0}},
-                             calibration_masks_per_photo=1)
+                             calibration_masks_per_photo=1, bias_correction=False)
     samples = fallback_export["manifest"].artifacts[0].parity.samples
     assert calls["reference"] == 1 and calls["sensitivity"] == [samples]
     # int8's simulations, each on the worst sample alone: its first phase's largest candidate (far under this

@@ -30,7 +30,13 @@ machine (an AMD EPYC family 25; every other file held): calibration statistics a
 another CPU's kernels round their last bits differently. So an int8 file is now compared as its
 normalised digest plus its activation scales within a measured tolerance (below), and the manifest's digest
 leaves out the measured parity floats; the int8 and manifest digests were recorded again then, and
-the same export with calibration on LiteRT's reference kernels instead of XNNPACK matched them. Two
+the same export with calibration on LiteRT's reference kernels instead of XNNPACK matched them. Issue 13's
+bias correction of int8-dynamic files (2026-12-04) changes their int8 convolutions' float biases by design, by
+amounts computed from PyTorch's float means, whose last bits depend on the CPU as calibration's do: an
+int8-dynamic file is now compared as its digest without those biases (:func:`int8_dynamic_normalised_digest`;
+tests/test_export_bias_correction.py checks the biases' values against the converter's), and the two
+int8-dynamic digests and the ``defaults`` manifest's (its entries record ``build.bias_correction``) were recorded
+again then, by the branch that made that change; every other digest stayed as recorded. Two
 exports of the cnum-4 ``lively_generator`` at 64x96:
 
 * ``defaults``: TFLite fp32, fp16, int8-dynamic, int8 and Core ML fp16, tensor and image signatures;
@@ -94,14 +100,14 @@ REFERENCE = {
         "gmcnn_tf_c4_64x96_image_fp16.mlpackage": "df9932177d98aa44dd2ad87e46d90bb52f16255003f5d641b87853b7c6b223a6",
         "gmcnn_tf_c4_64x96_image_fp16.tflite": "1bf4fe5aca631889bcc97ac7648a0146b10b0e9b108c39f2a3aca564baf481f3",
         "gmcnn_tf_c4_64x96_image_fp32.tflite": "ed4d603e0d623212bc98f695921c9250754d42a7a23d6d8626e47a95e38185ca",
-        "gmcnn_tf_c4_64x96_image_int8-dynamic.tflite": "27725c58385b3699fe7f4aafbb852b307d26471fe1427fb0b2610b70940aa2da",
+        "gmcnn_tf_c4_64x96_image_int8-dynamic.tflite": "c34519ccbf4f7e93920a78055c5ffbcbc014bcb9b144e95f1b6047876af7b871",
         "gmcnn_tf_c4_64x96_image_int8.tflite": "bb88163bd5da7da4fe3bb7e6bf287414131255555945437cf91266e061b0aa18",
         "gmcnn_tf_c4_64x96_tensor_fp16.mlpackage": "876b513e322c5f313b76502e9e4917a1bb8b826d2481c613f2e851b8e6f9db30",
         "gmcnn_tf_c4_64x96_tensor_fp16.tflite": "55253cc32ce0424ffed33ed5908b76ebd3777f3df5f10852c5b4d43eb2c7ff4f",
         "gmcnn_tf_c4_64x96_tensor_fp32.tflite": "721e06aacdd1a0e6557ee42f3dd9fb17bdfc338946232d6877634f939bc8875b",
-        "gmcnn_tf_c4_64x96_tensor_int8-dynamic.tflite": "50ed2a9fefdc6180bf6a263d34658028ff4e7263fdcf630d6f1a498933dd6230",
+        "gmcnn_tf_c4_64x96_tensor_int8-dynamic.tflite": "fddd93039f3c4fa872064b78ca44818b9e427e6c9b7c0b8b49a4f9586b8932e3",
         "gmcnn_tf_c4_64x96_tensor_int8.tflite": "aa58595640fe5c66110ff97c405a4c541b789df6c406429a3b5814f10953ee15",
-        "manifest.json": "affb6e94a5017d5d95baa17c07dbf2edafacf473d11f9a44d751b3bdc6948b7a"
+        "manifest.json": "d5c92adc6cab051d84b6fdc41e9492e06284ace567acce3acdb89b055c457d8a"
     },
     "options": {
         "gmcnn_tf_c4_64x96_tensor_fp32.tflite": "ee3b12256fedf9f62384680ecb30ff054b5d6edcf30be85c4a76d6bd3b3aa7b3",
@@ -171,6 +177,33 @@ def int8_normalised_digest(data: bytes) -> str:
     return hashlib.sha256(g.write(model)).hexdigest()
 
 
+def int8_dynamic_normalised_digest(data: bytes) -> str:
+    """sha256 of an int8-dynamic .tflite file with what bias correction decides removed: the float32 biases of its
+    int8 convolutions (the converter's biases minus a shift from PyTorch's input means over the calibration
+    samples, whose last bits depend on the CPU's kernels; tests/test_export_bias_correction.py checks their values).
+    Everything else -- graph, int8 weights and their scales, float convolutions -- stays byte for byte."""
+    from export import tflite_graph as g
+
+    model = g.read(data)
+    sg = model.subgraphs[0]
+    for _, i in g.conv_nodes(model):
+        ids = list(sg.operators[i].inputs)
+        if sg.tensors[ids[1]].type == g.schema.TensorType.INT8 and len(ids) > 2 and ids[2] >= 0:
+            buf = model.buffers[sg.tensors[ids[2]].buffer]
+            buf.data = [0] * len(buf.data)
+    return hashlib.sha256(g.write(model)).hexdigest()
+
+
+def normalised_tflite_digest(path: Path) -> str:
+    """A .tflite file's digest as the reference records it: int8 and int8-dynamic files normalised (above)."""
+    data = path.read_bytes()
+    if path.stem.endswith("_int8"):
+        return int8_normalised_digest(data)
+    if path.stem.endswith("_int8-dynamic"):
+        return int8_dynamic_normalised_digest(data)
+    return hashlib.sha256(data).hexdigest()
+
+
 def int8_quantization_differences(got: dict, want: dict, rtol: float = INT8_SCALE_RTOL) -> list:
     """What differs between two :func:`int8_activation_quantization` records beyond ``rtol`` on the scales and
     one step on the zero points, with the tolerance that would have passed."""
@@ -205,9 +238,9 @@ def normalised_manifest(out: Path) -> dict:
         if a["file"].endswith(".mlpackage"):
             assert (a["sha256"], a["bytes"]) == artifact_digest(out / a["file"]), a["file"]
             a["sha256"] = package_digest(out / a["file"])
-        elif a["precision"] == "int8":
+        elif a["precision"] in ("int8", "int8-dynamic"):
             assert a["sha256"] == hashlib.sha256((out / a["file"]).read_bytes()).hexdigest(), a["file"]
-            a["sha256"] = int8_normalised_digest((out / a["file"]).read_bytes())
+            a["sha256"] = normalised_tflite_digest(out / a["file"])
         for key in MEASURED_PARITY:
             a["parity"].pop(key, None)
         a["parity"]["details"] = {k: v for k, v in a["parity"].get("details", {}).items() if k == "known_pixels_changed"}
@@ -217,13 +250,12 @@ def normalised_manifest(out: Path) -> dict:
 
 
 def digests(out: Path) -> dict:
-    """{file: digest} of every artifact (an int8 file's: :func:`int8_normalised_digest`), and of the normalised
+    """{file: digest} of every artifact (an int8 or int8-dynamic file's: :func:`normalised_tflite_digest`), and of the normalised
     manifest (canonical JSON)."""
     got = {}
     for p in sorted(out.iterdir()):
         if p.suffix == ".tflite":
-            data = p.read_bytes()
-            got[p.name] = int8_normalised_digest(data) if p.stem.endswith("_int8") else hashlib.sha256(data).hexdigest()
+            got[p.name] = normalised_tflite_digest(p)
         elif p.suffix == ".mlpackage":
             got[p.name] = package_digest(p)
     canonical = json.dumps(normalised_manifest(out), sort_keys=True, separators=(",", ":"))
