@@ -63,10 +63,12 @@ def conv_input_means(generator, images: np.ndarray, masks: np.ndarray) -> Dict[s
     """Per convolution (module name), the mean of each input channel over the samples' pixels: float64 (C_in,),
     one float forward per sample (images (N,H,W,3) uint8 RGB, masks (N,H,W[,1]) nonzero = hole). The input
     before the convolution's own padding, as the network feeds it."""
+    import torch
+
     sums: Dict[str, np.ndarray] = {}
 
     def after_conv(name, module, inputs, output):
-        mean = inputs[0].double().mean(dim=(0, 2, 3)).numpy()
+        mean = inputs[0].mean(dim=(0, 2, 3), dtype=torch.float64).numpy()  # accumulated in float64, no copy
         sums[name] = sums.get(name, 0) + mean
 
     forward_each_sample(generator, images, masks, after_conv)
