@@ -296,7 +296,6 @@ class SensitivityCache:
         worst = {layer: min(self._scores[(shape, tuple(rounding), i)][layer] for i in samples) for layer in layers}
         return sorted(worst.items(), key=lambda kv: (kv[1], kv[0]))
 
-
     def _means(self, shape, rounding: Sequence[str]):
         return self.bias_means(shape) if "bias" in rounding and self.bias_means is not None else None
 

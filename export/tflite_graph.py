@@ -583,6 +583,18 @@ def conv_macs(model) -> List[Dict[str, object]]:
     return rows
 
 
+def _rebuffer(model, tensor, raw: bytes) -> None:
+    """Give a constant ``tensor`` of subgraph 0 a new buffer holding ``raw``; its old buffer is emptied when no
+    other tensor shares it (a converter may share one buffer between equal constants)."""
+    old = tensor.buffer
+    buf = schema.BufferT()
+    buf.data = np.frombuffer(raw, np.uint8).copy()
+    model.buffers.append(buf)
+    tensor.buffer = len(model.buffers) - 1
+    if old and not any(t.buffer == old for t in model.subgraphs[0].tensors):
+        model.buffers[old].data = None
+
+
 def restore_float_weights(model, float_model, names: Iterable[str]) -> int:
     """Give the named CONV_2Ds of a dynamic-range file back the float32 filters of ``float_model``
     (the fp32 file of the same saved_model): those convolutions then run in float, their inputs
@@ -602,13 +614,7 @@ def restore_float_weights(model, float_model, names: Iterable[str]) -> int:
             continue  # too small to have been quantized
         if list(_ids(w.shape)) != list(_ids(fw.shape)) or fw.type != T.FLOAT32:
             raise ValueError(f"{name}: filters differ in shape or type between the two files")
-        old = w.buffer
-        buf = schema.BufferT()
-        buf.data = np.frombuffer(bytes(float_model.buffers[fw.buffer].data), np.uint8).copy()
-        model.buffers.append(buf)
-        w.buffer = len(model.buffers) - 1
-        if old and not any(t.buffer == old for t in sg.tensors):
-            model.buffers[old].data = None
+        _rebuffer(model, w, bytes(float_model.buffers[fw.buffer].data))
         w.type = T.FLOAT32
         w.quantization = None
         changed += 1
@@ -644,13 +650,7 @@ def correct_conv_biases(model, float_filters: Dict[str, np.ndarray], input_means
         bias = np.frombuffer(bytes(model.buffers[b.buffer].data), np.float32).astype(np.float64)
         if bias.shape != shift.shape:
             raise ValueError(f"{name}: {bias.shape[0]} biases for {shift.shape[0]} output channels")
-        old = b.buffer
-        buf = schema.BufferT()
-        buf.data = np.frombuffer((bias - shift).astype(np.float32).tobytes(), np.uint8).copy()
-        model.buffers.append(buf)
-        b.buffer = len(model.buffers) - 1
-        if old and not any(t.buffer == old for t in sg.tensors):
-            model.buffers[old].data = None
+        _rebuffer(model, b, (bias - shift).astype(np.float32).tobytes())
         changed += 1
     return changed
 
