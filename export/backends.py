@@ -36,7 +36,9 @@ its tools), and
 Optional, for quantized precisions: ``CALIBRATED`` (precisions calibrated on photos: their
 cache key and manifest entry record ``options.range_method``), ``FALLBACK_PRECISIONS`` (precisions
 whose failing files the export's sensitivity-guided fallback may retry with ``job.extra["keep_float"]``,
-a list of generator convolution names to keep out of quantization; :mod:`export.fallback`), and
+a list of generator convolution names to keep out of quantization; :mod:`export.fallback`),
+``RUNTIME_QUANTIZED`` (precisions whose activations are quantized at run time: their parity gate also runs the
+nudged copies of the held-out samples, :func:`export.samples.nudged`), and
 ``quantization_summary(path, precision, details) -> dict`` (the manifest's
 ``build.quantization``: weight and activation schemes, per-tensor ranges, quantized MAC share).
 

@@ -382,10 +382,15 @@ def move_to_front(order: Sequence[int], sample: int) -> List[int]:
 
 def failing_samples(result, limit_db: float) -> List[int]:
     """Indices of the held-out samples whose hole PSNR is under the limit, worst first (all, in order, if
-    not recorded): the order the gate of a candidate runs them in, stopping at the first that fails."""
-    per = (result.details or {}).get("hole_psnr_db_per_sample") or []
+    not recorded): the order the gate of a candidate runs them in, stopping at the first that fails. A result
+    with nudged copies (``details.nudged``) gives each sample the worse PSNR of it and its copy."""
+    details = result.details or {}
+    per = details.get("hole_psnr_db_per_sample") or []
+    nudged = (details.get("nudged") or {}).get("samples", 0)
+    if nudged and len(per) == 2 * nudged:  # every sample, then its nudged copy: a sample counts as its worse one
+        per = [min(plain, copy) for plain, copy in zip(per[:nudged], per[nudged:])]
     bad = sorted((i for i, v in enumerate(per) if v < limit_db), key=lambda i: (per[i], i))
-    return bad or list(range(max(result.samples, 1)))
+    return bad or list(range(max(len(per) or result.samples, 1)))
 
 
 def limit_message(file: str, precision: str, limit: int, ranking: Sequence[Tuple[str, float]], best,

@@ -132,6 +132,32 @@ def photo_dir_digest(directory: Path) -> str:
     return h.hexdigest()
 
 
+#: :func:`nudged`: the fraction of pixel values a copy moves by one 8-bit level
+NUDGED_FRACTION = 0.01
+
+
+def nudged(samples: Samples, fraction: float = NUDGED_FRACTION, seed: int = 0) -> Samples:
+    """A copy of ``samples`` whose images have ``fraction`` of their values (pixels times channels, chosen at random
+    with ``seed``) one 8-bit level higher (255: one lower); masks unchanged, names marked ``~nudged``.
+
+    The parity gate runs files whose activations are quantized at run time on these copies too: such a file rounds
+    each activation on a grid set by the tensor's own extremes, so a change this small, which no viewer sees and
+    decoders or resizers on another platform make, can move every rounding, and with an ill-conditioned model the
+    hole PSNR of one sample with it by several dB (docs/TOLERANCES.md "Rounding realizations")."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    rng = np.random.default_rng(seed)
+    images = samples.images.copy()
+    chosen = rng.random(images.shape) < fraction
+    images[chosen] = np.where(images[chosen] == 255, 254, images[chosen] + 1)
+    return Samples(images, samples.masks, [f"{name}~nudged" for name in samples.names])
+
+
+def concatenated(a: Samples, b: Samples) -> Samples:
+    """The samples of ``a``, then those of ``b`` (one shape)."""
+    return Samples(np.concatenate([a.images, b.images]), np.concatenate([a.masks, b.masks]), a.names + b.names)
+
+
 def subset(samples: Samples, index: Sequence[int]) -> Samples:
     idx = list(index)
     return Samples(samples.images[idx], samples.masks[idx], [samples.names[i] for i in idx])

@@ -526,3 +526,83 @@ def test_reference_kernel_files_are_priced_once_each_side_by_side_on_one_thread(
     timed = price(pure, fb, 2, "tflite", lambda path, threads, runs: calls.append((path.name, threads, runs))
                   or {"ok": True, "stats": {"median_s": 1.0}, "peak_rss": 1})
     assert calls == [("pure.tflite", 2, 3), ("fallback.tflite", 2, 3)] and "side_by_side" not in timed
+
+
+def test_nudged_copies_move_one_percent_of_values_by_one_level():
+    from export.samples import NUDGED_FRACTION, Samples, nudged
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
+    images[0, :8] = 255  # saturated values may only go down
+    masks = (rng.random((2, 64, 96, 1)) < 0.2).astype(np.uint8) * 255
+    original = Samples(images.copy(), masks.copy(), ["a", "b"])
+    copy = nudged(original)
+    moved = copy.images.astype(np.int16) - images.astype(np.int16)
+    # binomial over 36,864 values: 1 % is 369 +- 19
+    assert abs(np.count_nonzero(moved) / moved.size - NUDGED_FRACTION) < 0.002
+    assert set(np.unique(moved)) == {-1, 0, 1}
+    assert np.all(moved[images == 255] <= 0) and np.all(moved[images < 255] >= 0)
+    assert np.array_equal(original.images, images) and np.array_equal(copy.masks, masks)  # the input untouched
+    assert copy.names == ["a~nudged", "b~nudged"]
+    assert np.array_equal(nudged(original).images, copy.images)  # the same copy every time
+    assert not np.array_equal(nudged(original, seed=1).images, copy.images)
+
+
+def test_int8_dynamic_gate_runs_the_nudged_copies_and_int8_does_not(fallback_export):
+    m = fallback_export["manifest"]
+    static, dynamic = (m.find("tflite", SHAPE, precision, "tensor").parity for precision in ("int8", "int8-dynamic"))
+    assert "nudged" not in static.details
+    n = static.samples
+    assert dynamic.details["nudged"] == {"samples": n, "fraction": 0.01} and dynamic.samples == 2 * n
+    per = dynamic.details["hole_psnr_db_per_sample"]
+    assert len(per) == 2 * n and dynamic.hole_psnr_db == min(per)
+
+
+def test_a_runtime_quantized_file_failing_on_the_nudged_copies_fails(fallback_export, tmp_path, monkeypatch):
+    """A file passing on the held-out samples but not on their nudged copies fails, saying so; an int8 file, never
+    run on the copies, passes whatever they would give."""
+    from export import api, backends, tflite
+    from export.backends import ConvertResult
+
+    final = {p: fallback_export["out"] / f"gmcnn_tf_c4_{SHAPE[0]}x{SHAPE[1]}_tensor_{p}.tflite"
+             for p in ("int8", "int8-dynamic")}
+
+    def convert_all(backend, jobs, progress=None, stages=None):  # every file the one the fixture's fallback chose
+        for job in jobs:
+            shutil.copy(final[job.precision], job.out)
+        return {job.key: ConvertResult(Path(job.out), 0.1) for job in jobs}
+
+    real_run, copies_run = tflite.run, []
+
+    def run(path, io, samples, threads=2):
+        out, executor = real_run(path, io, samples, threads)
+        if any(name.endswith("~nudged") for name in samples.names):
+            copies_run.append(Path(path).name)
+            out = np.clip(out + 0.5, -1.0, 1.0)  # far off in the hole
+        return out, executor
+
+    monkeypatch.setattr(backends, "convert_all", convert_all)
+    monkeypatch.setattr(tflite, "run", run)
+    with pytest.raises(api.ExportFailed) as err:
+        api.export_artifacts(fallback_export["gen"], tmp_path, shapes=[SHAPE], formats=["tflite"],
+                             precisions=["int8", "int8-dynamic"], ios=["tensor"], quant_fallback=False,
+                             progress=False, calibration_masks_per_photo=1)
+    assert "int8-dynamic" in str(err.value) and "int8.tflite" not in str(err.value)
+    assert "1% of its pixel values one level off" in str(err.value)
+    assert [f.name for f in tmp_path.glob("*.tflite")] == [final["int8"].name]
+    assert len(copies_run) == 1 and copies_run[0].endswith("int8-dynamic.tflite")
+
+
+def test_a_sample_counts_as_the_worse_of_it_and_its_nudged_copy():
+    from export import fallback
+    from runtime_py.manifest import ParityResult
+
+    per = [41.0, 45.0, 39.5, 44.0, 41.2, 33.6, 40.1, 44.5]  # four samples, then their nudged copies
+    result = ParityResult(executor="x", samples=8, details={"hole_psnr_db_per_sample": per,
+                                                           "nudged": {"samples": 4, "fraction": 0.01}})
+    assert fallback.failing_samples(result, 40.0) == [1, 2]
+    assert fallback.failing_samples(result, float("inf")) == [1, 2, 0, 3]
+    plain = ParityResult(executor="x", samples=4, details={"hole_psnr_db_per_sample": per[:4]})
+    assert fallback.failing_samples(plain, 40.0) == [2]
+    assert fallback.failing_samples(ParityResult(executor="x", samples=8, details={
+        "hole_psnr_db_per_sample": per[:4] + [45.0] * 4, "nudged": {"samples": 4}}), 39.0) == [0, 1, 2, 3]

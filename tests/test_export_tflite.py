@@ -325,14 +325,15 @@ def _copying_backend(source_dir: Path, interrupt_after=None):
 
 def test_one_pytorch_reference_per_shape_serves_every_precision_and_signature(tiny, tmp_path, monkeypatch):
     """Issue 17, work done once: the gate of every file (each precision, each I/O signature) compares
-    with the same PyTorch outputs, computed once per shape."""
+    with the same PyTorch outputs, computed once per shape; those of the nudged copies the int8-dynamic files'
+    gates run too, once per shape as well."""
     from export import api, backends, parity
 
     shapes = []
     real = parity.reference_outputs_and_peak
 
     def reference(generator, samples, *args, **kwargs):
-        shapes.append(samples.images.shape[1:3])
+        shapes.append((samples.images.shape[1:3], all(n.endswith("~nudged") for n in samples.names)))
         return real(generator, samples, *args, **kwargs)
 
     monkeypatch.setattr(parity, "reference_outputs_and_peak", reference)
@@ -340,7 +341,7 @@ def test_one_pytorch_reference_per_shape_serves_every_precision_and_signature(ti
     m = api.export_artifacts(tiny["gen"], tmp_path, shapes=[SHAPE], formats=["tflite"], precisions=PRECISIONS,
                              ios=IOS, progress=False, calibration_masks_per_photo=1)
     assert len(m.artifacts) == len(PRECISIONS) * len(IOS) and all(a.parity.passed for a in m.artifacts)
-    assert shapes == [SHAPE]
+    assert "int8-dynamic" in PRECISIONS and shapes == [(SHAPE, False), (SHAPE, True)]
 
 
 def test_a_previous_runs_scratch_files_are_not_used(tiny, tmp_path, monkeypatch):
