@@ -439,7 +439,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     failures: Dict[str, str] = {}
     calib: Dict[Tuple[int, int], Samples] = {}
     hold: Dict[Tuple[int, int], Samples] = {}
-    refs: Dict[Tuple[int, int], object] = {}
+    refs: Dict[Tuple[Tuple[int, int], bool], tuple] = {}  # (shape, nudged) -> (samples, reference, peak)
     gmacs: Dict[Tuple[int, int], float] = {}
     calib_dir, holdout_dir, threads = options.calibration_dir, options.holdout_dir, options.threads
     work_root = out / WORK_DIR_NAME
@@ -471,33 +471,29 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                                    calibration=calib[p.shape], workdir=workdir, out=tmp, options=options,
                                    metadata=meta, extra=dict(extra or {}))
 
-    nudged_sets: Dict[Tuple[int, int], tuple] = {}
-
-    def nudged_holdout(shape):
-        """(the holdout samples at ``shape`` nudged (:func:`export.samples.nudged`), their PyTorch reference and
-        peak activation): made once per shape, when the first file that needs them passes its plain samples."""
-        if shape not in nudged_sets:
-            copies = nudged(hold[shape])
-            show(f"parity {shape[0]}x{shape[1]}: PyTorch fp32 reference on {len(copies)} nudged holdout samples")
-            with log.stage(f"reference {shape[0]}x{shape[1]} nudged", give_back=True):
-                nudged_sets[shape] = (copies, parity.reference_outputs_and_peak(gen, copies))
-        return nudged_sets[shape]
+    def holdout(shape, nudged_copies: bool = False):
+        """(the holdout samples at ``shape``, or their nudged copies (:func:`export.samples.nudged`), their PyTorch
+        reference, its peak activation): made once per shape, the copies when the first file that needs them passes
+        its samples."""
+        key = (shape, nudged_copies)
+        if key not in refs:
+            samples = nudged(hold[shape]) if nudged_copies else hold[shape]
+            what = " nudged" if nudged_copies else ""
+            show(f"parity {shape[0]}x{shape[1]}: PyTorch fp32 reference on {len(samples)}{what} holdout samples")
+            t0 = time.time()
+            with log.stage(f"reference {shape[0]}x{shape[1]}{what}", give_back=True):
+                refs[key] = (samples, *parity.reference_outputs_and_peak(gen, samples))
+            show(f"parity {shape[0]}x{shape[1]}: reference ready ({time.time() - t0:.1f}s)")
+        return refs[key]
 
     def gate(p: _Planned, mod, path: Path, first: Sequence[int] = ()) -> ParityResult:
         """The parity gate of one file on every held-out sample; with ``first`` (sample indices: a fallback
         candidate, the samples its pure file failed, worst first), those one at a time first, stopping at
         the first that fails (the result then covers the samples run: ``details.samples_gated``). A file of a
         runtime-quantized precision (the backend's ``RUNTIME_QUANTIZED``) that passes runs the nudged copies of the
-        samples as well (``nudged_holdout``) and passes only if it passes on them too: its result then covers both
+        samples as well (``holdout``) and passes only if it passes on them too: its result then covers both
         (``details.nudged``; per-sample PSNRs the samples', then their copies')."""
-        samples = hold[p.shape]
-        if p.shape not in refs:
-            show(f"parity {p.shape[0]}x{p.shape[1]}: PyTorch fp32 reference on {len(samples)} holdout samples")
-            t0 = time.time()
-            with log.stage(f"reference {p.shape[0]}x{p.shape[1]}", give_back=True):
-                refs[p.shape] = parity.reference_outputs_and_peak(gen, samples)
-            show(f"parity {p.shape[0]}x{p.shape[1]}: reference ready ({time.time() - t0:.1f}s)")
-        reference, peak = refs[p.shape]
+        samples, reference, peak = holdout(p.shape)
         t0 = time.time()
         rest = [i for i in range(len(samples)) if i not in first]
         # samples one file runs at once: 1 where XNNPACK's threads share each inference; for a file on LiteRT's
@@ -530,19 +526,20 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                         break
         ran.sort()
         gated = samples if len(ran) == len(samples) else samples.subset(ran)
-        m = parity.compare(reference[ran], np.stack([outputs[i] for i in ran]), gated, p.io, peak_activation=peak)
+        ran_outputs = np.stack([outputs[i] for i in ran])
+        m = parity.compare(reference[ran], ran_outputs, gated, p.io, peak_activation=peak)
         if len(ran) < len(samples):
             m["details"]["samples_gated"] = ran
         ok, why = parity.judge(m, p.tolerance)
         if ok and len(ran) == len(samples) and p.precision in getattr(mod, "RUNTIME_QUANTIZED", ()):
             # passing as computed here is not enough for a file that rounds on its tensors' own extremes: every
             # sample again with 1 % of its pixel values one level off, as another platform's decoder may leave it
-            copies, (ref_n, peak_n) = nudged_holdout(p.shape)
+            copies, ref_n, peak_n = holdout(p.shape, nudged_copies=True)
             with log.stage(f"gate {name} nudged", give_back=True):
                 out_n, executor = mod.run(path, p.io, copies, threads)
             both = concatenated(samples, copies)
-            m = parity.compare(np.concatenate([reference, ref_n]), np.concatenate([np.stack([outputs[i] for i in ran]),
-                               out_n]), both, p.io, peak_activation=max(peak, peak_n))
+            m = parity.compare(np.concatenate([reference, ref_n]), np.concatenate([ran_outputs, out_n]), both, p.io,
+                               peak_activation=max(peak, peak_n))
             m["details"]["nudged"] = {"samples": len(copies), "fraction": NUDGED_FRACTION}
             ran = list(range(len(both)))
             ok, why = parity.judge(m, p.tolerance)
