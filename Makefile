@@ -31,8 +31,7 @@ test-slow: $(STAMP)
 # Benchmarks: export the default model's TFLite artifacts (reused while up to date), then
 # measure them; the report lands in bench-results/ (see docs/benchmarks/).
 # Every file passes its gate with default flags at both shapes (the fallback keeps layers float where it
-# must: int8-dynamic 3 layers at 512x680, and int8 and int8-dynamic three of the four branches at
-# 1024x1360, docs/TOLERANCES.md), so the benchmark measures them with the default gates.
+# must; which ones, per file: docs/TOLERANCES.md), so the benchmark measures them with the default gates.
 BENCH_EXPORT_FLAGS ?=
 bench: $(STAMP)
 	$(VENV)/bin/gmcnn-mobile export --out artifacts --formats tflite --io tensor $(BENCH_EXPORT_FLAGS)

@@ -107,16 +107,21 @@ def conv_output_stats(generator, images: np.ndarray, masks: np.ndarray, seed: in
 
 def _fake_int8(t):
     """Per-tensor asymmetric int8 rounding of ``t`` over its own min..max (what a calibrated scale does)."""
-    lo, hi = float(t.min()), float(t.max())
+    lo, hi = (float(v) for v in t.aminmax())
     step = max(hi - lo, 1e-12) / 255.0
-    return ((t - lo) / step).round() * step + lo
+    # in place on one new tensor: the same operations in the same order as ((t - lo) / step).round() * step + lo,
+    # so the same values, without four full-size temporaries (about half the time: it runs on every layer's input)
+    q = t - lo
+    return q.div_(step).round_().mul_(step).add_(lo)
 
 
 def _fake_int16(t):
     """Per-tensor symmetric int16 rounding of ``t`` over its own largest magnitude: TFLite's 16x8 activation
     grid (zero point 0, -32767..32767, a calibrated scale of max |t| / 32767)."""
-    step = max(float(t.abs().max()), 1e-12) / 32767.0
-    return (t / step).round().clamp(-32767, 32767) * step
+    lo, hi = (float(v) for v in t.aminmax())
+    step = max(-lo, hi, 1e-12) / 32767.0
+    q = t / step  # in place after this, as in _fake_int8
+    return q.round_().clamp_(-32767, 32767).mul_(step)
 
 
 #: What ``rounded`` may name: ``input`` (int8 per tensor over its own range: full-integer and dynamic-range
@@ -336,8 +341,9 @@ def layer_snr(generator, images: np.ndarray, masks: np.ndarray, rounded: Sequenc
             mod.weight.data = weight
             if bias is not None:
                 mod.bias.data = bias
-        noise = float(((q - output) ** 2).sum())
-        signal = float((output ** 2).sum())
+        error = q - output
+        noise = float(error.mul_(error).sum())  # squared in place: the values (q - output) ** 2 has
+        signal = float(output.square().sum())
         db = 100.0 if noise == 0 else float(10 * np.log10(max(signal, 1e-30) / noise))
         scores.setdefault(name, []).append(min(db, 100.0))
 

@@ -119,3 +119,23 @@ def test_layer_snr_ranks_the_blown_up_layer_first_in_one_forward():
     assert snr[last] < others[0] - 10 and others[len(others) // 2] > 25.0
     weights_only = layer_snr(gen, images, masks, rounded=("weights",))
     assert weights_only[last] > snr[last] + 10  # the planted error is in the input's rounding
+
+
+def test_input_rounding_is_the_grid_formula_exactly_and_leaves_its_input_alone():
+    """The sensitivity's and simulations' rounding of a layer's input works in place on one copy (it runs on every
+    layer's input, full size): the values of the plain formulas -- int8 over the tensor's own min..max, int16
+    symmetric over its largest magnitude -- bit for bit, on tensors of either sign and a constant one."""
+    from export.activations import _fake_int8, _fake_int16
+
+    gen = torch.Generator().manual_seed(0)
+    cases = [torch.randn(1, 8, 17, 23, generator=gen) * 3 + shift for shift in (0.0, 9.0, -9.0)]
+    cases.append(torch.full((1, 2, 3, 3), 0.25))
+    for t in cases:
+        before = t.clone()
+        lo, hi = float(t.min()), float(t.max())
+        step8 = max(hi - lo, 1e-12) / 255.0
+        assert torch.equal(_fake_int8(t), ((t - lo) / step8).round() * step8 + lo)
+        step16 = max(float(t.abs().max()), 1e-12) / 32767.0
+        assert torch.equal(_fake_int16(t), (t / step16).round().clamp(-32767, 32767) * step16)
+        assert torch.equal(t, before)
+    assert 100 < len(torch.unique(_fake_int8(cases[0]))) <= 256  # on the int8 grid: many levels, at most 256

@@ -82,6 +82,22 @@ def test_io_signatures_are_nhwc_with_documented_dtypes(tiny):
             assert img.value_range == [-1.0, 1.0] and mask.mask_polarity == "1=hole"
 
 
+def test_the_manifests_tensor_records_are_those_of_the_file_run_with_xnnpack(tiny):
+    """export.tflite.describe reads a file's inputs and outputs without XNNPACK (which packs every weight first:
+    15-29 s of the default model's file at 1024x1360): they are the tensors XNNPACK runs, int8 scales included."""
+    from export.tflite import describe, engine
+    from runtime_py.contract import tensor_info
+
+    for a in tiny["manifest"].artifacts:
+        path = tiny["out"] / a.file
+        with engine(path, io=a.io) as e:
+            assert e.xnnpack
+            run = [[tensor_info(s.name, a.io, s.shape, s.dtype, "NHWC", s.quantization) for s in specs]
+                   for specs in (e.input_specs(), e.output_specs())]
+        assert describe(path, a.io) == run == [a.inputs, a.outputs], a.file
+    assert any(t.quantization for a in tiny["manifest"].artifacts for t in a.inputs)  # int8 I/O scales compared too
+
+
 def test_image_signature_keeps_known_pixels_and_composites(tiny):
     """Run the fp32 image file directly: known pixels are the input's, hole pixels the model's."""
     from export import tflite
