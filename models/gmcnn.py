@@ -226,8 +226,8 @@ class GMCNNTFNet(nn.Module):
         x3 = self._run(names["b3"][enc + 2 :], upsample_nearest_2x(x3))
 
         merged = torch.cat([x1, x2, x3], dim=1)
-        # the branches' full-size outputs (208 of 1,360 x 1,024 channels at cnum 32: 1.1 GiB) would otherwise
-        # stay alive beside their concatenation through the merge: a third of a forward's peak memory
+        # the branches' full-size outputs (208 channels of 1,024 x 1,360 at cnum 32: 1.1 GiB) would otherwise stay
+        # alive beside their concatenation through the merge: a third of a forward's peak memory (docs/EXPORT.md)
         del x1, x2, x3
         y = self._run(names["merge"], merged)
         return torch.clamp(y, -1.0, 1.0)
