@@ -59,6 +59,33 @@ class Stage:
     peak_anon_bytes: int = 0
 
 
+#: How far apart (seconds) two recorded times may be and still count as the same instant: starts and walls are
+#: kept to 0.01 s.
+_SAME_INSTANT = 0.011
+
+
+def own_seconds(stages: List[Stage]) -> List[float]:
+    """Each stage's own wall seconds: its ``seconds`` less those of the stages nested directly in it -- in the same
+    process, inside its interval (the fallback's pruning holds its candidates' conversions and gates, calibration
+    its groups). Summing ``seconds`` over stages counts a nested stage's time twice; summing these counts it once,
+    so per process they add up to at most its busy time. ``stages`` in the order they were recorded: a stage and one
+    nested in it over the same interval (to the 0.01 s kept) are told apart by that order, the nested one ending,
+    and so recorded, first."""
+    def inside(i: int, j: int) -> bool:  # is stage i nested in stage j
+        a, b = stages[i], stages[j]
+        return (i != j and a.process == b.process and a.start >= b.start - _SAME_INSTANT
+                and a.start + a.seconds <= b.start + b.seconds + _SAME_INSTANT
+                and (a.seconds < b.seconds or (a.seconds == b.seconds and i < j)))
+
+    own = [s.seconds for s in stages]
+    for i in range(len(stages)):
+        holders = [j for j in range(len(stages)) if inside(i, j)]
+        if holders:
+            parent = min(holders, key=lambda j: (stages[j].seconds, j))  # the innermost holder
+            own[parent] -= stages[i].seconds
+    return [round(max(v, 0.0), 2) for v in own]
+
+
 class StageLog:
     """The stages of one export and the sampled peaks of all its processes together (see the module docstring)."""
 
@@ -169,21 +196,23 @@ class StageLog:
                 "within_budget": None if self.budget_bytes is None else bool(anon <= self.budget_bytes),
                 "schedule": dict(self.schedule),
                 "sampled_every_seconds": SAMPLE_SECONDS,
-                "stages": [asdict(s) for s in sorted(self.stages, key=lambda s: s.start)],
+                "stages": sorted(({**asdict(s), "own_seconds": own} for s, own in zip(self.stages, own_seconds(self.stages))),
+                                 key=lambda row: row["start"]),
             }
 
 
 def table(report: dict) -> str:
     """The report as a text table: one row per stage, then the whole run."""
-    rows = [f"{'stage':<64} {'process':<13} {'start s':>8} {'wall s':>8} {'peak MiB':>9} {'anon MiB':>9}"]
+    rows = [f"{'stage':<64} {'process':<13} {'start s':>8} {'wall s':>8} {'own s':>8} {'peak MiB':>9} {'anon MiB':>9}"]
     for s in report["stages"]:
-        rows.append(f"{s['name'][:64]:<64} {s['process']:<13} {s['start']:8.1f} {s['seconds']:8.1f} "
+        own = s.get("own_seconds", s["seconds"])  # a report written before own seconds were recorded
+        rows.append(f"{s['name'][:64]:<64} {s['process']:<13} {s['start']:8.1f} {s['seconds']:8.1f} {own:8.1f} "
                     f"{mib(s['peak_rss_bytes']):9.0f} {mib(s.get('peak_anon_bytes', 0)):9.0f}")
     budget = report.get("memory_budget_bytes")
     verdict = ""
     if budget:
         verdict = f" (anonymous, budget {budget / GIB:.1f} GiB: {'within' if report['within_budget'] else 'OVER'})"
-    rows.append(f"{'whole run (processes summed)':<64} {'all':<13} {0.0:8.1f} {report['seconds']:8.1f} "
+    rows.append(f"{'whole run (processes summed)':<64} {'all':<13} {0.0:8.1f} {report['seconds']:8.1f} {'':>8} "
                 f"{mib(report['peak_rss_bytes']):9.0f} {mib(report.get('peak_anon_bytes', 0)):9.0f}{verdict}")
     anon = report.get("peak_anon_bytes_per_process", {})
     per = ", ".join(f"{p} {mib(v):.0f} MiB ({mib(anon.get(p, 0)):.0f} anonymous)"
