@@ -185,6 +185,7 @@ class StageLog:
         with self._lock:
             total = max([self.total_peak] + list(self.peaks.values()))
             anon = max([self.total_anon_peak] + list(self.anon_peaks.values()))
+            own = own_seconds(self.stages)  # in the order recorded, which tells nested stages of equal intervals apart
             return {
                 "seconds": round(time.time() - self.t0, 2),
                 **({"artifacts": dict(artifacts)} if artifacts is not None else {}),
@@ -196,7 +197,7 @@ class StageLog:
                 "within_budget": None if self.budget_bytes is None else bool(anon <= self.budget_bytes),
                 "schedule": dict(self.schedule),
                 "sampled_every_seconds": SAMPLE_SECONDS,
-                "stages": sorted(({**asdict(s), "own_seconds": own} for s, own in zip(self.stages, own_seconds(self.stages))),
+                "stages": sorted((dict(asdict(s), own_seconds=own) for s, own in zip(self.stages, own)),
                                  key=lambda row: row["start"]),
             }
 
