@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from runtime_py.errors import UserError
+from runtime_py.memory import reuse_freed_memory
 
 # Quantiles from a fixed-size subsample: exact min/max, and medians/quartiles to ~0.1 %.
 SUBSAMPLE = 200_000
@@ -53,7 +54,8 @@ def forward_each_sample(generator, images: np.ndarray, masks: np.ndarray, after_
         x, m = _network_batch(images, masks)
         with torch.no_grad():
             for i in range(x.shape[0]):
-                generator(x[i:i + 1], m[i:i + 1])
+                with reuse_freed_memory():
+                    generator(x[i:i + 1], m[i:i + 1])
     finally:
         for h in hooks:
             h.remove()
@@ -230,7 +232,7 @@ def _float_forward(gen, convs, x, m, keep):
 
     hooks = [mod.register_forward_hook(lambda mod, inp, out, name=name: keep(name, out)) for name, mod in convs]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), reuse_freed_memory():
             return gen(x, m)
     finally:
         for h in hooks:
@@ -270,7 +272,7 @@ def int8_sensitivity(generator, images: np.ndarray, masks: np.ndarray, rounded: 
                 mod.forward = (lambda *a, out=cache[name]: out)  # not affected: replay the float output
                 replaced.append(mod)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), reuse_freed_memory():
                 for name in weights:
                     dict(convs)[name].weight.copy_(rounded_weights[name])
                 y = gen(x[i:i + 1], m[i:i + 1])
@@ -437,7 +439,8 @@ def rounded_hole_psnr(generator, images: np.ndarray, masks: np.ndarray, configs:
                         if _rounds_input(rounded):
                             hooks.append(mod.register_forward_pre_hook(
                                 lambda mod, inp: (_round_input(inp[0], rounded),) + tuple(inp[1:])))
-                    y = gen(x[i:i + 1], m[i:i + 1])
+                    with reuse_freed_memory():
+                        y = gen(x[i:i + 1], m[i:i + 1])
             finally:
                 for name, w in saved.items():
                     convs[name].weight.data = w

@@ -14,6 +14,7 @@ import models.cli
 import runtime_py.golden_cli
 import runtime_py.inpaint_cli
 from runtime_py.cli import HelpFormatter, Parser, run
+from runtime_py.memory import avoid_numpy_huge_pages
 
 PROG = "gmcnn-mobile"
 #: The parts' subcommand modules, in help order.
@@ -42,6 +43,7 @@ def _measure_file(path, threads: int, runs: int, warmup: int = 1) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    avoid_numpy_huge_pages()  # the command's processes and those it starts (docs/EXPORT.md, "Page faults")
     return run(build_parser(), argv)
 
 

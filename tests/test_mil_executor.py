@@ -398,6 +398,21 @@ def test_each_value_is_released_after_its_last_reader(tmp_path):
         np.testing.assert_array_equal(out[name], out_kept[name])
 
 
+def test_ops_run_with_freed_memory_reused_and_the_same_results(tmp_path, monkeypatch):
+    """Every op runs inside runtime_py.memory.reuse_freed_memory (what made a 1024x1360 inference 1.6x faster),
+    and the results are the same bit for bit as with the allocator's defaults."""
+    from runtime_py import memory
+
+    program, feed = _branching_program(tmp_path)
+    depths = []
+    reused = program(feed, observe=lambda step, result: depths.append(memory._reuse_depth))
+    assert len(depths) == len(program.steps) and min(depths) >= 1 and memory._reuse_depth == 0
+    monkeypatch.setattr(memory, "_glibc", lambda: None)  # the block becomes a no-op, as off glibc
+    plain = program(feed)
+    for name in plain:
+        np.testing.assert_array_equal(reused[name], plain[name])
+
+
 def test_release_plan_never_names_constants_or_outputs(tmp_path):
     program, feed = _branching_program(tmp_path)
     plan = program.release_plan()
