@@ -19,6 +19,7 @@ Samples: the export's held-out photos and masks, prepared as the runtime feeds t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -43,9 +44,14 @@ def _network_batch(images: np.ndarray, masks: np.ndarray):
     return x, m
 
 
-def forward_each_sample(generator, images: np.ndarray, masks: np.ndarray, after_conv) -> None:
+def forward_each_sample(generator, images: np.ndarray, masks: np.ndarray, after_conv, reuse_memory: bool = False) -> None:
     """One float forward per sample (images (N,H,W,3) uint8 RGB, masks (N,H,W[,1]) nonzero = hole),
-    calling ``after_conv(name, module, inputs, output)`` after every ``nn.Conv2d``, in network order."""
+    calling ``after_conv(name, module, inputs, output)`` after every ``nn.Conv2d``, in network order.
+
+    ``reuse_memory``: each forward inside :func:`runtime_py.memory.reuse_freed_memory` -- faster, for a price in
+    memory that depends on what ``after_conv`` allocates. Measured in a full export at 1024x1360 (docs/EXPORT.md,
+    "Page faults"): the input means' 12 forwards 260 -> 190 s for 0.1 GiB more; :func:`layer_snr`, whose hook
+    computes every convolution again, 179 -> 124 s for 1.8 GiB more, which the memory budget has no room for."""
     import torch
 
     hooks = [module.register_forward_hook(lambda mod, inputs, output, name=name: after_conv(name, mod, inputs, output))
@@ -54,7 +60,7 @@ def forward_each_sample(generator, images: np.ndarray, masks: np.ndarray, after_
         x, m = _network_batch(images, masks)
         with torch.no_grad():
             for i in range(x.shape[0]):
-                with reuse_freed_memory():
+                with reuse_freed_memory() if reuse_memory else contextlib.nullcontext():
                     generator(x[i:i + 1], m[i:i + 1])
     finally:
         for h in hooks:
@@ -73,7 +79,7 @@ def conv_input_means(generator, images: np.ndarray, masks: np.ndarray) -> Dict[s
         mean = inputs[0].mean(dim=(0, 2, 3), dtype=torch.float64).numpy()  # accumulated in float64, no copy
         sums[name] = sums.get(name, 0) + mean
 
-    forward_each_sample(generator, images, masks, after_conv)
+    forward_each_sample(generator, images, masks, after_conv, reuse_memory=True)
     return {name: total / len(images) for name, total in sums.items()}
 
 
@@ -232,7 +238,7 @@ def _float_forward(gen, convs, x, m, keep):
 
     hooks = [mod.register_forward_hook(lambda mod, inp, out, name=name: keep(name, out)) for name, mod in convs]
     try:
-        with torch.no_grad(), reuse_freed_memory():
+        with torch.no_grad():
             return gen(x, m)
     finally:
         for h in hooks:
@@ -272,7 +278,7 @@ def int8_sensitivity(generator, images: np.ndarray, masks: np.ndarray, rounded: 
                 mod.forward = (lambda *a, out=cache[name]: out)  # not affected: replay the float output
                 replaced.append(mod)
         try:
-            with torch.no_grad(), reuse_freed_memory():
+            with torch.no_grad():
                 for name in weights:
                     dict(convs)[name].weight.copy_(rounded_weights[name])
                 y = gen(x[i:i + 1], m[i:i + 1])
@@ -439,8 +445,7 @@ def rounded_hole_psnr(generator, images: np.ndarray, masks: np.ndarray, configs:
                         if _rounds_input(rounded):
                             hooks.append(mod.register_forward_pre_hook(
                                 lambda mod, inp: (_round_input(inp[0], rounded),) + tuple(inp[1:])))
-                    with reuse_freed_memory():
-                        y = gen(x[i:i + 1], m[i:i + 1])
+                    y = gen(x[i:i + 1], m[i:i + 1])
             finally:
                 for name, w in saved.items():
                     convs[name].weight.data = w

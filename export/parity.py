@@ -25,7 +25,6 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from runtime_py.contract import PIXEL_SCALE, composite, denormalize, mask_tensor, round_pixels
-from runtime_py.memory import reuse_freed_memory
 from runtime_py.tolerances import FP32_ULP, ONE_LEVEL  # noqa: F401 (re-exported: the gate's units)
 from runtime_py.tolerances import PARITY as TOLERANCES
 
@@ -72,8 +71,7 @@ def reference_outputs(generator, samples, batch: int = 1) -> np.ndarray:
     outs = []
     with torch.no_grad():
         for i in range(0, image.shape[0], batch):
-            with reuse_freed_memory():
-                outs.append(generator(image[i : i + batch], mask[i : i + batch]).permute(0, 2, 3, 1).numpy())
+            outs.append(generator(image[i : i + batch], mask[i : i + batch]).permute(0, 2, 3, 1).numpy())
     return np.concatenate(outs).astype(np.float32)
 
 

@@ -229,15 +229,17 @@ def reuse_freed_memory():
     13.1 -> 9.5 s (4.2 M page faults -> 0.6 M; anonymous peak 2.6 -> 2.7 GiB, once 3.7 GiB of four runs), one
     Core ML executor inference 18.2 -> 11.7 s (peak resident 2.3 -> 2.9 GiB), the results bit for bit the
     same. What is allocated inside and kept after it comes from the heap too, and goes back to the system once
-    freed, at the next trim (the end of a later block, or :func:`give_back`)."""
+    freed, at the next trim (the end of a later block, or :func:`give_back`).
+
+    The price is memory, freed blocks left between live ones, and it depends on the block: in a full export at
+    1024x1360 the input means' forwards peaked 0.1 GiB higher, the fallback's sensitivity and simulations (which
+    allocate more around each convolution, or keep its outputs) 1.5-2.1 GiB higher, over the memory budget. So
+    the export uses it for the executor and the input means only (docs/EXPORT.md, "Page faults")."""
     global _reuse_depth
     libc = _glibc()
-    if libc is None:
-        yield
-        return
     with _reuse_lock:
         _reuse_depth += 1
-        if _reuse_depth == 1:
+        if _reuse_depth == 1 and libc is not None:
             libc.mallopt(_M_MMAP_MAX, 0)
             libc.mallopt(_M_TRIM_THRESHOLD, -1)  # -1 reaches glibc as SIZE_MAX: never trim on free
     try:
@@ -245,7 +247,7 @@ def reuse_freed_memory():
     finally:
         with _reuse_lock:
             _reuse_depth -= 1
-            if _reuse_depth == 0:
+            if _reuse_depth == 0 and libc is not None:
                 libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
                 libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_AFTER)
                 libc.malloc_trim(0)
