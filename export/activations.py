@@ -44,7 +44,8 @@ def _network_batch(images: np.ndarray, masks: np.ndarray):
     return x, m
 
 
-def forward_each_sample(generator, images: np.ndarray, masks: np.ndarray, after_conv, reuse_memory: bool = False) -> None:
+def forward_each_sample(generator, images: np.ndarray, masks: np.ndarray, after_conv,
+                        reuse_memory: bool = False) -> None:
     """One float forward per sample (images (N,H,W,3) uint8 RGB, masks (N,H,W[,1]) nonzero = hole),
     calling ``after_conv(name, module, inputs, output)`` after every ``nn.Conv2d``, in network order.
 

@@ -159,8 +159,10 @@ def test_only_the_input_means_reuse_freed_memory(monkeypatch):
         return hook
 
     real = activations.forward_each_sample
-    monkeypatch.setattr(activations, "forward_each_sample",
-                        lambda g, i, m, after_conv, **kw: real(g, i, m, spy(kw.get("reuse_memory", False), after_conv), **kw))
+    def spied(g, i, m, after_conv, **kw):
+        return real(g, i, m, spy(kw.get("reuse_memory", False), after_conv), **kw)
+
+    monkeypatch.setattr(activations, "forward_each_sample", spied)
     reused = activations.conv_input_means(gen, images, masks)
     activations.layer_snr(gen, images, masks)
     assert depths == {True: {1}, False: {0}}
