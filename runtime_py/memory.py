@@ -18,6 +18,7 @@ transparent huge page, most of it zeroing): :func:`avoid_numpy_huge_pages` and :
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import resource
@@ -162,15 +163,13 @@ def give_back() -> int:
     objects collected, then glibc's ``malloc_trim`` (nothing where the C library is not glibc). Returns the bytes
     of anonymous memory given back. A PyTorch forward pass at 512x680 left 346 MiB of freed heap this way
     (571 -> 225 MiB after it; docs/EXPORT.md, the memory section)."""
-    import ctypes
     import gc
 
     before = anon_rss_bytes()
     gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
     return max(0, before - anon_rss_bytes())
 
 
@@ -184,7 +183,7 @@ def avoid_numpy_huge_pages() -> bool:
     to do. Returns whether it changed the setting.
 
     numpy advises huge pages for every array of 4 MiB or more. Where transparent huge pages are ``madvise``
-    with ``defrag=madvise`` (these machines), each such page is compacted and zeroed when first touched: the
+    with ``defrag=madvise`` (these machines), such pages cost more system time than the small ones: the
     Core ML reference executor's 512x680 inference took 6.1 s with it and 3.7 s without (1.0 M small-page
     faults instead, 1.5 s of system time), with the same result."""
     if NUMPY_HUGEPAGE_ENV in os.environ:
@@ -205,7 +204,10 @@ _reuse_lock = threading.Lock()
 _reuse_depth = 0
 
 
+@functools.lru_cache(maxsize=None)
 def _glibc():
+    """The C library, where it is glibc (its ``mallopt`` and ``malloc_trim``); None elsewhere. Looked up once:
+    ``platform.libc_ver`` reads the interpreter's executable."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     import ctypes
