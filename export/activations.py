@@ -179,20 +179,39 @@ def corrected_bias(bias, weight, rounded_weight, input_mean):
     return bias - shift.to(bias.dtype)
 
 
-def input_means(generator, samples, cache: Optional[Path] = None) -> Dict[str, np.ndarray]:
+# Where the means kept in an input_means cache were measured: the cache's own entry, beside the convolutions'.
+MEANS_SOURCE_KEY = "__measured_by__"
+MEANS_FROM_PYTORCH = "a PyTorch float forward per calibration sample"
+
+
+def input_means(generator, samples, cache: Optional[Path] = None, measured: Optional[Dict[str, np.ndarray]] = None,
+                source: str = "") -> Dict[str, np.ndarray]:
     """:func:`conv_input_means` of ``samples`` (:class:`export.samples.Samples`), kept in ``cache`` (.npz) when
     given: the export measures them once per shape and run for the files' bias correction and the fallback's
-    simulation of it."""
+    simulation of it. ``measured``: the same means measured elsewhere (the int8 calibration pass,
+    ``export.tflite.calibration_input_means``; ``source`` says where, :func:`means_source`), taken instead of the
+    forwards when the cache has none."""
     if cache is not None and cache.is_file():
         with np.load(cache) as saved:
-            return {k: saved[k] for k in saved.files}
-    means = conv_input_means(generator, samples.images, samples.masks)
+            return {k: saved[k] for k in saved.files if k != MEANS_SOURCE_KEY}
+    if measured is not None:
+        means = dict(measured)
+    else:
+        means, source = conv_input_means(generator, samples.images, samples.masks), MEANS_FROM_PYTORCH
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".partial.npz")
-        np.savez(tmp, **means)
+        np.savez(tmp, **means, **{MEANS_SOURCE_KEY: np.array(source or "given")})
         os.replace(tmp, cache)
     return means
+
+
+def means_source(cache: Path) -> str:
+    """Where the means an :func:`input_means` cache keeps were measured ("" when it has none)."""
+    if not Path(cache).is_file():
+        return ""
+    with np.load(cache) as saved:
+        return str(saved[MEANS_SOURCE_KEY]) if MEANS_SOURCE_KEY in saved.files else ""
 
 
 def means_cache(work_root: Path, shape) -> Path:

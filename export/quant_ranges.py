@@ -57,7 +57,7 @@ with every convolution in int8.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -77,11 +77,15 @@ class TensorStats:
     mins: List[float] = field(default_factory=list)
     maxs: List[float] = field(default_factory=list)
     parts: List[np.ndarray] = field(default_factory=list)  # float32, one per sample
+    # per sample, the mean of each channel over rows and columns (float64 (C,)), where the pass measured it
+    channel_means: List[np.ndarray] = field(default_factory=list)
 
-    def add(self, lo: float, hi: float, values: np.ndarray) -> None:
+    def add(self, lo: float, hi: float, values: np.ndarray, channel_mean: Optional[np.ndarray] = None) -> None:
         self.mins.append(float(lo))
         self.maxs.append(float(hi))
         self.parts.append(np.asarray(values, np.float32).ravel())
+        if channel_mean is not None:
+            self.channel_means.append(np.asarray(channel_mean, np.float64).ravel())
 
     @property
     def lo(self) -> float:

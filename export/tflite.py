@@ -376,16 +376,53 @@ def float_nodes(generator, work: Path, precision: str, keep_float: Sequence[str]
     return sorted(chosen)
 
 
+# Beside a calibrated model (``calibrated_<precision>.tflite`` in a job's work folder) the TFLite worker keeps its
+# calibration pass's convolution input means (export.tflite_calibration.calibrate_ranges' ``input_means``), as JSON:
+# the convolution's output tensor name -> its input's channel means.
+CALIBRATION_MEANS_SUFFIX = ".means.json"
+MEANS_FROM_CALIBRATION = "the int8 calibration pass (LiteRT float model, XNNPACK)"
+
+
+def calibration_input_means(generator, work: Path) -> Optional[Dict[str, np.ndarray]]:
+    """The convolution input means a calibration pass of this run measured in ``work`` (a job's work folder: the
+    int8 or int16x8 file's pass over the same calibration samples), by generator convolution (module name, float64
+    (C_in,)): the convolutions matched to the calibrated model's by weights (:func:`conv_nodes_of`). None when no
+    pass left them or they do not cover every convolution with the right channel count."""
+    import torch
+
+    for precision in CALIBRATED:
+        model = work / f"calibrated_{precision}.tflite"
+        kept = Path(str(model) + CALIBRATION_MEANS_SUFFIX)
+        if not (model.is_file() and kept.is_file()):
+            continue
+        with open(kept) as f:
+            by_node = json.load(f)
+        try:
+            nodes = conv_nodes_of(generator, model.read_bytes())
+        except ValueError:
+            return None
+        convs = {name: m for name, m in generator.named_modules() if isinstance(m, torch.nn.Conv2d)}
+        if any(nodes.get(name) not in by_node or len(by_node[nodes[name]]) != m.in_channels
+               for name, m in convs.items()):
+            return None
+        return {name: np.asarray(by_node[nodes[name]], np.float64) for name in convs}
+    return None
+
+
 def correct_biases(job: ConvertJob, path: Path) -> Dict[str, object]:
     """Correct, in the file at ``path`` (a dynamic-range file of ``job``), each int8 convolution's bias for the mean
     output shift of its rounded weights (:func:`export.tflite_graph.correct_conv_biases`), with each convolution's
-    input channel means over ``job.calibration`` measured by PyTorch (:func:`export.activations.input_means`:
-    once per shape and run, kept in the run's work folder, where the fallback's simulation reads them too). Returns the manifest's record:
-    ``{"layers": corrected convolutions, "samples": calibration samples}``."""
+    input channel means over ``job.calibration``: those the int8 (or int16x8) calibration pass of this run measured
+    in LiteRT's float model (:func:`calibration_input_means`), else a PyTorch forward per sample
+    (:func:`export.activations.input_means`); once per shape and run, kept in the run's work folder, where the
+    fallback's simulation reads them too. Returns the manifest's record:
+    ``{"layers": corrected convolutions, "samples": calibration samples, "input_means": where they were measured}``."""
     from . import tflite_graph as g
-    from .activations import input_means, means_cache
+    from .activations import input_means, means_cache, means_source
 
-    means = input_means(job.generator, job.calibration, means_cache(Path(job.workdir).parent, job.shape))
+    cache = means_cache(Path(job.workdir).parent, job.shape)
+    measured = None if cache.is_file() else calibration_input_means(job.generator, Path(job.workdir))
+    means = input_means(job.generator, job.calibration, cache, measured=measured, source=MEANS_FROM_CALIBRATION)
     data = path.read_bytes()
     nodes = conv_nodes_of(job.generator, data)
     convs = dict(job.generator.named_modules())
@@ -393,7 +430,7 @@ def correct_biases(job: ConvertJob, path: Path) -> Dict[str, object]:
     model = g.read(data)
     changed = g.correct_conv_biases(model, filters, {node: means[k] for k, node in nodes.items()})
     path.write_bytes(g.write(model))
-    return {"layers": changed, "samples": int(len(job.calibration.images))}
+    return {"layers": changed, "samples": int(len(job.calibration.images)), "input_means": means_source(cache)}
 
 
 #: Marks the worker's JSON event lines on its stdout (the worker imports it from here: no import cycle).

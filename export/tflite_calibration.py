@@ -79,7 +79,8 @@ def _grid_size(shape) -> int:
     return (shape[1] // s) * (shape[2] // s) * shape[3]
 
 
-def range_probe(model_bytes: bytes, tensors: List[int], grid: bool = False, keep: Sequence[int] = ()) -> tuple:
+def range_probe(model_bytes: bytes, tensors: List[int], grid: bool = False, keep: Sequence[int] = (),
+                means: Sequence[int] = ()) -> tuple:
     """The model with a REDUCE_MIN and a REDUCE_MAX over each of ``tensors`` placed right after the
     op that makes it; the scalars are the graph's outputs. Returns (bytes, {tensor: (min_out, max_out,
     grid_out)}); ``grid_out`` is None unless ``grid``.
@@ -89,17 +90,26 @@ def range_probe(model_bytes: bytes, tensors: List[int], grid: bool = False, keep
     RESHAPE to (H/s, s, W/s, s*C) and a SLICE of one row and column of each s x s block.
     Only these small outputs leave the graph, so the interpreter still frees each tensor after
     its last use: one pass over the samples, at little more memory than inference. ``keep``: tensors
-    (made by ops) that leave the graph whole as well.
+    (made by ops) that leave the graph whole as well; ``means``: tensors that also give their per-channel means
+    (:func:`probe_model`). Each probe is (min, max, grid, mean), None where not taken.
     """
-    probed, probes = probe_model(g.read(model_bytes), tensors, grid=grid, keep=keep)
+    probed, probes = probe_model(g.read(model_bytes), tensors, grid=grid, keep=keep, means=means)
     return g.write(probed), probes
 
 
-def probe_model(model, tensors: List[int], grid: bool = False, keep: Sequence[int] = ()) -> tuple:
+def probe_model(model, tensors: List[int], grid: bool = False, keep: Sequence[int] = (),
+                means: Sequence[int] = ()) -> tuple:
     """:func:`range_probe` of a ``ModelT``, changed in place (new tensors, buffers and ops appended; subgraph 0's
-    op and output lists replaced, signatures dropped): returns (the model, the probes)."""
+    op and output lists replaced, signatures dropped): returns (the model, the probes: tensor -> (min, max, grid,
+    mean) outputs, grid and mean None where not taken).
+
+    ``means``: (1,H,W,C) tensors among ``tensors`` that also get a MEAN over rows and columns, a (1,C) output: the
+    per-channel means the int8-dynamic bias correction needs of each convolution's input
+    (:func:`conv_input_tensors`), measured in this pass instead of a PyTorch forward of their own."""
     sg = model.subgraphs[0]
     axes = g._const_tensor(model, np.arange(4, dtype=np.int32), "range_probe/axes")
+    plane = g._const_tensor(model, np.array([1, 2], dtype=np.int32), "range_probe/plane") if means else None
+    means = set(means)
     after = _probes_after(model, tensors)
     probes: Dict[int, tuple] = {}
     new_ops = []
@@ -128,6 +138,17 @@ def probe_model(model, tensors: List[int], grid: bool = False, keep: Sequence[in
         reshaped = g._reshape(model, src, blocks, new_ops, f"range_probe/blocks{t}")
         return sliced(reshaped, [0, s // 2, 0, (s // 2) * c], [h // s, 1, w // s, c], f"range_probe/grid{t}")
 
+    def channel_mean(t):
+        shape = [int(v) for v in g._ids(sg.tensors[t].shape)]
+        if len(shape) != 4 or shape[0] != 1:
+            return None
+        out = g._new_tensor(model, sg.tensors[t], g.T.FLOAT32, f"range_probe/mean{t}")
+        sg.tensors[out].shape = [1, shape[3]]
+        options = g.schema.ReducerOptionsT()
+        options.keepDims = False
+        new_ops.append(g._new_op(model, g.OP.MEAN, [t, plane], [out], options, g.schema.BuiltinOptions.ReducerOptions))
+        return out
+
     def probe(t):
         outs = []
         for op, label in ((g.OP.REDUCE_MIN, "min"), (g.OP.REDUCE_MAX, "max")):
@@ -138,6 +159,7 @@ def probe_model(model, tensors: List[int], grid: bool = False, keep: Sequence[in
             new_ops.append(g._new_op(model, op, [t, axes], [out], options, g.schema.BuiltinOptions.ReducerOptions))
             outs.append(out)
         outs.append(value_grid(t) if grid else None)
+        outs.append(channel_mean(t) if t in means else None)
         probes[t] = tuple(outs)
 
     for t in after.get(-1, []):  # graph inputs
@@ -172,12 +194,13 @@ def measure_statistics(model_bytes: bytes, tensors: List[int], samples: Iterable
                        threads: int = 2, grid: bool = True, keep: Sequence[int] = (),
                        on_sample: Optional[Callable[[int, Dict[int, np.ndarray]], None]] = None,
                        memory_bytes: Optional[int] = None, folder: Optional[str] = None,
-                       progress: Optional[Callable[[str], None]] = None, report: Optional[dict] = None
-                       ) -> Dict[int, TensorStats]:
+                       progress: Optional[Callable[[str], None]] = None, report: Optional[dict] = None,
+                       means: Sequence[int] = ()) -> Dict[int, TensorStats]:
     """Per tensor, over ``samples`` (dicts keyed by signature input name, or lists in input order),
     in one pass: each sample's exact min and max and (``grid``) up to SAMPLE_VALUES of its values.
     ``keep``: graph inputs and tensors made by ops whose whole values ``on_sample(index, {tensor: values})``
-    receives for each sample (in parts, one call per group, when the pass is grouped).
+    receives for each sample (in parts, one call per group, when the pass is grouped). ``means``: tensors whose
+    per-channel means each sample adds too (``TensorStats.channel_means``, :func:`probe_model`).
 
     The probed model runs in the runtime's TFLite engine (XNNPACK, ``threads`` threads, transient indirection buffers
     per :data:`TRANSIENT_INDIRECTION`; the bytes
@@ -199,9 +222,10 @@ def measure_statistics(model_bytes: bytes, tensors: List[int], samples: Iterable
                                             "estimated_bytes": grp.estimate} for grp in groups]}
         if len(groups) > 1:
             return _measure_in_groups(model_bytes, model, tensors, groups, list(samples), threads, grid, keep, on_sample,
-                                      folder, progress, report)
+                                      folder, progress, report, means)
     graph_inputs = set(g._ids(model.subgraphs[0].inputs))
-    probed_bytes, probes = range_probe(model_bytes, tensors, grid=grid, keep=[t for t in keep if t not in graph_inputs])
+    probed_bytes, probes = range_probe(model_bytes, tensors, grid=grid, keep=[t for t in keep if t not in graph_inputs],
+                                       means=means)
     probed = g.read(probed_bytes)
     probed_sg = probed.subgraphs[0]
     name = {t: g.tensor_name(probed_sg.tensors[t]) for outs in probes.values() for t in outs if t is not None}
@@ -216,13 +240,14 @@ def measure_statistics(model_bytes: bytes, tensors: List[int], samples: Iterable
             if on_sample is not None:
                 on_sample(index, {t: feed[g.tensor_name(probed_sg.tensors[t])] if t in graph_inputs
                                   else out[g.tensor_name(probed_sg.tensors[t])] for t in keep})
-            for t, (lo_t, hi_t, grid_t) in probes.items():
+            for t, (lo_t, hi_t, grid_t, mean_t) in probes.items():
                 values = np.zeros(0, np.float32)
                 if grid_t is not None:
                     values = out[name[grid_t]].ravel()
                     if values.size > SAMPLE_VALUES:
                         values = values[rng.integers(0, values.size, SAMPLE_VALUES)]
-                stats[t].add(float(out[name[lo_t]]), float(out[name[hi_t]]), values.copy())
+                stats[t].add(float(out[name[lo_t]]), float(out[name[hi_t]]), values.copy(),
+                             None if mean_t is None else out[name[mean_t]])
     return stats
 
 
@@ -382,8 +407,8 @@ def calibration_groups(model, tensors: Sequence[int], memory_bytes: int) -> List
 
 def _measure_in_groups(model_bytes: bytes, model, tensors: List[int], groups: List[Group], samples: list, threads: int,
                        grid: bool,
-                       keep: Sequence[int], on_sample, folder: Optional[str], progress, report: Optional[dict]
-                       ) -> Dict[int, TensorStats]:
+                       keep: Sequence[int], on_sample, folder: Optional[str], progress, report: Optional[dict],
+                       means: Sequence[int] = ()) -> Dict[int, TensorStats]:
     """:func:`measure_statistics` group by group: each group's ops alone (:func:`export.tflite_graph.cut`) with
     their probes, a pass over every sample; the values later groups read go to memory-mapped ``.npy`` files
     (page cache, not anonymous memory) in a temporary folder under ``folder``. Each tensor's statistics are
@@ -448,7 +473,8 @@ def _measure_in_groups(model_bytes: bytes, model, tensors: List[int], groups: Li
             inputs = [image] + [t for t in grp.inputs if t != image]
             # the group's model from the one read of the file (a cut per group re-read and re-wrote it all: on the
             # cnum-4 test graph 0.35 s of each group's 0.4 s)
-            probed, probes = probe_model(g.cut_model(model, grp.ops, inputs), grp.tensors, grid=grid, keep=wanted)
+            probed, probes = probe_model(g.cut_model(model, grp.ops, inputs), grp.tensors, grid=grid, keep=wanted,
+                                         means=[t for t in grp.tensors if t in means])
             probed_bytes, probed_sg = g.write(probed), probed.subgraphs[0]
             name = {t: g.tensor_name(probed_sg.tensors[t]) for t in inputs + wanted}
             name.update({o: g.tensor_name(probed_sg.tensors[o]) for outs in probes.values() for o in outs
@@ -472,7 +498,7 @@ def _measure_in_groups(model_bytes: bytes, model, tensors: List[int], groups: Li
                         mine.update({t: out[name[t]] for t in keep if t in wanted})
                         if mine:
                             on_sample(index, mine)
-                    for t, (lo_t, hi_t, grid_t) in probes.items():
+                    for t, (lo_t, hi_t, grid_t, mean_t) in probes.items():
                         values = np.zeros(0, np.float32)
                         if grid_t is not None:
                             values = out[name[grid_t]].ravel()
@@ -480,7 +506,8 @@ def _measure_in_groups(model_bytes: bytes, model, tensors: List[int], groups: Li
                                 draw = np.random.default_rng()
                                 draw.bit_generator.state = states[index, t]
                                 values = values[draw.integers(0, values.size, SAMPLE_VALUES)]
-                        stats[t].add(float(out[name[lo_t]]), float(out[name[hi_t]]), values.copy())
+                        stats[t].add(float(out[name[lo_t]]), float(out[name[hi_t]]), values.copy(),
+                                     None if mean_t is None else out[name[mean_t]])
                     del out, given, feed  # before the next sample's: the kept outputs are whole tensors
             for t in [t for t in stored if all(t not in later.inputs for later in groups[number:])]:
                 del stored[t]  # no later group reads it
@@ -527,6 +554,23 @@ def activation_outputs(model, tensors: Iterable[int]) -> Dict[int, str]:
     sg = model.subgraphs[0]
     made = {t: g.op_name(model, op) for op in sg.operators for t in g._ids(op.outputs)}
     return {t: made[t] for t in tensors if made.get(t) in FLOORS}
+
+
+def conv_input_tensors(model) -> Dict[str, int]:
+    """Each CONV_2D (its output tensor's name) -> the tensor it reads: in these graphs the activation before the
+    convolution's own padding (SAME padding and dilation are the op's, no PAD op between), as PyTorch's
+    convolution receives it."""
+    sg = model.subgraphs[0]
+    return {name: g._ids(sg.operators[i].inputs)[0] for name, i in g.conv_nodes(model)}
+
+
+def channel_means(stats: Dict[int, TensorStats], inputs: Dict[str, int], samples: int) -> Optional[Dict[str, np.ndarray]]:
+    """Per convolution (``inputs``: its output name -> the tensor it reads), its input's per-channel mean over the
+    samples (float64 (C,)): the average of each sample's mean, as :func:`export.activations.conv_input_means`
+    takes it. None unless every convolution's input has a mean for each of the ``samples``."""
+    if any(t not in stats or len(stats[t].channel_means) != samples for t in inputs.values()):
+        return None
+    return {name: np.mean(np.stack(stats[t].channel_means), axis=0) for name, t in inputs.items()}
 
 
 def activation_tensors(model) -> List[int]:
@@ -613,7 +657,8 @@ def _measure_to_share(model_bytes: bytes, tensors, samples, threads: int, grid: 
     return stats
 
 
-def _shared_statistics(model_bytes: bytes, tensors: List[int], samples, threads: int, grid: bool):
+def _shared_statistics(model_bytes: bytes, tensors: List[int], samples, threads: int, grid: bool,
+                       means: Sequence[int] = ()):
     """The statistics of ``model_bytes``'s ``tensors`` taken from the kept pass (:class:`Shareable`) where
     this graph computes that pass's network, and measured here only for its own ops (fed the kept network
     outputs: a model of those ops alone); returns (stats, report) or (None, reason) when it does not apply:
@@ -659,7 +704,8 @@ def _shared_statistics(model_bytes: bytes, tensors: List[int], samples, threads:
             worst[0] = max(worst[0], float(np.max(np.abs(np.asarray(v, np.float32).reshape(want.shape) - want))))
 
     own_stats = measure_statistics(g.cut(model_bytes, own_ops, inputs + fed), own, own_samples(), threads,
-                                   grid=grid, keep=sorted(standing_in), on_sample=compare)
+                                   grid=grid, keep=sorted(standing_in), on_sample=compare,
+                                   means=[t for t in own if t in means])
     if worst[0] > SHARED_INPUT_TOLERANCE:
         return None, f"other samples (network inputs differ by {worst[0]:.3g})"
     stats = {t: kept.stats[of[t]] for t in tensors if t in network}
@@ -672,7 +718,8 @@ def _shared_statistics(model_bytes: bytes, tensors: List[int], samples, threads:
 def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], threads: int = 2, bits: int = 8,
                      symmetric: bool = False, method: str = "minmax", share: Optional[dict] = None,
                      memory_bytes: Optional[int] = None, folder: Optional[str] = None,
-                     progress: Optional[Callable[[str], None]] = None) -> tuple:
+                     progress: Optional[Callable[[str], None]] = None,
+                     input_means: Optional[Dict[str, np.ndarray]] = None) -> tuple:
     """The float model with a chosen ``min``/``max`` on every float activation; returns (bytes, report).
 
     ``bits``/``symmetric``: the activation grid the ranges are chosen for (8/False: int8; 16/True:
@@ -688,6 +735,12 @@ def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], thread
 
     ``memory_bytes``, ``folder``, ``progress`` (issue 17): the pass over the samples in groups when one pass would
     not fit ``memory_bytes`` (:func:`measure_statistics`); ``report["groups"]`` records the plan.
+
+    ``input_means`` (issue 17: work done once): a dict that receives each convolution's input channel means over
+    the samples (:func:`channel_means`, keyed by the convolution's output name), measured in the same pass (a MEAN
+    per convolution input, 1.6 % of an inference at 512x680): the int8-dynamic file's bias correction takes them
+    instead of a PyTorch forward per calibration sample (``export.tflite.correct_biases``). Left empty when a
+    pass reused from before lacks them.
     """
     import collections
     import time
@@ -697,6 +750,8 @@ def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], thread
     sg = model.subgraphs[0]
     samples = list(dataset())
     tensors = activation_tensors(model)
+    conv_inputs = conv_input_tensors(model)
+    with_means = sorted(set(conv_inputs.values()) & set(tensors))
     grid = method != "minmax"
     key = _statistics_key(model_bytes, samples, grid)
     reused = key in _STATISTICS
@@ -705,10 +760,10 @@ def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], thread
     if not reused:
         stats = None
         if share and share.get("reuse"):
-            stats, shared = _shared_statistics(model_bytes, tensors, samples, threads, grid)
+            stats, shared = _shared_statistics(model_bytes, tensors, samples, threads, grid, with_means)
             if stats is None:
                 shared = {"statistics_shared_from": None, "why_not": shared}
-        measure = dict(memory_bytes=memory_bytes, folder=folder, progress=progress, report=grouping)
+        measure = dict(memory_bytes=memory_bytes, folder=folder, progress=progress, report=grouping, means=with_means)
         if stats is None and share and share.get("keep"):
             stats = _measure_to_share(model_bytes, tensors, samples, threads, grid, share["keep"], share["source"],
                                       **measure)
@@ -717,6 +772,9 @@ def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], thread
         _STATISTICS.clear()
         _STATISTICS[key] = (stats, shared, grouping.get("groups"))
     stats, shared, groups = _STATISTICS[key]
+    if input_means is not None:
+        input_means.clear()
+        input_means.update(channel_means(stats, conv_inputs, len(samples)) or {})
     t1 = time.time()
     chosen = choose_ranges(stats, bits, symmetric, method, through=activation_consumers(model, tensors),
                            produced_by=activation_outputs(model, tensors))

@@ -227,6 +227,9 @@ _CALIBRATION_SETTINGS = {"bits": 8, "symmetric": False, "method": "minmax", "thr
                          "folder": None, "progress": None}
 _CALIBRATION_BUDGET: list = []  # the export's memory budget (bytes), set per plan
 _CALIBRATED_MODEL: list = []  # the float model with the chosen ranges, as the last calibration returned it
+# the last calibration's convolution input means (export.tflite_calibration.calibrate_ranges' input_means), kept
+# beside its calibrated model for the int8-dynamic files' bias correction (export.tflite.calibration_input_means)
+_CALIBRATION_MEANS: dict = {}
 
 
 def _install_calibration() -> None:
@@ -244,7 +247,7 @@ def _install_calibration() -> None:
         with _METER.inner_stage("calibration"):
             memory = calibration_memory(_CALIBRATION_BUDGET[0]) if _CALIBRATION_BUDGET else None
             data, report = calibrate_ranges(self._model_content, dataset_gen, memory_bytes=memory,
-                                            **_CALIBRATION_SETTINGS)
+                                            input_means=_CALIBRATION_MEANS, **_CALIBRATION_SETTINGS)
         passes = (report.get("groups") or {}).get("passes", [])
         if len(passes) > 1:  # the stage report gets a row per group, inside the calibration's
             for number, row in enumerate(passes, 1):
@@ -290,6 +293,7 @@ def _calibrating_converter(saved_model: str, precision: str, io: str, calibratio
     _install_calibration()
     _CALIBRATION_REPORT.clear()
     _CALIBRATED_MODEL.clear()
+    _CALIBRATION_MEANS.clear()
     conv = tf.lite.TFLiteConverter.from_saved_model(saved_model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     conv.representative_dataset = representative
@@ -303,10 +307,18 @@ def _calibrating_converter(saved_model: str, precision: str, io: str, calibratio
 
 
 def _keep_calibrated(cache: str) -> None:
-    """Write the last calibration's model and report to ``cache`` (and ``cache``.json) for fallback candidates."""
+    """Write the last calibration's model and report to ``cache`` (and ``cache``.json) for fallback candidates, and
+    its convolution input means to ``cache``.means.json (:data:`export.tflite.CALIBRATION_MEANS_SUFFIX`) for the
+    bias correction, where it measured them."""
+    from .tflite import CALIBRATION_MEANS_SUFFIX
+
     if cache and _CALIBRATED_MODEL:
         with open(cache + ".json", "w") as f:
             json.dump(_CALIBRATION_REPORT, f)
+        if _CALIBRATION_MEANS:
+            with open(cache + CALIBRATION_MEANS_SUFFIX + ".partial", "w") as f:
+                json.dump({name: [float(v) for v in mean] for name, mean in _CALIBRATION_MEANS.items()}, f)
+            os.replace(cache + CALIBRATION_MEANS_SUFFIX + ".partial", cache + CALIBRATION_MEANS_SUFFIX)
         with open(cache, "wb") as f:
             f.write(_CALIBRATED_MODEL[0])
 

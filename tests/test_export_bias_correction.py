@@ -69,7 +69,7 @@ def test_exported_file_is_corrected_with_the_calibration_means(tiny_mixed_export
     from export import tflite_graph as g
     from export.activations import conv_input_means
     from export.samples import CALIBRATION_DIR, load_samples
-    from export.tflite import conv_nodes_of
+    from export.tflite import MEANS_FROM_CALIBRATION, conv_nodes_of
 
     gen = lively_generator("tf", 4, seed=0)
     calib = load_samples(CALIBRATION_DIR, SHAPE, 1, seed=1)
@@ -83,6 +83,7 @@ def test_exported_file_is_corrected_with_the_calibration_means(tiny_mixed_export
         assert entry["build"]["bias_correction"] is True
         record = entry["build"]["quantization"]["bias_correction"]
         assert record["samples"] == len(calib.images)
+        assert record["input_means"] == MEANS_FROM_CALIBRATION  # the int8 file's calibration pass measured them
         data = (tiny_mixed_export / entry["file"]).read_bytes()
         model = g.read(data)
         nodes = conv_nodes_of(gen, data)
@@ -99,6 +100,31 @@ def test_exported_file_is_corrected_with_the_calibration_means(tiny_mixed_export
             np.testing.assert_allclose(got, convs[module].bias.detach().numpy() - shift, rtol=1e-5, atol=1e-5)
             corrected += 1
         assert corrected == record["layers"] >= 10
+
+
+def test_calibration_pass_measures_the_input_means_pytorch_would(tiny_mixed_export):
+    """The int8 calibration pass's MEAN probes (export.tflite_calibration.calibrate_ranges' input_means) give every
+    convolution's input channel means as a PyTorch forward per calibration sample does, to float32 rounding, for
+    both signatures' passes; where no pass left them the bias correction measures them in PyTorch."""
+    import torch
+
+    from export.activations import conv_input_means
+    from export.samples import CALIBRATION_DIR, load_samples
+    from export.tflite import calibration_input_means
+
+    gen = lively_generator("tf", 4, seed=0)
+    calib = load_samples(CALIBRATION_DIR, SHAPE, 1, seed=1)
+    want = conv_input_means(gen, calib.images, calib.masks)
+    convs = [n for n, m in gen.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    for io in ("tensor", "image"):
+        work = tiny_mixed_export / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_{io}"
+        got = calibration_input_means(gen, work)
+        assert got is not None and sorted(got) == sorted(want) == sorted(convs)
+        # measured: at most 2.2e-6 of the layer's largest mean (XNNPACK's and PyTorch's float convolutions differ
+        # in their last bits, and the difference grows along the network); float64 accumulation on both sides
+        worst = max(float(np.abs(got[n] - want[n]).max()) / max(float(np.abs(want[n]).max()), 1e-3) for n in convs)
+        assert worst < 1e-5, (io, worst)
+    assert calibration_input_means(gen, tiny_mixed_export / ".work" / "nowhere") is None
 
 
 def test_no_bias_correction_keeps_the_converters_biases(tmp_path):

@@ -42,6 +42,10 @@ def test_the_image_file_passes_with_the_tensor_files_layers_and_no_search_of_its
     assert "branches" not in i and "phase_1_predicted_hole_psnr_db" not in i
     # one sensitivity pass, the tensor file's: the image file ran none
     assert _sensitivity_stages(out) == [f"fallback sensitivity {tensor.file}"]
+    # no int8 file, so no calibration pass: the bias correction's input means came from PyTorch forwards
+    from export.activations import MEANS_FROM_PYTORCH
+
+    assert t["pure_file"] and tensor.build["quantization"]["bias_correction"]["input_means"] == MEANS_FROM_PYTORCH
 
 
 def test_a_seed_that_fails_is_followed_by_the_files_own_search(tmp_path, monkeypatch):

@@ -206,6 +206,12 @@ def _dynamic_range_backend(export_dir: Path):
             Path(job.out).write_bytes(tflite.postprocess(raw, job.precision, "tensor", metadata=job.metadata)[0])
             results[job.key] = ConvertResult(Path(job.out), 0.1)
             if job.options.bias_correction:  # as the backend's conversion does after the worker
+                # with the input means the real export's int8 calibration pass left (the same samples): its file
+                # is corrected with those
+                Path(job.workdir).mkdir(parents=True, exist_ok=True)
+                for kept in ("calibrated_int8.tflite", "calibrated_int8.tflite" + tflite.CALIBRATION_MEANS_SUFFIX):
+                    if not (Path(job.workdir) / kept).exists():
+                        shutil.copy(work / kept, Path(job.workdir) / kept)
                 results[job.key].details["bias_correction"] = tflite.correct_biases(job, Path(job.out))
         return results
 
