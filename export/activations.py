@@ -342,43 +342,87 @@ def layer_snr(generator, images: np.ndarray, masks: np.ndarray, rounded: Sequenc
     """Per convolution, the signal-to-quantization-noise ratio (dB, worst sample) of its own output when
     only its ``rounded`` parts are rounded (:data:`ROUNDINGS`: ``input`` to int8 per tensor over its own
     range, ``input16`` to int16 symmetric over its own largest magnitude; ``weights`` to int8 symmetric per
-    output channel), everything it is fed staying float32.
+    output channel; ``bias``: the bias corrected for the rounded weights with ``bias_means``,
+    :func:`corrected_bias`), everything it is fed staying float32.
 
     The cheap sensitivity of the export's fallback (:mod:`export.fallback`): one float forward per
     sample, each convolution computed a second time on its rounded input (about twice a forward),
     where :func:`int8_sensitivity` runs the network again per layer (44 partial forwards per sample:
     over 2 hours for the four held-out samples at 512x680 on this 2-core machine). It measures the
     error a layer adds, not how later layers amplify it, so it ranks the layers by the noise they
-    inject; the parity gate judges the files it leads to.
+    inject; the parity gate judges the files it leads to. ``per_sample`` receives every sample's dB per
+    convolution. Several roundings in one pass: :func:`layer_snr_each`.
     """
+    scores = layer_snr_each(generator, images, masks, [tuple(rounded)], bias_means)[tuple(rounded)]
+    if per_sample is not None:
+        per_sample.update(scores)
+    return {k: min(v) for k, v in scores.items()}
+
+
+def _linear_and_activation(mod):
+    """A convolution module's (linear part, activation), whose composition is its ``forward``: a layer that applies
+    its own activation says so (``preactivation``/``activation``, models.gmcnn.TFSameConv); a plain convolution is
+    linear."""
+    if hasattr(mod, "preactivation") and hasattr(mod, "activation"):
+        return mod.preactivation, mod.activation
+    return mod.forward, lambda y: y
+
+
+def layer_snr_each(generator, images: np.ndarray, masks: np.ndarray, roundings: Sequence[Sequence[str]],
+                   bias_means: Optional[Dict[str, np.ndarray]] = None) -> Dict[tuple, Dict[str, List[float]]]:
+    """:func:`layer_snr` for several roundings in one pass (issue 17: the int8 and the bias-corrected int8-dynamic
+    files' fallbacks rank on the same samples): per rounding (a tuple), per convolution, one dB per sample.
+
+    One float forward per sample serves every rounding. A rounding that differs from another of them by ``bias``
+    alone (int8-dynamic's ``input, weights, bias`` beside int8's ``input, weights``) takes that one's rounded
+    convolution before its activation (:func:`_linear_and_activation`) plus its bias change, ``corrected_bias -
+    bias`` per output channel, instead of computing the convolution again: a convolution is linear in its bias,
+    so this is the same output but for the float32 rounding of the addition. Every rounding is otherwise
+    computed as :func:`layer_snr` computes it, bit for bit."""
+    roundings = list(dict.fromkeys(tuple(r) for r in roundings))
+    for r in roundings:
+        _check_bias_means(r, bias_means)
+    without_bias = {r: tuple(x for x in r if x != "bias") for r in roundings}
+    shifted = [r for r in roundings if "bias" in r and without_bias[r] in roundings]
+    direct = [r for r in roundings if r not in shifted]
     gen = generator.eval()
-    scores: Dict[str, List[float]] = {}
-    _check_bias_means(rounded, bias_means)
+    scores: Dict[tuple, Dict[str, List[float]]] = {r: {} for r in roundings}
+
+    def record(r, name, q, output, signal):
+        error = q - output
+        noise = float(error.mul_(error).sum())  # squared in place: the values (q - output) ** 2 has
+        db = 100.0 if noise == 0 else float(10 * np.log10(max(signal, 1e-30) / noise))
+        scores[r].setdefault(name, []).append(min(db, 100.0))
 
     def measure(name, mod, inputs, output):
         inp = inputs[0]
         weight = mod.weight.data
         bias = mod.bias.data if mod.bias is not None else None
-        if "weights" in rounded:
-            mod.weight.data = _round_weights_int8(weight)
-            if "bias" in rounded and bias is not None:
-                mod.bias.data = corrected_bias(bias, weight, mod.weight.data, bias_means[name])
-        try:  # mod.forward, not mod(...): the layer's own padding, without calling the hooks again
-            q = mod.forward(_round_input(inp, rounded), *inputs[1:])
-        finally:
-            mod.weight.data = weight
-            if bias is not None:
-                mod.bias.data = bias
-        error = q - output
-        noise = float(error.mul_(error).sum())  # squared in place: the values (q - output) ** 2 has
         signal = float(output.square().sum())
-        db = 100.0 if noise == 0 else float(10 * np.log10(max(signal, 1e-30) / noise))
-        scores.setdefault(name, []).append(min(db, 100.0))
+        rounded_weight = _round_weights_int8(weight) if any("weights" in r for r in roundings) else None
+        for r in direct:
+            partner = next((other for other in shifted if without_bias[other] == r), None)
+            linear, activation = _linear_and_activation(mod) if partner is not None else (mod.forward, None)
+            if "weights" in r:
+                mod.weight.data = rounded_weight
+                if "bias" in r and bias is not None:
+                    mod.bias.data = corrected_bias(bias, weight, rounded_weight, bias_means[name])
+            try:  # mod.forward, not mod(...): the layer's own padding, without calling the hooks again
+                pre = linear(_round_input(inp, r), *inputs[1:])
+            finally:
+                mod.weight.data = weight
+                if bias is not None:
+                    mod.bias.data = bias
+            record(r, name, activation(pre) if activation is not None else pre, output, signal)
+            if partner is not None:
+                if bias is not None:
+                    change = corrected_bias(bias, weight, rounded_weight, bias_means[name]) - bias
+                    pre.add_(change.view(1, -1, 1, 1))  # in place: r's output is recorded already
+                record(partner, name, activation(pre), output, signal)
+            del pre
 
     forward_each_sample(gen, images, masks, measure)
-    if per_sample is not None:
-        per_sample.update(scores)
-    return {k: min(v) for k, v in scores.items()}
+    return scores
 
 
 def direct_consumers(downstream: Dict[str, set]) -> Dict[str, set]:

@@ -430,6 +430,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     from models.gmcnn import count_macs
 
     from .activations import input_means, means_cache
+    from . import fallback
     from .fallback import SensitivityCache
     from .stages import StageLog, activation_values, side_by_side
 
@@ -610,6 +611,13 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                 show(f"{p.file}: FAILED parity ({result.note})")
                 _remove(res.path)
                 show.step()
+        first_of_kind = {}  # the sensitivities they will need (a pass can measure several): a later file of a kind
+        for p, res, result in pending:  # gates the first one's layers first (a Seed) and may never rank
+            first_of_kind.setdefault((p.shape, p.precision), (p, result))
+        for p, result in first_of_kind.values():
+            if p.precision in fallback.SENSITIVITY_ROUNDING:
+                sensitivity.expect(p.shape, _sensitivity_rounding(p, mod, options),
+                                   fallback.failing_samples(result, p.tolerance.get("min_hole_psnr_db", 0.0)))
         for p, res, result in pending:
             try:
                 _fallback(p, mod, res, result, sensitivity, job_for, gate, accept, failures, options, show, measure,
@@ -644,6 +652,15 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     return made, failures
 
 
+def _sensitivity_rounding(p, mod, options) -> tuple:
+    """What the fallback's sensitivity and simulations round for the file ``p``: its precision's rounding, with the
+    biases corrected where the file's are (the simulation's then are too)."""
+    from . import fallback
+
+    return fallback.sensitivity_rounding(
+        p.precision, options.bias_correction and p.precision in getattr(mod, "BIAS_CORRECTED", ()))
+
+
 def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, failures, options, show,
               measure=None, log=None, seeds: Optional[Dict[tuple, object]] = None) -> None:
     """Keep the fewest most sensitive layers of a failing quantized file in float (export.fallback).
@@ -663,9 +680,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
 
     limit_db = p.tolerance.get("min_hole_psnr_db", 0.0)
     samples = fallback.failing_samples(pure_result, limit_db)
-    rounding = fallback.SENSITIVITY_ROUNDING[p.precision]
-    if options.bias_correction and p.precision in getattr(mod, "BIAS_CORRECTED", ()):
-        rounding = (*rounding, "bias")  # the file's biases are corrected: so are the simulation's
+    rounding = _sensitivity_rounding(p, mod, options)
     seed_key = (p.fmt, tuple(p.shape), p.precision)
     seed = (seeds or {}).get(seed_key)
     # by (layers kept float, with their inputs): the second phase's first candidates are often the first's

@@ -91,6 +91,13 @@ ORDER_MARGIN_DB = 2.0
 DEFER_MARGIN_DB = 2.0
 
 
+def sensitivity_rounding(precision: str, bias_corrected: bool) -> Tuple[str, ...]:
+    """What the sensitivity and the simulations round for a file of ``precision``
+    (:data:`SENSITIVITY_ROUNDING`), with ``bias`` where the file's biases are corrected for its rounded weights."""
+    rounding = tuple(SENSITIVITY_ROUNDING[precision])
+    return (*rounding, "bias") if bias_corrected else rounding
+
+
 def rounding_words(rounding: Sequence[str]) -> str:
     """What a sensitivity rounding does, in words: ``input and weights rounded to int8``, ``input rounded to
     int16, weights to int8``, ``weights rounded to int8``."""
@@ -275,25 +282,38 @@ class SensitivityCache:
         self.bias_means = bias_means
         self._scores: Dict[tuple, object] = {}
         self._downstream: Optional[Dict[str, set]] = None
+        self._expected: Dict[tuple, set] = {}  # (shape, rounding) -> the samples fallbacks to come will rank on
+
+    def expect(self, shape, rounding: Sequence[str], samples: Sequence[int]) -> None:
+        """Say that a fallback will rank on ``samples`` with ``rounding`` at ``shape``: the first ranking at that
+        shape measures this rounding as well on the samples both need, in the same pass
+        (:func:`export.activations.layer_snr_each`: one float forward for both; at 1024x1360 on default model v2
+        the int8 and int8-dynamic files rank on the same four held-out samples)."""
+        self._expected.setdefault((shape, tuple(rounding)), set()).update(samples)
 
     def ranking(self, shape, rounding: Sequence[str], samples: Sequence[int]) -> List[Tuple[str, float]]:
         """(layer, worst output SNR in dB over ``samples``), most sensitive first."""
-        from .activations import layer_snr
+        from .activations import layer_snr_each
 
-        todo = [i for i in samples if (shape, tuple(rounding), i) not in self._scores]
+        rounding = tuple(rounding)
+        todo = [i for i in samples if (shape, rounding, i) not in self._scores]
         if todo:
+            # another expected rounding at this shape rides along where it wants every sample this pass runs
+            along = [r for (sh, r), want in self._expected.items() if sh == shape and r != rounding
+                     and set(todo) <= want and any((shape, r, i) not in self._scores for i in todo)]
             s = self.holdout[shape]
-            self.progress(f"fallback {shape[0]}x{shape[1]}: output SNR of every convolution ({rounding_words(rounding)}) "
+            self.progress(f"fallback {shape[0]}x{shape[1]}: output SNR of every convolution "
+                          f"({'; '.join(rounding_words(r) for r in [rounding] + along)}) "
                           f"on held-out sample(s) {', '.join(str(i) for i in todo)}")
-            per: Dict[str, List[float]] = {}
             t0 = time.time()
-            layer_snr(self.generator, s.images[todo], s.masks[todo], rounded=rounding, per_sample=per,
-                      bias_means=self._means(shape, rounding))
+            means = next((m for m in (self._means(shape, r) for r in [rounding] + along) if m is not None), None)
+            per = layer_snr_each(self.generator, s.images[todo], s.masks[todo], [rounding] + along, bias_means=means)
             self.progress(f"fallback {shape[0]}x{shape[1]}: sensitivity ready ({time.time() - t0:.1f}s)")
-            for j, i in enumerate(todo):
-                self._scores[(shape, tuple(rounding), i)] = {layer: v[j] for layer, v in per.items()}
-        layers = self._scores[(shape, tuple(rounding), samples[0])]
-        worst = {layer: min(self._scores[(shape, tuple(rounding), i)][layer] for i in samples) for layer in layers}
+            for r, layers in per.items():
+                for j, i in enumerate(todo):
+                    self._scores.setdefault((shape, r, i), {layer: v[j] for layer, v in layers.items()})
+        layers = self._scores[(shape, rounding, samples[0])]
+        worst = {layer: min(self._scores[(shape, rounding, i)][layer] for i in samples) for layer in layers}
         return sorted(worst.items(), key=lambda kv: (kv[1], kv[0]))
 
     def _means(self, shape, rounding: Sequence[str]):

@@ -167,13 +167,21 @@ class TFSameConv(nn.Conv2d):
         if spec.stride == 1:
             self.padding = ((spec.kernel - 1) * spec.dilation // 2,) * 2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def preactivation(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer before its activation: TF ``SAME`` padding and the convolution, (N, C_out, H', W') float32,
+        linear in the bias (export.activations.layer_snr_each shifts it by a bias change)."""
         if self.spec.stride != 1:
             top, bottom = tf_same_padding(x.shape[-2], self.spec.kernel, self.spec.stride, self.spec.dilation)
             left, right = tf_same_padding(x.shape[-1], self.spec.kernel, self.spec.stride, self.spec.dilation)
             x = F.pad(x, (left, right, top, bottom))
-        y = super().forward(x)
+        return super().forward(x)
+
+    def activation(self, y: torch.Tensor) -> torch.Tensor:
+        """The layer's activation of :meth:`preactivation`'s output: ELU, or none for a layer without one."""
         return F.elu(y) if self.spec.activation else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.preactivation(x))
 
 
 def upsample_nearest_2x(x: torch.Tensor) -> torch.Tensor:

@@ -294,16 +294,16 @@ def test_torch_work_is_done_once_per_shape_for_every_file_and_candidate(fallback
     from export import activations, api, backends, parity, tflite
 
     calls = {"reference": 0, "sensitivity": [], "simulated": [], "runs": []}
-    real_reference, real_snr = parity.reference_outputs_and_peak, activations.layer_snr
+    real_reference, real_snr = parity.reference_outputs_and_peak, activations.layer_snr_each
     real_sim, real_run = activations.rounded_hole_psnr, tflite.run
 
     def reference(*args, **kwargs):
         calls["reference"] += 1
         return real_reference(*args, **kwargs)
 
-    def snr(generator, images, *args, **kwargs):
-        calls["sensitivity"].append(len(images))
-        return real_snr(generator, images, *args, **kwargs)
+    def snr(generator, images, masks, roundings, *args, **kwargs):
+        calls["sensitivity"].append((len(images), len(roundings)))
+        return real_snr(generator, images, masks, roundings, *args, **kwargs)
 
     def simulated(generator, images, masks, configs, *args, **kwargs):
         calls["simulated"].append((len(images), sorted(configs)))
@@ -314,7 +314,7 @@ def test_torch_work_is_done_once_per_shape_for_every_file_and_candidate(fallback
         return real_run(path, io, samples, threads)
 
     monkeypatch.setattr(parity, "reference_outputs_and_peak", reference)
-    monkeypatch.setattr(activations, "layer_snr", snr)
+    monkeypatch.setattr(activations, "layer_snr_each", snr)
     monkeypatch.setattr(activations, "rounded_hole_psnr", simulated)
     monkeypatch.setattr(tflite, "run", run)
     monkeypatch.setattr(backends, "convert_all", _replaying_backend(fallback_export["out"]))
@@ -324,7 +324,7 @@ def test_torch_work_is_done_once_per_shape_for_every_file_and_candidate(fallback
                              tolerances={"int8": {"min_hole_psnr_db": 99.0}, "int8-dynamic": {"min_hole_psnr_db": 99.0}},
                              calibration_masks_per_photo=1, bias_correction=False)
     samples = fallback_export["manifest"].artifacts[0].parity.samples
-    assert calls["reference"] == 1 and calls["sensitivity"] == [samples]
+    assert calls["reference"] == 1 and calls["sensitivity"] == [(samples, 1)]
     # int8's simulations, each on the worst sample alone: its first phase's largest candidate (far under this
     # gate: the phase waits), then the four branches and its second phase's largest candidate; int8-dynamic's
     # first phase is int8's (the same layers alone, the same rounding), its second would repeat its first (left
