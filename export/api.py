@@ -493,7 +493,9 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         the first that fails (the result then covers the samples run: ``details.samples_gated``). A file of a
         runtime-quantized precision (the backend's ``RUNTIME_QUANTIZED``) that passes runs the nudged copies of the
         samples as well (``holdout``) and passes only if it passes on them too: its result then covers both
-        (``details.nudged``; per-sample PSNRs the samples', then their copies')."""
+        (``details.nudged``; per-sample PSNRs the samples', then their copies'). Once a file at this shape has made
+        the copies' reference, a file's samples and copies run in one engine (:func:`gate_in_one_engine`) and the
+        copies stop at the first that fails (``details.nudged.sample_indices``: the samples whose copies ran)."""
         samples, reference, peak = holdout(p.shape)
         t0 = time.time()
         rest = [i for i in range(len(samples)) if i not in first]
@@ -502,13 +504,12 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         # then its samples go in chunks of that many, so that a candidate's first failing samples are run side by
         # side and a long gate says how far it is after each chunk
         width = mod.gate_processes(path, threads, len(samples)) if hasattr(mod, "gate_processes") else 1
-        runs = [list(first[i:i + width]) for i in range(0, len(first), width)]
-        if width > 1:
-            runs += [rest[i:i + width] for i in range(0, len(rest), width)]
-        elif rest:
-            runs.append(rest)
-        outputs, ran = {}, []
         name = Path(path).name.replace(f"{PARTIAL_PREFIX}{os.getpid()}-", "")
+        if width == 1:
+            return gate_in_one_engine(p, mod, path, list(first) + rest, set(first), name, t0)
+        runs = [list(first[i:i + width]) for i in range(0, len(first), width)]
+        runs += [rest[i:i + width] for i in range(0, len(rest), width)]
+        outputs, ran = {}, []
         with log.stage(f"gate {name}", give_back=True):
             for n, indices in enumerate(runs):
                 chunk = samples if len(runs) == 1 else samples.subset(indices)
@@ -520,35 +521,91 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                 ran += indices
                 if n < len(runs) - 1:
                     m = parity.compare(reference[indices], out, chunk, p.io, peak_activation=peak)
-                    if width > 1:
-                        show(f"{name}: {len(ran)} of {len(samples)} samples gated, hole PSNR "
-                             f"{m['hole_psnr_db']:.2f} dB on the last {len(indices)} ({time.time() - t0:.0f}s)")
+                    show(f"{name}: {len(ran)} of {len(samples)} samples gated, hole PSNR "
+                         f"{m['hole_psnr_db']:.2f} dB on the last {len(indices)} ({time.time() - t0:.0f}s)")
                     if indices[0] in first and not parity.judge(m, p.tolerance)[0]:
                         break
-        ran.sort()
+        return judged(p, mod, path, outputs, {}, executor, t0)
+
+    def gate_in_one_engine(p: _Planned, mod, path: Path, order: List[int], first: set, name: str, t0: float):
+        """:func:`gate` of a file whose samples run one at a time in one engine (``mod.run``'s ``keep_going``): the
+        samples in ``order``, each of ``first`` judged alone as it comes (the first that fails ends the gate); then,
+        for a runtime-quantized file that passed them all and once the copies' reference exists, the nudged copies
+        in the same order, each judged alone (the first that fails ends it). A new engine's first inference costs
+        more than the others (XNNPACK's packing and the arena's first touch: about 1.7 s at 1024x1360 here), which
+        the candidate's samples, one engine each, paid per sample."""
+        samples, reference, peak = holdout(p.shape)
+        n = len(samples)
+        copies_made = (tuple(p.shape), True) in refs
+        with_copies = p.precision in getattr(mod, "RUNTIME_QUANTIZED", ()) and copies_made
+        feed = samples.subset(order)
+        if with_copies:
+            copies, ref_n, peak_n = holdout(p.shape, nudged_copies=True)
+            feed = concatenated(feed, copies.subset(order))
+        outputs: Dict[int, np.ndarray] = {}
+        copy_outputs: Dict[int, np.ndarray] = {}
+
+        def passes(ref, out, one, top) -> bool:
+            return parity.judge(parity.compare(ref, out, one, p.io, peak_activation=top), p.tolerance)[0]
+
+        def keep_going(j: int, y: np.ndarray) -> bool:
+            if j < n:
+                i = order[j]
+                outputs[i] = y[0]
+                if i in first and not passes(reference[[i]], y, samples.subset([i]), peak):
+                    return False
+                if j == n - 1 and with_copies:  # the copies run only after the samples pass together
+                    ran = sorted(outputs)
+                    return passes(reference[ran], np.stack([outputs[k] for k in ran]), samples, peak)
+                return True
+            i = order[j - n]
+            copy_outputs[i] = y[0]
+            return passes(ref_n[[i]], y, copies.subset([i]), max(peak, peak_n))  # as the samples and copies together
+
+        with log.stage(f"gate {name}", give_back=True):
+            out, executor = mod.run(path, p.io, feed, threads, keep_going=keep_going)
+        if out is None:
+            return ParityResult(executor="structural-only", samples=0, tolerance=p.tolerance, passed=True, note=executor)
+        return judged(p, mod, path, outputs, copy_outputs if with_copies else None, executor, t0)
+
+    def judged(p: _Planned, mod, path: Path, outputs: Dict[int, np.ndarray], copy_outputs: Optional[Dict[int, np.ndarray]],
+               executor: str, t0: float) -> ParityResult:
+        """The gate's result from the outputs it ran (sample index -> (H, W, 3)): on the samples; for a
+        runtime-quantized file that passed them, with its nudged copies' (``copy_outputs``; None: not run yet, so
+        run here, all of them, in an engine of their own)."""
+        samples, reference, peak = holdout(p.shape)
+        ran = sorted(outputs)
         gated = samples if len(ran) == len(samples) else samples.subset(ran)
         ran_outputs = np.stack([outputs[i] for i in ran])
         m = parity.compare(reference[ran], ran_outputs, gated, p.io, peak_activation=peak)
         if len(ran) < len(samples):
             m["details"]["samples_gated"] = ran
         ok, why = parity.judge(m, p.tolerance)
+        samples_run = len(ran)
         if ok and len(ran) == len(samples) and p.precision in getattr(mod, "RUNTIME_QUANTIZED", ()):
             # passing as computed here is not enough for a file that rounds on its tensors' own extremes: every
             # sample again with 1 % of its pixel values one level off, as another platform's decoder may leave it
             copies, ref_n, peak_n = holdout(p.shape, nudged_copies=True)
-            with log.stage(f"gate {name} nudged", give_back=True):
-                out_n, executor = mod.run(path, p.io, copies, threads)
-            both = concatenated(samples, copies)
-            m = parity.compare(np.concatenate([reference, ref_n]), np.concatenate([ran_outputs, out_n]), both, p.io,
+            name = Path(path).name.replace(f"{PARTIAL_PREFIX}{os.getpid()}-", "")
+            if copy_outputs is None:
+                with log.stage(f"gate {name} nudged", give_back=True):
+                    out_n, executor = mod.run(path, p.io, copies, threads)
+                copy_outputs = dict(zip(range(len(copies)), out_n))
+            copied = sorted(copy_outputs)
+            partial = len(copied) < len(copies)
+            both = concatenated(samples, copies if not partial else copies.subset(copied))
+            m = parity.compare(np.concatenate([reference, ref_n[copied]]),
+                               np.concatenate([ran_outputs, np.stack([copy_outputs[i] for i in copied])]), both, p.io,
                                peak_activation=max(peak, peak_n))
-            m["details"]["nudged"] = {"samples": len(copies), "fraction": NUDGED_FRACTION}
-            ran = list(range(len(both)))
+            m["details"]["nudged"] = {"samples": len(copied), "fraction": NUDGED_FRACTION,
+                                      **({"of": len(copies), "sample_indices": copied} if partial else {})}
+            samples_run = len(both)
             ok, why = parity.judge(m, p.tolerance)
             if not ok:
                 why += f" on a copy of a sample with {NUDGED_FRACTION:.0%} of its pixel values one level off"
         stopped = f" (stopped at a failing one of {len(samples)})" if len(ran) < len(samples) else ""
-        show(f"{Path(path).name}: gated on {len(ran)} samples{stopped} ({time.time() - t0:.1f}s)")
-        return ParityResult(executor=executor, samples=len(ran), max_abs=m["max_abs"],
+        show(f"{Path(path).name}: gated on {samples_run} samples{stopped} ({time.time() - t0:.1f}s)")
+        return ParityResult(executor=executor, samples=samples_run, max_abs=m["max_abs"],
                             mean_abs=m["mean_abs"], hole_psnr_db=m["hole_psnr_db"],
                             composite_psnr_db=m["composite_psnr_db"], tolerance=p.tolerance, passed=ok,
                             note=why, details=m["details"])

@@ -573,9 +573,10 @@ def executor_name(mode: Optional[str] = None) -> str:
     return f"{EXECUTOR_NAME} (numpy, {EXECUTOR_PATHS[mode or default_mode()]})"
 
 
-def run(path, io: str, samples, threads: int = 2):
+def run(path, io: str, samples, threads: int = 2, keep_going=None):
     """Execute on export.samples.Samples through the runtime's Core ML engine: ((N,H,W,3) outputs, executor).
-    Real Core ML on macOS, else the reference executor (its default path, which the executor string names)."""
+    Real Core ML on macOS, else the reference executor (its default path, which the executor string names).
+    ``keep_going``: as :func:`export.parity.run_samples` takes it."""
     from runtime_py.engines.coreml_engine import CoreMLEngine
     from runtime_py.mil_executor import default_mode
 
@@ -583,4 +584,4 @@ def run(path, io: str, samples, threads: int = 2):
 
     mode = default_mode()
     engine = CoreMLEngine(path, shape=samples.shape, io=io, executor_mode=mode)
-    return run_samples(engine, samples), executor_name(mode)
+    return run_samples(engine, samples, keep_going), executor_name(mode)

@@ -403,11 +403,18 @@ def move_to_front(order: Sequence[int], sample: int) -> List[int]:
 def failing_samples(result, limit_db: float) -> List[int]:
     """Indices of the held-out samples whose hole PSNR is under the limit, worst first (all, in order, if
     not recorded): the order the gate of a candidate runs them in, stopping at the first that fails. A result
-    with nudged copies (``details.nudged``) gives each sample the worse PSNR of it and its copy."""
+    with nudged copies (``details.nudged``; those of ``sample_indices`` where the gate stopped at a failing one)
+    gives each sample the worse PSNR of it and its copy."""
     details = result.details or {}
     per = details.get("hole_psnr_db_per_sample") or []
-    nudged = (details.get("nudged") or {}).get("samples", 0)
-    if nudged and len(per) == 2 * nudged:  # every sample, then its nudged copy: a sample counts as its worse one
+    record = details.get("nudged") or {}
+    nudged, copied, of = record.get("samples", 0), record.get("sample_indices"), record.get("of", 0)
+    if nudged and copied is not None and len(per) == of + len(copied):  # the copies of some samples: the gate
+        worse = list(per[:of])  # stopped at the first copy that failed
+        for j, i in enumerate(copied):
+            worse[i] = min(worse[i], per[of + j])
+        per = worse
+    elif nudged and len(per) == 2 * nudged:  # every sample, then its nudged copy: a sample counts as its worse one
         per = [min(plain, copy) for plain, copy in zip(per[:nudged], per[nudged:])]
     bad = sorted((i for i, v in enumerate(per) if v < limit_db), key=lambda i: (per[i], i))
     return bad or list(range(max(len(per) or result.samples, 1)))

@@ -20,7 +20,7 @@ precision and signature.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -47,18 +47,22 @@ def tolerance_for(precision: str, io: str, overrides: Optional[Dict] = None,
     return dict(TOLERANCES.get((precision, io), TOLERANCES[("int8", io)]))
 
 
-def run_samples(engine, samples) -> np.ndarray:
+def run_samples(engine, samples, keep_going: Optional[Callable[[int, np.ndarray], bool]] = None) -> np.ndarray:
     """An artifact's raw outputs on ``samples``, one sample per run, through its (runtime_py) engine:
     (N, H, W, C) channels last -- float32 in [-1, 1] for ``tensor`` files, uint8 pixels for ``image`` files.
-    The engine feeds each sample as the contract encodes it (:meth:`runtime_py.engines.base.Engine.make_feed`)."""
+    The engine feeds each sample as the contract encodes it (:meth:`runtime_py.engines.base.Engine.make_feed`).
+    ``keep_going(j, output (1, H, W, C))``, called after the j-th sample: False stops there (the outputs so far
+    are returned, fewer than N), so that one engine serves a gate that stops at a failing sample."""
     from runtime_py.contract import hole_of, layout_of, to_nhwc
 
     outputs = []
     with engine:
         spec = engine.output_specs()[0]
-        for image, mask in zip(samples.images, samples.masks):
+        for j, (image, mask) in enumerate(zip(samples.images, samples.masks)):
             y = engine.infer(engine.make_feed(image, hole_of(mask[..., 0])))[spec.name]
             outputs.append(to_nhwc(y) if layout_of(spec.shape) == "NCHW" else y)
+            if keep_going is not None and not keep_going(j, outputs[-1]):
+                break
     return np.concatenate(outputs)
 
 

@@ -766,21 +766,25 @@ def _run_in_processes(path: Path, io: str, samples, processes: int, share=_run_s
                 log.unwatch(pid)
 
 
-def run(path: Path, io: str, samples, threads: int = 2):
+def run(path: Path, io: str, samples, threads: int = 2, keep_going=None):
     """Execute the file on ``samples`` through the TFLite engine; returns (outputs (N,H,W,3), executor).
 
-    ``tensor``: float32 in [-1, 1]; ``image``: uint8 (:func:`export.parity.run_samples`). A file whose
+    ``tensor``: float32 in [-1, 1]; ``image``: uint8 (:func:`export.parity.run_samples`, which takes
+    ``keep_going``: the outputs stop at the first sample it turns down). A file whose
     convolutions run on LiteRT's single-threaded reference kernels (int16x8) has its samples shared between
     ``threads`` processes of one thread each (:func:`gate_processes`): the same outputs, about ``threads`` times
-    sooner where there are that many cores."""
+    sooner where there are that many cores; there ``keep_going`` is refused (a ValueError): its gate runs the
+    samples in chunks of that many."""
     from .parity import run_samples
 
     processes = gate_processes(path, threads, len(samples))
     if processes > 1:
+        if keep_going is not None:
+            raise ValueError("keep_going needs one engine: this file's samples run in processes")
         return (_run_in_processes(path, io, samples, processes),
                 f"litert-{litert_version()} reference kernels (int16 activations), {processes} processes x 1 thread")
     eng = engine(path, threads, io, transient_indirection=GATE_TRANSIENT_INDIRECTION)
-    return run_samples(eng, samples), f"litert-{litert_version()} xnnpack {threads} threads"
+    return run_samples(eng, samples, keep_going), f"litert-{litert_version()} xnnpack {threads} threads"
 
 
 def describe(path: Path, io: str, shape=None):

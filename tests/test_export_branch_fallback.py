@@ -61,7 +61,7 @@ def _w8sim_backend():
         mod.generators[str(job.out)] = job.generator
         return job.out
 
-    def run(path, io, samples, threads=2):
+    def run(path, io, samples, threads=2, keep_going=None):
         import torch
 
         from export.activations import _round_weights_int8
@@ -80,7 +80,12 @@ def _w8sim_backend():
         finally:
             for n, w in saved.items():
                 convs[n].weight.data = w
-        return out.astype(np.float32), "pytorch fp32, weights rounded to int8 (test stand-in)"
+        out = out.astype(np.float32)
+        for j in range(len(out) if keep_going is not None else 0):  # as one engine run sample by sample would stop
+            if not keep_going(j, out[j:j + 1]):
+                out = out[:j + 1]
+                break
+        return out, "pytorch fp32, weights rounded to int8 (test stand-in)"
 
     def quantization_summary(path, precision, details=None):
         return {"float_convs": json.loads(Path(path).read_text())["keep_float"]}

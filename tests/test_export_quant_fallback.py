@@ -293,7 +293,7 @@ def test_torch_work_is_done_once_per_shape_for_every_file_and_candidate(fallback
     int8-dynamic without its bias correction, which the simulation of a corrected file models). A candidate that fails stops at the first held-out sample it fails."""
     from export import activations, api, backends, parity, tflite
 
-    calls = {"reference": 0, "sensitivity": [], "simulated": [], "runs": []}
+    calls = {"reference": 0, "sensitivity": [], "simulated": [], "runs": [], "fed": []}
     real_reference, real_snr = parity.reference_outputs_and_peak, activations.layer_snr_each
     real_sim, real_run = activations.rounded_hole_psnr, tflite.run
 
@@ -309,9 +309,11 @@ def test_torch_work_is_done_once_per_shape_for_every_file_and_candidate(fallback
         calls["simulated"].append((len(images), sorted(configs)))
         return real_sim(generator, images, masks, configs, *args, **kwargs)
 
-    def run(path, io, samples, threads=2):
-        calls["runs"].append(len(samples))
-        return real_run(path, io, samples, threads)
+    def run(path, io, samples, threads=2, keep_going=None):
+        out, executor = real_run(path, io, samples, threads, keep_going=keep_going)
+        calls["runs"].append(len(out))
+        calls["fed"].append(len(samples))
+        return out, executor
 
     monkeypatch.setattr(parity, "reference_outputs_and_peak", reference)
     monkeypatch.setattr(activations, "layer_snr_each", snr)
@@ -335,6 +337,8 @@ def test_torch_work_is_done_once_per_shape_for_every_file_and_candidate(fallback
     # precision at least 1 and 2 layers, then 1 and 2 branches; int8 1 and 2 more with their inputs
     assert calls["runs"].count(samples) == 2 and set(calls["runs"]) == {samples, 1}
     assert calls["runs"].count(1) >= (2 + 2 + 2) + (2 + 2)
+    # one engine per file: every candidate was fed all its samples and stopped after the first
+    assert set(calls["fed"]) == {samples}
     assert str(err.value).count("--quant-fallback-branch-limit") == 2
 
 
@@ -580,8 +584,10 @@ def test_a_runtime_quantized_file_failing_on_the_nudged_copies_fails(fallback_ex
 
     real_run, copies_run = tflite.run, []
 
-    def run(path, io, samples, threads=2):
-        out, executor = real_run(path, io, samples, threads)
+    def run(path, io, samples, threads=2, keep_going=None):
+        # the first file to pass its samples runs the copies in an engine of their own (no copies' reference yet)
+        assert keep_going is None or not any(name.endswith("~nudged") for name in samples.names)
+        out, executor = real_run(path, io, samples, threads, keep_going=keep_going)
         if any(name.endswith("~nudged") for name in samples.names):
             copies_run.append(Path(path).name)
             out = np.clip(out + 0.5, -1.0, 1.0)  # far off in the hole

@@ -1,0 +1,96 @@
+"""The parity gate runs a file's held-out samples, and then its nudged copies, in one engine (export.api's
+gate_in_one_engine), each judged as it comes: the first that fails ends the gate, and a new engine's first
+inference is paid once per file, not once per sample.
+
+The format is a stand-in (``gatesim``, no converter): running a "file" is the PyTorch generator plus a small
+error, and a large one on the nudged copies where the file says so; both of its precisions are treated as
+quantized at run time, so both gates run the copies."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import lively_generator
+
+SHAPE = (64, 96)
+
+
+def _gatesim_backend(calls):
+    from runtime_py.tolerances import COREML_PARITY
+
+    mod = types.ModuleType("gatesim_backend")
+    mod.NAME, mod.SUFFIX, mod.PRECISIONS, mod.EXTRA = "gatesim", ".json", ("fp16", "w8"), "export"
+    mod.PARITY_TOLERANCES, mod.RUNTIME_QUANTIZED = COREML_PARITY, ("fp16", "w8")
+    mod.generators = {}
+
+    def convert(job):
+        Path(job.out).write_text(json.dumps({"precision": job.precision, "bad_copies": job.precision == "w8"}))
+        mod.generators[str(job.out)] = job.generator
+        return job.out
+
+    def run(path, io, samples, threads=2, keep_going=None):
+        import torch
+
+        spec = json.loads(Path(path).read_text())
+        gen = mod.generators[str(path)]
+        x = torch.from_numpy(samples.tensor_image()).permute(0, 3, 1, 2)
+        m = torch.from_numpy(samples.tensor_mask()).permute(0, 3, 1, 2)
+        outputs = []
+        for j, name in enumerate(samples.names):
+            with torch.no_grad():
+                y = gen(x[j:j + 1], m[j:j + 1]).permute(0, 2, 3, 1).numpy()
+            y = y + (0.5 if spec["bad_copies"] and name.endswith("~nudged") else 1e-4)
+            outputs.append(np.clip(y, -1, 1).astype(np.float32))
+            if keep_going is not None and not keep_going(j, outputs[-1]):
+                break
+        calls.append((spec["precision"], len(samples), len(outputs),
+                       sum(n.endswith("~nudged") for n in samples.names[:len(outputs)])))
+        return np.concatenate(outputs), "pytorch fp32 plus an error (test stand-in)"
+
+    mod.check_available = lambda: None
+    mod.convert, mod.run = convert, run
+    mod.describe = lambda path, io, shape=None: ([], [])
+    mod.inventory = lambda path, threads=1, details=None: {}
+    return mod
+
+
+def test_samples_and_copies_run_in_one_engine_and_stop_at_the_first_failing_copy(tmp_path, monkeypatch):
+    """The first file at the shape makes the copies' reference and runs them in an engine of their own; the next
+    runs its samples and copies in one, stops at its first copy (far off), and fails on it; the record says which
+    copies ran."""
+    from export import api, backends
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "gatesim_backend", _gatesim_backend(calls))
+    monkeypatch.setitem(backends.FORMAT_MODULES, "gatesim", "gatesim_backend")
+    with pytest.raises(api.ExportFailed) as err:
+        api.export_artifacts(lively_generator("tf", 4, seed=0), tmp_path, shapes=[SHAPE], formats=["gatesim"],
+                             precisions=["fp16", "w8"], ios=["tensor"], progress=False, calibration_masks_per_photo=1)
+    n = calls[0][1]
+    assert n > 1
+    # fp16: its samples, then (the first file to pass them: no copies' reference yet) its copies on their own
+    # w8: samples and copies fed to one engine, which stopped after the first copy
+    assert calls == [("fp16", n, n, 0), ("fp16", n, n, n), ("w8", 2 * n, n + 1, 1)]
+    assert "w8" in str(err.value) and "one level off" in str(err.value) and "fp16" not in str(err.value)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    fp16 = next(a for a in manifest["artifacts"] if a["precision"] == "fp16")
+    assert fp16["parity"]["passed"] and fp16["parity"]["samples"] == 2 * n
+    assert fp16["parity"]["details"]["nudged"]["samples"] == n and "sample_indices" not in fp16["parity"]["details"]["nudged"]
+
+
+def test_a_sample_counts_as_the_worse_of_it_and_the_copies_that_ran():
+    """A gate that stopped at a failing copy records the samples whose copies ran: each of them counts as the
+    worse of it and its copy, the others as themselves (export.fallback.failing_samples)."""
+    from export import fallback
+    from runtime_py.manifest import ParityResult
+
+    per = [41.0, 45.0, 39.5, 44.0, 38.0]  # four samples, then the copy of sample 1, which failed
+    result = ParityResult(executor="x", samples=5, details={
+        "hole_psnr_db_per_sample": per, "nudged": {"samples": 1, "of": 4, "sample_indices": [1], "fraction": 0.01}})
+    assert fallback.failing_samples(result, 40.0) == [1, 2]
+    assert fallback.failing_samples(result, float("inf")) == [1, 2, 0, 3]
