@@ -429,8 +429,8 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     worker converts while this process converts and gates the other formats (:func:`export.stages.side_by_side`)."""
     from models.gmcnn import count_macs
 
-    from .activations import input_means, means_cache
     from . import fallback
+    from .activations import input_means, means_cache
     from .fallback import SensitivityCache
     from .stages import StageLog, activation_values, side_by_side
 
@@ -544,23 +544,24 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
             feed = concatenated(feed, copies.subset(order))
         outputs: Dict[int, np.ndarray] = {}
         copy_outputs: Dict[int, np.ndarray] = {}
+        limit_db = p.tolerance.get("min_hole_psnr_db")
 
-        def passes(ref, out, one, top) -> bool:
-            return parity.judge(parity.compare(ref, out, one, p.io, peak_activation=top), p.tolerance)[0]
+        def holds(ref, y, one) -> bool:
+            """The sample's hole PSNR at the limit or over (parity.hole_psnrs: cheap, the gate's own value)."""
+            return limit_db is None or parity.hole_psnrs(ref, y, one, p.io)[0] >= limit_db
 
+        # each sample, and each copy, is checked by its hole PSNR alone as it comes: under the limit fails the gate
+        # whatever the rest; the gate's full judgement (every criterion, on everything run) follows the run
         def keep_going(j: int, y: np.ndarray) -> bool:
             if j < n:
                 i = order[j]
                 outputs[i] = y[0]
-                if i in first and not passes(reference[[i]], y, samples.subset([i]), peak):
-                    return False
-                if j == n - 1 and with_copies:  # the copies run only after the samples pass together
-                    ran = sorted(outputs)
-                    return passes(reference[ran], np.stack([outputs[k] for k in ran]), samples, peak)
-                return True
+                # a candidate's samples stop at the first that fails; a file that will run copies stops too, as the
+                # copies would then not count
+                return (i not in first and not with_copies) or holds(reference[[i]], y, samples.subset([i]))
             i = order[j - n]
             copy_outputs[i] = y[0]
-            return passes(ref_n[[i]], y, copies.subset([i]), max(peak, peak_n))  # as the samples and copies together
+            return holds(ref_n[[i]], y, copies.subset([i]))
 
         with log.stage(f"gate {name}", give_back=True):
             out, executor = mod.run(path, p.io, feed, threads, keep_going=keep_going)

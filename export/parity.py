@@ -20,7 +20,7 @@ precision and signature.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -124,6 +124,26 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     from runtime_py.metrics import psnr as _psnr
 
     return min(PSNR_IDENTICAL, _psnr(a, b)) if a.size else PSNR_IDENTICAL
+
+
+def hole_psnrs(reference: np.ndarray, output: np.ndarray, samples, io: str) -> List[float]:
+    """:func:`compare`'s hole PSNR of each sample (dB, unrounded), from the hole's pixels alone: the same values
+    (the composite is elementwise), at a fraction of the whole comparison's cost (the composite, the PSNR of the
+    whole image and the error of every value: about 0.25-0.9 s a sample at 1024x1360 here). What the gate checks of
+    each sample as it comes, to stop at the first that fails (a hole PSNR under the limit fails the whole gate)."""
+    hole = samples.tensor_mask()[..., 0] > 0.5  # (N, H, W)
+    weights = mask_tensor(samples.masks)
+    values = []
+    for i in range(len(samples)):
+        h = hole[i]
+        pixels = samples.images[i][h].astype(np.float32)
+        ref = round_pixels(composite(pixels, weights[i][h], denormalize(reference[i][h].astype(np.float32))))
+        if io == "tensor":
+            art = round_pixels(composite(pixels, weights[i][h], denormalize(output[i][h].astype(np.float32))))
+        else:
+            art = output[i][h].astype(np.uint8)
+        values.append(psnr(ref, art))
+    return values
 
 
 def compare(reference: np.ndarray, output: np.ndarray, samples, io: str,

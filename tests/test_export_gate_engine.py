@@ -94,3 +94,27 @@ def test_a_sample_counts_as_the_worse_of_it_and_the_copies_that_ran():
         "hole_psnr_db_per_sample": per, "nudged": {"samples": 1, "of": 4, "sample_indices": [1], "fraction": 0.01}})
     assert fallback.failing_samples(result, 40.0) == [1, 2]
     assert fallback.failing_samples(result, float("inf")) == [1, 2, 0, 3]
+
+
+@pytest.mark.parametrize("io", ["tensor", "image"])
+def test_the_gates_per_sample_check_is_the_comparisons_hole_psnr(io):
+    """parity.hole_psnrs, computed from the hole's pixels alone, is compare()'s hole PSNR of each sample to the
+    last bit: the gate may stop on it knowing the whole comparison would fail there too."""
+    from export import parity
+    from export.samples import CALIBRATION_DIR, load_samples
+
+    samples = load_samples(CALIBRATION_DIR, SHAPE, 2, seed=2, limit=3)
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(-1, 1, samples.images.shape[:3] + (3,)).astype(np.float32)
+    output = np.clip(reference + rng.normal(0, 0.02, reference.shape), -1, 1).astype(np.float32)
+    if io == "image":
+        output = parity.composite_pixels(output, samples)
+    whole = parity.compare(reference, output, samples, io)
+    cheap = parity.hole_psnrs(reference, output, samples, io)
+    assert [round(v, 3) for v in cheap] == whole["details"]["hole_psnr_db_per_sample"]
+    assert round(min(cheap), 3) == whole["hole_psnr_db"] and len(set(cheap)) == len(cheap)
+    # unrounded, against the whole composites' hole pixels as compare() takes them
+    hole = samples.tensor_mask()[..., 0] > 0.5
+    ref_comp = parity.composite_pixels(reference, samples)
+    art_comp = parity.composite_pixels(output, samples) if io == "tensor" else output
+    assert cheap == [parity.psnr(ref_comp[i][hole[i]], art_comp[i][hole[i]]) for i in range(len(samples))]
