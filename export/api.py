@@ -525,7 +525,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                          f"{m['hole_psnr_db']:.2f} dB on the last {len(indices)} ({time.time() - t0:.0f}s)")
                     if indices[0] in first and not parity.judge(m, p.tolerance)[0]:
                         break
-        return judged(p, mod, path, outputs, {}, executor, t0)
+        return judged(p, mod, path, name, outputs, None, executor, t0)
 
     def gate_in_one_engine(p: _Planned, mod, path: Path, order: List[int], first: set, name: str, t0: float):
         """:func:`gate` of a file whose samples run one at a time in one engine (``mod.run``'s ``keep_going``): the
@@ -568,10 +568,10 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
             out, executor = mod.run(path, p.io, feed, threads, keep_going=keep_going)
         if out is None:
             return ParityResult(executor="structural-only", samples=0, tolerance=p.tolerance, passed=True, note=executor)
-        return judged(p, mod, path, outputs, copy_outputs if with_copies else None, executor, t0)
+        return judged(p, mod, path, name, outputs, copy_outputs if with_copies else None, executor, t0)
 
-    def judged(p: _Planned, mod, path: Path, outputs: Dict[int, np.ndarray], copy_outputs: Optional[Dict[int, np.ndarray]],
-               executor: str, t0: float) -> ParityResult:
+    def judged(p: _Planned, mod, path: Path, name: str, outputs: Dict[int, np.ndarray],
+               copy_outputs: Optional[Dict[int, np.ndarray]], executor: str, t0: float) -> ParityResult:
         """The gate's result from the outputs it ran (sample index -> (H, W, 3)): on the samples; for a
         runtime-quantized file that passed them, with its nudged copies' (``copy_outputs``; None: not run yet, so
         run here, all of them, in an engine of their own)."""
@@ -588,7 +588,6 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
             # passing as computed here is not enough for a file that rounds on its tensors' own extremes: every
             # sample again with 1 % of its pixel values one level off, as another platform's decoder may leave it
             copies, ref_n, peak_n = holdout(p.shape, nudged_copies=True)
-            name = Path(path).name.replace(f"{PARTIAL_PREFIX}{os.getpid()}-", "")
             if copy_outputs is None:
                 with log.stage(f"gate {name} nudged", give_back=True):
                     out_n, executor = mod.run(path, p.io, copies, threads)
