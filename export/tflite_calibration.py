@@ -413,8 +413,9 @@ def calibration_groups(model, tensors: Sequence[int], memory_bytes: int) -> List
     The plan is searched over every run of ops (dynamic programming), not grown group by group as far as each will
     go: a run's estimate is not monotone in its length (a run that ends before a wide concatenation hands it on
     whole, one that takes it and what reads it hands on little), and the handed values are written to disk and
-    read back once per sample. Default model v2 at 1024x1360: the greedy plan was ops 0-70, 71-91 (handing 1.1
-    GiB per sample to) 92-95, 290 s of calibration in the export; this plan is 0-70 and 71-95, handing 128 MiB."""
+    read back once per sample. Default model v2 at 1024x1360 in the export: the greedy plan was ops 0-70, 71-91
+    (handing 1.1 GiB per sample to) 92-95, 290 s of calibration; this plan is 0-57 and 58-95, handing 128 MiB, 179 s
+    (docs/EXPORT.md, "The plan searched, not grown")."""
     sg = model.subgraphs[0]
     n = len(sg.operators)
     last_reader = _readers(model)
