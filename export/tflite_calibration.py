@@ -436,7 +436,7 @@ def calibration_groups(model, tensors: Sequence[int], memory_bytes: int) -> List
                 grp = _group(model, list(range(start, end + 1)), last_reader, tensors, tables=tables)
                 if grp.estimate > memory_bytes and end > start:
                     continue
-                cost = (count + 1, handed + sum(_tensor_bytes(sg, t) for t in grp.keep), max(largest, grp.estimate))
+                cost = (count + 1, handed + sum(tables.nbytes[t] for t in grp.keep), max(largest, grp.estimate))
                 if best[end + 1] is None or cost < best[end + 1][0]:
                     best[end + 1] = (cost, start, grp)
         groups, end = [], n
