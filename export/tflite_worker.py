@@ -147,15 +147,21 @@ def _values_bytes(onnx_path: str) -> int:
 
 
 @contextlib.contextmanager
-def _onnx_outputs_on_disk(folder: str, onnx_path: str):
+def _onnx2tf_validation_run(folder: str, onnx_path: str, threads: int):
     """onnx2tf's validation run of ONNX Runtime (every intermediate value of the graph, which its strict mode
-    compares each converted op against) writes its outputs to memory-mapped files in ``folder`` instead of
-    holding them in RAM: onnx2tf does that only when they exceed 80 % of the available memory, so its view of
-    the available memory says none is. The same values, so the same conversion (the tiny reference export's
-    bytes; the default model's fp32 file at 512x680); the pages are the page cache's, written back and dropped
-    under memory pressure, and the folder is removed after. Yields whether it applies: not when the disk has
-    no room for them (onnx2tf would then skip its validation silently and convert otherwise) or onnx2tf's
-    internals differ from the pinned version's."""
+    compares each converted op against), made cheaper in time and memory; the same values, so the same
+    conversion (the tiny reference export's bytes; the default model's fp32 file at 512x680 and 1024x1360).
+
+    * **Threads.** onnx2tf gives that session ``psutil.cpu_count() - 1`` threads: one on a 2-core machine, where
+      the run was nearly all of onnx2tf's time (77.8 of 86.5 s at 1024x1360, profiled); its view of the cores
+      is made ``threads + 1``, the export's ``--threads`` (57.8 s at 2 threads, docs/EXPORT.md).
+    * **Memory.** Its outputs go to memory-mapped files in ``folder`` instead of RAM: onnx2tf does that only when
+      they exceed 80 % of the available memory, so its view of the available memory says none is. The pages are
+      the page cache's, written back and dropped under memory pressure, and the folder is removed after. Not
+      when the disk has no room for them (onnx2tf would then skip its validation silently and convert otherwise).
+
+    Yields whether the outputs go to disk; neither applies where onnx2tf's internals differ from the pinned
+    version's."""
     import shutil
     import types
 
@@ -165,26 +171,27 @@ def _onnx_outputs_on_disk(folder: str, onnx_path: str):
         yield False
         return
     real = getattr(common_functions, "psutil", None)
+    if real is None:  # pragma: no cover - another onnx2tf layout
+        yield False
+        return
     os.makedirs(folder, exist_ok=True)
     try:
-        if real is None or real.disk_usage(folder).free < 2 * _values_bytes(onnx_path):
-            yield False
-            return
+        on_disk = real.disk_usage(folder).free >= 2 * _values_bytes(onnx_path)
 
         def virtual_memory():
-            return real.virtual_memory()._replace(available=-1)
+            return real.virtual_memory()._replace(available=-1) if on_disk else real.virtual_memory()
 
-        common_functions.psutil = types.SimpleNamespace(cpu_count=real.cpu_count, disk_usage=real.disk_usage,
-                                                        virtual_memory=virtual_memory)
+        common_functions.psutil = types.SimpleNamespace(cpu_count=lambda logical=True: max(1, threads) + 1,
+                                                        disk_usage=real.disk_usage, virtual_memory=virtual_memory)
         try:
-            yield True
+            yield on_disk
         finally:
             common_functions.psutil = real
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_onnx2tf(onnx_path: str, saved_model: str, cind: dict) -> None:
+def run_onnx2tf(onnx_path: str, saved_model: str, cind: dict, threads: int = 2) -> None:
     import numpy as np
     import onnx2tf
     import tensorflow as tf
@@ -196,9 +203,9 @@ def run_onnx2tf(onnx_path: str, saved_model: str, cind: dict) -> None:
         params.append([name, path, [0.0] * channels, [1.0] * channels])
     folder = os.path.join(os.path.dirname(saved_model), "onnx2tf_validation_outputs")
     try:
-        with _onnx_outputs_on_disk(folder, onnx_path) as on_disk:
-            print(f"gmcnn-mobile: onnx2tf's validation outputs {'on disk in ' + folder if on_disk else 'in memory'}",
-                  flush=True)
+        with _onnx2tf_validation_run(folder, onnx_path, threads) as on_disk:
+            print(f"gmcnn-mobile: onnx2tf's validation run on {threads} thread(s), its outputs "
+                  f"{'on disk in ' + folder if on_disk else 'in memory'}", flush=True)
             model = onnx2tf.convert(
                 input_onnx_file_path=onnx_path,
                 output_folder_path=saved_model,
@@ -466,7 +473,7 @@ def run_job(job: dict, options: ExportOptions, events: _Events) -> None:
         with _log_to(job["log"]):
             try:
                 check_onnx(job["onnx"])
-                run_onnx2tf(job["onnx"], job["saved_model"], job["cind"])
+                run_onnx2tf(job["onnx"], job["saved_model"], job["cind"], options.threads)
             except Exception as exc:
                 traceback.print_exc()
                 events.send(event="error", job=name, stage="onnx2tf", message=f"{type(exc).__name__}: {exc}",

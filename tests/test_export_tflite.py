@@ -1084,19 +1084,25 @@ def test_an_export_under_a_small_budget_calibrates_in_groups_into_the_same_int8_
     assert all(r["peak_anon_bytes"] > 0 and r["peak_rss_bytes"] >= r["peak_anon_bytes"] for r in rows)
 
 
-def test_onnx2tf_validation_outputs_go_to_disk_when_there_is_room(tiny, tmp_path, monkeypatch):
+def test_onnx2tf_validation_run_uses_the_export_threads_and_disk_when_there_is_room(tiny, tmp_path, monkeypatch):
     """onnx2tf's ONNX Runtime outputs (every intermediate value) were memory-mapped files in the export (its log
-    says so) and are gone after it; with too little disk for them they stay in memory, and onnx2tf's view of
-    the memory is its own again after the block (stand-in onnx2tf modules: no TensorFlow import here)."""
+    says so) and are gone after it; with too little disk for them they stay in memory. Either way onnx2tf sees
+    the export's threads + 1 cores (it gives its session one fewer), and its views of the cores and the memory
+    are its own again after the block (stand-in onnx2tf modules: no TensorFlow import here). The pinned
+    onnx2tf still sizes that session from ``psutil.cpu_count``, read from its source."""
     import collections
+    import importlib.util
     import sys
     import types
 
     from export import tflite_worker
 
+    source = Path(importlib.util.find_spec("onnx2tf").submodule_search_locations[0]) / "utils" / "common_functions.py"
+    assert "intra_op_num_threads = psutil.cpu_count(logical=True) - 1" in source.read_text()
     for io in IOS:
         work = tiny["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_{io}"
-        assert "onnxruntime output memmap enabled" in (work / "tflite_worker.log").read_text()
+        log = (work / "tflite_worker.log").read_text()
+        assert "onnxruntime output memmap enabled" in log and "validation run on 2 thread(s)" in log
         assert not (work / "onnx2tf_validation_outputs").exists()
     onnx_path = str(tiny["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor" / "model.onnx")
     values = tflite_worker._values_bytes(onnx_path)
@@ -1113,11 +1119,12 @@ def test_onnx2tf_validation_outputs_go_to_disk_when_there_is_room(tiny, tmp_path
     monkeypatch.setitem(sys.modules, "onnx2tf.utils", utils)
     monkeypatch.setitem(sys.modules, "onnx2tf.utils.common_functions", common)
     folder = tmp_path / "outputs"
-    for free, applies in ((values, False), (2 * values, True)):
+    for free, applies, threads in ((values, False, 2), (2 * values, True, 2), (2 * values, True, 4)):
         disk.free = free
-        with tflite_worker._onnx_outputs_on_disk(str(folder), onnx_path) as on_disk:
+        with tflite_worker._onnx2tf_validation_run(str(folder), onnx_path, threads) as on_disk:
             assert on_disk == applies and folder.is_dir()
             assert common.psutil.virtual_memory().available == (-1 if applies else 1 << 33)
+            assert common.psutil.cpu_count(logical=True) - 1 == threads
         assert common.psutil is real and not folder.exists()
 
 
