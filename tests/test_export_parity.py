@@ -65,20 +65,6 @@ def test_peak_is_the_largest_convolution_output_and_outputs_are_unchanged():
     assert not net.a._forward_hooks and not net.b._forward_hooks  # hooks removed
 
 
-def test_reference_runs_a_channels_last_copy_with_the_plain_forwards_values():
-    """The reference's forwards run on a channels-last copy: values of the plain forward to float32 rounding
-    (the sums in another order), and the generator the export traces keeps its contiguous weights."""
-    net, samples = _Net().eval(), _Samples()
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    outputs = reference_outputs(net, samples)
-    with torch.no_grad():
-        plain = net(torch.from_numpy(samples.tensor_image()).permute(0, 3, 1, 2).contiguous(),
-                    torch.from_numpy(samples.tensor_mask()).permute(0, 3, 1, 2).contiguous())
-    np.testing.assert_allclose(outputs, plain.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-5)
-    assert all(p.is_contiguous() for p in net.parameters())
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
-
-
 def test_image_artifact_that_changes_known_pixels_fails_the_gate():
     """The image signature composites inside the graph; a file that alters known pixels must fail even when
     its hole pixels are perfect, and the reason names how many changed."""
