@@ -114,9 +114,17 @@ def conv_output_stats(generator, images: np.ndarray, masks: np.ndarray, seed: in
     return rows
 
 
+def tensor_extremes(t) -> Tuple[float, float]:
+    """(min, max) of a whole tensor as floats, through ``amin``/``amax``: on a channels-last tensor, which every
+    convolution of a forward fed NHWC samples makes (:func:`_network_batch`), PyTorch 2.13's ``aminmax``, ``min``
+    and ``max`` of the whole tensor took 0.7 s for a 64x1024x1360 float32 tensor here and ``amin``/``amax`` 0.018 s
+    (contiguous: 0.018-0.022 s either way); the same values."""
+    return float(t.amin()), float(t.amax())
+
+
 def _fake_int8(t):
     """Per-tensor asymmetric int8 rounding of ``t`` over its own min..max (what a calibrated scale does)."""
-    lo, hi = (float(v) for v in t.aminmax())
+    lo, hi = tensor_extremes(t)
     step = max(hi - lo, 1e-12) / 255.0
     # in place on one new tensor: the same operations in the same order as ((t - lo) / step).round() * step + lo,
     # so the same values, without four full-size temporaries (about half the time: it runs on every layer's input)
@@ -127,7 +135,7 @@ def _fake_int8(t):
 def _fake_int16(t):
     """Per-tensor symmetric int16 rounding of ``t`` over its own largest magnitude: TFLite's 16x8 activation
     grid (zero point 0, -32767..32767, a calibrated scale of max |t| / 32767)."""
-    lo, hi = (float(v) for v in t.aminmax())
+    lo, hi = tensor_extremes(t)
     step = max(-lo, hi, 1e-12) / 32767.0
     q = t / step  # in place after this, as in _fake_int8
     return q.round_().clamp_(-32767, 32767).mul_(step)

@@ -124,15 +124,19 @@ def test_layer_snr_ranks_the_blown_up_layer_first_in_one_forward():
 def test_input_rounding_is_the_grid_formula_exactly_and_leaves_its_input_alone():
     """The sensitivity's and simulations' rounding of a layer's input works in place on one copy (it runs on every
     layer's input, full size): the values of the plain formulas -- int8 over the tensor's own min..max, int16
-    symmetric over its largest magnitude -- bit for bit, on tensors of either sign and a constant one."""
-    from export.activations import _fake_int8, _fake_int16
+    symmetric over its largest magnitude -- bit for bit, on tensors of either sign and a constant one, contiguous
+    or channels-last (what a forward fed NHWC samples makes; the extremes are taken another way there)."""
+    from export.activations import _fake_int8, _fake_int16, tensor_extremes
 
     gen = torch.Generator().manual_seed(0)
     cases = [torch.randn(1, 8, 17, 23, generator=gen) * 3 + shift for shift in (0.0, 9.0, -9.0)]
     cases.append(torch.full((1, 2, 3, 3), 0.25))
+    cases += [t.contiguous(memory_format=torch.channels_last) for t in cases]
+    assert all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in cases[4:7])
     for t in cases:
         before = t.clone()
         lo, hi = float(t.min()), float(t.max())
+        assert tensor_extremes(t) == (lo, hi)
         step8 = max(hi - lo, 1e-12) / 255.0
         assert torch.equal(_fake_int8(t), ((t - lo) / step8).round() * step8 + lo)
         step16 = max(float(t.abs().max()), 1e-12) / 32767.0
