@@ -487,7 +487,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
             show(f"parity {shape[0]}x{shape[1]}: reference ready ({time.time() - t0:.1f}s)")
         return refs[key]
 
-    def gate(p: _Planned, mod, path: Path, first: Sequence[int] = ()) -> ParityResult:
+    def gate(p: _Planned, mod, path: Path, first: Sequence[int] = (), pairs: bool = False) -> ParityResult:
         """The parity gate of one file on every held-out sample; with ``first`` (sample indices: a fallback
         candidate, the samples its pure file failed, worst first), those one at a time first, stopping at
         the first that fails (the result then covers the samples run: ``details.samples_gated``). A file of a
@@ -495,7 +495,9 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         samples as well (``holdout``) and passes only if it passes on them too: its result then covers both
         (``details.nudged``; per-sample PSNRs the samples', then their copies'). Once a file at this shape has made
         the copies' reference, a file's samples and copies run in one engine (:func:`gate_in_one_engine`) and the
-        copies stop at the first that fails (``details.nudged.sample_indices``: the samples whose copies ran)."""
+        copies stop at the first that fails (``details.nudged.sample_indices``: the samples whose copies ran);
+        with ``pairs`` each copy runs right after its sample (a pruning candidate). Where a gate stopped:
+        ``details.stopped_at``."""
         samples, reference, peak = holdout(p.shape)
         t0 = time.time()
         rest = [i for i in range(len(samples)) if i not in first]
@@ -506,7 +508,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         width = mod.gate_processes(path, threads, len(samples)) if hasattr(mod, "gate_processes") else 1
         name = Path(path).name.replace(f"{PARTIAL_PREFIX}{os.getpid()}-", "")
         if width == 1:
-            return gate_in_one_engine(p, mod, path, list(first) + rest, set(first), name, t0)
+            return gate_in_one_engine(p, mod, path, list(first) + rest, set(first), name, t0, pairs)
         runs = [list(first[i:i + width]) for i in range(0, len(first), width)]
         runs += [rest[i:i + width] for i in range(0, len(rest), width)]
         outputs, ran = {}, []
@@ -527,24 +529,34 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                         break
         return judged(p, mod, path, name, outputs, None, executor, t0)
 
-    def gate_in_one_engine(p: _Planned, mod, path: Path, order: List[int], first: set, name: str, t0: float):
+    def gate_in_one_engine(p: _Planned, mod, path: Path, order: List[int], first: set, name: str, t0: float,
+                           pairs: bool = False):
         """:func:`gate` of a file whose samples run one at a time in one engine (``mod.run``'s ``keep_going``): the
         samples in ``order``, each of ``first`` checked alone as it comes (the first that fails ends the gate); then,
         for a runtime-quantized file that passed them all and once the copies' reference exists, the nudged copies
-        in the same order, each checked alone (the first that fails ends it). A new engine's first inference costs
-        more than the others (XNNPACK's packing and the arena's first touch), which a candidate's samples, one engine
-        each, paid per sample: 8 inferences of a 1024x1360 int8-dynamic file took 45.4 s in one engine against
-        48.9-50.2 s in five (one-off script, 2 threads, nothing else running)."""
+        in the same order, each checked alone (the first that fails ends it). With ``pairs`` the copies are not
+        kept for the end: each runs right after its sample, so that a candidate failing on the copy of the first
+        sample stops after two inferences, not after every sample and that copy. Pass or fail is the same either
+        way; only where a failing gate stops (``details.stopped_at``), and so what it measured, differs. A new
+        engine's first inference costs more than the others (XNNPACK's packing and the arena's first touch), which a
+        candidate's samples, one engine each, paid per sample: 8 inferences of a 1024x1360 int8-dynamic file took
+        45.4 s in one engine against 48.9-50.2 s in five (one-off script, 2 threads, nothing else running)."""
         samples, reference, peak = holdout(p.shape)
         n = len(samples)
         copies_made = (tuple(p.shape), True) in refs
         with_copies = p.precision in getattr(mod, "RUNTIME_QUANTIZED", ()) and copies_made
         feed = samples.subset(order)
+        runs = [(i, False) for i in order]  # what the engine runs, in order: (sample index, nudged copy)
         if with_copies:
             copies, ref_n, peak_n = holdout(p.shape, nudged_copies=True)
             feed = concatenated(feed, copies.subset(order))
+            runs += [(i, True) for i in order]
+            if pairs:
+                paired = [k for j in range(n) for k in (j, n + j)]
+                feed, runs = feed.subset(paired), [runs[k] for k in paired]
         outputs: Dict[int, np.ndarray] = {}
         copy_outputs: Dict[int, np.ndarray] = {}
+        stopped: Dict[str, object] = {}
         limit_db = p.tolerance.get("min_hole_psnr_db")
 
         def holds(ref, y, one) -> bool:
@@ -554,37 +566,43 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         # each sample, and each copy, is checked by its hole PSNR alone as it comes: under the limit fails the gate
         # whatever the rest; the gate's full judgement (every criterion, on everything run) follows the run
         def keep_going(j: int, y: np.ndarray) -> bool:
-            if j < n:
-                i = order[j]
+            i, copy = runs[j]
+            if copy:
+                copy_outputs[i] = y[0]
+                ok = holds(ref_n[[i]], y, copies.subset([i]))
+            else:
                 outputs[i] = y[0]
                 # a candidate's samples stop at the first that fails; a file that will run copies stops too, as the
                 # copies would then not count
-                return (i not in first and not with_copies) or holds(reference[[i]], y, samples.subset([i]))
-            i = order[j - n]
-            copy_outputs[i] = y[0]
-            return holds(ref_n[[i]], y, copies.subset([i]))
+                ok = (i not in first and not with_copies) or holds(reference[[i]], y, samples.subset([i]))
+            if not ok:
+                stopped.update(sample=i, nudged=copy)
+            return ok
 
         with log.stage(f"gate {name}", give_back=True):
             out, executor = mod.run(path, p.io, feed, threads, keep_going=keep_going)
         if out is None:
             return ParityResult(executor="structural-only", samples=0, tolerance=p.tolerance, passed=True, note=executor)
-        return judged(p, mod, path, name, outputs, copy_outputs if with_copies else None, executor, t0)
+        return judged(p, mod, path, name, outputs, copy_outputs if with_copies else None, executor, t0, stopped)
 
     def judged(p: _Planned, mod, path: Path, name: str, outputs: Dict[int, np.ndarray],
-               copy_outputs: Optional[Dict[int, np.ndarray]], executor: str, t0: float) -> ParityResult:
+               copy_outputs: Optional[Dict[int, np.ndarray]], executor: str, t0: float,
+               stopped: Optional[Dict[str, object]] = None) -> ParityResult:
         """The gate's result from the outputs it ran (sample index -> (H, W, 3)): on the samples; for a
-        runtime-quantized file that passed them, with its nudged copies' (``copy_outputs``; None: not run yet, so
-        run here, all of them, in an engine of their own)."""
+        runtime-quantized file, with its nudged copies' (``copy_outputs``) where any ran (with the samples, or
+        after them all), or, for one that passed its samples and whose copies have not run yet (None), all of
+        them run here in an engine of their own. ``stopped``: where the run stopped at a failing sample or copy
+        (``details.stopped_at``)."""
         samples, reference, peak = holdout(p.shape)
         ran = sorted(outputs)
-        gated = samples if len(ran) == len(samples) else samples.subset(ran)
+        partial = len(ran) < len(samples)
+        gated = samples.subset(ran) if partial else samples
         ran_outputs = np.stack([outputs[i] for i in ran])
         m = parity.compare(reference[ran], ran_outputs, gated, p.io, peak_activation=peak)
-        if len(ran) < len(samples):
-            m["details"]["samples_gated"] = ran
         ok, why = parity.judge(m, p.tolerance)
         samples_run = len(ran)
-        if ok and len(ran) == len(samples) and p.precision in getattr(mod, "RUNTIME_QUANTIZED", ()):
+        runtime_quantized = p.precision in getattr(mod, "RUNTIME_QUANTIZED", ())
+        if runtime_quantized and (copy_outputs or (ok and not partial)):
             # passing as computed here is not enough for a file that rounds on its tensors' own extremes: every
             # sample again with 1 % of its pixel values one level off, as another platform's decoder may leave it
             copies, ref_n, peak_n = holdout(p.shape, nudged_copies=True)
@@ -593,19 +611,26 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                     out_n, executor = mod.run(path, p.io, copies, threads)
                 copy_outputs = dict(zip(range(len(copies)), out_n))
             copied = sorted(copy_outputs)
-            partial = len(copied) < len(copies)
-            both = concatenated(samples, copies if not partial else copies.subset(copied))
-            m = parity.compare(np.concatenate([reference, ref_n[copied]]),
+            some = len(copied) < len(copies)
+            both = concatenated(gated, copies if not some else copies.subset(copied))
+            m = parity.compare(np.concatenate([reference[ran], ref_n[copied]]),
                                np.concatenate([ran_outputs, np.stack([copy_outputs[i] for i in copied])]), both, p.io,
                                peak_activation=max(peak, peak_n))
             m["details"]["nudged"] = {"samples": len(copied), "fraction": NUDGED_FRACTION,
-                                      **({"of": len(copies), "sample_indices": copied} if partial else {})}
+                                      **({"of": len(copies), "sample_indices": copied} if some else {})}
             samples_run = len(both)
+            on_samples = ok
             ok, why = parity.judge(m, p.tolerance)
-            if not ok:
+            if on_samples and not ok:
                 why += f" on a copy of a sample with {NUDGED_FRACTION:.0%} of its pixel values one level off"
-        stopped = f" (stopped at a failing one of {len(samples)})" if len(ran) < len(samples) else ""
-        show(f"{Path(path).name}: gated on {samples_run} samples{stopped} ({time.time() - t0:.1f}s)")
+        if partial:
+            m["details"]["samples_gated"] = ran
+        if stopped:
+            m["details"]["stopped_at"] = dict(stopped)
+        what = (f"the copy of sample {stopped['sample']}" if stopped and stopped.get("nudged") else
+                f"a failing one of {len(samples)}" if partial else "")
+        show(f"{Path(path).name}: gated on {samples_run} samples{f' (stopped at {what})' if what else ''} "
+             f"({time.time() - t0:.1f}s)")
         return ParityResult(executor=executor, samples=samples_run, max_abs=m["max_abs"],
                             mean_abs=m["mean_abs"], hole_psnr_db=m["hole_psnr_db"],
                             composite_psnr_db=m["composite_psnr_db"], tolerance=p.tolerance, passed=ok,
@@ -772,9 +797,9 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         readers = direct_consumers(sensitivity.downstream())
         return {c for c, r in readers.items() if r & set(layers)}
 
-    def check(c, first: Sequence[int] = ()):
+    def check(c, first: Sequence[int] = (), pairs: bool = False):
         if c.result is None:  # else gated in an earlier phase
-            c.result = gate(p, mod, c.path, first=first or samples)
+            c.result = gate(p, mod, c.path, first=first or samples, pairs=pairs)
             what = (f"{c.k} branch(es) ({len(c.layers)} layers)" if c.phase == fallback.BRANCH_PHASE
                     else f"{c.k} layer(s)")
             show(f"{p.file}: {what} float{' with their inputs' if c.inputs_float else ''}: hole PSNR "
@@ -866,8 +891,8 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         snr = dict(ranking)
         order = fallback.prune_order(layers, macs, snr)
         # every held-out sample, the ones the passing candidate came closest to failing on first; then the one the
-        # last failing candidate failed on goes first (at 512x680 on default model v2 the int8-dynamic `image`
-        # file's failing candidates all failed on the last of the passing candidate's order)
+        # last failing candidate failed on (itself or its nudged copy) goes first (at 512x680 on default model v2
+        # the int8-dynamic `image` file's failing candidates all failed on the last of the passing candidate's order)
         first = fallback.failing_samples(start.result, float("inf"))
         passing: Dict[tuple, fallback.Candidate] = {}
 
@@ -876,14 +901,18 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             phase = fallback.Phase(fallback.PRUNE_PHASE, [(n, snr.get(n, float("nan"))) for n in left], False)
             (candidate,) = build_for(phase, tag=f"c{len(gated)}")([phase.size]).values()
             fresh = candidate.result is None
-            ok = candidate.path is not None and check(candidate, first)
+            # only pass or fail decides the pruning, and where a candidate fails orders the next one's samples: each
+            # copy can then run with its sample (the search's phases compare failing candidates' PSNRs, and keep
+            # the copies for the end)
+            ok = candidate.path is not None and check(candidate, first, pairs=True)
             if not any(candidate is g for g in gated):
                 gated.append(candidate)
             if ok:
                 passing[tuple(left)] = candidate
-            elif fresh and candidate.result is not None and 0 < candidate.result.samples <= len(first):
-                failed_on = first[candidate.result.samples - 1]  # the gate ran them in this order and stopped there
-                first = fallback.move_to_front(first, failed_on)
+            elif fresh and candidate.result is not None:
+                stopped = (candidate.result.details or {}).get("stopped_at")
+                if stopped:  # the sample, or the sample whose copy, it failed on
+                    first = fallback.move_to_front(first, stopped["sample"])
             return ok
 
         show(f"{p.file}: pruning the {len(layers)} float convolution(s), most MACs first, at most "

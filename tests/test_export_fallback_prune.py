@@ -3,7 +3,10 @@ quantization, most MACs first, while the file still passes."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from test_export_branch_fallback import SHAPE, planted_generator, w8sim  # noqa: F401 (a fixture)
@@ -134,3 +137,75 @@ def test_pruning_off_keeps_the_search_s_candidate(w8sim, tmp_path, monkeypatch):
     assert fb["phase"] == fallback.BRANCH_PHASE and "pruning" not in fb
     assert [k["layer"] for k in fb["layers_kept_float"]] == conv_branches(gen)["b2"]
 
+
+
+def test_a_pruning_candidate_runs_each_copy_after_its_sample_and_the_next_one_starts_where_it_failed(
+        tmp_path, monkeypatch):
+    """The planted file again, now rounding at run time (its backend's ``RUNTIME_QUANTIZED``), so that a passing
+    candidate runs the nudged copies too. From the pruning on, the copy of one sample (the last of the first pruning
+    candidate's order) fails whenever the costliest convolution of the pruning's order is quantized again. Each
+    pruning candidate runs every copy right after its sample; the first that fails there stops after that copy,
+    that sample goes first, and the next candidate failing on it stops after two inferences."""
+    from export import api, backends, fallback
+    from models.gmcnn import conv_layers
+    from test_export_branch_fallback import _w8sim_backend
+
+    mod = _w8sim_backend()
+    mod.RUNTIME_QUANTIZED = ("w8",)
+    plain_run = mod.run
+    planted, runs = {}, []  # planted: the layer and the sample; runs: (names fed, how many ran) from the pruning on
+
+    def run(path, io, samples, threads=2, keep_going=None):
+        out, executor = plain_run(path, io, samples, threads)
+        if "layer" not in planted:
+            return _stopping(out, keep_going), executor
+        plain = [n for n in samples.names if not n.endswith("~nudged")]
+        planted.setdefault("sample", plain[-1])
+        if planted["layer"] not in json.loads(Path(path).read_text())["keep_float"]:
+            bad = [j for j, n in enumerate(samples.names) if n == planted["sample"] + "~nudged"]
+            out[bad] = np.clip(out[bad] + 0.5, -1, 1)
+        out = _stopping(out, keep_going)
+        runs.append((list(samples.names), len(out)))
+        return out, executor
+
+    real_order = fallback.prune_order
+
+    def prune_order(*args):
+        order = real_order(*args)
+        planted["layer"] = order[0]
+        return order
+
+    mod.run = run
+    monkeypatch.setitem(sys.modules, "w8sim_backend", mod)
+    monkeypatch.setitem(backends.FORMAT_MODULES, "w8sim", "w8sim_backend")
+    monkeypatch.setattr(fallback, "prune_order", prune_order)
+    gen = planted_generator()
+    macs = [layer["macs"] for layer in conv_layers(gen, *SHAPE)]
+    monkeypatch.setattr(fallback, "FLOAT_MAC_BUDGET", 1.5 * min(macs) / sum(macs))
+    m = api.export_artifacts(gen, tmp_path, shapes=[SHAPE], formats=["w8sim"], precisions=["w8"], ios=["tensor"],
+                             fallback_limit=2, fallback_prune_gates=8, progress=False, calibration_masks_per_photo=1)
+    a = m.find("w8sim", SHAPE, "w8", "tensor")
+    fb = a.build["quantization"]["fallback"]
+    n = 4
+    assert a.parity.passed and a.parity.samples == 2 * n and a.parity.details["nudged"]["samples"] == n
+    assert planted["layer"] in [k["layer"] for k in fb["layers_kept_float"]]
+    assert fb["pruning"]["quantized_again"]  # others could go
+    assert runs and all(names[1::2] == [x + "~nudged" for x in names[0::2]] for names, _ in runs)  # in pairs
+    copy = planted["sample"] + "~nudged"
+    on_copy = [(names, ran) for names, ran in runs if names[ran - 1] == copy]
+    assert len(on_copy) >= 2
+    (names, ran), rest = on_copy[0], on_copy[1:]
+    assert ran == 2 * n and names[0] != planted["sample"]  # the last sample's copy: after every other pair
+    assert all(names[0] == planted["sample"] and ran == 2 for names, ran in rest)
+    # the record counts what each ran: samples and copies
+    ran_by_failed = [c["samples"] for c in fb["search"] if c["phase"] == fallback.PRUNE_PHASE and not c["passed"]]
+    stopped = [ran for names, ran in runs if ran < len(names) or names[ran - 1] == copy]
+    assert sorted(ran_by_failed) == sorted(stopped)
+
+
+def _stopping(out, keep_going):
+    """``out`` cut where ``keep_going`` says stop, as one engine run sample by sample would."""
+    for j in range(len(out) if keep_going is not None else 0):
+        if not keep_going(j, out[j:j + 1]):
+            return out[:j + 1]
+    return out
