@@ -628,7 +628,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         if stopped:
             m["details"]["stopped_at"] = dict(stopped)
         what = (f"the copy of sample {stopped['sample']}" if stopped and stopped.get("nudged") else
-                f"a failing one of {len(samples)}" if partial else "")
+                f"a failing one of {len(samples)}" if stopped or partial else "")
         show(f"{Path(path).name}: gated on {samples_run} samples{f' (stopped at {what})' if what else ''} "
              f"({time.time() - t0:.1f}s)")
         return ParityResult(executor=executor, samples=samples_run, max_abs=m["max_abs"],
