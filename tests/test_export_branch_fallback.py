@@ -47,6 +47,21 @@ def planted_generator():
     return gen
 
 
+def export_planted(tmp_path, monkeypatch, prune_gates: int):
+    """(the planted generator, the manifest of its w8sim export at SHAPE): phase 1's MAC budget lowered to the one
+    cheapest convolution, a limit of 2 layers, ``prune_gates`` pruning candidates at most."""
+    from export import api, fallback
+    from models.gmcnn import conv_layers
+
+    gen = planted_generator()
+    macs = [layer["macs"] for layer in conv_layers(gen, *SHAPE)]
+    monkeypatch.setattr(fallback, "FLOAT_MAC_BUDGET", 1.5 * min(macs) / sum(macs))
+    m = api.export_artifacts(gen, tmp_path, shapes=[SHAPE], formats=["w8sim"], precisions=["w8"], ios=["tensor"],
+                             fallback_limit=2, fallback_prune_gates=prune_gates, progress=False,
+                             calibration_masks_per_photo=1)
+    return gen, m
+
+
 def _w8sim_backend():
     """A format module (export.backends' interface) whose files are weight-rounding simulations."""
     from runtime_py.tolerances import COREML_PARITY
@@ -108,15 +123,11 @@ def w8sim(monkeypatch):
 def test_a_branch_wide_error_passes_with_the_branch_kept_float(w8sim, tmp_path, monkeypatch):
     """Phase 1 holds only the cheapest convolution (its MAC budget lowered to that), phase 2 the 2 top-ranked
     (the limit), neither enough; the branch phase keeps the second branch float and passes."""
-    from export import api, fallback
-    from models.gmcnn import conv_branches, conv_layers
+    from export import fallback
+    from models.gmcnn import conv_branches
 
-    gen = planted_generator()
-    macs = [layer["macs"] for layer in conv_layers(gen, *SHAPE)]
-    monkeypatch.setattr(fallback, "FLOAT_MAC_BUDGET", 1.5 * min(macs) / sum(macs))
     # the branch phase as found (test_export_fallback_prune.py prunes this file)
-    m = api.export_artifacts(gen, tmp_path, shapes=[SHAPE], formats=["w8sim"], precisions=["w8"], ios=["tensor"],
-                             fallback_limit=2, fallback_prune_gates=0, progress=False, calibration_masks_per_photo=1)
+    gen, m = export_planted(tmp_path, monkeypatch, prune_gates=0)
     a = m.find("w8sim", SHAPE, "w8", "tensor")
     fb = a.build["quantization"]["fallback"]
     br = fb["branches"]

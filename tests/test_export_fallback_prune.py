@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_export_branch_fallback import SHAPE, planted_generator, w8sim  # noqa: F401 (a fixture)
+from test_export_branch_fallback import SHAPE, export_planted, planted_generator, w8sim  # noqa: F401 (a fixture)
 
 
 def _needs(*needed):
@@ -125,14 +125,10 @@ def test_a_branch_kept_float_is_pruned_to_the_layers_the_file_needs(w8sim, tmp_p
 
 
 def test_pruning_off_keeps_the_search_s_candidate(w8sim, tmp_path, monkeypatch):  # noqa: F811
-    from export import api, fallback
-    from models.gmcnn import conv_branches, conv_layers
+    from export import fallback
+    from models.gmcnn import conv_branches
 
-    gen = planted_generator()
-    macs = [layer["macs"] for layer in conv_layers(gen, *SHAPE)]
-    monkeypatch.setattr(fallback, "FLOAT_MAC_BUDGET", 1.5 * min(macs) / sum(macs))
-    m = api.export_artifacts(gen, tmp_path, shapes=[SHAPE], formats=["w8sim"], precisions=["w8"], ios=["tensor"],
-                             fallback_limit=2, fallback_prune_gates=0, progress=False, calibration_masks_per_photo=1)
+    gen, m = export_planted(tmp_path, monkeypatch, prune_gates=0)
     fb = m.find("w8sim", SHAPE, "w8", "tensor").build["quantization"]["fallback"]
     assert fb["phase"] == fallback.BRANCH_PHASE and "pruning" not in fb
     assert [k["layer"] for k in fb["layers_kept_float"]] == conv_branches(gen)["b2"]
@@ -146,8 +142,7 @@ def test_a_pruning_candidate_runs_each_copy_after_its_sample_and_the_next_one_st
     candidate's order) fails whenever the costliest convolution of the pruning's order is quantized again. Each
     pruning candidate runs every copy right after its sample; the first that fails there stops after that copy,
     that sample goes first, and the next candidate failing on it stops after two inferences."""
-    from export import api, backends, fallback
-    from models.gmcnn import conv_layers
+    from export import backends, fallback
     from test_export_branch_fallback import _w8sim_backend
 
     mod = _w8sim_backend()
@@ -179,11 +174,7 @@ def test_a_pruning_candidate_runs_each_copy_after_its_sample_and_the_next_one_st
     monkeypatch.setitem(sys.modules, "w8sim_backend", mod)
     monkeypatch.setitem(backends.FORMAT_MODULES, "w8sim", "w8sim_backend")
     monkeypatch.setattr(fallback, "prune_order", prune_order)
-    gen = planted_generator()
-    macs = [layer["macs"] for layer in conv_layers(gen, *SHAPE)]
-    monkeypatch.setattr(fallback, "FLOAT_MAC_BUDGET", 1.5 * min(macs) / sum(macs))
-    m = api.export_artifacts(gen, tmp_path, shapes=[SHAPE], formats=["w8sim"], precisions=["w8"], ios=["tensor"],
-                             fallback_limit=2, fallback_prune_gates=8, progress=False, calibration_masks_per_photo=1)
+    _, m = export_planted(tmp_path, monkeypatch, prune_gates=8)
     a = m.find("w8sim", SHAPE, "w8", "tensor")
     fb = a.build["quantization"]["fallback"]
     n = 4
