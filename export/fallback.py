@@ -404,7 +404,10 @@ def failing_samples(result, limit_db: float) -> List[int]:
     """Indices of the held-out samples whose hole PSNR is under the limit, worst first (all, in order, if
     not recorded): the order the gate of a candidate runs them in, stopping at the first that fails. A result
     with nudged copies (``details.nudged``; those of ``sample_indices`` where the gate stopped at a failing one)
-    gives each sample the worse PSNR of it and its copy."""
+    gives each sample the worse PSNR of it and its copy. Takes results whose samples all ran (a pure file's, a
+    passing candidate's) or that stopped at a sample without copies: a pruning candidate that stopped part-way through
+    its pairs of sample and copy has per-sample lists whose positions are not sample indices (its
+    ``details.stopped_at`` says where it stopped)."""
     details = result.details or {}
     per = details.get("hole_psnr_db_per_sample") or []
     record = details.get("nudged") or {}
