@@ -47,6 +47,13 @@ def planted_generator():
     return gen
 
 
+def stopping(out, keep_going):
+    """``out`` cut where ``keep_going`` says stop, as one engine run sample by sample would."""
+    for j in range(len(out) if keep_going is not None else 0):
+        if not keep_going(j, out[j:j + 1]):
+            return out[:j + 1]
+    return out
+
 def export_planted(tmp_path, monkeypatch, prune_gates: int):
     """(the planted generator, the manifest of its w8sim export at SHAPE): phase 1's MAC budget lowered to the one
     cheapest convolution, a limit of 2 layers, ``prune_gates`` pruning candidates at most."""
@@ -95,12 +102,7 @@ def _w8sim_backend():
         finally:
             for n, w in saved.items():
                 convs[n].weight.data = w
-        out = out.astype(np.float32)
-        for j in range(len(out) if keep_going is not None else 0):  # as one engine run sample by sample would stop
-            if not keep_going(j, out[j:j + 1]):
-                out = out[:j + 1]
-                break
-        return out, "pytorch fp32, weights rounded to int8 (test stand-in)"
+        return stopping(out.astype(np.float32), keep_going), "pytorch fp32, weights rounded to int8 (test stand-in)"
 
     def quantization_summary(path, precision, details=None):
         return {"float_convs": json.loads(Path(path).read_text())["keep_float"]}

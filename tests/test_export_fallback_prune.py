@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_export_branch_fallback import SHAPE, export_planted, planted_generator, w8sim  # noqa: F401 (a fixture)
+from test_export_branch_fallback import SHAPE, export_planted, planted_generator, stopping, w8sim  # noqa: F401 (a fixture)
 
 
 def _needs(*needed):
@@ -153,13 +153,13 @@ def test_a_pruning_candidate_runs_each_copy_after_its_sample_and_the_next_one_st
     def run(path, io, samples, threads=2, keep_going=None):
         out, executor = plain_run(path, io, samples, threads)
         if "layer" not in planted:
-            return _stopping(out, keep_going), executor
+            return stopping(out, keep_going), executor
         plain = [n for n in samples.names if not n.endswith("~nudged")]
         planted.setdefault("sample", plain[-1])
         if planted["layer"] not in json.loads(Path(path).read_text())["keep_float"]:
             bad = [j for j, n in enumerate(samples.names) if n == planted["sample"] + "~nudged"]
             out[bad] = np.clip(out[bad] + 0.5, -1, 1)
-        out = _stopping(out, keep_going)
+        out = stopping(out, keep_going)
         runs.append((list(samples.names), len(out)))
         return out, executor
 
@@ -192,11 +192,3 @@ def test_a_pruning_candidate_runs_each_copy_after_its_sample_and_the_next_one_st
     ran_by_failed = [c["samples"] for c in fb["search"] if c["phase"] == fallback.PRUNE_PHASE and not c["passed"]]
     stopped = [ran for names, ran in runs if ran < len(names) or names[ran - 1] == copy]
     assert sorted(ran_by_failed) == sorted(stopped)
-
-
-def _stopping(out, keep_going):
-    """``out`` cut where ``keep_going`` says stop, as one engine run sample by sample would."""
-    for j in range(len(out) if keep_going is not None else 0):
-        if not keep_going(j, out[j:j + 1]):
-            return out[:j + 1]
-    return out
