@@ -266,7 +266,8 @@ def _export(checkpoint, out: Path, options: ExportOptions, fmt_list, mods, per_f
                     tol = parity.tolerance_for(precision, io, options.tolerances,
                                                getattr(mods[fmt], "PARITY_TOLERANCES", None))
                     recorded = options.recorded(calibrated=precision in getattr(mods[fmt], "CALIBRATED", ()),
-                                                bias_corrected=precision in getattr(mods[fmt], "BIAS_CORRECTED", ()))
+                                                bias_corrected=precision in getattr(mods[fmt], "BIAS_CORRECTED", ()),
+                                                weights_rounded=precision in getattr(mods[fmt], "WEIGHTS_ROUNDED", ()))
                     key_src = {
                         "format": fmt, "shape": list(shape), "precision": precision, "io": io,
                         "weights": ckpt_info["weights_sha256"], "options": recorded, "tolerance": tol,

@@ -60,6 +60,9 @@ FALLBACK_PRECISIONS = ("int8", "int8-dynamic", "int16x8")
 # Precisions whose int8 convolutions get their biases corrected for the rounded weights' mean output shift
 # (options.bias_correction, :func:`correct_biases`): int8-dynamic's error is mostly its weights' (docs/TOLERANCES.md).
 BIAS_CORRECTED = ("int8-dynamic",)
+# Precisions whose int8 filters the export rounds again, error-compensating (options.weight_rounding,
+# :func:`round_weights`), before any bias correction: the grid stays the converter's.
+WEIGHTS_ROUNDED = ("int8-dynamic", "int8")
 # Precisions whose activations are quantized at run time on each tensor's own extremes: their parity gate runs every
 # held-out sample a second time, nudged (:func:`export.samples.nudged`), because a change that small can move every
 # rounding (at 512x680 the shipped model's int8-dynamic hole PSNR moved by up to 6.7 dB on one sample).
@@ -284,7 +287,16 @@ def start_many(jobs: Sequence[ConvertJob], progress=None, stages=None) -> Conver
         out = _run_worker(plan, by_out, progress, stages, procs) if plan["jobs"] else {}
         for job in jobs:
             res = out.get(job.key)
-            if res is None or res.path is None or job.precision not in BIAS_CORRECTED or not job.options.bias_correction:
+            if res is None or res.path is None:
+                continue
+            if job.precision in WEIGHTS_ROUNDED and job.options.weight_rounding != "nearest":
+                try:
+                    with _stage(stages, f"weight rounding {job.shape[0]}x{job.shape[1]} {job.io} {job.precision}"):
+                        res.details["weight_rounding"] = round_weights(job, Path(res.path), progress)
+                except (OSError, ValueError) as exc:
+                    out[job.key] = ConvertResult(None, error=f"weight rounding: {exc}")
+                    continue
+            if job.precision not in BIAS_CORRECTED or not job.options.bias_correction:
                 continue
             try:
                 with _stage(stages, f"bias correction {job.shape[0]}x{job.shape[1]} {job.io} {job.precision}"):
@@ -304,6 +316,10 @@ def _stage(stages, name: str, give_back: bool = False):
     return stages.stage(name, give_back) if stages is not None else contextlib.nullcontext()
 
 
+# conv_nodes_of: the largest relative difference (Frobenius norm) between a float filter and its file's filter
+MATCH_LIMIT = 0.25
+
+
 def conv_nodes_of(generator, model_bytes: bytes) -> Dict[str, str]:
     """Generator convolution (module name) -> its CONV_2D in a TFLite file (output tensor name),
     matched by weights: same shape, least relative difference (int8 filters are dequantized).
@@ -320,10 +336,12 @@ def conv_nodes_of(generator, model_bytes: bytes) -> Dict[str, str]:
         if not isinstance(mod, torch.nn.Conv2d):
             continue
         w = mod.weight.detach().cpu().numpy()
-        best = sorted((float(np.abs(tw - w).max() / max(np.abs(w).max(), 1e-12)), node)
+        norm = max(float(np.linalg.norm(w)), 1e-12)
+        best = sorted((float(np.linalg.norm(tw - w)) / norm, node)
                       for node, tw in tfl if tw.shape == w.shape and node not in taken)
-        # int8 weights differ from float32 by at most half a step: 1/254 of the channel's largest
-        if not best or best[0][0] > 1.0 / 200 or (len(best) > 1 and best[1][0] <= 1.0 / 200):
+        # int8 filters, rounded to nearest or error-compensating (export.weight_rounding), stay within a few
+        # percent of the float filter's norm; another layer's filter is about sqrt(2) of it away
+        if not best or best[0][0] > MATCH_LIMIT or (len(best) > 1 and best[1][0] <= 2 * MATCH_LIMIT):
             raise ValueError(f"convolution {module_name} has no unique match in the TFLite file")
         out[module_name] = best[0][1]
         taken.add(best[0][1])
@@ -407,6 +425,28 @@ def calibration_input_means(generator, work: Path) -> Optional[Dict[str, np.ndar
             return None
         return {name: np.asarray(by_node[nodes[name]], np.float64) for name in convs}
     return None
+
+
+def round_weights(job: ConvertJob, path: Path, progress=None) -> Dict[str, object]:
+    """Replace, in the file at ``path`` (an int8 or int8-dynamic file of ``job``), the converter's int8 filters by
+    error-compensating ones on the same grid (:mod:`export.weight_rounding`), chosen from each convolution's inputs
+    on ``job.calibration``; once per shape and run, kept in the run's work folder. Returns the manifest's record:
+    ``{"method", "layers": filters replaced, "kept": filters left as converted (their scales are not the
+    converter's usual ones), "samples"}``."""
+    from . import tflite_graph as g
+    from .weight_rounding import METHOD, compensated_levels, levels_cache
+
+    levels = compensated_levels(job.generator, job.calibration, levels_cache(Path(job.workdir).parent, job.shape),
+                                progress=(lambda msg: _progress(progress, f"tflite {job.shape[0]}x{job.shape[1]}: "
+                                                                          f"{msg}")))
+    data = path.read_bytes()
+    nodes = conv_nodes_of(job.generator, data)
+    model = g.read(data)
+    written, kept = g.set_conv_levels(model, {node: (levels[k][0].transpose(0, 2, 3, 1), levels[k][1])
+                                              for k, node in nodes.items()})
+    path.write_bytes(g.write(model))
+    return {"method": METHOD, "layers": len(written), "kept": sorted(kept),
+            "samples": int(len(job.calibration.images))}
 
 
 def correct_biases(job: ConvertJob, path: Path) -> Dict[str, object]:
@@ -859,6 +899,8 @@ def quantization_summary(path: Path, precision: str, details: Optional[dict] = N
         "convs_quantized": len(quantized), "convs": len(rows),
         "float_convs": [r["node"] for r in rows if r not in quantized],
     }
+    if (details or {}).get("weight_rounding"):
+        out["weight_rounding"] = details["weight_rounding"]
     calibration = ((details or {}).get("postpass") or {}).get("calibration")
     if precision == "int8-dynamic":
         out["activations"] = {"scheme": "int8, quantized at run time per tensor (dynamic range)"}

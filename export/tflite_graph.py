@@ -622,6 +622,34 @@ def restore_float_weights(model, float_model, names: Iterable[str]) -> int:
     return changed
 
 
+def set_conv_levels(model, levels: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> Tuple[List[str], List[str]]:
+    """Write other int8 levels into the int8 filters of the named CONV_2Ds, on the file's own grid.
+
+    ``levels``: output tensor name -> (int8 levels (O, H, W, I), the per-output-channel scale (O,) they were
+    chosen on). A filter whose stored scales are not those (to 1e-6 relative: a quantizer that widened a scale, or
+    another grid) is left as the converter wrote it. A float filter (kept float) is skipped. Returns (the names
+    written, the names left for their scales); a filter of another shape is a ValueError."""
+    sg = model.subgraphs[0]
+    written, mismatched = [], []
+    for name, i in conv_nodes(model):
+        if name not in levels:
+            continue
+        w = sg.tensors[_ids(sg.operators[i].inputs)[1]]
+        if w.type != T.INT8:
+            continue
+        new, scale = levels[name]
+        shape = [int(v) for v in _ids(w.shape)]
+        if list(new.shape) != shape:
+            raise ValueError(f"{name}: levels of shape {list(new.shape)} for a filter of shape {shape}")
+        stored = np.asarray(w.quantization.scale, np.float64)
+        if stored.shape != np.shape(scale) or not np.allclose(stored, np.asarray(scale, np.float64), rtol=1e-6, atol=0):
+            mismatched.append(name)
+            continue
+        _rebuffer(model, w, np.ascontiguousarray(new, np.int8).tobytes())
+        written.append(name)
+    return written, mismatched
+
+
 def correct_conv_biases(model, float_filters: Dict[str, np.ndarray], input_means: Dict[str, np.ndarray]) -> int:
     """Bias correction of a dynamic-range file (int8 filters, float32 biases): each named CONV_2D whose filter is
     int8 gets ``bias[o] -= sum over taps and input channels of (dequantized - float filter)[o] * input mean``, the
