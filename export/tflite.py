@@ -289,7 +289,7 @@ def start_many(jobs: Sequence[ConvertJob], progress=None, stages=None) -> Conver
             res = out.get(job.key)
             if res is None or res.path is None:
                 continue
-            if job.precision in WEIGHTS_ROUNDED and job.options.weight_rounding != "nearest":
+            if job.precision in WEIGHTS_ROUNDED and job.options.weight_rounding == "gptq":
                 try:
                     with _stage(stages, f"weight rounding {job.shape[0]}x{job.shape[1]} {job.io} {job.precision}"):
                         res.details["weight_rounding"] = round_weights(job, Path(res.path), progress)

@@ -22,7 +22,7 @@ more than the estimate needs).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -72,7 +72,13 @@ def compensated_levels_of(weight: np.ndarray, hessian: np.ndarray, damping: floa
     order = torch.argsort(torch.diagonal(h), descending=True)  # most energetic inputs first ("act order")
     w, h = w[:, order], h[order][:, order]
     h += damping * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    # one d x d float64 matrix is 315 MB for a 7x7x128 layer: each is dropped as soon as the next one exists
+    lower = torch.linalg.cholesky(h)
+    del h
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    upper = torch.linalg.cholesky(inverse, upper=True)
+    del inverse
     levels = torch.zeros_like(w)
     block = 128
     for start in range(0, w.shape[1], block):
@@ -106,12 +112,13 @@ def _hole_centre(mask: np.ndarray, rng: np.random.Generator) -> Tuple[float, flo
 
 
 def input_hessians(generator, samples, window: int = WINDOW, seed: int = 0,
-                   progress: Optional[Callable[[str], None]] = None) -> Dict[str, np.ndarray]:
-    """``E[x x^T]`` over the input patches of every convolution of ``generator`` (name -> (d, d) float64,
-    :func:`compensated_levels_of`'s layout), estimated on two crops per sample (:class:`export.samples.Samples`):
-    one around a random hole pixel, one anywhere, ``window`` output positions a side, with the zero padding the
-    convolution adds itself. One float forward per sample keeps only the crops; the hessians are built from them
-    one convolution at a time, so at most one is in memory beside the crops."""
+                   progress: Optional[Callable[[str], None]] = None) -> Iterator[Tuple[str, np.ndarray]]:
+    """``E[x x^T]`` over the input patches of every convolution of ``generator``, yielded as (name, (d, d)
+    float64 in :func:`compensated_levels_of`'s layout) in network order, estimated on two crops per sample
+    (:class:`export.samples.Samples`): one around a random hole pixel, one anywhere, ``window`` output positions a
+    side, with the zero padding the convolution adds itself. One float forward per sample keeps only the crops;
+    each hessian is built from them when it is asked for, and the crops it came from are dropped then, so a
+    caller that uses one before asking for the next holds one at a time (all of them at 512x680: 3.6 GB)."""
     import torch
     import torch.nn.functional as F
 
@@ -155,7 +162,6 @@ def input_hessians(generator, samples, window: int = WINDOW, seed: int = 0,
     finally:
         for h in hooks:
             h.remove()
-    out: Dict[str, np.ndarray] = {}
     for name, mod in convs.items():
         total, count = None, 0
         for crop in crops.pop(name):
@@ -163,8 +169,8 @@ def input_hessians(generator, samples, window: int = WINDOW, seed: int = 0,
             part = (cols @ cols.T).double()
             total = part if total is None else total + part
             count += cols.shape[1]
-        out[name] = (total / max(count, 1)).numpy()
-    return out
+        yield name, (total / max(count, 1)).numpy()
+        del total
 
 
 def compensated_levels(generator, samples, cache: Optional[Path] = None,
@@ -178,12 +184,12 @@ def compensated_levels(generator, samples, cache: Optional[Path] = None,
             return {n: (z[f"{n}/levels"], z[f"{n}/scale"]) for n in names}
     import torch
 
-    hessians = input_hessians(generator, samples, progress=progress)
     convs = {name: mod for name, mod in generator.named_modules() if isinstance(mod, torch.nn.Conv2d)}
     out: Levels = {}
-    for k, (name, mod) in enumerate(convs.items()):
-        weight = mod.weight.detach().cpu().numpy()
-        out[name] = (compensated_levels_of(weight, hessians.pop(name)), channel_scales(weight))
+    for k, (name, hessian) in enumerate(input_hessians(generator, samples, progress=progress)):
+        weight = convs[name].weight.detach().cpu().numpy()
+        out[name] = (compensated_levels_of(weight, hessian), channel_scales(weight))
+        del hessian
         if progress:
             progress(f"weight rounding: {k + 1}/{len(convs)} convolutions")
     if cache is not None:

@@ -29,14 +29,14 @@ def test_every_flag_reaches_its_field():
 
     args = parse_export("--shapes", "64x96", "--io", "image", "--calibration", "c", "--holdout", "h",
                         "--threads", "3", "--pad-mode", "mirror_pad", "--upsample-mode", "depth_to_space",
-                        "--no-int8-tail", "--no-bias-correction", "--range-method", "auto", "--min-hole-psnr", "int8=30", "--no-cache",
+                        "--no-int8-tail", "--no-bias-correction", "--range-method", "auto", "--weight-rounding", "gptq", "--min-hole-psnr", "int8=30", "--no-cache",
                         "--keep-work", "--quiet", "--quant-fallback", "off", "--quant-fallback-limit", "3",
                         "--quant-fallback-branch-limit", "16", "--quant-fallback-prune", "0", "--memory-budget-gib", "2.5")
     got = options_from_args(args, ("tflite",), ("int8",))
     expected = ExportOptions(
         shapes=[(64, 96)], formats=["tflite"], precisions=["int8"], ios=["image"], calibration=Path("c"),
         holdout=Path("h"), threads=3, pad_mode="mirror_pad", upsample_mode="depth_to_space", int8_tail=False,
-        bias_correction=False, range_method="auto", tolerances={("int8", "image"): {"min_hole_psnr_db": 30.0, "max_known_pixels_changed": 0}},
+        bias_correction=False, range_method="auto", weight_rounding="gptq", tolerances={("int8", "image"): {"min_hole_psnr_db": 30.0, "max_known_pixels_changed": 0}},
         use_cache=False, keep_work=True, progress=False, quant_fallback=False, fallback_limit=3, fallback_branch_limit=16,
         fallback_prune_gates=0, memory_budget_gib=2.5)
     assert got == expected

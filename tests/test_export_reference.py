@@ -39,12 +39,7 @@ int8-dynamic digests and the ``defaults`` manifest's (its entries record ``build
 again then, by the branch that made that change; every other digest stayed as recorded. Issue 13's nudged copies
 (2026-12-05: the gate of an int8-dynamic file also runs every held-out sample with 1 % of its pixel values one
 level off) add ``parity.details.nudged`` and double ``parity.samples`` of those files: the ``defaults`` manifest's
-digest was recorded again then; every file digest stayed as recorded. Issue 13's error-compensating weight
-rounding (2026-12-05: the int8 and int8-dynamic files' int8 filters hold levels chosen from PyTorch float
-statistics, whose last bits depend on the CPU as calibration's do) is normalised out of those files' digests
-(:func:`_zero_int8_filters`; tests/test_export_weight_rounding.py checks the levels); their digests and the two
-manifests' (whose entries record ``build.weight_rounding``) were recorded again then, by the branch that made that
-change; every other digest stayed as recorded. Two
+digest was recorded again then; every file digest stayed as recorded. Two
 exports of the cnum-4 ``lively_generator`` at 64x96:
 
 * ``defaults``: TFLite fp32, fp16, int8-dynamic, int8 and Core ML fp16, tensor and image signatures;
@@ -67,7 +62,7 @@ What is compared, and what is normalised first (volatile by design, not behaviou
   ``op_inventory.postpass.calibration.seconds`` (timings), ``export.calibration.folder`` and
   ``export.holdout.folder`` (absolute paths of this checkout; their photos' sha256 stays),
   ``cache_key`` (it hashes the export code itself, so it changes with any code change by design);
-  the quantization record issue 13 added (``export.range_method``, ``build.range_method``,
+  the quantization record issue 13 added (``export.range_method``, ``build.range_method``, ``build.weight_rounding``,
   ``build.quantization``; the calibration report it moved there from ``op_inventory.postpass``);
   an ``.mlpackage``'s ``sha256`` and an int8 file's are replaced by the normalised digests above (after
   checking that each is the file's real digest); the parity's measured floats (:data:`MEASURED_PARITY` and
@@ -167,26 +162,11 @@ def int8_activation_quantization(data: bytes) -> dict:
     return out
 
 
-def _zero_int8_filters(model) -> None:
-    """Zero the int8 filters of every CONV_2D: their levels are the export's error-compensating rounding
-    (export.weight_rounding), chosen from PyTorch float statistics whose last bits depend on the CPU's kernels as
-    calibration's do; tests/test_export_weight_rounding.py checks them against the rounding computed again. Their
-    per-channel scales, the converter's, stay."""
-    from export import tflite_graph as g
-
-    sg = model.subgraphs[0]
-    for _, i in g.conv_nodes(model):
-        w = sg.tensors[list(sg.operators[i].inputs)[1]]
-        if w.type == g.schema.TensorType.INT8:
-            buf = model.buffers[w.buffer]
-            buf.data = [0] * len(buf.data)
-
-
 def int8_normalised_digest(data: bytes) -> str:
     """sha256 of an int8 .tflite file with what calibration decides removed: every activation's quantization
     parameters (compared apart, :func:`int8_activation_quantization`) and the int32 constants (the biases,
-    stored in units of their input's scale times the weights', values and scales) and the convolutions' int8 levels
-    (:func:`_zero_int8_filters`). Everything else -- graph, weight scales, float constants -- stays byte for byte."""
+    stored in units of their input's scale times the weights', values and scales). Everything else -- graph, weights and their per-channel scales --
+    stays byte for byte."""
     from export import tflite_graph as g
 
     model = g.read(data)
@@ -197,16 +177,14 @@ def int8_normalised_digest(data: bytes) -> str:
             buf = model.buffers[t.buffer]
             buf.data = [0] * len(buf.data)
             t.quantization = None
-    _zero_int8_filters(model)
     return hashlib.sha256(g.write(model)).hexdigest()
 
 
 def int8_dynamic_normalised_digest(data: bytes) -> str:
     """sha256 of an int8-dynamic .tflite file with what bias correction decides removed: the float32 biases of its
     int8 convolutions (the converter's biases minus a shift from PyTorch's input means over the calibration
-    samples, whose last bits depend on the CPU's kernels; tests/test_export_bias_correction.py checks their values)
-    and the int8 levels (:func:`_zero_int8_filters`). Everything else -- graph, weight scales, float convolutions --
-    stays byte for byte."""
+    samples, whose last bits depend on the CPU's kernels; tests/test_export_bias_correction.py checks their values).
+    Everything else -- graph, int8 weights and their scales, float convolutions -- stays byte for byte."""
     from export import tflite_graph as g
 
     model = g.read(data)
@@ -216,7 +194,6 @@ def int8_dynamic_normalised_digest(data: bytes) -> str:
         if sg.tensors[ids[1]].type == g.schema.TensorType.INT8 and len(ids) > 2 and ids[2] >= 0:
             buf = model.buffers[sg.tensors[ids[2]].buffer]
             buf.data = [0] * len(buf.data)
-    _zero_int8_filters(model)
     return hashlib.sha256(g.write(model)).hexdigest()
 
 
@@ -258,7 +235,7 @@ def normalised_manifest(out: Path) -> dict:
         m["export"][photos].pop("folder")
     for a in m["artifacts"]:
         a.pop("cache_key")
-        for key in ("convert_seconds", "range_method", "quantization"):
+        for key in ("convert_seconds", "range_method", "weight_rounding", "quantization"):
             a["build"].pop(key, None)
         a["op_inventory"].get("postpass", {}).pop("calibration", None)
         if a["file"].endswith(".mlpackage"):

@@ -69,7 +69,7 @@ def test_hessians_are_taken_around_the_hole_and_anywhere():
     gen = lively_generator("tf", 4, seed=0)
     samples = load_samples(CALIBRATION_DIR, SHAPE, 1, seed=1, limit=2)
     convs = {n: m for n, m in gen.named_modules() if isinstance(m, torch.nn.Conv2d)}
-    hessians = input_hessians(gen, samples)
+    hessians = dict(input_hessians(gen, samples))
     assert sorted(hessians) == sorted(convs)
     for name, h in hessians.items():
         d = convs[name].in_channels * convs[name].kernel_size[0] * convs[name].kernel_size[1]
@@ -81,7 +81,7 @@ def test_hessians_are_taken_around_the_hole_and_anywhere():
     assert np.diag(hessians[first])[patch].max() > 0
     no_hole = load_samples(CALIBRATION_DIR, SHAPE, 1, seed=1, limit=1)
     no_hole.masks[:] = 0
-    assert np.diag(input_hessians(gen, no_hole)[first])[patch].max() == 0
+    assert np.diag(dict(input_hessians(gen, no_hole))[first])[patch].max() == 0
 
 
 def test_set_conv_levels_writes_on_the_files_grid_and_leaves_another_grid(tiny_mixed_export):
@@ -118,10 +118,24 @@ def test_set_conv_levels_writes_on_the_files_grid_and_leaves_another_grid(tiny_m
         g.set_conv_levels(g.read(raw), {int8[1][0]: (np.zeros((1, 1, 1, 1), np.int8), wanted[int8[1][0]][1])})
 
 
-def test_exported_int8_files_hold_the_compensated_levels(tiny_mixed_export):
-    """The shared tiny export's int8 and int8-dynamic files, both signatures: every int8 filter holds the levels
+@pytest.fixture(scope="module")
+def gptq_export(tmp_path_factory):
+    """A tiny export with ``--weight-rounding gptq``: TFLite int8 and int8-dynamic, both signatures, no fallback,
+    the work folder kept (the converter's own files)."""
+    from export.api import export_artifacts
+
+    out = tmp_path_factory.mktemp("gptq_export")
+    export_artifacts(lively_generator("tf", 4, seed=0), out, shapes=[SHAPE], formats=["tflite"],
+                     precisions=["int8-dynamic", "int8"], ios=["tensor", "image"], threads=2, progress=False,
+                     calibration_masks_per_photo=1, quant_fallback=False, weight_rounding="gptq", keep_work=True,
+                     tolerances={"int8-dynamic": {"min_hole_psnr_db": 0.0}, "int8": {"min_hole_psnr_db": 0.0}})
+    return out
+
+
+def test_exported_int8_files_hold_the_compensated_levels(gptq_export):
+    """With gptq, the int8 and int8-dynamic files of both signatures: every int8 filter holds the levels
     export.weight_rounding computes again from the generator and the export's calibration samples, on the
-    converter's scales (some differ from the converter's nearest rounding); the manifest records the method."""
+    converter's scales (most differ from the converter's nearest rounding); the manifest records the method."""
     from export import tflite_graph as g
     from export.samples import CALIBRATION_DIR, load_samples
     from export.tflite import conv_nodes_of
@@ -130,16 +144,16 @@ def test_exported_int8_files_hold_the_compensated_levels(tiny_mixed_export):
     gen = lively_generator("tf", 4, seed=0)
     calib = load_samples(CALIBRATION_DIR, SHAPE, 1, seed=1)
     levels = compensated_levels(gen, calib)
-    manifest = json.loads((tiny_mixed_export / "manifest.json").read_text())
+    manifest = json.loads((gptq_export / "manifest.json").read_text())
     for precision in ("int8", "int8-dynamic"):
-        converter = g.read((tiny_mixed_export / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
+        converter = g.read((gptq_export / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
                             / f"converter_{precision}.tflite").read_bytes())
         for io in ("tensor", "image"):
             entry = next(a for a in manifest["artifacts"] if a["precision"] == precision and a["io"] == io)
             assert entry["build"]["weight_rounding"] == "gptq"
             record = entry["build"]["quantization"]["weight_rounding"]
             assert record["method"] == "gptq" and record["kept"] == [] and record["samples"] == len(calib.images)
-            data = (tiny_mixed_export / entry["file"]).read_bytes()
+            data = (gptq_export / entry["file"]).read_bytes()
             model = g.read(data)
             sg = model.subgraphs[0]
             nodes, ops = conv_nodes_of(gen, data), dict(g.conv_nodes(model))
@@ -151,30 +165,47 @@ def test_exported_int8_files_hold_the_compensated_levels(tiny_mixed_export):
                 got = np.frombuffer(bytes(model.buffers[t.buffer].data), np.int8).reshape(list(t.shape))
                 np.testing.assert_array_equal(got, levels[module][0].transpose(0, 2, 3, 1))
                 np.testing.assert_allclose(np.asarray(t.quantization.scale, np.float32), levels[module][1], rtol=1e-6)
-                ours = g.conv_weights(model, ops[node])
-                theirs = g.conv_weights(converter, dict(g.conv_nodes(converter))[node]) if io == "tensor" else ours
-                changed += int(not np.array_equal(ours, theirs))
+                if io == "tensor":  # the converter's own file is the tensor signature's
+                    theirs = g.conv_weights(converter, dict(g.conv_nodes(converter))[node])
+                    changed += int(not np.array_equal(g.conv_weights(model, ops[node]), theirs))
                 written += 1
             assert written == record["layers"] >= 10
             if io == "tensor":
-                assert changed >= written // 2
+                assert changed >= written // 2, (precision, changed, written)
+
+
+def test_nearest_rounding_leaves_the_converters_filters(tiny_mixed_export):
+    """The default (nearest): the shared tiny export's int8 and int8-dynamic files keep the converter's int8
+    filters, and their manifest entries say so."""
+    from export import tflite_graph as g
+
+    manifest = json.loads((tiny_mixed_export / "manifest.json").read_text())
+    for precision in ("int8", "int8-dynamic"):
+        entry = next(a for a in manifest["artifacts"] if a["precision"] == precision and a["io"] == "tensor")
+        assert entry["build"]["weight_rounding"] == "nearest"
+        assert "weight_rounding" not in entry["build"]["quantization"]
+        converter = g.read((tiny_mixed_export / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
+                            / f"converter_{precision}.tflite").read_bytes())
+        model = g.read((tiny_mixed_export / entry["file"]).read_bytes())
+        filters = sorted(g.conv_weights(converter, i).tobytes() for _, i in g.conv_nodes(converter))
+        assert sorted(g.conv_weights(model, i).tobytes() for _, i in g.conv_nodes(model)) == filters
 
 
 def test_weight_rounding_option(tmp_path):
-    """--weight-rounding: gptq by default, nearest on request, anything else one clear error; the choice is part
-    of a rounded file's recorded options (its cache key and manifest entry) and of no other file's."""
+    """--weight-rounding: nearest by default, gptq on request, anything else one clear error; the choice is part
+    of an int8 file's recorded options (its cache key and manifest entry) and of no other file's."""
     from export.cli import options_from_args
     from export.options import ExportOptions
     from gmcnn_mobile.cli import build_parser
     from runtime_py.errors import UserError
 
     parse = lambda *extra: build_parser().parse_args(["export", "--out", str(tmp_path / "x"), *extra])  # noqa: E731
-    assert options_from_args(parse(), None, None).weight_rounding == "gptq"
-    nearest = options_from_args(parse("--weight-rounding", "nearest"), None, None)
-    assert nearest.weight_rounding == "nearest"
+    assert options_from_args(parse(), None, None).weight_rounding == "nearest"
+    gptq = options_from_args(parse("--weight-rounding", "gptq"), None, None)
+    assert gptq.weight_rounding == "gptq"
     with pytest.raises(SystemExit):
         parse("--weight-rounding", "stochastic")
     with pytest.raises(UserError, match="unknown weight rounding 'stochastic'"):
         ExportOptions(weight_rounding="stochastic")
-    assert nearest.recorded(calibrated=True, weights_rounded=True)["weight_rounding"] == "nearest"
-    assert "weight_rounding" not in nearest.recorded(calibrated=False)
+    assert gptq.recorded(calibrated=True, weights_rounded=True)["weight_rounding"] == "gptq"
+    assert "weight_rounding" not in gptq.recorded(calibrated=False)
