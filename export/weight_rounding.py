@@ -5,9 +5,11 @@ Rounding each weight to the nearest int8 level makes each weight's error as smal
 output error. Rounding the weights of one output channel one input position after another, and moving each
 rounding error onto the positions not rounded yet in proportion to how the inputs at those positions correlate
 (the inverse of ``H = E[x x^T]`` over the layer's input patches), leaves a much smaller output error for the same
-int8 grid. Measured on the shipped model at 512x680 (docs/TOLERANCES.md, "Error-compensating weight rounding"):
-every convolution's weights int8, activations float, hole PSNR on the held-out samples 38.85 dB with nearest
-rounding, 53.5 dB with this.
+int8 grid. Simulated on the shipped model at 512x680 (docs/EXPORT.md, "Error-compensating weight rounding"): every
+convolution's weights int8, activations float, biases corrected as int8-dynamic files are, hole PSNR on the held-out
+samples 38.85 dB with nearest rounding, 53.00 dB with this. The TFLite files gained less (0.6 dB for int8-dynamic,
+whose error is then its inputs' rounding at run time; int8 lost 0.3-0.6 dB), so it is an export option
+(``--weight-rounding gptq``), not the default (docs/TOLERANCES.md).
 
 The grid is the one the converters use, so a file can hold the result as it is: symmetric per output channel,
 ``scale = max |w| / 127``, levels -127..127, and each channel keeps a weight at +-127 so that its scale (what the
