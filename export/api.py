@@ -457,11 +457,27 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                 hold[p.shape] = load_samples(holdout_dir, p.shape, HOLDOUT_MASKS_PER_PHOTO, seed=2)
     sensitivity = SensitivityCache(gen, hold, show, bias_means=lambda shape: input_means(
         gen, calib[shape], means_cache(work_root, shape)))
+    channel_ranges: Dict[Tuple[int, int], dict] = {}
+
+    def group_plan(shape, ranked: Sequence[str]) -> Dict[str, List[List[int]]]:
+        """The input channel groups (export.input_groups) of the first ``options.input_group_layers`` of ``ranked``
+        at ``shape``, on the calibration samples' per-channel ranges (measured once per shape)."""
+        from .input_groups import channel_ranges as measure_ranges
+        from .input_groups import plan_groups
+
+        if shape not in channel_ranges:
+            show(f"fallback {shape[0]}x{shape[1]}: input channel ranges on {len(calib[shape])} calibration samples")
+            with log.stage(f"input channel ranges {shape[0]}x{shape[1]}", give_back=True):
+                channel_ranges[shape] = measure_ranges(gen, calib[shape].images, calib[shape].masks)
+        return plan_groups(gen, channel_ranges[shape], options.input_groups, layers=options.input_group_layers,
+                           order=ranked)
 
     def job_for(p: _Planned, mod, extra: Optional[dict] = None, suffix: str = "") -> backends.ConvertJob:
         tmp = out / f"{PARTIAL_PREFIX}{os.getpid()}-{suffix}{p.file}"
         temps.append(tmp)
         workdir = work_root / f"{p.fmt}_{p.shape[0]}x{p.shape[1]}_{p.io}"
+        if (extra or {}).get("input_groups"):  # another graph: its own ONNX and saved_model
+            workdir = workdir.with_name(workdir.name + "_groups")
         meta = {
             "generator": "GMCNN", "variant": gen.meta.variant, "cnum": gen.meta.cnum, "shape": list(p.shape),
             "io": p.io, "precision": p.precision, "layout": "NHWC",
@@ -704,8 +720,10 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                                    fallback.failing_samples(result, p.tolerance.get("min_hole_psnr_db", 0.0)))
         for p, res, result in pending:
             try:
+                groups = (group_plan if p.fmt == "tflite" and p.precision == "int8-dynamic" and options.input_groups > 1
+                          and gen.meta.variant == "tf" else None)
                 _fallback(p, mod, res, result, sensitivity, job_for, gate, accept, failures, options, show, measure,
-                          log, seeds)
+                          log, seeds, group_plan=groups)
             finally:
                 _remove(res.path)
                 show.step()
@@ -746,12 +764,15 @@ def _sensitivity_rounding(p, mod, options) -> tuple:
 
 
 def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, failures, options, show,
-              measure=None, log=None, seeds: Optional[Dict[tuple, object]] = None) -> None:
+              measure=None, log=None, seeds: Optional[Dict[tuple, object]] = None,
+              group_plan: Optional[Callable] = None) -> None:
     """Keep the fewest most sensitive layers of a failing quantized file in float (export.fallback).
 
     ``seeds``: (format, shape, precision) -> :class:`export.fallback.Seed`, shared by the run's files: the first
     file of a kind to pass through the fallback leaves its layers there, and the next (the other I/O signature
-    of the same network) gates them first, before any sensitivity or search of its own."""
+    of the same network) gates them first, before any sensitivity or search of its own.
+    ``group_plan(shape, ranked layer names)``: the input channel groups (export.input_groups) of a file whose
+    first candidate keeps every convolution quantized, the most sensitive ones' inputs split into groups."""
     import contextlib
 
     from models.gmcnn import conv_branches, conv_layers
@@ -801,9 +822,10 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     def check(c, first: Sequence[int] = (), pairs: bool = False):
         if c.result is None:  # else gated in an earlier phase
             c.result = gate(p, mod, c.path, first=first or samples, pairs=pairs)
-            what = (f"{c.k} branch(es) ({len(c.layers)} layers)" if c.phase == fallback.BRANCH_PHASE
-                    else f"{c.k} layer(s)")
-            show(f"{p.file}: {what} float{' with their inputs' if c.inputs_float else ''}: hole PSNR "
+            what = (f"{c.k} branch(es) ({len(c.layers)} layers) float" if c.phase == fallback.BRANCH_PHASE
+                    else f"every convolution int8, {c.k} split into input channel groups"
+                    if c.phase == fallback.GROUPS_PHASE else f"{c.k} layer(s) float")
+            show(f"{p.file}: {what}{' with their inputs' if c.inputs_float else ''}: hole PSNR "
                  f"{c.result.hole_psnr_db:.2f} dB on {c.result.samples} sample(s) "
                  f"({'passes' if c.result.passed else 'fails'})")
         return c.result.passed
@@ -929,6 +951,29 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
              + f" ({tried} candidate(s))")
         return smallest
 
+    def grouped():
+        """Every convolution quantized, the inputs of the most sensitive ones split into channel groups with a
+        run-time grid each (phase :data:`export.fallback.GROUPS_PHASE`): the candidate, if it passes."""
+        plan = group_plan(p.shape, [n for n, _ in ranking])
+        if not plan:
+            return None
+        job = job_for(p, mod, {"input_groups": plan}, suffix=f"p{fallback.GROUPS_PHASE}k{len(plan)}-")
+        show(f"{p.file}: converting a candidate with every convolution int8, the inputs of the {len(plan)} most "
+             f"sensitive split into up to {options.input_groups} channel groups")
+        res = backends.convert_all(mod, [job], progress=show, stages=log)[job.key]
+        candidate = fallback.Candidate(len(plan), res.path, dict(res.details), conversion=res,
+                                       phase=fallback.GROUPS_PHASE)
+        built[("input groups",)] = candidate
+        group_record.update({"groups": options.input_groups, "layers": options.input_group_layers,
+                             "channels": {name: [len(g) for g in groups] for name, groups in plan.items()}})
+        if res.path is None:
+            group_record["error"] = res.error
+            show(f"{p.file}: the input-grouped candidate could not be made ({res.error})")
+            return None
+        check(candidate)
+        gated.append(candidate)
+        return candidate if candidate.result.passed else None
+
     def seeded():
         """The seed's layers (another I/O signature's passing set) as the one candidate of phase 0."""
         phase = fallback.seed_phase(seed)
@@ -941,6 +986,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
 
     winner, gated = None, []
     first_record: Dict[str, object] = {}
+    group_record: Dict[str, object] = {}
     prune_record: Dict[str, object] = {}
     # (layers kept float, with their inputs) -> the simulated hole PSNR of that candidate, where simulated
     predictions: Dict[tuple, float] = {}
@@ -949,6 +995,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     macs = {layer["name"]: layer["macs"] for layer in conv_layers(sensitivity.generator, *p.shape)}
     try:
         winner = seeded() if seed is not None else None
+        todo, rest, last = [], None, []
         if winner is None:
             with stage("sensitivity"):
                 ranking = sensitivity.ranking(p.shape, rounding, samples)
@@ -958,10 +1005,14 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             phases = fallback.phases(ranking, macs, limit, with_inputs)
             todo, last = first_or_last([ph for ph in phases if ph.number == 1])
             rest = [ph for ph in phases if ph.number != 1]
-        else:
-            todo, rest = [], None
         while todo or rest is not None:
             if not todo:
+                # nothing within the MAC budget passed: every convolution int8, inputs in channel groups, before
+                # any phase that keeps more float
+                if group_plan is not None and not group_record:
+                    winner = grouped()
+                    if winner is not None:
+                        break
                 todo, rest = then(rest) + last, None
                 branch_record["order"] = [ph.number for ph in todo]
                 continue
@@ -991,7 +1042,8 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         # a file on LiteRT's reference kernels (int16x8) is not pruned: its gate takes minutes a sample
         reference = p.fmt == "tflite" and tflite.reference_kernel_convs(pure.path) > 0
         found = winner
-        if options.fallback_prune_gates and winner.phase != fallback.SEED_PHASE and not reference:
+        if options.fallback_prune_gates and winner.phase not in (fallback.SEED_PHASE, fallback.GROUPS_PHASE) \
+                and not reference:
             with stage("pruning"):
                 winner = pruned(winner)
         t0 = time.time()
@@ -1003,7 +1055,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         if found.phase == fallback.BRANCH_PHASE:
             kept_layers = set(winner.layers)
             branch_record["kept_float"] = [b for b, _, layers in branch_phase.branches if set(layers) <= kept_layers]
-        if seed is None and seeds is not None:
+        if seed is None and seeds is not None and winner.phase != fallback.GROUPS_PHASE:
             seeds[seed_key] = fallback.Seed(p.file, list(winner.layers), winner.inputs_float, tuple(ranking),
                                             branch_record.get("kept_float"))
         elif winner.phase == fallback.SEED_PHASE and seed.branches_kept_float:
@@ -1017,12 +1069,14 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             **({"seeded_from": seed.file} if seed is not None else {}),
             "search": [{"phase": c.phase, "layers": len(c.layers), "inputs_float": c.inputs_float,
                         **({"branches": c.k} if c.phase == fallback.BRANCH_PHASE else {}),
+                        **({"grouped_layers": c.k} if c.phase == fallback.GROUPS_PHASE else {}),
                         "hole_psnr_db": c.result.hole_psnr_db, "samples": c.result.samples,
                         "passed": c.result.passed,
                         **({"predicted_hole_psnr_db": round(predictions[(tuple(c.layers), c.inputs_float)], 2)}
                            if (tuple(c.layers), c.inputs_float) in predictions else {})}
                        for c in gated if c.result is not None],
             **first_record,
+            **({"input_groups": group_record} if group_record else {}),
             **({"branches": branch_record} if branch_record else {}),
             **({"pruning": prune_record} if prune_record else {}),
             "price": price, **(winner.details.get("fallback") or {})}}

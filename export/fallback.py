@@ -150,6 +150,9 @@ class Phase:
 BRANCH_PHASE = 3
 SEED_PHASE = 0
 PRUNE_PHASE = 4
+# Every convolution int8, the most sensitive ones' inputs split into channel groups (export.input_groups): the
+# first candidate of a TFLite int8-dynamic file, after the ranking
+GROUPS_PHASE = 5
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,10 @@ RANGE_METHODS = (METHODS[0], "auto") + METHODS[1:]  # the default first
 # its files gained 0.6 dB (int8-dynamic) or lost 0.3-0.6 dB (int8) and their fallback kept no fewer layers float
 # (docs/TOLERANCES.md, "Error-compensating weight rounding")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
+# The fallback's first try for a TFLite int8-dynamic file (export.input_groups), measured on default model v2 at
+# 512x680 (docs/TOLERANCES.md, "Input channel groups").
+INPUT_GROUPS = 2
+INPUT_GROUP_LAYERS = 44
 CALIBRATION_MASKS_PER_PHOTO = 3
 # Issue 17: a full default export on a laptop-sized CI runner (8 GiB) leaves room for the rest of the machine.
 DEFAULT_MEMORY_BUDGET_GIB = 6.0
@@ -109,6 +113,14 @@ class ExportOptions:
         FALLBACK_PRUNE_GATES, "once a fallback candidate passes: how many smaller candidates (its float layers "
                               "quantized again, most MACs first, while the file still passes) the fallback may "
                               "convert and gate; 0: keep the candidate the search found")
+    input_groups: int = _opt(
+        INPUT_GROUPS, "when a TFLite int8-dynamic file (tf variant) misses its parity gate, the fallback first splits "
+                      "the inputs of its --input-group-layers convolutions with the widest-spread input channels into "
+                      "up to this many channel groups, each rounded to its own run-time int8 grid (every convolution "
+                      "stays int8); 1: never")
+    input_group_layers: int = _opt(
+        INPUT_GROUP_LAYERS, "how many convolutions --input-groups splits, most sensitive first (the fallback's "
+                            "ranking; 44: every one GMCNN has)")
     tolerances: Optional[Mapping[ToleranceKey, Dict[str, float]]] = _opt(
         None, "overrides of the parity gate's rows (runtime_py.tolerances.PARITY), keyed by precision or "
               "(precision, io) (tests use it to force a failure; the command line's --min-hole-psnr)")
@@ -162,6 +174,10 @@ class ExportOptions:
             raise UserError(f"the fallback's branch limit must be at least 1 layer, got {self.fallback_branch_limit!r}")
         if self.fallback_prune_gates < 0:
             raise UserError(f"the fallback's pruning candidates must be 0 or more, got {self.fallback_prune_gates!r}")
+        if self.input_groups < 1:
+            raise UserError(f"input groups must be 1 (none) or more, got {self.input_groups!r}")
+        if self.input_group_layers < 1:
+            raise UserError(f"input group layers must be at least 1, got {self.input_group_layers!r}")
         if not self.memory_budget_gib > 0:
             raise UserError(f"the memory budget must be a positive number of GiB, got {self.memory_budget_gib!r}")
         if self.calibration_masks_per_photo < 1:
@@ -206,7 +222,8 @@ class ExportOptions:
         on or off, so neither its cache key nor its entry records it."""
         return {"quant_fallback": self.quant_fallback, "fallback_limit": self.fallback_limit,
                 "fallback_branch_limit": self.fallback_branch_limit,
-                "fallback_prune_gates": self.fallback_prune_gates}
+                "fallback_prune_gates": self.fallback_prune_gates,
+                "input_groups": self.input_groups, "input_group_layers": self.input_group_layers}
 
     def reuses(self, build: Mapping[str, object]) -> bool:
         """Whether an up-to-date file whose manifest entry has ``build`` is what these options make:

@@ -111,6 +111,9 @@ def postprocess(raw: bytes, precision: str, io: str, options: Optional[ExportOpt
     options = options or ExportOptions()
     model = g.read(raw)
     report: Dict[str, object] = {"output_transposes_removed": g.nhwc_outputs(model)}
+    layout = g.channels_last(model)
+    if layout:  # only input-grouped graphs have channels-first detours (export.input_groups)
+        report["layout_transposes_removed"] = layout
     report["io_tensors_named"] = g.set_io_names(model)
     if io == "image" and precision != "int8":
         report["uint8_io_casts"] = g.uint8_io(model)
@@ -146,7 +149,12 @@ def _export_sources(job: ConvertJob) -> Tuple[Path, Dict[str, str]]:
     onnx_path = work / "model.onnx"
     cind = {"image": str(work / "cind_image.npy"), "mask": str(work / "cind_mask.npy")}
     if not onnx_path.exists():
-        export_onnx(wrap(job.generator, job.io), job.io, job.shape, onnx_path)
+        generator = job.generator
+        if job.extra.get("input_groups"):
+            from .input_groups import grouped_generator
+
+            generator = grouped_generator(generator, job.extra["input_groups"])
+        export_onnx(wrap(generator, job.io), job.io, job.shape, onnx_path)
         image, mask = network_feed(job.calibration, job.io)
         np.save(cind["image"], image[:1])
         np.save(cind["mask"], mask[:1])
@@ -288,6 +296,12 @@ def start_many(jobs: Sequence[ConvertJob], progress=None, stages=None) -> Conver
         for job in jobs:
             res = out.get(job.key)
             if res is None or res.path is None:
+                continue
+            if job.extra.get("input_groups"):
+                # its filters are the groups' slices, which neither rewrite matches to the generator's convolutions
+                res.details["input_groups"] = {"layers": len(job.extra["input_groups"]),
+                                               "convolutions": sum(map(len, job.extra["input_groups"].values())),
+                                               "bias_correction": False, "weight_rounding": "nearest"}
                 continue
             if job.precision in WEIGHTS_ROUNDED and job.options.weight_rounding == "gptq":
                 try:

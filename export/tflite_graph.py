@@ -331,6 +331,174 @@ def nhwc_outputs(model) -> int:
     return changed
 
 
+TO_NCHW = (0, 3, 1, 2)
+TO_NHWC = (0, 2, 3, 1)
+# Ops a channels-first region may hold (besides the transposes around it): what each does to a layout.
+LAYOUT_FREE_UNARY = ("ELU", "RELU", "RELU6", "TANH", "LOGISTIC") + ELEMENTWISE_UNARY
+LAYOUT_FREE_BINARY = ("ADD", "SUB", "MUL")
+LAYOUT_AWARE = ("STRIDED_SLICE", "SLICE", "PAD", "CONCATENATION")
+
+
+def _const_values(model, tensor: int) -> Optional[np.ndarray]:
+    sg = model.subgraphs[0]
+    t = sg.tensors[tensor]
+    if not _is_constant(model, t) or t.type not in (T.INT32, T.INT64):
+        return None
+    return np.frombuffer(bytes(model.buffers[t.buffer].data), dtype=np.int32 if t.type == T.INT32 else np.int64)
+
+
+def _transpose_perm(model, idx: "_Index", op_index: int) -> Optional[Tuple[int, ...]]:
+    if idx.name(op_index) != "TRANSPOSE":
+        return None
+    perm = _const_values(model, _ids(idx.sg.operators[op_index].inputs)[1])
+    return None if perm is None else tuple(int(v) for v in perm)
+
+
+def _one_channel_to_nhwc(idx: "_Index", op_index: int) -> bool:
+    """A RESHAPE of (N, 1, H, W) to (N, H, W, 1): a transpose to NHWC of a one-channel tensor (onnx2tf writes it so)."""
+    if idx.name(op_index) != "RESHAPE":
+        return False
+    op = idx.sg.operators[op_index]
+    shape_in = _ids(idx.sg.tensors[_ids(op.inputs)[0]].shape)
+    shape_out = _ids(idx.sg.tensors[_ids(op.outputs)[0]].shape)
+    return len(shape_in) == 4 and shape_in[1] == 1 and shape_out == [shape_in[0], shape_in[2], shape_in[3], 1]
+
+
+def _layout_inputs(model, op, name: str) -> Optional[List[int]]:
+    """The inputs of a region op that carry its layout (the data, not the parameters); None for a binary op with a
+    constant that is not a scalar (broadcasting it would depend on the layout)."""
+    if name in LAYOUT_FREE_UNARY + ("STRIDED_SLICE", "SLICE", "PAD"):
+        return [_ids(op.inputs)[0]]
+    inputs = [i for i in _ids(op.inputs) if i >= 0]
+    tensors = model.subgraphs[0].tensors
+    constants = [i for i in inputs if _is_constant(model, tensors[i])]
+    if name in LAYOUT_FREE_BINARY and any(int(np.prod(_ids(tensors[i].shape))) != 1 for i in constants):
+        return None
+    return [i for i in inputs if i not in constants]
+
+
+def _channels_first_region(model, idx: "_Index", entry: int):
+    """The channels-first region that TRANSPOSE ``entry`` (to NCHW) opens: (entries, region ops, exits, tensors),
+    every tensor in it 4-D and read only by region ops or by TRANSPOSEs back to NHWC (exits); None where
+    something reads a region tensor in its NCHW layout (another op, a graph output) or a region op reads a
+    tensor from outside."""
+    sg = idx.sg
+    entries, ops, exits, tensors = {entry}, set(), set(), set()
+    work = [_ids(sg.operators[entry].outputs)[0]]
+    while work:
+        t = work.pop()
+        if t in tensors:
+            continue
+        if t in idx.graph_outputs or len(_ids(sg.tensors[t].shape)) != 4:
+            return None
+        tensors.add(t)
+        for c in idx.consumers.get(t, []):
+            if c in ops or c in exits:
+                continue
+            name = idx.name(c)
+            if _transpose_perm(model, idx, c) == TO_NHWC or _one_channel_to_nhwc(idx, c):
+                if _ids(sg.operators[c].outputs)[0] in idx.graph_outputs:
+                    return None
+                exits.add(c)
+                continue
+            if name not in LAYOUT_FREE_UNARY + LAYOUT_FREE_BINARY + LAYOUT_AWARE:
+                return None
+            op = sg.operators[c]
+            if name == "STRIDED_SLICE":
+                o = op.builtinOptions
+                if o is not None and (o.ellipsisMask or o.newAxisMask or o.shrinkAxisMask or getattr(o, "offset", False)):
+                    return None
+            activations = _layout_inputs(model, op, name)
+            if activations is None:
+                return None
+            if name in ("STRIDED_SLICE", "SLICE", "PAD") and any(
+                    _const_values(model, i) is None for i in _ids(op.inputs)[1:] if i >= 0):
+                return None
+            for i in activations:
+                if i in tensors or i in work:
+                    continue
+                p = idx.producer.get(i)
+                if p is not None and _transpose_perm(model, idx, p) == TO_NCHW:
+                    entries.add(p)
+                    work.append(i)
+                elif p is not None and p in ops:
+                    work.append(i)
+                else:
+                    return None  # a region op reading a tensor from outside in NCHW layout: leave it
+            if name in LAYOUT_FREE_BINARY and len({tuple(_ids(sg.tensors[i].shape)) for i in activations}) != 1:
+                return None  # broadcasting: its layout depends on both shapes
+            ops.add(c)
+            work.extend(_ids(op.outputs))
+    # every region op's producer must be inside too (an op added before its other inputs were seen)
+    for c in ops:
+        op = sg.operators[c]
+        name = idx.name(c)
+        if any(i not in tensors for i in _layout_inputs(model, op, name)):
+            return None
+    return entries, ops, exits, tensors
+
+
+def channels_last(model) -> int:
+    """Remove channels-first detours: a TRANSPOSE to NCHW, ops that do not care about the layout or whose
+    parameters can be permuted (elementwise ops, STRIDED_SLICE, SLICE, PAD, CONCATENATION), then TRANSPOSEs
+    back to NHWC. onnx2tf leaves such regions where it cannot infer a layout (after the sums of an input-grouped
+    convolution, :mod:`export.input_groups`: 190 transposes at 512x680, 1.5x the latency). The region's ops run
+    on the NHWC tensors instead, with their slice bounds, paddings and concatenation axes permuted; exact (only
+    data movement changes). Returns the number of TRANSPOSE ops removed."""
+    removed = 0
+    while True:
+        idx = _Index(model)
+        sg = idx.sg
+        region = None
+        for i in range(len(sg.operators)):
+            if _transpose_perm(model, idx, i) == TO_NCHW and len(_ids(sg.tensors[_ids(sg.operators[i].inputs)[0]].shape)) == 4:
+                region = _channels_first_region(model, idx, i)
+                if region is not None:
+                    break
+        if region is None:
+            return removed
+        entries, ops, exits, tensors = region
+        rename: Dict[int, int] = {}
+        for e in entries:
+            rename[_ids(sg.operators[e].outputs)[0]] = _ids(sg.operators[e].inputs)[0]
+        for t in tensors - set(rename):
+            n, c, h, w = _ids(sg.tensors[t].shape)
+            sg.tensors[t].shape = [n, h, w, c]
+            if sg.tensors[t].shapeSignature is not None and len(sg.tensors[t].shapeSignature) == 4:
+                a, b, d, e_ = _ids(sg.tensors[t].shapeSignature)
+                sg.tensors[t].shapeSignature = [a, d, e_, b]
+        for x in exits:
+            rename[_ids(sg.operators[x].outputs)[0]] = rename.get(_ids(sg.operators[x].inputs)[0],
+                                                                   _ids(sg.operators[x].inputs)[0])
+        for c in sorted(ops):
+            op = sg.operators[c]
+            name = idx.name(c)
+            inputs = _ids(op.inputs)
+            if name in ("STRIDED_SLICE", "SLICE"):
+                for k in range(1, len(inputs)):
+                    v = _const_values(model, inputs[k])
+                    inputs[k] = _const_tensor(model, v[list(TO_NHWC)].astype(np.int32),
+                                              f"{tensor_name(sg.tensors[inputs[k]]) or 'slice'}/nhwc")
+                o = op.builtinOptions
+                if name == "STRIDED_SLICE" and o is not None:
+                    o.beginMask = sum(1 << j for j, a in enumerate(TO_NHWC) if o.beginMask >> a & 1)
+                    o.endMask = sum(1 << j for j, a in enumerate(TO_NHWC) if o.endMask >> a & 1)
+            elif name == "PAD":
+                pads = _const_values(model, inputs[1]).reshape(4, 2)
+                inputs[1] = _const_tensor(model, pads[list(TO_NHWC)].astype(np.int32),
+                                          f"{tensor_name(sg.tensors[inputs[1]]) or 'pad'}/nhwc")
+            elif name == "CONCATENATION":
+                op.builtinOptions.axis = TO_NCHW[op.builtinOptions.axis % 4]
+            op.inputs = [rename.get(i, i) for i in inputs]
+        outside = set(range(len(sg.operators))) - ops - entries - exits
+        for c in outside:
+            op = sg.operators[c]
+            op.inputs = [rename.get(i, i) if i >= 0 else i for i in _ids(op.inputs)]
+        removed += len(entries) + len(exits)
+        model.__dict__.pop("_gmcnn_consts", None)
+        _remove_ops(model, entries | exits)
+
+
 def integerize(model, through: Sequence[str] = ()) -> int:
     """Move float regions that end in a QUANTIZE into int8; returns how many regions moved.
 

@@ -1,0 +1,149 @@
+"""Input channel groups for int8-dynamic convolutions (issue 13): each convolution split by input channels, grouped
+by their calibrated ranges, so that every group gets its own run-time int8 grid (export.input_groups)."""
+import numpy as np
+import pytest
+
+from helpers import lively_generator
+
+
+def test_choose_groups_isolates_the_wide_channels_and_partitions_all():
+    """Two channels 100x wider than the other six: with two groups they are a group of their own; every channel is
+    in exactly one group, narrowest group first; more groups than needed are not made."""
+    from export.input_groups import choose_groups
+
+    high = np.array([1.0, 100.0, 0.9, 1.1, 120.0, 1.0, 0.8, 1.2])
+    low = -high
+    groups = choose_groups(low, high, 2)
+    assert [g.tolist() for g in groups] == [[0, 2, 3, 5, 6, 7], [1, 4]]
+    many = choose_groups(low, high, 4)
+    assert sorted(np.concatenate(many).tolist()) == list(range(8))
+    assert 2 <= len(many) <= 4
+    same = choose_groups(np.zeros(5), np.ones(5), 3)  # equal ranges: one grid fits all
+    assert len(same) == 1 and same[0].tolist() == list(range(5))
+
+
+def test_grouped_generator_computes_the_same_function():
+    """The grouped generator (producers' outputs permuted, every planned convolution a sum over contiguous input
+    slices) gives the original's output to float rounding, on a plan with a group per channel-range class."""
+    import torch
+
+    from export.input_groups import channel_ranges, grouped_generator, plan_groups
+
+    gen = lively_generator()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
+    masks = (rng.random((2, 64, 96)) > 0.7).astype(np.uint8) * 255
+    plan = plan_groups(gen, channel_ranges(gen, images, masks), 4, min_elements=0)
+    assert plan and max(len(groups) for groups in plan.values()) > 1
+    grouped = grouped_generator(gen, plan)
+    x = torch.rand(1, 3, 64, 96) * 2 - 1
+    m = (torch.rand(1, 1, 64, 96) > 0.6).float()
+    with torch.no_grad():
+        diff = float((gen(x, m) - grouped(x, m)).abs().max())
+    assert diff < 1e-5
+    parts = [mod for name, mod in grouped.named_modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert len(parts) == sum(len(g) for g in plan.values()) + sum(
+        1 for name, mod in gen.named_modules() if isinstance(mod, torch.nn.Conv2d) and name not in plan)
+
+
+def test_plan_leaves_the_input_layers_the_small_filters_and_the_merge_sources_apart():
+    """No group for a branch's first convolution (it reads the image, mask and ones) or a filter the dynamic-range
+    quantizer leaves float; the merge's first convolution is grouped inside each branch output it concatenates."""
+    from export.input_groups import channel_ranges, plan_groups
+
+    gen = lively_generator()
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
+    masks = (rng.random((2, 64, 96)) > 0.7).astype(np.uint8) * 255
+    ranges = channel_ranges(gen, images, masks)
+    plan = plan_groups(gen, ranges, 3, min_elements=0)
+    assert not {"net.layers.b1conv1", "net.layers.b2conv1", "net.layers.b3conv1"} & set(plan)
+    c = gen.meta.cnum
+    sources = [(0, 4 * c), (4 * c, 6 * c), (6 * c, 6 * c + c // 2)]
+    for group in plan["net.layers.mergeconv17"]:
+        assert any(all(a <= ch < b for ch in group) for a, b in sources)
+    small = plan_groups(gen, ranges, 3)  # the converter's threshold: this tiny model's filters are under it
+    assert all(dict(gen.named_modules())[name].weight.numel() >= 1024 for name in small)
+
+
+def test_groups_need_the_tf_variant():
+    from export.input_groups import plan_groups
+    from models.gmcnn import build_generator
+
+    gen = build_generator("torch", cnum=4, seed=0)
+    with pytest.raises(ValueError, match="tf variant"):
+        plan_groups(gen, {}, 2)
+
+
+def test_channels_last_removes_a_channels_first_detour_exactly(tmp_path):
+    """A TFLite graph with onnx2tf's detour (TRANSPOSE to NCHW, ELU, channel STRIDED_SLICEs, a one-channel slice
+    RESHAPEd, TRANSPOSEs back) loses every transpose and reshape and computes the same values."""
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    from export import tflite_graph as g
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 6, 8, 5], tf.float32)])
+    def detour(x):
+        y = tf.nn.elu(tf.transpose(x, [0, 3, 1, 2]))
+        a = tf.transpose(y[:, 0:3], [0, 2, 3, 1])
+        b = tf.reshape(y[:, 4:5], [1, 6, 8, 1])
+        return tf.concat([a * 2.0, b], axis=3)
+
+    raw = tf.lite.TFLiteConverter.from_concrete_functions([detour.get_concrete_function()], detour).convert()
+    model = g.read(raw)
+    before = g.op_counts(model)
+    assert before.get("TRANSPOSE", 0) >= 2
+    removed = g.channels_last(model)
+    after = g.op_counts(model)
+    assert removed == before.get("TRANSPOSE", 0) + before.get("RESHAPE", 0) - after.get("RESHAPE", 0) > 0
+    assert "TRANSPOSE" not in after
+    x = np.random.default_rng(0).normal(0, 1, (1, 6, 8, 5)).astype(np.float32)
+    outs = []
+    for data in (raw, g.write(model)):
+        it = Interpreter(model_content=bytes(data))
+        it.allocate_tensors()
+        it.set_tensor(it.get_input_details()[0]["index"], x)
+        it.invoke()
+        outs.append(it.get_tensor(it.get_output_details()[0]["index"]))
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_fallback_keeps_every_convolution_int8_with_input_groups(tmp_path, monkeypatch):
+    """The planted outlier (one input channel of b1conv12 near 1000) fails the int8-dynamic gate; with a MAC budget
+    under b1conv12's, no first-phase candidate passes, and the fallback's next candidate keeps every convolution
+    int8 with the sensitive layers' inputs in channel groups: b1conv12's outlier channel gets a grid of its own and
+    the file passes with no layer float. The manifest records the phase, the groups and the price; the file has
+    its slices and no transposes left."""
+    from export import fallback
+    from export.api import export_artifacts
+    from test_export_quant_fallback import PLANTED, SHAPE, planted_generator
+
+    monkeypatch.setattr(fallback, "FLOAT_MAC_BUDGET", 0.04)
+    m = export_artifacts(planted_generator(), tmp_path, shapes=[SHAPE], formats=["tflite"],
+                         precisions=["int8-dynamic"], ios=["tensor"], threads=2, progress=False,
+                         calibration_masks_per_photo=1)
+    a = m.find("tflite", SHAPE, "int8-dynamic", "tensor")
+    q = a.build["quantization"]
+    fb = q["fallback"]
+    assert a.parity.passed and fb["phase"] == fallback.GROUPS_PHASE and fb["layers_kept_float"] == []
+    assert a.build["input_groups"] == 2
+    groups = fb["input_groups"]
+    assert groups["groups"] == 2 and PLANTED in groups["channels"] and 1 in groups["channels"][PLANTED]
+    assert fb["pure_file"]["hole_psnr_db"] < a.parity.tolerance["min_hole_psnr_db"] <= a.parity.hole_psnr_db
+    grouped = [c for c in fb["search"] if c["phase"] == fallback.GROUPS_PHASE]
+    assert len(grouped) == 1 and grouped[0]["passed"] and grouped[0]["grouped_layers"] == len(groups["channels"])
+    assert not any(c["passed"] for c in fb["search"] if c["phase"] != fallback.GROUPS_PHASE)
+    ops = a.op_inventory["ops"]
+    assert ops["STRIDED_SLICE"] > 0 and "TRANSPOSE" not in ops and a.op_inventory["postpass"]["layout_transposes_removed"] > 0
+    # every slice's filter is int8 but those under the dynamic-range converter's 1024 values (this tiny model's
+    # slices often are: cnum 4)
+    from export import tflite_graph as g
+    from export.input_groups import MIN_QUANTIZED_ELEMENTS
+
+    model = g.read((tmp_path / a.file).read_bytes())
+    sg = model.subgraphs[0]
+    filters = [sg.tensors[int(sg.operators[i].inputs[1])] for _, i in g.conv_nodes(model)]
+    assert len(filters) == q["convs"] > 44
+    assert all((w.type == g.T.INT8) == (int(np.prod(w.shape)) >= MIN_QUANTIZED_ELEMENTS) for w in filters)
+    assert fb["price"]["pure"]["bytes"] > 0 and fb["price"]["fallback"]["bytes"] == a.bytes
