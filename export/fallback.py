@@ -39,6 +39,10 @@ When an artifact of a precision its backend lists in ``FALLBACK_PRECISIONS`` fai
    the first phase already gated (the same layers) is not converted or gated again; a candidate's
    gate runs the samples the pure file failed first, worst first, and stops at the first it fails (a file on
    LiteRT's single-threaded reference kernels, int16x8: as many at a time as the gate has threads);
+   Between the first phase and the later ones, a TFLite ``int8-dynamic`` file of the ``tf`` variant (with
+   ``--input-groups`` above 1) tries one more candidate, phase :data:`GROUPS_PHASE`: every convolution int8, the
+   inputs of its ``--input-group-layers`` most sensitive convolutions split into channel groups with a run-time
+   grid each (:mod:`export.input_groups`); a file it passes has no layer float and is not pruned;
 3. prunes the passing candidate (:func:`prune`, phase :data:`PRUNE_PHASE`; not a seed's, nor a file on
    LiteRT's reference kernels, whose gate takes minutes a sample): its float convolutions, most MACs first,
    go back to quantization in groups, halved after a group fails, while the file still passes, at most
