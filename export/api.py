@@ -966,6 +966,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         built[("input groups",)] = candidate
         group_record.update({"groups": options.input_groups, "layers": options.input_group_layers,
                              "channels": {name: [len(g) for g in groups] for name, groups in plan.items()}})
+        group_record.update(res.details.get("input_groups") or {})  # what the backend could not do to its filters
         if res.path is None:
             group_record["error"] = res.error
             show(f"{p.file}: the input-grouped candidate could not be made ({res.error})")

@@ -5,8 +5,8 @@ min..max. Where a few input channels reach far beyond the rest (the shipped mode
 that grid is coarse for every other channel. Splitting the convolution by input channels gives each part its
 own input tensor and so its own run-time grid: ``conv(x, W) = sum_g conv(x[g], W[:, g])``, the same MACs,
 exact in float. Channels are grouped by the range calibration measured on them (:func:`choose_groups`), and
-the producer's output channels are permuted so that every group is one contiguous slice (a SLICE op, which
-XNNPACK runs, rather than a GATHER, which it does not).
+the producer's output channels are permuted so that every group is one contiguous slice (a STRIDED_SLICE,
+which XNNPACK runs, rather than a GATHER, which it does not).
 
 Only the ``tf`` variant's graph is rewritten (:class:`GroupedTFNet`): its convolutions form chains inside
 each branch, joined only by the merge's concatenation, so each producer has exactly one consumer to permute
@@ -126,9 +126,9 @@ def plan_groups(generator, ranges: Dict[str, Tuple[np.ndarray, np.ndarray]], gro
 def grouped_generator(generator, plan: Dict[str, List[List[int]]]):
     """A copy of ``generator`` (``tf`` variant) whose convolutions named in ``plan`` (:func:`plan_groups`) run as
     one convolution per input channel group on contiguous slices of a permuted input, their producers' output
-    channels permuted to match. The same function in float (sums in another order: measured max abs difference
-    under 1e-5 on [-1, 1] outputs). ValueError for another variant or a plan that does not fit."""
-    _layer, grouped_net = _classes()
+    channels permuted to match. The same function in float but for the order of the sums (tests/
+    test_export_input_groups.py bounds the difference). ValueError for another variant or a plan that does not fit."""
+    _, grouped_net = _classes()
     net = grouped_net(_tf_net(generator), {_layer_name(k): v for k, v in plan.items()})
     grouped = copy.deepcopy(generator).eval()
     grouped.net = net.eval()
@@ -241,8 +241,6 @@ def _classes():
             for name, sources in producers.items():
                 offset = 0
                 for producer, channels in sources:
-                    if producer is None:
-                        continue
                     out_order[producer] = [c - offset for c in in_order[name] if offset <= c < offset + channels]
                     offset += channels
                 # a consumer of several producers (the merge) must keep them in concatenation order

@@ -299,9 +299,7 @@ def start_many(jobs: Sequence[ConvertJob], progress=None, stages=None) -> Conver
                 continue
             if job.extra.get("input_groups"):
                 # its filters are the groups' slices, which neither rewrite matches to the generator's convolutions
-                res.details["input_groups"] = {"layers": len(job.extra["input_groups"]),
-                                               "convolutions": sum(map(len, job.extra["input_groups"].values())),
-                                               "bias_correction": False, "weight_rounding": "nearest"}
+                res.details["input_groups"] = {"bias_correction": False, "weight_rounding": "nearest"}
                 continue
             if job.precision in WEIGHTS_ROUNDED and job.options.weight_rounding == "gptq":
                 try:

@@ -130,6 +130,7 @@ def test_fallback_keeps_every_convolution_int8_with_input_groups(tmp_path, monke
     assert a.build["input_groups"] == 2
     groups = fb["input_groups"]
     assert groups["groups"] == 2 and PLANTED in groups["channels"] and 1 in groups["channels"][PLANTED]
+    assert groups["bias_correction"] is False and groups["weight_rounding"] == "nearest"
     assert fb["pure_file"]["hole_psnr_db"] < a.parity.tolerance["min_hole_psnr_db"] <= a.parity.hole_psnr_db
     grouped = [c for c in fb["search"] if c["phase"] == fallback.GROUPS_PHASE]
     assert len(grouped) == 1 and grouped[0]["passed"] and grouped[0]["grouped_layers"] == len(groups["channels"])
