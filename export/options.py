@@ -114,10 +114,10 @@ class ExportOptions:
                               "quantized again, most MACs first, while the file still passes) the fallback may "
                               "convert and gate; 0: keep the candidate the search found")
     input_groups: int = _opt(
-        INPUT_GROUPS, "when a TFLite int8-dynamic file (tf variant) misses its parity gate, the fallback first splits "
-                      "the inputs of its --input-group-layers convolutions with the widest-spread input channels into "
-                      "up to this many channel groups, each rounded to its own run-time int8 grid (every convolution "
-                      "stays int8); 1: never")
+        INPUT_GROUPS, "when a TFLite int8-dynamic file (tf variant) misses its parity gate and no fallback candidate "
+                      "within its MAC budget passes, the next candidate keeps every convolution int8 and splits the "
+                      "inputs of its --input-group-layers most sensitive convolutions into up to this many channel "
+                      "groups, each rounded to its own run-time int8 grid; 1: never")
     input_group_layers: int = _opt(
         INPUT_GROUP_LAYERS, "how many convolutions --input-groups splits, most sensitive first (the fallback's "
                             "ranking; 44: every one GMCNN has)")
