@@ -366,7 +366,7 @@ def _up_to_date(plan: List["_Planned"], out: Path, options: ExportOptions,
         old = {a.cache_key: a for a in previous.artifacts if a.cache_key}
         for p in plan:
             a = old.get(p.key)
-            if (a is not None and a.file == p.file and (out / a.file).exists() and options.reuses(a.build)
+            if (a is not None and a.file == p.file and (out / a.file).exists() and options.reuses(a.build, a.precision)
                     and artifact_digest(out / a.file)[0] == a.sha256):
                 reused[p.key] = a
     return reused
@@ -665,7 +665,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
             _remove(final)
         os.replace(res.path, final)
         # a file the fallback made records the fallback setting it was made under (a pure file is the same either way)
-        build = {**p.recorded, **(options.fallback_recorded() if quantization and "fallback" in quantization else {}),
+        build = {**p.recorded, **(options.fallback_recorded(p.precision) if quantization and "fallback" in quantization else {}),
                  "convert_seconds": round(res.seconds, 2),
                  "calibration_samples": len(calib[p.shape]) if p.precision not in ("fp32", "fp16") else 0,
                  "gmacs": gmacs[p.shape]}

@@ -216,20 +216,24 @@ class ExportOptions:
             out["weight_rounding"] = self.weight_rounding
         return out
 
-    def fallback_recorded(self) -> Dict[str, object]:
+    def fallback_recorded(self, precision: Optional[str] = None) -> Dict[str, object]:
         """The fallback setting, recorded in the manifest entry (``build``) of a file the fallback made:
         it changed that file. A file that passed its gate as converted is the same with the fallback
-        on or off, so neither its cache key nor its entry records it."""
-        return {"quant_fallback": self.quant_fallback, "fallback_limit": self.fallback_limit,
-                "fallback_branch_limit": self.fallback_branch_limit,
-                "fallback_prune_gates": self.fallback_prune_gates,
-                "input_groups": self.input_groups, "input_group_layers": self.input_group_layers}
+        on or off, so neither its cache key nor its entry records it. The input channel groups only for
+        ``int8-dynamic`` (or with no ``precision``), the one precision they apply to."""
+        out: Dict[str, object] = {"quant_fallback": self.quant_fallback, "fallback_limit": self.fallback_limit,
+                                  "fallback_branch_limit": self.fallback_branch_limit,
+                                  "fallback_prune_gates": self.fallback_prune_gates}
+        if precision in (None, "int8-dynamic"):
+            out.update(input_groups=self.input_groups, input_group_layers=self.input_group_layers)
+        return out
 
-    def reuses(self, build: Mapping[str, object]) -> bool:
-        """Whether an up-to-date file whose manifest entry has ``build`` is what these options make:
-        a file the fallback made only under the same fallback setting."""
-        made = {k: build[k] for k in self.fallback_recorded() if k in build}
-        return not made or made == self.fallback_recorded()
+    def reuses(self, build: Mapping[str, object], precision: Optional[str] = None) -> bool:
+        """Whether an up-to-date file of ``precision`` whose manifest entry has ``build`` is what these options
+        make: a file the fallback made only under the same fallback setting."""
+        recorded = self.fallback_recorded(precision)
+        made = {k: build[k] for k in recorded if k in build}
+        return not made or made == recorded
 
     # ------------------------------------------------------------------ JSON (the TFLite worker's plan)
     def to_json(self) -> Dict[str, object]:

@@ -91,6 +91,11 @@ def test_the_fallback_setting_is_recorded_where_it_changed_the_file():
     assert not ExportOptions(quant_fallback=False).reuses(made) and not ExportOptions(fallback_limit=2).reuses(made)
     assert made["fallback_branch_limit"] == 33 and not ExportOptions(fallback_branch_limit=14).reuses(made)
     assert made["fallback_prune_gates"] == 12 and not ExportOptions(fallback_prune_gates=0).reuses(made)
+    # the input channel groups are int8-dynamic's alone: another precision's fallback file is reused whatever they are
+    dynamic = {**o.recorded(calibrated=False), **o.fallback_recorded("int8-dynamic")}
+    assert dynamic["input_groups"] == 2 and not ExportOptions(input_groups=1).reuses(dynamic, "int8-dynamic")
+    full = {**o.recorded(calibrated=True), **o.fallback_recorded("int8")}
+    assert "input_groups" not in full and ExportOptions(input_groups=1).reuses(full, "int8")
 
 
 @pytest.mark.parametrize("change, words", [
