@@ -155,7 +155,7 @@ BRANCH_PHASE = 3
 SEED_PHASE = 0
 PRUNE_PHASE = 4
 # Every convolution int8, the most sensitive ones' inputs split into channel groups (export.input_groups): the
-# first candidate of a TFLite int8-dynamic file, after the ranking
+# candidate a TFLite int8-dynamic file tries after the first phase, before any phase that keeps more float
 GROUPS_PHASE = 5
 
 

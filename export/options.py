@@ -37,8 +37,9 @@ RANGE_METHODS = (METHODS[0], "auto") + METHODS[1:]  # the default first
 # its files gained 0.6 dB (int8-dynamic) or lost 0.3-0.6 dB (int8) and their fallback kept no fewer layers float
 # (docs/TOLERANCES.md, "Error-compensating weight rounding")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
-# The fallback's first try for a TFLite int8-dynamic file (export.input_groups), measured on default model v2 at
-# 512x680 (docs/TOLERANCES.md, "Input channel groups").
+# The input-grouped fallback candidate of a TFLite int8-dynamic file (export.input_groups): 2 groups on every
+# convolution passed at 512x680 on default model v2, 1.12-1.17x the pure file's latency; 4 cost 1.46x
+# (docs/TOLERANCES.md, "Input channel groups for int8-dynamic (2026-12-06)").
 INPUT_GROUPS = 2
 INPUT_GROUP_LAYERS = 44
 CALIBRATION_MASKS_PER_PHOTO = 3
