@@ -457,19 +457,18 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                 hold[p.shape] = load_samples(holdout_dir, p.shape, HOLDOUT_MASKS_PER_PHOTO, seed=2)
     sensitivity = SensitivityCache(gen, hold, show, bias_means=lambda shape: input_means(
         gen, calib[shape], means_cache(work_root, shape)))
-    channel_ranges: Dict[Tuple[int, int], dict] = {}
+    ranges_by_shape: Dict[Tuple[int, int], dict] = {}
 
     def group_plan(shape, ranked: Sequence[str]) -> Dict[str, List[List[int]]]:
         """The input channel groups (export.input_groups) of the first ``options.input_group_layers`` of ``ranked``
         at ``shape``, on the calibration samples' per-channel ranges (measured once per shape)."""
-        from .input_groups import channel_ranges as measure_ranges
-        from .input_groups import plan_groups
+        from .input_groups import channel_ranges, plan_groups
 
-        if shape not in channel_ranges:
+        if shape not in ranges_by_shape:
             show(f"fallback {shape[0]}x{shape[1]}: input channel ranges on {len(calib[shape])} calibration samples")
             with log.stage(f"input channel ranges {shape[0]}x{shape[1]}", give_back=True):
-                channel_ranges[shape] = measure_ranges(gen, calib[shape].images, calib[shape].masks)
-        return plan_groups(gen, channel_ranges[shape], options.input_groups, layers=options.input_group_layers,
+                ranges_by_shape[shape] = channel_ranges(gen, calib[shape].images, calib[shape].masks)
+        return plan_groups(gen, ranges_by_shape[shape], options.input_groups, layers=options.input_group_layers,
                            order=ranked)
 
     def job_for(p: _Planned, mod, extra: Optional[dict] = None, suffix: str = "") -> backends.ConvertJob:

@@ -286,51 +286,6 @@ def set_io_names(model, input_order: Sequence[str] = ("image", "mask")) -> int:
 ELEMENTWISE_UNARY = ("QUANTIZE", "DEQUANTIZE", "CAST")
 
 
-def nhwc_outputs(model) -> int:
-    """Drop a TRANSPOSE to NCHW (perm 0,3,1,2) that ends the graph, so outputs stay NHWC.
-
-    onnx2tf keeps most outputs channels-last but sometimes transposes one back to the ONNX
-    layout; elementwise ops (QUANTIZE, DEQUANTIZE, CAST) between it and the output are kept,
-    with their tensors' shapes permuted back.
-    """
-    changed = 0
-    idx = _Index(model)
-    sg = idx.sg
-    drop = []
-    for out in _ids(sg.outputs):
-        chain, t = [], out
-        while t in idx.producer and idx.name(idx.producer[t]) in ELEMENTWISE_UNARY:
-            chain.append(t)
-            t = _ids(sg.operators[idx.producer[t]].inputs)[0]
-        p = idx.producer.get(t)
-        if p is None or idx.name(p) != "TRANSPOSE":
-            continue
-        op = sg.operators[p]
-        src, perm_t = _ids(op.inputs)
-        perm = np.frombuffer(bytes(model.buffers[sg.tensors[perm_t].buffer].data), dtype=np.int32)
-        if list(perm) != [0, 3, 1, 2] or idx.consumers.get(src) != [p]:
-            continue
-        # the transpose's consumers (or the graph output) read its input instead
-        for c in idx.consumers.get(t, []):
-            sg.operators[c].inputs = [src if i == t else i for i in _ids(sg.operators[c].inputs)]
-        if t == out:
-            sg.outputs = [src if i == out else i for i in _ids(sg.outputs)]
-            for sig in model.signatureDefs or []:
-                for m in sig.outputs or []:
-                    if m.tensorIndex == out:
-                        m.tensorIndex = src
-        for c in chain:
-            n, c_, h, w = _ids(sg.tensors[c].shape)
-            sg.tensors[c].shape = [n, h, w, c_]
-            if sg.tensors[c].shapeSignature is not None:
-                sg.tensors[c].shapeSignature = [n, h, w, c_]
-        drop.append(p)
-        changed += 1
-    if drop:
-        _remove_ops(model, drop)
-    return changed
-
-
 TO_NCHW = (0, 3, 1, 2)
 TO_NHWC = (0, 2, 3, 1)
 # Ops a channels-first region may hold (besides the transposes around it): what each does to a layout.
@@ -352,6 +307,49 @@ def _transpose_perm(model, idx: "_Index", op_index: int) -> Optional[Tuple[int, 
         return None
     perm = _const_values(model, _ids(idx.sg.operators[op_index].inputs)[1])
     return None if perm is None else tuple(int(v) for v in perm)
+
+
+def nhwc_outputs(model) -> int:
+    """Drop a TRANSPOSE to NCHW (perm 0,3,1,2) that ends the graph, so outputs stay NHWC.
+
+    onnx2tf keeps most outputs channels-last but sometimes transposes one back to the ONNX
+    layout; elementwise ops (QUANTIZE, DEQUANTIZE, CAST) between it and the output are kept,
+    with their tensors' shapes permuted back.
+    """
+    changed = 0
+    idx = _Index(model)
+    sg = idx.sg
+    drop = []
+    for out in _ids(sg.outputs):
+        chain, t = [], out
+        while t in idx.producer and idx.name(idx.producer[t]) in ELEMENTWISE_UNARY:
+            chain.append(t)
+            t = _ids(sg.operators[idx.producer[t]].inputs)[0]
+        p = idx.producer.get(t)
+        if p is None or _transpose_perm(model, idx, p) != TO_NCHW:
+            continue
+        src = _ids(sg.operators[p].inputs)[0]
+        if idx.consumers.get(src) != [p]:
+            continue
+        # the transpose's consumers (or the graph output) read its input instead
+        for c in idx.consumers.get(t, []):
+            sg.operators[c].inputs = [src if i == t else i for i in _ids(sg.operators[c].inputs)]
+        if t == out:
+            sg.outputs = [src if i == out else i for i in _ids(sg.outputs)]
+            for sig in model.signatureDefs or []:
+                for m in sig.outputs or []:
+                    if m.tensorIndex == out:
+                        m.tensorIndex = src
+        for c in chain:
+            n, c_, h, w = _ids(sg.tensors[c].shape)
+            sg.tensors[c].shape = [n, h, w, c_]
+            if sg.tensors[c].shapeSignature is not None:
+                sg.tensors[c].shapeSignature = [n, h, w, c_]
+        drop.append(p)
+        changed += 1
+    if drop:
+        _remove_ops(model, drop)
+    return changed
 
 
 def _one_channel_to_nhwc(idx: "_Index", op_index: int) -> bool:
@@ -1110,10 +1108,13 @@ def mirror_pad_to_slices(model) -> int:
             continue
         src, pads_t = _ids(op.inputs)[:2]
         out = _ids(op.outputs)[0]
-        pads = np.frombuffer(bytes(model.buffers[sg.tensors[pads_t].buffer].data),
-                             dtype=np.int64 if sg.tensors[pads_t].type == T.INT64 else np.int32).reshape(-1, 2)
+        pads = _const_values(model, pads_t)
         shape = list(_ids(sg.tensors[src].shape))
-        if len(shape) != 4 or pads[0].any() or pads[3].any() or pads[1, 0] != pads[1, 1] or pads[2, 0] != pads[2, 1]:
+        if pads is None or len(shape) != 4 or len(pads) != 8:
+            new_ops.append(op)
+            continue
+        pads = pads.reshape(4, 2)
+        if pads[0].any() or pads[3].any() or pads[1, 0] != pads[1, 1] or pads[2, 0] != pads[2, 1]:
             new_ops.append(op)
             continue
         shapes: Dict[int, List[int]] = {src: shape}
