@@ -457,19 +457,29 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                 hold[p.shape] = load_samples(holdout_dir, p.shape, HOLDOUT_MASKS_PER_PHOTO, seed=2)
     sensitivity = SensitivityCache(gen, hold, show, bias_means=lambda shape: input_means(
         gen, calib[shape], means_cache(work_root, shape)))
-    ranges_by_shape: Dict[Tuple[int, int], dict] = {}
+    ranges_by_shape: Dict[Tuple[int, int], Tuple[dict, str]] = {}  # shape -> (ranges, where measured)
 
-    def group_plan(shape, ranked: Sequence[str]) -> Dict[str, List[List[int]]]:
+    def group_plan(shape, ranked: Sequence[str]) -> Tuple[Dict[str, List[List[int]]], str]:
         """The input channel groups (export.input_groups) of the first ``options.input_group_layers`` of ``ranked``
-        at ``shape``, on the calibration samples' per-channel ranges (measured once per shape)."""
-        from .input_groups import channel_ranges, plan_groups
+        at ``shape``, on the calibration samples' per-channel ranges, and where those were measured: by this run's
+        int8 calibration pass where it ran at ``shape`` (issue 17: work done once), else a PyTorch forward per
+        calibration sample (once per shape)."""
+        from .input_groups import RANGES_FROM_PYTORCH, channel_ranges, plan_groups
+        from .tflite import MEASURED_BY_CALIBRATION, calibration_input_ranges
 
         if shape not in ranges_by_shape:
-            show(f"fallback {shape[0]}x{shape[1]}: input channel ranges on {len(calib[shape])} calibration samples")
-            with log.stage(f"input channel ranges {shape[0]}x{shape[1]}", give_back=True):
-                ranges_by_shape[shape] = channel_ranges(gen, calib[shape].images, calib[shape].masks)
-        return plan_groups(gen, ranges_by_shape[shape], options.input_groups, layers=options.input_group_layers,
-                           order=ranked)
+            for io in dict.fromkeys(q.io for q in todo):
+                ranges = calibration_input_ranges(gen, work_root / f"tflite_{shape[0]}x{shape[1]}_{io}")
+                if ranges is not None:
+                    ranges_by_shape[shape] = ranges, MEASURED_BY_CALIBRATION
+                    break
+            else:
+                show(f"fallback {shape[0]}x{shape[1]}: input channel ranges on {len(calib[shape])} calibration samples")
+                with log.stage(f"input channel ranges {shape[0]}x{shape[1]}", give_back=True):
+                    ranges_by_shape[shape] = (channel_ranges(gen, calib[shape].images, calib[shape].masks),
+                                              RANGES_FROM_PYTORCH)
+        ranges, source = ranges_by_shape[shape]
+        return plan_groups(gen, ranges, options.input_groups, layers=options.input_group_layers, order=ranked), source
 
     def job_for(p: _Planned, mod, extra: Optional[dict] = None, suffix: str = "") -> backends.ConvertJob:
         tmp = out / f"{PARTIAL_PREFIX}{os.getpid()}-{suffix}{p.file}"
@@ -771,7 +781,8 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     file of a kind to pass through the fallback leaves its layers there, and the next (the other I/O signature
     of the same network) gates them first, before any sensitivity or search of its own.
     ``group_plan(shape, ranked layer names)``: the input channel groups (export.input_groups) of a file whose
-    first candidate keeps every convolution quantized, the most sensitive ones' inputs split into groups."""
+    first candidate keeps every convolution quantized, the most sensitive ones' inputs split into groups, and where
+    the ranges they were chosen on were measured."""
     import contextlib
 
     from models.gmcnn import conv_branches, conv_layers
@@ -953,7 +964,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     def grouped():
         """Every convolution quantized, the inputs of the most sensitive ones split into channel groups with a
         run-time grid each (phase :data:`export.fallback.GROUPS_PHASE`): the candidate, if it passes."""
-        plan = group_plan(p.shape, [n for n, _ in ranking])
+        plan, ranges_source = group_plan(p.shape, [n for n, _ in ranking])
         if not plan:
             return None
         job = job_for(p, mod, {"input_groups": plan}, suffix=f"p{fallback.GROUPS_PHASE}k{len(plan)}-")
@@ -964,7 +975,8 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
                                        phase=fallback.GROUPS_PHASE)
         built[("input groups",)] = candidate
         group_record.update({"groups": options.input_groups, "layers": options.input_group_layers,
-                             "channels": {name: [len(g) for g in groups] for name, groups in plan.items()}})
+                             "channels": {name: [len(g) for g in groups] for name, groups in plan.items()},
+                             "ranges_measured_by": ranges_source})
         group_record.update(res.details.get("input_groups") or {})  # what the backend could not do to its filters
         if res.path is None:
             group_record["error"] = res.error
@@ -975,7 +987,13 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         return candidate if candidate.result.passed else None
 
     def seeded():
-        """The seed's layers (another I/O signature's passing set) as the one candidate of phase 0."""
+        """The seed's layers (another I/O signature's passing set) as the one candidate of phase 0; or, where the
+        seed passed with input channel groups, the input-grouped candidate (phase 5)."""
+        if seed.input_groups:
+            if group_plan is None:
+                return None
+            show(f"{p.file}: first the input-grouped candidate, as {seed.file} passed with")
+            return grouped()
         phase = fallback.seed_phase(seed)
         (candidate,) = build_for(phase)([phase.size]).values()
         show(f"{p.file}: first the {len(seed.layers)} layer(s) {seed.file} keeps float"
@@ -1055,9 +1073,10 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         if found.phase == fallback.BRANCH_PHASE:
             kept_layers = set(winner.layers)
             branch_record["kept_float"] = [b for b, _, layers in branch_phase.branches if set(layers) <= kept_layers]
-        if seed is None and seeds is not None and winner.phase != fallback.GROUPS_PHASE:
+        if seed is None and seeds is not None:
             seeds[seed_key] = fallback.Seed(p.file, list(winner.layers), winner.inputs_float, tuple(ranking),
-                                            branch_record.get("kept_float"))
+                                            branch_record.get("kept_float"),
+                                            input_groups=winner.phase == fallback.GROUPS_PHASE)
         elif winner.phase == fallback.SEED_PHASE and seed.branches_kept_float:
             branch_record["kept_float"] = list(seed.branches_kept_float)
         record = {"fallback": {

@@ -171,6 +171,9 @@ class Seed:
     inputs_float: bool  # with the convolutions producing their inputs
     ranking: Tuple[Tuple[str, float], ...]  # its sensitivity ranking, (layer, output SNR dB), most sensitive first
     branches_kept_float: Optional[List[str]] = None  # where it passed in the branch phase
+    # where it passed with every convolution int8, inputs in channel groups (phase GROUPS_PHASE; ``layers`` empty):
+    # the next file tries that candidate first
+    input_groups: bool = False
 
 
 def seed_phase(seed: Seed) -> Phase:

@@ -24,6 +24,11 @@ import numpy as np
 MIN_QUANTIZED_ELEMENTS = 1024
 
 
+# Where :func:`channel_ranges` measures (the manifest's ``fallback.input_groups.ranges_measured_by``); the export
+# takes the int8 calibration pass's instead where it ran (export.tflite.calibration_input_ranges).
+RANGES_FROM_PYTORCH = "a PyTorch float forward per calibration sample"
+
+
 def channel_ranges(generator, images: np.ndarray, masks: np.ndarray) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     """Per convolution (module name), each input channel's (min, max) over the samples' pixels: two float64
     (C_in,) arrays, one float forward per sample (images (N,H,W,3) uint8 RGB, masks (N,H,W[,1]) nonzero = hole).

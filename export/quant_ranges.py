@@ -77,15 +77,21 @@ class TensorStats:
     mins: List[float] = field(default_factory=list)
     maxs: List[float] = field(default_factory=list)
     parts: List[np.ndarray] = field(default_factory=list)  # float32, one per sample
-    # per sample, the mean of each channel over rows and columns (float64 (C,)), where the pass measured it
+    # per sample, the mean, the least and the largest value of each channel over rows and columns (float64 (C,)
+    # each), where the pass measured them
     channel_means: List[np.ndarray] = field(default_factory=list)
+    channel_lows: List[np.ndarray] = field(default_factory=list)
+    channel_highs: List[np.ndarray] = field(default_factory=list)
 
-    def add(self, lo: float, hi: float, values: np.ndarray, channel_mean: Optional[np.ndarray] = None) -> None:
+    def add(self, lo: float, hi: float, values: np.ndarray, channel_mean: Optional[np.ndarray] = None,
+            channel_low: Optional[np.ndarray] = None, channel_high: Optional[np.ndarray] = None) -> None:
         self.mins.append(float(lo))
         self.maxs.append(float(hi))
         self.parts.append(np.asarray(values, np.float32).ravel())
-        if channel_mean is not None:
-            self.channel_means.append(np.asarray(channel_mean, np.float64).ravel())
+        for kept, per_channel in ((self.channel_means, channel_mean), (self.channel_lows, channel_low),
+                                  (self.channel_highs, channel_high)):
+            if per_channel is not None:
+                kept.append(np.asarray(per_channel, np.float64).ravel())
 
     @property
     def lo(self) -> float:

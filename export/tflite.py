@@ -407,36 +407,55 @@ def float_nodes(generator, work: Path, precision: str, keep_float: Sequence[str]
 
 
 # Beside a calibrated model (``calibrated_<precision>.tflite`` in a job's work folder) the TFLite worker keeps its
-# calibration pass's convolution input means (export.tflite_calibration.calibrate_ranges' ``input_means``), as JSON:
-# the convolution's output tensor name -> its input's channel means.
+# calibration pass's convolution input means and per-channel ranges (export.tflite_calibration.calibrate_ranges'
+# ``input_means`` and ``input_ranges``), as JSON: the convolution's output tensor name -> its input's channel means,
+# or [channel lows, channel highs].
 CALIBRATION_MEANS_SUFFIX = ".means.json"
-MEANS_FROM_CALIBRATION = "the int8 calibration pass (LiteRT float model, XNNPACK)"
+CALIBRATION_RANGES_SUFFIX = ".ranges.json"
+MEASURED_BY_CALIBRATION = "the int8 calibration pass (LiteRT float model, XNNPACK)"
 
 
-def calibration_input_means(generator, work: Path) -> Optional[Dict[str, np.ndarray]]:
-    """The convolution input means a calibration pass of this run measured in ``work`` (a job's work folder: the
-    int8 or int16x8 file's pass over the same calibration samples), by generator convolution (module name, float64
-    (C_in,)): the convolutions matched to the calibrated model's by weights (:func:`conv_nodes_of`). None when no
-    pass left them or they do not cover every convolution with the right channel count."""
+def _calibration_per_conv(generator, work: Path, suffix: str) -> Optional[Dict[str, np.ndarray]]:
+    """What a calibration pass of this run kept in ``work`` beside its calibrated model (``suffix``), by generator
+    convolution (module name -> float64 array whose last axis is the input channel): the convolutions matched to
+    the calibrated model's by weights (:func:`conv_nodes_of`). None when no pass kept it or it does not cover every
+    convolution with the right channel count."""
     import torch
 
     for precision in CALIBRATED:
         model = work / f"calibrated_{precision}.tflite"
-        kept = Path(str(model) + CALIBRATION_MEANS_SUFFIX)
+        kept = Path(str(model) + suffix)
         if not (model.is_file() and kept.is_file()):
             continue
         with open(kept) as f:
-            by_node = json.load(f)
+            by_node = {name: np.asarray(values, np.float64) for name, values in json.load(f).items()}
         try:
             nodes = conv_nodes_of(generator, model.read_bytes())
         except ValueError:
             return None
         convs = {name: m for name, m in generator.named_modules() if isinstance(m, torch.nn.Conv2d)}
-        if any(nodes.get(name) not in by_node or len(by_node[nodes[name]]) != m.in_channels
+        if any(nodes.get(name) not in by_node or by_node[nodes[name]].shape[-1] != m.in_channels
                for name, m in convs.items()):
             return None
-        return {name: np.asarray(by_node[nodes[name]], np.float64) for name in convs}
+        return {name: by_node[nodes[name]] for name in convs}
     return None
+
+
+def calibration_input_means(generator, work: Path) -> Optional[Dict[str, np.ndarray]]:
+    """The convolution input means a calibration pass of this run measured in ``work`` (a job's work folder: the
+    int8 or int16x8 file's pass over the same calibration samples), by generator convolution (module name, float64
+    (C_in,)). None when no pass left them (:func:`_calibration_per_conv`)."""
+    return _calibration_per_conv(generator, work, CALIBRATION_MEANS_SUFFIX)
+
+
+def calibration_input_ranges(generator, work: Path) -> Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]]:
+    """The convolution inputs' per-channel (least, largest) values over the calibration samples that a calibration
+    pass of this run measured in ``work``, by generator convolution (module name -> two float64 (C_in,) arrays, as
+    :func:`export.input_groups.channel_ranges` gives them). None when no pass left them."""
+    kept = _calibration_per_conv(generator, work, CALIBRATION_RANGES_SUFFIX)
+    if kept is None or any(v.shape != (2, v.shape[-1]) for v in kept.values()):
+        return None
+    return {name: (v[0], v[1]) for name, v in kept.items()}
 
 
 def round_weights(job: ConvertJob, path: Path, progress=None) -> Dict[str, object]:
@@ -474,7 +493,7 @@ def correct_biases(job: ConvertJob, path: Path) -> Dict[str, object]:
 
     cache = means_cache(Path(job.workdir).parent, job.shape)
     measured = None if cache.is_file() else calibration_input_means(job.generator, Path(job.workdir))
-    means = input_means(job.generator, job.calibration, cache, measured=measured, source=MEANS_FROM_CALIBRATION)
+    means = input_means(job.generator, job.calibration, cache, measured=measured, source=MEASURED_BY_CALIBRATION)
     data = path.read_bytes()
     nodes = conv_nodes_of(job.generator, data)
     convs = dict(job.generator.named_modules())

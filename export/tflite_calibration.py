@@ -102,14 +102,17 @@ def probe_model(model, tensors: List[int], grid: bool = False, keep: Sequence[in
                 means: Sequence[int] = ()) -> tuple:
     """:func:`range_probe` of a ``ModelT``, changed in place (new tensors, buffers and ops appended; subgraph 0's
     op and output lists replaced, signatures dropped): returns (the model, the probes: tensor -> (min, max, grid,
-    mean) outputs, grid and mean None where not taken).
+    mean, channel min, channel max) outputs, grid None where not taken, the channel ones None where not taken).
 
-    ``means``: (1,H,W,C) tensors among ``tensors`` that also get a MEAN over rows and columns, a (1,C) output: the
-    per-channel means the int8-dynamic bias correction needs of each convolution's input
-    (:func:`conv_input_tensors`), measured in this pass instead of a PyTorch forward of their own."""
+    ``means``: (1,H,W,C) tensors among ``tensors`` that also get a MEAN, a REDUCE_MIN and a REDUCE_MAX over rows and
+    columns, (1,C) outputs each (their min and max then reduce those): each convolution input's per-channel means,
+    which the int8-dynamic bias correction needs, and per-channel ranges, which its input channel groups need
+    (:func:`conv_input_tensors`; :mod:`export.input_groups`), measured in this pass instead of PyTorch forwards of
+    their own."""
     sg = model.subgraphs[0]
     axes = g._const_tensor(model, np.arange(4, dtype=np.int32), "range_probe/axes")
     plane = g._const_tensor(model, np.array([1, 2], dtype=np.int32), "range_probe/plane") if means else None
+    both = g._const_tensor(model, np.array([0, 1], dtype=np.int32), "range_probe/both") if means else None
     means = set(means)
     after = _probes_after(model, tensors)
     probes: Dict[int, tuple] = {}
@@ -139,28 +142,30 @@ def probe_model(model, tensors: List[int], grid: bool = False, keep: Sequence[in
         reshaped = g._reshape(model, src, blocks, new_ops, f"range_probe/blocks{t}")
         return sliced(reshaped, [0, s // 2, 0, (s // 2) * c], [h // s, 1, w // s, c], f"range_probe/grid{t}")
 
-    def channel_mean(t):
-        shape = [int(v) for v in g._ids(sg.tensors[t].shape)]
-        if len(shape) != 4 or shape[0] != 1:
-            return None
-        out = g._new_tensor(model, sg.tensors[t], g.T.FLOAT32, f"range_probe/mean{t}")
-        sg.tensors[out].shape = [1, shape[3]]
+    def reduced(t, op, axes_tensor, shape, label):
+        out = g._new_tensor(model, sg.tensors[t], g.T.FLOAT32, f"range_probe/{label}{t}")
+        sg.tensors[out].shape = shape
         options = g.schema.ReducerOptionsT()
         options.keepDims = False
-        new_ops.append(g._new_op(model, g.OP.MEAN, [t, plane], [out], options, g.schema.BuiltinOptions.ReducerOptions))
+        new_ops.append(g._new_op(model, op, [t, axes_tensor], [out], options, g.schema.BuiltinOptions.ReducerOptions))
         return out
 
     def probe(t):
-        outs = []
-        for op, label in ((g.OP.REDUCE_MIN, "min"), (g.OP.REDUCE_MAX, "max")):
-            out = g._new_tensor(model, sg.tensors[t], g.T.FLOAT32, f"range_probe/{label}{t}")
-            sg.tensors[out].shape = []
-            options = g.schema.ReducerOptionsT()
-            options.keepDims = False
-            new_ops.append(g._new_op(model, op, [t, axes], [out], options, g.schema.BuiltinOptions.ReducerOptions))
-            outs.append(out)
+        shape = [int(v) for v in g._ids(sg.tensors[t].shape)]
+        per_channel = t in means and len(shape) == 4 and shape[0] == 1
+        if per_channel:
+            # the channels' extremes first, the tensor's from them: a reduction over C values, not the tensor again
+            channel_lo = reduced(t, g.OP.REDUCE_MIN, plane, [1, shape[3]], "channel_min")
+            channel_hi = reduced(t, g.OP.REDUCE_MAX, plane, [1, shape[3]], "channel_max")
+            outs = [reduced(channel_lo, g.OP.REDUCE_MIN, both, [], "min"),
+                    reduced(channel_hi, g.OP.REDUCE_MAX, both, [], "max")]
+        else:
+            outs = [reduced(t, g.OP.REDUCE_MIN, axes, [], "min"), reduced(t, g.OP.REDUCE_MAX, axes, [], "max")]
         outs.append(value_grid(t) if grid else None)
-        outs.append(channel_mean(t) if t in means else None)
+        if per_channel:
+            outs += [reduced(t, g.OP.MEAN, plane, [1, shape[3]], "mean"), channel_lo, channel_hi]
+        else:
+            outs += [None, None, None]
         probes[t] = tuple(outs)
 
     for t in after.get(-1, []):  # graph inputs
@@ -173,6 +178,19 @@ def probe_model(model, tensors: List[int], grid: bool = False, keep: Sequence[in
     sg.outputs = [o for outs in probes.values() for o in outs if o is not None] + list(keep)
     model.signatureDefs = []
     return model, probes
+
+
+def _add_sample(stats: TensorStats, probe: tuple, out: Dict[str, np.ndarray], name: Dict[int, str],
+                values: np.ndarray) -> None:
+    """One sample's probe outputs (``out``, by tensor name; ``name``: probe output tensor -> its name) added to a
+    tensor's statistics, with ``values`` the subsample of its value grid drawn for this sample."""
+    lo_t, hi_t, _, mean_t, channel_lo_t, channel_hi_t = probe
+
+    def read(t):
+        return None if t is None else out[name[t]]
+
+    stats.add(float(out[name[lo_t]]), float(out[name[hi_t]]), values.copy(), read(mean_t), read(channel_lo_t),
+              read(channel_hi_t))
 
 
 def _feeds(model, probed, samples):
@@ -201,7 +219,8 @@ def measure_statistics(model_bytes: bytes, tensors: List[int], samples: Iterable
     in one pass: each sample's exact min and max and (``grid``) up to SAMPLE_VALUES of its values.
     ``keep``: graph inputs and tensors made by ops whose whole values ``on_sample(index, {tensor: values})``
     receives for each sample (in parts, one call per group, when the pass is grouped). ``means``: tensors whose
-    per-channel means each sample adds too (``TensorStats.channel_means``, :func:`probe_model`).
+    per-channel means and extremes each sample adds too (``TensorStats.channel_means``, ``channel_lows``,
+    ``channel_highs``; :func:`probe_model`).
 
     The probed model runs in the runtime's TFLite engine (XNNPACK, ``threads`` threads, transient indirection buffers
     per :data:`TRANSIENT_INDIRECTION`; the bytes
@@ -241,14 +260,13 @@ def measure_statistics(model_bytes: bytes, tensors: List[int], samples: Iterable
             if on_sample is not None:
                 on_sample(index, {t: feed[g.tensor_name(probed_sg.tensors[t])] if t in graph_inputs
                                   else out[g.tensor_name(probed_sg.tensors[t])] for t in keep})
-            for t, (lo_t, hi_t, grid_t, mean_t) in probes.items():
+            for t, probe in probes.items():
                 values = np.zeros(0, np.float32)
-                if grid_t is not None:
-                    values = out[name[grid_t]].ravel()
+                if probe[2] is not None:
+                    values = out[name[probe[2]]].ravel()
                     if values.size > SAMPLE_VALUES:
                         values = values[rng.integers(0, values.size, SAMPLE_VALUES)]
-                stats[t].add(float(out[name[lo_t]]), float(out[name[hi_t]]), values.copy(),
-                             None if mean_t is None else out[name[mean_t]])
+                _add_sample(stats[t], probe, out, name, values)
     return stats
 
 
@@ -546,16 +564,15 @@ def _measure_in_groups(model_bytes: bytes, model, tensors: List[int], groups: Li
                         mine.update({t: out[name[t]] for t in keep if t in wanted})
                         if mine:
                             on_sample(index, mine)
-                    for t, (lo_t, hi_t, grid_t, mean_t) in probes.items():
+                    for t, probe in probes.items():
                         values = np.zeros(0, np.float32)
-                        if grid_t is not None:
-                            values = out[name[grid_t]].ravel()
+                        if probe[2] is not None:
+                            values = out[name[probe[2]]].ravel()
                             if values.size > SAMPLE_VALUES:
                                 draw = np.random.default_rng()
                                 draw.bit_generator.state = states[index, t]
                                 values = values[draw.integers(0, values.size, SAMPLE_VALUES)]
-                        stats[t].add(float(out[name[lo_t]]), float(out[name[hi_t]]), values.copy(),
-                                     None if mean_t is None else out[name[mean_t]])
+                        _add_sample(stats[t], probe, out, name, values)
                     del out, given, feed  # before the next sample's: the kept outputs are whole tensors
             for t in [t for t in stored if all(t not in later.inputs for later in groups[number:])]:
                 del stored[t]  # no later group reads it
@@ -619,6 +636,18 @@ def channel_means(stats: Dict[int, TensorStats], inputs: Dict[str, int], samples
     if any(t not in stats or len(stats[t].channel_means) != samples for t in inputs.values()):
         return None
     return {name: np.mean(np.stack(stats[t].channel_means), axis=0) for name, t in inputs.items()}
+
+
+def channel_extremes(stats: Dict[int, TensorStats], inputs: Dict[str, int],
+                     samples: int) -> Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]]:
+    """Per convolution (``inputs``: its output name -> the tensor it reads), its input's per-channel (least,
+    largest) value over the samples' pixels (float64 (C,) each), as :func:`export.input_groups.channel_ranges`
+    takes them. None unless every convolution's input has them for each of the ``samples``."""
+    if any(t not in stats or len(stats[t].channel_lows) != samples or len(stats[t].channel_highs) != samples
+           for t in inputs.values()):
+        return None
+    return {name: (np.min(np.stack(stats[t].channel_lows), axis=0), np.max(np.stack(stats[t].channel_highs), axis=0))
+            for name, t in inputs.items()}
 
 
 def activation_tensors(model) -> List[int]:
@@ -767,7 +796,8 @@ def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], thread
                      symmetric: bool = False, method: str = "minmax", share: Optional[dict] = None,
                      memory_bytes: Optional[int] = None, folder: Optional[str] = None,
                      progress: Optional[Callable[[str], None]] = None,
-                     input_means: Optional[Dict[str, np.ndarray]] = None) -> tuple:
+                     input_means: Optional[Dict[str, np.ndarray]] = None,
+                     input_ranges: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = None) -> tuple:
     """The float model with a chosen ``min``/``max`` on every float activation; returns (bytes, report).
 
     ``bits``/``symmetric``: the activation grid the ranges are chosen for (8/False: int8; 16/True:
@@ -788,7 +818,9 @@ def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], thread
     the samples (:func:`channel_means`, keyed by the convolution's output name), measured in the same pass (a MEAN
     per convolution input, 1.6 % of an inference at 512x680): the int8-dynamic file's bias correction takes them
     instead of a PyTorch forward per calibration sample (``export.tflite.correct_biases``). Left empty when a
-    pass reused from before lacks them.
+    pass reused from before lacks them. ``input_ranges``: likewise each convolution input's per-channel (least,
+    largest) values (:func:`channel_extremes`), which the int8-dynamic fallback's input channel groups take
+    instead of a PyTorch forward per sample (``export.tflite.calibration_input_ranges``).
     """
     import collections
     import time
@@ -823,6 +855,9 @@ def calibrate_ranges(model_bytes: bytes, dataset: Callable[[], Iterable], thread
     if input_means is not None:
         input_means.clear()
         input_means.update(channel_means(stats, conv_inputs, len(samples)) or {})
+    if input_ranges is not None:
+        input_ranges.clear()
+        input_ranges.update(channel_extremes(stats, conv_inputs, len(samples)) or {})
     t1 = time.time()
     chosen = choose_ranges(stats, bits, symmetric, method, through=activation_consumers(model, tensors),
                            produced_by=activation_outputs(model, tensors))

@@ -237,6 +237,9 @@ _CALIBRATED_MODEL: list = []  # the float model with the chosen ranges, as the l
 # the last calibration's convolution input means (export.tflite_calibration.calibrate_ranges' input_means), kept
 # beside its calibrated model for the int8-dynamic files' bias correction (export.tflite.calibration_input_means)
 _CALIBRATION_MEANS: dict = {}
+# and their per-channel ranges (input_ranges), for the int8-dynamic fallback's input channel groups
+# (export.tflite.calibration_input_ranges)
+_CALIBRATION_RANGES: dict = {}
 
 
 def _install_calibration() -> None:
@@ -254,7 +257,8 @@ def _install_calibration() -> None:
         with _METER.inner_stage("calibration"):
             memory = calibration_memory(_CALIBRATION_BUDGET[0]) if _CALIBRATION_BUDGET else None
             data, report = calibrate_ranges(self._model_content, dataset_gen, memory_bytes=memory,
-                                            input_means=_CALIBRATION_MEANS, **_CALIBRATION_SETTINGS)
+                                            input_means=_CALIBRATION_MEANS, input_ranges=_CALIBRATION_RANGES,
+                                            **_CALIBRATION_SETTINGS)
         passes = (report.get("groups") or {}).get("passes", [])
         if len(passes) > 1:  # the stage report gets a row per group, inside the calibration's
             for number, row in enumerate(passes, 1):
@@ -301,6 +305,7 @@ def _calibrating_converter(saved_model: str, precision: str, io: str, calibratio
     _CALIBRATION_REPORT.clear()
     _CALIBRATED_MODEL.clear()
     _CALIBRATION_MEANS.clear()
+    _CALIBRATION_RANGES.clear()
     conv = tf.lite.TFLiteConverter.from_saved_model(saved_model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     conv.representative_dataset = representative
@@ -314,18 +319,27 @@ def _calibrating_converter(saved_model: str, precision: str, io: str, calibratio
 
 
 def _keep_calibrated(cache: str) -> None:
-    """Write the last calibration's model and report to ``cache`` (and ``cache``.json) for fallback candidates, and
-    its convolution input means to ``cache``.means.json (:data:`export.tflite.CALIBRATION_MEANS_SUFFIX`) for the
-    bias correction, where it measured them."""
-    from .tflite import CALIBRATION_MEANS_SUFFIX
+    """Write the last calibration's model and report to ``cache`` (and ``cache``.json) for fallback candidates, its
+    convolution input means to ``cache``.means.json (:data:`export.tflite.CALIBRATION_MEANS_SUFFIX`) for the bias
+    correction and their per-channel ranges to ``cache``.ranges.json (:data:`export.tflite.CALIBRATION_RANGES_SUFFIX`)
+    for the input channel groups, where it measured them."""
+    from .tflite import CALIBRATION_MEANS_SUFFIX, CALIBRATION_RANGES_SUFFIX
+
+    def write_json(path, value):
+        with open(path + ".partial", "w") as f:
+            json.dump(value, f)
+        os.replace(path + ".partial", path)
 
     if cache and _CALIBRATED_MODEL:
         with open(cache + ".json", "w") as f:
             json.dump(_CALIBRATION_REPORT, f)
         if _CALIBRATION_MEANS:
-            with open(cache + CALIBRATION_MEANS_SUFFIX + ".partial", "w") as f:
-                json.dump({name: [float(v) for v in mean] for name, mean in _CALIBRATION_MEANS.items()}, f)
-            os.replace(cache + CALIBRATION_MEANS_SUFFIX + ".partial", cache + CALIBRATION_MEANS_SUFFIX)
+            write_json(cache + CALIBRATION_MEANS_SUFFIX,
+                       {name: [float(v) for v in mean] for name, mean in _CALIBRATION_MEANS.items()})
+        if _CALIBRATION_RANGES:
+            write_json(cache + CALIBRATION_RANGES_SUFFIX,
+                       {name: [[float(v) for v in lo], [float(v) for v in hi]]
+                        for name, (lo, hi) in _CALIBRATION_RANGES.items()})
         with open(cache, "wb") as f:
             f.write(_CALIBRATED_MODEL[0])
 

@@ -69,7 +69,7 @@ def test_exported_file_is_corrected_with_the_calibration_means(tiny_mixed_export
     from export import tflite_graph as g
     from export.activations import conv_input_means
     from export.samples import CALIBRATION_DIR, load_samples
-    from export.tflite import MEANS_FROM_CALIBRATION, conv_nodes_of
+    from export.tflite import MEASURED_BY_CALIBRATION, conv_nodes_of
 
     gen = lively_generator("tf", 4, seed=0)
     calib = load_samples(CALIBRATION_DIR, SHAPE, 1, seed=1)
@@ -83,7 +83,7 @@ def test_exported_file_is_corrected_with_the_calibration_means(tiny_mixed_export
         assert entry["build"]["bias_correction"] is True
         record = entry["build"]["quantization"]["bias_correction"]
         assert record["samples"] == len(calib.images)
-        assert record["input_means"] == MEANS_FROM_CALIBRATION  # the int8 file's calibration pass measured them
+        assert record["input_means"] == MEASURED_BY_CALIBRATION  # the int8 file's calibration pass measured them
         data = (tiny_mixed_export / entry["file"]).read_bytes()
         model = g.read(data)
         nodes = conv_nodes_of(gen, data)
@@ -261,3 +261,24 @@ def test_the_fallbacks_sensitivities_share_a_pass_where_their_samples_allow():
         assert [n for n, _ in own] == [n for n, _ in dynamic]
         assert [db for _, db in own] == pytest.approx([db for _, db in dynamic], abs=1e-3)
         assert passes[1:] == [(2, [plain]), (2, [corrected])]
+
+
+def test_calibration_pass_keeps_the_convolution_inputs_channel_ranges(tiny_mixed_export):
+    """The int8 calibration pass also keeps each convolution input's per-channel least and largest values over the
+    calibration samples (what the int8-dynamic fallback's input channel groups are chosen on): those of the PyTorch
+    float forwards (export.input_groups.channel_ranges), up to LiteRT's float32 arithmetic."""
+    from export.input_groups import channel_ranges
+    from export.samples import CALIBRATION_DIR, load_samples
+    from export.tflite import calibration_input_ranges
+
+    gen = lively_generator("tf", 4, seed=0)
+    calib = load_samples(CALIBRATION_DIR, SHAPE, 1, seed=1)
+    want = channel_ranges(gen, calib.images, calib.masks)
+    for io in ("tensor", "image"):
+        got = calibration_input_ranges(gen, tiny_mixed_export / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_{io}")
+        assert got is not None and set(got) == set(want)
+        for name, (low, high) in want.items():
+            assert np.all(got[name][0] <= got[name][1])
+            scale = max(float(np.abs(low).max()), float(np.abs(high).max()), 1e-6)
+            np.testing.assert_allclose(got[name][0], low, rtol=0, atol=1e-4 * scale, err_msg=name)
+            np.testing.assert_allclose(got[name][1], high, rtol=0, atol=1e-4 * scale, err_msg=name)

@@ -114,15 +114,22 @@ def test_fallback_keeps_every_convolution_int8_with_input_groups(tmp_path, monke
     under b1conv12's, no first-phase candidate passes, and the fallback's next candidate keeps every convolution
     int8 with the sensitive layers' inputs in channel groups: b1conv12's outlier channel gets a grid of its own and
     the file passes with no layer float. The manifest records the phase, the groups and the price; the file has
-    its slices and no transposes left."""
+    its slices and no transposes left. The image signature's file then gates the grouped candidate first."""
     from export import fallback
     from export.api import export_artifacts
+    from export.input_groups import RANGES_FROM_PYTORCH
     from test_export_quant_fallback import PLANTED, SHAPE, planted_generator
 
     monkeypatch.setattr(fallback, "FLOAT_MAC_BUDGET", 0.04)
     m = export_artifacts(planted_generator(), tmp_path, shapes=[SHAPE], formats=["tflite"],
-                         precisions=["int8-dynamic"], ios=["tensor"], threads=2, progress=False,
+                         precisions=["int8-dynamic"], ios=["tensor", "image"], threads=2, progress=False,
                          calibration_masks_per_photo=1)
+    # the image signature's fallback starts from the tensor one's outcome: the grouped candidate, alone
+    seeded = m.find("tflite", SHAPE, "int8-dynamic", "image")
+    seeded_fb = seeded.build["quantization"]["fallback"]
+    assert seeded.parity.passed and seeded_fb["phase"] == fallback.GROUPS_PHASE
+    assert seeded_fb["seeded_from"] == m.find("tflite", SHAPE, "int8-dynamic", "tensor").file
+    assert [c["phase"] for c in seeded_fb["search"]] == [fallback.GROUPS_PHASE]
     a = m.find("tflite", SHAPE, "int8-dynamic", "tensor")
     q = a.build["quantization"]
     fb = q["fallback"]
@@ -131,6 +138,8 @@ def test_fallback_keeps_every_convolution_int8_with_input_groups(tmp_path, monke
     groups = fb["input_groups"]
     assert groups["groups"] == 2 and PLANTED in groups["channels"] and 1 in groups["channels"][PLANTED]
     assert groups["bias_correction"] is False and groups["weight_rounding"] == "nearest"
+    # no int8 file in this export, so no calibration pass to take them from
+    assert groups["ranges_measured_by"] == RANGES_FROM_PYTORCH
     assert fb["pure_file"]["hole_psnr_db"] < a.parity.tolerance["min_hole_psnr_db"] <= a.parity.hole_psnr_db
     grouped = [c for c in fb["search"] if c["phase"] == fallback.GROUPS_PHASE]
     assert len(grouped) == 1 and grouped[0]["passed"] and grouped[0]["grouped_layers"] == len(groups["channels"])
