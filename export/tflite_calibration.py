@@ -102,7 +102,7 @@ def probe_model(model, tensors: List[int], grid: bool = False, keep: Sequence[in
                 means: Sequence[int] = ()) -> tuple:
     """:func:`range_probe` of a ``ModelT``, changed in place (new tensors, buffers and ops appended; subgraph 0's
     op and output lists replaced, signatures dropped): returns (the model, the probes: tensor -> (min, max, grid,
-    mean, channel min, channel max) outputs, grid None where not taken, the channel ones None where not taken).
+    mean, channel min, channel max) outputs, each of the last four None where not taken).
 
     ``means``: (1,H,W,C) tensors among ``tensors`` that also get a MEAN, a REDUCE_MIN and a REDUCE_MAX over rows and
     columns, (1,C) outputs each (their min and max then reduce those): each convolution input's per-channel means,
