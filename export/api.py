@@ -459,6 +459,10 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         gen, calib[shape], means_cache(work_root, shape)))
     ranges_by_shape: Dict[Tuple[int, int], Tuple[dict, str]] = {}  # shape -> (ranges, where measured)
 
+    def workdir_of(fmt: str, shape: Tuple[int, int], io: str) -> Path:
+        """The work folder of a format, shape and I/O signature: its ONNX, saved_model and converter outputs."""
+        return work_root / f"{fmt}_{shape[0]}x{shape[1]}_{io}"
+
     def group_plan(shape, ranked: Sequence[str]) -> Tuple[Dict[str, List[List[int]]], str]:
         """The input channel groups (export.input_groups) of the first ``options.input_group_layers`` of ``ranked``
         at ``shape``, on the calibration samples' per-channel ranges, and where those were measured: by this run's
@@ -469,7 +473,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
 
         if shape not in ranges_by_shape:
             for io in dict.fromkeys(q.io for q in todo):
-                ranges = calibration_input_ranges(gen, work_root / f"tflite_{shape[0]}x{shape[1]}_{io}")
+                ranges = calibration_input_ranges(gen, workdir_of("tflite", shape, io))
                 if ranges is not None:
                     ranges_by_shape[shape] = ranges, MEASURED_BY_CALIBRATION
                     break
@@ -484,7 +488,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     def job_for(p: _Planned, mod, extra: Optional[dict] = None, suffix: str = "") -> backends.ConvertJob:
         tmp = out / f"{PARTIAL_PREFIX}{os.getpid()}-{suffix}{p.file}"
         temps.append(tmp)
-        workdir = work_root / f"{p.fmt}_{p.shape[0]}x{p.shape[1]}_{p.io}"
+        workdir = workdir_of(p.fmt, p.shape, p.io)
         if (extra or {}).get("input_groups"):  # another graph: its own ONNX and saved_model
             workdir = workdir.with_name(workdir.name + "_groups")
         meta = {
@@ -989,9 +993,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     def seeded():
         """The seed's layers (another I/O signature's passing set) as the one candidate of phase 0; or, where the
         seed passed with input channel groups, the input-grouped candidate (phase 5)."""
-        if seed.input_groups:
-            if group_plan is None:
-                return None
+        if seed.input_groups:  # the seed's file had a group_plan: so has this one, the same network and options
             show(f"{p.file}: first the input-grouped candidate, as {seed.file} passed with")
             return grouped()
         phase = fallback.seed_phase(seed)

@@ -152,21 +152,17 @@ def probe_model(model, tensors: List[int], grid: bool = False, keep: Sequence[in
 
     def probe(t):
         shape = [int(v) for v in g._ids(sg.tensors[t].shape)]
-        per_channel = t in means and len(shape) == 4 and shape[0] == 1
-        if per_channel:
+        if t in means and len(shape) == 4 and shape[0] == 1:
             # the channels' extremes first, the tensor's from them: a reduction over C values, not the tensor again
             channel_lo = reduced(t, g.OP.REDUCE_MIN, plane, [1, shape[3]], "channel_min")
             channel_hi = reduced(t, g.OP.REDUCE_MAX, plane, [1, shape[3]], "channel_max")
-            outs = [reduced(channel_lo, g.OP.REDUCE_MIN, both, [], "min"),
-                    reduced(channel_hi, g.OP.REDUCE_MAX, both, [], "max")]
+            lo = reduced(channel_lo, g.OP.REDUCE_MIN, both, [], "min")
+            hi = reduced(channel_hi, g.OP.REDUCE_MAX, both, [], "max")
+            per_channel = (reduced(t, g.OP.MEAN, plane, [1, shape[3]], "mean"), channel_lo, channel_hi)
         else:
-            outs = [reduced(t, g.OP.REDUCE_MIN, axes, [], "min"), reduced(t, g.OP.REDUCE_MAX, axes, [], "max")]
-        outs.append(value_grid(t) if grid else None)
-        if per_channel:
-            outs += [reduced(t, g.OP.MEAN, plane, [1, shape[3]], "mean"), channel_lo, channel_hi]
-        else:
-            outs += [None, None, None]
-        probes[t] = tuple(outs)
+            lo, hi = reduced(t, g.OP.REDUCE_MIN, axes, [], "min"), reduced(t, g.OP.REDUCE_MAX, axes, [], "max")
+            per_channel = (None, None, None)
+        probes[t] = (lo, hi, value_grid(t) if grid else None, *per_channel)
 
     for t in after.get(-1, []):  # graph inputs
         probe(t)
