@@ -799,6 +799,11 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
 
     limit_db = p.tolerance.get("min_hole_psnr_db", 0.0)
     samples = fallback.failing_samples(pure_result, limit_db)
+    # what the file leaves float as converted is neither ranked, nor simulated rounded, nor a candidate's layer: at
+    # 512x680 on default model v2 the int8-dynamic file's second candidate added only mergeconv18 (432 values, under
+    # the dynamic-range quantizer's 1,024) and scored what the first did
+    unrounded = getattr(mod, "unrounded_convs", lambda generator, precision: set())(sensitivity.generator,
+                                                                                      p.precision)
     rounding = _sensitivity_rounding(p, mod, options)
     seed_key = (p.fmt, tuple(p.shape), p.precision)
     seed = (seeds or {}).get(seed_key)
@@ -808,23 +813,29 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     branch_phase = None
 
     def build_for(phase, tag: str = ""):
+        # a phase-6 candidate is the input-grouped file with those layers float: another file than phase 1's
+        grouped_file = phase.number == fallback.GROUPED_FLOAT_PHASE
+
         def build(ks):
             names = {k: phase.kept(k) for k in ks}
-            todo = [k for k in ks if (tuple(names[k]), phase.inputs_float) not in built]
-            extra = {k: {"keep_float": names[k], **({"keep_float_inputs": True} if phase.inputs_float else {})}
+            key = {k: (tuple(names[k]), phase.inputs_float, grouped_file) for k in ks}
+            todo = [k for k in ks if key[k] not in built]
+            extra = {k: {"keep_float": names[k], **({"keep_float_inputs": True} if phase.inputs_float else {}),
+                         **({"input_groups": group_state["plan"]} if grouped_file else {})}
                      for k in todo}
             jobs = {k: job_for(p, mod, extra[k], suffix=f"p{phase.number}{tag}k{k}-") for k in todo}
             if todo:
                 what = "branch(es)" if phase.branches is not None else "layer(s)"
                 show(f"{p.file}: converting {len(todo)} candidate(s) keeping {', '.join(str(k) for k in todo)} "
-                     f"{what} float" + (" with the convolutions producing their inputs" if phase.inputs_float else ""))
+                     f"{what} float" + (" with the convolutions producing their inputs" if phase.inputs_float else "")
+                     + (", the others' inputs in channel groups" if grouped_file else ""))
                 results = backends.convert_all(mod, list(jobs.values()), progress=show, stages=log)
             for k, job in jobs.items():
                 res = results[job.key]
-                built[(tuple(names[k]), phase.inputs_float)] = fallback.Candidate(
+                built[key[k]] = fallback.Candidate(
                     k, res.path, dict(res.details), conversion=res, layers=names[k], inputs_float=phase.inputs_float,
                     phase=phase.number)
-            return {k: built[(tuple(names[k]), phase.inputs_float)] for k in ks}
+            return {k: built[key[k]] for k in ks}
         return build
 
     def producers(layers) -> set:
@@ -838,7 +849,8 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             c.result = gate(p, mod, c.path, first=first or samples, pairs=pairs)
             what = (f"{c.k} branch(es) ({len(c.layers)} layers) float" if c.phase == fallback.BRANCH_PHASE
                     else f"every convolution int8, {c.k} split into input channel groups"
-                    if c.phase == fallback.GROUPS_PHASE else f"{c.k} layer(s) float")
+                    if c.phase == fallback.GROUPS_PHASE else f"{c.k} layer(s) float, the others' inputs in channel "
+                    "groups" if c.phase == fallback.GROUPED_FLOAT_PHASE else f"{c.k} layer(s) float")
             show(f"{p.file}: {what}{' with their inputs' if c.inputs_float else ''}: hole PSNR "
                  f"{c.result.hole_psnr_db:.2f} dB on {c.result.samples} sample(s) "
                  f"({'passes' if c.result.passed else 'fails'})")
@@ -847,7 +859,9 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     def then(rest):
         """The phases after the first: the second and the branch phase, in the order the simulation says."""
         nonlocal branch_phase
-        branches = conv_branches(sensitivity.generator)
+        branches = {b: [n for n in layers if n not in unrounded]
+                    for b, layers in conv_branches(sensitivity.generator).items()}
+        branches = {b: layers for b, layers in branches.items() if layers}
         configs = {f"branch {b}": layers for b, layers in branches.items()}
         second = next((ph for ph in rest if ph.number == 2), None)
         if second is not None:
@@ -965,9 +979,11 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
              + f" ({tried} candidate(s))")
         return smallest
 
-    def grouped():
+    def grouped(gate_it: bool = True):
         """Every convolution quantized, the inputs of the most sensitive ones split into channel groups with a
-        run-time grid each (phase :data:`export.fallback.GROUPS_PHASE`): the candidate, if it passes."""
+        run-time grid each (phase :data:`export.fallback.GROUPS_PHASE`): the candidate, if it passes (with
+        ``gate_it`` false, only converted: the file phase-6 candidates start from). Sets ``group_state["plan"]``
+        where the candidate was made."""
         plan, ranges_source = group_plan(p.shape, [n for n, _ in ranking])
         if not plan:
             return None
@@ -986,13 +1002,36 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             group_record["error"] = res.error
             show(f"{p.file}: the input-grouped candidate could not be made ({res.error})")
             return None
+        group_state["plan"] = plan
+        if not gate_it:
+            return None
         check(candidate)
         gated.append(candidate)
         return candidate if candidate.result.passed else None
 
+    def grouped_float(phase_one):
+        """The input-grouped file with the first k of the first phase's layers float, the fewest that pass
+        (phase :data:`export.fallback.GROUPED_FLOAT_PHASE`): the candidate, or None."""
+        phase = fallback.Phase(fallback.GROUPED_FLOAT_PHASE, list(phase_one.layers), False)
+        show(f"{p.file}: the input-grouped candidate with up to {phase.size} of the first phase's layers float")
+        found, tried = fallback.search(fallback.search_order(phase.size), build_for(phase), check)
+        gated.extend(c for c in tried if not any(c is g for g in gated))
+        return found
+
     def seeded():
         """The seed's layers (another I/O signature's passing set) as the one candidate of phase 0; or, where the
         seed passed with input channel groups, the input-grouped candidate (phase 5)."""
+        if seed.input_groups and seed.layers:  # the grouped file first, unjudged: its candidates start from it
+            show(f"{p.file}: first the input-grouped candidate with the {len(seed.layers)} layer(s) {seed.file} "
+                 "passed with float")
+            grouped(gate_it=False)
+            if "plan" not in group_state:  # the grouped file could not be made: this file's own search
+                return None
+            phase = fallback.Phase(fallback.GROUPED_FLOAT_PHASE, fallback.seed_phase(seed).layers, False)
+            (candidate,) = build_for(phase)([phase.size]).values()
+            check(candidate)
+            gated.append(candidate)
+            return candidate if candidate.result.passed else None
         if seed.input_groups:  # the seed's file had a group_plan: so has this one, the same network and options
             show(f"{p.file}: first the input-grouped candidate, as {seed.file} passed with")
             return grouped()
@@ -1007,6 +1046,8 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     winner, gated = None, []
     first_record: Dict[str, object] = {}
     group_record: Dict[str, object] = {}
+    group_state: Dict[str, object] = {}  # "plan": the input channel groups of this file's grouped candidates
+    phase_one = None  # the first phase, whose layers phase 6 keeps float in the grouped file
     prune_record: Dict[str, object] = {}
     # (layers kept float, with their inputs) -> the simulated hole PSNR of that candidate, where simulated
     predictions: Dict[tuple, float] = {}
@@ -1018,11 +1059,12 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         todo, rest, last = [], None, []
         if winner is None:
             with stage("sensitivity"):
-                ranking = sensitivity.ranking(p.shape, rounding, samples)
+                ranking = [(n, db) for n, db in sensitivity.ranking(p.shape, rounding, samples) if n not in unrounded]
             limit = min(options.fallback_limit, len(ranking))
             show(f"{p.file}: most sensitive layers: " + ", ".join(f"{n} {db:.1f} dB" for n, db in ranking[:5]))
             with_inputs = p.precision in getattr(mod, "FALLBACK_INPUT_PRECISIONS", ())
             phases = fallback.phases(ranking, macs, limit, with_inputs)
+            phase_one = next((ph for ph in phases if ph.number == 1), None)
             todo, last = first_or_last([ph for ph in phases if ph.number == 1])
             rest = [ph for ph in phases if ph.number != 1]
         while todo or rest is not None:
@@ -1031,6 +1073,8 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
                 # any phase that keeps more float
                 if group_plan is not None and not group_record:
                     winner = grouped()
+                    if winner is None and "plan" in group_state and phase_one is not None:
+                        winner = grouped_float(phase_one)
                     if winner is not None:
                         break
                 todo, rest = then(rest) + last, None
@@ -1062,7 +1106,9 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         # a file on LiteRT's reference kernels (int16x8) is not pruned: its gate takes minutes a sample
         reference = p.fmt == "tflite" and tflite.reference_kernel_convs(pure.path) > 0
         found = winner
-        if options.fallback_prune_gates and winner.phase not in (fallback.SEED_PHASE, fallback.GROUPS_PHASE) \
+        # phase 6's layers are the fewest of the first phase's order already, and pruning's candidates are not grouped
+        if options.fallback_prune_gates and winner.phase not in (fallback.SEED_PHASE, fallback.GROUPS_PHASE,
+                                                                 fallback.GROUPED_FLOAT_PHASE) \
                 and not reference:
             with stage("pruning"):
                 winner = pruned(winner)
@@ -1078,7 +1124,8 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         if seed is None and seeds is not None:
             seeds[seed_key] = fallback.Seed(p.file, list(winner.layers), winner.inputs_float, tuple(ranking),
                                             branch_record.get("kept_float"),
-                                            input_groups=winner.phase == fallback.GROUPS_PHASE)
+                                            input_groups=winner.phase in (fallback.GROUPS_PHASE,
+                                                                          fallback.GROUPED_FLOAT_PHASE))
         elif winner.phase == fallback.SEED_PHASE and seed.branches_kept_float:
             branch_record["kept_float"] = list(seed.branches_kept_float)
         record = {"fallback": {
@@ -1090,11 +1137,14 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             **({"seeded_from": seed.file} if seed is not None else {}),
             "search": [{"phase": c.phase, "layers": len(c.layers), "inputs_float": c.inputs_float,
                         **({"branches": c.k} if c.phase == fallback.BRANCH_PHASE else {}),
-                        **({"grouped_layers": c.k} if c.phase == fallback.GROUPS_PHASE else {}),
+                        **({"grouped_layers": c.k} if c.phase == fallback.GROUPS_PHASE else
+                           {"grouped_layers": len(group_state["plan"])} if c.phase == fallback.GROUPED_FLOAT_PHASE
+                           else {}),
                         "hole_psnr_db": c.result.hole_psnr_db, "samples": c.result.samples,
                         "passed": c.result.passed,
                         **({"predicted_hole_psnr_db": round(predictions[(tuple(c.layers), c.inputs_float)], 2)}
-                           if (tuple(c.layers), c.inputs_float) in predictions else {})}
+                           if (tuple(c.layers), c.inputs_float) in predictions
+                           and c.phase != fallback.GROUPED_FLOAT_PHASE else {})}
                        for c in gated if c.result is not None],
             **first_record,
             **({"input_groups": group_record} if group_record else {}),

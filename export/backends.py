@@ -37,7 +37,9 @@ Optional, for quantized precisions: ``CALIBRATED`` (precisions calibrated on pho
 cache key and manifest entry record ``options.range_method``), ``FALLBACK_PRECISIONS`` (precisions
 whose failing files the export's sensitivity-guided fallback may retry with ``job.extra["keep_float"]``,
 a list of generator convolution names to keep out of quantization; :mod:`export.fallback`),
-``RUNTIME_QUANTIZED`` (precisions whose activations are quantized at run time: their parity gate also runs the
+``unrounded_convs(generator, precision) -> set`` (the generator convolutions, module names, that a file of
+``precision`` leaves in float as converted -- filters under the converter's size threshold: the fallback ranks,
+simulates and keeps float only those it rounds), ``RUNTIME_QUANTIZED`` (precisions whose activations are quantized at run time: their parity gate also runs the
 nudged copies of the held-out samples, :func:`export.samples.nudged`), and
 ``quantization_summary(path, precision, details) -> dict`` (the manifest's
 ``build.quantization``: weight and activation schemes, per-tensor ranges, quantized MAC share).

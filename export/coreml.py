@@ -48,6 +48,18 @@ CALIBRATED = ("w8a8",)
 FALLBACK_PRECISIONS = ("w8",)
 # Tensors smaller than this stay fp16 (biases; compressing them saves nothing worth an op).
 WEIGHT_THRESHOLD = 512
+
+
+def unrounded_convs(generator, precision: str) -> set:
+    """The generator's convolutions (module names) whose weights a file of ``precision`` leaves fp16 as converted:
+    those of :data:`WEIGHT_THRESHOLD` values or fewer (the quantizer's threshold is inclusive; the default model's
+    ``mergeconv18``, 432) in the weight-quantized precisions; none in fp16."""
+    import torch
+
+    if precision not in ("w8", "w8a8", "palettized"):
+        return set()
+    return {name for name, module in generator.named_modules()
+            if isinstance(module, torch.nn.Conv2d) and module.weight.numel() <= WEIGHT_THRESHOLD}
 PALETTE_BITS = 6
 # The tolerance tables live with every other one, in runtime_py.tolerances (measurements: docs/COREML.md):
 # the reference executor vs PyTorch fp32, and the export gate's Core ML rows (export.parity.tolerance_for

@@ -42,7 +42,9 @@ When an artifact of a precision its backend lists in ``FALLBACK_PRECISIONS`` fai
    Between the first phase and the later ones, a TFLite ``int8-dynamic`` file of the ``tf`` variant (with
    ``--input-groups`` above 1) tries one more candidate, phase :data:`GROUPS_PHASE`: every convolution int8, the
    inputs of its ``--input-group-layers`` most sensitive convolutions split into channel groups with a run-time
-   grid each (:mod:`export.input_groups`); a file it passes has no layer float and is not pruned;
+   grid each (:mod:`export.input_groups`); a file it passes has no layer float and is not pruned; where it fails,
+   phase :data:`GROUPED_FLOAT_PHASE`: the same file with the first phase's layers (within the MAC budget) kept
+   float, k = 1, 2, 4, ... and bisection as above, not pruned either;
 3. prunes the passing candidate (:func:`prune`, phase :data:`PRUNE_PHASE`; not a seed's, nor a file on
    LiteRT's reference kernels, whose gate takes minutes a sample): its float convolutions, most MACs first,
    go back to quantization in groups, halved after a group fails, while the file still passes, at most
@@ -157,6 +159,10 @@ PRUNE_PHASE = 4
 # Every convolution int8, the most sensitive ones' inputs split into channel groups (export.input_groups): the
 # candidate a TFLite int8-dynamic file tries after the first phase, before any phase that keeps more float
 GROUPS_PHASE = 5
+# The grouped candidate with the first phase's layers kept float, the fewest that pass: where the grouped candidate
+# alone fails (at 1024x1360 on default model v2 by 0.1 dB), before the branch and second phases, which keep
+# whole branches or any layer float whatever their MACs
+GROUPED_FLOAT_PHASE = 6
 
 
 @dataclass(frozen=True)
@@ -171,8 +177,8 @@ class Seed:
     inputs_float: bool  # with the convolutions producing their inputs
     ranking: Tuple[Tuple[str, float], ...]  # its sensitivity ranking, (layer, output SNR dB), most sensitive first
     branches_kept_float: Optional[List[str]] = None  # where it passed in the branch phase
-    # where it passed with every convolution int8, inputs in channel groups (phase GROUPS_PHASE; ``layers`` empty):
-    # the next file tries that candidate first
+    # where it passed with its inputs in channel groups (phase GROUPS_PHASE, ``layers`` empty; or
+    # GROUPED_FLOAT_PHASE, ``layers`` float): the next file tries that candidate first
     input_groups: bool = False
 
 

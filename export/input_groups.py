@@ -140,6 +140,20 @@ def grouped_generator(generator, plan: Dict[str, List[List[int]]]):
     return grouped
 
 
+def part_names(grouped, layers: Sequence[str]) -> List[str]:
+    """The convolutions (module names) of a :func:`grouped_generator` copy that compute the original generator's
+    convolutions ``layers`` (module names): one per input channel group, ``<layer>.parts.<i>``. ValueError for a
+    name the copy has no layer of."""
+    modules = dict(grouped.named_modules())
+    out: List[str] = []
+    for layer in layers:
+        parts = modules.get(f"{layer}.parts")
+        if parts is None:
+            raise ValueError(f"no convolution named {layer}")
+        out += [f"{layer}.parts.{i}" for i in range(len(parts))]
+    return out
+
+
 def _tf_net(generator):
     from models.gmcnn import GMCNNTFNet
 

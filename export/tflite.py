@@ -74,6 +74,22 @@ RUNTIME_QUANTIZED = ("int8-dynamic",)
 # convolutions' inputs are never quantized).
 FALLBACK_INPUT_PRECISIONS = ("int8", "int16x8")
 EXTRA = "export"
+
+
+def unrounded_convs(generator, precision: str) -> set:
+    """The generator's convolutions (module names) a file of ``precision`` leaves float as converted: the
+    dynamic-range quantizer's filters under :data:`export.input_groups.MIN_QUANTIZED_ELEMENTS` values (the
+    default model's ``mergeconv18``, 432); the other precisions round every convolution."""
+    import torch
+
+    from .input_groups import MIN_QUANTIZED_ELEMENTS
+
+    if precision != "int8-dynamic":
+        return set()
+    return {name for name, module in generator.named_modules()
+            if isinstance(module, torch.nn.Conv2d) and module.weight.numel() < MIN_QUANTIZED_ELEMENTS}
+
+
 METADATA_NAME = "gmcnn_mobile"
 # Tools the conversion needs (module name -> what for).
 CONVERT_TOOLS = {
@@ -274,7 +290,13 @@ def start_many(jobs: Sequence[ConvertJob], progress=None, stages=None) -> Conver
                                       {"keep": str(work), "source": artifact_file(job)})
                 if job.extra.get("keep_float"):
                     try:
-                        quant["float_nodes"] = float_nodes(job.generator, work, job.precision, job.extra["keep_float"],
+                        generator, keep = job.generator, job.extra["keep_float"]
+                        if job.extra.get("input_groups"):  # the grouped file's convolutions: each layer's parts
+                            from .input_groups import grouped_generator, part_names
+
+                            generator = grouped_generator(generator, job.extra["input_groups"])
+                            keep = part_names(generator, keep)
+                        quant["float_nodes"] = float_nodes(generator, work, job.precision, keep,
                                                            bool(job.extra.get("keep_float_inputs")))
                     except (OSError, ValueError) as exc:
                         results[job.key] = ConvertResult(None, error=f"fallback: {exc}")

@@ -140,6 +140,26 @@ def test_palettized_and_w8_weights_decompress_like_coremltools():
             np.testing.assert_array_equal(ours[op.outputs[0].name], op.materialized_val_inference())
 
 
+def test_the_backend_names_the_convolutions_its_w8_package_leaves_fp16():
+    """export.coreml.unrounded_convs is what the quantizer did: in the w8 program the convolutions whose weights
+    are a plain constant (no constexpr_affine_dequantize) are exactly those (the tiny model's filters of at most
+    512 values); fp16 names none."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+
+    from export import coreml
+
+    model = ct.models.MLModel(str(tiny_artifact("w8", "tensor")), skip_model_load=True)
+    spec = model.get_spec()
+    prog = milproto_load(spec, spec.specificationVersion, file_weights_dir=model.weights_dir)
+    plain = {op.inputs["weight"].name for op in prog.functions["main"].operations
+             if op.op_type == "conv" and op.inputs["weight"].op.op_type == "const"}
+    named = {f"generator_{module.replace('.', '_')}_weight_to_fp16"
+             for module in coreml.unrounded_convs(scaled_generator("tf", 4), "w8")}
+    assert plain and named == plain
+    assert coreml.unrounded_convs(scaled_generator("tf", 4), "fp16") == set()
+
+
 def test_torch_variant_reflect_pads():
     path, _, _, diff, hole_psnr = _compare("fp16", "tensor", variant="torch")
     assert load_program(path).op_counts["pad"] == 44

@@ -157,3 +157,64 @@ def test_fallback_keeps_every_convolution_int8_with_input_groups(tmp_path, monke
     assert len(filters) == q["convs"] > 44
     assert all((w.type == g.T.INT8) == (int(np.prod(w.shape)) >= MIN_QUANTIZED_ELEMENTS) for w in filters)
     assert fb["price"]["pure"]["bytes"] > 0 and fb["price"]["fallback"]["bytes"] == a.bytes
+
+
+def test_fallback_keeps_cheap_layers_float_in_the_grouped_file_where_groups_alone_fail(tmp_path, monkeypatch):
+    """Two planted outliers: b1conv12's (its input's channel 0 near 1000, a layer over the MAC budget) and
+    b3conv12's (the same in b3, a cheap layer). The first phase can keep only b3conv12 float and fails on b1conv12;
+    the grouped candidate, whose plan here leaves b3conv12 whole (as it would a layer whose one channel spans the
+    range), fails on b3conv12; phase 6, the grouped file with b3conv12 float, passes: b1conv12 stays int8, its
+    outlier channel on a grid of its own. The image signature's file gates that candidate first, and only it."""
+    import torch
+
+    from export import fallback, input_groups
+    from export.api import export_artifacts
+    from models.gmcnn import conv_layers
+    from test_export_quant_fallback import PLANTED, SHAPE, planted_generator
+
+    cheap = "net.layers.b3conv12"
+    gen = planted_generator()
+    convs = dict(gen.named_modules())
+    with torch.no_grad():
+        convs["net.layers.b3conv11"].bias[0] += 1000.0
+        convs[cheap].weight[:, 0] = 0.0
+    macs = {layer["name"]: layer["macs"] for layer in conv_layers(gen, *SHAPE)}
+    budget = 0.04
+    assert macs[cheap] / sum(macs.values()) < budget < macs[PLANTED] / sum(macs.values())
+    monkeypatch.setattr(fallback, "FLOAT_MAC_BUDGET", budget)
+    plan_groups = input_groups.plan_groups
+    monkeypatch.setattr(input_groups, "plan_groups", lambda *a, **k: {
+        name: groups for name, groups in plan_groups(*a, **k).items() if name != cheap})
+    m = export_artifacts(gen, tmp_path, shapes=[SHAPE], formats=["tflite"], precisions=["int8-dynamic"],
+                         ios=["tensor", "image"], threads=2, progress=False, calibration_masks_per_photo=1)
+    a = m.find("tflite", SHAPE, "int8-dynamic", "tensor")
+    fb = a.build["quantization"]["fallback"]
+    phases = [c["phase"] for c in fb["search"]]
+    assert a.parity.passed and fb["phase"] == fallback.GROUPED_FLOAT_PHASE, phases
+    assert [k["layer"] for k in fb["layers_kept_float"]] == [cheap]
+    grouped = [c for c in fb["search"] if c["phase"] == fallback.GROUPS_PHASE]
+    assert len(grouped) == 1 and not grouped[0]["passed"]
+    assert PLANTED in fb["input_groups"]["channels"] and cheap not in fb["input_groups"]["channels"]
+    last = fb["search"][-1]
+    assert last["phase"] == fallback.GROUPED_FLOAT_PHASE and last["passed"] and last["layers"] == 1
+    assert last["grouped_layers"] == len(fb["input_groups"]["channels"])
+    assert not any(c["passed"] for c in fb["search"][:-1])
+    assert "pruning" not in fb
+    # the file: one filter the quantizer would round is float32, b3conv12's (its output channels permuted for the
+    # groups that follow it)
+    from export import tflite_graph as g
+    from export.input_groups import MIN_QUANTIZED_ELEMENTS
+
+    model = g.read((tmp_path / a.file).read_bytes())
+    sg = model.subgraphs[0]
+    big_float = [i for _, i in g.conv_nodes(model)
+                 if sg.tensors[int(sg.operators[i].inputs[1])].type == g.T.FLOAT32
+                 and int(np.prod(sg.tensors[int(sg.operators[i].inputs[1])].shape)) >= MIN_QUANTIZED_ELEMENTS]
+    assert len(big_float) == 1
+    w = g.conv_weights(model, big_float[0])
+    assert np.array_equal(np.sort(w.ravel()), np.sort(convs[cheap].weight.detach().numpy().ravel()))
+    image = m.find("tflite", SHAPE, "int8-dynamic", "image")
+    seeded = image.build["quantization"]["fallback"]
+    assert image.parity.passed and seeded["seeded_from"] == a.file
+    assert [c["phase"] for c in seeded["search"]] == [fallback.GROUPED_FLOAT_PHASE]
+    assert [k["layer"] for k in seeded["layers_kept_float"]] == [cheap]

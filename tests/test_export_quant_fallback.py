@@ -328,11 +328,13 @@ def test_torch_work_is_done_once_per_shape_for_every_file_and_candidate(fallback
     samples = fallback_export["manifest"].artifacts[0].parity.samples
     assert calls["reference"] == 1 and calls["sensitivity"] == [(samples, 1)]
     # int8's simulations, each on the worst sample alone: its first phase's largest candidate (far under this
-    # gate: the phase waits), then the four branches and its second phase's largest candidate; int8-dynamic's
-    # first phase is int8's (the same layers alone, the same rounding), its second would repeat its first (left
-    # out) and its branches were simulated already
+    # gate: the phase waits), then the four branches and its second phase's largest candidate; int8-dynamic's own
+    # (its ranking, phases and branches leave out the filters its file leaves float, the tiny model's many under
+    # 1,024 values): its first phase's, its second would repeat its first (left out), and the branches but the
+    # merge, whose two filters it leaves float
     assert samples > 1 and calls["simulated"] == [
-        (1, ["phase 1"]), (1, ["branch b1", "branch b2", "branch b3", "branch merge", "phase 2"])]
+        (1, ["phase 1"]), (1, ["branch b1", "branch b2", "branch b3", "branch merge", "phase 2"]),
+        (1, ["phase 1"]), (1, ["branch b1", "branch b2", "branch b3"])]
     # the two pure files on every sample; every candidate on one (each fails the first it runs); per
     # precision at least 1 and 2 layers, then 1 and 2 branches; int8 1 and 2 more with their inputs
     assert calls["runs"].count(samples) == 2 and set(calls["runs"]) == {samples, 1}
@@ -362,6 +364,26 @@ def test_an_int8_dynamic_candidate_starts_from_the_pure_files_converter_output(f
     weights = {name: sg.tensors[g._ids(sg.operators[i].inputs)[1]].type for name, i in g.conv_nodes(model)}
     assert weights[kept] == g.T.FLOAT32 != pure_weights[kept]
     assert {n: t for n, t in weights.items() if n != kept} == {n: t for n, t in pure_weights.items() if n != kept}
+
+
+def test_the_backend_names_the_convolutions_its_dynamic_range_file_leaves_float(fallback_export):
+    """export.tflite.unrounded_convs is what the converter did: the pure int8-dynamic file's float32 filters are
+    exactly those convolutions' (matched by weights), and the file's precision with every filter rounded names none.
+    The fallback ranks, simulates and keeps float only the others."""
+    from export import tflite, tflite_graph as g
+
+    gen = fallback_export["gen"]
+    work = fallback_export["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
+    data = (work / "converter_int8-dynamic.tflite").read_bytes()
+    model = g.read(data)
+    sg = model.subgraphs[0]
+    node_type = {name: sg.tensors[g._ids(sg.operators[i].inputs)[1]].type for name, i in g.conv_nodes(model)}
+    left_float = {module for module, node in tflite.conv_nodes_of(gen, data).items()
+                  if node_type[node] == g.T.FLOAT32}
+    assert left_float and tflite.unrounded_convs(gen, "int8-dynamic") == left_float
+    assert len(left_float) < len(node_type) and tflite.unrounded_convs(gen, "int8") == set()
+    fb = fallback_export["manifest"].find("tflite", SHAPE, "int8-dynamic", "tensor").build["quantization"]["fallback"]
+    assert not {k["layer"] for k in fb["layers_kept_float"]} & left_float
 
 
 def test_fallback_off_fails_the_file(fallback_export, tmp_path, monkeypatch):
