@@ -75,6 +75,10 @@ def derive(results: List[dict], macs: Dict[str, int]) -> Dict[str, object]:
     """Rows for the tables: latency stats, memory, ratios to PyTorch, GMAC/s vs the convolution ceiling
     (and vs the SGEMM figure)."""
     conv_peak, roofline_rows = ceilings(results)
+    # merged results (benchmarks.merge) tag each row with its run: a model row is divided by its own run's ceiling
+    # (the machine's speed drifts between runs); one run's rows carry no tag and share the one ceiling
+    run_peak = {run: ceilings([r for r in results if r.get("run") == run])[0]
+                for run in {r.get("run") for r in results}}
     peak: Dict[int, float] = {}
     for r in results:
         if r["spec"]["kind"] == "sgemm" and r.get("ok"):
@@ -109,7 +113,7 @@ def derive(results: List[dict], macs: Dict[str, int]) -> Dict[str, object]:
             row["gmac_per_s"] = m / st["median_s"] / 1e9
             p = peak.get(s["threads"])
             row["fraction_of_sgemm_peak"] = (row["gmac_per_s"] / p) if p else None
-            c = ceiling_for(conv_peak, s["shape_key"], s["threads"], s["precision"])
+            c = ceiling_for(run_peak[r.get("run")], s["shape_key"], s["threads"], s["precision"])
             row["fraction_of_xnnpack_conv"] = (row["gmac_per_s"] / c) if c else None
         if "delegation" in r:
             d = r["delegation"]

@@ -13,7 +13,17 @@ def _merge_rows(old: List[dict], new: List[dict], key: Callable[[dict], tuple]) 
 
 
 def _latency_key(r: dict) -> tuple:
+    """A row's identity across merged runs: its label; a convolution ceiling's also its run, so that every merged
+    run keeps the ceiling its own model rows are divided by (benchmarks.latency.derive)."""
+    if r["spec"].get("role") == "roofline":
+        return (r["spec"]["label"], r.get("run"))
     return (r["spec"]["label"],)
+
+
+def _tagged(rows: List[dict], started) -> List[dict]:
+    """``rows`` (latency results) each with the run it was measured in (``run``: that run's start time), where
+    not tagged by an earlier merge."""
+    return [r if "run" in r else dict(r, run=started) for r in rows]
 
 
 def _merge_latency_raw(old: List[dict], new: List[dict]) -> List[dict]:
@@ -80,7 +90,8 @@ def merge_results(old: dict, new: dict, derive_latency: Callable[[List[dict], Di
     merged["meta"] = meta
     if "latency" in old:
         if "latency" in new:
-            raw = _merge_latency_raw(old["latency"].get("raw", []), new["latency"].get("raw", []))
+            raw = _merge_latency_raw(_tagged(old["latency"].get("raw", []), old.get("meta", {}).get("started")),
+                                     _tagged(new["latency"].get("raw", []), meta.get("started")))
             lat = derive_latency(raw, meta.get("macs") or {})
             lat["raw"] = raw
             lat["source"] = {**old["latency"].get("source", {}), **new["latency"].get("source", {})}

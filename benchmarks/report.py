@@ -292,7 +292,8 @@ def headline_tables(results: dict) -> str:
                      f"{tmax}, tensor I/O{'.' + ceiling_note if ceiling_note else ''}:\n\n" + md_table(header, rows))
         ceiling = conv_ceiling_table(results.get("latency", {}))
         if ceiling:
-            parts.append("The convolution ceiling (XNNPACK, measured in the same run):\n\n" + ceiling)
+            parts.append("The convolution ceiling (XNNPACK, measured in the same run as the model rows it divides):\n\n"
+                         + ceiling)
     q = results.get("quality", {}).get("rows", [])
     if q:
         summ = summarize_quality([r for r in q if r["group"] in ("mode", "classical")], by=("method",))
@@ -309,14 +310,18 @@ def _percent(fraction) -> str:
 
 
 def conv_ceiling_table(lat: dict) -> str:
-    """The XNNPACK one-convolution measurements (benchmarks.roofline) as a table, '' when there are none."""
-    rows = [[r["model_shape"], r["conv"], r["precision"], r["threads"], fmt(r.get("min_s"), 3), fmt(r.get("median_s"), 3),
-             fmt(r.get("gmac_per_s"), 1) if "gmac_per_s" in r else "failed: " + str(r.get("error", ""))[:60]]
-            for r in lat.get("roofline_rows", [])]
+    """The XNNPACK one-convolution measurements (benchmarks.roofline) as a table, '' when there are none; with the
+    run (its start time) each was measured in where merged runs measured them more than once."""
+    roof = lat.get("roofline_rows", [])
+    runs = sorted({r.get("run") or "" for r in roof})
+    rows = [([r.get("run") or "–"] if len(runs) > 1 else [])
+            + [r["model_shape"], r["conv"], r["precision"], r["threads"], fmt(r.get("min_s"), 3), fmt(r.get("median_s"), 3),
+               fmt(r.get("gmac_per_s"), 1) if "gmac_per_s" in r else "failed: " + str(r.get("error", ""))[:60]]
+            for r in sorted(roof, key=lambda r: r.get("run") or "")]
     if not rows:
         return ""
-    return md_table(["model shape", "convolution", "precision", "threads", "fastest s", "median s",
-                     "GMAC/s (fastest run)"], rows)
+    return md_table((["run"] if len(runs) > 1 else []) + ["model shape", "convolution", "precision", "threads",
+                                                          "fastest s", "median s", "GMAC/s (fastest run)"], rows)
 
 
 def section_machine_line(results: dict, section: str) -> str:

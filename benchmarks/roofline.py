@@ -158,7 +158,7 @@ def ceilings(results: Sequence[dict]) -> Tuple[Dict[str, Dict[str, Dict[str, flo
         if s.get("role") != "roofline":
             continue
         row = {"model_shape": s["shape_key"], "conv": s["conv"], "precision": s["precision"], "threads": s["threads"],
-               "gmac": s["gmac"]}
+               "gmac": s["gmac"], **({"run": r["run"]} if r.get("run") else {})}
         if r.get("ok"):
             med, best = r["stats"]["median_s"], r["stats"]["min_s"]
             row.update(median_s=med, min_s=best, gmac_per_s=s["gmac"] / best,

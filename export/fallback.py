@@ -15,7 +15,9 @@ When an artifact of a precision its backend lists in ``FALLBACK_PRECISIONS`` fai
    those samples; lowest first). One float forward per sample, about twice a forward's work: the
    end-to-end ranking (:func:`export.activations.int8_sensitivity`, the whole network again per
    layer) ran over 2 hours at 512x680 on this 2-core machine and was given up; the local SNR
-   does not see how later layers amplify an error, which the gate of each candidate does;
+   does not see how later layers amplify an error, which the gate of each candidate does. Only the
+   convolutions the file rounds are ranked (the backend's ``unrounded_convs`` names those its converter
+   leaves float), and so only they are simulated rounded or kept float by any phase;
 2. converts candidates that keep the first k ranked layers in float (``keep_float`` job
    option: the backend decides what that means in its format, see :func:`export.tflite.float_nodes`)
    for k = 1, 2, 4, 8, ... up to the limit, and gates them in that order; then the k between

@@ -351,6 +351,40 @@ def test_find_photos_skips_masks_and_upscales_when_nothing_is_large(tmp_path):
     assert ensure_large_photo(infos, tmp_path / "work", min_pixels=10_000).path.name == "a.jpg"
 
 
+def test_a_merged_runs_model_rows_keep_their_own_runs_ceiling(tmp_path):
+    """Two runs on one machine measure the ceiling 5 % apart: after the merge each model row is divided by its own
+    run's ceiling, not the newest run's, and the ceiling table lists both runs' measurements with their run."""
+    from benchmarks.latency import derive
+    from benchmarks.merge import merge_results
+
+    def row(label, kind, median, fastest=None, role=None):
+        spec = {"kind": kind, "label": label, "engine": "tflite", "precision": "fp32", "io": "tensor",
+                "shape_key": "64x88", "threads": 2, "warmup": 1, "runs": 3}
+        if role:
+            spec.update(role=role, conv="7x7 128->128 at 16x22", gmac=1.0)
+        return {"spec": spec, "ok": True, "init_s": 0, "first_s": 0, "warmup_s": [], "runs_s": [median],
+                "stats": {"min_s": fastest or median, "median_s": median, "p90_s": median}, "rss_after_init": 0,
+                "rss_after_first": 0, "peak_rss": 0, "peak_added_over_idle": 0}
+
+    ceiling = "xnnpack conv 7x7 128->128 at 16x22 fp32 2t"
+    old = _fake_results()
+    old["meta"]["started"] = "2026-12-06T01:00:00+00:00"
+    old["latency"] = {"raw": [row(ceiling, "tflite", 0.1, 1 / 20, "roofline"), row("tensor", "tflite", 1.0)]}
+    new = {"meta": dict(old["meta"], command="second", started="2026-12-06T02:00:00+00:00", macs={"64x88": 10 ** 10}),
+           "latency": {"raw": [row(ceiling, "tflite", 0.1, 1 / 21, "roofline"), row("image", "tflite", 1.0)]}}
+    merged = merge_results(old, new, derive)
+    frac = {r["label"]: r["fraction_of_xnnpack_conv"] for r in merged["latency"]["rows"]}
+    assert frac == pytest.approx({"tensor": 10 / 20, "image": 10 / 21})
+    table = report.conv_ceiling_table(merged["latency"])
+    assert "| run |" in table and "2026-12-06T01:00:00+00:00" in table and "2026-12-06T02:00:00+00:00" in table
+    # merged once more, the first two runs' rows keep the runs they were tagged with
+    third = {"meta": dict(new["meta"], command="third", started="2026-12-06T03:00:00+00:00"),
+             "latency": {"raw": [row("other", "tflite", 2.0)]}}
+    again = merge_results(merged, third, derive)
+    frac = {r["label"]: r["fraction_of_xnnpack_conv"] for r in again["latency"]["rows"]}
+    assert frac == pytest.approx({"tensor": 10 / 20, "image": 10 / 21, "other": None})
+
+
 def test_merge_keeps_old_sections_and_replaces_same_rows(tmp_path):
     from benchmarks.latency import derive
     from benchmarks.merge import merge_results

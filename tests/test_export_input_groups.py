@@ -183,10 +183,16 @@ def test_fallback_keeps_cheap_layers_float_in_the_grouped_file_where_groups_alon
     assert macs[cheap] / sum(macs.values()) < budget < macs[PLANTED] / sum(macs.values())
     monkeypatch.setattr(fallback, "FLOAT_MAC_BUDGET", budget)
     plan_groups = input_groups.plan_groups
-    monkeypatch.setattr(input_groups, "plan_groups", lambda *a, **k: {
-        name: groups for name, groups in plan_groups(*a, **k).items() if name != cheap})
+    plans = []
+
+    def without_cheap(*args, **kwargs):
+        plans.append({name: groups for name, groups in plan_groups(*args, **kwargs).items() if name != cheap})
+        return plans[-1]
+
+    monkeypatch.setattr(input_groups, "plan_groups", without_cheap)
     m = export_artifacts(gen, tmp_path, shapes=[SHAPE], formats=["tflite"], precisions=["int8-dynamic"],
-                         ios=["tensor", "image"], threads=2, progress=False, calibration_masks_per_photo=1)
+                         ios=["tensor", "image"], threads=2, progress=False, calibration_masks_per_photo=1,
+                         keep_work=True)
     a = m.find("tflite", SHAPE, "int8-dynamic", "tensor")
     fb = a.build["quantization"]["fallback"]
     phases = [c["phase"] for c in fb["search"]]
@@ -213,6 +219,27 @@ def test_fallback_keeps_cheap_layers_float_in_the_grouped_file_where_groups_alon
     assert len(big_float) == 1
     w = g.conv_weights(model, big_float[0])
     assert np.array_equal(np.sort(w.ravel()), np.sort(convs[cheap].weight.detach().numpy().ravel()))
+    # a grouped layer kept float is every one of its slices: b1conv12's, given back the grouped float file's filters
+    from export.options import ExportOptions
+    from export.tflite import float_nodes
+    from export.tflite_worker import convert_precision
+
+    work = tmp_path / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor_groups"
+    grouped = input_groups.grouped_generator(gen, plans[0])
+    parts = input_groups.part_names(grouped, [PLANTED])
+    assert len(parts) == len(plans[0][PLANTED]) >= 2
+    nodes = float_nodes(grouped, work, "int8-dynamic", parts)
+    quant = {"float_nodes": nodes, "converted": str(work / "converter_int8-dynamic.tflite"),
+             "float_model": str(work / "converter_fp32.tflite")}
+    model = g.read(convert_precision(str(work / "no_saved_model"), "int8-dynamic", "tensor", None, ExportOptions(),
+                                     quant))
+    float_model = g.read((work / "converter_fp32.tflite").read_bytes())
+    at = dict(g.conv_nodes(model))
+    at_float = dict(g.conv_nodes(float_model))
+    assert len(nodes) == len(parts)
+    for node in nodes:
+        assert model.subgraphs[0].tensors[int(model.subgraphs[0].operators[at[node]].inputs[1])].type == g.T.FLOAT32
+        assert np.array_equal(g.conv_weights(model, at[node]), g.conv_weights(float_model, at_float[node]))
     image = m.find("tflite", SHAPE, "int8-dynamic", "image")
     seeded = image.build["quantization"]["fallback"]
     assert image.parity.passed and seeded["seeded_from"] == a.file
