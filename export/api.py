@@ -1020,7 +1020,10 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
 
     def seeded():
         """The seed's layers (another I/O signature's passing set) as the one candidate of phase 0; or, where the
-        seed passed with input channel groups, the input-grouped candidate (phase 5)."""
+        seed passed with input channel groups, the input-grouped candidate (phase 5), with the seed's layers float
+        where it kept some (phase 6: the grouped file is converted first, unjudged, as those candidates start from
+        it). None when that candidate fails or cannot be made: the file's own search follows (without phases 5
+        and 6, whose grouped file it has)."""
         if seed.input_groups and seed.layers:  # the grouped file first, unjudged: its candidates start from it
             show(f"{p.file}: first the input-grouped candidate with the {len(seed.layers)} layer(s) {seed.file} "
                  "passed with float")
