@@ -1024,24 +1024,21 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         where it kept some (phase 6: the grouped file is converted first, unjudged, as those candidates start from
         it). None when that candidate fails or cannot be made: the file's own search follows (without phases 5
         and 6, whose grouped file it has)."""
-        if seed.input_groups and seed.layers:  # the grouped file first, unjudged: its candidates start from it
+        if seed.input_groups and not seed.layers:  # the seed's file had a group_plan: so has this one
+            show(f"{p.file}: first the input-grouped candidate, as {seed.file} passed with")
+            return grouped()
+        if seed.input_groups:  # the grouped file first, unjudged: its candidates start from it
             show(f"{p.file}: first the input-grouped candidate with the {len(seed.layers)} layer(s) {seed.file} "
                  "passed with float")
             grouped(gate_it=False)
             if "plan" not in group_state:  # the grouped file could not be made: this file's own search
                 return None
             phase = fallback.Phase(fallback.GROUPED_FLOAT_PHASE, fallback.seed_phase(seed).layers, False)
-            (candidate,) = build_for(phase)([phase.size]).values()
-            check(candidate)
-            gated.append(candidate)
-            return candidate if candidate.result.passed else None
-        if seed.input_groups:  # the seed's file had a group_plan: so has this one, the same network and options
-            show(f"{p.file}: first the input-grouped candidate, as {seed.file} passed with")
-            return grouped()
-        phase = fallback.seed_phase(seed)
+        else:
+            phase = fallback.seed_phase(seed)
+            show(f"{p.file}: first the {len(seed.layers)} layer(s) {seed.file} keeps float"
+                 + (" with their inputs" if seed.inputs_float else ""))
         (candidate,) = build_for(phase)([phase.size]).values()
-        show(f"{p.file}: first the {len(seed.layers)} layer(s) {seed.file} keeps float"
-             + (" with their inputs" if seed.inputs_float else ""))
         check(candidate)
         gated.append(candidate)
         return candidate if candidate.result.passed else None
