@@ -240,6 +240,7 @@ def _export(checkpoint, out: Path, options: ExportOptions, fmt_list, mods, per_f
     from runtime_py.imageio import make_output_dir
 
     previous = _previous_manifest(out, options)
+    earlier = _earlier_manifest(options, previous)  # a bad --quant-fallback-seeds fails before any work
     gen = None
     with log.stage("checkpoint"):
         # the same checkpoint file as the previous run's: its manifest entry says what loading it would (no torch)
@@ -308,7 +309,7 @@ def _export(checkpoint, out: Path, options: ExportOptions, fmt_list, mods, per_f
         if todo:  # each backend's converter (TFLite: one TensorFlow worker) serves the whole run, then closes
             with backends.session([mods[fmt] for fmt in dict.fromkeys(p.fmt for p in todo)], stages=log):
                 made, failures = _make(todo, gen=gen, ckpt_info=ckpt_info, mods=mods, out=out, options=options,
-                                       temps=temps, show=show, measure=measure, log=log)
+                                       temps=temps, show=show, measure=measure, log=log, earlier=earlier)
     finally:
         # anything of this run not renamed to its final name is removed, whatever happened
         for t in list(temps) + list(out.glob(f"{PARTIAL_PREFIX}{os.getpid()}-*")):
@@ -328,6 +329,22 @@ def _previous_manifest(out: Path, options: ExportOptions) -> Optional[Manifest]:
         return load_manifest(out)
     except UserError:
         return None
+
+
+def _earlier_manifest(options: ExportOptions, previous: Optional[Manifest]) -> Optional[Manifest]:
+    """The manifest the fallback's seeds from an earlier export come from (``options.fallback_seeds``): the previous
+    run's in the export folder (``auto``; none where the cache is off or it is unreadable), none (``none``), or the
+    one in the folder (or the file) named; a named one that cannot be read is an error."""
+    from .options import SEEDS_AUTO, SEEDS_NONE
+
+    if options.fallback_seeds == SEEDS_NONE:
+        return None
+    if options.fallback_seeds == SEEDS_AUTO:
+        return previous
+    try:
+        return load_manifest(options.fallback_seeds)
+    except UserError as exc:
+        raise UserError(f"--quant-fallback-seeds: {exc}") from None
 
 
 def _known_checkpoint(checkpoint, previous: Optional[Manifest]) -> Optional[Dict[str, object]]:
@@ -423,12 +440,15 @@ def write_manifest(manifest: Manifest, out: Path) -> Path:
 
 
 def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temps: List[Path], show,
-          measure: Optional[Callable] = None, log=None):
+          measure: Optional[Callable] = None, log=None, earlier: Optional[Manifest] = None):
     """Convert, gate and move into place every planned artifact; returns (made, failures).
+
+    ``earlier``: the manifest of an earlier export whose fallback files seed this run's
+    (:func:`export.fallback.seeds_from_manifest`).
 
     ``log`` (:class:`export.stages.StageLog`) times every stage; its budget decides whether the TFLite
     worker converts while this process converts and gates the other formats (:func:`export.stages.side_by_side`)."""
-    from models.gmcnn import count_macs
+    from models.gmcnn import conv_layers, count_macs
 
     from . import fallback
     from .activations import input_means, means_cache
@@ -699,6 +719,16 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
 
     # (format, shape, precision) -> the layers the first file of that kind kept float (export.fallback.Seed)
     seeds: Dict[tuple, object] = {}
+    # the same from an earlier export's manifest, for the first file of each kind
+    earlier_seeds: Dict[tuple, object] = {}
+    if earlier is not None:
+        earlier_seeds, left_out = fallback.seeds_from_manifest(
+            earlier, [c["name"] for c in conv_layers(gen, *todo[0].shape)])
+        for line in left_out:
+            show(f"fallback seeds: left out {line}")
+        if earlier_seeds:
+            show(f"fallback seeds: {len(earlier_seeds)} from an earlier export (checkpoint "
+                 f"{str((earlier.checkpoint or {}).get('sha256'))[:12]}, {earlier.created})")
 
     def gate_all(fmt: str, jobs, results) -> None:
         mod = mods[fmt]
@@ -736,7 +766,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                 groups = (group_plan if p.fmt == "tflite" and p.precision == "int8-dynamic" and options.input_groups > 1
                           and gen.meta.variant == "tf" else None)
                 _fallback(p, mod, res, result, sensitivity, job_for, gate, accept, failures, options, show, measure,
-                          log, seeds, group_plan=groups)
+                          log, seeds, group_plan=groups, earlier_seeds=earlier_seeds)
             finally:
                 _remove(res.path)
                 show.step()
@@ -778,12 +808,13 @@ def _sensitivity_rounding(p, mod, options) -> tuple:
 
 def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, failures, options, show,
               measure=None, log=None, seeds: Optional[Dict[tuple, object]] = None,
-              group_plan: Optional[Callable] = None) -> None:
+              group_plan: Optional[Callable] = None, earlier_seeds: Optional[Dict[tuple, object]] = None) -> None:
     """Keep the fewest most sensitive layers of a failing quantized file in float (export.fallback).
 
     ``seeds``: (format, shape, precision) -> :class:`export.fallback.Seed`, shared by the run's files: the first
     file of a kind to pass through the fallback leaves its layers there, and the next (the other I/O signature
-    of the same network) gates them first, before any sensitivity or search of its own.
+    of the same network) gates them first, before any sensitivity or search of its own. ``earlier_seeds``: the same
+    from an earlier export (:func:`export.fallback.seeds_from_manifest`), for a file no file of this run has seeded.
     ``group_plan(shape, ranked layer names)``: the input channel groups (export.input_groups) of a file whose
     first candidate keeps every convolution quantized, the most sensitive ones' inputs split into groups, and where
     the ranges they were chosen on were measured."""
@@ -806,7 +837,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
                                                                                       p.precision)
     rounding = _sensitivity_rounding(p, mod, options)
     seed_key = (p.fmt, tuple(p.shape), p.precision)
-    seed = (seeds or {}).get(seed_key)
+    seed = (seeds or {}).get(seed_key) or (earlier_seeds or {}).get(seed_key)
     # by (layers kept float, with their inputs): the second phase's first candidates are often the first's
     built: Dict[tuple, fallback.Candidate] = {}
     branch_record: Dict[str, object] = {}
@@ -983,7 +1014,18 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         """Every convolution quantized, the inputs of the most sensitive ones split into channel groups with a
         run-time grid each (phase :data:`export.fallback.GROUPS_PHASE`): the candidate, if it passes (with
         ``gate_it`` false, only converted: the file phase-6 candidates start from). Sets ``group_state["plan"]``
-        where the candidate was made."""
+        where the candidate was made. Made once, gated once: a seed's grouped candidate that failed is not gated
+        again by the file's own search, which goes on to phase 6."""
+        made_already = built.get(("input groups",))
+        if made_already is not None:
+            if not gate_it or made_already.path is None:
+                return None
+            if made_already.result is None:  # converted for a seed's phase-6 candidate, not judged yet
+                check(made_already)
+                gated.append(made_already)
+            return made_already if made_already.result.passed else None
+        if group_record.get("error"):  # could not be made for the seed: not again
+            return None
         plan, ranges_source = group_plan(p.shape, [n for n, _ in ranking])
         if not plan:
             return None
@@ -1022,13 +1064,16 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         """The seed's layers (another I/O signature's passing set) as the one candidate of phase 0; or, where the
         seed passed with input channel groups, the input-grouped candidate (phase 5), with the seed's layers float
         where it kept some (phase 6: the grouped file is converted first, unjudged, as those candidates start from
-        it). None when that candidate fails or cannot be made: the file's own search follows (without phases 5
-        and 6, whose grouped file it has)."""
-        if seed.input_groups and not seed.layers:  # the seed's file had a group_plan: so has this one
-            show(f"{p.file}: first the input-grouped candidate, as {seed.file} passed with")
+        it). None when that candidate fails or cannot be made: the file's own search follows (its phase 5 gates
+        the grouped file only if no candidate of the seed did, its phase 6 starts from it)."""
+        if seed.input_groups and group_plan is None:  # an earlier export's, made with input groups this run has not
+            show(f"{p.file}: {seed.source} passed with its inputs in channel groups, which this file does not use")
+            return None
+        if seed.input_groups and not seed.layers:
+            show(f"{p.file}: first the input-grouped candidate, as {seed.source} passed with")
             return grouped()
         if seed.input_groups:  # the grouped file first, unjudged: its candidates start from it
-            show(f"{p.file}: first the input-grouped candidate with the {len(seed.layers)} layer(s) {seed.file} "
+            show(f"{p.file}: first the input-grouped candidate with the {len(seed.layers)} layer(s) {seed.source} "
                  "passed with float")
             grouped(gate_it=False)
             if "plan" not in group_state:  # the grouped file could not be made: this file's own search
@@ -1036,7 +1081,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             phase = fallback.Phase(fallback.GROUPED_FLOAT_PHASE, fallback.seed_phase(seed).layers, False)
         else:
             phase = fallback.seed_phase(seed)
-            show(f"{p.file}: first the {len(seed.layers)} layer(s) {seed.file} keeps float"
+            show(f"{p.file}: first the {len(seed.layers)} layer(s) {seed.source} keeps float"
                  + (" with their inputs" if seed.inputs_float else ""))
         (candidate,) = build_for(phase)([phase.size]).values()
         check(candidate)
@@ -1071,7 +1116,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             if not todo:
                 # nothing within the MAC budget passed: every convolution int8, inputs in channel groups, before
                 # any phase that keeps more float
-                if group_plan is not None and not group_record:
+                if group_plan is not None:
                     winner = grouped()
                     if winner is None and "plan" in group_state and phase_one is not None:
                         winner = grouped_float(phase_one)
@@ -1121,20 +1166,22 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         if found.phase == fallback.BRANCH_PHASE:
             kept_layers = set(winner.layers)
             branch_record["kept_float"] = [b for b, _, layers in branch_phase.branches if set(layers) <= kept_layers]
-        if seed is None and seeds is not None:
+        elif winner.phase == fallback.SEED_PHASE and seed.branches_kept_float:
+            branch_record["kept_float"] = list(seed.branches_kept_float)
+        if seeds is not None and seed_key not in seeds:  # the first file of its kind in this run
             seeds[seed_key] = fallback.Seed(p.file, list(winner.layers), winner.inputs_float, tuple(ranking),
                                             branch_record.get("kept_float"),
                                             input_groups=winner.phase in (fallback.GROUPS_PHASE,
                                                                           fallback.GROUPED_FLOAT_PHASE))
-        elif winner.phase == fallback.SEED_PHASE and seed.branches_kept_float:
-            branch_record["kept_float"] = list(seed.branches_kept_float)
         record = {"fallback": {
             "layers_kept_float": kept, "inputs_kept_float": winner.inputs_float, "limit": limit,
             "float_mac_budget": fallback.FLOAT_MAC_BUDGET, "ranked_on_samples": samples,
             "sensitivity_rounding": list(rounding),
+            "ranking": [{"layer": n, "snr_db": round(db, 2)} for n, db in ranking],
             "pure_file": {"hole_psnr_db": pure_result.hole_psnr_db, "note": pure_result.note},
             "phase": winner.phase,
             **({"seeded_from": seed.file} if seed is not None else {}),
+            **({"seeded_from_earlier_export": dict(seed.earlier)} if seed is not None and seed.earlier else {}),
             "search": [{"phase": c.phase, "layers": len(c.layers), "inputs_float": c.inputs_float,
                         **({"branches": c.k} if c.phase == fallback.BRANCH_PHASE else {}),
                         **({"grouped_layers": c.k} if c.phase == fallback.GROUPS_PHASE else

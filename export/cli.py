@@ -62,6 +62,8 @@ def register(sub) -> None:
                    metavar="LAYERS", help=help_of("fallback_branch_limit"))
     p.add_argument("--quant-fallback-prune", type=int_at_least(0), default=default_of("fallback_prune_gates"),
                    metavar="CANDIDATES", help=help_of("fallback_prune_gates"))
+    p.add_argument("--quant-fallback-seeds", default=default_of("fallback_seeds"), metavar="auto|none|DIR",
+                   help=help_of("fallback_seeds"))
     p.add_argument("--input-groups", type=int_at_least(1), default=default_of("input_groups"), metavar="GROUPS",
                    help=help_of("input_groups"))
     p.add_argument("--input-group-layers", type=int_at_least(1), default=default_of("input_group_layers"),
@@ -119,6 +121,7 @@ def options_from_args(args, formats, precisions) -> ExportOptions:
         range_method=args.range_method, weight_rounding=args.weight_rounding,
         quant_fallback=args.quant_fallback == "on", fallback_limit=args.quant_fallback_limit,
         fallback_branch_limit=args.quant_fallback_branch_limit, fallback_prune_gates=args.quant_fallback_prune,
+        fallback_seeds=args.quant_fallback_seeds,
         input_groups=args.input_groups, input_group_layers=args.input_group_layers,
         tolerances=hole_psnr_overrides(args.min_hole_psnr or [], args.io) or None,
         use_cache=not args.no_cache, keep_work=args.keep_work, memory_budget_gib=args.memory_budget_gib,

@@ -7,7 +7,9 @@ When an artifact of a precision its backend lists in ``FALLBACK_PRECISIONS`` fai
 
 0. where another file of the same format, shape and precision (the other I/O signature) passed through the
    fallback earlier in the same run, gates that file's layers first (:class:`Seed`) and stops there if they
-   pass; else, or for the first file of its kind:
+   pass; for the first file of its kind, the same with the layers a file of its kind kept float in an earlier
+   export (``--quant-fallback-seeds``: by default the manifest a previous run left in the export folder,
+   :func:`seeds_from_manifest`), as after a retraining; else, or where those fail:
 1. ranks the generator's convolutions by the quantization noise each one adds on the held-out
    samples the file failed on (:func:`export.activations.layer_snr`: the SNR of the layer's own
    output with only its input and weights rounded to int8 -- ``int16x8``: its input to int16
@@ -182,6 +184,57 @@ class Seed:
     # where it passed with its inputs in channel groups (phase GROUPS_PHASE, ``layers`` empty; or
     # GROUPED_FLOAT_PHASE, ``layers`` float): the next file tries that candidate first
     input_groups: bool = False
+    # a seed from an earlier export's manifest (:func:`seeds_from_manifest`), maybe of another checkpoint: that
+    # export's checkpoint and time, recorded with the file it seeds; None for a file of this run
+    earlier: Optional[Dict[str, object]] = None
+
+    @property
+    def source(self) -> str:
+        """The file that found the seed's layers, in words."""
+        return f"{self.file} of an earlier export" if self.earlier else self.file
+
+
+def seeds_from_manifest(manifest, convs: Sequence[str]) -> Tuple[Dict[tuple, Seed], List[str]]:
+    """Seeds from an earlier export's manifest (:class:`runtime_py.manifest.Manifest`), for the fallback files of
+    this run that no file of the run has seeded yet: the layers a retrained model needs float are most often those
+    its previous version needed, and gating them (one candidate) replaces the sensitivity, the phases and the
+    pruning (at 1024x1360 on default model v2 on the AVX2 EPYC, about 40 minutes of the int8-dynamic file's 45).
+
+    Per (format, shape, precision), the first file of the manifest the fallback made: its layers kept float, with
+    their inputs or not, the branches it kept float, whether its inputs were in channel groups, and its ranking (the
+    record's ``ranking``; an older manifest has none: the kept layers' own output SNRs). ``convs``: the names of this
+    run's generator's convolutions. A record naming another convolution (another network) is left out, and so is
+    a grouped one without a ranking (which convolutions get groups follows the ranking). Returns (the seeds, one
+    line per record left out, saying why)."""
+    seeds: Dict[tuple, Seed] = {}
+    left_out: List[str] = []
+    known = set(convs)
+    earlier = {"checkpoint_sha256": (manifest.checkpoint or {}).get("sha256"),
+               "weights_sha256": (manifest.checkpoint or {}).get("weights_sha256"), "created": manifest.created}
+    for a in manifest.artifacts:
+        record = ((a.build or {}).get("quantization") or {}).get("fallback")
+        key = (a.format, tuple(a.shape), a.precision)
+        if not record or key in seeds:
+            continue
+        kept = [(k["layer"], k.get("snr_db", float("nan"))) for k in record.get("layers_kept_float", [])]
+        ranked = [(k["layer"], k["snr_db"]) for k in record.get("ranking", [])]
+        grouped = record.get("phase") in (GROUPS_PHASE, GROUPED_FLOAT_PHASE)
+        unknown = sorted({name for name, _ in kept + ranked} - known)
+        if unknown:
+            left_out.append(f"{a.file}: its layers are not this network's ({', '.join(unknown[:3])})")
+            continue
+        if not kept and not grouped:
+            left_out.append(f"{a.file}: keeps no layer float")
+            continue
+        if grouped and not ranked:
+            left_out.append(f"{a.file}: passed with its inputs in channel groups, and the manifest has no ranking "
+                            "to choose them by")
+            continue
+        branches = (record.get("branches") or {}).get("kept_float")
+        seeds[key] = Seed(a.file, [name for name, _ in kept], bool(record.get("inputs_kept_float")),
+                          tuple(ranked or kept), list(branches) if branches else None, input_groups=grouped,
+                          earlier=earlier)
+    return seeds, left_out
 
 
 def seed_phase(seed: Seed) -> Phase:

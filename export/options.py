@@ -43,6 +43,8 @@ WEIGHT_ROUNDINGS = ("nearest", "gptq")
 INPUT_GROUPS = 2
 INPUT_GROUP_LAYERS = 44
 CALIBRATION_MASKS_PER_PHOTO = 3
+# where the fallback's seeds from an earlier export come from (export.fallback.seeds_from_manifest)
+SEEDS_AUTO, SEEDS_NONE = "auto", "none"
 # Issue 17: a full default export on a laptop-sized CI runner (8 GiB) leaves room for the rest of the machine.
 DEFAULT_MEMORY_BUDGET_GIB = 6.0
 
@@ -114,6 +116,11 @@ class ExportOptions:
         FALLBACK_PRUNE_GATES, "once a fallback candidate passes: how many smaller candidates (its float layers "
                               "quantized again, most MACs first, while the file still passes) the fallback may "
                               "convert and gate; 0: keep the candidate the search found")
+    fallback_seeds: str = _opt(
+        SEEDS_AUTO, f"where the fallback of the first file of each kind (format, shape, precision) first gates the "
+                    f"layers a file of its kind kept float in an earlier export, before any search of its own: "
+                    f"{SEEDS_AUTO} (the manifest a previous run left in the export folder, unless the cache is "
+                    f"off), an export folder or its manifest.json, or {SEEDS_NONE}")
     input_groups: int = _opt(
         INPUT_GROUPS, "when a TFLite int8-dynamic file (tf variant) misses its parity gate and no fallback candidate "
                       "within its MAC budget passes, the next candidate keeps every convolution int8 and splits the "
@@ -157,6 +164,7 @@ class ExportOptions:
         set_("int8_tail", bool(self.int8_tail))
         set_("quant_fallback", bool(self.quant_fallback))
         set_("bias_correction", bool(self.bias_correction))
+        set_("fallback_seeds", SEEDS_NONE if self.fallback_seeds is None else str(self.fallback_seeds))
         if self.tolerances is not None:
             set_("tolerances", dict(self.tolerances))
         self._check()
@@ -175,6 +183,8 @@ class ExportOptions:
             raise UserError(f"the fallback's branch limit must be at least 1 layer, got {self.fallback_branch_limit!r}")
         if self.fallback_prune_gates < 0:
             raise UserError(f"the fallback's pruning candidates must be 0 or more, got {self.fallback_prune_gates!r}")
+        if not self.fallback_seeds:
+            raise UserError(f"the fallback's seeds: give {SEEDS_AUTO}, {SEEDS_NONE} or an export folder")
         if self.input_groups < 1:
             raise UserError(f"input groups must be 1 (none) or more, got {self.input_groups!r}")
         if self.input_group_layers < 1:

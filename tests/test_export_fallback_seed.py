@@ -68,3 +68,84 @@ def test_a_seed_that_fails_is_followed_by_the_files_own_search(tmp_path, monkeyp
     assert i["search"][0]["phase"] == 0 and i["search"][0]["passed"] is False
     assert i["phase"] == 1 and [k["layer"] for k in i["layers_kept_float"]] == [PLANTED]
     assert len(_sensitivity_stages(tmp_path)) == 2
+
+
+def test_an_earlier_exports_layers_seed_the_first_file_of_its_kind(seeded, tmp_path):
+    """--quant-fallback-seeds DIR: the tensor file gates the layers DIR's file of its kind kept float before any
+    search of its own (no sensitivity at all in this run), records where they came from, and seeds the image file
+    of this run as before."""
+    earlier_out, earlier = seeded
+    m = _export(tmp_path, fallback_seeds=str(earlier_out))
+    tensor, image = (m.find("tflite", SHAPE, "int8-dynamic", io) for io in ("tensor", "image"))
+    t, i = tensor.build["quantization"]["fallback"], image.build["quantization"]["fallback"]
+    before = earlier.find("tflite", SHAPE, "int8-dynamic", "tensor")
+    assert tensor.parity.passed and t["phase"] == 0 and t["seeded_from"] == before.file
+    assert t["seeded_from_earlier_export"] == {"checkpoint_sha256": earlier.checkpoint["sha256"],
+                                               "weights_sha256": earlier.checkpoint["weights_sha256"],
+                                               "created": earlier.created}
+    assert [c["phase"] for c in t["search"]] == [0] and t["search"][0]["passed"]
+    assert t["layers_kept_float"] == before.build["quantization"]["fallback"]["layers_kept_float"]
+    # the ranking the earlier search measured, every convolution the file rounds, travels with the seed
+    assert t["ranking"] == before.build["quantization"]["fallback"]["ranking"] and len(t["ranking"]) > 1
+    assert i["seeded_from"] == tensor.file and "seeded_from_earlier_export" not in i and i["phase"] == 0
+    assert _sensitivity_stages(tmp_path) == []
+
+
+def test_a_retrained_model_exported_into_the_same_folder_is_seeded_by_the_previous_run(seeded, tmp_path):
+    """By default (auto) the previous manifest in the export folder seeds a new checkpoint's files; none searches
+    from scratch; a folder with no manifest named is one error line before any work."""
+    import shutil
+
+    from export.api import export_artifacts
+    from runtime_py.errors import UserError
+
+    earlier_out, earlier = seeded
+    retrained = planted_generator(outlier=1001.0)  # other weights: every file is made again
+    for seeds, phase in (("auto", 0), ("none", 1)):
+        out = tmp_path / seeds
+        shutil.copytree(earlier_out, out)
+        m = export_artifacts(retrained, out, shapes=[SHAPE], formats=["tflite"], precisions=["int8-dynamic"],
+                             ios=["tensor"], threads=2, progress=False, calibration_masks_per_photo=1,
+                             fallback_seeds=seeds)
+        assert m.checkpoint["weights_sha256"] != earlier.checkpoint["weights_sha256"]
+        t = m.find("tflite", SHAPE, "int8-dynamic", "tensor").build["quantization"]["fallback"]
+        assert t["phase"] == phase and [k["layer"] for k in t["layers_kept_float"]] == [PLANTED]
+        assert ("seeded_from_earlier_export" in t) == (seeds == "auto")
+        assert len(_sensitivity_stages(out)) == (seeds == "none")
+    missing = tmp_path / "no-export-here"
+    with pytest.raises(UserError, match="--quant-fallback-seeds: .*no-export-here.*no export manifest") as exc:
+        _export(tmp_path / "fresh", fallback_seeds=str(missing))
+    assert "\n" not in str(exc.value) and not (tmp_path / "fresh").exists()
+
+
+def test_seeds_from_a_manifest_leave_out_what_this_network_cannot_use(seeded):
+    """export.fallback.seeds_from_manifest: the first file of each kind; a record naming a convolution this network
+    lacks is left out, as is a grouped one without a ranking; an older record without a ranking gives its kept
+    layers' own SNRs."""
+    import copy
+
+    from export import fallback
+
+    _, earlier = seeded
+    convs = [k["layer"] for k in earlier.find("tflite", SHAPE, "int8-dynamic", "tensor")
+             .build["quantization"]["fallback"]["ranking"]]
+    seeds, left_out = fallback.seeds_from_manifest(earlier, convs)
+    key = ("tflite", SHAPE, "int8-dynamic")
+    assert list(seeds) == [key] and left_out == []
+    seed = seeds[key]
+    assert seed.file.endswith("_tensor_int8-dynamic.tflite") and seed.layers == [PLANTED] and not seed.input_groups
+    assert [n for n, _ in seed.ranking] == convs and seed.earlier["created"] == earlier.created
+    assert seed.source == f"{seed.file} of an earlier export"
+
+    older = copy.deepcopy(earlier)
+    for a in older.artifacts:
+        del a.build["quantization"]["fallback"]["ranking"]
+    (seed,) = fallback.seeds_from_manifest(older, convs)[0].values()
+    assert seed.ranking == ((PLANTED, older.artifacts[0].build["quantization"]["fallback"]["layers_kept_float"][0]
+                             ["snr_db"]),)
+    for a in older.artifacts:
+        a.build["quantization"]["fallback"]["phase"] = fallback.GROUPS_PHASE
+    seeds, left_out = fallback.seeds_from_manifest(older, convs)
+    assert seeds == {} and len(left_out) == 2 and all("no ranking" in line for line in left_out)
+    seeds, left_out = fallback.seeds_from_manifest(earlier, [c for c in convs if c != PLANTED])
+    assert seeds == {} and len(left_out) == 2 and all(PLANTED in line for line in left_out)

@@ -245,3 +245,44 @@ def test_fallback_keeps_cheap_layers_float_in_the_grouped_file_where_groups_alon
     assert image.parity.passed and seeded["seeded_from"] == a.file
     assert [c["phase"] for c in seeded["search"]] == [fallback.GROUPED_FLOAT_PHASE]
     assert [k["layer"] for k in seeded["layers_kept_float"]] == [cheap]
+
+
+def test_an_earlier_grouped_seed_that_fails_is_followed_by_the_files_own_phase_6(tmp_path, monkeypatch):
+    """An earlier export of the one-outlier model passed with its inputs in channel groups (phase 5); the model
+    "retrained" with a second outlier in a cheap layer the plan leaves whole is exported into the same folder: the
+    earlier seed's grouped candidate fails (gated once), and the file's own search goes on to phase 6, the grouped
+    file with that cheap layer float, and passes."""
+    import shutil
+
+    import torch
+
+    from export import fallback, input_groups
+    from export.api import export_artifacts
+    from test_export_quant_fallback import SHAPE, planted_generator
+
+    cheap = "net.layers.b3conv12"
+    monkeypatch.setattr(fallback, "FLOAT_MAC_BUDGET", 0.04)
+    options = dict(shapes=[SHAPE], formats=["tflite"], precisions=["int8-dynamic"], ios=["tensor"], threads=2,
+                   progress=False, calibration_masks_per_photo=1)
+    earlier = tmp_path / "earlier"
+    before = export_artifacts(planted_generator(), earlier, **options).find("tflite", SHAPE, "int8-dynamic", "tensor")
+    assert before.build["quantization"]["fallback"]["phase"] == fallback.GROUPS_PHASE
+
+    gen = planted_generator()
+    convs = dict(gen.named_modules())
+    with torch.no_grad():
+        convs["net.layers.b3conv11"].bias[0] += 1000.0
+        convs[cheap].weight[:, 0] = 0.0
+    plan_groups = input_groups.plan_groups
+    monkeypatch.setattr(input_groups, "plan_groups", lambda *args, **kwargs: {
+        name: groups for name, groups in plan_groups(*args, **kwargs).items() if name != cheap})
+    out = tmp_path / "retrained"
+    shutil.copytree(earlier, out)
+    a = export_artifacts(gen, out, **options).find("tflite", SHAPE, "int8-dynamic", "tensor")
+    fb = a.build["quantization"]["fallback"]
+    phases = [c["phase"] for c in fb["search"]]
+    assert fb["seeded_from"] == before.file and "seeded_from_earlier_export" in fb
+    assert phases[0] == fallback.GROUPS_PHASE and not fb["search"][0]["passed"]
+    assert phases.count(fallback.GROUPS_PHASE) == 1  # the grouped file is judged once
+    assert a.parity.passed and fb["phase"] == fallback.GROUPED_FLOAT_PHASE and phases[-1] == fb["phase"], phases
+    assert [k["layer"] for k in fb["layers_kept_float"]] == [cheap]

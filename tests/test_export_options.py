@@ -32,14 +32,14 @@ def test_every_flag_reaches_its_field():
                         "--no-int8-tail", "--no-bias-correction", "--range-method", "auto", "--weight-rounding", "gptq", "--min-hole-psnr", "int8=30", "--no-cache",
                         "--keep-work", "--quiet", "--quant-fallback", "off", "--quant-fallback-limit", "3",
                         "--quant-fallback-branch-limit", "16", "--quant-fallback-prune", "0", "--memory-budget-gib", "2.5",
-                        "--input-groups", "3", "--input-group-layers", "5")
+                        "--quant-fallback-seeds", "none", "--input-groups", "3", "--input-group-layers", "5")
     got = options_from_args(args, ("tflite",), ("int8",))
     expected = ExportOptions(
         shapes=[(64, 96)], formats=["tflite"], precisions=["int8"], ios=["image"], calibration=Path("c"),
         holdout=Path("h"), threads=3, pad_mode="mirror_pad", upsample_mode="depth_to_space", int8_tail=False,
         bias_correction=False, range_method="auto", weight_rounding="gptq", tolerances={("int8", "image"): {"min_hole_psnr_db": 30.0, "max_known_pixels_changed": 0}},
         use_cache=False, keep_work=True, progress=False, quant_fallback=False, fallback_limit=3, fallback_branch_limit=16,
-        fallback_prune_gates=0, memory_budget_gib=2.5, input_groups=3, input_group_layers=5)
+        fallback_prune_gates=0, fallback_seeds="none", memory_budget_gib=2.5, input_groups=3, input_group_layers=5)
     assert got == expected
     changed = [f.name for f in dataclasses.fields(ExportOptions) if getattr(got, f.name) == default_of(f.name)]
     assert changed == ["calibration_masks_per_photo"]  # the one option only the API (tests) sets
@@ -56,6 +56,7 @@ def test_help_comes_from_the_dataclass():
     assert helps["quant_fallback_limit"] == help_of("fallback_limit")
     assert helps["quant_fallback_branch_limit"] == help_of("fallback_branch_limit")
     assert helps["quant_fallback_prune"] == help_of("fallback_prune_gates")
+    assert helps["quant_fallback_seeds"] == help_of("fallback_seeds")
     assert helps["input_groups"] == help_of("input_groups")
     assert helps["input_group_layers"] == help_of("input_group_layers")
     assert help_of("int8_tail") in helps["no_int8_tail"] and help_of("progress") in helps["quiet"]
