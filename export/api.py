@@ -723,7 +723,8 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     earlier_seeds: Dict[tuple, object] = {}
     if earlier is not None:
         earlier_seeds, left_out = fallback.seeds_from_manifest(
-            earlier, [c["name"] for c in conv_layers(gen, *todo[0].shape)])
+            earlier, [c["name"] for c in conv_layers(gen, *todo[0].shape)],
+            kinds={(p.fmt, tuple(p.shape), p.precision) for p in todo})
         for line in left_out:
             show(f"fallback seeds: left out {line}")
         if earlier_seeds:
@@ -1018,14 +1019,12 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         again by the file's own search, which goes on to phase 6."""
         made_already = built.get(("input groups",))
         if made_already is not None:
-            if not gate_it or made_already.path is None:
+            if not gate_it or made_already.path is None:  # could not be made for the seed: not again
                 return None
             if made_already.result is None:  # converted for a seed's phase-6 candidate, not judged yet
                 check(made_already)
                 gated.append(made_already)
             return made_already if made_already.result.passed else None
-        if group_record.get("error"):  # could not be made for the seed: not again
-            return None
         plan, ranges_source = group_plan(p.shape, [n for n, _ in ranking])
         if not plan:
             return None
@@ -1159,8 +1158,14 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
                 winner = pruned(winner)
         t0 = time.time()
         with stage("price"):
-            price = fallback.price(pure.path, winner.path, options.threads, p.fmt, measure, reference_kernels=reference)
-        show(f"{p.file}: priced against the pure file ({time.time() - t0:.1f}s)")
+            if (seed is not None and seed.price is not None and seed.earlier is None
+                    and fallback.same_float(winner, seed)):  # the other I/O signature's file timed it
+                price = fallback.shared_price(pure.path, winner.path, seed.price, seed.file)
+            else:
+                price = fallback.price(pure.path, winner.path, options.threads, p.fmt, measure,
+                                       reference_kernels=reference)
+        show(f"{p.file}: priced against the pure file ({time.time() - t0:.1f}s"
+             + (f"; the latency ratio of {seed.file}" if "latency_ratio_of" in price else "") + ")")
         snr = dict(ranking)
         kept = [{"layer": n, "snr_db": round(snr[n], 2)} for n in winner.layers]
         if found.phase == fallback.BRANCH_PHASE:
@@ -1172,7 +1177,8 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             seeds[seed_key] = fallback.Seed(p.file, list(winner.layers), winner.inputs_float, tuple(ranking),
                                             branch_record.get("kept_float"),
                                             input_groups=winner.phase in (fallback.GROUPS_PHASE,
-                                                                          fallback.GROUPED_FLOAT_PHASE))
+                                                                          fallback.GROUPED_FLOAT_PHASE),
+                                            price=price if price.get("latency_ratio") is not None else None)
         record = {"fallback": {
             "layers_kept_float": kept, "inputs_kept_float": winner.inputs_float, "limit": limit,
             "float_mac_budget": fallback.FLOAT_MAC_BUDGET, "ranked_on_samples": samples,

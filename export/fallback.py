@@ -187,6 +187,9 @@ class Seed:
     # a seed from an earlier export's manifest (:func:`seeds_from_manifest`), maybe of another checkpoint: that
     # export's checkpoint and time, recorded with the file it seeds; None for a file of this run
     earlier: Optional[Dict[str, object]] = None
+    # the file's price where its latency was timed (:func:`price`): a file that passes keeping the same float takes
+    # its latency ratio (:func:`shared_price`)
+    price: Optional[Dict[str, object]] = None
 
     @property
     def source(self) -> str:
@@ -194,7 +197,8 @@ class Seed:
         return f"{self.file} of an earlier export" if self.earlier else self.file
 
 
-def seeds_from_manifest(manifest, convs: Sequence[str]) -> Tuple[Dict[tuple, Seed], List[str]]:
+def seeds_from_manifest(manifest, convs: Sequence[str],
+                        kinds: Optional[Sequence[tuple]] = None) -> Tuple[Dict[tuple, Seed], List[str]]:
     """Seeds from an earlier export's manifest (:class:`runtime_py.manifest.Manifest`), for the fallback files of
     this run that no file of the run has seeded yet: the layers a retrained model needs float are most often those
     its previous version needed, and gating them (one candidate) replaces the sensitivity, the phases and the
@@ -204,18 +208,20 @@ def seeds_from_manifest(manifest, convs: Sequence[str]) -> Tuple[Dict[tuple, See
     their inputs or not, the branches it kept float, whether its inputs were in channel groups, and its ranking (the
     record's ``ranking``; an older manifest has none: the kept layers' own output SNRs). ``convs``: the names of this
     run's generator's convolutions. A record naming another convolution (another network) is left out, and so is
-    a grouped one without a ranking (which convolutions get groups follows the ranking). Returns (the seeds, one
-    line per record left out, saying why)."""
+    a grouped one without a ranking (which convolutions get groups follows the ranking). ``kinds``: the (format,
+    shape, precision) this run makes (None: every kind). Returns (the seeds, one line per record left out of a kind
+    that got no seed, saying why)."""
     seeds: Dict[tuple, Seed] = {}
-    left_out: List[str] = []
+    why: Dict[tuple, List[str]] = {}
     known = set(convs)
     earlier = {"checkpoint_sha256": (manifest.checkpoint or {}).get("sha256"),
                "weights_sha256": (manifest.checkpoint or {}).get("weights_sha256"), "created": manifest.created}
     for a in manifest.artifacts:
         record = ((a.build or {}).get("quantization") or {}).get("fallback")
         key = (a.format, tuple(a.shape), a.precision)
-        if not record or key in seeds:
+        if not record or key in seeds or (kinds is not None and key not in kinds):
             continue
+        left_out = why.setdefault(key, [])
         kept = [(k["layer"], k.get("snr_db", float("nan"))) for k in record.get("layers_kept_float", [])]
         ranked = [(k["layer"], k["snr_db"]) for k in record.get("ranking", [])]
         grouped = record.get("phase") in (GROUPS_PHASE, GROUPED_FLOAT_PHASE)
@@ -234,7 +240,7 @@ def seeds_from_manifest(manifest, convs: Sequence[str]) -> Tuple[Dict[tuple, See
         seeds[key] = Seed(a.file, [name for name, _ in kept], bool(record.get("inputs_kept_float")),
                           tuple(ranked or kept), list(branches) if branches else None, input_groups=grouped,
                           earlier=earlier)
-    return seeds, left_out
+    return seeds, [line for key, lines in why.items() if key not in seeds for line in lines]
 
 
 def seed_phase(seed: Seed) -> Phase:
@@ -542,6 +548,35 @@ def search(ks_first: Sequence[int], build: Callable[[Sequence[int]], Dict[int, C
             else:
                 a = mid + 1
     return hi, gated
+
+
+def same_float(candidate: Candidate, seed: Seed) -> bool:
+    """Whether ``candidate`` keeps float what ``seed``'s file keeps (the same convolutions, with their inputs or
+    not, its inputs in channel groups or not): the other I/O signature's file of the same network, whose price then
+    is this one's."""
+    grouped = candidate.phase in (GROUPS_PHASE, GROUPED_FLOAT_PHASE)
+    return (sorted(candidate.layers) == sorted(seed.layers) and candidate.inputs_float == seed.inputs_float
+            and grouped == seed.input_groups)
+
+
+def shared_price(pure_path, fallback_path, timed: Dict[str, object], of: str) -> Dict[str, object]:
+    """The price of a file that keeps float what ``of`` keeps (:func:`same_float`; the other I/O signature's file,
+    whose price ``timed`` this run measured with :func:`price`): the two files' sizes, and ``of``'s latency ratio
+    (``latency_ratio_of``). The two signatures wrap one network in a few I/O ops; timing them both cost 4 x 175 s
+    at 1024x1360 and 4 x 43 s at 512x680 of a full default export on the AVX2 EPYC (2026-12-06), and their ratios
+    for the same layers differed by up to 0.2 (1.074 against 0.948, 1.025 against 0.824), each file's runs
+    within 1 % of each other: the drift between the processes, not the files."""
+    from pathlib import Path
+
+    from runtime_py.manifest import artifact_digest
+
+    out: Dict[str, object] = {"threads": timed.get("threads"), "runs": 0,
+                              "pure": {"bytes": artifact_digest(Path(pure_path))[1]},
+                              "fallback": {"bytes": artifact_digest(Path(fallback_path))[1]}}
+    out["size_ratio"] = round(out["fallback"]["bytes"] / out["pure"]["bytes"], 3)
+    out.update(latency_ratio=timed["latency_ratio"], latency_ratio_of=of,
+               not_timed=f"keeps float what {of} keeps: its latency ratio")
+    return out
 
 
 def price(pure_path, fallback_path, threads: int, fmt: str, measure=None, runs: int = PRICE_RUNS,

@@ -24,8 +24,10 @@ def _sensitivity_stages(out):
 
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory):
+    from benchmarks.measure import measure_file
+
     out = tmp_path_factory.mktemp("seeded")
-    return out, _export(out)
+    return out, _export(out, measure=measure_file)
 
 
 def test_the_image_file_passes_with_the_tensor_files_layers_and_no_search_of_its_own(seeded):
@@ -40,6 +42,11 @@ def test_the_image_file_passes_with_the_tensor_files_layers_and_no_search_of_its
                             "samples": image.parity.samples, "passed": True}]
     assert image.parity.passed and i["pure_file"]["hole_psnr_db"] < image.parity.tolerance["min_hole_psnr_db"]
     assert "branches" not in i and "phase_1_predicted_hole_psnr_db" not in i
+    # the tensor file's price was timed; the image file, keeping the same layer float, takes its latency ratio
+    assert t["price"]["runs"] == 3 and t["price"]["latency_ratio"] > 0 and "latency_ratio_of" not in t["price"]
+    assert i["price"]["latency_ratio"] == t["price"]["latency_ratio"] and i["price"]["latency_ratio_of"] == tensor.file
+    assert i["price"]["runs"] == 0 and "latency_median_s" not in i["price"]["fallback"]
+    assert i["price"]["fallback"]["bytes"] == image.bytes and i["price"]["pure"]["bytes"] > 0
     # one sensitivity pass, the tensor file's: the image file ran none
     assert _sensitivity_stages(out) == [f"fallback sensitivity {tensor.file}"]
     # no int8 file, so no calibration pass: the bias correction's input means came from PyTorch forwards
@@ -149,3 +156,6 @@ def test_seeds_from_a_manifest_leave_out_what_this_network_cannot_use(seeded):
     assert seeds == {} and len(left_out) == 2 and all("no ranking" in line for line in left_out)
     seeds, left_out = fallback.seeds_from_manifest(earlier, [c for c in convs if c != PLANTED])
     assert seeds == {} and len(left_out) == 2 and all(PLANTED in line for line in left_out)
+    # only the kinds a run makes: none of this manifest's at another shape
+    assert fallback.seeds_from_manifest(earlier, [c for c in convs if c != PLANTED],
+                                        kinds=[("tflite", (128, 192), "int8-dynamic")]) == ({}, [])
