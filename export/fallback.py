@@ -59,7 +59,8 @@ When an artifact of a precision its backend lists in ``FALLBACK_PRECISIONS`` fai
 4. writes the passing candidate under the artifact's name, its manifest entry recording the
    layers kept float, their sensitivity, the share of convolution MACs still quantized, the
    search, and the price beside the pure file: size, latency and peak RSS, measured in one run
-   each (``benchmarks.measure.measure_file``, passed in by the command line);
+   each (``benchmarks.measure.measure_file``, passed in by the command line), or, for a file that keeps float
+   what the other I/O signature's file kept, sizes and that file's latency ratio (:func:`shared_price`);
 5. or, when even the limits' candidates fail, fails the artifact with the top layers and their
    sensitivity, the branches tried, and the options that change the outcome.
 """
@@ -202,7 +203,8 @@ def seeds_from_manifest(manifest, convs: Sequence[str],
     """Seeds from an earlier export's manifest (:class:`runtime_py.manifest.Manifest`), for the fallback files of
     this run that no file of the run has seeded yet: the layers a retrained model needs float are most often those
     its previous version needed, and gating them (one candidate) replaces the sensitivity, the phases and the
-    pruning (at 1024x1360 on default model v2 on the AVX2 EPYC, about 40 minutes of the int8-dynamic file's 45).
+    pruning (the four quantized TFLite files at 1024x1360 of default model v2, on the AVX2 EPYC: 3,910 s of the
+    fallback's own time from scratch, 1,110 s seeded; docs/EXPORT.md, "Export wall time").
 
     Per (format, shape, precision), the first file of the manifest the fallback made: its layers kept float, with
     their inputs or not, the branches it kept float, whether its inputs were in channel groups, and its ranking (the
@@ -564,8 +566,8 @@ def shared_price(pure_path, fallback_path, timed: Dict[str, object], of: str) ->
     whose price ``timed`` this run measured with :func:`price`): the two files' sizes, and ``of``'s latency ratio
     (``latency_ratio_of``). The two signatures wrap one network in a few I/O ops; timing them both cost 4 x 175 s
     at 1024x1360 and 4 x 43 s at 512x680 of a full default export on the AVX2 EPYC (2026-12-06), and their ratios
-    for the same layers differed by up to 0.2 (1.074 against 0.948, 1.025 against 0.824), each file's runs
-    within 1 % of each other: the drift between the processes, not the files."""
+    for the same layers differed by up to 0.2 (1.074 against 0.948, 1.025 against 0.824), where one benchmark run
+    puts the two signatures' files within 1.5 % of each other: the drift between the processes, not the files."""
     from pathlib import Path
 
     from runtime_py.manifest import artifact_digest
