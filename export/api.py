@@ -1158,8 +1158,8 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
                 winner = pruned(winner)
         t0 = time.time()
         with stage("price"):
-            if (seed is not None and seed.price is not None and seed.earlier is None
-                    and fallback.same_float(winner, seed)):  # the other I/O signature's file timed it
+            # the other I/O signature's file of this run timed it (an earlier export's seed carries no price)
+            if seed is not None and seed.price is not None and fallback.same_float(winner, seed):
                 price = fallback.shared_price(pure.path, winner.path, seed.price, seed.file)
             else:
                 price = fallback.price(pure.path, winner.path, options.threads, p.fmt, measure,
