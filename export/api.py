@@ -1151,8 +1151,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         reference = p.fmt == "tflite" and tflite.reference_kernel_convs(pure.path) > 0
         found = winner
         # phase 6's layers are the fewest of the first phase's order already, and pruning's candidates are not grouped
-        if options.fallback_prune_gates and winner.phase not in (fallback.SEED_PHASE, fallback.GROUPS_PHASE,
-                                                                 fallback.GROUPED_FLOAT_PHASE) \
+        if options.fallback_prune_gates and winner.phase not in (fallback.SEED_PHASE, *fallback.GROUPED_PHASES) \
                 and not reference:
             with stage("pruning"):
                 winner = pruned(winner)
@@ -1176,8 +1175,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
         if seeds is not None and seed_key not in seeds:  # the first file of its kind in this run
             seeds[seed_key] = fallback.Seed(p.file, list(winner.layers), winner.inputs_float, tuple(ranking),
                                             branch_record.get("kept_float"),
-                                            input_groups=winner.phase in (fallback.GROUPS_PHASE,
-                                                                          fallback.GROUPED_FLOAT_PHASE),
+                                            input_groups=winner.phase in fallback.GROUPED_PHASES,
                                             price=price if price.get("latency_ratio") is not None else None)
         record = {"fallback": {
             "layers_kept_float": kept, "inputs_kept_float": winner.inputs_float, "limit": limit,

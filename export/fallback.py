@@ -168,6 +168,8 @@ GROUPS_PHASE = 5
 # alone fails (at 1024x1360 on default model v2 by 0.1 dB), before the branch and second phases, which keep
 # whole branches or any layer float whatever their MACs
 GROUPED_FLOAT_PHASE = 6
+# the phases whose file has its inputs in channel groups: a seed from one of them starts from the grouped file
+GROUPED_PHASES = (GROUPS_PHASE, GROUPED_FLOAT_PHASE)
 
 
 @dataclass(frozen=True)
@@ -226,7 +228,7 @@ def seeds_from_manifest(manifest, convs: Sequence[str],
         left_out = why.setdefault(key, [])
         kept = [(k["layer"], k.get("snr_db", float("nan"))) for k in record.get("layers_kept_float", [])]
         ranked = [(k["layer"], k["snr_db"]) for k in record.get("ranking", [])]
-        grouped = record.get("phase") in (GROUPS_PHASE, GROUPED_FLOAT_PHASE)
+        grouped = record.get("phase") in GROUPED_PHASES
         unknown = sorted({name for name, _ in kept + ranked} - known)
         if unknown:
             left_out.append(f"{a.file}: its layers are not this network's ({', '.join(unknown[:3])})")
@@ -556,9 +558,8 @@ def same_float(candidate: Candidate, seed: Seed) -> bool:
     """Whether ``candidate`` keeps float what ``seed``'s file keeps (the same convolutions, with their inputs or
     not, its inputs in channel groups or not): the other I/O signature's file of the same network, whose price then
     is this one's."""
-    grouped = candidate.phase in (GROUPS_PHASE, GROUPED_FLOAT_PHASE)
     return (sorted(candidate.layers) == sorted(seed.layers) and candidate.inputs_float == seed.inputs_float
-            and grouped == seed.input_groups)
+            and (candidate.phase in GROUPED_PHASES) == seed.input_groups)
 
 
 def shared_price(pure_path, fallback_path, timed: Dict[str, object], of: str) -> Dict[str, object]:
