@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from runtime_py.errors import UserError
+from runtime_py.machine import cpu_name, cpu_simd_flags, package_version
 from runtime_py.pipeline import MODES
 
 from .merge import quality_cases_missing, quality_missing_line
@@ -126,31 +127,13 @@ def _args_text(args) -> str:
 
 # ----------------------------------------------------------------------------- meta
 
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"
-
-
 def machine_meta(cfg: BenchConfig) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     return {
         "command": cfg.command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu, "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()[0],
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()[0],
         "platform": platform.platform(), "python": platform.python_version(),
-        "versions": {d: _version(d) for d in ("ai-edge-litert", "onnxruntime", "torch", "numpy", "opencv-python",
-                                              "pypatchmatch")},
+        "versions": {d: package_version(d) for d in ("ai-edge-litert", "onnxruntime", "torch", "numpy",
+                                                      "opencv-python", "pypatchmatch")},
         "contention_note": contention_note(os.getloadavg()[0], os.cpu_count() or 1), "artifacts": str(cfg.artifacts), "threads": cfg.threads,
         "runs": cfg.runs, "warmup": cfg.warmup, "quick": cfg.quick, "sections": cfg.sections,
         "sgemm_n": cfg.sgemm_n, "photo_sources": cfg.photo_sources, "notes": list(cfg.notes), "skipped": [],
@@ -165,23 +148,6 @@ def section_machine(meta: dict, threads=None) -> dict:
     keys = ("started", "cpu", "cpu_count", "cpu_simd", "load_avg_start")
     return {**{k: meta.get(k) for k in keys}, "threads": list(threads if threads is not None else meta.get("threads", [])),
             "litert": (meta.get("versions") or {}).get("ai-edge-litert")}
-
-
-#: SIMD features that decide which kernels XNNPACK and OpenBLAS run
-SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16",
-              "avx512_fp16", "amx_tile")
-
-
-def cpu_simd_flags() -> dict:
-    """{"present": [...], "absent": [...]} of :data:`SIMD_FLAGS` from /proc/cpuinfo ({} where unreadable)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
-    except OSError:
-        flags = None
-    if flags is None:
-        return {}
-    return {"present": [f for f in SIMD_FLAGS if f in flags], "absent": [f for f in SIMD_FLAGS if f not in flags]}
 
 
 # ----------------------------------------------------------------------------- sections

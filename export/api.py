@@ -449,6 +449,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     ``log`` (:class:`export.stages.StageLog`) times every stage; its budget decides whether the TFLite
     worker converts while this process converts and gates the other formats (:func:`export.stages.side_by_side`)."""
     from models.gmcnn import conv_layers, count_macs
+    from runtime_py.machine import timing_machine
 
     from . import fallback
     from .activations import input_means, means_cache
@@ -537,19 +538,24 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
             show(f"parity {shape[0]}x{shape[1]}: reference ready ({time.time() - t0:.1f}s)")
         return refs[key]
 
-    def gate(p: _Planned, mod, path: Path, first: Sequence[int] = (), pairs: bool = False) -> ParityResult:
+    def gate(p: _Planned, mod, path: Path, first: Sequence[int] = (), pairs: bool = False,
+             until_failure: bool = False, every_sample: bool = False) -> ParityResult:
         """The parity gate of one file on every held-out sample; with ``first`` (sample indices: a fallback
         candidate, the samples its pure file failed, worst first), those one at a time first, stopping at
-        the first that fails (the result then covers the samples run: ``details.samples_gated``). A file of a
-        runtime-quantized precision (the backend's ``RUNTIME_QUANTIZED``) that passes runs the nudged copies of the
-        samples as well (``holdout``) and passes only if it passes on them too: its result then covers both
-        (``details.nudged``; per-sample PSNRs the samples', then their copies'). Once a file at this shape has made
-        the copies' reference, a file's samples and copies run in one engine (:func:`gate_in_one_engine`) and the
-        copies stop at the first that fails (``details.nudged.sample_indices``: the samples whose copies ran);
+        the first that fails (the result then covers the samples run: ``details.samples_gated``);
+        ``until_failure``: every sample so, in order (a pure file whose fallback will gate a seed first);
+        ``every_sample``: every sample whatever it scores, and no copies (a pure file that failed, for its search).
+        A file of a runtime-quantized precision (the backend's ``RUNTIME_QUANTIZED``) that passes runs the nudged
+        copies of the samples as well (``holdout``) and passes only if it passes on them too: its result then covers
+        both (``details.nudged``; per-sample PSNRs the samples', then their copies'). Once a file at this shape has
+        made the copies' reference, a file's samples and copies run in one engine (:func:`gate_in_one_engine`) and
+        the copies stop at the first that fails (``details.nudged.sample_indices``: the samples whose copies ran);
         with ``pairs`` each copy runs right after its sample (a pruning candidate). Where a gate stopped:
         ``details.stopped_at``."""
         samples, reference, peak = holdout(p.shape)
         t0 = time.time()
+        if until_failure:
+            first = range(len(samples))
         rest = [i for i in range(len(samples)) if i not in first]
         # samples one file runs at once: 1 where XNNPACK's threads share each inference; for a file on LiteRT's
         # single-threaded reference kernels (int16x8, minutes per inference) one per thread, in processes, and
@@ -558,7 +564,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         width = mod.gate_processes(path, threads, len(samples)) if hasattr(mod, "gate_processes") else 1
         name = Path(path).name.replace(f"{PARTIAL_PREFIX}{os.getpid()}-", "")
         if width == 1:
-            return gate_in_one_engine(p, mod, path, list(first) + rest, set(first), name, t0, pairs)
+            return gate_in_one_engine(p, mod, path, list(first) + rest, set(first), name, t0, pairs, every_sample)
         runs = [list(first[i:i + width]) for i in range(0, len(first), width)]
         runs += [rest[i:i + width] for i in range(0, len(rest), width)]
         outputs, ran = {}, []
@@ -580,7 +586,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         return judged(p, mod, path, name, outputs, None, executor, t0)
 
     def gate_in_one_engine(p: _Planned, mod, path: Path, order: List[int], first: set, name: str, t0: float,
-                           pairs: bool = False):
+                           pairs: bool = False, every_sample: bool = False):
         """:func:`gate` of a file whose samples run one at a time in one engine (``mod.run``'s ``keep_going``): the
         samples in ``order``, each of ``first`` checked alone as it comes (the first that fails ends the gate); then,
         for a runtime-quantized file that passed them all and once the copies' reference exists, the nudged copies
@@ -594,7 +600,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         samples, reference, peak = holdout(p.shape)
         n = len(samples)
         copies_made = (tuple(p.shape), True) in refs
-        with_copies = p.precision in getattr(mod, "RUNTIME_QUANTIZED", ()) and copies_made
+        with_copies = p.precision in getattr(mod, "RUNTIME_QUANTIZED", ()) and copies_made and not every_sample
         feed = samples.subset(order)
         runs = [(i, False) for i in order]  # what the engine runs, in order: (sample index, nudged copy)
         if with_copies:
@@ -719,12 +725,14 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
 
     # (format, shape, precision) -> the layers the first file of that kind kept float (export.fallback.Seed)
     seeds: Dict[tuple, object] = {}
+    cut_short: set = set()  # pure files gated until their first failing sample, as a seed was to come
     # the same from an earlier export's manifest, for the first file of each kind
     earlier_seeds: Dict[tuple, object] = {}
     if earlier is not None:
         earlier_seeds, left_out = fallback.seeds_from_manifest(
             earlier, [c["name"] for c in conv_layers(gen, *todo[0].shape)],
-            kinds={(p.fmt, tuple(p.shape), p.precision) for p in todo})
+            kinds={(p.fmt, tuple(p.shape), p.precision) for p in todo},
+            machine=timing_machine() if measure is not None else None, threads=threads)
         for line in left_out:
             show(f"fallback seeds: left out {line}")
         if earlier_seeds:
@@ -743,7 +751,18 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                 show(f"{p.file}: FAILED ({failures[p.file]})")
                 show.step()
                 continue
-            result = gate(p, mod, res.path)
+            # a file whose fallback will gate a seed first (an earlier export's, or the one the pending file of its
+            # kind will leave) stops at its first failing sample: where the seed passes, the other samples' PSNRs of
+            # a file not written are not needed (its own search, if it comes to one, gates it in full first)
+            kind = (p.fmt, tuple(p.shape), p.precision)
+            seed_to_come = (options.quant_fallback and p.precision in getattr(mod, "FALLBACK_PRECISIONS", ())
+                            and (kind in earlier_seeds or kind in seeds
+                                 or any((q.fmt, tuple(q.shape), q.precision) == kind for q, _, _ in pending)))
+            # a file that will run the nudged copies stops at its first failing sample whatever comes after it
+            stops_anyway = p.precision in getattr(mod, "RUNTIME_QUANTIZED", ()) and (tuple(p.shape), True) in refs
+            result = gate(p, mod, res.path, until_failure=seed_to_come and not stops_anyway)
+            if seed_to_come and not stops_anyway and "samples_gated" in (result.details or {}):
+                cut_short.add(p.key)
             if result.passed:
                 accept(p, mod, res, result)
                 show.step()
@@ -767,7 +786,8 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                 groups = (group_plan if p.fmt == "tflite" and p.precision == "int8-dynamic" and options.input_groups > 1
                           and gen.meta.variant == "tf" else None)
                 _fallback(p, mod, res, result, sensitivity, job_for, gate, accept, failures, options, show, measure,
-                          log, seeds, group_plan=groups, earlier_seeds=earlier_seeds)
+                          log, seeds, group_plan=groups, earlier_seeds=earlier_seeds,
+                          pure_cut_short=p.key in cut_short)
             finally:
                 _remove(res.path)
                 show.step()
@@ -809,7 +829,8 @@ def _sensitivity_rounding(p, mod, options) -> tuple:
 
 def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, failures, options, show,
               measure=None, log=None, seeds: Optional[Dict[tuple, object]] = None,
-              group_plan: Optional[Callable] = None, earlier_seeds: Optional[Dict[tuple, object]] = None) -> None:
+              group_plan: Optional[Callable] = None, earlier_seeds: Optional[Dict[tuple, object]] = None,
+              pure_cut_short: bool = False) -> None:
     """Keep the fewest most sensitive layers of a failing quantized file in float (export.fallback).
 
     ``seeds``: (format, shape, precision) -> :class:`export.fallback.Seed`, shared by the run's files: the first
@@ -818,7 +839,8 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     from an earlier export (:func:`export.fallback.seeds_from_manifest`), for a file no file of this run has seeded.
     ``group_plan(shape, ranked layer names)``: the input channel groups (export.input_groups) of a file whose
     first candidate keeps every convolution quantized, the most sensitive ones' inputs split into groups, and where
-    the ranges they were chosen on were measured."""
+    the ranges they were chosen on were measured. ``pure_cut_short``: ``pure_result`` stopped at the pure file's first
+    failing sample because a seed was to come; if none passes, the pure file is gated on every sample first."""
     import contextlib
 
     from models.gmcnn import conv_branches, conv_layers
@@ -1101,6 +1123,13 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     try:
         winner = seeded() if seed is not None else None
         todo, rest, last = [], None, []
+        if winner is None and pure_cut_short:
+            # gated until its first failing sample for a seed that did not pass (or, where the file of its kind that
+            # was to leave one failed, never came): the search ranks on every sample the pure file fails
+            show(f"{p.file}: gating the pure file on every sample for its own search")
+            pure_result = gate(p, mod, pure.path, every_sample=True)
+            samples = fallback.failing_samples(pure_result, limit_db)
+            sensitivity.expect(p.shape, rounding, samples)
         if winner is None:
             with stage("sensitivity"):
                 ranking = [(n, db) for n, db in sensitivity.ranking(p.shape, rounding, samples) if n not in unrounded]
@@ -1157,14 +1186,14 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
                 winner = pruned(winner)
         t0 = time.time()
         with stage("price"):
-            # the other I/O signature's file of this run timed it (an earlier export's seed carries no price)
+            # the other I/O signature's file of this run timed it, or an earlier export's on a machine like this one
             if seed is not None and seed.price is not None and fallback.same_float(winner, seed):
-                price = fallback.shared_price(pure.path, winner.path, seed.price, seed.file)
+                price = fallback.shared_price(pure.path, winner.path, seed.price, seed.source)
             else:
                 price = fallback.price(pure.path, winner.path, options.threads, p.fmt, measure,
                                        reference_kernels=reference)
         show(f"{p.file}: priced against the pure file ({time.time() - t0:.1f}s"
-             + (f"; the latency ratio of {seed.file}" if "latency_ratio_of" in price else "") + ")")
+             + (f"; the latency ratio of {seed.source}" if "latency_ratio_of" in price else "") + ")")
         snr = dict(ranking)
         kept = [{"layer": n, "snr_db": round(snr[n], 2)} for n in winner.layers]
         if found.phase == fallback.BRANCH_PHASE:
@@ -1182,7 +1211,10 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
             "float_mac_budget": fallback.FLOAT_MAC_BUDGET, "ranked_on_samples": samples,
             "sensitivity_rounding": list(rounding),
             "ranking": [{"layer": n, "snr_db": round(db, 2)} for n, db in ranking],
-            "pure_file": {"hole_psnr_db": pure_result.hole_psnr_db, "note": pure_result.note},
+            "pure_file": {"hole_psnr_db": pure_result.hole_psnr_db, "note": pure_result.note,
+                          "samples": pure_result.samples,
+                          **({"stopped_at": pure_result.details["stopped_at"]}
+                             if "stopped_at" in (pure_result.details or {}) else {})},
             "phase": winner.phase,
             **({"seeded_from": seed.file} if seed is not None else {}),
             **({"seeded_from_earlier_export": dict(seed.earlier)} if seed is not None and seed.earlier else {}),

@@ -191,7 +191,7 @@ class Seed:
     # export's checkpoint and time, recorded with the file it seeds; None for a file of this run
     earlier: Optional[Dict[str, object]] = None
     # the file's price where its latency was timed (:func:`price`): a file that passes keeping the same float takes
-    # its latency ratio (:func:`shared_price`)
+    # its latency ratio (:func:`shared_price`); an earlier export's only where timed on a machine like this one
     price: Optional[Dict[str, object]] = None
 
     @property
@@ -200,8 +200,9 @@ class Seed:
         return f"{self.file} of an earlier export" if self.earlier else self.file
 
 
-def seeds_from_manifest(manifest, convs: Sequence[str],
-                        kinds: Optional[Sequence[tuple]] = None) -> Tuple[Dict[tuple, Seed], List[str]]:
+def seeds_from_manifest(manifest, convs: Sequence[str], kinds: Optional[Sequence[tuple]] = None,
+                        machine: Optional[Dict[str, object]] = None,
+                        threads: Optional[int] = None) -> Tuple[Dict[tuple, Seed], List[str]]:
     """Seeds from an earlier export's manifest (:class:`runtime_py.manifest.Manifest`), for the fallback files of
     this run that no file of the run has seeded yet: the layers a retrained model needs float are most often those
     its previous version needed, and gating them (one candidate) replaces the sensitivity, the phases and the
@@ -213,8 +214,12 @@ def seeds_from_manifest(manifest, convs: Sequence[str],
     record's ``ranking``; an older manifest has none: the kept layers' own output SNRs). ``convs``: the names of this
     run's generator's convolutions. A record naming another convolution (another network) is left out, and so is
     a grouped one without a ranking (which convolutions get groups follows the ranking). ``kinds``: the (format,
-    shape, precision) this run makes (None: every kind). Returns (the seeds, one line per record left out of a kind
-    that got no seed, saying why)."""
+    shape, precision) this run makes (None: every kind). ``machine`` (:func:`runtime_py.machine.timing_machine`) and
+    ``threads``: where the record's price was timed on a machine that reads the same, at these threads, the seed
+    carries it, and a file that passes keeping the seed's float takes its latency ratio (:func:`shared_price`):
+    the ratio is the network's and the machine's, not the weights' (a retrained model's file of the same layers
+    runs the same kernels), and timing it took 342 s of the 1024x1360 files' seeded export on the AVX2 EPYC.
+    Returns (the seeds, one line per record left out of a kind that got no seed, saying why)."""
     seeds: Dict[tuple, Seed] = {}
     why: Dict[tuple, List[str]] = {}
     known = set(convs)
@@ -241,9 +246,13 @@ def seeds_from_manifest(manifest, convs: Sequence[str],
                             "to choose them by")
             continue
         branches = (record.get("branches") or {}).get("kept_float")
+        timed = record.get("price") or {}
+        same_machine = (machine is not None and timed.get("latency_ratio") is not None
+                        and timed.get("machine") == machine
+                        and (timed.get("threads") == threads or bool(timed.get("first_inference_timed"))))
         seeds[key] = Seed(a.file, [name for name, _ in kept], bool(record.get("inputs_kept_float")),
                           tuple(ranked or kept), list(branches) if branches else None, input_groups=grouped,
-                          earlier=earlier)
+                          earlier=earlier, price=dict(timed) if same_machine else None)
     return seeds, [line for key, lines in why.items() if key not in seeds for line in lines]
 
 
@@ -564,8 +573,9 @@ def same_float(candidate: Candidate, seed: Seed) -> bool:
 
 def shared_price(pure_path, fallback_path, timed: Dict[str, object], of: str) -> Dict[str, object]:
     """The price of a file that keeps float what ``of`` keeps (:func:`same_float`; the other I/O signature's file,
-    whose price ``timed`` this run measured with :func:`price`): the two files' sizes, and ``of``'s latency ratio
-    (``latency_ratio_of``). The two signatures wrap one network in a few I/O ops; timing them both cost 4 x 175 s
+    whose price ``timed`` this run measured with :func:`price`, or an earlier export's file timed on a machine that
+    reads the same, :func:`seeds_from_manifest`): the two files' sizes, and ``of``'s latency ratio
+    (``latency_ratio_of``, with the ``machine`` it was timed on). The two signatures wrap one network in a few I/O ops; timing them both cost 4 x 175 s
     at 1024x1360 and 4 x 43 s at 512x680 of a full default export on the AVX2 EPYC (2026-12-06), and their ratios
     for the same layers differed by up to 0.2 (1.074 against 0.948, 1.025 against 0.824), where one benchmark run
     puts the two signatures' files within 1.5 % of each other: the drift between the processes, not the files."""
@@ -579,6 +589,8 @@ def shared_price(pure_path, fallback_path, timed: Dict[str, object], of: str) ->
     out["size_ratio"] = round(out["fallback"]["bytes"] / out["pure"]["bytes"], 3)
     out.update(latency_ratio=timed["latency_ratio"], latency_ratio_of=of,
                not_timed=f"keeps float what {of} keeps: its latency ratio")
+    if timed.get("machine") is not None:  # where the ratio was timed: a later export may take it in turn
+        out["machine"] = timed["machine"]
     return out
 
 
@@ -599,10 +611,14 @@ def price(pure_path, fallback_path, threads: int, fmt: str, measure=None, runs: 
 
     from runtime_py.manifest import artifact_digest
 
+    from runtime_py.machine import timing_machine
+
     timed = fmt == "tflite" and measure is not None
     if reference_kernels:
         threads, runs = 1, 1
     out: Dict[str, object] = {"threads": threads, "runs": runs if timed else 0}
+    if timed:  # what decides whether a later export of the same layers may take this ratio (seeds_from_manifest)
+        out["machine"] = timing_machine()
     labelled = (("pure", pure_path), ("fallback", fallback_path))
     measured: Dict[str, dict] = {}
     if timed and reference_kernels:

@@ -769,12 +769,9 @@ def convert(job: ConvertJob) -> Path:
 # ------------------------------------------------------------------- LiteRT side
 
 def litert_version() -> str:
-    try:
-        from importlib.metadata import version
+    from runtime_py.machine import package_version
 
-        return version("ai-edge-litert")
-    except Exception:  # pragma: no cover
-        return "unknown"
+    return package_version("ai-edge-litert")
 
 
 def engine(path: Path, threads: int = 1, io: str = "tensor", xnnpack: bool = True,

@@ -22,6 +22,12 @@ def _sensitivity_stages(out):
     return [s["name"] for s in stages if s["name"].startswith("fallback sensitivity")]
 
 
+def _gates_of(out, file):
+    """How many times the export gated ``file`` as converted (each gate is a stage of its own)."""
+    stages = json.loads((out / "export_stages.json").read_text())["stages"]
+    return sum(s["name"] == f"gate {file}" for s in stages)
+
+
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory):
     from benchmarks.measure import measure_file
@@ -41,9 +47,19 @@ def test_the_image_file_passes_with_the_tensor_files_layers_and_no_search_of_its
     assert i["search"] == [{"phase": 0, "layers": 1, "inputs_float": False, "hole_psnr_db": image.parity.hole_psnr_db,
                             "samples": image.parity.samples, "passed": True}]
     assert image.parity.passed and i["pure_file"]["hole_psnr_db"] < image.parity.tolerance["min_hole_psnr_db"]
+    # the tensor file's pure file ran every sample (its search ranks on them); the image file's, whose seed was to
+    # come, stopped at its first failing one, and its seed passed: it never ran the others
+    every = tensor.parity.details["nudged"]["samples"]  # the passing file's samples (and as many copies)
+    assert t["pure_file"]["samples"] == every > 1 and "stopped_at" not in t["pure_file"]
+    assert i["pure_file"]["samples"] == 1 and i["pure_file"]["stopped_at"] == {"sample": 0, "nudged": False}
+    assert _gates_of(out, image.file) == _gates_of(out, tensor.file) == 1
     assert "branches" not in i and "phase_1_predicted_hole_psnr_db" not in i
-    # the tensor file's price was timed; the image file, keeping the same layer float, takes its latency ratio
+    # the tensor file's price was timed, on this machine; the image file, keeping the same layer float, takes its
+    # latency ratio
+    from runtime_py.machine import timing_machine
+
     assert t["price"]["runs"] == 3 and t["price"]["latency_ratio"] > 0 and "latency_ratio_of" not in t["price"]
+    assert t["price"]["machine"] == timing_machine() and i["price"]["machine"] == t["price"]["machine"]
     assert i["price"]["latency_ratio"] == t["price"]["latency_ratio"] and i["price"]["latency_ratio_of"] == tensor.file
     assert i["price"]["runs"] == 0 and "latency_median_s" not in i["price"]["fallback"]
     assert i["price"]["fallback"]["bytes"] == image.bytes and i["price"]["pure"]["bytes"] > 0
@@ -75,14 +91,21 @@ def test_a_seed_that_fails_is_followed_by_the_files_own_search(tmp_path, monkeyp
     assert i["search"][0]["phase"] == 0 and i["search"][0]["passed"] is False
     assert i["phase"] == 1 and [k["layer"] for k in i["layers_kept_float"]] == [PLANTED]
     assert len(_sensitivity_stages(tmp_path)) == 2
+    # its pure file, gated until its first failing sample while the seed was to come, was gated again on every
+    # sample before its own search ranked on them
+    assert _gates_of(tmp_path, image.file) == 2
+    every = image.parity.details["nudged"]["samples"]
+    assert i["pure_file"]["samples"] == every > 1 and "stopped_at" not in i["pure_file"]
 
 
 def test_an_earlier_exports_layers_seed_the_first_file_of_its_kind(seeded, tmp_path):
     """--quant-fallback-seeds DIR: the tensor file gates the layers DIR's file of its kind kept float before any
     search of its own (no sensitivity at all in this run), records where they came from, and seeds the image file
     of this run as before."""
+    from benchmarks.measure import measure_file
+
     earlier_out, earlier = seeded
-    m = _export(tmp_path, fallback_seeds=str(earlier_out))
+    m = _export(tmp_path, fallback_seeds=str(earlier_out), measure=measure_file)
     tensor, image = (m.find("tflite", SHAPE, "int8-dynamic", io) for io in ("tensor", "image"))
     t, i = tensor.build["quantization"]["fallback"], image.build["quantization"]["fallback"]
     before = earlier.find("tflite", SHAPE, "int8-dynamic", "tensor")
@@ -96,6 +119,17 @@ def test_an_earlier_exports_layers_seed_the_first_file_of_its_kind(seeded, tmp_p
     assert t["ranking"] == before.build["quantization"]["fallback"]["ranking"] and len(t["ranking"]) > 1
     assert i["seeded_from"] == tensor.file and "seeded_from_earlier_export" not in i and i["phase"] == 0
     assert _sensitivity_stages(tmp_path) == []
+    # both pure files stopped at their first failing sample, as both had a seed to come
+    assert t["pure_file"]["samples"] == i["pure_file"]["samples"] == 1
+    # the same layers, timed on this machine at these threads by the earlier export: its latency ratio, no timing
+    earlier_price = before.build["quantization"]["fallback"]["price"]
+    assert t["price"]["runs"] == i["price"]["runs"] == 0
+    assert t["price"]["latency_ratio"] == i["price"]["latency_ratio"] == earlier_price["latency_ratio"]
+    assert t["price"]["latency_ratio_of"] == f"{before.file} of an earlier export"
+    assert i["price"]["latency_ratio_of"] == tensor.file
+    assert t["price"]["machine"] == earlier_price["machine"] and t["price"]["fallback"]["bytes"] == tensor.bytes
+    stages = json.loads((tmp_path / "export_stages.json").read_text())["stages"]
+    assert not any(s["name"].startswith("fallback price") and s.get("own_seconds", 0) > 1 for s in stages)
 
 
 def test_a_retrained_model_exported_into_the_same_folder_is_seeded_by_the_previous_run(seeded, tmp_path):
@@ -159,3 +193,25 @@ def test_seeds_from_a_manifest_leave_out_what_this_network_cannot_use(seeded):
     # only the kinds a run makes: none of this manifest's at another shape
     assert fallback.seeds_from_manifest(earlier, [c for c in convs if c != PLANTED],
                                         kinds=[("tflite", (128, 192), "int8-dynamic")]) == ({}, [])
+
+
+def test_an_earlier_price_travels_with_its_seed_only_from_a_machine_that_reads_the_same(seeded):
+    """seeds_from_manifest's ``machine`` and ``threads``: the seed carries the earlier file's timed price only where
+    both match what it was timed on (another CPU, other SIMD features, another LiteRT or thread count: none)."""
+    from export import fallback
+    from runtime_py.machine import timing_machine
+
+    _, earlier = seeded
+    record = earlier.find("tflite", SHAPE, "int8-dynamic", "tensor").build["quantization"]["fallback"]
+    convs = [k["layer"] for k in record["ranking"]]
+    key = ("tflite", SHAPE, "int8-dynamic")
+    here = timing_machine()
+
+    def seed_price(**given):
+        return fallback.seeds_from_manifest(earlier, convs, **given)[0][key].price
+
+    assert seed_price(machine=here, threads=2) == record["price"]
+    assert seed_price() is None  # no machine given: an export that times nothing
+    assert seed_price(machine=here, threads=1) is None
+    for field, other in (("cpu", "another CPU"), ("simd", ["sse4_2"]), ("litert", "0.0"), ("cpu_count", 64)):
+        assert seed_price(machine={**here, field: other}, threads=2) is None, field
