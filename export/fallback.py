@@ -575,10 +575,11 @@ def shared_price(pure_path, fallback_path, timed: Dict[str, object], of: str) ->
     """The price of a file that keeps float what ``of`` keeps (:func:`same_float`; the other I/O signature's file,
     whose price ``timed`` this run measured with :func:`price`, or an earlier export's file timed on a machine that
     reads the same, :func:`seeds_from_manifest`): the two files' sizes, and ``of``'s latency ratio
-    (``latency_ratio_of``, with the ``machine`` it was timed on). The two signatures wrap one network in a few I/O ops; timing them both cost 4 x 175 s
-    at 1024x1360 and 4 x 43 s at 512x680 of a full default export on the AVX2 EPYC (2026-12-06), and their ratios
-    for the same layers differed by up to 0.2 (1.074 against 0.948, 1.025 against 0.824), where one benchmark run
-    puts the two signatures' files within 1.5 % of each other: the drift between the processes, not the files."""
+    (``latency_ratio_of``, with the ``machine`` it was timed on). The two signatures wrap one network in a few I/O
+    ops; timing them both cost 4 x 175 s at 1024x1360 and 4 x 43 s at 512x680 of a full default export on the AVX2
+    EPYC (2026-12-06), and their ratios for the same layers differed by up to 0.2 (1.074 against 0.948, 1.025
+    against 0.824), where one benchmark run puts the two signatures' files within 1.5 % of each other: the drift
+    between the processes, not the files."""
     from pathlib import Path
 
     from runtime_py.manifest import artifact_digest
