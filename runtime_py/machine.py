@@ -52,7 +52,7 @@ def package_version(dist: str) -> str:
 
 def timing_machine() -> Dict[str, object]:
     """What a LiteRT latency measured here depends on beyond the file and the thread count: two timings whose
-    records are equal were taken on the same kind of machine with the same kernels (the load at the time is not
-    in it: a record of a timing says that separately where it matters)."""
+    records are equal were taken on the same kind of machine with the same kernels. Not the load at the time,
+    which the export's price does not record."""
     return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "simd": cpu_simd_flags().get("present"),
             "litert": package_version("ai-edge-litert")}
