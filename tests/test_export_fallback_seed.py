@@ -215,3 +215,32 @@ def test_an_earlier_price_travels_with_its_seed_only_from_a_machine_that_reads_t
     assert seed_price(machine=here, threads=1) is None
     for field, other in (("cpu", "another CPU"), ("simd", ["sse4_2"]), ("litert", "0.0"), ("cpu_count", 64)):
         assert seed_price(machine={**here, field: other}, threads=2) is None, field
+
+
+def test_a_seed_that_never_comes_leaves_the_pure_file_gated_on_every_sample_before_its_own_search(tmp_path,
+                                                                                                   monkeypatch):
+    """The tensor file, whose fallback was to seed the image file, finds nothing (made to fail here); the image
+    file's pure file, cut short at its first failing sample while that seed was to come, is gated again on every
+    sample, and its own search passes."""
+    from export import api
+    from runtime_py.manifest import load_manifest
+
+    real = api._fallback
+
+    def the_tensor_file_finds_nothing(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, failures, *args,
+                                      **kwargs):
+        if p.io == "tensor":
+            failures[p.file] = "no candidate passed (made to fail by the test)"
+            return None
+        return real(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, failures, *args, **kwargs)
+
+    monkeypatch.setattr(api, "_fallback", the_tensor_file_finds_nothing)
+    with pytest.raises(api.ExportFailed) as exc:
+        _export(tmp_path)
+    assert [name.endswith("_tensor_int8-dynamic.tflite") for name in exc.value.failures] == [True]
+    image = load_manifest(tmp_path).find("tflite", SHAPE, "int8-dynamic", "image")
+    i = image.build["quantization"]["fallback"]
+    assert "seeded_from" not in i and i["phase"] == 1 and [k["layer"] for k in i["layers_kept_float"]] == [PLANTED]
+    every = image.parity.details["nudged"]["samples"]
+    assert _gates_of(tmp_path, image.file) == 2
+    assert i["pure_file"]["samples"] == every > 1 and "stopped_at" not in i["pure_file"]
