@@ -82,19 +82,20 @@ class _Planned:
     tolerance: Dict[str, float]
     recorded: Dict[str, object] = field(default_factory=dict)  # ExportOptions.recorded: cache key, build entry
 
+    @property
+    def kind(self) -> Tuple[str, Tuple[int, int], str]:
+        """(format, shape, precision): what a fallback seed is kept by (export.fallback.Seed)."""
+        return self.fmt, tuple(self.shape), self.precision
+
 
 # --------------------------------------------------------------------------- helpers
 
 def tool_versions() -> Dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+    from runtime_py.machine import package_version
 
-    out = {}
-    for label, dist in TOOL_DISTRIBUTIONS.items():
-        try:
-            out[label] = version(dist)
-        except PackageNotFoundError:
-            out[label] = "not installed"
     from .onnx_export import OPSET
+
+    out = {label: package_version(dist) for label, dist in TOOL_DISTRIBUTIONS.items()}
 
     out["onnx_opset"] = str(OPSET)
     out["python"] = sys.version.split()[0]
@@ -731,7 +732,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     if earlier is not None:
         earlier_seeds, left_out = fallback.seeds_from_manifest(
             earlier, [c["name"] for c in conv_layers(gen, *todo[0].shape)],
-            kinds={(p.fmt, tuple(p.shape), p.precision) for p in todo},
+            kinds={p.kind for p in todo},
             machine=timing_machine() if measure is not None else None, threads=threads)
         for line in left_out:
             show(f"fallback seeds: left out {line}")
@@ -754,14 +755,14 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
             # a file whose fallback will gate a seed first (an earlier export's, or the one the pending file of its
             # kind will leave) stops at its first failing sample: where the seed passes, the other samples' PSNRs of
             # a file not written are not needed (its own search, if it comes to one, gates it in full first)
-            kind = (p.fmt, tuple(p.shape), p.precision)
+            # (this run's seeds are left by fallbacks, which start once every pure file of the format is gated)
             seed_to_come = (options.quant_fallback and p.precision in getattr(mod, "FALLBACK_PRECISIONS", ())
-                            and (kind in earlier_seeds or kind in seeds
-                                 or any((q.fmt, tuple(q.shape), q.precision) == kind for q, _, _ in pending)))
+                            and (p.kind in earlier_seeds or any(q.kind == p.kind for q, _, _ in pending)))
             # a file that will run the nudged copies stops at its first failing sample whatever comes after it
             stops_anyway = p.precision in getattr(mod, "RUNTIME_QUANTIZED", ()) and (tuple(p.shape), True) in refs
-            result = gate(p, mod, res.path, until_failure=seed_to_come and not stops_anyway)
-            if seed_to_come and not stops_anyway and "samples_gated" in (result.details or {}):
+            until_failure = seed_to_come and not stops_anyway
+            result = gate(p, mod, res.path, until_failure=until_failure)
+            if until_failure and "samples_gated" in (result.details or {}):
                 cut_short.add(p.key)
             if result.passed:
                 accept(p, mod, res, result)
@@ -859,7 +860,7 @@ def _fallback(p, mod, pure, pure_result, sensitivity, job_for, gate, accept, fai
     unrounded = getattr(mod, "unrounded_convs", lambda generator, precision: set())(sensitivity.generator,
                                                                                       p.precision)
     rounding = _sensitivity_rounding(p, mod, options)
-    seed_key = (p.fmt, tuple(p.shape), p.precision)
+    seed_key = p.kind
     seed = (seeds or {}).get(seed_key) or (earlier_seeds or {}).get(seed_key)
     # by (layers kept float, with their inputs): the second phase's first candidates are often the first's
     built: Dict[tuple, fallback.Candidate] = {}
