@@ -5,7 +5,8 @@ from pathlib import Path
 
 from runtime_py.cli import HelpFormatter, comma_list, int_at_least, keyword_or, positive_float, shape_list
 
-from .options import PAD_MODES, RANGE_METHODS, UPSAMPLE_MODES, WEIGHT_ROUNDINGS, ExportOptions, default_of, help_of
+from .options import (ONNX2TF_VALIDATIONS, PAD_MODES, RANGE_METHODS, UPSAMPLE_MODES, WEIGHT_ROUNDINGS, ExportOptions,
+                      default_of, help_of)
 
 DEFAULT_SHAPES = ",".join(f"{rows}x{cols}" for rows, cols in default_of("shapes"))
 DEFAULT_FORMATS = "tflite,coreml"
@@ -54,6 +55,8 @@ def register(sub) -> None:
                    help=help_of("range_method"))
     p.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default=default_of("weight_rounding"),
                    help=help_of("weight_rounding"))
+    p.add_argument("--onnx2tf-validation", choices=ONNX2TF_VALIDATIONS, default=default_of("onnx2tf_validation"),
+                   help=help_of("onnx2tf_validation"))
     p.add_argument("--quant-fallback", choices=ON_OFF, default=ON_OFF[not default_of("quant_fallback")],
                    help=help_of("quant_fallback"))
     p.add_argument("--quant-fallback-limit", type=int_at_least(1), default=default_of("fallback_limit"),
@@ -119,6 +122,7 @@ def options_from_args(args, formats, precisions) -> ExportOptions:
         holdout=args.holdout, threads=args.threads, pad_mode=args.pad_mode, upsample_mode=args.upsample_mode,
         int8_tail=not args.no_int8_tail, bias_correction=not args.no_bias_correction,
         range_method=args.range_method, weight_rounding=args.weight_rounding,
+        onnx2tf_validation=args.onnx2tf_validation,
         quant_fallback=args.quant_fallback == "on", fallback_limit=args.quant_fallback_limit,
         fallback_branch_limit=args.quant_fallback_branch_limit, fallback_prune_gates=args.quant_fallback_prune,
         fallback_seeds=args.quant_fallback_seeds,

@@ -37,6 +37,8 @@ RANGE_METHODS = (METHODS[0], "auto") + METHODS[1:]  # the default first
 # its files gained 0.6 dB (int8-dynamic) or lost 0.3-0.6 dB (int8) and their fallback kept no fewer layers float
 # (docs/TOLERANCES.md, "Error-compensating weight rounding")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
+# onnx2tf's validation run: only where an op of the graph could read it (export.onnx2tf_validation), or always
+ONNX2TF_VALIDATIONS = ("auto", "always")
 # The input-grouped fallback candidate of a TFLite int8-dynamic file (export.input_groups): 2 groups on every
 # convolution passed at 512x680 on default model v2, 1.12-1.17x the pure file's latency; 4 cost 1.46x
 # (docs/TOLERANCES.md, "Input channel groups for int8-dynamic (2026-12-06)").
@@ -100,6 +102,11 @@ class ExportOptions:
                              "nearest (the converter's own rounding) or gptq (each output channel's rounding errors "
                              "moved onto its weights not rounded yet, weighted by how the layer's inputs on the "
                              "calibration photos correlate; the same grid)")
+    onnx2tf_validation: str = _opt(
+        ONNX2TF_VALIDATIONS[0], "onnx2tf's validation run (ONNX Runtime over the whole graph, every intermediate "
+                                "value kept, for its handlers that resolve a layout the shapes leave ambiguous): "
+                                "auto runs it only where an op of the graph is such a case (none in GMCNN's graphs "
+                                "at a shape with rows != columns: the same files without it), always runs it")
     quant_fallback: bool = _opt(
         True, "when a quantized file (TFLite int8, int8-dynamic, int16x8; Core ML w8) misses its parity gate, keep "
               "its most sensitive layers in float, the fewest that pass (the manifest lists them and their price); "
@@ -195,7 +202,8 @@ class ExportOptions:
             raise UserError(f"calibration masks per photo must be >= 1, got {self.calibration_masks_per_photo}")
         choices = {"pad mode": (self.pad_mode, PAD_MODES), "upsample mode": (self.upsample_mode, UPSAMPLE_MODES),
                    "range method": (self.range_method, RANGE_METHODS),
-                   "weight rounding": (self.weight_rounding, WEIGHT_ROUNDINGS)}
+                   "weight rounding": (self.weight_rounding, WEIGHT_ROUNDINGS),
+                   "onnx2tf validation": (self.onnx2tf_validation, ONNX2TF_VALIDATIONS)}
         for what, (value, allowed) in choices.items():
             if value not in allowed:
                 raise UserError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")

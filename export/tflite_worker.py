@@ -44,6 +44,7 @@ import os
 import sys
 import time
 import traceback
+from typing import Optional
 
 from runtime_py.memory import AnonPeak, anon_rss_bytes, mib, peak_rss_bytes, reset_peak_rss
 
@@ -191,7 +192,52 @@ def _onnx2tf_validation_run(folder: str, onnx_path: str, threads: int):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_onnx2tf(onnx_path: str, saved_model: str, cind: dict, threads: int = 2) -> None:
+class ValidationRunSkipped(RuntimeError):
+    """Raised in onnx2tf's place of its validation run, which it treats as a graph ONNX Runtime cannot run."""
+
+
+@contextlib.contextmanager
+def _without_validation_run():
+    """onnx2tf converts without its validation run (:mod:`export.onnx2tf_validation`): its call of the run raises
+    :class:`ValidationRunSkipped`, which onnx2tf catches as it does a graph ONNX Runtime cannot run (it logs that
+    its "shape estimation is skipped" and converts with no values to compare against). Yields whether that
+    applies; not where onnx2tf's internals differ from the pinned version's (the run then happens)."""
+    try:
+        from onnx2tf import onnx2tf as converter
+    except ImportError:  # pragma: no cover - another onnx2tf layout
+        yield False
+        return
+    real = getattr(converter, "dummy_onnx_inference", None)
+    if real is None:  # pragma: no cover - another onnx2tf layout
+        yield False
+        return
+
+    def skipped(**_):
+        raise ValidationRunSkipped("gmcnn-mobile skipped onnx2tf's validation run (no op of the graph reads it)")
+
+    converter.dummy_onnx_inference = skipped
+    try:
+        yield True
+    finally:
+        converter.dummy_onnx_inference = real
+
+
+def validation_run_reason(onnx_path: str, mode: str) -> Optional[str]:
+    """Why onnx2tf's validation run of ``onnx_path`` happens (``None``: it is skipped): ``mode`` ``always``, or
+    in ``auto`` the first op of the graph whose onnx2tf handler could read it
+    (:func:`export.onnx2tf_validation.ambiguity`)."""
+    import onnx
+
+    from .onnx2tf_validation import ambiguity
+
+    if mode == "always":
+        return "--onnx2tf-validation always"
+    return ambiguity(onnx.load(onnx_path))
+
+
+def run_onnx2tf(onnx_path: str, saved_model: str, cind: dict, threads: int = 2, validation: str = "auto") -> None:
+    """ONNX -> saved_model through onnx2tf, its validation run as ``validation`` says (``auto``: only where an op
+    of the graph could read it; ``always``)."""
     import numpy as np
     import onnx2tf
     import tensorflow as tf
@@ -202,19 +248,29 @@ def run_onnx2tf(onnx_path: str, saved_model: str, cind: dict, threads: int = 2) 
         channels = int(np.load(path, mmap_mode="r").shape[-1])
         params.append([name, path, [0.0] * channels, [1.0] * channels])
     folder = os.path.join(os.path.dirname(saved_model), "onnx2tf_validation_outputs")
+    reason = validation_run_reason(onnx_path, validation)
+    arguments = dict(
+        input_onnx_file_path=onnx_path,
+        output_folder_path=saved_model,
+        not_use_onnxsim=True,  # the exporter already ran onnxsim
+        custom_input_op_name_np_data_path=params,
+        disable_model_save=True,  # we write the saved_model ourselves, and no .tflite
+        verbosity="info",
+    )
     try:
-        with _onnx2tf_validation_run(folder, onnx_path, threads) as on_disk:
-            print(f"gmcnn-mobile: onnx2tf's validation run on {threads} thread(s), its outputs "
-                  f"{'on disk in ' + folder if on_disk else 'in memory'}", flush=True)
-            model = onnx2tf.convert(
-                input_onnx_file_path=onnx_path,
-                output_folder_path=saved_model,
-                not_use_onnxsim=True,  # the exporter already ran onnxsim
-                custom_input_op_name_np_data_path=params,
-                disable_model_save=True,  # we write the saved_model ourselves, and no .tflite
-                verbosity="info",
-                onnxruntime_output_memmap=on_disk, onnxruntime_output_memmap_dir=folder if on_disk else None,
-            )
+        with contextlib.ExitStack() as stack:
+            skipped = reason is None and stack.enter_context(_without_validation_run())
+            if skipped:
+                print("gmcnn-mobile: onnx2tf's validation run skipped: no op of this graph is one whose handler "
+                      "reads it (onnx2tf's warning below that its shape estimation is skipped says so)", flush=True)
+            else:
+                on_disk = stack.enter_context(_onnx2tf_validation_run(folder, onnx_path, threads))
+                print(f"gmcnn-mobile: onnx2tf's validation run on {threads} thread(s), its outputs "
+                      f"{'on disk in ' + folder if on_disk else 'in memory'} ({reason or 'onnx2tf not as pinned'})",
+                      flush=True)
+                arguments.update(onnxruntime_output_memmap=on_disk,
+                                 onnxruntime_output_memmap_dir=folder if on_disk else None)
+            model = onnx2tf.convert(**arguments)
     except SystemExit as exc:  # onnx2tf reports errors by exiting
         raise RuntimeError(f"onnx2tf exited with status {exc.code}") from None
     if model is None:
@@ -487,7 +543,8 @@ def run_job(job: dict, options: ExportOptions, events: _Events) -> None:
         with _log_to(job["log"]):
             try:
                 check_onnx(job["onnx"])
-                run_onnx2tf(job["onnx"], job["saved_model"], job["cind"], options.threads)
+                run_onnx2tf(job["onnx"], job["saved_model"], job["cind"], options.threads,
+                            options.onnx2tf_validation)
             except Exception as exc:
                 traceback.print_exc()
                 events.send(event="error", job=name, stage="onnx2tf", message=f"{type(exc).__name__}: {exc}",

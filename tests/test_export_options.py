@@ -29,7 +29,8 @@ def test_every_flag_reaches_its_field():
 
     args = parse_export("--shapes", "64x96", "--io", "image", "--calibration", "c", "--holdout", "h",
                         "--threads", "3", "--pad-mode", "mirror_pad", "--upsample-mode", "depth_to_space",
-                        "--no-int8-tail", "--no-bias-correction", "--range-method", "auto", "--weight-rounding", "gptq", "--min-hole-psnr", "int8=30", "--no-cache",
+                        "--no-int8-tail", "--no-bias-correction", "--range-method", "auto", "--weight-rounding", "gptq",
+                        "--onnx2tf-validation", "always", "--min-hole-psnr", "int8=30", "--no-cache",
                         "--keep-work", "--quiet", "--quant-fallback", "off", "--quant-fallback-limit", "3",
                         "--quant-fallback-branch-limit", "16", "--quant-fallback-prune", "0", "--memory-budget-gib", "2.5",
                         "--quant-fallback-seeds", "none", "--input-groups", "3", "--input-group-layers", "5")
@@ -37,7 +38,8 @@ def test_every_flag_reaches_its_field():
     expected = ExportOptions(
         shapes=[(64, 96)], formats=["tflite"], precisions=["int8"], ios=["image"], calibration=Path("c"),
         holdout=Path("h"), threads=3, pad_mode="mirror_pad", upsample_mode="depth_to_space", int8_tail=False,
-        bias_correction=False, range_method="auto", weight_rounding="gptq", tolerances={("int8", "image"): {"min_hole_psnr_db": 30.0, "max_known_pixels_changed": 0}},
+        bias_correction=False, range_method="auto", weight_rounding="gptq", onnx2tf_validation="always",
+        tolerances={("int8", "image"): {"min_hole_psnr_db": 30.0, "max_known_pixels_changed": 0}},
         use_cache=False, keep_work=True, progress=False, quant_fallback=False, fallback_limit=3, fallback_branch_limit=16,
         fallback_prune_gates=0, fallback_seeds="none", memory_budget_gib=2.5, input_groups=3, input_group_layers=5)
     assert got == expected
@@ -58,6 +60,7 @@ def test_help_comes_from_the_dataclass():
     assert helps["quant_fallback_prune"] == help_of("fallback_prune_gates")
     assert helps["quant_fallback_seeds"] == help_of("fallback_seeds")
     assert helps["input_groups"] == help_of("input_groups")
+    assert helps["onnx2tf_validation"] == help_of("onnx2tf_validation")
     assert helps["input_group_layers"] == help_of("input_group_layers")
     assert help_of("int8_tail") in helps["no_int8_tail"] and help_of("progress") in helps["quiet"]
 
@@ -103,6 +106,7 @@ def test_the_fallback_setting_is_recorded_where_it_changed_the_file():
     (dict(ios=["nchw"]), "unknown I/O signature 'nchw'"), (dict(shapes=[]), "no shapes given"),
     (dict(threads=0), "threads must be >= 1"), (dict(pad_mode="reflect"), "unknown pad mode 'reflect'"),
     (dict(upsample_mode="bilinear"), "unknown upsample mode"), (dict(range_method="kl"), "unknown range method"),
+    (dict(onnx2tf_validation="never"), "unknown onnx2tf validation 'never'"),
     (dict(calibration_masks_per_photo=0), "calibration masks per photo"),
     (dict(fallback_limit=0), "fallback limit must be at least 1 layer"),
     (dict(fallback_branch_limit=0), "branch limit must be at least 1 layer"),

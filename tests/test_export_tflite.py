@@ -1084,12 +1084,26 @@ def test_an_export_under_a_small_budget_calibrates_in_groups_into_the_same_int8_
     assert all(r["peak_anon_bytes"] > 0 and r["peak_rss_bytes"] >= r["peak_anon_bytes"] for r in rows)
 
 
-def test_onnx2tf_validation_run_uses_the_export_threads_and_disk_when_there_is_room(tiny, tmp_path, monkeypatch):
-    """onnx2tf's ONNX Runtime outputs (every intermediate value) were memory-mapped files in the export (its log
-    says so) and are gone after it; with too little disk for them they stay in memory. Either way onnx2tf sees
-    the export's threads + 1 cores (it gives its session one fewer), and its views of the cores and the memory
-    are its own again after the block (stand-in onnx2tf modules: no TensorFlow import here). The pinned
-    onnx2tf still sizes that session from ``psutil.cpu_count``, read from its source."""
+@pytest.fixture(scope="module")
+def validated(tiny, tmp_path_factory):
+    """The tiny export's fp32 files (tensor and image) made again with onnx2tf's validation run
+    (``onnx2tf_validation="always"``; the shared export skips it), ``.work`` kept."""
+    from export.api import export_artifacts
+
+    out = tmp_path_factory.mktemp("validated") / "export"
+    manifest = export_artifacts(tiny["gen"], out, shapes=[SHAPE], formats=["tflite"], precisions=["fp32"], ios=IOS,
+                                threads=2, keep_work=True, progress=False, onnx2tf_validation="always")
+    return {"out": out, "manifest": manifest}
+
+
+def test_onnx2tf_validation_run_uses_the_export_threads_and_disk_when_there_is_room(tiny, validated, tmp_path,
+                                                                                    monkeypatch):
+    """Where it runs (here ``--onnx2tf-validation always``; the tiny graph needs none, below), onnx2tf's ONNX
+    Runtime outputs (every intermediate value) were memory-mapped files in the export (its log says so) and are
+    gone after it; with too little disk for them they stay in memory. Either way onnx2tf sees the export's
+    threads + 1 cores (it gives its session one fewer), and its views of the cores and the memory are its own
+    again after the block (stand-in onnx2tf modules: no TensorFlow import here). The pinned onnx2tf still sizes
+    that session from ``psutil.cpu_count``, read from its source."""
     import collections
     import importlib.util
     import sys
@@ -1100,9 +1114,10 @@ def test_onnx2tf_validation_run_uses_the_export_threads_and_disk_when_there_is_r
     source = Path(importlib.util.find_spec("onnx2tf").submodule_search_locations[0]) / "utils" / "common_functions.py"
     assert "intra_op_num_threads = psutil.cpu_count(logical=True) - 1" in source.read_text()
     for io in IOS:
-        work = tiny["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_{io}"
+        work = validated["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_{io}"
         log = (work / "tflite_worker.log").read_text()
-        assert "onnxruntime output memmap enabled" in log and "validation run on 2 thread(s)" in log
+        assert "onnxruntime output memmap enabled" in log and "validation run on 2 thread(s)" in log, log
+        assert "(--onnx2tf-validation always)" in log
         assert not (work / "onnx2tf_validation_outputs").exists()
     onnx_path = str(tiny["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor" / "model.onnx")
     values = tflite_worker._values_bytes(onnx_path)
@@ -1126,6 +1141,19 @@ def test_onnx2tf_validation_run_uses_the_export_threads_and_disk_when_there_is_r
             assert common.psutil.virtual_memory().available == (-1 if applies else 1 << 33)
             assert common.psutil.cpu_count(logical=True) - 1 == threads
         assert common.psutil is real and not folder.exists()
+
+
+def test_the_tiny_graph_converts_without_onnx2tf_validation_run_into_the_files_it_makes_with_it(tiny, validated):
+    """GMCNN's graphs at a shape whose rows and columns differ have no op whose onnx2tf handler reads the
+    validation run (export.onnx2tf_validation), so the export skips it (the worker log says so, and that onnx2tf
+    then warns of a skipped shape estimation); the fp32 files of an export that runs it are the same bytes as the
+    shared export's, made without it (whose other files tests/test_export_reference.py pins)."""
+    for io in IOS:
+        log = (tiny["out"] / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_{io}" / "tflite_worker.log").read_text()
+        assert "validation run skipped" in log and "shape estimation is skipped" in log, log
+        assert "validation run on" not in log
+        made = validated["manifest"].find("tflite", SHAPE, "fp32", io)
+        assert made.sha256 == tiny["manifest"].find("tflite", SHAPE, "fp32", io).sha256, io
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
