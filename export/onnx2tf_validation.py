@@ -5,8 +5,8 @@ value (its "dummy inference", on a test image or the inputs the worker gives it)
 never read those values; a few read them only where the shapes leave a layout ambiguous (a convolution
 whose input has channels = rows = columns, a concatenation of equal shapes, an elementwise op whose output
 repeats a dimension), to pick the transposition whose result matches ONNX Runtime's. Where no op of the
-graph is such a case the run cannot change the converted model: it is work (at 1024x1360 a full inference
-at 2 threads and, on this project's 2-core machine, most of onnx2tf's time) whose result goes unread.
+graph is such a case the run cannot change the converted model: it is work (an inference of the whole
+model, and most of onnx2tf's time on this project's 2-core machine: docs/EXPORT.md) whose result goes unread.
 
 :func:`ambiguity` reads the graph (no TensorFlow, no ONNX Runtime) and names the first op whose onnx2tf
 handler could read the run's values, or returns ``None``. The rules are the pinned onnx2tf's (1.29.24):
