@@ -147,6 +147,19 @@ def _values_bytes(onnx_path: str) -> int:
     return total
 
 
+def _pinned_onnx2tf(module: str, name: str):
+    """(onnx2tf's submodule ``module``, its attribute ``name``), or None where onnx2tf's layout is not the pinned
+    version's (what the patches of its internals below need)."""
+    import importlib
+
+    try:
+        found = importlib.import_module(f"onnx2tf.{module}")
+    except ImportError:
+        return None
+    value = getattr(found, name, None)
+    return None if value is None else (found, value)
+
+
 @contextlib.contextmanager
 def _onnx2tf_validation_run(folder: str, onnx_path: str, threads: int):
     """onnx2tf's validation run of ONNX Runtime (every intermediate value of the graph, which its strict mode
@@ -166,15 +179,11 @@ def _onnx2tf_validation_run(folder: str, onnx_path: str, threads: int):
     import shutil
     import types
 
-    try:
-        from onnx2tf.utils import common_functions
-    except ImportError:  # pragma: no cover - another onnx2tf layout
+    found = _pinned_onnx2tf("utils.common_functions", "psutil")
+    if found is None:  # pragma: no cover - another onnx2tf layout
         yield False
         return
-    real = getattr(common_functions, "psutil", None)
-    if real is None:  # pragma: no cover - another onnx2tf layout
-        yield False
-        return
+    common_functions, real = found
     os.makedirs(folder, exist_ok=True)
     try:
         on_disk = real.disk_usage(folder).free >= 2 * _values_bytes(onnx_path)
@@ -202,15 +211,11 @@ def _without_validation_run():
     :class:`ValidationRunSkipped`, which onnx2tf catches as it does a graph ONNX Runtime cannot run (it logs that
     its "shape estimation is skipped" and converts with no values to compare against). Yields whether that
     applies; not where onnx2tf's internals differ from the pinned version's (the run then happens)."""
-    try:
-        from onnx2tf import onnx2tf as converter
-    except ImportError:  # pragma: no cover - another onnx2tf layout
+    found = _pinned_onnx2tf("onnx2tf", "dummy_onnx_inference")
+    if found is None:  # pragma: no cover - another onnx2tf layout
         yield False
         return
-    real = getattr(converter, "dummy_onnx_inference", None)
-    if real is None:  # pragma: no cover - another onnx2tf layout
-        yield False
-        return
+    converter, real = found
 
     def skipped(**_):
         raise ValidationRunSkipped("gmcnn-mobile skipped onnx2tf's validation run (no op of the graph reads it)")
