@@ -106,7 +106,7 @@ class ExportOptions:
         ONNX2TF_VALIDATIONS[0], "onnx2tf's validation run (ONNX Runtime over the whole graph, every intermediate "
                                 "value kept, for its handlers that resolve a layout the shapes leave ambiguous): "
                                 "auto runs it only where an op of the graph is such a case (none in GMCNN's graphs "
-                                "at a shape with rows != columns: the same files without it), always runs it")
+                                "at a shape with rows != columns: the same graphs without it), always runs it")
     quant_fallback: bool = _opt(
         True, "when a quantized file (TFLite int8, int8-dynamic, int16x8; Core ML w8) misses its parity gate, keep "
               "its most sensitive layers in float, the fewest that pass (the manifest lists them and their price); "
