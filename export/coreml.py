@@ -232,11 +232,42 @@ def _trace(generator, shape, io: str):
         return torch.jit.trace(module, example_inputs(shape, io), check_trace=False)
 
 
+def stable_item_identifiers(package: Path) -> None:
+    """Rewrite ``package``'s ``Manifest.json`` so that the same package contents give the same bytes.
+
+    coremltools names each item of a package (the program, the weights folder) by a fresh random UUID at every
+    save, and lists the items in that order, so two exports of one model never had the same package digest.
+    Each identifier becomes a name-based UUID (version 5) of the item's path and the sha256 of its files, the
+    items listed by path; the index keeps its fields and its 4-space JSON layout. Core ML reads the identifiers
+    only as keys (``rootModelIdentifier`` names the program's), so any UUID string serves.
+    """
+    import hashlib
+    import json
+    import uuid
+
+    index_path = Path(package) / "Manifest.json"
+    index = json.loads(index_path.read_text())
+    items = index["itemInfoEntries"]
+    renamed = {}
+    for old, item in items.items():
+        data = Path(package) / "Data" / item["path"]
+        files = sorted(f for f in ([data] if data.is_file() else data.rglob("*")) if f.is_file())
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f.relative_to(data.parent).as_posix().encode() + b"\0")
+            digest.update(hashlib.sha256(f.read_bytes()).digest())
+        renamed[old] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"gmcnn-mobile:{item['path']}:{digest.hexdigest()}"))
+    index["itemInfoEntries"] = {renamed[old]: items[old] for old in sorted(items, key=lambda k: items[k]["path"])}
+    index["rootModelIdentifier"] = renamed[index["rootModelIdentifier"]]
+    index_path.write_text(json.dumps(index, indent=4) + "\n")
+
+
 def save_atomically(mlmodel, final: Path) -> Path:
     """Save an .mlpackage under a temporary name in the same folder, then rename it into place.
 
     A package is a directory, and rename() cannot replace a non-empty one, so an existing
-    package is first renamed aside and deleted only after the new one is in place.
+    package is first renamed aside and deleted only after the new one is in place. Its item identifiers are
+    made stable first (:func:`stable_item_identifiers`): the same model saves into the same bytes.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -245,6 +276,7 @@ def save_atomically(mlmodel, final: Path) -> Path:
     tmp = tmp_dir / final.name
     try:
         mlmodel.save(str(tmp))
+        stable_item_identifiers(tmp)
         old = None
         if final.exists():
             old = final.parent / f".{final.name}.old-{os.getpid()}"

@@ -223,6 +223,40 @@ def test_failed_save_leaves_nothing_and_replacement_is_atomic(tmp_path, monkeypa
     assert sorted(p.name for p in model_dir.iterdir()) == ["a.mlpackage"]
 
 
+def test_the_same_model_saves_into_the_same_package_bytes(tmp_path):
+    """coremltools draws each package item's identifier at random; save_atomically names them from their path
+    and contents, so two saves of one model are the same bytes (and so the same manifest digest), and the
+    package still loads. An item of other contents gets another identifier: the `image` signature's program
+    differs from the `tensor` one's, their weights are the same bytes."""
+    import json
+    import uuid
+
+    import coremltools as ct
+
+    from export import coreml
+    from runtime_py.manifest import artifact_digest
+
+    src = tiny_artifact("fp16", "tensor")
+    saved = [coreml.save_atomically(ct.models.MLModel(str(src), skip_model_load=True), tmp_path / f"{n}.mlpackage")
+             for n in ("a", "b")]
+    files = [{f.relative_to(p).as_posix(): f.read_bytes() for f in p.rglob("*") if f.is_file()} for p in saved]
+    assert files[0] == files[1] and artifact_digest(saved[0]) == artifact_digest(saved[1])
+    index = json.loads(files[0]["Manifest.json"])
+    items = index["itemInfoEntries"]
+    assert [item["path"] for item in items.values()] == ["com.apple.CoreML/model.mlmodel", "com.apple.CoreML/weights"]
+    assert all(uuid.UUID(key).version == 5 for key in items)
+    assert items[index["rootModelIdentifier"]]["name"] == "model.mlmodel"
+    assert load_program(saved[0]).outputs  # the program reads back through the rewritten index
+    other = coreml.save_atomically(ct.models.MLModel(str(tiny_artifact("fp16", "image")), skip_model_load=True),
+                                   tmp_path / "c.mlpackage")
+    other_items = json.loads((other / "Manifest.json").read_text())["itemInfoEntries"]
+    same_bytes = {f.relative_to(other).as_posix(): f.read_bytes() == files[0].get(f.relative_to(other).as_posix())
+                  for f in other.rglob("*") if f.is_file()}
+    assert same_bytes == {"Manifest.json": False, "Data/com.apple.CoreML/model.mlmodel": False,
+                          "Data/com.apple.CoreML/weights/weight.bin": True}
+    assert [key in items for key in other_items] == [False, True]
+
+
 def test_kmeans_palette():
     r = np.random.default_rng(0)
     w = np.concatenate([r.normal(-1, 0.01, 500), r.normal(2, 0.01, 300)])

@@ -54,9 +54,10 @@ What is compared, and what is normalised first (volatile by design, not behaviou
   activations' scales and zero points against the record in ``tests/data/reference_int8_quantization.json``,
   within :data:`INT8_SCALE_RTOL` and one step;
 * every ``.mlpackage``: a digest of its file listing like the manifest's, except that the package's
-  ``Manifest.json`` is hashed with each item's random UUID (new at every save, and the order of the
-  items follows it) replaced by the item's path, so two exports of the same model, which never have
-  the same raw package digest, compare equal when every file but that index is identical;
+  ``Manifest.json`` is hashed with each item's identifier replaced by the item's path. The export names the
+  items from their contents (``export.coreml.stable_item_identifiers``), so two exports of the same model are
+  the same bytes; the recorded digests predate that (coremltools' random UUIDs), and any change of a
+  package's files still changes this digest;
 * ``manifest.json``, parsed, without ``created`` (time of writing), ``tools`` (version strings:
   checked apart, below), ``export.seconds``, ``build.convert_seconds`` and
   ``op_inventory.postpass.calibration.seconds`` (timings), ``export.calibration.folder`` and
