@@ -237,26 +237,22 @@ def stable_item_identifiers(package: Path) -> None:
 
     coremltools names each item of a package (the program, the weights folder) by a fresh random UUID at every
     save, and lists the items in that order, so two exports of one model never had the same package digest.
-    Each identifier becomes a name-based UUID (version 5) of the item's path and the sha256 of its files, the
-    items listed by path; the index keeps its fields and its 4-space JSON layout. Core ML reads the identifiers
+    Each identifier becomes a name-based UUID (version 5) of the item's path and its digest
+    (:func:`runtime_py.manifest.artifact_digest`: a file's sha256, a folder's listing digest), the items listed by path; the index keeps its fields and its 4-space JSON layout. Core ML reads the identifiers
     only as keys (``rootModelIdentifier`` names the program's), so any UUID string serves.
     """
-    import hashlib
     import json
     import uuid
+
+    from runtime_py.manifest import artifact_digest
 
     index_path = Path(package) / "Manifest.json"
     index = json.loads(index_path.read_text())
     items = index["itemInfoEntries"]
     renamed = {}
     for old, item in items.items():
-        data = Path(package) / "Data" / item["path"]
-        files = sorted(f for f in ([data] if data.is_file() else data.rglob("*")) if f.is_file())
-        digest = hashlib.sha256()
-        for f in files:
-            digest.update(f.relative_to(data.parent).as_posix().encode() + b"\0")
-            digest.update(hashlib.sha256(f.read_bytes()).digest())
-        renamed[old] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"gmcnn-mobile:{item['path']}:{digest.hexdigest()}"))
+        digest, _ = artifact_digest(Path(package) / "Data" / item["path"])
+        renamed[old] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"gmcnn-mobile:{item['path']}:{digest}"))
     index["itemInfoEntries"] = {renamed[old]: items[old] for old in sorted(items, key=lambda k: items[k]["path"])}
     index["rootModelIdentifier"] = renamed[index["rootModelIdentifier"]]
     index_path.write_text(json.dumps(index, indent=4) + "\n")
