@@ -224,12 +224,38 @@ def fill_description(mlmodel, generator, shape, precision: str, io: str, checkpo
 
 # ---------------------------------------------------------------------- conversion
 
+#: The smallest side :func:`trace_shape` halves a shape down to.
+TRACE_MIN_SIDE = 256
+
+
+def trace_shape(variant: str, shape: Tuple[int, int], min_side: Optional[int] = None) -> Tuple[int, int]:
+    """The (rows, cols) at which ``_trace`` runs the generator for a program declared at ``shape``: ``shape``
+    halved while both halves stay multiples of 4 and at least ``min_side`` (default :data:`TRACE_MIN_SIDE`) and the
+    variant's own minimum.
+
+    The traced TorchScript graph is the same at every shape the generator accepts
+    (:func:`models.gmcnn.check_shape`), and ``ct.convert`` takes the shapes from the inputs it is given: the one
+    size the model's Python code computes, the TF variant's stride-2 SAME padding, depends only on whether the
+    sides at full and half resolution are even, which every multiple of 4 gives; every other size is a traced
+    ``aten::size``. A trace computes a whole forward pass, 26 s of the default model at 1024x1360 against 1.4 s at
+    256x340 on a 2-core EPYC, and the package is the same bytes (tests/test_coreml_export.py; docs/COREML.md).
+    """
+    from models.gmcnn import min_side as variant_min_side
+
+    floor = max(TRACE_MIN_SIDE if min_side is None else int(min_side), variant_min_side(variant))
+    h, w = (int(v) for v in shape)
+    while h % 8 == 0 and w % 8 == 0 and min(h, w) // 2 >= floor:
+        h, w = h // 2, w // 2
+    return h, w
+
+
 def _trace(generator, shape, io: str):
     import torch
 
     module = wrap(generator, io)
     with torch.no_grad():
-        return torch.jit.trace(module, example_inputs(shape, io), check_trace=False)
+        return torch.jit.trace(module, example_inputs(trace_shape(generator.meta.variant, shape), io),
+                               check_trace=False)
 
 
 def stable_item_identifiers(package: Path) -> None:
@@ -382,7 +408,8 @@ def _converted_program(generator, shape: Tuple[int, int], io: str, compute: str,
     key = (id(generator), h, w, io, compute, str(target))
     if converted is not None and key in converted:
         return converted[key]
-    say(f"coreml {h}x{w} {io}: tracing")
+    th, tw = trace_shape(generator.meta.variant, (h, w))
+    say(f"coreml {h}x{w} {io}: tracing" + (f" at {th}x{tw}" if (th, tw) != (h, w) else ""))
     traced = _trace(generator, (h, w), io)
     inputs, outputs = coreml_types((h, w), io)
     say(f"coreml {h}x{w} {io}: converting")

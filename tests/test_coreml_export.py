@@ -257,6 +257,36 @@ def test_the_same_model_saves_into_the_same_package_bytes(tmp_path):
     assert [key in items for key in other_items] == [False, True]
 
 
+def test_trace_shape_halves_down_to_the_smallest_side_a_program_needs():
+    from export.coreml import trace_shape
+
+    assert trace_shape("tf", (512, 680)) == (256, 340)
+    assert trace_shape("tf", (1024, 1360)) == (256, 340)
+    assert trace_shape("tf", TINY_TF_SHAPE) == TINY_TF_SHAPE
+    assert trace_shape("tf", (1024, 1364)) == (1024, 1364)  # 682 is no multiple of 4
+    assert trace_shape("tf", (64, 96), min_side=8) == (8, 12)
+    assert trace_shape("torch", (400, 408), min_side=8) == (200, 204)  # the torch variant's 196 px
+
+
+@pytest.mark.parametrize("variant,io,shape", [("tf", "tensor", (64, 96)), ("tf", "image", (64, 96)),
+                                              ("torch", "image", (400, 408))])
+def test_a_program_traced_at_a_smaller_shape_is_the_same_package(tmp_path, monkeypatch, variant, io, shape):
+    """The generator's TorchScript trace does not depend on the shape it ran at (export.coreml.trace_shape): a
+    package converted from a trace at the smallest shape the rule allows is the bytes of one traced at its own."""
+    from export import coreml
+    from runtime_py.manifest import artifact_digest
+
+    digests, said = [], []
+    for tag, min_side in (("full", 10 ** 6), ("small", 8)):
+        monkeypatch.setattr(coreml, "TRACE_MIN_SIDE", min_side)
+        path = convert_generator(scaled_generator(variant), shape, "fp16", io, tmp_path / tag, checkpoint_sha256="0" * 64,
+                                 progress=said.append)
+        digests.append(artifact_digest(path)[0])
+    small = coreml.trace_shape(variant, shape, min_side=8)
+    assert small != shape and f"tracing at {small[0]}x{small[1]}" in " ".join(said)
+    assert digests[0] == digests[1]
+
+
 def test_kmeans_palette():
     r = np.random.default_rng(0)
     w = np.concatenate([r.normal(-1, 0.01, 500), r.normal(2, 0.01, 300)])
