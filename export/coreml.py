@@ -250,12 +250,12 @@ def trace_shape(variant: str, shape: Tuple[int, int], min_side: Optional[int] = 
 
 
 def _trace(generator, shape, io: str):
+    """The TorchScript trace of ``generator`` behind signature ``io``, run at ``shape`` (:func:`trace_shape`)."""
     import torch
 
     module = wrap(generator, io)
     with torch.no_grad():
-        return torch.jit.trace(module, example_inputs(trace_shape(generator.meta.variant, shape), io),
-                               check_trace=False)
+        return torch.jit.trace(module, example_inputs(shape, io), check_trace=False)
 
 
 def stable_item_identifiers(package: Path) -> None:
@@ -410,7 +410,7 @@ def _converted_program(generator, shape: Tuple[int, int], io: str, compute: str,
         return converted[key]
     th, tw = trace_shape(generator.meta.variant, (h, w))
     say(f"coreml {h}x{w} {io}: tracing" + (f" at {th}x{tw}" if (th, tw) != (h, w) else ""))
-    traced = _trace(generator, (h, w), io)
+    traced = _trace(generator, (th, tw), io)
     inputs, outputs = coreml_types((h, w), io)
     say(f"coreml {h}x{w} {io}: converting")
     with warnings.catch_warnings():
