@@ -241,7 +241,7 @@ def _export(checkpoint, out: Path, options: ExportOptions, fmt_list, mods, per_f
     from runtime_py.imageio import make_output_dir
 
     previous = _previous_manifest(out, options)
-    earlier = _earlier_manifest(options, previous)  # a bad --quant-fallback-seeds fails before any work
+    earlier = _earlier_manifest(options, previous, checkpoint)  # a bad --quant-fallback-seeds fails before any work
     gen = None
     with log.stage("checkpoint"):
         # the same checkpoint file as the previous run's: its manifest entry says what loading it would (no torch)
@@ -332,17 +332,26 @@ def _previous_manifest(out: Path, options: ExportOptions) -> Optional[Manifest]:
         return None
 
 
-def _earlier_manifest(options: ExportOptions, previous: Optional[Manifest]) -> Optional[Manifest]:
-    """The manifest the fallback's seeds from an earlier export come from (``options.fallback_seeds``): the previous
-    run's in the export folder (``auto``; none where the cache is off or it is unreadable), none (``none``), or the
-    one in the folder (or the file) named; a named one that cannot be read is an error."""
+def _earlier_manifest(options: ExportOptions, previous: Optional[Manifest], checkpoint=None):
+    """Where the fallback's seeds from an earlier export come from (``options.fallback_seeds``): ``auto``, the
+    previous run's manifest in the export folder (none where the cache is off or it is unreadable), else the seed
+    file beside the checkpoint (:func:`export.fallback_seeds.seed_file_beside`; the shipped default model has one)
+    where there is one; none (``none``); or the export folder, manifest or seed file named. One that cannot be read
+    is an error, the seed file beside the checkpoint too (it would otherwise be passed over in silence)."""
+    from .fallback_seeds import is_seed_file, read_seed_file, seed_file_beside
     from .options import SEEDS_AUTO, SEEDS_NONE
 
     if options.fallback_seeds == SEEDS_NONE:
         return None
-    if options.fallback_seeds == SEEDS_AUTO:
-        return previous
     try:
+        if options.fallback_seeds == SEEDS_AUTO:
+            if previous is not None and any(((a.build or {}).get("quantization") or {}).get("fallback")
+                                            for a in previous.artifacts):
+                return previous
+            beside = seed_file_beside(checkpoint)
+            return read_seed_file(beside) if beside is not None and beside.is_file() else None
+        if is_seed_file(options.fallback_seeds):
+            return read_seed_file(options.fallback_seeds)
         return load_manifest(options.fallback_seeds)
     except UserError as exc:
         raise UserError(f"--quant-fallback-seeds: {exc}") from None
@@ -441,11 +450,11 @@ def write_manifest(manifest: Manifest, out: Path) -> Path:
 
 
 def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temps: List[Path], show,
-          measure: Optional[Callable] = None, log=None, earlier: Optional[Manifest] = None):
+          measure: Optional[Callable] = None, log=None, earlier=None):
     """Convert, gate and move into place every planned artifact; returns (made, failures).
 
-    ``earlier``: the manifest of an earlier export whose fallback files seed this run's
-    (:func:`export.fallback.seeds_from_manifest`).
+    ``earlier``: the manifest of an earlier export (or a seed file, :class:`export.fallback_seeds.SeedSource`) whose
+    fallback files seed this run's (:func:`export.fallback.seeds_from_manifest`).
 
     ``log`` (:class:`export.stages.StageLog`) times every stage; its budget decides whether the TFLite
     worker converts while this process converts and gates the other formats (:func:`export.stages.side_by_side`)."""
@@ -737,7 +746,8 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         for line in left_out:
             show(f"fallback seeds: left out {line}")
         if earlier_seeds:
-            show(f"fallback seeds: {len(earlier_seeds)} from an earlier export (checkpoint "
+            where = f"seed file {earlier.path.name}" if getattr(earlier, "path", None) else "an earlier export"
+            show(f"fallback seeds: {len(earlier_seeds)} from {where} (checkpoint "
                  f"{str((earlier.checkpoint or {}).get('sha256'))[:12]}, {earlier.created})")
 
     def gate_all(fmt: str, jobs, results) -> None:

@@ -83,6 +83,23 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help=_switched_off("progress"))
     p.set_defaults(func=cmd_export)
 
+    s = sub.add_parser(
+        "fallback-seeds",
+        help="keep the layers an export's quantized files kept float in a seed file beside the checkpoint",
+        formatter_class=HelpFormatter,
+        description=(
+            "Write the layers each quantized file of an export kept float (per format, shape and precision) to "
+            "a seed file. An export of a checkpoint with STEM.fallback-seeds.json beside it gates those layers "
+            "first, before any search of its own, when its folder holds no earlier manifest (a fresh clone, a CI "
+            "runner): commit the file beside a checkpoint you export again after each retraining."
+        ),
+    )
+    s.add_argument("export_dir", type=Path, metavar="EXPORT", help="export folder (or its manifest.json)")
+    s.add_argument("--out", type=Path, default=None,
+                   help="seed file to write (default: STEM.fallback-seeds.json beside the checkpoint the export "
+                        "was made from)")
+    s.set_defaults(func=cmd_fallback_seeds)
+
 
 GATE_OVERRIDABLE = ("int8-dynamic", "int8")
 
@@ -176,4 +193,25 @@ def cmd_export(args) -> int:
           f"{manifest.export.get('seconds', 0):.1f}s)")
     if skipped:
         print(f"skipped format(s): {', '.join(skipped)}")
+    return 0
+
+
+def cmd_fallback_seeds(args) -> int:
+    from runtime_py.errors import UserError
+    from runtime_py.manifest import load_manifest
+
+    from .fallback_seeds import SUFFIX, write_seed_file
+
+    manifest = load_manifest(args.export_dir)
+    out = args.out
+    if out is None:
+        made_from = Path(str((manifest.checkpoint or {}).get("path") or ""))
+        if not str(made_from) or not made_from.suffix:
+            raise UserError(f"{args.export_dir}: the export was not made from a checkpoint file; name the seed file "
+                            "with --out")
+        out = made_from.with_name(made_from.stem + SUFFIX)
+    elif not out.name.endswith(SUFFIX):
+        raise UserError(f"--out: a seed file's name ends with {SUFFIX} (the export reads it by that name)")
+    written = write_seed_file(manifest, out)
+    print(f"wrote {written}")
     return 0

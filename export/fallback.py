@@ -8,8 +8,9 @@ When an artifact of a precision its backend lists in ``FALLBACK_PRECISIONS`` fai
 0. where another file of the same format, shape and precision (the other I/O signature) passed through the
    fallback earlier in the same run, gates that file's layers first (:class:`Seed`) and stops there if they
    pass; for the first file of its kind, the same with the layers a file of its kind kept float in an earlier
-   export (``--quant-fallback-seeds``: by default the manifest a previous run left in the export folder,
-   :func:`seeds_from_manifest`), as after a retraining; else, or where those fail:
+   export (``--quant-fallback-seeds``: by default the manifest a previous run left in the export folder, else the
+   seed file beside the checkpoint, :mod:`export.fallback_seeds`; :func:`seeds_from_manifest`), as after a
+   retraining; else, or where those fail:
 1. ranks the generator's convolutions by the quantization noise each one adds on the held-out
    samples the file failed on (:func:`export.activations.layer_snr`: the SNR of the layer's own
    output with only its input and weights rounded to int8 -- ``int16x8``: its input to int16
@@ -203,7 +204,8 @@ class Seed:
 def seeds_from_manifest(manifest, convs: Sequence[str], kinds: Optional[Sequence[tuple]] = None,
                         machine: Optional[Dict[str, object]] = None,
                         threads: Optional[int] = None) -> Tuple[Dict[tuple, Seed], List[str]]:
-    """Seeds from an earlier export's manifest (:class:`runtime_py.manifest.Manifest`), for the fallback files of
+    """Seeds from an earlier export's manifest (:class:`runtime_py.manifest.Manifest`, or a seed file read back,
+    :class:`export.fallback_seeds.SeedSource`: the same records, ``earlier`` names the file), for the fallback files of
     this run that no file of the run has seeded yet: the layers a retrained model needs float are most often those
     its previous version needed, and gating them (one candidate) replaces the sensitivity, the phases and the
     pruning (the four quantized TFLite files at 1024x1360 of default model v2, on the AVX2 EPYC: 3,910 s of the
@@ -225,6 +227,8 @@ def seeds_from_manifest(manifest, convs: Sequence[str], kinds: Optional[Sequence
     known = set(convs)
     earlier = {"checkpoint_sha256": (manifest.checkpoint or {}).get("sha256"),
                "weights_sha256": (manifest.checkpoint or {}).get("weights_sha256"), "created": manifest.created}
+    if getattr(manifest, "path", None):  # a seed file (export.fallback_seeds.SeedSource): which one
+        earlier["seed_file"] = manifest.path.name
     for a in manifest.artifacts:
         record = ((a.build or {}).get("quantization") or {}).get("fallback")
         key = (a.format, tuple(a.shape), a.precision)

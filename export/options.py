@@ -127,7 +127,8 @@ class ExportOptions:
         SEEDS_AUTO, f"where the fallback of the first file of each kind (format, shape, precision) first gates the "
                     f"layers a file of its kind kept float in an earlier export, before any search of its own: "
                     f"{SEEDS_AUTO} (the manifest a previous run left in the export folder, unless the cache is "
-                    f"off), an export folder or its manifest.json, or {SEEDS_NONE}")
+                    f"off; else the checkpoint's STEM.fallback-seeds.json beside it, which the shipped model has), "
+                    f"an export folder, its manifest.json or a *.fallback-seeds.json file, or {SEEDS_NONE}")
     input_groups: int = _opt(
         INPUT_GROUPS, "when a TFLite int8-dynamic file (tf variant) misses its parity gate and no fallback candidate "
                       "within its MAC budget passes, the next candidate keeps every convolution int8 and splits the "

@@ -244,3 +244,98 @@ def test_a_seed_that_never_comes_leaves_the_pure_file_gated_on_every_sample_befo
     every = image.parity.details["nudged"]["samples"]
     assert _gates_of(tmp_path, image.file) == 2
     assert i["pure_file"]["samples"] == every > 1 and "stopped_at" not in i["pure_file"]
+
+
+def test_a_seed_file_carries_what_the_manifest_seeds(seeded, tmp_path):
+    """export.fallback_seeds: the seed file of a manifest gives the seeds the manifest gives (first file of each
+    kind; its layers, inputs, ranking and price), naming itself as their source, and holds no other record."""
+    from export import fallback
+    from export.fallback_seeds import read_seed_file, write_seed_file
+
+    _, earlier = seeded
+    path = write_seed_file(earlier, tmp_path / "model.fallback-seeds.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.fallback-seeds.json"]  # no temporary file left
+    content = json.loads(path.read_text())
+    (record,) = content["files"]  # one kind: the tensor file's; the image file of the kind is not a seed
+    assert record["file"] == earlier.find("tflite", SHAPE, "int8-dynamic", "tensor").file
+    assert set(record["fallback"]) == {"phase", "layers_kept_float", "inputs_kept_float", "ranking", "price"}
+    convs = [k["layer"] for k in record["fallback"]["ranking"]]
+    from_manifest, _ = fallback.seeds_from_manifest(earlier, convs)
+    source = read_seed_file(path)
+    from_file, left_out = fallback.seeds_from_manifest(source, convs)
+    assert left_out == [] and list(from_file) == list(from_manifest) == [("tflite", SHAPE, "int8-dynamic")]
+    (a,), (b,) = from_manifest.values(), from_file.values()
+    assert b.earlier == {**a.earlier, "seed_file": path.name}
+    assert (b.file, b.layers, b.inputs_float, b.ranking, b.branches_kept_float, b.input_groups) == \
+           (a.file, a.layers, a.inputs_float, a.ranking, a.branches_kept_float, a.input_groups) and b.layers == [PLANTED]
+    from runtime_py.machine import timing_machine
+
+    machine = timing_machine()
+    priced = [next(iter(fallback.seeds_from_manifest(m, convs, machine=machine, threads=2)[0].values())).price
+              for m in (earlier, source)]
+    assert priced[0] is not None and priced[0] == priced[1]
+
+
+def test_a_seed_file_beside_the_checkpoint_seeds_an_export_into_a_fresh_folder(seeded, tmp_path):
+    """auto: with no earlier manifest in the folder, STEM.fallback-seeds.json beside the checkpoint file seeds the
+    first file of its kind (recorded as its source); none searches from scratch; a broken seed file beside it is one
+    error line before any work."""
+    from export.api import export_artifacts
+    from export.fallback_seeds import write_seed_file
+    from models.checkpoint import save_checkpoint
+    from runtime_py.errors import UserError
+
+    _, earlier = seeded
+    checkpoint = save_checkpoint(planted_generator(outlier=1001.0), tmp_path / "retrained.safetensors")
+    seed_file = write_seed_file(earlier, tmp_path / "retrained.fallback-seeds.json")
+    for seeds, phase in (("auto", 0), ("none", 1)):
+        out = tmp_path / seeds
+        m = export_artifacts(checkpoint, out, shapes=[SHAPE], formats=["tflite"], precisions=["int8-dynamic"],
+                             ios=["tensor"], threads=2, progress=False, calibration_masks_per_photo=1,
+                             fallback_seeds=seeds)
+        t = m.find("tflite", SHAPE, "int8-dynamic", "tensor").build["quantization"]["fallback"]
+        assert t["phase"] == phase and [k["layer"] for k in t["layers_kept_float"]] == [PLANTED]
+        assert len(_sensitivity_stages(out)) == (seeds == "none")
+        if seeds == "auto":
+            assert t["seeded_from_earlier_export"] == {"checkpoint_sha256": earlier.checkpoint["sha256"],
+                                                       "weights_sha256": earlier.checkpoint["weights_sha256"],
+                                                       "created": earlier.created, "seed_file": seed_file.name}
+        else:
+            assert "seeded_from_earlier_export" not in t
+    seed_file.write_text('{"schema": "gmcnn-mobile fallback seeds", "version": 99}')
+    with pytest.raises(UserError, match="--quant-fallback-seeds: .*retrained.fallback-seeds.json.*version 99") as exc:
+        export_artifacts(checkpoint, tmp_path / "fresh", shapes=[SHAPE], formats=["tflite"],
+                         precisions=["int8-dynamic"], ios=["tensor"], threads=2, progress=False)
+    assert "\n" not in str(exc.value) and not (tmp_path / "fresh").exists()
+
+
+def test_the_fallback_seeds_command_writes_beside_the_checkpoint_and_refuses_what_it_cannot_seed(seeded, tmp_path,
+                                                                                              capsys):
+    """gmcnn-mobile fallback-seeds: --out names the file (it must end .fallback-seeds.json); an export that was made
+    from a generator object, not a file, needs --out; one with no fallback file has nothing to seed; each is one
+    error line and a non-zero exit, leaving no file."""
+    import shutil
+
+    from gmcnn_mobile.cli import main
+    from runtime_py.manifest import load_manifest
+
+    earlier_out, earlier = seeded
+    out = tmp_path / "m.fallback-seeds.json"
+    assert main(["fallback-seeds", str(earlier_out), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["files"][0]["fallback"]["layers_kept_float"][0]["layer"] == PLANTED
+    capsys.readouterr()
+    copy = tmp_path / "copy"
+    shutil.copytree(earlier_out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for a in manifest["artifacts"]:
+        del a["build"]["quantization"]["fallback"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    load_manifest(copy)  # still a manifest
+    for argv, message in (([str(earlier_out)], "not made from a checkpoint file; name the seed file with --out"),
+                          ([str(earlier_out), "--out", str(tmp_path / "seeds.json")], "ends with .fallback-seeds"),
+                          ([str(copy), "--out", str(tmp_path / "c.fallback-seeds.json")], "nothing to seed"),
+                          ([str(tmp_path / "nowhere"), "--out", str(out)], "no export manifest")):
+        assert main(["fallback-seeds", *argv]) != 0
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "m.fallback-seeds.json"]
