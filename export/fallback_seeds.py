@@ -108,8 +108,8 @@ def write_seed_file(manifest, path: os.PathLike) -> Path:
 
 
 def is_seed_file(path: os.PathLike) -> bool:
-    """Whether ``path`` is a file named as a seed file is (``*.fallback-seeds.json``)."""
-    return Path(path).name.endswith(SUFFIX) and Path(path).is_file()
+    """Whether ``path`` is named as a seed file is (``*.fallback-seeds.json``), whether or not it exists."""
+    return Path(path).name.endswith(SUFFIX)
 
 
 def read_seed_file(path: os.PathLike) -> SeedSource:

@@ -307,6 +307,12 @@ def test_a_seed_file_beside_the_checkpoint_seeds_an_export_into_a_fresh_folder(s
         export_artifacts(checkpoint, tmp_path / "fresh", shapes=[SHAPE], formats=["tflite"],
                          precisions=["int8-dynamic"], ios=["tensor"], threads=2, progress=False)
     assert "\n" not in str(exc.value) and not (tmp_path / "fresh").exists()
+    missing = tmp_path / "gone.fallback-seeds.json"
+    with pytest.raises(UserError, match="--quant-fallback-seeds: .*gone.fallback-seeds.json: no such seed file"):
+        export_artifacts(checkpoint, tmp_path / "fresh", shapes=[SHAPE], formats=["tflite"],
+                         precisions=["int8-dynamic"], ios=["tensor"], threads=2, progress=False,
+                         fallback_seeds=str(missing))
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_the_fallback_seeds_command_writes_beside_the_checkpoint_and_refuses_what_it_cannot_seed(seeded, tmp_path,
