@@ -53,3 +53,29 @@ def test_demo_photo_mask_and_licence_are_shipped():
     licence = (DEMO / "LICENSE.md").read_text()
     assert "Risto" in licence and "LGPL-3.0" in licence
     assert (DEMO / "LGPL-3.0.txt").is_file() and (DEMO / "GPL-3.0.txt").is_file()
+
+
+def test_the_shipped_seed_file_was_made_from_the_shipped_checkpoint_and_names_its_convolutions():
+    """models/weights/STEM.fallback-seeds.json (docs/EXPORT.md, "Seed files beside the checkpoint"): an export of
+    the default model in a fresh folder reads it. Made from an export of these very weights, for both default
+    shapes and both quantized TFLite precisions, naming only convolutions this network has. A new default model
+    needs it written again: `gmcnn-mobile fallback-seeds DIR --out models/weights/STEM.fallback-seeds.json` from
+    its full export."""
+    from export import fallback
+    from export.fallback_seeds import read_seed_file, seed_file_beside
+    from export.options import default_of
+    from models.checkpoint import sha256_path
+    from models.gmcnn import conv_layers
+
+    path = seed_file_beside(models.DEFAULT_CHECKPOINT)
+    assert path == models.DEFAULT_CHECKPOINT.with_name("gmcnn_tf_c32_photos.fallback-seeds.json") and path.is_file()
+    source = read_seed_file(path)
+    assert source.checkpoint["sha256"] == sha256_path(models.DEFAULT_CHECKPOINT)
+    assert "/work" not in path.read_text() and "/home" not in path.read_text()  # nothing of the machine it was made on
+    gen = models.load_generator()
+    for shape in default_of("shapes"):
+        convs = [c["name"] for c in conv_layers(gen, *shape)]
+        kinds = [("tflite", tuple(shape), p) for p in ("int8", "int8-dynamic")]
+        seeds, left_out = fallback.seeds_from_manifest(source, convs, kinds=kinds)
+        assert left_out == [] and sorted(seeds) == sorted(kinds)
+        assert all(seed.layers or seed.input_groups for seed in seeds.values())
