@@ -576,6 +576,15 @@ CASES: List[Case] = [
     Case("export-memory-budget-not-positive",
          lambda d, s: ["export", *_ck(s), "--out", d / "exp", "--formats", "tflite", "--memory-budget-gib", "0"],
          r"--memory-budget-gib: must be a positive number"),
+    # ----------------------------------------------------------------------------- fallback-seeds
+    Case("fallback-seeds-export-folder-missing",
+         lambda d, s: ["fallback-seeds", d / "nowhere", "--out", d / "m.fallback-seeds.json"], r"no export manifest"),
+    Case("fallback-seeds-export-without-a-fallback-file",
+         lambda d, s: ["fallback-seeds", s.export, "--out", d / "m.fallback-seeds.json"], r"nothing to seed"),
+    Case("fallback-seeds-out-not-named-as-a-seed-file",
+         lambda d, s: ["fallback-seeds", s.export, "--out", d / "seeds.json"], r"ends with \.fallback-seeds\.json"),
+    Case("fallback-seeds-export-not-made-from-a-checkpoint-file", lambda d, s: ["fallback-seeds", s.export],
+         r"not made from a checkpoint file; name the seed file with --out"),
     # ----------------------------------------------------------------------------- inpaint
     Case("defect3-inpaint-png-claiming-100000x100000", _bomb_case("bomb.png", lambda: png_claiming(100000, 100000)),
          r"header claims 100000x100000 pixels"),
@@ -731,7 +740,8 @@ def test_bad_input(case: Case, shared: Shared, tmp_path: Path):
 def _command_of_id(case_id: str) -> str:
     """Case ids are ``COMMAND-what`` or ``defectN-COMMAND-what``."""
     word = case_id.split("-")[1] if case_id.startswith("defect") else case_id.split("-")[0]
-    return {"init": "init-checkpoint", "convert": "convert-checkpoint", "pack": "pack-photos"}.get(word, word)
+    return {"init": "init-checkpoint", "convert": "convert-checkpoint", "pack": "pack-photos",
+            "fallback": "fallback-seeds"}.get(word, word)
 
 
 def test_the_matrix_covers_every_command():
