@@ -334,8 +334,8 @@ def _previous_manifest(out: Path, options: ExportOptions) -> Optional[Manifest]:
 
 def _earlier_manifest(options: ExportOptions, previous: Optional[Manifest], checkpoint=None):
     """Where the fallback's seeds from an earlier export come from (``options.fallback_seeds``): ``auto``, the
-    previous run's manifest in the export folder (none where the cache is off or it is unreadable), else the seed
-    file beside the checkpoint (:func:`export.fallback_seeds.seed_file_beside`; the shipped default model has one)
+    previous run's manifest in the export folder where a file of it went to the fallback (none where the cache is off
+    or it is unreadable), else the seed file beside the checkpoint (:func:`export.fallback_seeds.seed_file_beside`; the shipped default model has one)
     where there is one; none (``none``); or the export folder, manifest or seed file named. One that cannot be read
     is an error, the seed file beside the checkpoint too (it would otherwise be passed over in silence)."""
     from .fallback_seeds import is_seed_file, read_seed_file, seed_file_beside
@@ -464,6 +464,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     from . import fallback
     from .activations import input_means, means_cache
     from .fallback import SensitivityCache
+    from .fallback_seeds import SeedSource
     from .stages import StageLog, activation_values, side_by_side
 
     log = log if log is not None else StageLog()
@@ -746,7 +747,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         for line in left_out:
             show(f"fallback seeds: left out {line}")
         if earlier_seeds:
-            where = f"seed file {earlier.path.name}" if getattr(earlier, "path", None) else "an earlier export"
+            where = f"seed file {earlier.path.name}" if isinstance(earlier, SeedSource) else "an earlier export"
             show(f"fallback seeds: {len(earlier_seeds)} from {where} (checkpoint "
                  f"{str((earlier.checkpoint or {}).get('sha256'))[:12]}, {earlier.created})")
 

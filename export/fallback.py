@@ -71,6 +71,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from .fallback_seeds import SeedSource
+
 # How many ranked layers a file may keep in float by default: a quarter of GMCNN's 44
 # convolutions. Measured need (docs/TOLERANCES.md): see the per-file table there.
 DEFAULT_LIMIT = 11
@@ -227,7 +229,7 @@ def seeds_from_manifest(manifest, convs: Sequence[str], kinds: Optional[Sequence
     known = set(convs)
     earlier = {"checkpoint_sha256": (manifest.checkpoint or {}).get("sha256"),
                "weights_sha256": (manifest.checkpoint or {}).get("weights_sha256"), "created": manifest.created}
-    if getattr(manifest, "path", None):  # a seed file (export.fallback_seeds.SeedSource): which one
+    if isinstance(manifest, SeedSource):
         earlier["seed_file"] = manifest.path.name
     for a in manifest.artifacts:
         record = ((a.build or {}).get("quantization") or {}).get("fallback")

@@ -302,6 +302,14 @@ def test_a_seed_file_beside_the_checkpoint_seeds_an_export_into_a_fresh_folder(s
                                                        "created": earlier.created, "seed_file": seed_file.name}
         else:
             assert "seeded_from_earlier_export" not in t
+    # a previous manifest in the folder with no fallback file (fp32 only) seeds nothing: the seed file does
+    out = tmp_path / "fp32-first"
+    kwargs = dict(shapes=[SHAPE], formats=["tflite"], ios=["tensor"], threads=2, progress=False,
+                  calibration_masks_per_photo=1)
+    export_artifacts(checkpoint, out, precisions=["fp32"], **kwargs)
+    m = export_artifacts(checkpoint, out, precisions=["fp32", "int8-dynamic"], **kwargs)
+    t = m.find("tflite", SHAPE, "int8-dynamic", "tensor").build["quantization"]["fallback"]
+    assert t["phase"] == 0 and t["seeded_from_earlier_export"]["seed_file"] == seed_file.name
     seed_file.write_text('{"schema": "gmcnn-mobile fallback seeds", "version": 99}')
     with pytest.raises(UserError, match="--quant-fallback-seeds: .*retrained.fallback-seeds.json.*version 99") as exc:
         export_artifacts(checkpoint, tmp_path / "fresh", shapes=[SHAPE], formats=["tflite"],
