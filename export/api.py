@@ -338,15 +338,14 @@ def _earlier_manifest(options: ExportOptions, previous: Optional[Manifest], chec
     or it is unreadable), else the seed file beside the checkpoint (:func:`export.fallback_seeds.seed_file_beside`; the shipped default model has one)
     where there is one; none (``none``); or the export folder, manifest or seed file named. One that cannot be read
     is an error, the seed file beside the checkpoint too (it would otherwise be passed over in silence)."""
-    from .fallback_seeds import is_seed_file, read_seed_file, seed_file_beside
+    from .fallback_seeds import fallback_record, is_seed_file, read_seed_file, seed_file_beside
     from .options import SEEDS_AUTO, SEEDS_NONE
 
     if options.fallback_seeds == SEEDS_NONE:
         return None
     try:
         if options.fallback_seeds == SEEDS_AUTO:
-            if previous is not None and any(((a.build or {}).get("quantization") or {}).get("fallback")
-                                            for a in previous.artifacts):
+            if previous is not None and any(fallback_record(a) for a in previous.artifacts):
                 return previous
             beside = seed_file_beside(checkpoint)
             return read_seed_file(beside) if beside is not None and beside.is_file() else None
@@ -365,9 +364,11 @@ def _known_checkpoint(checkpoint, previous: Optional[Manifest]) -> Optional[Dict
         return None
     from models import default_checkpoint  # the package imports no torch; its generator modules do
 
+    from .fallback_seeds import is_checkpoint_file
+
     old = dict(previous.checkpoint or {})
     path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
-    if (not path.is_file() or path.suffix == ".index" or ".data-" in path.name
+    if (not is_checkpoint_file(path)
             or not all(old.get(k) for k in ("sha256", "weights_sha256", "meta", "parameters"))):
         return None
     if artifact_digest(path)[0] != old["sha256"]:  # a plain file's sha256 (models.checkpoint.sha256_path)

@@ -200,7 +200,7 @@ def cmd_fallback_seeds(args) -> int:
     from runtime_py.errors import UserError
     from runtime_py.manifest import load_manifest
 
-    from .fallback_seeds import SUFFIX, write_seed_file
+    from .fallback_seeds import SUFFIX, seed_file_name, write_seed_file
 
     manifest = load_manifest(args.export_dir)
     out = args.out
@@ -209,7 +209,7 @@ def cmd_fallback_seeds(args) -> int:
         if not str(made_from) or not made_from.suffix:
             raise UserError(f"{args.export_dir}: the export was not made from a checkpoint file; name the seed file "
                             "with --out")
-        out = made_from.with_name(made_from.stem + SUFFIX)
+        out = seed_file_name(made_from)
     elif not out.name.endswith(SUFFIX):
         raise UserError(f"--out: a seed file's name ends with {SUFFIX} (the export reads it by that name)")
     written = write_seed_file(manifest, out)

@@ -71,7 +71,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .fallback_seeds import SeedSource
+from .fallback_seeds import SeedSource, fallback_record
 
 # How many ranked layers a file may keep in float by default: a quarter of GMCNN's 44
 # convolutions. Measured need (docs/TOLERANCES.md): see the per-file table there.
@@ -232,7 +232,7 @@ def seeds_from_manifest(manifest, convs: Sequence[str], kinds: Optional[Sequence
     if isinstance(manifest, SeedSource):
         earlier["seed_file"] = manifest.path.name
     for a in manifest.artifacts:
-        record = ((a.build or {}).get("quantization") or {}).get("fallback")
+        record = fallback_record(a)
         key = (a.format, tuple(a.shape), a.precision)
         if not record or key in seeds or (kinds is not None and key not in kinds):
             continue

@@ -54,17 +54,31 @@ class SeedSource:
     artifacts: List[SeedArtifact] = field(default_factory=list)
 
 
+def seed_file_name(checkpoint: os.PathLike) -> Path:
+    """The seed file of the checkpoint file ``checkpoint``: ``STEM.fallback-seeds.json`` beside it."""
+    path = Path(checkpoint)
+    return path.with_name(path.stem + SUFFIX)
+
+
+def is_checkpoint_file(path: Path) -> bool:
+    """Whether ``path`` is one checkpoint file (not a TF checkpoint's ``.index`` or ``.data-*`` part)."""
+    return path.is_file() and path.suffix != ".index" and ".data-" not in path.name
+
+
+def fallback_record(artifact) -> Optional[Dict[str, object]]:
+    """A manifest artifact's ``build.quantization.fallback`` record; None for a file the fallback did not make."""
+    return ((artifact.build or {}).get("quantization") or {}).get("fallback")
+
+
 def seed_file_beside(checkpoint: Optional[os.PathLike]) -> Optional[Path]:
-    """``STEM.fallback-seeds.json`` beside a checkpoint file (the default model's where ``checkpoint`` is None);
-    None for anything else (a generator object, a TF checkpoint's prefix)."""
+    """:func:`seed_file_name` of a checkpoint file (the default model's where ``checkpoint`` is None); None for
+    anything else (a generator object, a TF checkpoint's prefix)."""
     from models import default_checkpoint  # the package imports no torch
 
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         return None
     path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
-    if not path.is_file() or path.suffix == ".index" or ".data-" in path.name:
-        return None
-    return path.with_name(path.stem + SUFFIX)
+    return seed_file_name(path) if is_checkpoint_file(path) else None
 
 
 def seed_file_content(manifest) -> Dict[str, object]:
@@ -73,7 +87,7 @@ def seed_file_content(manifest) -> Dict[str, object]:
     manifest went to the fallback."""
     files, kinds = [], set()
     for a in manifest.artifacts:
-        record = ((a.build or {}).get("quantization") or {}).get("fallback")
+        record = fallback_record(a)
         kind = (a.format, tuple(a.shape), a.precision)
         if not record or kind in kinds:
             continue
