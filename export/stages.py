@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -202,6 +203,66 @@ class StageLog:
             }
 
 
+#: The kinds of stage the report sums own seconds by (:func:`seconds_by_kind`), tried in this order on the stage's
+#: name: a fallback candidate's gate names its file ``p<phase>[c<n>]k<layers>-...``; the stages of the fallback's
+#: own (sensitivity, simulations, price and the pruning's share outside its candidates) are one kind.
+STAGE_KINDS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
+    ("fallback candidates' gates", re.compile(r"gate p\d+\w*k\d+-")),
+    ("gates of the files as converted", re.compile(r"gate ")),
+    ("int8 calibration", re.compile(r"calibration")),
+    ("PyTorch references", re.compile(r"reference ")),
+    ("manifest inventory", re.compile(r"describe ")),
+    ("ONNX + onnxsim and onnx2tf", re.compile(r"onnx")),
+    ("conversions", re.compile(r"convert ")),
+    ("fallback search", re.compile(r"fallback |input channel ranges|bias correction|weight rounding")),
+)
+#: The kinds that are model inference on the held-out or calibration samples: what the checks are made of
+INFERENCE_KINDS = ("fallback candidates' gates", "gates of the files as converted", "int8 calibration",
+                   "PyTorch references")
+OTHER_KIND = "the rest"
+_SHAPE = re.compile(r"(\d+)x(\d+)")
+
+
+def stage_kind(name: str) -> str:
+    """The kind of :data:`STAGE_KINDS` a stage's name is of (:data:`OTHER_KIND` when none)."""
+    return next((kind for kind, pattern in STAGE_KINDS if pattern.match(name)), OTHER_KIND)
+
+
+def seconds_by_kind(report: dict) -> Dict[str, Dict[str, float]]:
+    """Own seconds of the report's stages summed per kind (:func:`stage_kind`) and per model shape named in the
+    stage's name (``"512x680"``; ``""`` for a stage of no shape): {kind: {shape: seconds}}, the kinds in
+    :data:`STAGE_KINDS`' order, then :data:`OTHER_KIND`, only those that ran. Own seconds, so a nested stage counts
+    once (:func:`own_seconds`)."""
+    order = [kind for kind, _ in STAGE_KINDS] + [OTHER_KIND]
+    sums: Dict[str, Dict[str, float]] = {}
+    for s in report["stages"]:
+        found = _SHAPE.search(s["name"])
+        shape = f"{found.group(1)}x{found.group(2)}" if found else ""
+        per_shape = sums.setdefault(stage_kind(s["name"]), {})
+        per_shape[shape] = round(per_shape.get(shape, 0.0) + s.get("own_seconds", s["seconds"]), 2)
+    return {kind: sums[kind] for kind in order if kind in sums}
+
+
+def kind_table(report: dict) -> str:
+    """:func:`seconds_by_kind` as a text table: a column per model shape (and one for stages of none), a row per
+    kind (model inference on the samples, :data:`INFERENCE_KINDS`, marked ``*``), then their sum and the whole sum."""
+    by_kind = seconds_by_kind(report)
+    shapes = sorted({shape for per in by_kind.values() for shape in per if shape},
+                    key=lambda shape: tuple(int(v) for v in shape.split("x")))
+    columns = shapes + ([""] if any("" in per for per in by_kind.values()) else [])
+
+    def row(label: str, per: Dict[str, float]) -> str:
+        return f"{label:<42}" + "".join(f" {per.get(c, 0.0):>10.1f}" for c in columns) + f" {sum(per.values()):>10.1f}"
+
+    def summed(kinds) -> Dict[str, float]:
+        return {c: sum(by_kind[k].get(c, 0.0) for k in kinds if k in by_kind) for c in columns}
+
+    lines = [f"{'own seconds by kind':<42}" + "".join(f" {c or 'no shape':>10}" for c in columns) + f" {'all':>10}"]
+    lines += [row(f"{kind} *" if kind in INFERENCE_KINDS else kind, per) for kind, per in by_kind.items()]
+    lines += [row("* gates, calibration, references", summed(INFERENCE_KINDS)), row("sum", summed(by_kind))]
+    return "\n".join(lines)
+
+
 def table(report: dict) -> str:
     """The report as a text table: one row per stage, then the whole run."""
     rows = [f"{'stage':<64} {'process':<13} {'start s':>8} {'wall s':>8} {'own s':>8} {'peak MiB':>9} {'anon MiB':>9}"]
@@ -222,7 +283,7 @@ def table(report: dict) -> str:
         rows.append(f"peak per process: {per}")
     for what, how in report.get("schedule", {}).items():
         rows.append(f"schedule: {what}: {how}")
-    return "\n".join(rows)
+    return "\n".join(rows + [kind_table(report)])
 
 
 def write_report(report: dict, out: Path, partial_prefix: str, reused_only: bool = False) -> Path:
@@ -300,3 +361,32 @@ def side_by_side(budget_bytes: Optional[int], size: Tuple[int, int]) -> Tuple[bo
         return True, f"side by side ({estimate}, together within the budget of {budget_bytes / GIB:.1f} GiB)"
     return False, (f"one after the other ({estimate}, together over the budget of {budget_bytes / GIB:.1f} GiB"
                    f"{alone})")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m export.stages DIR/export_stages.json``: the report as the export printed it, stage rows and the
+    summary by kind; ``--kinds``: the summary alone."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m export.stages", description=main.__doc__.split(";")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("report", help=f"an export's stage report ({REPORT_NAME}) or the folder holding it")
+    parser.add_argument("--kinds", action="store_true", help="print only the own seconds by kind and shape")
+    args = parser.parse_args(argv)
+    path = Path(args.report)
+    path = path / REPORT_NAME if path.is_dir() else path
+    try:
+        report = json.loads(path.read_text())
+        if not isinstance(report, dict) or not isinstance(report.get("stages"), list):
+            raise ValueError("no list of stages")
+        print(kind_table(report) if args.kinds else table(report))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"error: {path}: not a readable stage report ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

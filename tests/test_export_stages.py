@@ -1,7 +1,7 @@
 """export.stages: each stage's own seconds, the nested stages' taken out (no conversion: synthetic stages)."""
 import pytest
 
-from export.stages import OWN_PROCESS, TFLITE_WORKER, Stage, StageLog, own_seconds, table
+from export.stages import OWN_PROCESS, TFLITE_WORKER, Stage, StageLog, kind_table, own_seconds, seconds_by_kind, table
 
 
 def _stage(name, start, seconds, process=OWN_PROCESS):
@@ -48,3 +48,70 @@ def test_the_report_records_and_prints_own_seconds():
     assert gate["own_seconds"] == gate["seconds"] and rows["calibration"]["own_seconds"] == 3.0
     assert outer["own_seconds"] == pytest.approx(max(outer["seconds"] - gate["seconds"], 0.0), abs=0.011)
     assert "own s" in table(report).splitlines()[0]
+
+
+def test_own_seconds_are_summed_by_kind_and_shape_each_stage_once():
+    """The report's summary: a candidate's gate (``p<phase>[c<n>]k<layers>-``) is not a gate of a file as converted,
+    calibration's groups count once with the calibration holding them, each shape has its column and a stage of no
+    shape its own; the inference rows (gates, calibration, references) and everything add up."""
+    stages = [
+        _stage("checkpoint", 0.0, 1.0),
+        _stage("onnx + onnxsim 64x96 tensor", 1.0, 2.0),
+        _stage("onnx2tf 64x96 tensor", 3.0, 1.5, TFLITE_WORKER),
+        _stage("convert tflite 64x96 tensor int8", 4.5, 0.5, TFLITE_WORKER),
+        _stage("calibration group 1/2 64x96 tensor int8", 5.0, 3.0, TFLITE_WORKER),
+        _stage("calibration group 2/2 64x96 tensor int8", 8.0, 2.0, TFLITE_WORKER),
+        _stage("calibration 64x96 tensor int8", 5.0, 5.5, TFLITE_WORKER),
+        _stage("reference 64x96", 11.0, 4.0),
+        _stage("gate m_64x96_tensor_int8.tflite", 15.0, 2.0),
+        _stage("describe m_64x96_tensor_int8.tflite", 17.0, 0.25),
+        _stage("gate p4c12k6-m_64x96_tensor_int8.tflite", 18.0, 3.0),
+        _stage("gate p0k1-m_128x192_tensor_int8.tflite nudged", 21.0, 6.0),
+        _stage("fallback pruning m_64x96_tensor_int8.tflite", 17.5, 4.0),
+    ]
+    report = {"stages": [dict(vars(s), own_seconds=own) for s, own in zip(stages, own_seconds(stages))]}
+    assert seconds_by_kind(report) == {
+        "fallback candidates' gates": {"64x96": 3.0, "128x192": 6.0},
+        "gates of the files as converted": {"64x96": 2.0},
+        "int8 calibration": {"64x96": 5.5},
+        "PyTorch references": {"64x96": 4.0},
+        "manifest inventory": {"64x96": 0.25},
+        "ONNX + onnxsim and onnx2tf": {"64x96": 3.5},
+        "conversions": {"64x96": 0.5},
+        "fallback search": {"64x96": 1.0},
+        "the rest": {"": 1.0},
+    }
+    lines = {line[:42].strip(): line[42:].split() for line in kind_table(report).splitlines()}
+    assert lines["own seconds by kind"] == ["64x96", "128x192", "no", "shape", "all"]
+    assert lines["fallback candidates' gates *"] == ["3.0", "6.0", "0.0", "9.0"]
+    assert lines["conversions"] == ["0.5", "0.0", "0.0", "0.5"]
+    assert lines["* gates, calibration, references"] == ["14.5", "6.0", "0.0", "20.5"]
+    assert lines["sum"] == ["19.8", "6.0", "1.0", "26.8"]
+
+
+def test_the_printed_report_ends_with_the_summary_by_kind():
+    log = StageLog()
+    with log.stage("reference 64x96"):
+        pass
+    printed = table(log.finish())
+    assert printed.splitlines()[-1].startswith("sum") and "PyTorch references *" in printed
+
+
+def test_a_written_report_prints_again_and_a_bad_one_is_one_error_line(tmp_path, capsys):
+    import json
+
+    from export.stages import REPORT_NAME, main
+
+    log = StageLog()
+    with log.stage("gate m_64x96_tensor_fp32.tflite"):
+        pass
+    (tmp_path / REPORT_NAME).write_text(json.dumps(log.finish()))
+    assert main([str(tmp_path), "--kinds"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split()[-2:] == ["64x96", "all"] and printed[1].startswith("gates of the files as converted *")
+    assert main([str(tmp_path / REPORT_NAME)]) == 0 and "whole run" in capsys.readouterr().out
+    (tmp_path / "other.json").write_text('{"stages": "none"}')
+    for bad in (tmp_path / "missing.json", tmp_path / "other.json"):
+        assert main([str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {bad}: not a readable stage report")
