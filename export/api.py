@@ -30,6 +30,7 @@ written under a ``.partial-*`` name in ``out_dir`` and renamed after passing the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -753,6 +754,14 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                  f"{str((earlier.checkpoint or {}).get('sha256'))[:12]}, {earlier.created})")
 
     def gate_all(fmt: str, jobs, results) -> None:
+        """:func:`gate_each` inside the format's gate session (a backend's ``gate_session(paths)``, e.g.
+        :func:`export.coreml.gate_session`), given every converted file's path."""
+        session = getattr(mods[fmt], "gate_session", None)
+        paths = [results[job.key].path for job in jobs if results[job.key].path is not None]
+        with session(paths) if session is not None else contextlib.nullcontext():
+            gate_each(fmt, jobs, results)
+
+    def gate_each(fmt: str, jobs, results) -> None:
         mod = mods[fmt]
         by_key = {p.key: p for p in todo if p.fmt == fmt}
         pending = []

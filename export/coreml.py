@@ -24,6 +24,7 @@ in :mod:`export.backends`: ``convert(job)``, ``describe``, ``inventory``, ``run`
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -640,15 +641,35 @@ def executor_name(mode: Optional[str] = None) -> str:
     return f"{EXECUTOR_NAME} (numpy, {EXECUTOR_PATHS[mode or default_mode()]})"
 
 
+def gate_session(paths):
+    """The block the export gates its Core ML packages in (:mod:`export.api`): off macOS, the reference executor's
+    shared model cores over ``paths`` (:func:`runtime_py.mil_executor.sharing_model_core`), so that a package whose
+    core is an earlier one's -- the ``image`` package of a precision after its ``tensor`` one -- computes the ops
+    around its core alone, with the same bytes out. On macOS, where Core ML runs them, nothing."""
+    import platform
+
+    if platform.system() == "Darwin" or not paths:
+        return contextlib.nullcontext()
+    from runtime_py.mil_executor import default_mode, sharing_model_core
+
+    return sharing_model_core(paths, mode=default_mode())
+
+
 def run(path, io: str, samples, threads: int = 2, keep_going=None):
     """Execute on export.samples.Samples through the runtime's Core ML engine: ((N,H,W,3) outputs, executor).
-    Real Core ML on macOS, else the reference executor (its default path, which the executor string names).
+    Real Core ML on macOS, else the reference executor (its default path, which the executor string names; inside
+    :func:`gate_session`, also the samples whose model core came from an identical program's run).
     ``keep_going``: as :func:`export.parity.run_samples` takes it."""
     from runtime_py.engines.coreml_engine import CoreMLEngine
-    from runtime_py.mil_executor import default_mode
+    from runtime_py.mil_executor import default_mode, runs_served_by_sharing
 
     from .parity import run_samples
 
     mode = default_mode()
     engine = CoreMLEngine(path, shape=samples.shape, io=io, executor_mode=mode)
-    return run_samples(engine, samples, keep_going), executor_name(mode)
+    before = runs_served_by_sharing()
+    outputs = run_samples(engine, samples, keep_going)
+    served = runs_served_by_sharing() - before
+    shared = (f"; model core of {served} of {len(outputs)} samples from an identical program's run on the same core "
+              f"input, bit for bit" if served else "")
+    return outputs, executor_name(mode) + shared

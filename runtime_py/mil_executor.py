@@ -35,13 +35,20 @@ inputs that no op reads, constants and program outputs stay until the end. Holdi
 to the end of the run made the Core ML gate at 1024x1360 an export's largest stage (issue 17;
 docs/COREML.md, "Executor memory").
 
+Inside :func:`sharing_model_core` (the export's Core ML gates), a program whose model core -- every op computed
+from the first convolution's input and constants alone -- is op for op, constant for constant, the core of another
+program run there, and whose core input comes out bit for bit the same on a sample, takes the values its other ops
+read from that core from the other program's run instead of computing them again (:class:`ModelCore`): the
+``tensor`` and ``image`` packages of one precision differ only in the ops around the core, so the second of them
+computes those alone. The values are the same bits either way; nothing is shared outside the block.
+
 Only :func:`load_mlpackage` / :func:`load_program` import coremltools; executing a loaded
 program needs NumPy alone.
 """
 from __future__ import annotations
 
 import contextlib
-
+import hashlib
 import os
 import time
 from collections import Counter
@@ -96,6 +103,151 @@ class TensorSpec:
     color: str = ""  # RGB | BGR | GRAYSCALE for images
 
 
+@dataclass(frozen=True)
+class ModelCore:
+    """The model core of a program: the ops computed from one value, ``cut`` (the first convolution's input, made by
+    an op), and constants alone.
+
+    ``digests``: each core value's name -> a digest of how it is computed: its op type, the executor path, its
+    inputs (the cut, constants by their content, core values by their digests) and its dtype and shape. Two core
+    values with one digest, computed from cut values with the same bytes, are the same bytes (the executor is
+    deterministic), and so are all the values they were computed from. ``readers``: each core value's name -> the
+    values made by the ops that read it. ``outputs``: the core values the program returns."""
+
+    cut: str
+    digests: Dict[str, str]
+    readers: Dict[str, Tuple[str, ...]]
+    outputs: frozenset
+
+
+def _digest_of_value(value) -> str:
+    """sha256 of a constant's or a value's dtype, shape and bytes (repr for non-arrays)."""
+    h = hashlib.sha256()
+    if isinstance(value, np.ndarray) and not value.dtype.hasobject:
+        h.update(f"{value.dtype.str}{value.shape}".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    else:
+        h.update(repr(value).encode())
+    return h.hexdigest()
+
+
+def _names(ref) -> Tuple[str, ...]:
+    return ref if isinstance(ref, tuple) else (ref,)
+
+
+def find_model_core(program: "MILProgram") -> Optional[ModelCore]:
+    """The program's :class:`ModelCore`; None where it has no convolution or the first one reads a program input."""
+    first_conv = next((step for step in program.steps if step.op_type == "conv"), None)
+    made = {step.outputs[0][0] for step in program.steps}
+    if first_conv is None or not isinstance(first_conv.inputs.get("x"), str) or first_conv.inputs["x"] not in made:
+        return None
+    cut = first_conv.inputs["x"]
+    constant_digests: Dict[str, str] = {}
+    digests: Dict[str, str] = {}
+    readers: Dict[str, List[str]] = {}
+    for step in program.steps:
+        refs, in_core, reads_core = [], True, False
+        for key in sorted(step.inputs):
+            for name in _names(step.inputs[key]):
+                if name == cut or name in digests:
+                    refs.append((key, digests.get(name, "cut")))
+                    reads_core = True
+                elif name in program.constants:
+                    if name not in constant_digests:
+                        constant_digests[name] = _digest_of_value(program.constants[name])
+                    refs.append((key, "constant", constant_digests[name]))
+                else:
+                    in_core = False
+        name, dtype, shape = step.outputs[0]
+        if in_core and reads_core:
+            how = (program.mode, step.op_type, refs, np.dtype(dtype).str, shape)
+            digests[name] = hashlib.sha256(repr(how).encode()).hexdigest()
+        for ref in step.inputs.values():
+            for read in _names(ref):
+                if read in digests:
+                    readers.setdefault(read, []).append(name)
+    return ModelCore(cut, digests, {n: tuple(readers.get(n, ())) for n in digests},
+                     frozenset(spec.name for spec in program.outputs if spec.name in digests))
+
+
+@dataclass(frozen=True)
+class _SharingPlan:
+    """What a run of one program does inside :func:`sharing_model_core`: ``common``, its core values that another
+    registered program computes too; ``frontier``, those of them its other ops read or it returns (all it needs of
+    ``common``); ``keep``, those of them another registered program's frontier has."""
+
+    common: frozenset
+    frontier: Tuple[str, ...]
+    keep: frozenset
+
+
+class CoreSharing:
+    """The values shared inside one :func:`sharing_model_core` block among the registered programs' cores:
+    ``values[(digest, cut digest)]`` (read-only copies); ``runs_served``: the runs that took their frontier from
+    them."""
+
+    def __init__(self, cores: List[ModelCore]):
+        self._registered = Counter(frozenset(core.digests.values()) for core in cores)
+        self._presence = Counter(d for core in cores for d in set(core.digests.values()))
+        self._plans: Dict[frozenset, _SharingPlan] = {}
+        self._wanted = Counter()
+        fronts = [(core, self._common_and_frontier(core)[1]) for core in cores]
+        self._wanted = Counter(core.digests[name] for core, frontier in fronts for name in frontier)
+        self.values: Dict[Tuple[str, str], np.ndarray] = {}
+        self.runs_served = 0
+
+    def _common_and_frontier(self, core: ModelCore) -> Tuple[frozenset, Tuple[str, ...]]:
+        itself = 1 if self._registered[frozenset(core.digests.values())] else 0
+        common = frozenset(n for n, d in core.digests.items() if self._presence[d] > itself)
+        frontier = tuple(sorted(n for n in common if n in core.outputs or any(r not in common for r in core.readers[n])))
+        return common, frontier
+
+    def plan(self, core: ModelCore) -> _SharingPlan:
+        key = frozenset(core.digests.values())
+        if key not in self._plans:
+            common, frontier = self._common_and_frontier(core)
+            own = Counter(core.digests[n] for n in frontier) if self._registered[key] else Counter()
+            keep = frozenset(n for n in common if self._wanted[core.digests[n]] > own[core.digests[n]])
+            self._plans[key] = _SharingPlan(common, frontier, keep)
+        return self._plans[key]
+
+    def frontier_of(self, core: ModelCore, plan: _SharingPlan, cut_digest: str) -> Optional[Dict[str, np.ndarray]]:
+        """The frontier's values for a cut with bytes of ``cut_digest``, or None unless all are kept."""
+        found = {name: self.values.get((core.digests[name], cut_digest)) for name in plan.frontier}
+        return found if found and all(v is not None for v in found.values()) else None
+
+    def keep(self, core: ModelCore, name: str, cut_digest: str, value: np.ndarray) -> None:
+        kept = np.array(value, copy=True)
+        kept.flags.writeable = False  # an op writing into an input would raise, not change another run's value
+        self.values[(core.digests[name], cut_digest)] = kept
+
+
+_sharing: Optional[CoreSharing] = None
+
+
+@contextlib.contextmanager
+def sharing_model_core(paths, mode: Optional[str] = None):
+    """A block inside which runs of the programs of ``paths`` (``.mlpackage`` files, loaded here once to find their
+    cores, :func:`find_model_core`) share their model cores' values: a program run after another whose core it has,
+    on a sample whose cut value has the same bytes, computes only the ops outside its core. Yields the
+    :class:`CoreSharing`; its values go with the block. Programs loaded with another ``mode`` (executor path) share
+    nothing with these (the path is part of each digest)."""
+    global _sharing
+    mode = default_mode() if mode is None else mode
+    cores = [core for core in (find_model_core(load_program(path, mode=mode)) for path in paths) if core is not None]
+    previous, _sharing = _sharing, CoreSharing(cores)
+    try:
+        yield _sharing
+    finally:
+        _sharing = previous
+
+
+def runs_served_by_sharing() -> int:
+    """Runs inside the current :func:`sharing_model_core` block that took their core's values from an earlier run
+    (0 outside one)."""
+    return _sharing.runs_served if _sharing is not None else 0
+
+
 @dataclass
 class MILProgram:
     """A loaded ML program: constants evaluated, ops in execution order, I/O declarations."""
@@ -112,6 +264,13 @@ class MILProgram:
     decompressed: set = field(default_factory=set)  # constants made by constexpr_* ops (compressed weights)
     release: bool = True  # drop each value after its last reader (False: keep all to the end, as before issue 17)
     _release_plan: Optional[List[Tuple[str, ...]]] = field(default=None, init=False, repr=False, compare=False)
+    _core: object = field(default=None, init=False, repr=False, compare=False)  # ModelCore, or False: none
+
+    def model_core(self) -> Optional[ModelCore]:
+        """:func:`find_model_core`, computed once per program."""
+        if self._core is None:
+            self._core = find_model_core(self) or False
+        return self._core or None
 
     def release_plan(self) -> List[Tuple[str, ...]]:
         """For each step (same index as :attr:`steps`), the names of the values no later step reads: the step's
@@ -155,17 +314,30 @@ class MILProgram:
             env[spec.name] = self._prepare(spec, feed[spec.name])
         ops = op_table(self.mode)
         plan = self.release_plan() if self.release else [()] * len(self.steps)
+        sharing = _sharing if observe is None else None  # an observer sees every op
+        core = self.model_core() if sharing is not None else None
         with reuse_freed_memory():  # every op allocates its result afresh: 1.6x faster at 1024x1360
-            self._run_steps(env, ops, plan, timings, observe)
+            self._run_steps(env, ops, plan, timings, observe, (sharing, core) if core is not None else None)
         out = {}
         for spec in self.outputs:
             value = np.asarray(env[spec.name])
             out[spec.name] = tensor_to_image(value, spec) if spec.kind == "image" else value.astype(spec.dtype, copy=False)
         return out
 
-    def _run_steps(self, env: Dict[str, object], ops, plan, timings, observe) -> None:
-        """The ops in order, each result into ``env`` and the values read for the last time (``plan``) out of it."""
+    def _run_steps(self, env: Dict[str, object], ops, plan, timings, observe, shared=None) -> None:
+        """The ops in order, each result into ``env`` and the values read for the last time (``plan``) out of it.
+        ``shared``: (:class:`CoreSharing`, this program's :class:`ModelCore`) inside :func:`sharing_model_core`: the
+        values its plan keeps go to it; where its frontier is there for this run's cut, the shared values' ops
+        are not run."""
+        sharing, core = shared if shared is not None else (None, None)
+        sharing_plan = sharing.plan(core) if sharing is not None else None
+        cut_digest: Optional[str] = None
+        served = False  # the shared values' frontier came from an earlier run: the ops making them are not run
         for step, done in zip(self.steps, plan):
+            if served and step.outputs[0][0] in sharing_plan.common:
+                for n in done:
+                    env.pop(n, None)  # a core value this run never made
+                continue
             kwargs = {
                 k: (tuple(env[n] for n in v) if isinstance(v, tuple) else env[v]) for k, v in step.inputs.items()
             }
@@ -179,6 +351,16 @@ class MILProgram:
             if observe is not None:
                 observe(step, result)
             env[name] = result
+            if sharing_plan is not None and (sharing_plan.frontier or sharing_plan.keep):
+                if name == core.cut:
+                    cut_digest = _digest_of_value(np.asarray(result))
+                    frontier = sharing.frontier_of(core, sharing_plan, cut_digest)
+                    if frontier is not None:
+                        env.update(frontier)
+                        served = True
+                        sharing.runs_served += 1
+                elif cut_digest is not None and name in sharing_plan.keep:
+                    sharing.keep(core, name, cut_digest, np.asarray(result))
             for n in done:
                 del env[n]
             # the loop's own names would keep this op's inputs and result alive through the next op

@@ -645,3 +645,87 @@ def test_coremltools_is_imported_without_its_linux_notices():
     if sys.platform != "darwin":
         assert any(n in plain for n in notices)
     assert not any(n in quiet for n in notices), quiet[-2000:]
+
+
+def _tiny_samples(n: int, seed: int = 0):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from coreml_fixtures import TINY_TF_SHAPE, sample_inputs
+
+    from export.samples import Samples
+
+    images, masks = sample_inputs(TINY_TF_SHAPE, n=n, seed=seed)
+    return Samples(images, masks, [f"s{i}" for i in range(n)])
+
+
+def test_an_image_package_takes_its_model_core_from_the_tensor_package_run_bit_for_bit():
+    """export.coreml.gate_session: the tiny generator's fp16 packages, tensor gated first. The image package's
+    outputs are the bytes it gives alone; its core came from the tensor package's runs for the samples those saw,
+    and was computed for a sample they did not. The w8 image package, whose core shares at most the layers the w8
+    compression leaves in fp16 with the fp16 packages', gives its own bytes too."""
+    from coreml_fixtures import tiny_artifact
+
+    from export import coreml
+    from runtime_py.mil_executor import CoreSharing, runs_served_by_sharing
+
+    tensor, image, image_w8 = tiny_artifact("fp16", "tensor"), tiny_artifact("fp16", "image"), tiny_artifact("w8", "image")
+    samples, other = _tiny_samples(2), _tiny_samples(1, seed=7)
+    alone = {(p, which): coreml.run(p, "image", s)[0] for p, which, s in ((image, "samples", samples),
+                                                                         (image, "other", other),
+                                                                         (image_w8, "samples", samples))}
+    with coreml.gate_session([tensor, image]) as sharing:
+        assert isinstance(sharing, CoreSharing)
+        coreml.run(tensor, "tensor", samples)
+        assert len(sharing.values) == 2  # one value a sample: the core's last, which the image package reads
+        shared, executor = coreml.run(image, "image", samples)
+        assert runs_served_by_sharing() == 2 and "model core of 2 of 2 samples" in executor
+        assert shared.tobytes() == alone[(image, "samples")].tobytes()
+        out, executor = coreml.run(image, "image", other)
+        assert runs_served_by_sharing() == 2 and "model core" not in executor
+        assert out.tobytes() == alone[(image, "other")].tobytes()
+    assert runs_served_by_sharing() == 0
+    with coreml.gate_session([tensor, image_w8]):
+        coreml.run(tensor, "tensor", samples)
+        assert coreml.run(image_w8, "image", samples)[0].tobytes() == alone[(image_w8, "samples")].tobytes()
+
+
+def test_the_model_core_starts_at_the_first_convolution_and_digests_weights_by_content():
+    """find_model_core: the cut is the first conv's input; the fp16 tensor and image packages' cores share every
+    convolution's digest, the w8 package's convolutions that the compression quantized have digests of their own."""
+    from coreml_fixtures import tiny_artifact
+
+    from runtime_py.mil_executor import find_model_core, load_program
+
+    programs = {key: load_program(tiny_artifact(*key)) for key in (("fp16", "tensor"), ("fp16", "image"),
+                                                                    ("w8", "tensor"))}
+    cores = {key: find_model_core(program) for key, program in programs.items()}
+    for key, core in cores.items():
+        assert core.cut == next(s for s in programs[key].steps if s.op_type == "conv").inputs["x"]
+
+    def conv_digests(key):
+        return [cores[key].digests[s.outputs[0][0]] for s in programs[key].steps if s.op_type == "conv"]
+
+    fp16, fp16_image, w8 = conv_digests(("fp16", "tensor")), conv_digests(("fp16", "image")), conv_digests(("w8", "tensor"))
+    assert fp16 == fp16_image and len(fp16) == len(w8)
+    assert fp16[-1] != w8[-1] and any(a != b for a, b in zip(fp16, w8))
+
+
+def test_a_served_run_skips_the_core_ops():
+    """Inside the block the image program's served run times no convolution (its core), only the ops around it."""
+    from coreml_fixtures import tiny_artifact
+
+    from runtime_py.mil_executor import load_program, sharing_model_core
+
+    tensor, image = tiny_artifact("fp16", "tensor"), tiny_artifact("fp16", "image")
+    samples = _tiny_samples(1)
+    t_prog, i_prog = load_program(tensor), load_program(image)
+    feed = {spec.name: (np.transpose(samples.images, (0, 3, 1, 2)).astype(np.float32) / 127.5 - 1.0
+                        if spec.shape[1] == 3 else (np.transpose(samples.masks, (0, 3, 1, 2)) >= 128).astype(np.float32))
+            for spec in t_prog.inputs}
+    with sharing_model_core([tensor, image]):
+        t_prog(feed)
+        timings = {}
+        i_prog(i_prog.unbatched({"image": samples.images, "mask": samples.masks}), timings=timings)
+    assert "conv" not in timings and timings  # the ops around the core ran
