@@ -39,7 +39,10 @@ int8-dynamic digests and the ``defaults`` manifest's (its entries record ``build
 again then, by the branch that made that change; every other digest stayed as recorded. Issue 13's nudged copies
 (2026-12-05: the gate of an int8-dynamic file also runs every held-out sample with 1 % of its pixel values one
 level off) add ``parity.details.nudged`` and double ``parity.samples`` of those files: the ``defaults`` manifest's
-digest was recorded again then; every file digest stayed as recorded. Two
+digest was recorded again then; every file digest stayed as recorded. Issue 17's shared Core ML model core
+(2026-12-06: the ``image`` fp16 package's gate takes its core from the ``tensor`` package's run) adds to that
+package's ``parity.executor`` "; model core of 4 of 4 samples ..."; the ``defaults`` manifest's digest was recorded
+again then (without that suffix the new manifest gave the old digest); every file digest stayed as recorded. Two
 exports of the cnum-4 ``lively_generator`` at 64x96:
 
 * ``defaults``: TFLite fp32, fp16, int8-dynamic, int8 and Core ML fp16, tensor and image signatures;
@@ -111,7 +114,7 @@ REFERENCE = {
         "gmcnn_tf_c4_64x96_tensor_fp32.tflite": "721e06aacdd1a0e6557ee42f3dd9fb17bdfc338946232d6877634f939bc8875b",
         "gmcnn_tf_c4_64x96_tensor_int8-dynamic.tflite": "fddd93039f3c4fa872064b78ca44818b9e427e6c9b7c0b8b49a4f9586b8932e3",
         "gmcnn_tf_c4_64x96_tensor_int8.tflite": "aa58595640fe5c66110ff97c405a4c541b789df6c406429a3b5814f10953ee15",
-        "manifest.json": "b55a9c684cb8bdd7cdc20b6e27816c4a867a33e93e9233a7e4cffd165ee75cc5"
+        "manifest.json": "dee5adece58691984cb20078032550c1f01463fadd48ef0679d2e3ff533a0b2d"
     },
     "options": {
         "gmcnn_tf_c4_64x96_tensor_fp32.tflite": "ee3b12256fedf9f62384680ecb30ff054b5d6edcf30be85c4a76d6bd3b3aa7b3",
