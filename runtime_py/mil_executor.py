@@ -190,7 +190,6 @@ class CoreSharing:
         self._registered = Counter(frozenset(core.digests.values()) for core in cores)
         self._presence = Counter(d for core in cores for d in set(core.digests.values()))
         self._plans: Dict[frozenset, _SharingPlan] = {}
-        self._wanted = Counter()
         fronts = [(core, self._common_and_frontier(core)[1]) for core in cores]
         self._wanted = Counter(core.digests[name] for core, frontier in fronts for name in frontier)
         self.values: Dict[Tuple[str, str], np.ndarray] = {}
@@ -231,10 +230,18 @@ def sharing_model_core(paths, mode: Optional[str] = None):
     cores, :func:`find_model_core`) share their model cores' values: a program run after another whose core it has,
     on a sample whose cut value has the same bytes, computes only the ops outside its core. Yields the
     :class:`CoreSharing`; its values go with the block. Programs loaded with another ``mode`` (executor path) share
-    nothing with these (the path is part of each digest)."""
+    nothing with these (the path is part of each digest). A package that does not load shares nothing: its own run
+    says why, as outside the block."""
     global _sharing
     mode = default_mode() if mode is None else mode
-    cores = [core for core in (find_model_core(load_program(path, mode=mode)) for path in paths) if core is not None]
+    cores = []
+    for path in paths:
+        try:
+            core = find_model_core(load_program(path, mode=mode))
+        except UserError:  # unreadable, an op the executor lacks, coremltools missing: the package's gate reports it
+            continue
+        if core is not None:
+            cores.append(core)
     previous, _sharing = _sharing, CoreSharing(cores)
     try:
         yield _sharing

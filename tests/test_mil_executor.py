@@ -686,7 +686,7 @@ def test_an_image_package_takes_its_model_core_from_the_tensor_package_run_bit_f
         assert runs_served_by_sharing() == 2 and "model core" not in executor
         assert out.tobytes() == alone[(image, "other")].tobytes()
     assert runs_served_by_sharing() == 0
-    with coreml.gate_session([tensor, image_w8]):
+    with coreml.gate_session([tensor, image_w8, tensor.with_name("missing.mlpackage")]):  # one that does not load
         coreml.run(tensor, "tensor", samples)
         assert coreml.run(image_w8, "image", samples)[0].tobytes() == alone[(image_w8, "samples")].tobytes()
 
