@@ -99,6 +99,7 @@ class StageLog:
         self.anon_peaks: Dict[str, int] = {}  # process -> its anonymous peak over the run
         self.total_peak = 0
         self.total_anon_peak = 0
+        self._total_anon_peak_at: Optional[Tuple[float, Dict[str, int]]] = None  # (seconds, anonymous by process)
         self._children: Dict[int, str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -119,9 +120,14 @@ class StageLog:
         own = resident_of(["self"])
         readings = [(OWN_PROCESS, own)] + [(process, resident_of([pid])) for pid, process in children.items()]
         self._own_anon.observe(own[1])
+        summed = sum(anon for _, (_, anon) in readings)
         with self._lock:
             self.total_peak = max(self.total_peak, sum(rss for _, (rss, _) in readings))
-            self.total_anon_peak = max(self.total_anon_peak, sum(anon for _, (_, anon) in readings))
+            if summed > self.total_anon_peak:
+                by_process: Dict[str, int] = {}
+                for process, (_, anon) in readings:
+                    by_process[process] = by_process.get(process, 0) + anon
+                self.total_anon_peak, self._total_anon_peak_at = summed, (time.time() - self.t0, by_process)
             for process, (_, anon) in readings:
                 self.anon_peaks[process] = max(self.anon_peaks.get(process, 0), anon)
 
@@ -187,6 +193,12 @@ class StageLog:
             total = max([self.total_peak] + list(self.peaks.values()))
             anon = max([self.total_anon_peak] + list(self.anon_peaks.values()))
             own = own_seconds(self.stages)  # in the order recorded, which tells nested stages of equal intervals apart
+            when = {}
+            if self._total_anon_peak_at is not None and anon == self.total_anon_peak:  # the sum, not one process's
+                at, by_process = self._total_anon_peak_at
+                when = {"peak_anon_sampled_at": {
+                    "seconds": round(at, 1), "bytes_per_process": dict(by_process),
+                    "stages": [s.name for s in self.stages if s.start <= at <= s.start + s.seconds]}}
             return {
                 "seconds": round(time.time() - self.t0, 2),
                 **({"artifacts": dict(artifacts)} if artifacts is not None else {}),
@@ -194,6 +206,7 @@ class StageLog:
                 "peak_rss_bytes_per_process": dict(self.peaks),
                 "peak_anon_bytes": int(anon),
                 "peak_anon_bytes_per_process": dict(self.anon_peaks),
+                **when,
                 "memory_budget_bytes": self.budget_bytes,
                 "within_budget": None if self.budget_bytes is None else bool(anon <= self.budget_bytes),
                 "schedule": dict(self.schedule),
@@ -281,6 +294,11 @@ def table(report: dict) -> str:
                     for p, v in report["peak_rss_bytes_per_process"].items())
     if per:
         rows.append(f"peak per process: {per}")
+    at = report.get("peak_anon_sampled_at")
+    if at:
+        parts = " + ".join(f"{p} {mib(v):.0f}" for p, v in at["bytes_per_process"].items())
+        during = "; ".join(at["stages"]) or "no stage"
+        rows.append(f"summed anonymous peak at {at['seconds']:.1f} s: {parts} MiB, during: {during}")
     for what, how in report.get("schedule", {}).items():
         rows.append(f"schedule: {what}: {how}")
     return "\n".join(rows + [kind_table(report)])

@@ -115,3 +115,46 @@ def test_a_written_report_prints_again_and_a_bad_one_is_one_error_line(tmp_path,
         assert main([str(bad)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"error: {bad}: not a readable stage report")
+
+
+def test_the_report_says_when_the_summed_anonymous_peak_was_and_what_ran(monkeypatch):
+    """The budget's verdict is on the processes' summed anonymous peak; the report says when it was sampled, what
+    each process held then (processes of one name summed) and which stages ran at that moment -- and says nothing
+    when one process's own peak, not a sampled sum, is the run's peak."""
+    import types
+
+    import export.stages as stages
+
+    gib = 1 << 30
+    held = {"self": (0, 0)}
+    monkeypatch.setattr(stages, "resident_of", lambda pids: held.get(pids[0], (0, 0)))
+    log = StageLog(budget_bytes=8 * gib)
+    log.close()  # sampled by hand below
+    log.watch(101, TFLITE_WORKER)
+    log.watch(102, "tflite gate process")
+    log.watch(103, "tflite gate process")
+    for export, worker, gates in ((2, 0, 0), (3, 1.5, 0.25), (2, 1, 0)):  # 2, then 5 (the peak), then 3 GiB
+        held.update({"self": (0, int(export * gib)), 101: (0, int(worker * gib)), 102: (0, int(gates * gib)),
+                     103: (0, int(gates * gib))})
+        log.sample()
+        if export == 3:
+            peak_at = log.since_start()
+    log.add("calibration group 1/2", TFLITE_WORKER, 0.0, peak_at + 60.0, 3 * gib, 2 * gib)
+    log.add("gate x.tflite", OWN_PROCESS, peak_at + 30.0, 1.0, 3 * gib, 3 * gib)
+    report = log.finish()
+    at = report["peak_anon_sampled_at"]
+    assert report["peak_anon_bytes"] == 5 * gib and at["seconds"] == pytest.approx(peak_at, abs=0.1)
+    assert at["bytes_per_process"] == {OWN_PROCESS: 3 * gib, TFLITE_WORKER: int(1.5 * gib),
+                                       "tflite gate process": int(0.5 * gib)}
+    assert at["stages"] == ["calibration group 1/2"]
+    assert "summed anonymous peak at" in table(report) and (
+        "export 3072 + tflite worker 1536 + tflite gate process 512 MiB, during: calibration group 1/2" in table(report))
+
+    alone = StageLog(budget_bytes=8 * gib)
+    alone.close()
+    held.update({"self": (0, gib), 101: (0, 0), 102: (0, 0), 103: (0, 0)})
+    alone.sample()
+    alone._own_anon = types.SimpleNamespace(peak=lambda: 7 * gib, observe=lambda value: None)
+    report = alone.finish()
+    assert report["peak_anon_bytes"] == 7 * gib and "peak_anon_sampled_at" not in report
+    assert "summed anonymous peak at" not in table(report)
