@@ -547,7 +547,8 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
             what = " nudged" if nudged_copies else ""
             show(f"parity {shape[0]}x{shape[1]}: PyTorch fp32 reference on {len(samples)}{what} holdout samples")
             t0 = time.time()
-            # the forwards inside reuse_freed_memory: 13-15 % faster at 1024x1360, the same bytes (docs/EXPORT.md, "Page faults")
+            # the forwards inside reuse_freed_memory: about 12 % faster at 1024x1360 for 0.8 GiB, the same bytes
+            # (docs/EXPORT.md, "Page faults")
             with log.stage(f"reference {shape[0]}x{shape[1]}{what}", give_back=True), reuse_freed_memory():
                 refs[key] = (samples, *parity.reference_outputs_and_peak(gen, samples))
             show(f"parity {shape[0]}x{shape[1]}: reference ready ({time.time() - t0:.1f}s)")

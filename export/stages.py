@@ -14,9 +14,10 @@ conversion and gates): its wall seconds, the process it ran in (``export``: the 
 The TFLite worker measures its own stages the same way and reports them with its events. The whole run's
 peaks are the largest sums of the processes' resident and anonymous sizes, sampled every
 :data:`SAMPLE_SECONDS` while the export runs (the worker between its conversions too), and never less than
-any one process's peak. The report is printed at the end of the run and written beside the manifest
-(:data:`REPORT_NAME`); a run that made nothing (every file reused) records itself inside the report of the run
-that made the files instead of replacing it (:func:`write_report`).
+any one process's peak; where the summed anonymous peak is a sampled sum, the report says when it was sampled, what
+each process held then and which stages ran (``peak_anon_sampled_at``). The report is printed at the end of the run
+and written beside the manifest (:data:`REPORT_NAME`); a run that made nothing (every file reused) records itself
+inside the report of the run that made the files instead of replacing it (:func:`write_report`).
 
 The budget (``--memory-budget-gib``, :attr:`export.options.ExportOptions.memory_budget_gib`) is of
 anonymous memory, summed over the processes: it decides what may run side by side -- the TFLite worker
