@@ -54,6 +54,8 @@ from .options import ExportOptions
 from .samples import NUDGED_FRACTION, Samples, concatenated, load_samples, nudged, photo_dir_digest
 
 PARTIAL_PREFIX = ".partial-"
+#: after PARTIAL_PREFIX and the process id: a file that passed its gate and waits for its inventory
+ACCEPTED_PREFIX = "accepted-"
 WORK_DIR_NAME = ".work"
 HOLDOUT_MASKS_PER_PHOTO = 2
 TOOL_DISTRIBUTIONS = {
@@ -708,17 +710,43 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                             composite_psnr_db=m["composite_psnr_db"], tolerance=p.tolerance, passed=ok,
                             note=why, details=m["details"])
 
+    # files that passed their gate, waiting for their inventory: (planned, backend, conversion, parity, quantization)
+    to_describe: List[tuple] = []
+
     def accept(p: _Planned, mod, res, result: ParityResult, quantization: Optional[dict] = None) -> None:
+        """``p``'s file passed its gate: it waits under a name of its own for :func:`describe_accepted`, which
+        measures its inventory, moves it into place and records it."""
+        held = out / f"{PARTIAL_PREFIX}{os.getpid()}-{ACCEPTED_PREFIX}{p.file}"
+        if held.exists() or held.is_symlink():
+            _remove(held)
+        os.replace(res.path, held)
+        to_describe.append((p, mod, res, result, quantization, held))
+
+    def describe_accepted() -> None:
+        """The inventory of every file accepted so far, the largest shape first, one after another inside
+        ``reuse_freed_memory``: the TFLite inventory loads the file into LiteRT's interpreter, whose XNNPACK builds
+        every convolution's indirection buffer (4.1-4.6 GB at 1024x1360), and each load after the first takes the
+        pages the one before freed instead of faulting in fresh ones (0.5-0.8 s against 2.5-3.7 s alone and 12-18 s
+        between the gates of an export; docs/EXPORT.md, "Page faults"). Then each file goes into place."""
+        pending = sorted(to_describe, key=lambda item: -item[0].shape[0] * item[0].shape[1])
+        to_describe.clear()
+        with reuse_freed_memory():
+            described = []
+            for p, mod, res, result, quantization, held in pending:
+                with log.stage(f"describe {p.file}"):
+                    described.append((mod.describe(held, p.io, p.shape), mod.inventory(held, threads, res.details)))
+        for (p, mod, res, result, quantization, held), ((inputs, outputs_info), inv) in zip(pending, described):
+            place(p, mod, res, result, quantization, held, inputs, outputs_info, inv)
+
+    def place(p: _Planned, mod, res, result: ParityResult, quantization: Optional[dict], held: Path,
+              inputs, outputs_info, inv) -> None:
         if p.shape not in gmacs:
             gmacs[p.shape] = round(count_macs(gen, *p.shape) / 1e9, 4)
-        with log.stage(f"describe {p.file}", give_back=True):
-            inputs, outputs_info = mod.describe(res.path, p.io, p.shape)
-            inv = mod.inventory(res.path, threads, res.details)
         final = out / p.file
-        sha, size = artifact_digest(res.path)
+        sha, size = artifact_digest(held)
         if final.exists() or final.is_symlink():
             _remove(final)
-        os.replace(res.path, final)
+        os.replace(held, final)
         # a file the fallback made records the fallback setting it was made under (a pure file is the same either way)
         build = {**p.recorded, **(options.fallback_recorded(p.precision) if quantization and "fallback" in quantization else {}),
                  "convert_seconds": round(res.seconds, 2),
@@ -835,8 +863,10 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
             else:
                 gate_all(fmt, jobs, backends.convert_all(mods[fmt], jobs, progress=show, stages=log))
                 backends.done(mods[fmt])  # its files gated, fallbacks included: its converter may go now
+                describe_accepted()  # after the converter went: the inventory's loads are the largest allocations
         for fmt, jobs, conversion in started:
             gate_all(fmt, jobs, conversion.wait())
+            describe_accepted()
     finally:
         for _, _, conversion in started:
             conversion.cancel()  # stops a worker still converting (an interrupted export); at once otherwise

@@ -118,3 +118,75 @@ def test_the_gates_per_sample_check_is_the_comparisons_hole_psnr(io):
     ref_comp = parity.composite_pixels(reference, samples)
     art_comp = parity.composite_pixels(output, samples) if io == "tensor" else output
     assert cheap == [parity.psnr(ref_comp[i][hole[i]], art_comp[i][hole[i]]) for i in range(len(samples))]
+
+
+def test_the_inventory_runs_after_the_formats_gates_largest_shape_first_in_one_reuse_block(tmp_path, monkeypatch):
+    """Issue 17: a file that passes its gate waits under a name of its own; once every file of its format is gated,
+    the inventories run one after another, the largest shape first, inside one runtime_py.memory.reuse_freed_memory
+    block (the TFLite inventory's XNNPACK loads then reuse each other's pages), and only then do the files go into
+    place."""
+    import contextlib
+
+    from export import api, backends
+    from runtime_py import memory
+
+    shapes = [SHAPE, (2 * SHAPE[0], 2 * SHAPE[1])]
+    events = []
+    mod = _gatesim_backend([])
+    real_run, real_reuse = mod.run, memory.reuse_freed_memory
+
+    def run(path, io, samples, threads=2, keep_going=None):
+        events.append(("gate", Path(path).name))
+        return real_run(path, io, samples, threads, keep_going)
+
+    def describe(path, io, shape=None):
+        final = tmp_path / Path(path).name.split(api.ACCEPTED_PREFIX, 1)[-1]
+        events.append(("describe", tuple(shape), memory._reuse_depth, Path(path).name.startswith(api.PARTIAL_PREFIX),
+                       final.exists()))
+        return [], []
+
+    @contextlib.contextmanager
+    def reuse():
+        events.append("block")
+        with real_reuse():
+            yield
+        events.append("block left")
+
+    mod.run, mod.describe = run, describe
+    mod.RUNTIME_QUANTIZED = ()  # no nudged copies: one gate per file
+    monkeypatch.setattr(memory, "reuse_freed_memory", reuse)
+    monkeypatch.setitem(sys.modules, "gatesim_backend", mod)
+    monkeypatch.setitem(backends.FORMAT_MODULES, "gatesim", "gatesim_backend")
+    api.export_artifacts(lively_generator("tf", 4, seed=0), tmp_path, shapes=shapes, formats=["gatesim"],
+                         precisions=["fp16", "w8"], ios=["tensor"], progress=False, calibration_masks_per_photo=1)
+    last_gate = max(i for i, e in enumerate(events) if e[0] == "gate")
+    assert sum(e[0] == "gate" for e in events) == 4  # (the references' blocks come before their gates)
+    large, small = tuple(shapes[1]), tuple(shapes[0])
+    # after every gate, one block, inside it each file's inventory, the larger shape's first; the file not yet in place
+    assert events[last_gate + 1:] == ["block"] + [("describe", large, 1, True, False)] * 2 + \
+        [("describe", small, 1, True, False)] * 2 + ["block left"], events
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert sorted(a["file"] for a in manifest["artifacts"]) == sorted(p.name for p in tmp_path.glob("*.json")
+                                                                      if p.name != "manifest.json"
+                                                                      and not p.name.startswith("export"))
+    assert len(manifest["artifacts"]) == 4 and not list(tmp_path.glob(api.PARTIAL_PREFIX + "*"))
+
+
+def test_a_failing_inventory_leaves_no_file_of_the_run(tmp_path, monkeypatch):
+    """A file waits for its inventory under a partial name: where an inventory fails, the export stops and no
+    file of the run is left, neither the gated files nor a half-described one."""
+    from export import api, backends
+
+    mod = _gatesim_backend([])
+    mod.RUNTIME_QUANTIZED = ()
+
+    def describe(path, io, shape=None):
+        raise RuntimeError("the inventory could not load the file")
+
+    mod.describe = describe
+    monkeypatch.setitem(sys.modules, "gatesim_backend", mod)
+    monkeypatch.setitem(backends.FORMAT_MODULES, "gatesim", "gatesim_backend")
+    with pytest.raises(RuntimeError, match="could not load"):
+        api.export_artifacts(lively_generator("tf", 4, seed=0), tmp_path, shapes=[SHAPE], formats=["gatesim"],
+                             precisions=["fp16", "w8"], ios=["tensor"], progress=False, calibration_masks_per_photo=1)
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".json" or p.name.startswith(api.PARTIAL_PREFIX)]
