@@ -193,8 +193,11 @@ def judge(metrics: Dict[str, object], tolerance: Dict[str, float]) -> Tuple[bool
         problems.append(f"max abs error {metrics['max_abs']:.3g} > {limit:.3g}{scaled} "
                         f"(by {metrics['max_abs'] - limit:.3g})")
     if "min_hole_psnr_db" in tolerance and metrics["hole_psnr_db"] < tolerance["min_hole_psnr_db"]:
-        problems.append(f"hole PSNR {metrics['hole_psnr_db']:.2f} dB < {tolerance['min_hole_psnr_db']:.2f} dB "
-                        f"(short by {tolerance['min_hole_psnr_db'] - metrics['hole_psnr_db']:.2f} dB)")
+        value, least = metrics["hole_psnr_db"], tolerance["min_hole_psnr_db"]
+        # two decimals unless they would read equal ("38.00 dB < 38.00 dB"): the gate keeps three
+        digits = 2 if round(value, 2) < round(least, 2) else 3
+        problems.append(f"hole PSNR {value:.{digits}f} dB < {least:.{digits}f} dB "
+                        f"(short by {least - value:.{digits}f} dB)")
     changed = details.get("known_pixels_changed")
     if "max_known_pixels_changed" in tolerance and changed is not None and changed > tolerance["max_known_pixels_changed"]:
         problems.append(f"{changed} known pixels changed (allowed {int(tolerance['max_known_pixels_changed'])})")

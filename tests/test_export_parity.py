@@ -24,6 +24,17 @@ def test_fp32_limit_grows_with_the_peak_activation_and_names_it():
     assert max_abs_limit(tolerance_for("int8", "tensor"), 1e6) is None
 
 
+def test_a_hole_psnr_just_short_of_its_limit_reads_short():
+    """A shortfall that two decimals would hide ("38.00 dB < 38.00 dB (short by 0.00 dB)") is printed with the
+    three the gate keeps; a plain one with two."""
+    tol = {"min_hole_psnr_db": 38.0}
+    assert judge({"max_abs": 0.1, "hole_psnr_db": 37.996}, tol) == (
+        False, "hole PSNR 37.996 dB < 38.000 dB (short by 0.004 dB)")
+    assert judge({"max_abs": 0.1, "hole_psnr_db": 36.5}, tol) == (
+        False, "hole PSNR 36.50 dB < 38.00 dB (short by 1.50 dB)")
+    assert judge({"max_abs": 0.1, "hole_psnr_db": 38.0}, tol) == (True, "")
+
+
 class _Net(torch.nn.Module):
     def __init__(self):
         super().__init__()
