@@ -153,6 +153,17 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+@dataclass
+class _Accepted:
+    """A file that passed its gate and waits, at ``held``, for its op inventory (``_make``'s ``describe_accepted``)."""
+    planned: _Planned
+    backend: object
+    conversion: object  # backends.ConvertResult: its details feed the inventory, its seconds the build record
+    parity: ParityResult
+    quantization: Optional[dict]
+    held: Path
+
+
 class _Progress:
     """Stage lines with elapsed time on stderr (tqdm-safe), or nothing."""
 
@@ -710,8 +721,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
                             composite_psnr_db=m["composite_psnr_db"], tolerance=p.tolerance, passed=ok,
                             note=why, details=m["details"])
 
-    # files that passed their gate, waiting for their inventory: (planned, backend, conversion, parity, quantization)
-    to_describe: List[tuple] = []
+    to_describe: List[_Accepted] = []
 
     def accept(p: _Planned, mod, res, result: ParityResult, quantization: Optional[dict] = None) -> None:
         """``p``'s file passed its gate: it waits under a name of its own for :func:`describe_accepted`, which
@@ -720,7 +730,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         if held.exists() or held.is_symlink():
             _remove(held)
         os.replace(res.path, held)
-        to_describe.append((p, mod, res, result, quantization, held))
+        to_describe.append(_Accepted(p, mod, res, result, quantization, held))
 
     def describe_accepted() -> None:
         """The inventory of every file accepted so far, the largest shape first, one after another inside
@@ -728,18 +738,22 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
         every convolution's indirection buffer (4.1-4.6 GB at 1024x1360), and each load after the first takes the
         pages the one before freed instead of faulting in fresh ones (0.5-0.8 s against 2.5-3.7 s alone and 12-18 s
         between the gates of an export; docs/EXPORT.md, "Page faults"). Then each file goes into place."""
-        pending = sorted(to_describe, key=lambda item: -item[0].shape[0] * item[0].shape[1])
+        pending = sorted(to_describe, key=lambda a: -a.planned.shape[0] * a.planned.shape[1])
         to_describe.clear()
         with reuse_freed_memory():
             described = []
-            for p, mod, res, result, quantization, held in pending:
+            for a in pending:
+                p = a.planned
                 with log.stage(f"describe {p.file}"):
-                    described.append((mod.describe(held, p.io, p.shape), mod.inventory(held, threads, res.details)))
-        for (p, mod, res, result, quantization, held), ((inputs, outputs_info), inv) in zip(pending, described):
-            place(p, mod, res, result, quantization, held, inputs, outputs_info, inv)
+                    described.append((a.backend.describe(a.held, p.io, p.shape),
+                                      a.backend.inventory(a.held, threads, a.conversion.details)))
+        for a, ((inputs, outputs_info), inv) in zip(pending, described):
+            place(a, inputs, outputs_info, inv)
 
-    def place(p: _Planned, mod, res, result: ParityResult, quantization: Optional[dict], held: Path,
-              inputs, outputs_info, inv) -> None:
+    def place(accepted: _Accepted, inputs, outputs_info, inv) -> None:
+        """Move a described file into place and record it in ``made``."""
+        p, mod, res, result, quantization, held = (accepted.planned, accepted.backend, accepted.conversion,
+                                                   accepted.parity, accepted.quantization, accepted.held)
         if p.shape not in gmacs:
             gmacs[p.shape] = round(count_macs(gen, *p.shape) / 1e9, 4)
         final = out / p.file
