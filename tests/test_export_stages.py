@@ -158,3 +158,19 @@ def test_the_report_says_when_the_summed_anonymous_peak_was_and_what_ran(monkeyp
     report = alone.finish()
     assert report["peak_anon_bytes"] == 7 * gib and "peak_anon_sampled_at" not in report
     assert "summed anonymous peak at" not in table(report)
+
+
+def test_the_schedule_estimates_for_the_shipped_model_match_what_full_exports_measured():
+    """The shipped model (cnum 32): at 512x680 the worker and Core ML fit the default 6 GiB budget together; at
+    1024x1360 each fits alone (Core ML's largest stage measured 3.0-4.0 GiB anonymous, the worker's calibration
+    4.6 GiB) but not both, so they run one after the other -- and the line does not call Core ML alone over it."""
+    from export.api import _resolve_checkpoint
+    from export.stages import GIB, activation_values, estimated_peak, side_by_side
+
+    shipped, _ = _resolve_checkpoint(None)
+    small, large = activation_values(shipped, [(512, 680)]), activation_values(shipped, [(512, 680), (1024, 1360)])
+    assert side_by_side(6 * GIB, small)[0]
+    together, why = side_by_side(6 * GIB, large)
+    assert not together and "alone over the budget" not in why, why
+    assert 3.5 * GIB < estimated_peak("coreml", large) < 4.5 * GIB
+    assert 2.0 * GIB < estimated_peak("coreml", small) < 2.5 * GIB
