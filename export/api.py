@@ -726,9 +726,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     def accept(p: _Planned, mod, res, result: ParityResult, quantization: Optional[dict] = None) -> None:
         """``p``'s file passed its gate: it waits under a name of its own for :func:`describe_accepted`, which
         measures its inventory, moves it into place and records it."""
-        held = out / f"{PARTIAL_PREFIX}{os.getpid()}-{ACCEPTED_PREFIX}{p.file}"
-        if held.exists() or held.is_symlink():
-            _remove(held)
+        held = out / f"{PARTIAL_PREFIX}{os.getpid()}-{ACCEPTED_PREFIX}{p.file}"  # each planned file is accepted once
         os.replace(res.path, held)
         to_describe.append(_Accepted(p, mod, res, result, quantization, held))
 
