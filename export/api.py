@@ -475,7 +475,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     worker converts while this process converts and gates the other formats (:func:`export.stages.side_by_side`)."""
     from models.gmcnn import conv_layers, count_macs
     from runtime_py.machine import timing_machine
-    from runtime_py.memory import reuse_freed_memory
+    from runtime_py.memory import anon_rss_bytes, give_back, reuse_freed_memory
 
     from . import fallback
     from .activations import input_means, means_cache
@@ -733,18 +733,26 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     def describe_accepted() -> None:
         """The inventory of every file accepted so far, the largest shape first, one after another inside
         ``reuse_freed_memory``: the TFLite inventory loads the file into LiteRT's interpreter, whose XNNPACK builds
-        every convolution's indirection buffer (4.1-4.6 GB at 1024x1360), and each load after the first takes the
+        every convolution's indirection buffer (4.1-4.6 GB at 1024x1360), and a load after the first can take the
         pages the one before freed instead of faulting in fresh ones (0.5-0.8 s against 2.5-3.7 s alone and 12-18 s
-        between the gates of an export; docs/EXPORT.md, "Page faults"). Then each file goes into place."""
+        between the gates of an export; docs/EXPORT.md, "Page faults"). But a load does not always fit in what the
+        block holds, and then comes on top of it (7.3 GiB anonymous at 1024x1360 in an export): so where what this
+        process holds and a load as large as the largest so far would together go over the memory budget, the
+        block gives back what it holds first. Then each file goes into place."""
         pending = sorted(to_describe, key=lambda a: -a.planned.shape[0] * a.planned.shape[1])
         to_describe.clear()
+        largest = 0  # the most one load has added to this process's anonymous memory so far
         with reuse_freed_memory():
             described = []
             for a in pending:
                 p = a.planned
-                with log.stage(f"describe {p.file}"):
+                if described and log.would_exceed(largest):
+                    give_back()
+                before, name = anon_rss_bytes(), f"describe {p.file}"
+                with log.stage(name):
                     described.append((a.backend.describe(a.held, p.io, p.shape),
                                       a.backend.inventory(a.held, threads, a.conversion.details)))
+                largest = max(largest, log.last_peak_anon(name) - before)
         for a, ((inputs, outputs_info), inv) in zip(pending, described):
             place(a, inputs, outputs_info, inv)
 

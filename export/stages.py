@@ -177,6 +177,21 @@ class StageLog:
     def since_start(self) -> float:
         return time.time() - self.t0
 
+    def would_exceed(self, extra_bytes: int) -> bool:
+        """Whether ``extra_bytes`` more anonymous memory in this process would take the processes' summed anonymous
+        memory (this one's and the watched children's, now) over the budget; False without a budget."""
+        if self.budget_bytes is None:
+            return False
+        with self._lock:
+            pids = ["self"] + list(self._children)
+        return resident_of(pids)[1] + int(extra_bytes) > self.budget_bytes
+
+    def last_peak_anon(self, name: str) -> int:
+        """The anonymous peak (bytes) of this process's latest stage called ``name``; 0 if there is none."""
+        with self._lock:
+            return next((s.peak_anon_bytes for s in reversed(self.stages)
+                         if s.name == name and s.process == OWN_PROCESS), 0)
+
     # ------------------------------------------------------------------ the report
     def close(self) -> None:
         """Stop sampling (idempotent)."""

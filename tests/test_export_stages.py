@@ -174,3 +174,35 @@ def test_the_schedule_estimates_for_the_shipped_model_match_what_full_exports_me
     assert not together and "alone over the budget" not in why, why
     assert 3.5 * GIB < estimated_peak("coreml", large) < 4.5 * GIB
     assert 2.0 * GIB < estimated_peak("coreml", small) < 2.5 * GIB
+
+
+def test_would_exceed_counts_this_process_and_the_watched_ones_against_the_budget(monkeypatch):
+    """export.api's inventory block asks before each load whether a load as large as the largest so far would take
+    the processes' summed anonymous memory over the budget (and gives back what it holds first where it would)."""
+    import export.stages as stages
+
+    gib = 1 << 30
+    held = {"self": (0, 3 * gib), 101: (0, 2 * gib)}
+    monkeypatch.setattr(stages, "resident_of",
+                        lambda pids: tuple(map(sum, zip(*(held.get(pid, (0, 0)) for pid in pids)))))
+    log = StageLog(budget_bytes=6 * gib)
+    log.close()
+    assert not log.would_exceed(3 * gib)  # this process alone: 6 GiB, at the budget
+    log.watch(101, TFLITE_WORKER)
+    assert log.would_exceed(gib + 1) and not log.would_exceed(gib)
+    log.unwatch(101)
+    assert not log.would_exceed(3 * gib) and log.would_exceed(3 * gib + 1)
+    unbounded = StageLog(budget_bytes=None)
+    unbounded.close()
+    assert not unbounded.would_exceed(1 << 50)
+
+
+def test_the_latest_peak_of_a_stage_of_this_process_by_name():
+    log = StageLog()
+    log.close()
+    log.add("describe a.tflite", OWN_PROCESS, 0.0, 1.0, 9, 5)
+    log.add("describe a.tflite", TFLITE_WORKER, 1.0, 1.0, 9, 99)  # another process's stage of that name
+    log.add("describe b.tflite", OWN_PROCESS, 2.0, 1.0, 9, 6)
+    log.add("describe a.tflite", OWN_PROCESS, 3.0, 1.0, 9, 7)
+    assert log.last_peak_anon("describe a.tflite") == 7 and log.last_peak_anon("describe b.tflite") == 6
+    assert log.last_peak_anon("describe c.tflite") == 0
