@@ -236,10 +236,11 @@ def reuse_freed_memory():
     The price is memory, freed blocks left between live ones, and it depends on the block: in a full export at
     1024x1360 the input means' forwards peaked 0.1 GiB higher, the fallback's sensitivity and simulations (which
     allocate more around each convolution, or keep its outputs) 1.5-2.1 GiB higher, over the memory budget. So
-    the export uses it for the executor, the input means, the parity gate's PyTorch references and the op
-    inventories only, the last giving back what the block holds (:func:`give_back`, which trims inside a block too)
-    before a load that could take the processes over the budget: whether a large allocation fits in what the
-    block holds depends on the heap's layout (docs/EXPORT.md, "Page faults")."""
+    the export uses it for the executor (one block over the samples of each package it gates), the input means,
+    the parity gate's PyTorch references and the op inventories only, the last giving back what the block holds
+    (:func:`give_back`, which trims inside a block too) before a load that could take the processes over the
+    budget: whether a large allocation fits in what the block holds depends on the heap's layout
+    (docs/EXPORT.md, "Page faults")."""
     global _reuse_depth
     libc = _glibc()
     with _reuse_lock:

@@ -691,6 +691,39 @@ def test_an_image_package_takes_its_model_core_from_the_tensor_package_run_bit_f
         assert coreml.run(image_w8, "image", samples)[0].tobytes() == alone[(image_w8, "samples")].tobytes()
 
 
+def test_a_gated_package_runs_all_its_samples_in_one_freed_memory_block(monkeypatch):
+    """export.coreml.run: every inference of a package's samples inside one runtime_py.memory.reuse_freed_memory
+    block (the executor's own block, one an inference, nested in it), so that an inference takes what the one
+    before it freed; the block is left when the samples are done, and the outputs are those of the runs alone."""
+    from coreml_fixtures import tiny_artifact
+
+    from export import coreml, parity
+    from runtime_py import memory
+
+    package, samples = tiny_artifact("fp16", "tensor"), _tiny_samples(2)
+    alone = np.concatenate([coreml.run(package, "tensor", samples.subset([i]))[0] for i in range(2)])
+    depths = []
+    real_infer = None
+
+    def run_samples(engine, feed, keep_going=None):
+        nonlocal real_infer
+        real_infer = engine.infer
+
+        def infer(*args, **kwargs):
+            depths.append(memory._reuse_depth)
+            return real_infer(*args, **kwargs)
+
+        engine.infer = infer
+        return real_run_samples(engine, feed, keep_going)
+
+    real_run_samples = parity.run_samples
+    monkeypatch.setattr(parity, "run_samples", run_samples)
+    out, _ = coreml.run(package, "tensor", samples)
+    assert depths == [1, 1]  # both inferences inside the one block
+    assert memory._reuse_depth == 0
+    assert out.tobytes() == alone.tobytes()
+
+
 def test_the_model_core_starts_at_the_first_convolution_and_digests_weights_by_content():
     """find_model_core: the cut is the first conv's input; the fp16 tensor and image packages' cores share every
     convolution's digest, the w8 package's convolutions that the compression quantized have digests of their own."""
