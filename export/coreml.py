@@ -671,7 +671,7 @@ def run(path, io: str, samples, threads: int = 2, keep_going=None):
     before = runs_served_by_sharing()
     # one block over the package's samples, not the executor's one an inference: each inference then takes the
     # memory the one before it freed instead of faulting fresh pages in (four at 1024x1360: 0.6 M page faults
-    # against 2.4 M, 70.7 s against 81.0 s), with the same peak and bytes (docs/EXPORT.md, "Page faults")
+    # against 2.4 M, 70.7 s against 81.0 s), the same bytes, about one inference's peak (docs/EXPORT.md, "Page faults")
     with reuse_freed_memory():
         outputs = run_samples(engine, samples, keep_going)
     served = runs_served_by_sharing() - before

@@ -703,17 +703,15 @@ def test_a_gated_package_runs_all_its_samples_in_one_freed_memory_block(monkeypa
     package, samples = tiny_artifact("fp16", "tensor"), _tiny_samples(2)
     alone = np.concatenate([coreml.run(package, "tensor", samples.subset([i]))[0] for i in range(2)])
     depths = []
-    real_infer = None
 
     def run_samples(engine, feed, keep_going=None):
-        nonlocal real_infer
-        real_infer = engine.infer
+        infer = engine.infer
 
-        def infer(*args, **kwargs):
+        def recorded(*args, **kwargs):
             depths.append(memory._reuse_depth)
-            return real_infer(*args, **kwargs)
+            return infer(*args, **kwargs)
 
-        engine.infer = infer
+        engine.infer = recorded
         return real_run_samples(engine, feed, keep_going)
 
     real_run_samples = parity.run_samples
