@@ -732,7 +732,9 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
 
     def describe_accepted() -> None:
         """The inventory of every file accepted so far, the largest shape first, one after another inside
-        ``reuse_freed_memory``: the TFLite inventory loads the file into LiteRT's interpreter, whose XNNPACK builds
+        ``reuse_freed_memory``: a TFLite file's gate recorded what LiteRT ran outside XNNPACK
+        (:func:`export.tflite.xnnpack_fallback_ops`); one it did not (a file gated in processes) the inventory loads
+        into LiteRT's interpreter, whose XNNPACK builds
         every convolution's indirection buffer (4.1-4.6 GB at 1024x1360), and a load after the first can take the
         pages the one before freed instead of faulting in fresh ones (0.5-0.8 s against 2.5-3.7 s alone and 12-18 s
         between the gates of an export; docs/EXPORT.md, "Page faults"). But a load does not always fit in what the

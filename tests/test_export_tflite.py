@@ -144,6 +144,48 @@ def test_the_gate_runs_xnnpack_with_transient_indirection_buffers_to_the_same_by
             assert transient.output_specs() == plain.output_specs(), a.file
 
 
+def test_the_gate_records_what_ran_outside_xnnpack_and_the_inventory_takes_it_from_there(tiny, tmp_path,
+                                                                                         monkeypatch):
+    """A gate's first inference of a file (export.tflite.run, LiteRT's profiler through the C API) records which ops
+    LiteRT ran outside XNNPACK: for every file of the tiny export what the interpreter's own delegation says. The
+    inventory (export.tflite.xnnpack_fallback_ops) takes it from there without loading the file again; it loads
+    a file whose gate recorded nothing, one that changed since its gate, and one whose profile may have lost
+    events (over the profiler's buffer)."""
+    from export import tflite
+    from export.samples import HOLDOUT_DIR, load_samples
+    from runtime_py.engines import litert_capi
+    from runtime_py.engines.tflite_engine import TFLiteEngine
+
+    samples = load_samples(HOLDOUT_DIR, SHAPE, 2, seed=5)
+    real_delegation = TFLiteEngine.delegation
+    loads = []
+    monkeypatch.setattr(TFLiteEngine, "delegation", lambda self: loads.append(self.path) or real_delegation(self))
+    seen_outside = set()
+    for a in tiny["manifest"].artifacts:
+        copy = tmp_path / a.file
+        shutil.copyfile(tiny["out"] / a.file, copy)
+        with TFLiteEngine(copy, io=a.io, threads=1) as plain:
+            expected = real_delegation(plain)["ops_outside"]
+        seen_outside.update(expected)
+        tflite.run(copy, a.io, samples, threads=2)
+        assert tflite.xnnpack_fallback_ops(copy, 1) == expected and loads == [], (a.file, loads)
+        assert tflite.xnnpack_fallback_ops(copy, 1) == expected and loads == [str(copy)]  # taken once: then loaded
+        loads.clear()
+        tflite.run(copy, a.io, samples.subset([0]), threads=2)
+        copy.write_bytes(copy.read_bytes())  # the same bytes, written again after the gate
+        assert tflite.xnnpack_fallback_ops(copy, 1) == expected and loads == [str(copy)], a.file
+        loads.clear()
+    assert {"RESIZE_NEAREST_NEIGHBOR", "CAST", "QUANTIZE"} <= seen_outside, seen_outside  # not only {}s compared
+    monkeypatch.setattr(litert_capi, "_PROFILER_CAPACITY", 3)
+    a = tiny["manifest"].find("tflite", SHAPE, "fp32", "tensor")
+    copy = tmp_path / a.file
+    with TFLiteEngine(copy, io=a.io, threads=1, transient_indirection=True, record_builtin_ops=True) as eng:
+        eng.infer(eng.make_feed(samples.images[0], samples.masks[0, ..., 0] > 127))
+    assert eng.builtin_ops is None
+    tflite.run(copy, a.io, samples, threads=2)
+    assert tflite.xnnpack_fallback_ops(copy, 1) == {"RESIZE_NEAREST_NEIGHBOR": 3} and loads == [str(copy)]
+
+
 #: One fresh process: the anonymous memory the first inference of a compiled model leaves (MiB).
 _FIRST_RUN_MEMORY = """
 import sys, numpy as np

@@ -10,6 +10,12 @@ defaults) and ``CompiledModel.from_file`` takes no CPU options, but the ``ai_edg
 (``LiteRtSetCpuOptionsXNNPackFlags``). Only :class:`runtime_py.engines.tflite_engine.TFLiteEngine` uses this
 module (``transient_indirection=True``); the library is loaded on first use, never at import.
 
+A compiled model made with ``record_builtin_ops=True`` also says which of the graph's ops LiteRT ran on its
+built-in kernels rather than in XNNPACK (:attr:`CompiledModel.builtin_ops`), read from LiteRT's profiler over
+the model's first run: the delegation the run had, without loading the file into the Python interpreter, whose
+XNNPACK builds every indirection buffer to tell it (4.1-4.6 GB at 1024x1360; docs/EXPORT.md, "The inventory from
+the gate's first inference").
+
 Declarations follow LiteRT v2.1.0's headers (``litert/c/*.h``, the wheel's version): every function returns a
 ``LiteRtStatus`` (0 = ok); handles are opaque pointers. Tensors are bound to host memory the engine allocates
 once, 64-byte aligned (``LITERT_HOST_MEMORY_BUFFER_ALIGNMENT``; LiteRT refuses other addresses).
@@ -32,6 +38,10 @@ _ALIGNMENT = 64  # LITERT_HOST_MEMORY_BUFFER_ALIGNMENT (litert/c/litert_tensor_b
 _MAX_RANK = 8  # LITERT_TENSOR_MAX_RANK (litert/c/litert_layout.h)
 _HW_CPU = 1  # kLiteRtHwAcceleratorCpu
 _QUANT_PER_TENSOR = 1  # kLiteRtQuantizationPerTensor
+_OPERATOR_INVOKE_EVENT = 2  # LiteRtProfilerEventType: a node the interpreter invoked (a built-in op, or a delegate's)
+#: LiteRtProfilerT's buffer in a compiled model (litert/runtime/compiled_model.cc, v2.1.0): a run with this many
+#: events may have lost some, and then says nothing about the delegation
+_PROFILER_CAPACITY = 2048
 #: LiteRtElementType -> numpy (the values are TfLiteType's).
 _DTYPES = {1: np.float32, 2: np.int32, 3: np.uint8, 4: np.int64, 6: np.bool_, 7: np.int16, 9: np.int8,
            10: np.float16, 11: np.float64}
@@ -55,6 +65,18 @@ class _RankedTensorType(ctypes.Structure):
 
 class _PerTensorQuantization(ctypes.Structure):
     _fields_ = [("scale", ctypes.c_float), ("zero_point", ctypes.c_int64)]
+
+
+class _MemoryUsage(ctypes.Structure):  # LiteRtMemoryUsage (litert/c/litert_profiler_event.h)
+    _fields_ = [("total_allocated_bytes", ctypes.c_size_t), ("in_use_allocated_bytes", ctypes.c_size_t),
+                ("private_footprint_bytes", ctypes.c_size_t)]
+
+
+class _ProfiledEvent(ctypes.Structure):  # ProfiledEventData (litert/c/litert_profiler_event.h)
+    _fields_ = [("tag", ctypes.c_char_p), ("event_type", ctypes.c_int), ("start_timestamp_us", ctypes.c_uint64),
+                ("elapsed_time_us", ctypes.c_uint64), ("begin_mem_usage", _MemoryUsage),
+                ("end_mem_usage", _MemoryUsage), ("event_metadata1", ctypes.c_uint64),
+                ("event_metadata2", ctypes.c_uint64), ("event_source", ctypes.c_int)]
 
 
 _P = ctypes.c_void_p
@@ -85,6 +107,14 @@ _SIGNATURES = {
     "LiteRtGetPerTensorQuantization": [_P, ctypes.POINTER(_PerTensorQuantization)],
     "LiteRtCreateTensorBufferFromHostMemory": [ctypes.POINTER(_RankedTensorType), _P, _SIZE, _P, _PP],
     "LiteRtRunCompiledModel": [_P, _SIZE, _SIZE, _PP, _SIZE, _PP],
+    "LiteRtCreateRuntimeOptions": [_PP],
+    "LiteRtFindRuntimeOptions": [_P, _PP],
+    "LiteRtSetRuntimeOptionsEnableProfiling": [_P, ctypes.c_bool],
+    "LiteRtCompiledModelGetProfiler": [_P, _PP],
+    "LiteRtStartProfiler": [_P],
+    "LiteRtStopProfiler": [_P],
+    "LiteRtGetNumProfilerEvents": [_P, ctypes.POINTER(ctypes.c_int)],
+    "LiteRtGetProfilerEvents": [_P, ctypes.c_int, ctypes.POINTER(_ProfiledEvent)],
 }
 _DESTROY = ("LiteRtDestroyEnvironment", "LiteRtDestroyModel", "LiteRtDestroyOptions", "LiteRtDestroyOpaqueOptions",
             "LiteRtDestroyCompiledModel", "LiteRtDestroyTensorBuffer")
@@ -137,16 +167,21 @@ class CompiledModel:
     tensor's own name (what LiteRT's Python interpreter calls it) and per-tensor (scale, zero point) or None.
     :meth:`run` copies a feed into the bound input arrays and returns copies of the outputs.
     ``transient_indirection``: XNNPACK builds its indirection buffers per run (see the module docstring).
+    ``record_builtin_ops``: LiteRT's profiler watches the first run, and :attr:`builtin_ops` then holds the op types
+    (with counts) of the nodes LiteRT ran on its built-in kernels, outside XNNPACK ({}: XNNPACK ran them all); None
+    before that run, without the option, or where the profile could not hold the whole run.
     """
 
     def __init__(self, path: Optional[str] = None, content: Optional[bytes] = None, threads: int = 1,
-                 transient_indirection: bool = True):
+                 transient_indirection: bool = True, record_builtin_ops: bool = False):
         self._lib = lib = library()
+        self.builtin_ops: Optional[Dict[str, int]] = None
+        self._profiler: Optional[ctypes.c_void_p] = None  # until the first run has been read
         self._handles: List[Tuple[str, ctypes.c_void_p]] = []  # (destroy function, handle), destroyed in reverse
         self._content = None
         self._label = path or "TFLite model"
         try:
-            self._open(lib, path, content, threads, transient_indirection)
+            self._open(lib, path, content, threads, transient_indirection, record_builtin_ops)
         except BaseException:
             self.close()
             raise
@@ -164,7 +199,7 @@ class CompiledModel:
             self._handles.append((destroy, handle))
         return handle
 
-    def _open(self, lib, path, content, threads, transient) -> None:
+    def _open(self, lib, path, content, threads, transient, record_builtin_ops) -> None:
         env = self._new("LiteRtDestroyEnvironment", lib.LiteRtCreateEnvironment, 0, None, what="environment")
         if content is None:
             model = self._new("LiteRtDestroyModel", lib.LiteRtCreateModelFromFile, os.fsencode(path),
@@ -187,8 +222,19 @@ class CompiledModel:
         self._check(lib.LiteRtGetCpuOptionsXNNPackFlags(cpu, ctypes.byref(flags)), "reading XNNPACK's flags")
         self.xnnpack_flags = flags.value | (XNNPACK_FLAG_TRANSIENT_INDIRECTION_BUFFER if transient else 0)
         self._check(lib.LiteRtSetCpuOptionsXNNPackFlags(cpu, self.xnnpack_flags), "setting XNNPACK's flags")
+        if record_builtin_ops:
+            runtime_opaque = self._new(None, lib.LiteRtCreateRuntimeOptions, what="runtime options")
+            added = lib.LiteRtAddOpaqueOptions(options, runtime_opaque)
+            if added != 0:
+                lib.LiteRtDestroyOpaqueOptions(runtime_opaque)
+            self._check(added, "adding the runtime options")
+            runtime = self._new(None, lib.LiteRtFindRuntimeOptions, runtime_opaque, what="runtime options")
+            self._check(lib.LiteRtSetRuntimeOptionsEnableProfiling(runtime, True), "enabling the profiler")
         self._compiled = self._new("LiteRtDestroyCompiledModel", lib.LiteRtCreateCompiledModel, env, model, options,
                                    what="compiling the model")
+        if record_builtin_ops:  # the compiled model owns its profiler
+            self._profiler = self._new(None, lib.LiteRtCompiledModelGetProfiler, self._compiled, what="profiler")
+            self._check(lib.LiteRtStartProfiler(self._profiler), "starting the profiler")
         signature = self._new(None, lib.LiteRtGetModelSignature, model, 0, what="reading the signature")
         self.inputs, in_types = self._tensors(signature, lib.LiteRtGetNumSignatureInputs,
                                               lib.LiteRtGetSignatureInputTensorByIndex)
@@ -238,7 +284,29 @@ class CompiledModel:
         outs = (ctypes.c_void_p * len(self._out_buffers))(*self._out_buffers)
         self._check(self._lib.LiteRtRunCompiledModel(self._compiled, 0, len(self._in_buffers), ins,
                                                      len(self._out_buffers), outs), "running the model")
+        if self._profiler is not None:
+            self._read_first_run()
         return {name: array.copy() for (name, _, _, _), array in zip(self.outputs, self._out_arrays)}
+
+    def _read_first_run(self) -> None:
+        """:attr:`builtin_ops` from the profiler's events of the first run; the profiler stops there."""
+        lib, profiler = self._lib, self._profiler
+        self._profiler = None
+        self._check(lib.LiteRtStopProfiler(profiler), "stopping the profiler")
+        count = ctypes.c_int()
+        self._check(lib.LiteRtGetNumProfilerEvents(profiler, ctypes.byref(count)), "counting the profiler's events")
+        if not 0 < count.value < _PROFILER_CAPACITY:
+            return
+        events = (_ProfiledEvent * count.value)()
+        self._check(lib.LiteRtGetProfilerEvents(profiler, count.value, events), "reading the profiler's events")
+        # XNNPACK reports its own operators under other event types; a node LiteRT invoked is either a built-in op
+        # (its op name) or, unprofiled, a delegate's node (the delegate's name)
+        ops: Dict[str, int] = {}
+        for event in events:
+            tag = (event.tag or b"").decode(errors="replace")
+            if event.event_type == _OPERATOR_INVOKE_EVENT and "Delegate" not in tag:
+                ops[tag] = ops.get(tag, 0) + 1
+        self.builtin_ops = dict(sorted(ops.items()))
 
     def close(self) -> None:
         """Destroy every handle (buffers, compiled model, model, environment: the reverse of their creation)."""

@@ -11,6 +11,8 @@ outputs are every range probe; :func:`export.tflite_calibration.measure_statisti
 (:mod:`runtime_py.engines.litert_capi`: the same XNNPACK, asked to build its indirection buffers per run rather
 than keep them: 627 MiB less at 512x680 and 2.45 GiB less at 1024x1360 for the default model; the same output
 bytes; docs/EXPORT.md "Transient indirection buffers"). The export's gates and int8 calibration use it.
+With it, ``record_builtin_ops=True`` has LiteRT's profiler watch the first inference: :attr:`TFLiteEngine.builtin_ops`
+then says which ops LiteRT ran outside XNNPACK in it (the export's op inventory takes it from the gate's run).
 NHWC 'tensor' signature: image (1,H,W,3) float32 [-1,1] RGB, mask (1,H,W,1) float32
 {0,1} -> (1,H,W,3) float32 [-1,1]. 'image' signature: uint8 RGB image, uint8 mask
 255 = hole -> uint8 RGB composite. Quantized int8 I/O uses each tensor's own
@@ -44,12 +46,20 @@ class TFLiteEngine(Engine):
 
     def __init__(self, path: Optional[os.PathLike] = None, shape=None, io: str = "tensor",
                  threads: Optional[int] = None, xnnpack: bool = True, artifact=None, verify: bool = True,
-                 model_content: Optional[bytes] = None, transient_indirection: bool = False):
+                 model_content: Optional[bytes] = None, transient_indirection: bool = False,
+                 record_builtin_ops: bool = False):
         if (path is None) == (model_content is None):
             raise ValueError("give the model as a path or as model_content, not both")
         if transient_indirection and not xnnpack:
             raise ValueError("transient indirection buffers are an XNNPACK option: not with xnnpack=False")
+        if record_builtin_ops and not transient_indirection:
+            raise ValueError("record_builtin_ops reads LiteRT's C API profiler: it needs transient_indirection=True")
         self.transient_indirection = transient_indirection
+        self.record_builtin_ops = record_builtin_ops
+        #: op type -> count of the nodes LiteRT ran on its built-in kernels, outside XNNPACK, in the first inference
+        #: of the engine's last activation ({}: XNNPACK ran them all); kept after deactivation. None until then, and
+        #: without ``record_builtin_ops`` (:meth:`delegation` asks the interpreter instead)
+        self.builtin_ops: Optional[Dict[str, int]] = None
         self.interpreter = None
         self.compiled = None
         self.path = str(path) if path is not None else ""
@@ -66,6 +76,7 @@ class TFLiteEngine(Engine):
     def activate_impl(self) -> None:
         if self.model_content is None and not os.path.isfile(self.path):
             raise UserError(f"{self.path}: TFLite file not found")
+        self.builtin_ops = None
         if self.transient_indirection:
             self._activate_compiled()
         else:
@@ -102,7 +113,7 @@ class TFLiteEngine(Engine):
         try:
             with native_stderr(keep=lambda line: not is_notice(line) and bool(said.append(line))):
                 self.compiled = CompiledModel(self.path or None, self.model_content, threads=self.num_threads,
-                                              transient_indirection=True)
+                                              transient_indirection=True, record_builtin_ops=self.record_builtin_ops)
         except UserError as exc:
             errors = [line.strip()[len("ERROR: "):] for line in said if line.startswith("ERROR: ")]
             if not errors:
@@ -148,7 +159,10 @@ class TFLiteEngine(Engine):
 
     def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         if self.compiled is not None:
-            return self.compiled.run(feed)
+            outputs = self.compiled.run(feed)
+            if self.compiled.builtin_ops is not None:
+                self.builtin_ops = self.compiled.builtin_ops
+            return outputs
         for name, arr in feed.items():
             self.interpreter.set_tensor(self._index[name], arr)
         self.interpreter.invoke()
@@ -160,7 +174,7 @@ class TFLiteEngine(Engine):
         ``op_counts`` (:func:`runtime_py.engines.delegation.delegation_summary`)."""
         from .delegation import delegation_summary
 
-        if self.transient_indirection:  # the C API tells no op details: ask the interpreter, the same delegate
+        if self.transient_indirection:  # the C API tells op details only of a profiled run: ask the interpreter
             plain = TFLiteEngine(self.path or None, io=self.io, threads=self.threads, model_content=self.model_content)
             with plain:
                 return plain.delegation()
