@@ -199,6 +199,16 @@ class CompiledModel:
             self._handles.append((destroy, handle))
         return handle
 
+    def _added_options(self, options, create, find, what: str) -> ctypes.c_void_p:
+        """A new set of opaque options (``create``) added to ``options``, which from then on owns and destroys it;
+        returns its typed handle (``find``)."""
+        opaque = self._new(None, create, what=what)
+        added = self._lib.LiteRtAddOpaqueOptions(options, opaque)
+        if added != 0:
+            self._lib.LiteRtDestroyOpaqueOptions(opaque)
+        self._check(added, f"adding the {what}")
+        return self._new(None, find, opaque, what=what)
+
     def _open(self, lib, path, content, threads, transient, record_builtin_ops) -> None:
         env = self._new("LiteRtDestroyEnvironment", lib.LiteRtCreateEnvironment, 0, None, what="environment")
         if content is None:
@@ -211,24 +221,15 @@ class CompiledModel:
         # kept until the compiled model is destroyed (destroyed after it: the handles go in reverse)
         options = self._new("LiteRtDestroyOptions", lib.LiteRtCreateOptions, what="options")
         self._check(lib.LiteRtSetOptionsHardwareAccelerators(options, _HW_CPU), "choosing the CPU")
-        cpu_opaque = self._new(None, lib.LiteRtCreateCpuOptions, what="CPU options")
-        added = lib.LiteRtAddOpaqueOptions(options, cpu_opaque)  # from here owned (and destroyed) by options
-        if added != 0:
-            lib.LiteRtDestroyOpaqueOptions(cpu_opaque)
-        self._check(added, "adding the CPU options")
-        cpu = self._new(None, lib.LiteRtFindCpuOptions, cpu_opaque, what="CPU options")
+        cpu = self._added_options(options, lib.LiteRtCreateCpuOptions, lib.LiteRtFindCpuOptions, "CPU options")
         self._check(lib.LiteRtSetCpuOptionsNumThread(cpu, int(threads)), "setting the threads")
         flags = ctypes.c_uint32()  # XNNPACK's defaults (QS8 | QU8 in this build), plus ours
         self._check(lib.LiteRtGetCpuOptionsXNNPackFlags(cpu, ctypes.byref(flags)), "reading XNNPACK's flags")
         self.xnnpack_flags = flags.value | (XNNPACK_FLAG_TRANSIENT_INDIRECTION_BUFFER if transient else 0)
         self._check(lib.LiteRtSetCpuOptionsXNNPackFlags(cpu, self.xnnpack_flags), "setting XNNPACK's flags")
         if record_builtin_ops:
-            runtime_opaque = self._new(None, lib.LiteRtCreateRuntimeOptions, what="runtime options")
-            added = lib.LiteRtAddOpaqueOptions(options, runtime_opaque)
-            if added != 0:
-                lib.LiteRtDestroyOpaqueOptions(runtime_opaque)
-            self._check(added, "adding the runtime options")
-            runtime = self._new(None, lib.LiteRtFindRuntimeOptions, runtime_opaque, what="runtime options")
+            runtime = self._added_options(options, lib.LiteRtCreateRuntimeOptions, lib.LiteRtFindRuntimeOptions,
+                                          "runtime options")
             self._check(lib.LiteRtSetRuntimeOptionsEnableProfiling(runtime, True), "enabling the profiler")
         self._compiled = self._new("LiteRtDestroyCompiledModel", lib.LiteRtCreateCompiledModel, env, model, options,
                                    what="compiling the model")
