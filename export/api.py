@@ -472,11 +472,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     fallback files seed this run's (:func:`export.fallback.seeds_from_manifest`).
 
     ``log`` (:class:`export.stages.StageLog`) times every stage; its budget decides whether the TFLite
-    worker converts while this process converts and gates the other formats (:func:`export.stages.side_by_side`),
-    and otherwise whether the worker's first pass -- onnx2tf and the precisions without calibration, one thread
-    -- runs beside this process's ONNX exports and its conversions of the other formats, one thread too
-    (:func:`export.stages.conversions_side_by_side`; the worker's calibration then waits for them, and their gates
-    for the worker's files' gates)."""
+    worker converts while this process converts and gates the other formats (:func:`export.stages.side_by_side`)."""
     from models.gmcnn import conv_layers, count_macs
     from runtime_py.machine import timing_machine
     from runtime_py.memory import anon_rss_bytes, give_back, reuse_freed_memory
@@ -485,7 +481,7 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
     from .activations import input_means, means_cache
     from .fallback import SensitivityCache
     from .fallback_seeds import SeedSource
-    from .stages import StageLog, activation_values, conversions_side_by_side, side_by_side
+    from .stages import StageLog, activation_values, side_by_side
 
     log = log if log is not None else StageLog()
 
@@ -873,61 +869,26 @@ def _make(todo, *, gen, ckpt_info, mods, out: Path, options: ExportOptions, temp
 
     formats = list(dict.fromkeys(p.fmt for p in todo))
     background = [f for f in formats if hasattr(mods[f], "start_many")]
-    others = [f for f in formats if f not in background]
-    size = activation_values(gen, {p.shape for p in todo})
-    together = beside = False
-    if background and others:
-        together, why = side_by_side(log.budget_bytes, size)
-        log.schedule[f"{', '.join(background)} conversion and {', '.join(others)}"] = why
+    together = False
+    if background and len(formats) > 1:
+        together, why = side_by_side(log.budget_bytes, activation_values(gen, {p.shape for p in todo}))
+        log.schedule[f"{', '.join(background)} conversion and {', '.join(f for f in formats if f not in background)}"] = why
         show(f"schedule: {why}")
-    if background:
-        # one-thread work of both processes side by side: the worker's onnx2tf and conversions without calibration
-        # beside this process's ONNX exports and other formats' conversions (issue 17)
-        beside, why = conversions_side_by_side(log.budget_bytes, size)
-        log.schedule[f"{', '.join(background)} first pass and this process's ONNX exports"
-                     f"{' and ' + ', '.join(others) + ' conversions' if others else ''}"] = why
-    # one after the other, the worker's first pass may still run beside this process's conversions of the other
-    # formats; its calibration waits for them, and their gates for its files' gates
-    early = beside and not together and bool(others)
+    if together:  # the worker converts while this process converts and gates the other formats
+        formats = background + [f for f in formats if f not in background]
     started = []  # (format, jobs, conversion still running in the background)
     try:
-        if together:  # the worker converts while this process converts and gates the other formats
-            for fmt in background:
-                jobs = jobs_of(fmt)
-                started.append((fmt, jobs, backends.start_all(mods[fmt], jobs, progress=show, stages=log,
-                                                              beside=beside)))
-            for fmt in others:
-                jobs = jobs_of(fmt)
+        for fmt in formats:
+            jobs = jobs_of(fmt)
+            if together and fmt in background:
+                started.append((fmt, jobs, backends.start_all(mods[fmt], jobs, progress=show, stages=log)))
+            else:
                 gate_all(fmt, jobs, backends.convert_all(mods[fmt], jobs, progress=show, stages=log))
-                backends.done(mods[fmt])
-                describe_accepted()
-            for fmt, jobs, conversion in started:
-                gate_all(fmt, jobs, conversion.wait())
-                describe_accepted()
-        elif early:
-            for fmt in background:
-                jobs = jobs_of(fmt)
-                started.append((fmt, jobs, backends.start_all(mods[fmt], jobs, progress=show, stages=log,
-                                                              beside=True, hold=True)))
-            converted = [(fmt, jobs, backends.convert_all(mods[fmt], jobs, progress=show, stages=log))
-                         for fmt, jobs in ((fmt, jobs_of(fmt)) for fmt in others)]
-            for _, _, conversion in started:
-                conversion.release()
-            for fmt, jobs, conversion in started:
-                gate_all(fmt, jobs, conversion.wait())
                 backends.done(mods[fmt])  # its files gated, fallbacks included: its converter may go now
                 describe_accepted()  # after the converter went: the inventory's loads are the largest allocations
-            for fmt, jobs, results in converted:
-                gate_all(fmt, jobs, results)
-                backends.done(mods[fmt])
-                describe_accepted()
-        else:
-            for fmt in formats:
-                jobs = jobs_of(fmt)
-                gate_all(fmt, jobs, backends.convert_all(mods[fmt], jobs, progress=show, stages=log,
-                                                         beside=beside and fmt in background))
-                backends.done(mods[fmt])  # its files gated, fallbacks included: its converter may go now
-                describe_accepted()  # after the converter went: the inventory's loads are the largest allocations
+        for fmt, jobs, conversion in started:
+            gate_all(fmt, jobs, conversion.wait())
+            describe_accepted()
     finally:
         for _, _, conversion in started:
             conversion.cancel()  # stops a worker still converting (an interrupted export); at once otherwise

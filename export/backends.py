@@ -14,10 +14,9 @@ its tools), and
   to share work between jobs (TFLite converts every precision of one shape and I/O
   signature from one saved_model; Core ML compresses each precision from one converted
   program and calls :func:`convert_each`); otherwise ``convert`` is called per job. A backend whose
-  conversion runs in a child process may define ``start_many`` (same arguments, and ``beside`` and
-  ``hold``: :func:`start_all`), which returns at once with an object whose ``wait()`` gives those
-  results, ``cancel()`` stops it and ``release()`` ends a hold: the export then converts (and gates,
-  when the memory budget allows) another format meanwhile.
+  conversion runs in a child process may define ``start_many`` (same arguments), which returns
+  at once with an object whose ``wait()`` gives those results and ``cancel()`` stops it: the
+  export then converts and gates another format meanwhile, when the memory budget allows.
 * ``session(stages) -> context manager`` (optional) -- what the backend keeps for the whole of one
   export run, opened before its first conversion and closed when the export ends or fails
   (TFLite: one TensorFlow worker for every conversion call; :func:`session`); with it, ``done()``
@@ -145,17 +144,9 @@ def done(backend: ModuleType) -> None:
         backend.done()
 
 
-def convert_all(backend: ModuleType, jobs, progress=None, stages=None, beside: bool = False) -> Dict[str, ConvertResult]:
+def convert_all(backend: ModuleType, jobs, progress=None, stages=None) -> Dict[str, ConvertResult]:
     """Run ``jobs`` through ``backend`` (its ``convert_many`` when it has one). ``stages``: the export's
-    :class:`export.stages.StageLog`, which times each conversion (and measures its peak memory). ``beside``: a
-    backend that converts in the background starts on its first inputs while this process makes the next
-    (:func:`start_all`)."""
-    if beside and hasattr(backend, "start_many"):
-        conversion = start_all(backend, jobs, progress=progress, stages=stages, beside=True)
-        try:
-            return conversion.wait()
-        finally:
-            conversion.cancel()  # an interrupted wait (Ctrl-C, SIGTERM) leaves no worker behind
+    :class:`export.stages.StageLog`, which times each conversion (and measures its peak memory)."""
     if hasattr(backend, "convert_many"):
         return backend.convert_many(jobs, progress=progress, stages=stages)
     return convert_each(backend, jobs, progress, stages)
@@ -187,13 +178,11 @@ def convert_each(backend: ModuleType, jobs, progress=None, stages=None, convert=
     return results
 
 
-def start_all(backend: ModuleType, jobs, progress=None, stages=None, beside: bool = False, hold: bool = False):
+def start_all(backend: ModuleType, jobs, progress=None, stages=None):
     """Start ``jobs`` (the backend's ``start_many`` when it has one, else :func:`convert_all` now); returns an
-    object whose ``wait()`` gives the results and ``cancel()`` stops what still runs. ``beside``: the background
-    conversion may start on its first inputs while this process makes the next; ``hold``: it converts only what
-    takes one thread until ``release()`` (the TFLite worker: :func:`export.tflite.start_many`)."""
+    object whose ``wait()`` gives the results and ``cancel()`` stops what still runs."""
     if hasattr(backend, "start_many"):
-        return backend.start_many(jobs, progress=progress, stages=stages, beside=beside, hold=hold)
+        return backend.start_many(jobs, progress=progress, stages=stages)
     return _Done(convert_all(backend, jobs, progress=progress, stages=stages))
 
 
@@ -203,9 +192,6 @@ class _Done:
 
     def wait(self) -> Dict[str, ConvertResult]:
         return self.results
-
-    def release(self) -> None:
-        pass
 
     def cancel(self) -> None:
         pass

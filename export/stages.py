@@ -362,19 +362,10 @@ def write_report(report: dict, out: Path, partial_prefix: str, reused_only: bool
 #   line through 2,177 MiB and 4,091 MiB: 1,540 MiB + 3.6 B per value. The fixed part is the cnum-32 export
 #   process's (the tiny cnum-4 export's was 516 MiB anonymous): an upper bound for small models. It replaced
 #   975 MiB + 11 B per value, fitted to an older executor's resident peaks, which put Core ML alone at 8.6 GiB.
-# * The TFLite worker's first pass (onnx2tf and the precisions without calibration: export.tflite.start_many): its
-#   largest stage in full default exports of 2026-12-07 (`DIR_X` to `DIR_AB`, docs/EXPORT.md "Export wall time"),
-#   anonymous: 1,335 MiB at 512x680, 1,495 MiB at 1024x1360; the line through them, rounded up: 1,290 MiB + 0.3 B
-#   per value (TensorFlow's own memory and the weights', little of the activations').
-# * This process's one-thread work beside that pass: the ONNX exports (the same runs: at most 1,127 MiB anonymous
-#   at 512x680, 3,058 MiB at 1024x1360) and the other formats' conversions (Core ML: 1,265 and 1,295 MiB); the
-#   line through the larger at each shape, rounded up: 670 MiB + 3.4 B per value.
 MIB = 1 << 20
 PEAK_MODEL: Dict[str, Tuple[float, float, float]] = {  # group: (fixed bytes, bytes per value, bytes per pixel)
     TFLITE_WORKER: (270 * MIB, 6.4, 2600.0),
     "coreml": (1540 * MIB, 3.6, 0.0),
-    "tflite first pass": (1290 * MIB, 0.3, 0.0),
-    "one-thread work here": (670 * MIB, 3.4, 0.0),
 }
 
 
@@ -397,33 +388,16 @@ def estimated_peak(group: str, size: Tuple[int, int]) -> int:
 def side_by_side(budget_bytes: Optional[int], size: Tuple[int, int]) -> Tuple[bool, str]:
     """Whether the TFLite worker may convert while this process converts and gates Core ML, and why
     (``size``: :func:`activation_values`)."""
-    return _together(budget_bytes, [("the TFLite worker", estimated_peak(TFLITE_WORKER, size)),
-                                    ("Core ML", estimated_peak("coreml", size))])
-
-
-def conversions_side_by_side(budget_bytes: Optional[int], size: Tuple[int, int]) -> Tuple[bool, str]:
-    """Whether the TFLite worker's first pass (onnx2tf and the precisions without calibration, one thread) may run
-    while this process makes the ONNX files and converts the other formats (one thread too), and why."""
-    return _together(budget_bytes, [("the TFLite worker's first pass", estimated_peak("tflite first pass", size)),
-                                    ("the ONNX exports and other conversions",
-                                     estimated_peak("one-thread work here", size))])
-
-
-def _together(budget_bytes: Optional[int], peaks: List[Tuple[str, int]]) -> Tuple[bool, str]:
-    """(whether the groups of ``peaks`` -- (name, estimated peak bytes) -- fit the budget together, the reason)."""
-    estimate = "estimated peaks: " + ", ".join(f"{_group_label(name)} {peak / GIB:.1f} GiB" for name, peak in peaks)
+    worker, coreml = estimated_peak(TFLITE_WORKER, size), estimated_peak("coreml", size)
+    estimate = f"estimated peaks: TFLite worker {worker / GIB:.1f} GiB, Core ML {coreml / GIB:.1f} GiB"
     if budget_bytes is None:
         return True, f"side by side ({estimate}; no budget)"
-    over = [name for name, peak in peaks if peak > budget_bytes]
+    over = [name for name, peak in (("the TFLite worker", worker), ("Core ML", coreml)) if peak > budget_bytes]
     alone = f"; {' and '.join(over)} alone over the budget" if over else ""
-    if sum(peak for _, peak in peaks) <= budget_bytes:
+    if worker + coreml <= budget_bytes:
         return True, f"side by side ({estimate}, together within the budget of {budget_bytes / GIB:.1f} GiB)"
     return False, (f"one after the other ({estimate}, together over the budget of {budget_bytes / GIB:.1f} GiB"
                    f"{alone})")
-
-
-def _group_label(name: str) -> str:
-    return name[4:] if name.startswith("the ") else name
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -203,51 +203,24 @@ def convert_many(jobs: Sequence[ConvertJob], progress=None, stages=None) -> Dict
 
 class Conversion:
     """The TFLite worker converting in the background (:func:`start_many`): ``wait()`` gives the results,
-    ``cancel()`` stops the worker (an interrupted export), ``release()`` lets a held conversion go on to its
-    calibrated precisions."""
+    ``cancel()`` stops the worker (an interrupted export)."""
 
-    def __init__(self, results: Dict[str, ConvertResult], run=None, hold: bool = False):
-        import queue
-        import threading
-
+    def __init__(self, results: Dict[str, ConvertResult], run=None):
         self.results = results
         self._error: Optional[BaseException] = None
         self._proc: list = []
-        self._offers: "queue.Queue" = queue.Queue()  # what the worker is to convert next; None: nothing more
-        self._go_on = threading.Event()
-        if not hold:
-            self._go_on.set()
-        self._cancelled = False
         self._thread = None
         if run is not None:
+            import threading
+
             self._thread = threading.Thread(target=self._run, args=(run,), name="tflite-worker", daemon=True)
             self._thread.start()
 
     def _run(self, run) -> None:
         try:
-            self.results.update(run(self))
+            self.results.update(run(self._proc))
         except BaseException as exc:  # handed to the waiting thread
             self._error = exc
-
-    def offer(self, item) -> None:
-        self._offers.put(item)
-
-    def next_offer(self):
-        """The next item :meth:`offer` gave (waiting for it), or None once there are no more or it was cancelled."""
-        return None if self._cancelled else self._offers.get()
-
-    def release(self) -> None:
-        """The caller's own work beside the first pass is done: the calibrated precisions may be converted."""
-        self._go_on.set()
-
-    def may_go_on(self) -> bool:
-        """Wait until released; False where the conversion was cancelled instead."""
-        self._go_on.wait()
-        return not self._cancelled
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
 
     def wait(self) -> Dict[str, ConvertResult]:
         if self._thread is not None:
@@ -257,9 +230,6 @@ class Conversion:
         return self.results
 
     def cancel(self) -> None:
-        self._cancelled = True
-        self._offers.put(None)
-        self._go_on.set()
         while True:  # the worker may be starting right now: kill whatever has started until the thread ends
             for proc in self._proc:
                 if proc.poll() is None:
@@ -271,18 +241,9 @@ class Conversion:
                 return
 
 
-def start_many(jobs: Sequence[ConvertJob], progress=None, stages=None, beside: bool = False,
-               hold: bool = False) -> Conversion:
-    """:func:`convert_many` with the TensorFlow worker left running in the background; returns once the ONNX
-    files are made (here, in this thread: PyTorch).
-
-    The worker converts in two passes: first, one shape and I/O signature after another, onnx2tf and the
-    precisions that need no calibration (one thread); then every calibrated precision from the saved_models the
-    first pass left (calibration runs on two threads and is the worker's largest stage). ``beside``: the worker
-    starts on each shape and signature as soon as its ONNX file is made, beside this thread's next ONNX export,
-    instead of once all are made (what the memory budget allows: ``export.stages.conversions_side_by_side``).
-    ``hold``: the second pass waits for :meth:`Conversion.release`, so that the caller's own one-thread work
-    (converting another format) runs beside the first pass and not beside calibration."""
+def start_many(jobs: Sequence[ConvertJob], progress=None, stages=None) -> Conversion:
+    """:func:`convert_many` with the TensorFlow worker left running in the background: the ONNX files
+    are made here (this thread: PyTorch), then the worker starts and this returns at once."""
     check_available()
     groups: Dict[Path, List[ConvertJob]] = collections.OrderedDict()
     # per shape the tensor signature first: its calibration pass is kept for the image signature's
@@ -296,12 +257,9 @@ def start_many(jobs: Sequence[ConvertJob], progress=None, stages=None, beside: b
         # absolute: the worker runs in the repository root, not in the caller's folder (--out exported/)
         groups.setdefault(Path(job.workdir).absolute(), []).append(job)
     results: Dict[str, ConvertResult] = {}
-    options = jobs[0].options.to_json()  # one export's jobs share its options
+    plan = {"options": jobs[0].options.to_json(), "jobs": []}  # one export's jobs share its options
     by_out: Dict[str, ConvertJob] = {}
-
-    def prepare(work: Path, group: List[ConvertJob]):
-        """The ONNX file of one shape and signature, and its worker job split in two: (the first pass's, the
-        second's), either None where it has nothing to do; None where there is nothing to convert."""
+    for work, group in groups.items():
         first = group[0]
         _progress(progress, f"tflite {first.shape[0]}x{first.shape[1]} {first.io}: PyTorch -> ONNX (opset 17) + onnxsim")
         t0 = time.time()
@@ -311,7 +269,7 @@ def start_many(jobs: Sequence[ConvertJob], progress=None, stages=None, beside: b
         except Exception as exc:
             for job in group:
                 results[job.key] = ConvertResult(None, error=f"ONNX export failed: {type(exc).__name__}: {exc}")
-            return None
+            continue
         _progress(progress, f"tflite {first.shape[0]}x{first.shape[1]} {first.io}: ONNX ready ({time.time() - t0:.1f}s)")
         arts = []
         for job in group:
@@ -348,41 +306,15 @@ def start_many(jobs: Sequence[ConvertJob], progress=None, stages=None, beside: b
                          "quant": quant, "metadata": job.metadata})
             by_out[out] = job
         if not arts:
-            return None
+            continue
         # fallback candidates come right after the pure file of the same run: its saved_model is reused
         reuse = all(job.extra.get("keep_float") for job in group) and (work / "saved_model").is_dir()
-        spec = {"name": f"{first.shape[0]}x{first.shape[1]} {first.io}", "onnx": str(onnx_path),
-                "reuse_saved_model": reuse, "saved_model": str(work / "saved_model"),
-                "log": str(work / "tflite_worker.log"), "cind": cind}
-        plain = [art for art in arts if art["calibration"] is None]
-        calibrated = [art for art in arts if art["calibration"] is not None]
-        return (dict(spec, artifacts=plain) if plain or not reuse else None,
-                dict(spec, artifacts=calibrated, reuse_saved_model=True) if calibrated else None)
-
-    def run(conversion: Conversion):
-        procs = conversion._proc
-        out: Dict[str, ConvertResult] = {}
-        second: List[dict] = []
-        failed: Dict[str, tuple] = {}  # job name -> (message, log): its first pass failed as a whole (onnx2tf)
-        while True:
-            item = conversion.next_offer()
-            if item is None:
-                break
-            first_pass, second_pass = item
-            if first_pass is not None and not conversion.cancelled:
-                out.update(_run_worker({"options": options, "jobs": [first_pass]}, by_out, progress, stages, procs,
-                                       failed=failed))
-            if second_pass is not None:
-                second.append(second_pass)
-        for spec in second:
-            if spec["name"] in failed:  # no saved_model to convert from: the first pass's failure is theirs too
-                msg, log = failed[spec["name"]]
-                out.update({by_out[art["out"]].key: ConvertResult(None, error=msg, log=log)
-                            for art in spec["artifacts"]})
-        second = [spec for spec in second if spec["name"] not in failed]
-        if second and conversion.may_go_on():
-            out.update(_run_worker({"options": options, "jobs": second}, by_out, progress, stages, procs,
-                                   plan_name="tflite_plan_calibrated"))
+        plan["jobs"].append({"name": f"{first.shape[0]}x{first.shape[1]} {first.io}", "onnx": str(onnx_path),
+                             "reuse_saved_model": reuse,
+                             "saved_model": str(work / "saved_model"), "log": str(work / "tflite_worker.log"),
+                             "cind": cind, "artifacts": arts})
+    def run(procs):
+        out = _run_worker(plan, by_out, progress, stages, procs) if plan["jobs"] else {}
         for job in jobs:
             res = out.get(job.key)
             if res is None or res.path is None:
@@ -410,31 +342,7 @@ def start_many(jobs: Sequence[ConvertJob], progress=None, stages=None, beside: b
                 out[job.key] = ConvertResult(None, error="the conversion produced no file")
         return out
 
-    # without a worker kept for the export, one for both passes of this call rather than one per plan
-    own_worker = _KEPT.depth == 0
-
-    def run_with_worker(conversion: Conversion):
-        with kept_worker(stages) if own_worker else contextlib.nullcontext():
-            return run(conversion)
-
-    conversion = Conversion(results, run_with_worker, hold=hold)
-    try:
-        waiting = []
-        for work, group in groups.items():
-            item = prepare(work, group)
-            if item is None:
-                continue
-            if beside:
-                conversion.offer(item)
-            else:
-                waiting.append(item)
-        for item in waiting:
-            conversion.offer(item)
-        conversion.offer(None)
-    except BaseException:
-        conversion.cancel()
-        raise
-    return conversion
+    return Conversion(results, run)
 
 
 def _stage(stages, name: str, give_back: bool = False):
@@ -760,15 +668,13 @@ def done() -> None:
 
 
 def _run_worker(plan: dict, by_out: Dict[str, ConvertJob], progress, stages=None,
-                procs: Optional[list] = None, plan_name: str = "tflite_plan",
-                failed: Optional[dict] = None) -> Dict[str, ConvertResult]:
+                procs: Optional[list] = None) -> Dict[str, ConvertResult]:
     """Run the worker on ``plan`` (its process in ``procs`` while it converts it); each stage it reports goes to
-    ``stages``. The plan and the worker's stderr go beside the first job's saved_model, as ``plan_name``.json and
-    ``plan_name``.stderr.log; ``failed`` gets the job name -> (message, log) of each job that failed as a whole."""
+    ``stages``."""
     work = Path(plan["jobs"][0]["saved_model"]).parent
-    stderr_path = work / f"{plan_name}.stderr.log"
+    stderr_path = work / "tflite_worker.stderr.log"
     stderr_path.write_bytes(b"")
-    plan_path = work / f"{plan_name}.json"
+    plan_path = work / "tflite_plan.json"
     plan_path.write_text(json.dumps(plan, indent=1))
     with _KEPT.lock if _KEPT.depth else contextlib.nullcontext():
         kept = _KEPT.depth > 0
@@ -783,8 +689,6 @@ def _run_worker(plan: dict, by_out: Dict[str, ConvertJob], progress, stages=None
             raise
         if not kept:
             worker.close()
-    if failed is not None:
-        failed.update(failed_jobs)
     for spec in plan["jobs"]:
         for art in spec["artifacts"]:
             job = by_out[art["out"]]

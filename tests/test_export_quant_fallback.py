@@ -166,7 +166,7 @@ def _replaying_backend(export_dir: Path):
 
     work = export_dir / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
 
-    def convert_all(backend, jobs, progress=None, stages=None, beside=False):
+    def convert_all(backend, jobs, progress=None, stages=None):
         results = {}
         for job in jobs:
             if job.extra.get("keep_float"):
@@ -193,7 +193,7 @@ def _dynamic_range_backend(export_dir: Path):
     work = export_dir / ".work" / f"tflite_{SHAPE[0]}x{SHAPE[1]}_tensor"
     converted = work / "converter_int8-dynamic.tflite"
 
-    def convert_all(backend, jobs, progress=None, stages=None, beside=False):
+    def convert_all(backend, jobs, progress=None, stages=None):
         results = {}
         for job in jobs:
             assert job.precision == "int8-dynamic"
@@ -604,7 +604,7 @@ def test_a_runtime_quantized_file_failing_on_the_nudged_copies_fails(fallback_ex
     final = {p: fallback_export["out"] / f"gmcnn_tf_c4_{SHAPE[0]}x{SHAPE[1]}_tensor_{p}.tflite"
              for p in ("int8", "int8-dynamic")}
 
-    def convert_all(backend, jobs, progress=None, stages=None, beside=False):  # every file the one the fixture's fallback chose
+    def convert_all(backend, jobs, progress=None, stages=None):  # every file the one the fixture's fallback chose
         for job in jobs:
             shutil.copy(final[job.precision], job.out)
         return {job.key: ConvertResult(Path(job.out), 0.1) for job in jobs}

@@ -42,14 +42,8 @@ level off) add ``parity.details.nudged`` and double ``parity.samples`` of those 
 digest was recorded again then; every file digest stayed as recorded. Issue 17's shared Core ML model core
 (2026-12-06: the ``image`` fp16 package's gate takes its core from the ``tensor`` package's run) adds to that
 package's ``parity.executor`` "; model core of 4 of 4 samples ..."; the ``defaults`` manifest's digest was recorded
-again then (without that suffix the new manifest gave the old digest); every file digest stayed as recorded. Issue
-17's two-pass TFLite worker (2026-12-07: each shape and I/O signature's onnx2tf runs in a plan of its own, which the
-worker starts as a fresh process would) changes the ``image`` files' tensor names (``model/...`` where the
-signature converted second in one plan had ``model_1/...``) and, with them, the converter's order among
-independent ops: the four ``image`` digests, the image int8 file's quantization record (its keys) and the
-``defaults`` manifest's digest were recorded again then; the files' buffers other than metadata are the same bytes
-and their outputs on one random input the same bits as before (a one-off comparison of the two recordings), and
-every other digest stayed as recorded. Two exports of the cnum-4 ``lively_generator`` at 64x96:
+again then (without that suffix the new manifest gave the old digest); every file digest stayed as recorded. Two
+exports of the cnum-4 ``lively_generator`` at 64x96:
 
 * ``defaults``: TFLite fp32, fp16, int8-dynamic, int8 and Core ML fp16, tensor and image signatures;
 * ``options``: TFLite fp32 and int8 (tensor) with the non-default options ``upsample_mode=
@@ -111,16 +105,16 @@ TOOLS = {
 REFERENCE = {
     "defaults": {
         "gmcnn_tf_c4_64x96_image_fp16.mlpackage": "df9932177d98aa44dd2ad87e46d90bb52f16255003f5d641b87853b7c6b223a6",
-        "gmcnn_tf_c4_64x96_image_fp16.tflite": "42fe60906db688b3c615b084f192fb9e50c0008f98c883ecd731349e865fe740",
-        "gmcnn_tf_c4_64x96_image_fp32.tflite": "8890b7ce44fb7ca00676cd0419d97ed9cbcce7a6641f30a9e309890671a6fc76",
-        "gmcnn_tf_c4_64x96_image_int8-dynamic.tflite": "888380a4aa0e0214e16525272b9b7c4e55b6f271c3c7cb7d31e4943fb96b5115",
-        "gmcnn_tf_c4_64x96_image_int8.tflite": "05b658c74b0ed1a8992850e52a01d243ed313266332a88fa64d4100af78d3454",
+        "gmcnn_tf_c4_64x96_image_fp16.tflite": "1bf4fe5aca631889bcc97ac7648a0146b10b0e9b108c39f2a3aca564baf481f3",
+        "gmcnn_tf_c4_64x96_image_fp32.tflite": "ed4d603e0d623212bc98f695921c9250754d42a7a23d6d8626e47a95e38185ca",
+        "gmcnn_tf_c4_64x96_image_int8-dynamic.tflite": "c34519ccbf4f7e93920a78055c5ffbcbc014bcb9b144e95f1b6047876af7b871",
+        "gmcnn_tf_c4_64x96_image_int8.tflite": "bb88163bd5da7da4fe3bb7e6bf287414131255555945437cf91266e061b0aa18",
         "gmcnn_tf_c4_64x96_tensor_fp16.mlpackage": "876b513e322c5f313b76502e9e4917a1bb8b826d2481c613f2e851b8e6f9db30",
         "gmcnn_tf_c4_64x96_tensor_fp16.tflite": "55253cc32ce0424ffed33ed5908b76ebd3777f3df5f10852c5b4d43eb2c7ff4f",
         "gmcnn_tf_c4_64x96_tensor_fp32.tflite": "721e06aacdd1a0e6557ee42f3dd9fb17bdfc338946232d6877634f939bc8875b",
         "gmcnn_tf_c4_64x96_tensor_int8-dynamic.tflite": "fddd93039f3c4fa872064b78ca44818b9e427e6c9b7c0b8b49a4f9586b8932e3",
         "gmcnn_tf_c4_64x96_tensor_int8.tflite": "aa58595640fe5c66110ff97c405a4c541b789df6c406429a3b5814f10953ee15",
-        "manifest.json": "858b8c0909d442faeb97267a0677c8c3c1d2019000ede73e59c16b8376ef4899"
+        "manifest.json": "dee5adece58691984cb20078032550c1f01463fadd48ef0679d2e3ff533a0b2d"
     },
     "options": {
         "gmcnn_tf_c4_64x96_tensor_fp32.tflite": "ee3b12256fedf9f62384680ecb30ff054b5d6edcf30be85c4a76d6bd3b3aa7b3",
