@@ -875,12 +875,31 @@ def run(path: Path, io: str, samples, threads: int = 2, keep_going=None):
             raise ValueError("keep_going needs one engine: this file's samples run in processes")
         return (_run_in_processes(path, io, samples, processes),
                 f"litert-{litert_version()} reference kernels (int16 activations), {processes} processes x 1 thread")
-    eng = engine(path, threads, io, transient_indirection=GATE_TRANSIENT_INDIRECTION,
-                 record_builtin_ops=GATE_TRANSIENT_INDIRECTION)
+    from runtime_py.engines.tflite_engine import TFLiteEngine
+
+    from . import tflite_sharing
+
+    def cut_engine(content: bytes):
+        return TFLiteEngine(model_content=content, io=io, threads=int(threads),
+                            transient_indirection=GATE_TRANSIENT_INDIRECTION)
+
+    eng = tflite_sharing.wrap(
+        engine(path, threads, io, transient_indirection=GATE_TRANSIENT_INDIRECTION,
+               record_builtin_ops=GATE_TRANSIENT_INDIRECTION),
+        path, io, make_specs=lambda: engine(path, io=io, xnnpack=False), make_cut=cut_engine)
     outputs = run_samples(eng, samples, keep_going)
     if eng.builtin_ops is not None:
         _builtin_ops_seen[_file_identity(path)] = eng.builtin_ops
-    return outputs, f"litert-{litert_version()} xnnpack {threads} threads"
+    return outputs, f"litert-{litert_version()} xnnpack {threads} threads{eng.note()}"
+
+
+def gate_session(paths):
+    """The block the export gates its TFLite files in (:mod:`export.api`): a ``tensor`` file's inferences kept
+    for the ``image`` file of its network, which then runs its own ops alone around them
+    (:mod:`export.tflite_sharing`), with the same output bytes."""
+    from . import tflite_sharing
+
+    return tflite_sharing.session()
 
 
 #: (device, inode, bytes, modification time) of a file a gate ran -> what LiteRT ran outside XNNPACK in its first

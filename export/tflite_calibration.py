@@ -672,8 +672,9 @@ def _statistics_key(model_bytes: bytes, samples, grid: bool) -> str:
 
 # Within the measured calibration inputs of two signatures, the largest difference allowed between the tensor
 # signature's input and the value the other graph computes in its place: the image graph normalises as
-# x * (1/127.5) - 1 where the tensor samples hold x / 127.5 - 1 (measured: at most 1.2e-7, one float32 step
-# near 1); a different photo or mask differs by at least one pixel level, 1/127.5.
+# x * (1/127.5) - 1, as the tensor samples hold it (runtime_py.contract.normalize; measured difference 0, and at
+# most 1.2e-7, one float32 step near 1, when the samples held x / 127.5 - 1); a different photo or mask differs
+# by at least one pixel level, 1/127.5.
 SHARED_INPUT_TOLERANCE = 1e-5
 
 

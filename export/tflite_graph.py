@@ -761,6 +761,39 @@ def _rebuffer(model, tensor, raw: bytes) -> None:
         model.buffers[old].data = None
 
 
+def float32_scalars(model, float_model) -> int:
+    """A float16 converter output with its one-value constants float32 again: each DEQUANTIZE of a float16 scalar
+    constant gives way to the float32 constant the fp32 conversion of the same saved_model (``float_model``) has in
+    its place -- the two list the same ops in one order apart from the DEQUANTIZEs, matched by op and input
+    position, and only where the float32 value rounds to the float16 one. The elementwise ops' constants (an
+    ``image`` graph's normalisation by 1/127.5, which float16 does not hold, and 127.5, 1, 127, 255) then are the
+    fp32 file's, as the contract computes them, and the weights stay float16. The dequantized tensor becomes that
+    constant (its name kept). Returns how many were replaced; 0 where the op lists differ."""
+    sg, fsg = model.subgraphs[0], float_model.subgraphs[0]
+    ops = [op for op in sg.operators if op_name(model, op) != "DEQUANTIZE"]
+    if [op_name(model, op) for op in ops] != [op_name(float_model, op) for op in fsg.operators]:
+        return 0
+    producer = {t: i for i, op in enumerate(sg.operators) for t in _ids(op.outputs)}
+    replaced = set()
+    for op, fop in zip(ops, fsg.operators):
+        for t, ft in zip(_ids(op.inputs), _ids(fop.inputs)):
+            i = producer.get(t)
+            if i is None or i in replaced or op_name(model, sg.operators[i]) != "DEQUANTIZE":
+                continue
+            half, single = sg.tensors[_ids(sg.operators[i].inputs)[0]], fsg.tensors[ft]
+            if (half.type != T.FLOAT16 or single.type != T.FLOAT32 or not _is_constant(model, half)
+                    or not _is_constant(float_model, single)):
+                continue
+            h = np.frombuffer(bytes(np.asarray(model.buffers[half.buffer].data, np.uint8)), np.float16)
+            f = np.frombuffer(bytes(np.asarray(float_model.buffers[single.buffer].data, np.uint8)), np.float32)
+            if h.size != 1 or f.size != 1 or np.float16(f[0]) != h[0]:
+                continue
+            _rebuffer(model, sg.tensors[t], f.tobytes())
+            replaced.add(i)
+    _remove_ops(model, replaced)
+    return len(replaced)
+
+
 def restore_float_weights(model, float_model, names: Iterable[str]) -> int:
     """Give the named CONV_2Ds of a dynamic-range file back the float32 filters of ``float_model``
     (the fp32 file of the same saved_model): those convolutions then run in float, their inputs
@@ -1278,7 +1311,16 @@ def _constant_key(model, tensor) -> tuple:
     return tensor.type, tuple(_ids(tensor.shape)), bytes(np.asarray(data, np.uint8))
 
 
-def embedding(inner, outer) -> Optional[Dict[int, int]]:
+def _quantization_key(tensor) -> tuple:
+    """A tensor's quantization parameters as a comparable value (() where it has none)."""
+    q = tensor.quantization
+    if q is None:
+        return ()
+    as_tuple = lambda v: () if v is None else tuple(np.asarray(v).tolist())  # noqa: E731
+    return as_tuple(q.scale), as_tuple(q.zeroPoint), int(q.quantizedDimension or 0), as_tuple(q.min), as_tuple(q.max)
+
+
+def embedding(inner, outer, quantization: bool = False) -> Optional[Dict[int, int]]:
     """Where the network of ``inner`` sits inside ``outer``: {inner tensor: outer tensor} for every
     non-constant tensor of ``inner`` (its inputs included), or None when ``outer`` does not compute
     ``inner``'s outputs from some of its tensors with the same ops.
@@ -1288,6 +1330,10 @@ def embedding(inner, outer) -> Optional[Dict[int, int]]:
     correspond in order; an input of ``inner`` corresponds to whichever ``outer`` tensor of its shape
     stands in that place (in the ``image`` graph: the normalised image and the binarised hole, made by
     ``outer``'s own ops). Each ``inner`` tensor gets one ``outer`` tensor, and no two the same one.
+
+    ``quantization``: corresponding tensors, constants included, must also have the same quantization parameters
+    (scales, zero points, axis, recorded ranges), so that ``outer`` computes ``inner``'s values bit for bit from the
+    same inputs; without it only the network's structure and constant bytes are matched (what calibration needs).
     """
     sgs = {"i": inner.subgraphs[0], "o": outer.subgraphs[0]}
     models = {"i": inner, "o": outer}
@@ -1313,12 +1359,14 @@ def embedding(inner, outer) -> Optional[Dict[int, int]]:
                 return False
             if a < 0:
                 continue
+            ta, tb = sgs["i"].tensors[a], sgs["o"].tensors[b]
+            if quantization and _quantization_key(ta) != _quantization_key(tb):
+                return False
             ca, cb = constant("i", a), constant("o", b)
             if ca is not None or cb is not None:
                 if ca != cb:
                     return False
                 continue
-            ta, tb = sgs["i"].tensors[a], sgs["o"].tensors[b]
             if ta.type != tb.type or _ids(ta.shape) != _ids(tb.shape):
                 return False
             if a in mapping:
@@ -1381,8 +1429,11 @@ def cut_model(model, ops: Sequence[int], inputs: Sequence[int]):
     sg.inputs = list(inputs)
     sg.outputs = []
     read_by_kept = {t for op in sg.operators for t in _ids(op.inputs) if t >= 0}
+    # a buffer may back several tensors (the converter shares equal constants): it stays if any kept op reads one
+    kept_buffers = {sg.tensors[t].buffer for t in read_by_kept}
     for i, tensor in enumerate(sg.tensors or []):
-        if i not in read_by_kept and tensor.buffer and _is_constant(cut_, tensor):
+        if (i not in read_by_kept and tensor.buffer and tensor.buffer not in kept_buffers
+                and _is_constant(cut_, tensor)):
             dropped = copy.copy(cut_.buffers[tensor.buffer])
             dropped.data = None
             cut_.buffers[tensor.buffer] = dropped

@@ -512,7 +512,25 @@ def convert_precision(saved_model: str, precision: str, io: str, calibration, op
     data = conv.convert()
     if precision == "int8-dynamic" and quant.get("float_nodes"):
         data = _restore_float_weights(data, quant)
+    if precision == "fp16":
+        data = _float32_scalars(data, saved_model, io, options)
     return data
+
+
+def _float32_scalars(data: bytes, saved_model: str, io: str, options: ExportOptions) -> bytes:
+    """An fp16 file with its scalar constants float32 (:func:`export.tflite_graph.float32_scalars`), taken from the
+    fp32 converter output beside ``saved_model`` (converted here where this plan made none before)."""
+    from . import tflite_graph
+
+    path = os.path.join(os.path.dirname(saved_model), "converter_fp32.tflite")
+    if not os.path.exists(path):
+        with open(path, "wb") as f:
+            f.write(convert_precision(saved_model, "fp32", io, None, options))
+    with open(path, "rb") as f:
+        float_model = tflite_graph.read(f.read())
+    model = tflite_graph.read(data)
+    tflite_graph.float32_scalars(model, float_model)
+    return tflite_graph.write(model)
 
 
 def _restore_float_weights(data: bytes, quant: dict) -> bytes:

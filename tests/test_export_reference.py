@@ -42,7 +42,13 @@ level off) add ``parity.details.nudged`` and double ``parity.samples`` of those 
 digest was recorded again then; every file digest stayed as recorded. Issue 17's shared Core ML model core
 (2026-12-06: the ``image`` fp16 package's gate takes its core from the ``tensor`` package's run) adds to that
 package's ``parity.executor`` "; model core of 4 of 4 samples ..."; the ``defaults`` manifest's digest was recorded
-again then (without that suffix the new manifest gave the old digest); every file digest stayed as recorded. Two
+again then (without that suffix the new manifest gave the old digest); every file digest stayed as recorded. Issue
+17's network run shared between the two TFLite signatures (2026-12-07) computes the ``tensor`` input as the
+``image`` graph does, ``x * (1/127.5) - 1`` (``runtime_py.contract.normalize``; the ``image`` wrapper now traces a
+multiplication: other tensor names, the same arithmetic), keeps the fp16 files' scalar constants float32, and adds
+"; network of N samples ..." to the served ``image`` files' ``parity.executor``: the four ``image`` TFLite digests,
+the ``tensor`` fp16 one, the ``defaults`` manifest's and the int8 record (calibrated on the new input bytes) were
+recorded again then, by the branch that made that change; every other digest stayed as recorded. Two
 exports of the cnum-4 ``lively_generator`` at 64x96:
 
 * ``defaults``: TFLite fp32, fp16, int8-dynamic, int8 and Core ML fp16, tensor and image signatures;
@@ -105,16 +111,16 @@ TOOLS = {
 REFERENCE = {
     "defaults": {
         "gmcnn_tf_c4_64x96_image_fp16.mlpackage": "df9932177d98aa44dd2ad87e46d90bb52f16255003f5d641b87853b7c6b223a6",
-        "gmcnn_tf_c4_64x96_image_fp16.tflite": "1bf4fe5aca631889bcc97ac7648a0146b10b0e9b108c39f2a3aca564baf481f3",
-        "gmcnn_tf_c4_64x96_image_fp32.tflite": "ed4d603e0d623212bc98f695921c9250754d42a7a23d6d8626e47a95e38185ca",
-        "gmcnn_tf_c4_64x96_image_int8-dynamic.tflite": "c34519ccbf4f7e93920a78055c5ffbcbc014bcb9b144e95f1b6047876af7b871",
-        "gmcnn_tf_c4_64x96_image_int8.tflite": "bb88163bd5da7da4fe3bb7e6bf287414131255555945437cf91266e061b0aa18",
+        "gmcnn_tf_c4_64x96_image_fp16.tflite": "30e0370ac7887a833ac6cb4829ac0cf0fb938feacbd982dcec923a2cb95d1387",
+        "gmcnn_tf_c4_64x96_image_fp32.tflite": "04b2e59b738ebd2b011e38d4fb3b70fa4deb9cd037be5e7aee4cbcb885e5fe12",
+        "gmcnn_tf_c4_64x96_image_int8-dynamic.tflite": "59123b60fcba503834765490cb6cf1ed61164e832e7ba7fcafdf80799e4f0092",
+        "gmcnn_tf_c4_64x96_image_int8.tflite": "41ffba672c8aa2bf7a9008af4c6f61e255acb00e087d79cdb12864b2c931bbf9",
         "gmcnn_tf_c4_64x96_tensor_fp16.mlpackage": "876b513e322c5f313b76502e9e4917a1bb8b826d2481c613f2e851b8e6f9db30",
-        "gmcnn_tf_c4_64x96_tensor_fp16.tflite": "55253cc32ce0424ffed33ed5908b76ebd3777f3df5f10852c5b4d43eb2c7ff4f",
+        "gmcnn_tf_c4_64x96_tensor_fp16.tflite": "a8c87d7201aecd28688f5f790a1c8eb0d7181bfccd396c1751e7a49e0e7a71d9",
         "gmcnn_tf_c4_64x96_tensor_fp32.tflite": "721e06aacdd1a0e6557ee42f3dd9fb17bdfc338946232d6877634f939bc8875b",
         "gmcnn_tf_c4_64x96_tensor_int8-dynamic.tflite": "fddd93039f3c4fa872064b78ca44818b9e427e6c9b7c0b8b49a4f9586b8932e3",
         "gmcnn_tf_c4_64x96_tensor_int8.tflite": "aa58595640fe5c66110ff97c405a4c541b789df6c406429a3b5814f10953ee15",
-        "manifest.json": "dee5adece58691984cb20078032550c1f01463fadd48ef0679d2e3ff533a0b2d"
+        "manifest.json": "64dc55bfc8fa40572f70f728a40120a22e7611f47c4052759456b2dd8efc9c63"
     },
     "options": {
         "gmcnn_tf_c4_64x96_tensor_fp32.tflite": "ee3b12256fedf9f62384680ecb30ff054b5d6edcf30be85c4a76d6bd3b3aa7b3",

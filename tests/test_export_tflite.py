@@ -1084,14 +1084,12 @@ def test_image_calibration_shares_the_tensor_signatures_pass(tiny, tmp_path, mon
     # the image graph's own ops: normalisation, hole, composite and clamp (measured on the cnum-4 model: its 2
     # inputs and 13 ops' outputs of 111 tensors)
     assert info["tensors_measured"] == len(own["tensors"]) - info["tensors_shared"] <= 16
-    assert 0 < info["network_input_difference"] <= tflite_calibration.SHARED_INPUT_TOLERANCE
+    # the tensor samples hold what the image graph computes in the network's input place (contract.normalize)
+    assert info["network_input_difference"] == 0.0
     assert set(shared["tensors"]) == set(own["tensors"])
     for name, mine in own["tensors"].items():
-        lo, hi = mine["range"]
-        # the two normalisations differ in the last float32 bit: ranges agree to 1e-5 of their span (measured
-        # on this model: at most 4e-7)
-        assert shared["tensors"][name]["range"] == pytest.approx([lo, hi], abs=1e-5 * (hi - lo)), name
-    assert shared_data != own_data
+        assert shared["tensors"][name]["range"] == mine["range"], name
+    assert shared_data == own_data
 
     other = load_samples(CALIBRATION_DIR, SHAPE, 1, seed=5)
     _, again = calibrate_ranges(models["image"], feeds("image", other), share={"reuse": True})
@@ -1307,3 +1305,82 @@ def test_int16x8_converts_and_is_gated(tmp_path):
         assert all(t["range"][0] == -t["range"][1] for t in q["activations"]["tensors"].values())
         if io == "image":
             assert [t.dtype for t in a.inputs + a.outputs] == ["uint8"] * 3
+
+
+def test_image_gate_takes_the_tensor_files_network_run(tiny):
+    """Inside the TFLite gate session an ``image`` file's samples take the ``tensor`` file's kept network outputs,
+    its own ops run as two cut models around them (export.tflite_sharing): the same output bytes as the whole file
+    run alone, for the float, float16 and dynamic-range files; outside a session nothing is kept; kept outputs that are not
+    what the file's network computes are caught by the first sample's check, after which every sample runs in the
+    whole file; a file of another network is not served."""
+    from export import tflite, tflite_sharing
+    from export.samples import CALIBRATION_DIR, load_samples
+
+    samples = load_samples(CALIBRATION_DIR, SHAPE, 1, seed=4)
+    n = len(samples)
+    assert n >= 3
+
+    def path(precision, io):
+        return tiny["out"] / tiny["manifest"].find("tflite", SHAPE, precision, io).file
+
+    precisions = ("fp32", "fp16", "int8-dynamic")
+    alone = {}
+    for precision in precisions:
+        out, executor = tflite.run(path(precision, "image"), "image", samples)
+        assert executor == f"litert-{tflite.litert_version()} xnnpack 2 threads"
+        alone[precision] = out
+    with tflite_sharing.session():
+        for precision in precisions:
+            tflite.run(path(precision, "tensor"), "tensor", samples)
+        for precision in precisions:
+            out, executor = tflite.run(path(precision, "image"), "image", samples)
+            assert np.array_equal(out, alone[precision]), precision
+            assert f"network of {n - 1} samples from the run of an identical network" in executor, executor
+    with tflite_sharing.session():  # another network: the int8-dynamic file's weights are not the fp32 file's
+        tflite.run(path("int8-dynamic", "tensor"), "tensor", samples)
+        out, executor = tflite.run(path("fp32", "image"), "image", samples)
+        assert np.array_equal(out, alone["fp32"]) and "network of" not in executor
+    with tflite_sharing.session():
+        tflite.run(path("fp32", "tensor"), "tensor", samples)
+        for outputs in tflite_sharing._KEPT[-1].runs.values():  # not what the network computes
+            for value in outputs.values():
+                value += np.float32(0.01)
+        out, executor = tflite.run(path("fp32", "image"), "image", samples)
+        assert np.array_equal(out, alone["fp32"])
+        assert "not served by the network's earlier run" in executor and "network of" not in executor, executor
+
+
+def test_embedding_with_quantization_compares_scales(tiny):
+    """``embedding(quantization=True)`` matches a network only where every corresponding tensor has the same
+    quantization parameters too: one activation's scale changed is found without it, not with it."""
+    from export import tflite_graph as g
+
+    data = (tiny["out"] / tiny["manifest"].find("tflite", SHAPE, "int8", "tensor").file).read_bytes()
+    inner, outer = g.read(data), g.read(data)
+    assert g.embedding(inner, outer, quantization=True) is not None
+    sg = outer.subgraphs[0]
+    conv = next(op for op in sg.operators if g.op_name(outer, op) == "CONV_2D")
+    q = sg.tensors[g._ids(conv.outputs)[0]].quantization
+    q.scale = [float(q.scale[0]) * 1.5]
+    assert g.embedding(inner, outer) is not None
+    assert g.embedding(inner, outer, quantization=True) is None
+
+
+def test_fp16_files_keep_their_scalar_constants_float32(tiny):
+    """An fp16 file's one-value constants are the fp32 conversion's, float32 (tflite_graph.float32_scalars): no
+    DEQUANTIZE of a float16 scalar is left, the ``image`` file normalises by float32 1/127.5 (float16 holds
+    0.0078430176), so its network's input is the ``tensor`` file's bit for bit (the test above serves its samples),
+    and the weights stay float16."""
+    from export import tflite_graph as g
+
+    for io in IOS:
+        model = g.read((tiny["out"] / tiny["manifest"].find("tflite", SHAPE, "fp16", io).file).read_bytes())
+        sg = model.subgraphs[0]
+        halves = [sg.tensors[g._ids(op.inputs)[0]] for op in sg.operators if g.op_name(model, op) == "DEQUANTIZE"]
+        assert halves and all(t.type == g.T.FLOAT16 for t in halves), io
+        assert all(int(np.prod(g._ids(t.shape) or [1])) > 1 for t in halves), io
+        scalars = {float(np.frombuffer(bytes(np.asarray(model.buffers[t.buffer].data, np.uint8)), np.float32)[0])
+                   for t in sg.tensors if t.type == g.T.FLOAT32 and g._is_constant(model, t)
+                   and int(np.prod(g._ids(t.shape) or [1])) == 1}
+        if io == "image":
+            assert float(np.float32(1 / 127.5)) in scalars and float(np.float16(1 / 127.5)) not in scalars, scalars
