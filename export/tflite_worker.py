@@ -44,7 +44,7 @@ import os
 import sys
 import time
 import traceback
-from typing import Optional
+from typing import Optional, Tuple
 
 from runtime_py.memory import AnonPeak, anon_rss_bytes, mib, peak_rss_bytes, reset_peak_rss
 
@@ -512,14 +512,13 @@ def convert_precision(saved_model: str, precision: str, io: str, calibration, op
     data = conv.convert()
     if precision == "int8-dynamic" and quant.get("float_nodes"):
         data = _restore_float_weights(data, quant)
-    if precision == "fp16":
-        data = _float32_scalars(data, saved_model, io, options)
     return data
 
 
-def _float32_scalars(data: bytes, saved_model: str, io: str, options: ExportOptions) -> bytes:
-    """An fp16 file with its scalar constants float32 (:func:`export.tflite_graph.float32_scalars`), taken from the
-    fp32 converter output beside ``saved_model`` (converted here where this plan made none before)."""
+def _float32_scalars(data: bytes, saved_model: str, io: str, options: ExportOptions) -> Tuple[bytes, int]:
+    """The fp16 converter output ``data`` with its scalar constants float32 (:func:`export.tflite_graph.float32_scalars`),
+    taken from the fp32 converter output beside ``saved_model`` (converted here where this plan made none before:
+    ``--precisions fp16`` alone), and how many scalars it replaced."""
     from . import tflite_graph
 
     path = os.path.join(os.path.dirname(saved_model), "converter_fp32.tflite")
@@ -529,8 +528,8 @@ def _float32_scalars(data: bytes, saved_model: str, io: str, options: ExportOpti
     with open(path, "rb") as f:
         float_model = tflite_graph.read(f.read())
     model = tflite_graph.read(data)
-    tflite_graph.float32_scalars(model, float_model)
-    return tflite_graph.write(model)
+    replaced = tflite_graph.float32_scalars(model, float_model)
+    return tflite_graph.write(model), replaced
 
 
 def _restore_float_weights(data: bytes, quant: dict) -> bytes:
@@ -591,7 +590,12 @@ def run_job(job: dict, options: ExportOptions, events: _Events) -> None:
                     with open(os.path.join(os.path.dirname(job["saved_model"]), f"converter_{art['precision']}.tflite"), "wb") as f:
                         f.write(raw)
                 before = tflite_graph.inventory(raw)
+                scalars = None
+                if art["precision"] == "fp16":
+                    raw, scalars = _float32_scalars(raw, job["saved_model"], art["io"], options)
                 final, report = postprocess(raw, art["precision"], art["io"], options, metadata=art.get("metadata"))
+                if scalars is not None:
+                    report["float32_scalars"] = scalars
                 if art["precision"] in ACTIVATION_GRIDS:
                     report["calibration"] = dict(_CALIBRATION_REPORT)
                 analysis = gpu_analysis(final)

@@ -120,7 +120,7 @@ REFERENCE = {
         "gmcnn_tf_c4_64x96_tensor_fp32.tflite": "721e06aacdd1a0e6557ee42f3dd9fb17bdfc338946232d6877634f939bc8875b",
         "gmcnn_tf_c4_64x96_tensor_int8-dynamic.tflite": "fddd93039f3c4fa872064b78ca44818b9e427e6c9b7c0b8b49a4f9586b8932e3",
         "gmcnn_tf_c4_64x96_tensor_int8.tflite": "aa58595640fe5c66110ff97c405a4c541b789df6c406429a3b5814f10953ee15",
-        "manifest.json": "64dc55bfc8fa40572f70f728a40120a22e7611f47c4052759456b2dd8efc9c63"
+        "manifest.json": "1b51d2f8f4654f45d48e39beccf3862da77b980489bc587671947bb984401278"
     },
     "options": {
         "gmcnn_tf_c4_64x96_tensor_fp32.tflite": "ee3b12256fedf9f62384680ecb30ff054b5d6edcf30be85c4a76d6bd3b3aa7b3",

@@ -1384,3 +1384,5 @@ def test_fp16_files_keep_their_scalar_constants_float32(tiny):
                    and int(np.prod(g._ids(t.shape) or [1])) == 1}
         if io == "image":
             assert float(np.float32(1 / 127.5)) in scalars and float(np.float16(1 / 127.5)) not in scalars, scalars
+        artifact = tiny["manifest"].find("tflite", SHAPE, "fp16", io)
+        assert artifact.op_inventory["postpass"]["float32_scalars"] >= (4 if io == "image" else 1), io
