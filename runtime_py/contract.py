@@ -54,7 +54,7 @@ def normalize(pixels):
     ``image`` graphs compute it: ``x * (1/127.5) - 1``, two float32 roundings. ``x / 127.5`` differs from it by
     one float32 step for 111 of the 256 pixel values; with this form a ``tensor`` file's input is, bit for bit,
     the value its ``image`` twin computes in the network's place (which lets the export's gate share the
-    network's run between the two, ``export.tflite_sharing``)."""
+    network's run between the two)."""
     return pixels * (1.0 / PIXEL_SCALE) - 1.0
 
 

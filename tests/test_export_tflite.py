@@ -1386,3 +1386,23 @@ def test_fp16_files_keep_their_scalar_constants_float32(tiny):
             assert float(np.float32(1 / 127.5)) in scalars and float(np.float16(1 / 127.5)) not in scalars, scalars
         artifact = tiny["manifest"].find("tflite", SHAPE, "fp16", io)
         assert artifact.op_inventory["postpass"]["float32_scalars"] >= (4 if io == "image" else 1), io
+
+
+def test_cut_keeps_a_buffer_another_tensor_shares(tiny):
+    """``tflite_graph.cut_model`` empties the buffers of constants no kept op reads, but not one that a kept op
+    reads through another tensor (a converter may store equal constants in one buffer): here two convolutions'
+    biases made to share one buffer, and a cut keeping only the first convolution."""
+    from export import tflite_graph as g
+
+    model = g.read((tiny["out"] / tiny["manifest"].find("tflite", SHAPE, "fp32", "tensor").file).read_bytes())
+    sg = model.subgraphs[0]
+    convs = [i for i, op in enumerate(sg.operators) if g.op_name(model, op) == "CONV_2D"]
+    bias = {i: g._ids(sg.operators[i].inputs)[2] for i in convs}
+    first, second = next((a, b) for a in convs for b in convs
+                         if a != b and g._ids(sg.tensors[bias[a]].shape) == g._ids(sg.tensors[bias[b]].shape))
+    shared = sg.tensors[bias[first]].buffer
+    sg.tensors[bias[second]].buffer = shared
+    piece = g.cut_model(model, [first], [g._ids(sg.operators[first].inputs)[0]])
+    assert piece.buffers[shared].data is not None and len(piece.buffers[shared].data) > 0
+    other = g._ids(sg.operators[first].inputs)[1]  # the filter, read by the kept op, has a buffer of its own
+    assert piece.buffers[sg.tensors[other].buffer].data is not None
