@@ -886,7 +886,7 @@ def run(path: Path, io: str, samples, threads: int = 2, keep_going=None):
     eng = tflite_sharing.wrap(
         engine(path, threads, io, transient_indirection=GATE_TRANSIENT_INDIRECTION,
                record_builtin_ops=GATE_TRANSIENT_INDIRECTION),
-        path, io, make_specs=lambda: engine(path, io=io, xnnpack=False), make_cut=cut_engine)
+        path, io, _file_identity(path), make_specs=lambda: engine(path, io=io, xnnpack=False), make_cut=cut_engine)
     outputs = run_samples(eng, samples, keep_going)
     if eng.builtin_ops is not None:
         _builtin_ops_seen[_file_identity(path)] = eng.builtin_ops

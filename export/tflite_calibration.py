@@ -748,10 +748,7 @@ def _shared_statistics(model_bytes: bytes, tensors: List[int], samples, threads:
         return None, "another network"
     sg = model.subgraphs[0]
     inner_inputs = g._ids(inner.subgraphs[0].inputs)
-    network = {b for a, b in where.items() if a not in inner_inputs}  # tensors the shared network makes
-    producer = {t: i for i, op in enumerate(sg.operators) for t in g._ids(op.outputs)}
-    network_ops = {producer[t] for t in network}
-    own_ops = [i for i in range(len(sg.operators)) if i not in network_ops]
+    network, producer, own_ops = g.around_embedding(inner, model, where)  # network: tensors the shared network makes
     inputs = g._ids(sg.inputs)
     fed = sorted({t for i in own_ops for t in g._ids(sg.operators[i].inputs) if t in network})
     of = {b: a for a, b in where.items()}

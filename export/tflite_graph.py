@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import collections
 import json
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -1401,6 +1401,17 @@ def embedding(inner, outer, quantization: bool = False) -> Optional[Dict[int, in
     if len(set(mapping.values())) != len(mapping) or set(mapping) != needed:
         return None
     return mapping
+
+
+def around_embedding(inner, outer, where: Dict[int, int]) -> Tuple[Set[int], Dict[int, int], List[int]]:
+    """For ``where = embedding(inner, outer)``: (the ``outer`` tensors the embedded network makes, the index of the
+    op producing each ``outer`` tensor, the ``outer`` ops outside the network -- its own -- in graph order)."""
+    sg = outer.subgraphs[0]
+    inner_inputs = set(_ids(inner.subgraphs[0].inputs))
+    network = {b for a, b in where.items() if a not in inner_inputs}
+    producer = {t: i for i, op in enumerate(sg.operators) for t in _ids(op.outputs)}
+    network_ops = {producer[t] for t in network}
+    return network, producer, [i for i in range(len(sg.operators)) if i not in network_ops]
 
 
 def cut(data: bytes, ops: Sequence[int], inputs: Sequence[int]) -> bytes:

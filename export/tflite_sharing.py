@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -69,11 +68,6 @@ def session() -> Iterator[None]:
         yield
     finally:
         _KEPT = before
-
-
-def _identity(path) -> tuple:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _input_names(model) -> List[str]:
@@ -144,10 +138,8 @@ def plan_for(model, source: Kept) -> Optional[Plan]:
         return None
     sg, isg = model.subgraphs[0], inner.subgraphs[0]
     inner_inputs = g._ids(isg.inputs)
-    network = {b for a, b in where.items() if a not in inner_inputs}
-    producer = {t: i for i, op in enumerate(sg.operators) for t in g._ids(op.outputs)}
-    network_ops = {producer[t] for t in network}
-    own = [i for i in range(len(sg.operators)) if i not in network_ops]
+    network, _, own = g.around_embedding(inner, model, where)
+    network_ops = set(range(len(sg.operators))) - set(own)
     reads = {t for i in own for t in g._ids(sg.operators[i].inputs)}
     # network ops of constants alone (a float16 file's DEQUANTIZE of a constant the own ops read too) go with them
     from_constants = {i for i in network_ops
@@ -247,15 +239,15 @@ class Served(_Wrapped):
                 f"(the first sample run in the whole file too: the same bytes)")
 
 
-def wrap(engine, path, io: str, make_specs, make_cut):
-    """``engine`` (of the file at ``path``, signature ``io``) as the session has it run: unchanged outside a
+def wrap(engine, path, io: str, identity: tuple, make_specs, make_cut):
+    """``engine`` (of the file at ``path``, signature ``io``; ``identity`` tells its runs apart from another file's,
+    ``export.tflite._file_identity``) as the session has it run: unchanged outside a
     :func:`session`; :class:`Keeping` for a ``tensor`` file; :class:`Served` for a file that holds a kept file's
     network (:func:`plan_for`), else unchanged. ``make_specs()``: an engine of the file for its specs alone;
     ``make_cut(model_bytes)``: an engine of a cut model, as the file's own ops run. Always an engine with
     :meth:`_Wrapped.note` (what the executor string adds)."""
     if _KEPT is None:
         return _Wrapped(engine)
-    identity = _identity(path)
     model = g.read(open(path, "rb").read())
     if io == "tensor":
         kept = next((k for k in _KEPT if k.identity == identity), None)
